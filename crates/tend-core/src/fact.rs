@@ -1,0 +1,342 @@
+//! Signed facts, their canonical wire encoding, and `VerifiedFact`, the only form the rest
+//! of tend accepts.
+//!
+//! Wire form (DAG-CBOR array):
+//! `[version, namespace, epoch, author, payload_tag, payload_body, signature]`.
+//! The payload body is a byte string holding the canonical encoding of the payload, so a
+//! payload whose tag this release does not know is stored and forwarded byte for byte.
+
+use std::fmt;
+
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use serde::{de, Deserialize, Deserializer};
+use serde_bytes::{ByteBuf, Bytes};
+
+use crate::authority::{AuthorityFact, AuthorityGenesis, MembershipChange};
+use crate::encoding::{from_canonical, to_canonical};
+use crate::error::DecodeError;
+use crate::ids::{DeviceId, Epoch, FactId, JournalNamespace};
+use crate::maintenance::*;
+
+/// The fact format this release writes and reads.
+pub const FACT_FORMAT_VERSION: u64 = 1;
+/// Facts larger than this are rejected before decoding.
+pub const MAX_FACT_BYTES: usize = 64 * 1024;
+
+const SIGNING_DOMAIN: &[u8] = b"tend-fact-v1";
+
+/// What a fact says.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Payload {
+    Maintenance(MaintenanceFact),
+    Authority(AuthorityFact),
+    /// Application data; tend never interprets it.
+    Application {
+        kind: String,
+        data: Vec<u8>,
+    },
+    /// A kind from a newer release: kept, hashed and forwarded unchanged.
+    Unknown {
+        tag: u64,
+        raw: Vec<u8>,
+    },
+}
+
+mod tag {
+    pub const APPLICATION: u64 = 1;
+    pub const SNAPSHOT_PROPOSED: u64 = 16;
+    pub const SNAPSHOT_COMPLETED: u64 = 17;
+    pub const CACHE_INVALIDATED: u64 = 18;
+    pub const UPGRADE_PUBLISHED: u64 = 19;
+    pub const DEVICE_METADATA: u64 = 20;
+    pub const UPGRADE_READY: u64 = 21;
+    pub const UPGRADE_ACTIVATED: u64 = 22;
+    pub const ADMIN_REPLACEMENT: u64 = 23;
+    pub const BLOB_TOMBSTONE: u64 = 24;
+    pub const AUTHORITY_GENESIS: u64 = 32;
+    pub const MEMBERSHIP_CHANGED: u64 = 33;
+}
+
+impl Payload {
+    /// The payload's tag and the canonical encoding of its body.
+    pub fn to_tag_body(&self) -> (u64, Vec<u8>) {
+        use MaintenanceFact as M;
+        match self {
+            Payload::Application { kind, data } => {
+                (tag::APPLICATION, to_canonical(&(kind, Bytes::new(data))))
+            }
+            Payload::Unknown { tag, raw } => (*tag, raw.clone()),
+            Payload::Authority(AuthorityFact::Genesis(g)) => {
+                (tag::AUTHORITY_GENESIS, to_canonical(g))
+            }
+            Payload::Authority(AuthorityFact::MembershipChanged(m)) => {
+                (tag::MEMBERSHIP_CHANGED, to_canonical(m))
+            }
+            Payload::Maintenance(m) => match m {
+                M::SnapshotProposed(x) => (tag::SNAPSHOT_PROPOSED, to_canonical(x)),
+                M::SnapshotCompleted(x) => (tag::SNAPSHOT_COMPLETED, to_canonical(x)),
+                M::CacheInvalidated(x) => (tag::CACHE_INVALIDATED, to_canonical(x)),
+                M::UpgradePublished(x) => (tag::UPGRADE_PUBLISHED, to_canonical(x)),
+                M::DeviceMetadata(x) => (tag::DEVICE_METADATA, to_canonical(x)),
+                M::UpgradeReady(x) => (tag::UPGRADE_READY, to_canonical(x)),
+                M::UpgradeActivated(x) => (tag::UPGRADE_ACTIVATED, to_canonical(x)),
+                M::AdminReplacement(x) => (tag::ADMIN_REPLACEMENT, to_canonical(x)),
+                M::BlobTombstone(x) => (tag::BLOB_TOMBSTONE, to_canonical(x)),
+            },
+        }
+    }
+
+    /// Decodes a body under its tag; unknown tags are kept as they are.
+    pub fn from_tag_body(t: u64, body: &[u8]) -> Result<Payload, DecodeError> {
+        use MaintenanceFact as M;
+        let m = |m: MaintenanceFact| Payload::Maintenance(m);
+        Ok(match t {
+            tag::APPLICATION => {
+                let (kind, data): (String, ByteBuf) = from_canonical(body)?;
+                Payload::Application {
+                    kind,
+                    data: data.into_vec(),
+                }
+            }
+            tag::SNAPSHOT_PROPOSED => m(M::SnapshotProposed(from_canonical(body)?)),
+            tag::SNAPSHOT_COMPLETED => m(M::SnapshotCompleted(from_canonical(body)?)),
+            tag::CACHE_INVALIDATED => m(M::CacheInvalidated(from_canonical(body)?)),
+            tag::UPGRADE_PUBLISHED => m(M::UpgradePublished(from_canonical(body)?)),
+            tag::DEVICE_METADATA => m(M::DeviceMetadata(from_canonical(body)?)),
+            tag::UPGRADE_READY => m(M::UpgradeReady(from_canonical(body)?)),
+            tag::UPGRADE_ACTIVATED => m(M::UpgradeActivated(from_canonical(body)?)),
+            tag::ADMIN_REPLACEMENT => m(M::AdminReplacement(from_canonical(body)?)),
+            tag::BLOB_TOMBSTONE => m(M::BlobTombstone(from_canonical(body)?)),
+            tag::AUTHORITY_GENESIS => {
+                Payload::Authority(AuthorityFact::Genesis(from_canonical::<AuthorityGenesis>(
+                    body,
+                )?))
+            }
+            tag::MEMBERSHIP_CHANGED => {
+                Payload::Authority(AuthorityFact::MembershipChanged(from_canonical::<
+                    MembershipChange,
+                >(body)?))
+            }
+            other => Payload::Unknown {
+                tag: other,
+                raw: body.to_vec(),
+            },
+        })
+    }
+
+    /// A short name of the payload kind, for listings.
+    pub fn kind_name(&self) -> String {
+        use MaintenanceFact as M;
+        match self {
+            Payload::Application { kind, .. } => format!("app:{kind}"),
+            Payload::Unknown { tag, .. } => format!("unknown:{tag}"),
+            Payload::Authority(AuthorityFact::Genesis(_)) => "authority-genesis".into(),
+            Payload::Authority(AuthorityFact::MembershipChanged(_)) => "membership-changed".into(),
+            Payload::Maintenance(m) => match m {
+                M::SnapshotProposed(_) => "snapshot-proposed",
+                M::SnapshotCompleted(_) => "snapshot-completed",
+                M::CacheInvalidated(_) => "cache-invalidated",
+                M::UpgradePublished(_) => "upgrade-published",
+                M::DeviceMetadata(_) => "device-metadata",
+                M::UpgradeReady(_) => "upgrade-ready",
+                M::UpgradeActivated(_) => "upgrade-activated",
+                M::AdminReplacement(_) => "admin-replacement",
+                M::BlobTombstone(_) => "blob-tombstone",
+            }
+            .into(),
+        }
+    }
+}
+
+/// A fact before its author signs it.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct UnsignedFact {
+    pub namespace: JournalNamespace,
+    pub epoch: Epoch,
+    pub payload: Payload,
+}
+
+impl UnsignedFact {
+    /// Signs the fact with the author's device key.
+    ///
+    /// ```
+    /// use tend_core::{UnsignedFact, Payload, JournalNamespace, ContextId, Epoch};
+    /// let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+    /// let fact = UnsignedFact {
+    ///     namespace: JournalNamespace::Context(ContextId([0; 32])),
+    ///     epoch: Epoch(1),
+    ///     payload: Payload::Application { kind: "note".into(), data: b"hi".to_vec() },
+    /// }
+    /// .sign(&key);
+    /// assert_eq!(tend_core::VerifiedFact::decode(fact.bytes()).unwrap().id(), fact.id());
+    /// ```
+    pub fn sign(self, key: &SigningKey) -> VerifiedFact {
+        let author = DeviceId(key.verifying_key().to_bytes());
+        let (tag, body) = self.payload.to_tag_body();
+        let msg = signing_message(&self.namespace, self.epoch, &author, tag, &body);
+        let signature = key.sign(&msg).to_bytes();
+        let fact = Fact {
+            namespace: self.namespace,
+            epoch: self.epoch,
+            author,
+            payload: self.payload,
+            signature,
+        };
+        let bytes = to_canonical(&(
+            FACT_FORMAT_VERSION,
+            &fact.namespace,
+            fact.epoch,
+            &author,
+            tag,
+            Bytes::new(&body),
+            Bytes::new(&signature),
+        ));
+        VerifiedFact::from_parts(fact, bytes)
+    }
+}
+
+fn signing_message(
+    ns: &JournalNamespace,
+    epoch: Epoch,
+    author: &DeviceId,
+    tag: u64,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut msg = SIGNING_DOMAIN.to_vec();
+    msg.extend_from_slice(&to_canonical(&(
+        FACT_FORMAT_VERSION,
+        ns,
+        epoch,
+        author,
+        tag,
+        Bytes::new(body),
+    )));
+    msg
+}
+
+/// A signed fact. It may not verify: only [`VerifiedFact`] is trusted.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Fact {
+    pub namespace: JournalNamespace,
+    pub epoch: Epoch,
+    pub author: DeviceId,
+    pub payload: Payload,
+    pub signature: [u8; 64],
+}
+
+/// Reads just the leading version number of a wire fact, whatever follows.
+struct VersionPeek(u64);
+
+impl<'de> Deserialize<'de> for VersionPeek {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = VersionPeek;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array starting with a version number")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<VersionPeek, A::Error> {
+                let v: u64 = seq
+                    .next_element()?
+                    .ok_or_else(|| de::Error::invalid_length(0, &self))?;
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(VersionPeek(v))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+type WireTuple = (
+    u64,
+    JournalNamespace,
+    Epoch,
+    DeviceId,
+    u64,
+    ByteBuf,
+    ByteBuf,
+);
+
+/// A fact whose encoding is canonical and whose author signature verifies. It can only be
+/// made by signing ([`UnsignedFact::sign`]) or by verifying ([`VerifiedFact::decode`]).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct VerifiedFact {
+    fact: Fact,
+    id: FactId,
+    bytes: Vec<u8>,
+}
+
+impl VerifiedFact {
+    fn from_parts(fact: Fact, bytes: Vec<u8>) -> Self {
+        let id = FactId(*blake3::hash(&bytes).as_bytes());
+        Self { fact, id, bytes }
+    }
+
+    /// Decodes and verifies a fact: size, version, canonical encoding, author signature.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() > MAX_FACT_BYTES {
+            return Err(DecodeError::Oversized {
+                len: bytes.len(),
+                max: MAX_FACT_BYTES,
+            });
+        }
+        let VersionPeek(version) = serde_ipld_dagcbor::from_slice(bytes)
+            .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        if version != FACT_FORMAT_VERSION {
+            return Err(DecodeError::UnsupportedVersion(version));
+        }
+        let (_, namespace, epoch, author, tag, body, signature): WireTuple = from_canonical(bytes)?;
+        let signature: [u8; 64] = signature
+            .as_slice()
+            .try_into()
+            .map_err(|_| DecodeError::Malformed("signature must be 64 bytes".into()))?;
+        let payload = Payload::from_tag_body(tag, &body)?;
+        let key = VerifyingKey::from_bytes(&author.0).map_err(|_| DecodeError::BadAuthorKey)?;
+        let msg = signing_message(&namespace, epoch, &author, tag, &body);
+        key.verify_strict(&msg, &ed25519_dalek::Signature::from_bytes(&signature))
+            .map_err(|_| DecodeError::BadSignature)?;
+        let fact = Fact {
+            namespace,
+            epoch,
+            author,
+            payload,
+            signature,
+        };
+        Ok(Self::from_parts(fact, bytes.to_vec()))
+    }
+
+    /// The fact id: BLAKE3 of the canonical encoding.
+    pub fn id(&self) -> FactId {
+        self.id
+    }
+
+    /// The canonical encoding.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn fact(&self) -> &Fact {
+        &self.fact
+    }
+
+    pub fn namespace(&self) -> JournalNamespace {
+        self.fact.namespace
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.fact.epoch
+    }
+
+    pub fn author(&self) -> DeviceId {
+        self.fact.author
+    }
+
+    pub fn payload(&self) -> &Payload {
+        &self.fact.payload
+    }
+
+    /// The key facts are ordered by everywhere: `(epoch, id)`.
+    pub fn order_key(&self) -> (Epoch, FactId) {
+        (self.fact.epoch, self.id)
+    }
+}

@@ -1,0 +1,25 @@
+//! The pure core of tend: ids, epochs, signed facts, the journal semilattice, and the
+//! maintenance reducer.
+//!
+//! Nothing here does I/O, reads a clock or draws randomness: time and randomness come in as
+//! arguments, so every rule can be tested deterministically.
+
+pub mod authority;
+pub mod encoding;
+pub mod error;
+pub mod fact;
+pub mod ids;
+pub mod journal;
+pub mod maintenance;
+pub mod reduce;
+
+pub use authority::{AuthorityFact, AuthorityGenesis, GroupKey, MembershipChange};
+pub use error::{DecodeError, JournalError};
+pub use fact::{Fact, Payload, UnsignedFact, VerifiedFact, FACT_FORMAT_VERSION, MAX_FACT_BYTES};
+pub use ids::{
+    AuthorityId, ContentId, ContextId, DeviceId, Epoch, FactId, Hash32, JournalNamespace,
+    MaintenanceEpoch, ProtocolVersion,
+};
+pub use journal::{prefix_digest, Journal};
+pub use maintenance::MaintenanceFact;
+pub use reduce::{reduce, MaintenanceState};

@@ -1,0 +1,142 @@
+//! Maintenance facts: snapshots, cache invalidation, upgrades, admin replacement and blob
+//! tombstones (DESIGN section 2).
+
+use serde::{Deserialize, Serialize};
+
+use crate::encoding::to_canonical;
+use crate::ids::{ContentId, DeviceId, Epoch, Hash32, JournalNamespace, ProtocolVersion};
+
+/// A proposal to snapshot the prefix `{ f : f.epoch < target_epoch }`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotProposed {
+    pub proposal_id: Hash32,
+    pub target_epoch: Epoch,
+    /// The proposer's digest of the prefix ([`crate::journal::prefix_digest`]).
+    pub digest: Hash32,
+}
+
+/// What a completed snapshot certifies.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotV1 {
+    pub epoch: Epoch,
+    pub digest: Hash32,
+    /// The snapshot blob: reduced state plus what a restore needs.
+    pub blob_cid: ContentId,
+}
+
+impl SnapshotV1 {
+    /// The bytes the authority's group key signs for this snapshot.
+    pub fn signing_message(&self, namespace: &JournalNamespace, proposal_id: &Hash32) -> Vec<u8> {
+        let mut msg = b"tend-snapshot-v1".to_vec();
+        msg.extend_from_slice(&to_canonical(&(namespace, proposal_id, self)));
+        msg
+    }
+}
+
+/// A snapshot with the authority's threshold signature.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCompleted {
+    pub proposal_id: Hash32,
+    pub snapshot: SnapshotV1,
+    #[serde(with = "crate::encoding::fixed_bytes")]
+    pub threshold_signature: [u8; 64],
+}
+
+/// Cache entries under `keys` are invalid unless the current epoch exceeds `epoch_floor`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheInvalidated {
+    pub keys: Vec<String>,
+    pub epoch_floor: Epoch,
+}
+
+/// A published upgrade package; the artifact is a blob whose BLAKE3 hash is `artifact_hash`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeMetadata {
+    pub package_id: Hash32,
+    pub version: ProtocolVersion,
+    pub artifact_hash: Hash32,
+    pub artifact_size: u64,
+    /// A hard fork carries a fence; a soft upgrade has none.
+    pub fence: Option<Epoch>,
+    /// Staged rollout: the percentage of devices (by cohort of their id) that take it.
+    pub cohort_percent: u8,
+}
+
+/// How a device takes upgrades.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum UpgradePolicy {
+    Automatic,
+    Manual,
+    Pinned(ProtocolVersion),
+}
+
+/// What a device advertises about itself.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceMetadata {
+    pub running_version: ProtocolVersion,
+    pub supported_versions: Vec<ProtocolVersion>,
+    pub upgrade_policy: UpgradePolicy,
+}
+
+/// A device verified and installed a package.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeReady {
+    pub package_id: Hash32,
+    pub version: ProtocolVersion,
+}
+
+/// The admin activated a package; with a fence, devices below it refuse sessions.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeActivated {
+    pub package_id: Hash32,
+    pub to_version: ProtocolVersion,
+    pub activation_fence: Option<Epoch>,
+}
+
+/// From `activation_epoch` on, `new_admin` replaces `old_admin`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminReplacement {
+    pub old_admin: DeviceId,
+    pub new_admin: DeviceId,
+    pub activation_epoch: Epoch,
+}
+
+/// The blob may be pruned once a snapshot above this fact's epoch completes.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlobTombstone {
+    pub cid: ContentId,
+}
+
+/// Every maintenance fact kind.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum MaintenanceFact {
+    SnapshotProposed(SnapshotProposed),
+    SnapshotCompleted(SnapshotCompleted),
+    CacheInvalidated(CacheInvalidated),
+    UpgradePublished(UpgradeMetadata),
+    DeviceMetadata(DeviceMetadata),
+    UpgradeReady(UpgradeReady),
+    UpgradeActivated(UpgradeActivated),
+    AdminReplacement(AdminReplacement),
+    BlobTombstone(BlobTombstone),
+}
+
+impl MaintenanceFact {
+    /// Whether only the current admin may issue this kind (DESIGN rule 8).
+    pub fn is_admin_operation(&self) -> bool {
+        matches!(
+            self,
+            Self::UpgradePublished(_) | Self::UpgradeActivated(_) | Self::AdminReplacement(_)
+        )
+    }
+}

@@ -1,0 +1,431 @@
+//! The maintenance reducer: a pure function from a fact set to `MaintenanceState`, and the
+//! predicates of DESIGN section 3 (admission, GC eligibility, cache validity, fences, admin).
+//!
+//! Reduction sorts facts by `(epoch, id)` and folds them, so the same set gives the same
+//! state whatever the order of arrival or duplication (property-tested in `tests/laws.rs`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::authority::{AuthorityFact, GroupKey};
+use crate::error::JournalError;
+use crate::fact::{Payload, VerifiedFact};
+use crate::ids::{
+    AuthorityId, ContentId, DeviceId, Epoch, FactId, Hash32, JournalNamespace, MaintenanceEpoch,
+    ProtocolVersion,
+};
+use crate::maintenance::*;
+
+/// The authority's member set as of some identity epoch.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Membership {
+    pub identity_epoch: u64,
+    pub members: BTreeSet<DeviceId>,
+    pub threshold: u16,
+    pub group_key: GroupKey,
+    /// Applies to facts with `epoch > since` (genesis: to every epoch).
+    pub since: Option<Epoch>,
+}
+
+/// A snapshot proposal that has not completed.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct OpenProposal {
+    pub proposal: SnapshotProposed,
+    pub proposer: DeviceId,
+    pub proposed_at: Epoch,
+}
+
+/// A verified, completed snapshot.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct CompletedSnapshot {
+    pub proposal_id: Hash32,
+    pub snapshot: SnapshotV1,
+    pub fact_id: FactId,
+}
+
+/// What the journal says about one upgrade package.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct UpgradeState {
+    pub metadata: UpgradeMetadata,
+    pub ready: BTreeSet<DeviceId>,
+    pub activated: Option<UpgradeActivated>,
+}
+
+/// An admin replacement that took effect.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct AppliedReplacement {
+    pub replacement: AdminReplacement,
+    pub fact_id: FactId,
+}
+
+/// The reduced maintenance state of one journal.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct MaintenanceState {
+    pub namespace: JournalNamespace,
+    /// Oldest first; empty until the genesis is seen.
+    pub memberships: Vec<Membership>,
+    pub initial_admin: Option<DeviceId>,
+    pub replacements: Vec<AppliedReplacement>,
+    pub latest_snapshot: Option<CompletedSnapshot>,
+    pub proposals: BTreeMap<Hash32, OpenProposal>,
+    pub cache_floors: BTreeMap<String, Epoch>,
+    pub upgrades: BTreeMap<Hash32, UpgradeState>,
+    pub device_metadata: BTreeMap<DeviceId, DeviceMetadata>,
+    /// Blob -> epoch of its tombstone.
+    pub tombstones: BTreeMap<ContentId, Epoch>,
+    /// Facts kept as evidence but ignored by reduction (e.g. a retired admin's operations).
+    pub ignored: BTreeSet<FactId>,
+    max_fact_epoch: Epoch,
+}
+
+/// Reduces a fact set to its maintenance state. Order and duplicates do not matter.
+pub fn reduce<'a>(
+    namespace: JournalNamespace,
+    facts: impl IntoIterator<Item = &'a VerifiedFact>,
+) -> MaintenanceState {
+    let mut sorted: Vec<&VerifiedFact> = facts.into_iter().collect();
+    sorted.sort_by_key(|f| f.order_key());
+    sorted.dedup_by_key(|f| f.order_key());
+    let mut state = MaintenanceState::new(namespace);
+    for f in sorted {
+        state.apply(f);
+    }
+    state
+}
+
+impl MaintenanceState {
+    /// The state of an empty journal.
+    pub fn new(namespace: JournalNamespace) -> Self {
+        Self {
+            namespace,
+            memberships: Vec::new(),
+            initial_admin: None,
+            replacements: Vec::new(),
+            latest_snapshot: None,
+            proposals: BTreeMap::new(),
+            cache_floors: BTreeMap::new(),
+            upgrades: BTreeMap::new(),
+            device_metadata: BTreeMap::new(),
+            tombstones: BTreeMap::new(),
+            ignored: BTreeSet::new(),
+            max_fact_epoch: Epoch::ZERO,
+        }
+    }
+
+    /// Folds one fact in. Facts must come in ascending `(epoch, id)` order; use [`reduce`]
+    /// for an unordered set.
+    pub fn apply(&mut self, f: &VerifiedFact) {
+        self.observe_epoch(f.epoch());
+        let (author, epoch) = (f.author(), f.epoch());
+        match f.payload() {
+            Payload::Authority(AuthorityFact::Genesis(g)) => {
+                let ok = self.memberships.is_empty()
+                    && g.is_well_formed()
+                    && g.admin == author
+                    && self.namespace == JournalNamespace::Authority(g.authority_id());
+                if ok {
+                    self.initial_admin = Some(g.admin);
+                    self.memberships.push(Membership {
+                        identity_epoch: 0,
+                        members: g.members.iter().copied().collect(),
+                        threshold: g.threshold,
+                        group_key: g.group_key,
+                        since: None,
+                    });
+                } else {
+                    self.ignored.insert(f.id());
+                }
+            }
+            Payload::Authority(AuthorityFact::MembershipChanged(m)) => {
+                let next = self.identity_epoch() + 1;
+                if self.is_admin_at(&author, epoch)
+                    && m.is_well_formed()
+                    && m.identity_epoch == next
+                {
+                    self.memberships.push(Membership {
+                        identity_epoch: m.identity_epoch,
+                        members: m.members.iter().copied().collect(),
+                        threshold: m.threshold,
+                        group_key: m.group_key,
+                        since: Some(epoch),
+                    });
+                } else {
+                    self.ignored.insert(f.id());
+                }
+            }
+            Payload::Maintenance(m) => {
+                if m.is_admin_operation() && !self.is_admin_at(&author, epoch) {
+                    self.ignored.insert(f.id());
+                    return;
+                }
+                self.apply_maintenance(f, m);
+            }
+            Payload::Application { .. } | Payload::Unknown { .. } => {}
+        }
+    }
+
+    fn apply_maintenance(&mut self, f: &VerifiedFact, m: &MaintenanceFact) {
+        let (author, epoch) = (f.author(), f.epoch());
+        match m {
+            MaintenanceFact::SnapshotProposed(p) => {
+                let above = self.snapshot_epoch() < p.target_epoch;
+                if above && !self.proposals.contains_key(&p.proposal_id) {
+                    self.proposals.insert(
+                        p.proposal_id,
+                        OpenProposal {
+                            proposal: p.clone(),
+                            proposer: author,
+                            proposed_at: epoch,
+                        },
+                    );
+                }
+            }
+            MaintenanceFact::SnapshotCompleted(c) => {
+                let key = self.membership_at(epoch).map(|m| m.group_key);
+                let msg = c.snapshot.signing_message(&self.namespace, &c.proposal_id);
+                let verified = key.is_some_and(|k| k.verify(&msg, &c.threshold_signature));
+                let newer = c.snapshot.epoch > self.snapshot_epoch();
+                if verified && newer {
+                    self.latest_snapshot = Some(CompletedSnapshot {
+                        proposal_id: c.proposal_id,
+                        snapshot: c.snapshot.clone(),
+                        fact_id: f.id(),
+                    });
+                    let floor = c.snapshot.epoch;
+                    self.proposals
+                        .retain(|_, p| p.proposal.target_epoch > floor);
+                } else if !verified {
+                    self.ignored.insert(f.id());
+                }
+            }
+            MaintenanceFact::CacheInvalidated(c) => {
+                for k in &c.keys {
+                    let floor = self.cache_floors.entry(k.clone()).or_default();
+                    *floor = (*floor).max(c.epoch_floor);
+                }
+            }
+            MaintenanceFact::UpgradePublished(u) => {
+                self.upgrades
+                    .entry(u.package_id)
+                    .or_insert_with(|| UpgradeState {
+                        metadata: u.clone(),
+                        ready: BTreeSet::new(),
+                        activated: None,
+                    });
+            }
+            MaintenanceFact::DeviceMetadata(d) => {
+                self.device_metadata.insert(author, d.clone());
+            }
+            MaintenanceFact::UpgradeReady(r) => match self.upgrades.get_mut(&r.package_id) {
+                Some(u) if u.metadata.version == r.version => {
+                    u.ready.insert(author);
+                }
+                _ => {
+                    self.ignored.insert(f.id());
+                }
+            },
+            MaintenanceFact::UpgradeActivated(a) => match self.upgrades.get_mut(&a.package_id) {
+                Some(u) if u.activated.is_none() && u.metadata.version == a.to_version => {
+                    u.activated = Some(a.clone());
+                }
+                _ => {
+                    self.ignored.insert(f.id());
+                }
+            },
+            MaintenanceFact::AdminReplacement(r) => {
+                // First valid replacement of an admin, in (epoch, id) order, wins; it may not
+                // take effect before the epoch it was issued at.
+                let already = self
+                    .replacements
+                    .iter()
+                    .any(|a| a.replacement.old_admin == r.old_admin);
+                if r.old_admin == author && r.activation_epoch >= epoch && !already {
+                    self.replacements.push(AppliedReplacement {
+                        replacement: r.clone(),
+                        fact_id: f.id(),
+                    });
+                } else {
+                    self.ignored.insert(f.id());
+                }
+            }
+            MaintenanceFact::BlobTombstone(t) => {
+                let e = self.tombstones.entry(t.cid).or_insert(epoch);
+                *e = (*e).min(epoch);
+            }
+        }
+    }
+
+    /// Raises the highest fact epoch seen without folding a fact (for facts that cannot
+    /// change maintenance state, such as application facts).
+    pub fn observe_epoch(&mut self, epoch: Epoch) {
+        self.max_fact_epoch = self.max_fact_epoch.max(epoch);
+    }
+
+    /// The authority this journal belongs to, once its genesis is known.
+    pub fn authority_id(&self) -> Option<AuthorityId> {
+        match self.namespace {
+            JournalNamespace::Authority(a) if !self.memberships.is_empty() => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The current membership.
+    pub fn membership(&self) -> Option<&Membership> {
+        self.memberships.last()
+    }
+
+    /// The membership that governs facts at `epoch`.
+    pub fn membership_at(&self, epoch: Epoch) -> Option<&Membership> {
+        self.memberships
+            .iter()
+            .rev()
+            .find(|m| m.since.is_none_or(|s| epoch > s))
+    }
+
+    pub fn identity_epoch(&self) -> u64 {
+        self.membership().map_or(0, |m| m.identity_epoch)
+    }
+
+    /// The epoch of the latest completed snapshot, 0 when there is none.
+    pub fn snapshot_epoch(&self) -> Epoch {
+        self.latest_snapshot
+            .as_ref()
+            .map_or(Epoch::ZERO, |s| s.snapshot.epoch)
+    }
+
+    /// The epoch pair maintenance sessions carry (DESIGN rule 9).
+    pub fn maintenance_epoch(&self) -> MaintenanceEpoch {
+        MaintenanceEpoch {
+            identity_epoch: self.identity_epoch(),
+            snapshot_epoch: self.snapshot_epoch(),
+        }
+    }
+
+    /// The epoch a device stamps its next fact with: at least every fact seen, every open
+    /// proposal's target (so the proposed prefix stops growing), the epoch after the last
+    /// membership change, and the latest snapshot.
+    pub fn current_epoch(&self) -> Epoch {
+        let proposals = self
+            .proposals
+            .values()
+            .map(|p| p.proposal.target_epoch)
+            .max();
+        let membership = self
+            .memberships
+            .iter()
+            .filter_map(|m| m.since.map(Epoch::next))
+            .max();
+        [
+            Some(self.max_fact_epoch),
+            proposals,
+            membership,
+            Some(self.snapshot_epoch()),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or_default()
+    }
+
+    /// The admin in charge at `epoch`: the initial admin, followed along applied
+    /// replacements whose activation epoch is at or below `epoch`.
+    pub fn admin_at(&self, epoch: Epoch) -> Option<DeviceId> {
+        let mut admin = self.initial_admin?;
+        let mut chain: Vec<&AdminReplacement> =
+            self.replacements.iter().map(|r| &r.replacement).collect();
+        chain.sort_by_key(|r| r.activation_epoch);
+        for r in chain {
+            if r.old_admin == admin && r.activation_epoch <= epoch {
+                admin = r.new_admin;
+            }
+        }
+        Some(admin)
+    }
+
+    /// Whether `device` may issue admin operations at `epoch` (DESIGN rule 8).
+    pub fn is_admin_at(&self, device: &DeviceId, epoch: Epoch) -> bool {
+        self.admin_at(epoch).as_ref() == Some(device)
+    }
+
+    /// Whether `device` is a member for facts at `epoch`.
+    pub fn is_member_at(&self, device: &DeviceId, epoch: Epoch) -> bool {
+        self.membership_at(epoch)
+            .is_some_and(|m| m.members.contains(device))
+    }
+
+    /// DESIGN rules 2 and 5: whether a verified fact not yet in the journal may be merged.
+    pub fn check_admission(&self, f: &VerifiedFact) -> Result<(), JournalError> {
+        if f.namespace() != self.namespace {
+            return Err(JournalError::NamespaceMismatch {
+                ours: self.namespace,
+                theirs: f.namespace(),
+            });
+        }
+        let snapshot = self.snapshot_epoch();
+        if self.latest_snapshot.is_some() && f.epoch() < snapshot {
+            return Err(JournalError::Late {
+                fact: f.id(),
+                epoch: f.epoch(),
+                snapshot,
+            });
+        }
+        let genesis = matches!(f.payload(), Payload::Authority(AuthorityFact::Genesis(_)));
+        let member = match self.namespace {
+            // Before its genesis, an authority journal admits only the genesis; a context
+            // journal has no member list of its own.
+            JournalNamespace::Authority(_) if self.memberships.is_empty() => genesis,
+            JournalNamespace::Authority(_) => self.is_member_at(&f.author(), f.epoch()),
+            JournalNamespace::Context(_) => true,
+        };
+        if member {
+            Ok(())
+        } else {
+            Err(JournalError::NotAMember {
+                fact: f.id(),
+                epoch: f.epoch(),
+            })
+        }
+    }
+
+    /// DESIGN rule 4: facts below the latest verified snapshot may be pruned.
+    pub fn gc_floor(&self) -> Option<Epoch> {
+        self.latest_snapshot.as_ref().map(|s| s.snapshot.epoch)
+    }
+
+    /// Whether a fact at `epoch` may be pruned.
+    pub fn is_prunable(&self, epoch: Epoch) -> bool {
+        self.gc_floor().is_some_and(|floor| epoch < floor)
+    }
+
+    /// Blobs whose tombstone precedes the latest verified snapshot.
+    pub fn prunable_blobs(&self) -> Vec<ContentId> {
+        self.tombstones
+            .iter()
+            .filter(|(_, e)| self.is_prunable(**e))
+            .map(|(c, _)| *c)
+            .collect()
+    }
+
+    /// DESIGN rule 6: an entry cached at `cached_at` under `key` is valid only when the
+    /// current epoch exceeds the key's floor.
+    pub fn cache_valid(&self, key: &str, current: Epoch) -> bool {
+        self.cache_floors
+            .get(key)
+            .is_none_or(|floor| current > *floor)
+    }
+
+    /// The strongest fence of any activated upgrade, with the version that set it.
+    pub fn active_fence(&self) -> Option<(Epoch, ProtocolVersion)> {
+        self.upgrades
+            .values()
+            .filter_map(|u| u.activated.as_ref())
+            .filter_map(|a| a.activation_fence.map(|f| (f, a.to_version)))
+            .max()
+    }
+
+    /// DESIGN rule 7: whether a device at `local_epoch` running `version` satisfies every
+    /// activated fence.
+    pub fn fence_satisfied(&self, local_epoch: Epoch, version: ProtocolVersion) -> bool {
+        self.active_fence()
+            .is_none_or(|(fence, to)| local_epoch >= fence && version >= to)
+    }
+}

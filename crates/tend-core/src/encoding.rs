@@ -17,8 +17,11 @@ pub fn to_canonical<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Decodes `bytes`, rejecting anything that is not the canonical encoding of the result.
 pub fn from_canonical<T: Serialize + DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
-    let value: T =
-        serde_ipld_dagcbor::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    use serde_ipld_dagcbor::DecodeError as E;
+    let value: T = serde_ipld_dagcbor::from_slice(bytes).map_err(|e| match e {
+        E::NonMinimal { .. } | E::IndefiniteSize | E::UnorderedKey => DecodeError::NonCanonical,
+        other => DecodeError::Malformed(other.to_string()),
+    })?;
     if to_canonical(&value) != bytes {
         return Err(DecodeError::NonCanonical);
     }

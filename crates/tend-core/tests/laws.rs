@@ -1,0 +1,267 @@
+//! Property tests of the laws everything relies on: the journal is a join-semilattice,
+//! reduction is order-independent, and the encoding has exactly one form per fact.
+
+use ed25519_dalek::SigningKey;
+use proptest::prelude::*;
+use tend_core::authority::{AuthorityGenesis, GroupKey};
+use tend_core::maintenance::{
+    AdminReplacement, CacheInvalidated, MaintenanceFact, SnapshotProposed,
+};
+use tend_core::{
+    reduce, ContextId, DeviceId, Epoch, Hash32, Journal, JournalNamespace, Payload, UnsignedFact,
+    VerifiedFact,
+};
+
+fn key(i: u8) -> SigningKey {
+    SigningKey::from_bytes(&[i + 1; 32])
+}
+
+fn device(i: u8) -> DeviceId {
+    DeviceId(key(i).verifying_key().to_bytes())
+}
+
+fn ctx() -> JournalNamespace {
+    JournalNamespace::Context(ContextId([9; 32]))
+}
+
+/// An authority of devices 0..3 with device 0 as admin, and its genesis fact.
+fn authority() -> (JournalNamespace, VerifiedFact) {
+    let mut members: Vec<DeviceId> = (0..3).map(device).collect();
+    members.sort();
+    let genesis = AuthorityGenesis {
+        nonce: [5; 32],
+        members,
+        threshold: 2,
+        group_key: GroupKey(device(0).0),
+        admin: device(0),
+    };
+    let ns = JournalNamespace::Authority(genesis.authority_id());
+    let fact = UnsignedFact {
+        namespace: ns,
+        epoch: Epoch(0),
+        payload: Payload::Authority(tend_core::AuthorityFact::Genesis(genesis)),
+    }
+    .sign(&key(0));
+    (ns, fact)
+}
+
+fn payload_strategy() -> impl Strategy<Value = Payload> {
+    prop_oneof![
+        (any::<u8>(), prop::collection::vec(any::<u8>(), 0..40)).prop_map(|(k, data)| {
+            Payload::Application {
+                kind: format!("k{}", k % 3),
+                data,
+            }
+        }),
+        (0u8..4, 0u64..6).prop_map(|(k, floor)| Payload::Maintenance(
+            MaintenanceFact::CacheInvalidated(CacheInvalidated {
+                keys: vec![format!("key{k}")],
+                epoch_floor: Epoch(floor),
+            })
+        )),
+        (0u8..3, 0u8..3, 0u64..6).prop_map(|(old, new, at)| Payload::Maintenance(
+            MaintenanceFact::AdminReplacement(AdminReplacement {
+                old_admin: device(old),
+                new_admin: device(new),
+                activation_epoch: Epoch(at),
+            })
+        )),
+        (any::<u8>(), 1u64..8).prop_map(|(p, target)| Payload::Maintenance(
+            MaintenanceFact::SnapshotProposed(SnapshotProposed {
+                proposal_id: Hash32([p; 32]),
+                target_epoch: Epoch(target),
+                digest: Hash32([0; 32]),
+            })
+        )),
+        (100u64..200, prop::collection::vec(any::<u8>(), 0..20)).prop_map(|(tag, raw)| {
+            Payload::Unknown {
+                tag,
+                raw: tend_core::encoding::to_canonical(&serde_bytes::ByteBuf::from(raw)),
+            }
+        }),
+    ]
+}
+
+fn facts_strategy(ns: JournalNamespace) -> impl Strategy<Value = Vec<VerifiedFact>> {
+    prop::collection::vec((0u8..3, 0u64..6, payload_strategy()), 0..24).prop_map(move |v| {
+        v.into_iter()
+            .map(|(author, epoch, payload)| {
+                UnsignedFact {
+                    namespace: ns,
+                    epoch: Epoch(epoch),
+                    payload,
+                }
+                .sign(&key(author))
+            })
+            .collect()
+    })
+}
+
+fn journal(facts: &[VerifiedFact]) -> Journal {
+    let mut j = Journal::new(ctx());
+    for f in facts {
+        j.insert(f.clone()).unwrap();
+    }
+    j
+}
+
+fn merged(a: &Journal, b: &Journal) -> Journal {
+    let mut out = a.clone();
+    out.merge(b).unwrap();
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn merge_is_commutative(a in facts_strategy(ctx()), b in facts_strategy(ctx())) {
+        let (a, b) = (journal(&a), journal(&b));
+        prop_assert_eq!(merged(&a, &b), merged(&b, &a));
+    }
+
+    #[test]
+    fn merge_is_associative(
+        a in facts_strategy(ctx()), b in facts_strategy(ctx()), c in facts_strategy(ctx())
+    ) {
+        let (a, b, c) = (journal(&a), journal(&b), journal(&c));
+        let left = merged(&merged(&a, &b), &c);
+        let right = merged(&a, &merged(&b, &c));
+        prop_assert_eq!(left.digest(), right.digest());
+        prop_assert_eq!(left, right);
+    }
+
+    #[test]
+    fn merge_is_idempotent(a in facts_strategy(ctx())) {
+        let a = journal(&a);
+        prop_assert_eq!(merged(&a, &a), a);
+    }
+
+    #[test]
+    fn reduction_ignores_order_and_duplicates(
+        facts in facts_strategy(authority().0),
+        perm in any::<prop::sample::Index>(),
+        dups in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+    ) {
+        let (ns, genesis) = authority();
+        let mut all = facts.clone();
+        all.push(genesis);
+        let reference = reduce(ns, &all);
+        let mut shuffled = all.clone();
+        shuffled.rotate_left(perm.index(all.len()));
+        shuffled.reverse();
+        for d in &dups {
+            shuffled.push(all[d.index(all.len())].clone());
+        }
+        prop_assert_eq!(reduce(ns, &shuffled), reference);
+    }
+
+    #[test]
+    fn encoding_round_trips(facts in facts_strategy(ctx())) {
+        for f in facts {
+            let decoded = VerifiedFact::decode(f.bytes()).unwrap();
+            prop_assert_eq!(decoded.id(), f.id());
+            prop_assert_eq!(decoded.fact(), f.fact());
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_never_passes_as_the_same_fact(
+        facts in facts_strategy(ctx()).prop_filter("non-empty", |f| !f.is_empty()),
+        pick in any::<prop::sample::Index>(),
+        bit in any::<prop::sample::Index>(),
+    ) {
+        let f = &facts[pick.index(facts.len())];
+        let mut bytes = f.bytes().to_vec();
+        let bit = bit.index(bytes.len() * 8);
+        bytes[bit / 8] ^= 1 << (bit % 8);
+        // The signature covers every byte but itself and the id covers all of them: a flip
+        // is either rejected or (a different, valid signature is impossible) never the same id.
+        match VerifiedFact::decode(&bytes) {
+            Err(_) => {}
+            Ok(g) => prop_assert_ne!(g.id(), f.id()),
+        }
+    }
+}
+
+#[test]
+fn unknown_payload_kinds_are_kept_byte_for_byte() {
+    let raw = tend_core::encoding::to_canonical(&("from a newer release", 42u64));
+    let f = UnsignedFact {
+        namespace: ctx(),
+        epoch: Epoch(3),
+        payload: Payload::Unknown {
+            tag: 4242,
+            raw: raw.clone(),
+        },
+    }
+    .sign(&key(1));
+    let back = VerifiedFact::decode(f.bytes()).unwrap();
+    assert_eq!(back.payload(), &Payload::Unknown { tag: 4242, raw });
+    assert_eq!(back.bytes(), f.bytes());
+    assert_eq!(back.id(), f.id());
+}
+
+#[test]
+fn decoding_rejects_bad_input_with_typed_errors() {
+    use tend_core::DecodeError;
+    let f = UnsignedFact {
+        namespace: ctx(),
+        epoch: Epoch(1),
+        payload: Payload::Application {
+            kind: "a".into(),
+            data: vec![1, 2, 3],
+        },
+    }
+    .sign(&key(0));
+    let bytes = f.bytes();
+
+    // Truncated.
+    assert!(matches!(
+        VerifiedFact::decode(&bytes[..bytes.len() - 1]),
+        Err(DecodeError::Malformed(_))
+    ));
+    // Oversized.
+    let big = vec![0u8; tend_core::MAX_FACT_BYTES + 1];
+    assert!(matches!(
+        VerifiedFact::decode(&big),
+        Err(DecodeError::Oversized { .. })
+    ));
+    // A newer format version (the first array element is the version).
+    let mut newer = bytes.to_vec();
+    assert_eq!(newer[1], 1);
+    newer[1] = 2;
+    assert_eq!(
+        VerifiedFact::decode(&newer),
+        Err(DecodeError::UnsupportedVersion(2))
+    );
+    // Non-canonical: the epoch 1 written as a two-byte integer (0x18 0x01) instead of 0x01.
+    let pos = 1 + 1 + 36; // array header, version, namespace [kind, bytes32]
+    assert_eq!(bytes[pos], 0x01);
+    let mut long = bytes[..pos].to_vec();
+    long.extend_from_slice(&[0x18, 0x01]);
+    long.extend_from_slice(&bytes[pos + 1..]);
+    assert_eq!(VerifiedFact::decode(&long), Err(DecodeError::NonCanonical));
+    // Trailing garbage.
+    let mut trailing = bytes.to_vec();
+    trailing.push(0);
+    assert!(VerifiedFact::decode(&trailing).is_err());
+    // A signature by another key.
+    let mut forged = bytes.to_vec();
+    let n = forged.len();
+    forged[n - 1] ^= 0x40;
+    assert_eq!(
+        VerifiedFact::decode(&forged),
+        Err(DecodeError::BadSignature)
+    );
+}
+
+#[test]
+fn merging_different_namespaces_is_an_error() {
+    let mut a = Journal::new(ctx());
+    let b = Journal::new(JournalNamespace::Context(ContextId([1; 32])));
+    assert!(a.merge(&b).is_err());
+    let (ns, genesis) = authority();
+    assert_ne!(ns, ctx());
+    assert!(a.insert(genesis).is_err());
+}

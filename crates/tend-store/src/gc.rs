@@ -1,0 +1,122 @@
+//! Garbage collection (DESIGN rule 4): pruning facts below the latest verified snapshot and
+//! tombstoned blobs, and compacting the file.
+
+use redb::{ReadableTable, ReadableTableMetadata};
+use tend_core::{Epoch, JournalNamespace};
+
+use crate::codec::{self, FactKey};
+use crate::error::StoreError;
+use crate::store::{Store, BLOBS, FACTS, NAMESPACES};
+
+/// What [`Store::prune`] removed (or, for a dry run, would remove).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PruneReport {
+    pub namespace: JournalNamespace,
+    /// Facts with `epoch < floor` go: the epoch of the latest verified snapshot.
+    pub floor: Epoch,
+    pub facts: u64,
+    /// Stored bytes of those facts (keys and values, before page overhead).
+    pub fact_bytes: u64,
+    pub blobs: u64,
+    pub blob_bytes: u64,
+    /// Whether nothing was actually deleted.
+    pub dry_run: bool,
+}
+
+/// File sizes around [`Store::compact`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompactReport {
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+}
+
+impl Store {
+    /// Deletes the facts of `ns` below the latest verified snapshot's epoch and the blobs whose
+    /// tombstone precedes it. Maintenance and authority facts stay in the maintenance table, so
+    /// [`Store::maintenance_state`] is the same before and after. Fails with
+    /// [`StoreError::NoSnapshot`] if `ns` has no verified `SnapshotCompleted`. The freed pages
+    /// are reused by later writes; [`Store::compact`] returns them to the file system.
+    pub fn prune(&self, ns: JournalNamespace) -> Result<PruneReport, StoreError> {
+        self.prune_inner(ns, false)
+    }
+
+    /// What [`Store::prune`] would remove, without removing anything.
+    pub fn prune_dry_run(&self, ns: JournalNamespace) -> Result<PruneReport, StoreError> {
+        self.prune_inner(ns, true)
+    }
+
+    fn prune_inner(&self, ns: JournalNamespace, dry_run: bool) -> Result<PruneReport, StoreError> {
+        let _writer = self.lock_writer();
+        let state = self.maintenance_state(ns)?;
+        let floor = state.gc_floor().ok_or_else(|| StoreError::NoSnapshot {
+            path: self.path.clone(),
+            namespace: ns,
+        })?;
+        let mut report = PruneReport {
+            namespace: ns,
+            floor,
+            facts: 0,
+            fact_bytes: 0,
+            blobs: 0,
+            blob_bytes: 0,
+            dry_run,
+        };
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut namespaces = tx.open_table(NAMESPACES).map_err(|e| self.err(e))?;
+            let mut facts = tx.open_table(FACTS).map_err(|e| self.err(e))?;
+            let mut blobs = tx.open_table(BLOBS).map_err(|e| self.err(e))?;
+            if let Some(mut rec) = self.ns_record(&namespaces, &ns)? {
+                let start = codec::epoch_start(rec.no, Epoch::ZERO);
+                let end = codec::epoch_start(rec.no, floor);
+                for item in facts
+                    .range::<&FactKey>(&start..&end)
+                    .map_err(|e| self.err(e))?
+                {
+                    let (_, v) = item.map_err(|e| self.err(e))?;
+                    report.facts += 1;
+                    report.fact_bytes += (codec::KEY_LEN + v.value().len()) as u64;
+                }
+                if !dry_run && report.facts > 0 {
+                    facts
+                        .retain_in::<&FactKey, _>(&start..&end, |_, _| false)
+                        .map_err(|e| self.err(e))?;
+                    rec.count = rec.count.saturating_sub(report.facts);
+                    namespaces
+                        .insert(&ns.to_bytes(), &rec.to_bytes())
+                        .map_err(|e| self.err(e))?;
+                }
+            }
+            for cid in state.prunable_blobs() {
+                let key = cid.to_bytes();
+                let len = match blobs.get(key.as_slice()).map_err(|e| self.err(e))? {
+                    Some(v) => v.value().len() as u64,
+                    None => continue,
+                };
+                report.blobs += 1;
+                report.blob_bytes += len;
+                if !dry_run {
+                    blobs.remove(key.as_slice()).map_err(|e| self.err(e))?;
+                }
+            }
+            let _ = facts.len();
+        }
+        if dry_run {
+            tx.abort().map_err(|e| self.err(e))?;
+        } else {
+            tx.commit().map_err(|e| self.err(e))?;
+        }
+        Ok(report)
+    }
+
+    /// Compacts the file, returning freed space to the file system. Needs exclusive access:
+    /// no iterator of this store may be alive.
+    pub fn compact(&mut self) -> Result<CompactReport, StoreError> {
+        let bytes_before = self.file_size()?;
+        while self.db.compact().map_err(|e| self.err(e))? {}
+        Ok(CompactReport {
+            bytes_before,
+            bytes_after: self.file_size()?,
+        })
+    }
+}

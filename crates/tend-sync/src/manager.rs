@@ -1,0 +1,316 @@
+//! The session manager: owns running sessions, enforces the global and per-peer session
+//! limits, routes messages and timers to them, aborts them when the identity epoch
+//! advances, and releases each session's resources when it ends.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tend_core::{DeviceId, JournalNamespace};
+
+use crate::items::SharedItems;
+use crate::message::{RefuseReason, SyncMessage};
+use crate::rate::{RateConfig, RateLimits};
+use crate::session::{Action, FactHost, LocalView, Outcome, Session, SessionConfig, SessionError};
+
+/// A session's handle, unique within one manager.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct SessionId(pub u64);
+
+/// Limits of a [`SessionManager`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagerConfig {
+    /// Sessions open at once, over all peers.
+    pub max_concurrent: usize,
+    /// Sessions open at once with one peer.
+    pub max_per_peer: usize,
+    pub session: SessionConfig,
+    pub rate: RateConfig,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 8,
+            max_per_peer: 1,
+            session: SessionConfig::default(),
+            rate: RateConfig::default(),
+        }
+    }
+}
+
+/// An effect for the caller, tagged with its session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ManagerAction {
+    /// Send bytes to `peer` on the session's stream.
+    Send {
+        session: SessionId,
+        peer: DeviceId,
+        bytes: Vec<u8>,
+    },
+    /// Call [`SessionManager::poll`] at this time.
+    WakeAt(Duration),
+    /// The session ended and was removed; close its stream.
+    Closed {
+        session: SessionId,
+        peer: DeviceId,
+        outcome: Outcome,
+    },
+}
+
+/// Why a session was not opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManagerError {
+    /// No slot is free. For an incoming session, `refusal` is the encoded `Refuse(Busy)`
+    /// to send back before closing the stream.
+    #[error("at session capacity ({active} open, {with_peer} with this peer)")]
+    AtCapacity {
+        active: usize,
+        with_peer: usize,
+        refusal: Vec<u8>,
+    },
+    #[error(transparent)]
+    Session(#[from] SessionError),
+}
+
+/// Owns the running sessions of a device.
+pub struct SessionManager {
+    config: ManagerConfig,
+    sessions: BTreeMap<SessionId, Session>,
+    per_peer: BTreeMap<DeviceId, usize>,
+    rate: RateLimits,
+    next_id: u64,
+}
+
+impl std::fmt::Debug for SessionManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionManager")
+            .field("active", &self.sessions.len())
+            .field("per_peer", &self.per_peer)
+            .finish()
+    }
+}
+
+impl SessionManager {
+    /// A manager with no sessions.
+    pub fn new(config: ManagerConfig) -> Self {
+        let rate = RateLimits::new(config.rate);
+        Self {
+            config,
+            sessions: BTreeMap::new(),
+            per_peer: BTreeMap::new(),
+            rate,
+            next_id: 0,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ManagerConfig {
+        &self.config
+    }
+
+    /// Open sessions.
+    pub fn active(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Open sessions with `peer`.
+    pub fn active_with(&self, peer: &DeviceId) -> usize {
+        self.per_peer.get(peer).copied().unwrap_or(0)
+    }
+
+    /// Peers with at least one open session (for leak checks).
+    pub fn peers_with_sessions(&self) -> usize {
+        self.per_peer.len()
+    }
+
+    /// Whether a new session with `peer` fits the limits.
+    pub fn has_room_for(&self, peer: &DeviceId) -> bool {
+        self.sessions.len() < self.config.max_concurrent
+            && self.active_with(peer) < self.config.max_per_peer
+    }
+
+    /// The session, if it is still open.
+    pub fn session(&self, id: SessionId) -> Option<&Session> {
+        self.sessions.get(&id)
+    }
+
+    /// Ids of open sessions with `peer`.
+    pub fn sessions_with(&self, peer: &DeviceId) -> Vec<SessionId> {
+        self.sessions
+            .iter()
+            .filter(|(_, s)| s.peer() == *peer)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn capacity_error(&self, peer: &DeviceId) -> ManagerError {
+        ManagerError::AtCapacity {
+            active: self.sessions.len(),
+            with_peer: self.active_with(peer),
+            refusal: SyncMessage::Refuse(RefuseReason::Busy).encode(),
+        }
+    }
+
+    /// Opens a session to `peer` as initiator.
+    pub fn open(
+        &mut self,
+        now: Duration,
+        peer: DeviceId,
+        local: LocalView,
+        items: SharedItems,
+    ) -> Result<(SessionId, Vec<ManagerAction>), ManagerError> {
+        if !self.has_room_for(&peer) {
+            return Err(self.capacity_error(&peer));
+        }
+        let (session, actions) =
+            Session::initiate(now, peer, local, items, self.config.session.clone())?;
+        Ok(self.insert(session, actions))
+    }
+
+    /// Accepts an incoming session whose first message is `hello`.
+    pub fn accept(
+        &mut self,
+        now: Duration,
+        peer: DeviceId,
+        hello: &[u8],
+        local: LocalView,
+        items: SharedItems,
+        host: &mut dyn FactHost,
+    ) -> Result<(SessionId, Vec<ManagerAction>), ManagerError> {
+        if !self.has_room_for(&peer) {
+            return Err(self.capacity_error(&peer));
+        }
+        let (session, actions) = Session::accept(
+            now,
+            peer,
+            hello,
+            local,
+            items,
+            self.config.session.clone(),
+            host,
+        )?;
+        Ok(self.insert(session, actions))
+    }
+
+    fn insert(
+        &mut self,
+        session: Session,
+        actions: Vec<Action>,
+    ) -> (SessionId, Vec<ManagerAction>) {
+        let id = SessionId(self.next_id);
+        self.next_id += 1;
+        let peer = session.peer();
+        *self.per_peer.entry(peer).or_insert(0) += 1;
+        self.sessions.insert(id, session);
+        let mut out = Vec::new();
+        self.translate(id, peer, actions, &mut out);
+        (id, out)
+    }
+
+    /// Routes a message from the peer to its session. Messages for sessions that are no
+    /// longer open are ignored.
+    pub fn handle(
+        &mut self,
+        now: Duration,
+        id: SessionId,
+        bytes: &[u8],
+        host: &mut dyn FactHost,
+    ) -> Vec<ManagerAction> {
+        let mut out = Vec::new();
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return out;
+        };
+        let peer = session.peer();
+        let actions = session.handle(now, bytes, host, Some(&mut self.rate));
+        self.translate(id, peer, actions, &mut out);
+        out
+    }
+
+    /// Runs timers of every session: timeouts and rate-limited sends.
+    pub fn poll(&mut self, now: Duration, host: &mut dyn FactHost) -> Vec<ManagerAction> {
+        let mut out = Vec::new();
+        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for id in ids {
+            if let Some(session) = self.sessions.get_mut(&id) {
+                let peer = session.peer();
+                let actions = session.poll(now, host, Some(&mut self.rate));
+                self.translate(id, peer, actions, &mut out);
+            }
+        }
+        out
+    }
+
+    /// The local identity epoch of `namespace` advanced: aborts every session of that
+    /// namespace running under an older epoch (DESIGN rule 9).
+    pub fn identity_epoch_advanced(
+        &mut self,
+        now: Duration,
+        namespace: JournalNamespace,
+        identity_epoch: u64,
+    ) -> Vec<ManagerAction> {
+        let mut out = Vec::new();
+        let ids: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.namespace() == namespace)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(session) = self.sessions.get_mut(&id) {
+                let peer = session.peer();
+                let actions = session.identity_epoch_advanced(now, identity_epoch);
+                self.translate(id, peer, actions, &mut out);
+            }
+        }
+        out
+    }
+
+    /// Closes a session from our side (the stream broke, shutdown).
+    pub fn close(&mut self, now: Duration, id: SessionId) -> Vec<ManagerAction> {
+        let mut out = Vec::new();
+        if let Some(session) = self.sessions.get_mut(&id) {
+            let peer = session.peer();
+            let actions = session.close(now);
+            self.translate(id, peer, actions, &mut out);
+        }
+        out
+    }
+
+    fn translate(
+        &mut self,
+        id: SessionId,
+        peer: DeviceId,
+        actions: Vec<Action>,
+        out: &mut Vec<ManagerAction>,
+    ) {
+        for a in actions {
+            match a {
+                Action::Send(bytes) => out.push(ManagerAction::Send {
+                    session: id,
+                    peer,
+                    bytes,
+                }),
+                Action::WakeAt(t) => out.push(ManagerAction::WakeAt(t)),
+                Action::Finished(outcome) => {
+                    self.release(id, peer);
+                    out.push(ManagerAction::Closed {
+                        session: id,
+                        peer,
+                        outcome,
+                    });
+                }
+            }
+        }
+    }
+
+    fn release(&mut self, id: SessionId, peer: DeviceId) {
+        if self.sessions.remove(&id).is_some() {
+            if let Some(n) = self.per_peer.get_mut(&peer) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_peer.remove(&peer);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,883 @@
+//! One sync session with one peer, initiator or responder, as a sans-IO state machine.
+//!
+//! Flow (messages travel on one ordered, reliable stream):
+//!
+//! ```text
+//! initiator                                   responder
+//! Hello{ns, version, epoch, fence, neg0} --->
+//!                                        <--- Accept{epoch, fence, neg1} | Refuse{reason}
+//! Reconcile(neg2), Want(ids), Facts(..)  --->                 (repeat until negentropy ends)
+//!                                        <--- Reconcile(neg3), Facts(wanted)
+//! Done                                   --->
+//!                                        <--- Facts(rest of wanted), Done
+//! ```
+//!
+//! Only the initiator learns the difference from negentropy, so it pushes the facts the peer
+//! lacks and asks for the ones it lacks with `Want`. Every incoming fact is decoded and
+//! verified ([`VerifiedFact::decode`]) and admitted through the caller's [`FactHost`];
+//! invalid facts are counted by reason and, past [`SessionConfig::max_invalid_facts`],
+//! fail the session as misbehaviour, after the valid facts of the same batch were kept.
+//! Time comes in as `now`; effects go out as [`Action`]s.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use tend_core::{
+    DeviceId, FactId, JournalError, JournalNamespace, MaintenanceEpoch, ProtocolVersion,
+    VerifiedFact,
+};
+
+use crate::items::SharedItems;
+use crate::message::{
+    AbortReason, Accept, FenceStatus, Hello, MessageError, RefuseReason, SyncMessage,
+    DEFAULT_MAX_MESSAGE_BYTES,
+};
+use crate::rate::{Admit, RateLimits};
+use crate::reconcile::{ReconcileError, Reconciler};
+
+/// What a session needs from the device's store: fact bytes to send and admission of
+/// facts received. The node implements it over tend-store and passes
+/// `MaintenanceState::check_admission` as the admission rule.
+pub trait FactHost {
+    /// The canonical bytes of a fact of `namespace`, if it is still stored.
+    fn load_fact(&self, namespace: JournalNamespace, id: &FactId) -> Option<Vec<u8>>;
+
+    /// Checks admission of a verified fact and stores it. `Ok(true)` if it was new,
+    /// `Ok(false)` if it was already there.
+    fn admit(&mut self, fact: VerifiedFact) -> Result<bool, JournalError>;
+
+    /// Whether `peer` may open a session on `namespace` (a member of the authority).
+    fn is_authorized(&self, _namespace: JournalNamespace, _peer: &DeviceId) -> bool {
+        true
+    }
+}
+
+/// Tunables of a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Negentropy frame size limit: 0 (none) or at least 4096 bytes.
+    pub frame_size_limit: u64,
+    /// Largest encoded message accepted or sent.
+    pub max_message_bytes: usize,
+    /// Most facts in one `Facts` message.
+    pub max_batch_facts: usize,
+    /// Most fact bytes in one `Facts` message (a single larger fact still goes alone).
+    pub max_batch_bytes: usize,
+    /// Most ids in one `Want` message.
+    pub max_want_ids: usize,
+    /// A session with no incoming message for this long fails with a timeout.
+    pub idle_timeout: Duration,
+    /// Undecodable facts tolerated before the peer is judged to misbehave.
+    pub max_invalid_facts: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            frame_size_limit: 60_000,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_batch_facts: 512,
+            max_batch_bytes: 256 * 1024,
+            max_want_ids: 4096,
+            idle_timeout: Duration::from_secs(30),
+            max_invalid_facts: 0,
+        }
+    }
+}
+
+/// What this device says about itself at the handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalView {
+    pub device: DeviceId,
+    pub namespace: JournalNamespace,
+    pub protocol: ProtocolVersion,
+    pub epoch: MaintenanceEpoch,
+    pub fence: FenceStatus,
+}
+
+/// Which side of the session this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Initiator,
+    Responder,
+}
+
+/// Counters of one session.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    pub messages_sent: u64,
+    pub messages_received: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Negentropy messages sent (each round trip is one query and one answer).
+    pub reconcile_rounds: u64,
+    pub facts_sent: u64,
+    pub facts_received: u64,
+    pub facts_accepted: u64,
+    pub facts_duplicate: u64,
+    /// Rejected facts by reason label ([`tend_core::DecodeError::reason`],
+    /// [`tend_core::JournalError::reason`]).
+    pub rejected: BTreeMap<&'static str, u64>,
+    /// Ids we asked for.
+    pub wanted: u64,
+    /// Time from start to end.
+    pub duration: Duration,
+}
+
+impl SessionStats {
+    /// All rejected facts.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+}
+
+/// Why a session failed; the node disconnects and demotes the peer on misbehaviour.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FailReason {
+    /// The peer sent bytes that are not a sync message.
+    #[error("peer sent an invalid message: {0}")]
+    Garbage(MessageError),
+    /// The peer sent an invalid negentropy message.
+    #[error("peer sent an invalid reconciliation message: {0}")]
+    Reconcile(ReconcileError),
+    /// The peer sent invalid facts (reason label of the first one).
+    #[error("peer sent {count} invalid facts (first: {first})")]
+    InvalidFacts { count: u64, first: &'static str },
+    /// A message that does not fit the session's state.
+    #[error("protocol violation: unexpected {0}")]
+    Unexpected(&'static str),
+    /// The handshake names another namespace or device than expected.
+    #[error("handshake mismatch: {0}")]
+    Handshake(&'static str),
+    /// No message for longer than the idle timeout.
+    #[error("session timed out")]
+    Timeout,
+    /// We could not build a message (local configuration problem).
+    #[error("local error: {0}")]
+    Local(String),
+}
+
+impl FailReason {
+    /// Whether the failure is the peer's fault (disconnect and demote it).
+    pub fn is_misbehaviour(&self) -> bool {
+        matches!(
+            self,
+            FailReason::Garbage(_)
+                | FailReason::Reconcile(_)
+                | FailReason::InvalidFacts { .. }
+                | FailReason::Unexpected(_)
+                | FailReason::Handshake(_)
+        )
+    }
+}
+
+/// How a session ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionResult {
+    /// Both sides exchanged everything.
+    Completed,
+    /// The handshake was refused; `by_peer` tells which side refused.
+    Refused { by_peer: bool, reason: RefuseReason },
+    /// Aborted; retry when the reason is [`AbortReason::EpochAdvanced`].
+    Aborted { by_peer: bool, reason: AbortReason },
+    /// Failed.
+    Failed(FailReason),
+}
+
+impl SessionResult {
+    /// Whether the caller should open a new session right away (DESIGN rule 9).
+    pub fn should_retry(&self) -> bool {
+        matches!(
+            self,
+            SessionResult::Aborted {
+                reason: AbortReason::EpochAdvanced { .. },
+                ..
+            }
+        )
+    }
+
+    /// Whether this counts as a successful sync for peer scoring.
+    pub fn is_success(&self) -> bool {
+        matches!(self, SessionResult::Completed)
+    }
+}
+
+/// The final result with the session's counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub result: SessionResult,
+    pub stats: SessionStats,
+}
+
+/// An effect for the caller to carry out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send these bytes to the peer on the session's stream.
+    Send(Vec<u8>),
+    /// Call [`Session::poll`] again at this time (rate limit or timeout).
+    WakeAt(Duration),
+    /// The session ended; close the stream.
+    Finished(Outcome),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Initiator: Hello sent, waiting for Accept/Refuse.
+    AwaitAccept,
+    /// Exchanging.
+    Running,
+    Finished,
+}
+
+/// One sync session.
+pub struct Session {
+    role: Role,
+    peer: DeviceId,
+    local: LocalView,
+    config: SessionConfig,
+    phase: Phase,
+    recon: Reconciler,
+    /// Facts to send, in order.
+    outbox: VecDeque<FactId>,
+    /// Every id ever queued for sending, so have lists and wants are deduplicated.
+    queued: HashSet<FactId>,
+    /// Every id asked for.
+    wanted: HashSet<FactId>,
+    /// Ids to ask for in the next `Want` messages (initiator).
+    want_queue: Vec<FactId>,
+    /// A batch loaded but held back by the rate limit.
+    staged: Option<Vec<Vec<u8>>>,
+    recon_done: bool,
+    done_sent: bool,
+    peer_done: bool,
+    invalid: u64,
+    first_invalid: Option<&'static str>,
+    started: Duration,
+    last_heard: Duration,
+    retry_at: Option<Duration>,
+    stats: SessionStats,
+    outcome: Option<Outcome>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("role", &self.role)
+            .field("peer", &self.peer)
+            .field("phase", &self.phase)
+            .field("outbox", &self.outbox.len())
+            .finish()
+    }
+}
+
+/// Why a session could not be created.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Reconcile(#[from] ReconcileError),
+    #[error("the item snapshot is of namespace {items}, the session of {session}")]
+    NamespaceMismatch {
+        items: JournalNamespace,
+        session: JournalNamespace,
+    },
+    #[error("message size limit {max} is too small for frames of {frame} bytes and batches of {batch} bytes")]
+    MessageLimit {
+        max: usize,
+        frame: u64,
+        batch: usize,
+    },
+}
+
+/// Bytes of envelope around a negentropy frame or a fact batch, generously.
+const ENVELOPE: usize = 256;
+
+fn check_config(c: &SessionConfig) -> Result<(), SessionError> {
+    let frame = if c.frame_size_limit == 0 {
+        // Without a frame limit, negentropy messages are bounded only by the item count;
+        // we still require room for a whole fact.
+        0
+    } else {
+        c.frame_size_limit
+    };
+    let batch = c.max_batch_bytes.max(tend_core::MAX_FACT_BYTES);
+    let need = (frame as usize).max(batch) + ENVELOPE + 16 * c.max_batch_facts;
+    if c.max_message_bytes < need || c.max_message_bytes < 33 * c.max_want_ids + ENVELOPE {
+        return Err(SessionError::MessageLimit {
+            max: c.max_message_bytes,
+            frame: c.frame_size_limit,
+            batch: c.max_batch_bytes,
+        });
+    }
+    Ok(())
+}
+
+impl Session {
+    fn new(
+        role: Role,
+        now: Duration,
+        peer: DeviceId,
+        local: LocalView,
+        items: SharedItems,
+        config: SessionConfig,
+    ) -> Result<Self, SessionError> {
+        check_config(&config)?;
+        if items.namespace() != local.namespace {
+            return Err(SessionError::NamespaceMismatch {
+                items: items.namespace(),
+                session: local.namespace,
+            });
+        }
+        let recon = Reconciler::new(items, config.frame_size_limit)?;
+        Ok(Self {
+            role,
+            peer,
+            local,
+            config,
+            phase: Phase::Running,
+            recon,
+            outbox: VecDeque::new(),
+            queued: HashSet::new(),
+            wanted: HashSet::new(),
+            want_queue: Vec::new(),
+            staged: None,
+            recon_done: false,
+            done_sent: false,
+            peer_done: false,
+            invalid: 0,
+            first_invalid: None,
+            started: now,
+            last_heard: now,
+            retry_at: None,
+            stats: SessionStats::default(),
+            outcome: None,
+        })
+    }
+
+    /// Starts a session as initiator: returns it with the `Hello` to send. A device that
+    /// does not satisfy an activated fence does not start sessions: the session finishes
+    /// at once as refused by us, with the reason to show (DESIGN rule 7).
+    pub fn initiate(
+        now: Duration,
+        peer: DeviceId,
+        local: LocalView,
+        items: SharedItems,
+        config: SessionConfig,
+    ) -> Result<(Self, Vec<Action>), SessionError> {
+        let mut s = Self::new(Role::Initiator, now, peer, local, items, config)?;
+        let mut out = Vec::new();
+        if let FenceStatus::NotSatisfied {
+            fence,
+            required,
+            local_epoch,
+        } = local.fence
+        {
+            let reason = RefuseReason::FenceNotSatisfied {
+                fence,
+                required,
+                local_epoch,
+            };
+            s.finish(
+                now,
+                SessionResult::Refused {
+                    by_peer: false,
+                    reason,
+                },
+                &mut out,
+            );
+            return Ok((s, out));
+        }
+        let first = s.recon.initiate()?;
+        s.stats.reconcile_rounds += 1;
+        s.phase = Phase::AwaitAccept;
+        let hello = SyncMessage::Hello(Hello {
+            protocol: local.protocol,
+            namespace: local.namespace,
+            device: local.device,
+            epoch: local.epoch,
+            fence: local.fence,
+            reconcile: first,
+        });
+        s.send(&hello, &mut out);
+        out.push(Action::WakeAt(now + s.config.idle_timeout));
+        Ok((s, out))
+    }
+
+    /// Answers an incoming `Hello` as responder: accepts (and answers the first
+    /// negentropy message) or refuses with a reason the initiator can show. `peer` is the
+    /// transport-authenticated device id of the initiator.
+    pub fn accept(
+        now: Duration,
+        peer: DeviceId,
+        hello: &[u8],
+        local: LocalView,
+        items: SharedItems,
+        config: SessionConfig,
+        host: &mut dyn FactHost,
+    ) -> Result<(Self, Vec<Action>), SessionError> {
+        let mut s = Self::new(Role::Responder, now, peer, local, items, config)?;
+        let mut out = Vec::new();
+        s.note_received(hello.len());
+        let msg = match SyncMessage::decode(hello, s.config.max_message_bytes) {
+            Ok(SyncMessage::Hello(h)) => h,
+            Ok(other) => {
+                s.fail(now, FailReason::Unexpected(other.kind()), &mut out);
+                return Ok((s, out));
+            }
+            Err(e) => {
+                s.fail(now, FailReason::Garbage(e), &mut out);
+                return Ok((s, out));
+            }
+        };
+        if msg.device != peer {
+            s.fail(now, FailReason::Handshake("device id"), &mut out);
+            return Ok((s, out));
+        }
+        let refusal = if msg.namespace != local.namespace {
+            Some(RefuseReason::UnknownNamespace(msg.namespace))
+        } else if !host.is_authorized(local.namespace, &peer) {
+            Some(RefuseReason::NotAuthorized)
+        } else if msg.protocol.major != local.protocol.major {
+            Some(RefuseReason::IncompatibleProtocol {
+                theirs: msg.protocol,
+                ours: local.protocol,
+            })
+        } else if let FenceStatus::NotSatisfied {
+            fence,
+            required,
+            local_epoch,
+        } = local.fence
+        {
+            Some(RefuseReason::FenceNotSatisfied {
+                fence,
+                required,
+                local_epoch,
+            })
+        } else if let FenceStatus::NotSatisfied {
+            fence,
+            required,
+            local_epoch,
+        } = msg.fence
+        {
+            Some(RefuseReason::PeerFenceNotSatisfied {
+                fence,
+                required,
+                local_epoch,
+            })
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            s.send(&SyncMessage::Refuse(reason.clone()), &mut out);
+            s.finish(
+                now,
+                SessionResult::Refused {
+                    by_peer: false,
+                    reason,
+                },
+                &mut out,
+            );
+            return Ok((s, out));
+        }
+        match s.recon.respond(&msg.reconcile) {
+            Ok(answer) => {
+                s.stats.reconcile_rounds += 1;
+                let accept = SyncMessage::Accept(Accept {
+                    protocol: local.protocol,
+                    device: local.device,
+                    epoch: local.epoch,
+                    fence: local.fence,
+                    reconcile: answer,
+                });
+                s.send(&accept, &mut out);
+                out.push(Action::WakeAt(now + s.config.idle_timeout));
+            }
+            Err(e) => s.fail(now, FailReason::Reconcile(e), &mut out),
+        }
+        Ok((s, out))
+    }
+
+    /// This side's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The peer.
+    pub fn peer(&self) -> DeviceId {
+        self.peer
+    }
+
+    /// The namespace being synchronised.
+    pub fn namespace(&self) -> JournalNamespace {
+        self.local.namespace
+    }
+
+    /// The maintenance epoch the session runs under.
+    pub fn epoch(&self) -> MaintenanceEpoch {
+        self.local.epoch
+    }
+
+    /// Whether the session has ended.
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::Finished
+    }
+
+    /// How it ended, once it has.
+    pub fn outcome(&self) -> Option<&Outcome> {
+        self.outcome.as_ref()
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> &SessionStats {
+        &self.stats
+    }
+
+    /// Handles one message from the peer.
+    pub fn handle(
+        &mut self,
+        now: Duration,
+        bytes: &[u8],
+        host: &mut dyn FactHost,
+        limits: Option<&mut RateLimits>,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.is_finished() {
+            return out;
+        }
+        self.last_heard = now;
+        self.note_received(bytes.len());
+        let msg = match SyncMessage::decode(bytes, self.config.max_message_bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                self.fail(now, FailReason::Garbage(e), &mut out);
+                return out;
+            }
+        };
+        match (self.phase, self.role, msg) {
+            (_, _, SyncMessage::Abort(reason)) => {
+                let result = SessionResult::Aborted {
+                    by_peer: true,
+                    reason,
+                };
+                self.finish(now, result, &mut out);
+                return out;
+            }
+            (Phase::AwaitAccept, Role::Initiator, SyncMessage::Refuse(reason)) => {
+                let result = SessionResult::Refused {
+                    by_peer: true,
+                    reason,
+                };
+                self.finish(now, result, &mut out);
+                return out;
+            }
+            (Phase::AwaitAccept, Role::Initiator, SyncMessage::Accept(a)) => {
+                if a.device != self.peer {
+                    self.fail(now, FailReason::Handshake("device id"), &mut out);
+                    return out;
+                }
+                self.phase = Phase::Running;
+                self.on_answer(now, &a.reconcile, &mut out);
+            }
+            (Phase::Running, Role::Initiator, SyncMessage::Reconcile(m)) if !self.recon_done => {
+                self.on_answer(now, &m, &mut out);
+            }
+            (Phase::Running, Role::Responder, SyncMessage::Reconcile(m)) if !self.peer_done => {
+                match self.recon.respond(&m) {
+                    Ok(answer) => {
+                        self.stats.reconcile_rounds += 1;
+                        self.send(&SyncMessage::Reconcile(answer), &mut out);
+                    }
+                    Err(e) => self.fail(now, FailReason::Reconcile(e), &mut out),
+                }
+            }
+            (Phase::Running, Role::Responder, SyncMessage::Want(ids))
+                if !self.peer_done && ids.len() <= self.config.max_want_ids =>
+            {
+                for id in ids {
+                    self.enqueue(id);
+                }
+            }
+            (Phase::Running, _, SyncMessage::Facts(facts)) if !self.peer_done => {
+                self.on_facts(now, facts, host, &mut out);
+            }
+            (Phase::Running, Role::Responder, SyncMessage::Done) if !self.peer_done => {
+                self.peer_done = true;
+            }
+            (Phase::Running, Role::Initiator, SyncMessage::Done)
+                if self.done_sent && !self.peer_done =>
+            {
+                self.peer_done = true;
+            }
+            (_, _, other) => {
+                self.fail(now, FailReason::Unexpected(other.kind()), &mut out);
+                return out;
+            }
+        }
+        if !self.is_finished() {
+            self.pump(now, host, limits, &mut out);
+        }
+        out
+    }
+
+    /// Timers: the idle timeout and sends held back by the rate limit.
+    pub fn poll(
+        &mut self,
+        now: Duration,
+        host: &mut dyn FactHost,
+        limits: Option<&mut RateLimits>,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.is_finished() {
+            return out;
+        }
+        if now >= self.last_heard + self.config.idle_timeout {
+            self.send(&SyncMessage::Abort(AbortReason::Closed), &mut out);
+            self.fail(now, FailReason::Timeout, &mut out);
+            return out;
+        }
+        self.pump(now, host, limits, &mut out);
+        out
+    }
+
+    /// The local identity epoch advanced: abort so the caller retries under the new epoch
+    /// (DESIGN rule 9). An epoch that is not newer changes nothing.
+    pub fn identity_epoch_advanced(&mut self, now: Duration, identity_epoch: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        let from = self.local.epoch.identity_epoch;
+        if self.is_finished() || identity_epoch <= from {
+            return out;
+        }
+        let reason = AbortReason::EpochAdvanced {
+            from,
+            to: identity_epoch,
+        };
+        self.send(&SyncMessage::Abort(reason), &mut out);
+        self.finish(
+            now,
+            SessionResult::Aborted {
+                by_peer: false,
+                reason,
+            },
+            &mut out,
+        );
+        out
+    }
+
+    /// Closes the session from our side (shutdown, peer removed).
+    pub fn close(&mut self, now: Duration) -> Vec<Action> {
+        let mut out = Vec::new();
+        if !self.is_finished() {
+            self.send(&SyncMessage::Abort(AbortReason::Closed), &mut out);
+            let result = SessionResult::Aborted {
+                by_peer: false,
+                reason: AbortReason::Closed,
+            };
+            self.finish(now, result, &mut out);
+        }
+        out
+    }
+
+    /// Initiator: one negentropy answer of the responder.
+    fn on_answer(&mut self, now: Duration, msg: &[u8], out: &mut Vec<Action>) {
+        let step = match self.recon.step(msg) {
+            Ok(s) => s,
+            Err(e) => return self.fail(now, FailReason::Reconcile(e), out),
+        };
+        for id in step.have {
+            self.enqueue(id);
+        }
+        for id in step.need {
+            if self.wanted.insert(id) {
+                self.want_queue.push(id);
+            }
+        }
+        // Ask for what we lack before the next query, so the peer's facts flow while
+        // reconciliation goes on.
+        self.flush_wants(out);
+        match step.next {
+            Some(next) => {
+                self.stats.reconcile_rounds += 1;
+                self.send(&SyncMessage::Reconcile(next), out);
+            }
+            None => self.recon_done = true,
+        }
+    }
+
+    fn enqueue(&mut self, id: FactId) {
+        if self.queued.insert(id) {
+            self.outbox.push_back(id);
+        }
+    }
+
+    fn flush_wants(&mut self, out: &mut Vec<Action>) {
+        while !self.want_queue.is_empty() {
+            let n = self.want_queue.len().min(self.config.max_want_ids.max(1));
+            let chunk: Vec<FactId> = self.want_queue.drain(..n).collect();
+            self.stats.wanted += chunk.len() as u64;
+            self.send(&SyncMessage::Want(chunk), out);
+        }
+    }
+
+    fn on_facts(
+        &mut self,
+        now: Duration,
+        facts: Vec<Vec<u8>>,
+        host: &mut dyn FactHost,
+        out: &mut Vec<Action>,
+    ) {
+        let reject = |stats: &mut SessionStats, reason: &'static str| {
+            *stats.rejected.entry(reason).or_insert(0) += 1;
+        };
+        for bytes in facts {
+            self.stats.facts_received += 1;
+            let fact = match VerifiedFact::decode(&bytes) {
+                Ok(f) => f,
+                Err(e) => {
+                    reject(&mut self.stats, e.reason());
+                    self.invalid += 1;
+                    self.first_invalid.get_or_insert(e.reason());
+                    continue;
+                }
+            };
+            if fact.namespace() != self.local.namespace {
+                // A verified fact of another journal has no business in this session.
+                reject(&mut self.stats, "namespace");
+                self.invalid += 1;
+                self.first_invalid.get_or_insert("namespace");
+                continue;
+            }
+            match host.admit(fact) {
+                Ok(true) => self.stats.facts_accepted += 1,
+                Ok(false) => self.stats.facts_duplicate += 1,
+                // Admission depends on what each side knows (membership, snapshots), so
+                // a refused fact is counted but is not the peer's fault.
+                Err(e) => reject(&mut self.stats, e.reason()),
+            }
+        }
+        if self.invalid > self.config.max_invalid_facts {
+            let reason = FailReason::InvalidFacts {
+                count: self.invalid,
+                first: self.first_invalid.unwrap_or("invalid"),
+            };
+            self.send(&SyncMessage::Abort(AbortReason::Closed), out);
+            self.fail(now, reason, out);
+        }
+    }
+
+    /// Sends queued facts within the batch and rate limits, then `Done` when due.
+    fn pump(
+        &mut self,
+        now: Duration,
+        host: &mut dyn FactHost,
+        mut limits: Option<&mut RateLimits>,
+        out: &mut Vec<Action>,
+    ) {
+        let (mut max_facts, mut max_bytes) = (
+            self.config.max_batch_facts.max(1),
+            self.config.max_batch_bytes,
+        );
+        if let Some(l) = limits.as_deref() {
+            let (f, b) = l.max_batch();
+            max_facts = max_facts.min(f.map_or(usize::MAX, |f| f as usize)).max(1);
+            max_bytes = max_bytes.min(b.map_or(usize::MAX, |b| b as usize));
+        }
+        loop {
+            if self.staged.is_none() {
+                let mut batch = Vec::new();
+                let mut size = 0usize;
+                while let Some(id) = self.outbox.front() {
+                    if batch.len() >= max_facts {
+                        break;
+                    }
+                    let Some(bytes) = host.load_fact(self.local.namespace, id) else {
+                        // Pruned since the snapshot was taken: nothing to send.
+                        self.outbox.pop_front();
+                        continue;
+                    };
+                    if !batch.is_empty() && size + bytes.len() > max_bytes {
+                        break;
+                    }
+                    size += bytes.len();
+                    batch.push(bytes);
+                    self.outbox.pop_front();
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                self.staged = Some(batch);
+            }
+            let Some(batch) = self.staged.as_ref() else {
+                break;
+            };
+            if let Some(l) = limits.as_deref_mut() {
+                let bytes: usize = batch.iter().map(Vec::len).sum();
+                let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+                let b = u32::try_from(bytes).unwrap_or(u32::MAX);
+                if let Admit::RetryAt(t) = l.admit(self.peer, n, b, now) {
+                    if self.retry_at != Some(t) {
+                        self.retry_at = Some(t);
+                        out.push(Action::WakeAt(t));
+                    }
+                    return;
+                }
+            }
+            let batch = self.staged.take().unwrap_or_default();
+            self.stats.facts_sent += batch.len() as u64;
+            self.send(&SyncMessage::Facts(batch), out);
+        }
+        self.retry_at = None;
+        match self.role {
+            Role::Initiator => {
+                if self.recon_done && !self.done_sent {
+                    self.done_sent = true;
+                    self.send(&SyncMessage::Done, out);
+                }
+                if self.done_sent && self.peer_done {
+                    self.finish(now, SessionResult::Completed, out);
+                }
+            }
+            Role::Responder => {
+                if self.peer_done {
+                    self.done_sent = true;
+                    self.send(&SyncMessage::Done, out);
+                    self.finish(now, SessionResult::Completed, out);
+                }
+            }
+        }
+    }
+
+    fn note_received(&mut self, len: usize) {
+        self.stats.messages_received += 1;
+        self.stats.bytes_received += len as u64;
+    }
+
+    fn send(&mut self, msg: &SyncMessage, out: &mut Vec<Action>) {
+        let bytes = msg.encode();
+        self.stats.messages_sent += 1;
+        self.stats.bytes_sent += bytes.len() as u64;
+        out.push(Action::Send(bytes));
+    }
+
+    fn fail(&mut self, now: Duration, reason: FailReason, out: &mut Vec<Action>) {
+        self.finish(now, SessionResult::Failed(reason), out);
+    }
+
+    fn finish(&mut self, now: Duration, result: SessionResult, out: &mut Vec<Action>) {
+        if self.phase == Phase::Finished {
+            return;
+        }
+        self.phase = Phase::Finished;
+        // Release what the session held as soon as it ends.
+        self.outbox = VecDeque::new();
+        self.queued = HashSet::new();
+        self.wanted = HashSet::new();
+        self.want_queue = Vec::new();
+        self.staged = None;
+        self.stats.duration = now.saturating_sub(self.started);
+        let outcome = Outcome {
+            result,
+            stats: self.stats.clone(),
+        };
+        self.outcome = Some(outcome.clone());
+        out.push(Action::Finished(outcome));
+    }
+}

@@ -1,0 +1,139 @@
+//! Argument definitions and dispatch to the device operations of `tend-node`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tend_core::Epoch;
+use tend_node::Device;
+
+use crate::output::Output;
+
+pub type CmdResult = Result<Output, Box<dyn std::error::Error>>;
+
+/// tend keeps the journals of an authority's devices in step and bounded.
+#[derive(Parser, Debug)]
+#[command(name = "tend", version, about)]
+pub struct Args {
+    /// The device's home directory.
+    #[arg(long, global = true, env = "TEND_HOME")]
+    pub home: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a device: a key, an empty store and a one-device authority.
+    Init,
+    /// Write facts.
+    #[command(subcommand)]
+    Fact(FactCommand),
+    /// Inspect the journal.
+    #[command(subcommand)]
+    Journal(JournalCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FactCommand {
+    /// Append an application fact to the device's journal.
+    Add {
+        /// The application's name for this kind of fact.
+        #[arg(long)]
+        kind: String,
+        /// The fact's data, as text.
+        #[arg(long)]
+        data: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JournalCommand {
+    /// Facts per namespace, epochs, store size and digest.
+    Status,
+    /// List facts in (epoch, id) order.
+    List {
+        /// Start at this epoch.
+        #[arg(long, default_value_t = 0)]
+        from_epoch: u64,
+        /// At most this many facts.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+fn home(args: &Args) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    args.home
+        .clone()
+        .ok_or_else(|| "no home directory: pass --home DIR or set TEND_HOME".into())
+}
+
+pub fn run(args: Args) -> CmdResult {
+    let home = home(&args)?;
+    match args.command {
+        Command::Init => {
+            let device = Device::init(&home, &mut rand::rngs::OsRng)?;
+            let id = device.device_id().to_string();
+            Ok(Output::new(
+                serde_json::json!({
+                    "device_id": id,
+                    "home": home,
+                    "namespace": device.namespace().to_string(),
+                }),
+                format!("initialised device {id}\nhome {}", home.display()),
+            ))
+        }
+        Command::Fact(FactCommand::Add { kind, data }) => {
+            let device = Device::open(&home)?;
+            let fact = device.add_application_fact(&kind, data.as_bytes())?;
+            Ok(Output::new(
+                serde_json::json!({ "id": fact.id().to_string(), "epoch": fact.epoch().0 }),
+                format!("added fact {} at epoch {}", fact.id(), fact.epoch()),
+            ))
+        }
+        Command::Journal(JournalCommand::Status) => {
+            let device = Device::open(&home)?;
+            let status = device.status()?;
+            let mut human = format!(
+                "device   {}\nstore    {} bytes\n",
+                status.device_id, status.store_bytes
+            );
+            for ns in &status.namespaces {
+                human.push_str(&format!(
+                    "\n{}\n  facts {} (application {}, maintenance {}), epochs {}..{}, current epoch {}\n  identity epoch {}, snapshot epoch {}\n  digest {}\n",
+                    ns.namespace,
+                    ns.facts,
+                    ns.application_facts,
+                    ns.maintenance_facts,
+                    ns.min_epoch.map_or("-".into(), |e| e.to_string()),
+                    ns.max_epoch.map_or("-".into(), |e| e.to_string()),
+                    ns.current_epoch,
+                    ns.identity_epoch,
+                    ns.snapshot_epoch,
+                    ns.digest,
+                ));
+            }
+            Ok(Output::new(status, human))
+        }
+        Command::Journal(JournalCommand::List { from_epoch, limit }) => {
+            let device = Device::open(&home)?;
+            let facts = device.list(Epoch(from_epoch), limit)?;
+            let human = facts
+                .iter()
+                .map(|f| {
+                    format!(
+                        "{:>6}  {}  {}  {}",
+                        f.epoch,
+                        &f.id[..16],
+                        f.kind,
+                        f.data.as_deref().unwrap_or("")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            Ok(Output::new(facts, human))
+        }
+    }
+}

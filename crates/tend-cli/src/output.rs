@@ -1,0 +1,54 @@
+//! Command output: one value, shown as text for people or as JSON for machines.
+
+use std::error::Error;
+
+/// What a command produced: a JSON value and its human rendering.
+pub struct Output {
+    pub json: serde_json::Value,
+    pub human: String,
+}
+
+impl Output {
+    pub fn new(json: impl serde::Serialize, human: impl Into<String>) -> Self {
+        let json = serde_json::to_value(json).unwrap_or_else(
+            |e| serde_json::json!({ "error": format!("cannot render output: {e}") }),
+        );
+        Self {
+            json,
+            human: human.into(),
+        }
+    }
+}
+
+/// Prints the output; a closed stdout (`tend ... | head`) is not an error worth a panic.
+pub fn print(out: &Output, json: bool) {
+    use std::io::Write;
+    let text = if json {
+        out.json.to_string()
+    } else {
+        out.human.trim_end().to_string()
+    };
+    if !text.is_empty() {
+        let _ = writeln!(std::io::stdout().lock(), "{text}");
+    }
+}
+
+/// One line on stderr: the error and its causes, joined by ": " (JSON under `--json`).
+pub fn print_error(e: &(dyn Error + 'static), json: bool) {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    let line = line.replace('\n', " ");
+    if json {
+        eprintln!("{}", serde_json::json!({ "error": line }));
+    } else {
+        eprintln!("error: {line}");
+    }
+}

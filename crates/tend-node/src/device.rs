@@ -1,0 +1,299 @@
+//! One device's home: creating it, opening it, and the journal operations on it.
+//!
+//! A home directory holds `device.key` (0600), `store.redb` and, later, key shares and the
+//! control socket. `tend init` makes a one-device authority whose group key is the device
+//! key, so the device can write facts at once; `tend authority create` replaces it with a
+//! threshold authority.
+
+use std::path::{Path, PathBuf};
+
+use rand::{CryptoRng, RngCore};
+use serde::Serialize;
+use tend_core::authority::{AuthorityFact, AuthorityGenesis, GroupKey};
+use tend_core::{DeviceId, Epoch, Hash32, JournalNamespace, Payload, UnsignedFact, VerifiedFact};
+use tend_crypto::device::DeviceKey;
+use tend_crypto::secret_file::KeyFileError;
+use tend_store::{Store, StoreError};
+
+/// File name of the store inside a home directory.
+pub const STORE_FILE: &str = "store.redb";
+/// Setting that names the journal this device writes to.
+const CURRENT_NAMESPACE: &str = "current_namespace";
+
+/// Why a device operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("{0} already holds a tend device; choose another --home")]
+    AlreadyInitialised(PathBuf),
+    #[error("{0} is not a tend home (no store.redb); run `tend init --home {0}` first")]
+    NotInitialised(PathBuf),
+    #[error("cannot create home directory {path}: {source}")]
+    CreateHome {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the store has no current journal; it was not made by `tend init`")]
+    NoCurrentJournal,
+    #[error("fact rejected: {0}")]
+    Rejected(String),
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+}
+
+/// An open device home.
+pub struct Device {
+    home: PathBuf,
+    key: DeviceKey,
+    store: Store,
+    namespace: JournalNamespace,
+}
+
+/// Per-namespace status, as `tend journal status` shows it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct NamespaceStatus {
+    pub namespace: String,
+    /// Facts in the journal index (pruned facts are not counted).
+    pub facts: u64,
+    /// Application facts among them.
+    pub application_facts: u64,
+    /// Maintenance and authority facts, kept for reduction even when pruned.
+    pub maintenance_facts: u64,
+    pub min_epoch: Option<u64>,
+    pub max_epoch: Option<u64>,
+    pub current_epoch: u64,
+    pub identity_epoch: u64,
+    pub snapshot_epoch: u64,
+    pub digest: String,
+}
+
+/// The device's journals and store.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct JournalStatus {
+    pub device_id: String,
+    pub current_namespace: String,
+    pub store_bytes: u64,
+    pub namespaces: Vec<NamespaceStatus>,
+}
+
+/// One fact, as `tend journal list` shows it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct FactSummary {
+    pub epoch: u64,
+    pub id: String,
+    pub author: String,
+    pub kind: String,
+    /// Application data as text when it is UTF-8, else hex.
+    pub data: Option<String>,
+}
+
+impl Device {
+    /// Creates a device in `home`: a new key (0600), an empty store, and a one-device
+    /// authority. Refuses a home that already holds a key or a store.
+    pub fn init(home: &Path, rng: &mut (impl RngCore + CryptoRng)) -> Result<Device, DeviceError> {
+        let store_path = home.join(STORE_FILE);
+        if store_path.exists() || DeviceKey::path(home).exists() {
+            return Err(DeviceError::AlreadyInitialised(home.to_owned()));
+        }
+        std::fs::create_dir_all(home).map_err(|source| DeviceError::CreateHome {
+            path: home.to_owned(),
+            source,
+        })?;
+        let key = DeviceKey::generate(rng);
+        key.save(home)?;
+        let store = Store::create(&store_path)?;
+        let me = key.device_id();
+        let mut nonce = [0u8; 32];
+        rng.fill_bytes(&mut nonce);
+        let genesis = AuthorityGenesis {
+            nonce,
+            members: vec![me],
+            threshold: 1,
+            group_key: GroupKey(me.0),
+            admin: me,
+        };
+        let namespace = JournalNamespace::Authority(genesis.authority_id());
+        let fact = UnsignedFact {
+            namespace,
+            epoch: Epoch::ZERO,
+            payload: Payload::Authority(AuthorityFact::Genesis(genesis)),
+        }
+        .sign(key.signing_key());
+        let report = store.insert_batch(&[fact])?;
+        if let Some(r) = report.rejected.first() {
+            return Err(DeviceError::Rejected(r.error.to_string()));
+        }
+        store.put_setting(CURRENT_NAMESPACE, &hex_ns(&namespace))?;
+        Ok(Device {
+            home: home.to_owned(),
+            key,
+            store,
+            namespace,
+        })
+    }
+
+    /// Opens an existing home.
+    pub fn open(home: &Path) -> Result<Device, DeviceError> {
+        let store_path = home.join(STORE_FILE);
+        if !store_path.exists() {
+            return Err(DeviceError::NotInitialised(home.to_owned()));
+        }
+        let store = Store::open(&store_path)?;
+        let key = DeviceKey::load(home)?;
+        let namespace = store
+            .get_setting::<String>(CURRENT_NAMESPACE)?
+            .and_then(|s| parse_ns(&s))
+            .ok_or(DeviceError::NoCurrentJournal)?;
+        Ok(Device {
+            home: home.to_owned(),
+            key,
+            store,
+            namespace,
+        })
+    }
+
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    pub fn device_id(&self) -> DeviceId {
+        self.key.device_id()
+    }
+
+    pub fn key(&self) -> &DeviceKey {
+        &self.key
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The journal this device writes to.
+    pub fn namespace(&self) -> JournalNamespace {
+        self.namespace
+    }
+
+    /// Signs `payload` at the journal's current epoch and stores it.
+    pub fn append(&self, payload: Payload) -> Result<VerifiedFact, DeviceError> {
+        let state = self.store.maintenance_state(self.namespace)?;
+        let fact = UnsignedFact {
+            namespace: self.namespace,
+            epoch: state.current_epoch(),
+            payload,
+        }
+        .sign(self.key.signing_key());
+        let report = self.store.insert_batch(std::slice::from_ref(&fact))?;
+        match report.rejected.first() {
+            Some(r) => Err(DeviceError::Rejected(r.error.to_string())),
+            None => Ok(fact),
+        }
+    }
+
+    /// Appends an application fact.
+    pub fn add_application_fact(
+        &self,
+        kind: &str,
+        data: &[u8],
+    ) -> Result<VerifiedFact, DeviceError> {
+        if kind.is_empty() || kind.len() > 256 || kind.chars().any(char::is_control) {
+            return Err(DeviceError::InvalidInput(
+                "--kind must be 1 to 256 printable characters".into(),
+            ));
+        }
+        let max = tend_core::MAX_FACT_BYTES - 1024;
+        if data.len() > max {
+            return Err(DeviceError::InvalidInput(format!(
+                "--data is {} bytes; a fact holds at most {max}",
+                data.len()
+            )));
+        }
+        self.append(Payload::Application {
+            kind: kind.into(),
+            data: data.to_vec(),
+        })
+    }
+
+    /// Counts, epochs, digest per namespace, and the store's size.
+    pub fn status(&self) -> Result<JournalStatus, DeviceError> {
+        let mut namespaces = Vec::new();
+        for ns in self.store.namespaces()? {
+            let Some(stats) = self.store.stats(ns)? else {
+                continue;
+            };
+            let state = self.store.maintenance_state(ns)?;
+            // Maintenance facts below a pruned floor are no longer in the index.
+            let floor = state.gc_floor().unwrap_or_default();
+            let mut indexed_maintenance = 0;
+            for f in self.store.scan_maintenance(ns)? {
+                if f?.epoch >= floor {
+                    indexed_maintenance += 1;
+                }
+            }
+            namespaces.push(NamespaceStatus {
+                namespace: ns.to_string(),
+                facts: stats.facts,
+                application_facts: stats.facts.saturating_sub(indexed_maintenance),
+                maintenance_facts: stats.maintenance_facts,
+                min_epoch: stats.min_epoch.map(|e| e.0),
+                max_epoch: stats.max_epoch.map(|e| e.0),
+                current_epoch: state.current_epoch().0,
+                identity_epoch: state.identity_epoch(),
+                snapshot_epoch: state.snapshot_epoch().0,
+                digest: self.store.journal_digest(ns)?.to_string(),
+            });
+        }
+        Ok(JournalStatus {
+            device_id: self.device_id().to_string(),
+            current_namespace: self.namespace.to_string(),
+            store_bytes: self.store.file_size()?,
+            namespaces,
+        })
+    }
+
+    /// The journal digest of the current namespace.
+    pub fn digest(&self) -> Result<Hash32, DeviceError> {
+        Ok(self.store.journal_digest(self.namespace)?)
+    }
+
+    /// Up to `limit` facts of the current journal from `from` on, in `(epoch, id)` order.
+    pub fn list(&self, from: Epoch, limit: usize) -> Result<Vec<FactSummary>, DeviceError> {
+        let mut out = Vec::new();
+        for stored in self.store.scan(self.namespace, from..)?.take(limit) {
+            let stored = stored?;
+            let fact = stored.verify().map_err(|source| StoreError::FactCorrupt {
+                path: self.store.path().to_owned(),
+                source,
+            })?;
+            out.push(summarise(&fact));
+        }
+        Ok(out)
+    }
+}
+
+fn summarise(f: &VerifiedFact) -> FactSummary {
+    let data = match f.payload() {
+        Payload::Application { data, .. } => Some(match std::str::from_utf8(data) {
+            Ok(s) => s.to_string(),
+            Err(_) => hex::encode(data),
+        }),
+        _ => None,
+    };
+    FactSummary {
+        epoch: f.epoch().0,
+        id: f.id().to_string(),
+        author: f.author().to_string(),
+        kind: f.payload().kind_name(),
+        data,
+    }
+}
+
+fn hex_ns(ns: &JournalNamespace) -> String {
+    hex::encode(ns.to_bytes())
+}
+
+fn parse_ns(s: &str) -> Option<JournalNamespace> {
+    JournalNamespace::from_bytes(&hex::decode(s).ok()?)
+}

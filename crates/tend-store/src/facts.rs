@@ -7,8 +7,8 @@ use std::ops::{Bound, RangeBounds};
 use redb::{ReadOnlyTable, ReadableTable, ReadableTableMetadata, Table};
 use tend_core::journal::DigestBuilder;
 use tend_core::{
-    DecodeError, DeviceId, Epoch, FactId, Hash32, JournalError, JournalNamespace, Payload,
-    VerifiedFact,
+    AuthorityFact, DecodeError, DeviceId, Epoch, FactId, Hash32, JournalError, JournalNamespace,
+    Payload, VerifiedFact,
 };
 
 use crate::codec::{self, FactKey};
@@ -83,6 +83,10 @@ pub struct NamespaceStats {
 /// Whether a payload changes the maintenance state (and so lives in the maintenance table).
 pub(crate) fn is_maintenance(p: &Payload) -> bool {
     !matches!(p, Payload::Application { .. } | Payload::Unknown { .. })
+}
+
+fn is_genesis(p: &Payload) -> bool {
+    matches!(p, Payload::Authority(AuthorityFact::Genesis(_)))
 }
 
 /// Resolves author numbers of stored values through the author dictionary, memoised.
@@ -259,8 +263,8 @@ impl Iterator for ItemIter<'_> {
 impl Store {
     /// Stores a batch of verified facts in one transaction.
     ///
-    /// Facts already stored count as duplicates. New facts are admitted in ascending
-    /// `(namespace, epoch, id)` order against the reduced maintenance state of their namespace
+    /// Facts already stored count as duplicates. New facts are admitted per namespace, an
+    /// authority genesis first and then in ascending `(epoch, id)` order, against the reduced maintenance state of their namespace
     /// ([`tend_core::MaintenanceState::check_admission`]), which is updated as facts are
     /// admitted, so a membership change earlier in the batch governs later facts. Rejected
     /// facts are reported and not written. The batch is atomic: on error nothing is stored.
@@ -270,9 +274,10 @@ impl Store {
             return Ok(report);
         }
         let mut sorted: Vec<&VerifiedFact> = facts.iter().collect();
-        sorted.sort_unstable_by(|a, b| {
-            (a.namespace(), a.epoch(), a.id()).cmp(&(b.namespace(), b.epoch(), b.id()))
-        });
+        // An authority genesis has no prerequisite and every other fact of its journal needs
+        // it, so it goes first; the rest in ascending (epoch, id) order.
+        sorted
+            .sort_unstable_by_key(|f| (f.namespace(), !is_genesis(f.payload()), f.epoch(), f.id()));
         let before = sorted.len();
         sorted.dedup_by_key(|f| (f.namespace(), f.id()));
         report.duplicates += (before - sorted.len()) as u64;

@@ -28,4 +28,4 @@ pub mod store;
 pub use error::StoreError;
 pub use facts::{FactIter, InsertReport, ItemIter, NamespaceStats, Rejected, StoredFact};
 pub use gc::{CompactReport, PruneReport};
-pub use store::{Store, StoreOptions, STORE_FORMAT_VERSION, STORE_MAGIC};
+pub use store::{Store, StoreOptions, TableUsage, STORE_FORMAT_VERSION, STORE_MAGIC};

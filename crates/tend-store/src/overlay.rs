@@ -74,15 +74,11 @@ fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::R
     Ok(())
 }
 
-fn io(e: std::io::Error) -> BackendIoError {
-    e.into()
-}
-
 fn out_of_range() -> BackendIoError {
-    io(std::io::Error::new(
+    std::io::Error::new(
         std::io::ErrorKind::UnexpectedEof,
         "read beyond the end of the file",
-    ))
+    )
 }
 
 impl StorageBackend for OverlayBackend {
@@ -107,7 +103,7 @@ impl StorageBackend for OverlayBackend {
             let dst = &mut out[done..done + n];
             match inner.blocks.get(&block) {
                 Some(b) => dst.copy_from_slice(&b[within..within + n]),
-                None => self.read_base(inner.visible, pos, dst).map_err(io)?,
+                None => self.read_base(inner.visible, pos, dst)?,
             }
             done += n;
             pos += n as u64;
@@ -152,7 +148,7 @@ impl StorageBackend for OverlayBackend {
             if !inner.blocks.contains_key(&block) {
                 let mut b = vec![0u8; BLOCK as usize].into_boxed_slice();
                 self.read_base(inner.visible, block * BLOCK, &mut b)
-                    .map_err(io)?;
+                    ?;
                 inner.blocks.insert(block, b);
             }
             if let Some(b) = inner.blocks.get_mut(&block) {

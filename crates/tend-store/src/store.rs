@@ -432,3 +432,50 @@ fn check_meta(path: &Path, db: &Database) -> Result<(), StoreError> {
     }
     Ok(())
 }
+
+/// Space used by one table of the store (from redb's table statistics).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableUsage {
+    pub table: &'static str,
+    pub entries: u64,
+    /// Bytes of keys and values.
+    pub stored_bytes: u64,
+    /// Bytes of page headers, offsets and branch pages.
+    pub metadata_bytes: u64,
+    /// Bytes of pages left unused by the B-tree's fill factor.
+    pub fragmented_bytes: u64,
+    pub leaf_pages: u64,
+    pub branch_pages: u64,
+}
+
+impl Store {
+    /// Space used by each table, for diagnostics and the size breakdown in BENCHMARKS.md.
+    pub fn table_usage(&self) -> Result<Vec<TableUsage>, StoreError> {
+        use redb::ReadableTableMetadata;
+        let rtx = self.read_txn()?;
+        let mut out = Vec::new();
+        macro_rules! usage {
+            ($def:expr, $name:expr) => {{
+                let t = self.open_ro(&rtx, $def)?;
+                let s = t.stats().map_err(|e| self.err(e))?;
+                out.push(TableUsage {
+                    table: $name,
+                    entries: t.len().map_err(|e| self.err(e))?,
+                    stored_bytes: s.stored_bytes(),
+                    metadata_bytes: s.metadata_bytes(),
+                    fragmented_bytes: s.fragmented_bytes(),
+                    leaf_pages: s.leaf_pages(),
+                    branch_pages: s.branch_pages(),
+                });
+            }};
+        }
+        usage!(FACTS, "facts");
+        usage!(MAINT, "maintenance_facts");
+        usage!(BLOBS, "blobs");
+        usage!(NAMESPACES, "namespaces");
+        usage!(AUTHORS, "authors");
+        usage!(AUTHOR_BY_NO, "author_numbers");
+        usage!(SETTINGS, "settings");
+        Ok(out)
+    }
+}

@@ -1,0 +1,270 @@
+//! Batch admission, scans, lookups, digests, stats, blobs and settings on real redb files.
+
+mod common;
+
+use common::*;
+use tend_core::{reduce, Epoch, FactId, Journal, JournalError};
+use tend_store::{Store, StoreError};
+
+fn new_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::create(dir.path().join("s.redb")).unwrap();
+    (dir, s)
+}
+
+#[test]
+fn facts_come_back_in_epoch_id_order_and_verify() {
+    let (_d, s) = new_store();
+    let k = key(1);
+    let (ns, genesis) = authority(&k);
+    let mut facts = vec![genesis];
+    for i in 0..300u64 {
+        facts.push(app(ns, (i * 7) % 13, &k, &i.to_le_bytes()));
+    }
+    facts.reverse(); // the genesis last: the batch is sorted anyway
+    let r = s.insert_batch(&facts).unwrap();
+    assert_eq!(r.inserted, 301);
+    assert!(r.rejected.is_empty());
+
+    let mut journal = Journal::new(ns);
+    for f in &facts {
+        journal.insert(f.clone()).unwrap();
+    }
+    let stored: Vec<_> = s.scan(ns, ..).unwrap().map(|f| f.unwrap()).collect();
+    let expected: Vec<_> = journal.iter().collect();
+    assert_eq!(stored.len(), expected.len());
+    for (a, b) in stored.iter().zip(&expected) {
+        assert_eq!(a.bytes(), b.bytes());
+        assert_eq!((a.epoch, a.id), b.order_key());
+        assert_eq!(&a.verify().unwrap(), *b);
+    }
+    let items: Vec<_> = s.items(ns, ..).unwrap().map(|i| i.unwrap()).collect();
+    assert_eq!(
+        items,
+        expected.iter().map(|f| f.order_key()).collect::<Vec<_>>()
+    );
+
+    // Epoch ranges.
+    let mid: Vec<_> = s
+        .scan(ns, Epoch(3)..Epoch(5))
+        .unwrap()
+        .map(|f| f.unwrap())
+        .collect();
+    assert!(mid
+        .iter()
+        .all(|f| f.epoch == Epoch(3) || f.epoch == Epoch(4)));
+    assert_eq!(
+        mid.len(),
+        journal
+            .iter()
+            .filter(|f| (3..5).contains(&f.epoch().0))
+            .count()
+    );
+    assert_eq!(
+        s.items(ns, Epoch(5)..=Epoch(5)).unwrap().count(),
+        journal.iter().filter(|f| f.epoch() == Epoch(5)).count()
+    );
+    assert_eq!(s.items(ns, Epoch(100)..).unwrap().count(), 0);
+    assert_eq!(s.items(ns, Epoch(u64::MAX)..).unwrap().count(), 0);
+
+    // Digests agree with tend-core's.
+    assert_eq!(s.journal_digest(ns).unwrap(), journal.digest());
+    for e in [0, 1, 6, 12, 13, 100] {
+        assert_eq!(
+            s.prefix_digest(ns, Epoch(e)).unwrap(),
+            journal.prefix_digest(Epoch(e))
+        );
+    }
+    // The state equals reduce() over the whole journal.
+    assert_eq!(s.maintenance_state(ns).unwrap(), reduce(ns, journal.iter()));
+
+    // Lookups.
+    let f = &facts[10];
+    assert_eq!(
+        s.get(ns, f.epoch(), &f.id()).unwrap().unwrap().bytes(),
+        f.bytes()
+    );
+    assert!(s.contains(ns, f.epoch(), &f.id()).unwrap());
+    assert!(!s.contains(ns, f.epoch().next(), &f.id()).unwrap());
+    assert!(s.get(ns, f.epoch(), &FactId([0; 32])).unwrap().is_none());
+    assert!(s.get(context(9), f.epoch(), &f.id()).unwrap().is_none());
+
+    let st = s.stats(ns).unwrap().unwrap();
+    assert_eq!((st.facts, st.maintenance_facts), (301, 1));
+    assert_eq!(
+        (st.min_epoch, st.max_epoch),
+        (Some(Epoch(0)), Some(Epoch(12)))
+    );
+    assert_eq!(s.namespaces().unwrap(), vec![ns]);
+    assert!(s.stats(context(9)).unwrap().is_none());
+    assert!(s.file_size().unwrap() > 0);
+}
+
+#[test]
+fn reinsert_is_idempotent() {
+    let (_d, s) = new_store();
+    let k = key(1);
+    let ns = context(1);
+    let facts: Vec<_> = (0..50u64)
+        .map(|i| app(ns, i % 5, &k, &i.to_le_bytes()))
+        .collect();
+    let r = s.insert_batch(&facts).unwrap();
+    assert_eq!((r.inserted, r.duplicates), (50, 0));
+    let digest = s.journal_digest(ns).unwrap();
+    let size = s.stats(ns).unwrap().unwrap();
+    let r = s.insert_batch(&facts).unwrap();
+    assert_eq!((r.inserted, r.duplicates), (0, 50));
+    // Duplicates inside one batch, too.
+    let doubled: Vec<_> = facts.iter().chain(&facts).cloned().collect();
+    let r = s.insert_batch(&doubled).unwrap();
+    assert_eq!((r.inserted, r.duplicates), (0, 100));
+    assert_eq!(s.journal_digest(ns).unwrap(), digest);
+    assert_eq!(s.stats(ns).unwrap().unwrap(), size);
+    assert_eq!(s.insert_batch(&[]).unwrap().inserted, 0);
+}
+
+#[test]
+fn non_members_are_rejected_and_not_stored() {
+    let (_d, s) = new_store();
+    let (admin, stranger, late_member) = (key(1), key(2), key(3));
+    let (ns, genesis) = authority(&admin);
+
+    // Before the genesis only the genesis is admitted.
+    let early = app(ns, 1, &admin, b"too early");
+    let r = s.insert_batch(std::slice::from_ref(&early)).unwrap();
+    assert!(matches!(
+        r.rejected[0].error,
+        JournalError::NotAMember { .. }
+    ));
+
+    let bad = app(ns, 2, &stranger, b"intruder");
+    let good = app(ns, 2, &admin, b"hello");
+    // The membership change at epoch 5 admits `late_member` for facts at epochs > 5, and is
+    // in the same batch as the facts it governs.
+    let change = membership(ns, &admin, 5, 1, &[&admin, &late_member]);
+    let before_change = app(ns, 4, &late_member, b"not yet");
+    let after_change = app(ns, 6, &late_member, b"now a member");
+    let r = s
+        .insert_batch(&[
+            after_change.clone(),
+            bad.clone(),
+            genesis,
+            good.clone(),
+            change,
+            before_change.clone(),
+        ])
+        .unwrap();
+    assert_eq!(r.inserted, 4);
+    let mut rejected: Vec<_> = r.rejected.iter().map(|x| x.id).collect();
+    rejected.sort();
+    let mut want = vec![bad.id(), before_change.id()];
+    want.sort();
+    assert_eq!(rejected, want);
+    assert!(r.rejected.iter().all(|x| x.error.reason() == "not_member"));
+    assert!(!s.contains(ns, bad.epoch(), &bad.id()).unwrap());
+    assert!(s
+        .contains(ns, after_change.epoch(), &after_change.id())
+        .unwrap());
+    assert_eq!(s.stats(ns).unwrap().unwrap().facts, 4);
+}
+
+#[test]
+fn out_of_order_maintenance_facts_are_reduced_in_order() {
+    let (_d, s) = new_store();
+    let (admin, member) = (key(1), key(2));
+    let (ns, genesis) = authority(&admin);
+    s.insert_batch(std::slice::from_ref(&genesis)).unwrap();
+    // A later membership change first, then facts below it arrive in later batches.
+    let change = membership(ns, &admin, 10, 1, &[&admin, &member]);
+    let inv_hi = cache_invalidated(ns, 12, &member, "k", 20);
+    s.insert_batch(&[change.clone(), inv_hi.clone()]).unwrap();
+    let inv_lo = cache_invalidated(ns, 3, &admin, "k", 4);
+    let app_lo = app(ns, 2, &admin, b"x");
+    let r = s.insert_batch(&[inv_lo.clone(), app_lo.clone()]).unwrap();
+    assert_eq!(r.inserted, 2);
+    let all = [genesis, change, inv_hi, inv_lo, app_lo];
+    assert_eq!(s.maintenance_state(ns).unwrap(), reduce(ns, all.iter()));
+}
+
+#[test]
+fn late_facts_below_a_snapshot_are_rejected() {
+    let (_d, s) = new_store();
+    let k = key(1);
+    let (ns, genesis) = authority(&k);
+    let old = app(ns, 3, &k, b"old");
+    s.insert_batch(&[genesis, old.clone()]).unwrap();
+    let digest = s.prefix_digest(ns, Epoch(5)).unwrap();
+    let snap = snapshot_completed(ns, &k, 5, 5, digest);
+    s.insert_batch(&[snap]).unwrap();
+    assert_eq!(s.maintenance_state(ns).unwrap().snapshot_epoch(), Epoch(5));
+    let late = app(ns, 4, &k, b"late");
+    let fresh = app(ns, 5, &k, b"fresh");
+    let r = s.insert_batch(&[late.clone(), fresh, old]).unwrap();
+    assert_eq!((r.inserted, r.duplicates), (1, 1));
+    assert_eq!(r.rejected.len(), 1);
+    assert!(matches!(
+        r.rejected[0].error,
+        JournalError::Late {
+            snapshot: Epoch(5),
+            ..
+        }
+    ));
+}
+
+#[test]
+fn several_namespaces_in_one_batch() {
+    let (_d, s) = new_store();
+    let k = key(1);
+    let (a, b) = (context(1), context(2));
+    let fa: Vec<_> = (0..20u64).map(|i| app(a, i, &k, b"a")).collect();
+    let fb: Vec<_> = (0..30u64).map(|i| app(b, i, &k, b"b")).collect();
+    let all: Vec<_> = fa.iter().chain(&fb).cloned().collect();
+    s.insert_batch(&all).unwrap();
+    assert_eq!(s.items(a, ..).unwrap().count(), 20);
+    assert_eq!(s.items(b, ..).unwrap().count(), 30);
+    let mut ns = s.namespaces().unwrap();
+    ns.sort();
+    assert_eq!(ns, vec![a, b]);
+}
+
+#[test]
+fn blobs_are_content_addressed() {
+    let (_d, s) = new_store();
+    let data = vec![3u8; 100_000];
+    let cid = s.put_blob(0x55, &data).unwrap();
+    assert_eq!(cid, tend_core::ContentId::of_raw(&data));
+    assert_eq!(s.put_blob(0x55, &data).unwrap(), cid);
+    assert!(s.has_blob(&cid).unwrap());
+    assert_eq!(s.get_blob(&cid).unwrap().unwrap(), data);
+    assert_eq!(s.blobs().unwrap(), vec![(cid, 100_000)]);
+    let cbor = s.put_blob(0x71, b"\x80").unwrap();
+    assert_ne!(cbor, cid);
+    assert!(s.delete_blob(&cid).unwrap());
+    assert!(!s.delete_blob(&cid).unwrap());
+    assert!(!s.has_blob(&cid).unwrap());
+    assert!(s.get_blob(&cid).unwrap().is_none());
+    assert!(matches!(
+        s.put_blob(0x70, b"x"),
+        Err(StoreError::UnsupportedCodec { .. })
+    ));
+}
+
+#[test]
+fn settings_are_typed() {
+    let (_d, s) = new_store();
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct Floors {
+        keys: Vec<(String, u64)>,
+    }
+    let v = Floors {
+        keys: vec![("a".into(), 3)],
+    };
+    assert!(s.get_setting::<Floors>("cache").unwrap().is_none());
+    s.put_setting("cache", &v).unwrap();
+    assert_eq!(s.get_setting::<Floors>("cache").unwrap(), Some(v));
+    let err = s.get_setting::<u64>("cache").unwrap_err();
+    assert!(matches!(err, StoreError::Setting { .. }), "{err}");
+    assert_eq!(s.setting_keys().unwrap(), vec!["cache".to_string()]);
+    assert!(s.delete_setting("cache").unwrap());
+    assert!(s.get_setting::<u64>("cache").unwrap().is_none());
+}

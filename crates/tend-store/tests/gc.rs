@@ -1,0 +1,144 @@
+//! Pruning below a verified snapshot (DESIGN rule 4) and compaction.
+
+mod common;
+
+use common::*;
+use tend_core::Epoch;
+use tend_store::{Store, StoreError};
+
+#[test]
+fn prune_needs_a_verified_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::create(dir.path().join("s.redb")).unwrap();
+    let k = key(1);
+    let (ns, genesis) = authority(&k);
+    s.insert_batch(&[genesis, app(ns, 1, &k, b"x")]).unwrap();
+    let err = s.prune(ns).unwrap_err();
+    assert!(matches!(err, StoreError::NoSnapshot { .. }), "{err}");
+    assert!(matches!(
+        s.prune_dry_run(ns),
+        Err(StoreError::NoSnapshot { .. })
+    ));
+    // A snapshot signed by the wrong key does not count.
+    let digest = s.prefix_digest(ns, Epoch(2)).unwrap();
+    let forged = snapshot_completed(ns, &key(9), 2, 2, digest);
+    let r = s.insert_batch(&[forged]).unwrap();
+    assert_eq!(r.rejected.len(), 1); // key(9) is not a member
+    assert!(matches!(s.prune(ns), Err(StoreError::NoSnapshot { .. })));
+}
+
+#[test]
+fn prune_keeps_the_reduced_state_and_drops_tombstoned_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::create(dir.path().join("s.redb")).unwrap();
+    let k = key(1);
+    let (ns, genesis) = authority(&k);
+    let old_blob = s.put_blob(0x55, &[1u8; 5000]).unwrap();
+    let new_blob = s.put_blob(0x55, &[2u8; 5000]).unwrap();
+    let kept_blob = s.put_blob(0x55, &[3u8; 5000]).unwrap();
+    let mut facts = vec![genesis];
+    facts.extend((0..1000u64).map(|i| app(ns, 1 + i / 100, &k, &i.to_be_bytes())));
+    facts.push(cache_invalidated(ns, 3, &k, "users", 3));
+    facts.push(tombstone(ns, 4, &k, old_blob));
+    facts.push(tombstone(ns, 11, &k, new_blob));
+    s.insert_batch(&facts).unwrap();
+    let digest = s.prefix_digest(ns, Epoch(8)).unwrap();
+    s.insert_batch(&[snapshot_completed(ns, &k, 8, 8, digest)])
+        .unwrap();
+    let state = s.maintenance_state(ns).unwrap();
+    let suffix_digest_items: Vec<_> = s
+        .items(ns, Epoch(8)..)
+        .unwrap()
+        .map(|x| x.unwrap())
+        .collect();
+
+    let dry = s.prune_dry_run(ns).unwrap();
+    assert!(dry.dry_run);
+    // Genesis (epoch 0), app facts at epochs 1..=7, the invalidation and the tombstone.
+    assert_eq!(dry.facts, 1 + 700 + 2);
+    assert_eq!((dry.blobs, dry.blob_bytes), (1, 5000));
+    assert_eq!(s.stats(ns).unwrap().unwrap().facts, 1005);
+
+    let r = s.prune(ns).unwrap();
+    assert_eq!(
+        (r.facts, r.fact_bytes, r.blobs),
+        (dry.facts, dry.fact_bytes, 1)
+    );
+    assert!(!r.dry_run);
+    assert_eq!(r.floor, Epoch(8));
+    assert!(!s.has_blob(&old_blob).unwrap());
+    assert!(s.has_blob(&new_blob).unwrap() && s.has_blob(&kept_blob).unwrap());
+
+    // Same reduced state, also after reopening (recomputed from disk).
+    assert_eq!(s.maintenance_state(ns).unwrap(), state);
+    let st = s.stats(ns).unwrap().unwrap();
+    assert_eq!(st.facts, 1005 - dry.facts);
+    assert_eq!(st.min_epoch, Some(Epoch(8)));
+    assert_eq!(st.maintenance_facts, 5);
+    assert_eq!(
+        s.items(ns, ..)
+            .unwrap()
+            .map(|x| x.unwrap())
+            .collect::<Vec<_>>(),
+        suffix_digest_items
+    );
+    // Pruned maintenance facts are still there for reduction and lookups.
+    assert_eq!(s.scan_maintenance(ns).unwrap().count(), 5);
+    assert!(s.contains(ns, Epoch(0), &facts[0].id()).unwrap());
+    // Re-sending a pruned maintenance fact is a duplicate, a pruned application fact is late.
+    let r2 = s.insert_batch(&facts[..2]).unwrap();
+    assert_eq!(r2.duplicates, 1);
+    assert_eq!(r2.rejected[0].error.reason(), "late");
+
+    let path = s.path().to_owned();
+    drop(s);
+    let s = Store::open(&path).unwrap();
+    assert_eq!(s.maintenance_state(ns).unwrap(), state);
+    // Pruning again removes nothing.
+    let again = s.prune(ns).unwrap();
+    assert_eq!((again.facts, again.blobs), (0, 0));
+}
+
+#[test]
+fn prune_and_compact_shrink_a_100k_fact_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let mut s = Store::create(&path).unwrap();
+    let k = key(1);
+    let (ns, genesis) = authority(&k);
+    s.insert_batch(&[genesis]).unwrap();
+    let n = 100_000u64;
+    let mut batch = Vec::with_capacity(10_000);
+    for i in 0..n {
+        let mut data = [0u8; 64];
+        data[..8].copy_from_slice(&i.to_be_bytes());
+        batch.push(app(ns, 1 + i / 1000, &k, &data));
+        if batch.len() == 10_000 {
+            assert_eq!(s.insert_batch(&batch).unwrap().inserted, 10_000);
+            batch.clear();
+        }
+    }
+    let target = 1 + n / 1000;
+    let digest = s.prefix_digest(ns, Epoch(target)).unwrap();
+    s.insert_batch(&[snapshot_completed(ns, &k, target, target, digest)])
+        .unwrap();
+    let state = s.maintenance_state(ns).unwrap();
+    let before = s.file_size().unwrap();
+    eprintln!("{:#?}", s.table_usage().unwrap()[0]);
+    let r = s.prune(ns).unwrap();
+    assert_eq!(r.facts, n + 1);
+    let c = s.compact().unwrap();
+    assert_eq!(c.bytes_before, before);
+    let after = s.file_size().unwrap();
+    assert_eq!(c.bytes_after, after);
+    eprintln!("100k facts: {before} bytes, after prune+compact: {after} bytes");
+    assert!(
+        after * 5 <= before,
+        "file shrank only from {before} to {after}"
+    );
+    assert_eq!(s.maintenance_state(ns).unwrap(), state);
+    drop(s);
+    let s = Store::open(&path).unwrap();
+    assert_eq!(s.maintenance_state(ns).unwrap(), state);
+    assert_eq!(s.stats(ns).unwrap().unwrap().facts, 1);
+}

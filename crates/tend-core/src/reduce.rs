@@ -254,6 +254,58 @@ impl MaintenanceState {
         }
     }
 
+    /// A canonical digest of the whole reduced state. Reduction is order-independent, so
+    /// two devices that saw the same fact set (or one hydrated from a snapshot plus the
+    /// tail) get the same digest whatever order facts arrived in.
+    pub fn state_digest(&self) -> Hash32 {
+        use crate::encoding::to_canonical;
+        // Maps become sorted lists of pairs: DAG-CBOR only allows text map keys.
+        let memberships: Vec<_> = self
+            .memberships
+            .iter()
+            .map(|m| {
+                let members: Vec<_> = m.members.iter().collect();
+                (m.identity_epoch, members, m.threshold, m.group_key, m.since)
+            })
+            .collect();
+        let replacements: Vec<_> = self
+            .replacements
+            .iter()
+            .map(|r| (&r.replacement, r.fact_id))
+            .collect();
+        let snapshot = self
+            .latest_snapshot
+            .as_ref()
+            .map(|s| (s.proposal_id, &s.snapshot, s.fact_id));
+        let proposals: Vec<_> = self
+            .proposals
+            .values()
+            .map(|p| (&p.proposal, p.proposer, p.proposed_at))
+            .collect();
+        let cache: Vec<_> = self.cache_floors.iter().collect();
+        let upgrades: Vec<_> = self
+            .upgrades
+            .values()
+            .map(|u| {
+                let ready: Vec<_> = u.ready.iter().collect();
+                (&u.metadata, ready, &u.activated)
+            })
+            .collect();
+        let devices: Vec<_> = self.device_metadata.iter().collect();
+        let tombstones: Vec<_> = self.tombstones.iter().collect();
+        let ignored: Vec<_> = self.ignored.iter().collect();
+        let body = to_canonical(&(
+            &self.namespace,
+            (memberships, self.initial_admin, replacements, snapshot),
+            (proposals, cache, upgrades, devices),
+            (tombstones, ignored, self.max_fact_epoch),
+        ));
+        let mut h = blake3::Hasher::new();
+        h.update(b"tend-maintenance-state-v1");
+        h.update(&body);
+        Hash32(*h.finalize().as_bytes())
+    }
+
     /// Raises the highest fact epoch seen without folding a fact (for facts that cannot
     /// change maintenance state, such as application facts).
     pub fn observe_epoch(&mut self, epoch: Epoch) {

@@ -1,0 +1,162 @@
+//! Hydration: turning a verified snapshot blob into the state of a fresh device, and the
+//! coverage rule for facts that arrive below the snapshot epoch (DESIGN rule 5).
+
+use tend_core::maintenance::SnapshotCompleted;
+use tend_core::{
+    Epoch, FactId, GroupKey, Hash32, JournalError, JournalNamespace, MaintenanceState, VerifiedFact,
+};
+
+use crate::blob::{BlobError, SnapshotBlob};
+
+/// Why a snapshot cannot be hydrated from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HydrateError {
+    #[error("the snapshot's threshold signature does not verify against the group key")]
+    BadSignature,
+    #[error("the blob does not hash to the snapshot's CID")]
+    CidMismatch,
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error("the blob is for {blob}, expected {expected}")]
+    NamespaceMismatch {
+        blob: JournalNamespace,
+        expected: JournalNamespace,
+    },
+    #[error("the blob is for epoch {blob}, the snapshot for epoch {snapshot}")]
+    EpochMismatch { blob: Epoch, snapshot: Epoch },
+    #[error("the blob's items do not hash to the snapshot's digest")]
+    DigestMismatch,
+    #[error(transparent)]
+    Late(#[from] JournalError),
+}
+
+/// Where a fact stands relative to a completed snapshot at epoch E.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Coverage {
+    /// Below E and in the snapshot: already accounted for, nothing to merge.
+    Covered,
+    /// Below E and not in the snapshot: answer `Late`; the author re-issues it.
+    Late,
+    /// At or above E: an ordinary tail fact.
+    Tail,
+}
+
+/// The state of a device hydrated from a snapshot.
+#[derive(Clone, Debug)]
+pub struct Hydrated {
+    pub namespace: JournalNamespace,
+    /// The snapshot epoch E.
+    pub epoch: Epoch,
+    /// The snapshot's `(epoch, id)` items, ascending.
+    pub covered: Vec<(Epoch, FactId)>,
+    /// The prefix's maintenance and authority facts (to keep in the journal).
+    pub facts: Vec<VerifiedFact>,
+    /// The reduced state: the prefix, then every tail fact applied so far.
+    pub state: MaintenanceState,
+    /// The completion the device was hydrated from.
+    pub snapshot: SnapshotCompleted,
+    last_tail: Option<(Epoch, FactId)>,
+}
+
+/// Verifies a snapshot and hydrates from its blob: the threshold signature against
+/// `group_key` (the authority's key at the completion fact's epoch), the blob against the
+/// CID, the items against the digest, and the blob's facts against its state digest.
+pub fn hydrate(
+    blob_bytes: &[u8],
+    completed: &SnapshotCompleted,
+    namespace: JournalNamespace,
+    group_key: &GroupKey,
+) -> Result<Hydrated, HydrateError> {
+    let snapshot = &completed.snapshot;
+    let msg = snapshot.signing_message(&namespace, &completed.proposal_id);
+    if !group_key.verify(&msg, &completed.threshold_signature) {
+        return Err(HydrateError::BadSignature);
+    }
+    if SnapshotBlob::cid_of(blob_bytes) != snapshot.blob_cid {
+        return Err(HydrateError::CidMismatch);
+    }
+    let blob = SnapshotBlob::decode(blob_bytes)?;
+    if blob.namespace != namespace {
+        return Err(HydrateError::NamespaceMismatch {
+            blob: blob.namespace,
+            expected: namespace,
+        });
+    }
+    if blob.epoch != snapshot.epoch {
+        return Err(HydrateError::EpochMismatch {
+            blob: blob.epoch,
+            snapshot: snapshot.epoch,
+        });
+    }
+    if blob.prefix_digest() != snapshot.digest {
+        return Err(HydrateError::DigestMismatch);
+    }
+    let state = blob.reduced_state();
+    Ok(Hydrated {
+        namespace,
+        epoch: blob.epoch,
+        covered: blob.items,
+        facts: blob.facts,
+        state,
+        snapshot: completed.clone(),
+        last_tail: None,
+    })
+}
+
+impl Hydrated {
+    /// Where a fact at `(epoch, id)` stands (DESIGN rule 5).
+    pub fn coverage(&self, epoch: Epoch, id: &FactId) -> Coverage {
+        if epoch >= self.epoch {
+            Coverage::Tail
+        } else if self.covered.binary_search(&(epoch, *id)).is_ok() {
+            Coverage::Covered
+        } else {
+            Coverage::Late
+        }
+    }
+
+    /// Folds a fact into the state: tail facts are applied, covered facts are already in,
+    /// and uncovered facts below E are `Late`. Tail facts must come in ascending
+    /// `(epoch, id)` order (use [`Hydrated::apply_tail`] for an unordered set); repeats
+    /// are ignored.
+    pub fn apply(&mut self, fact: &VerifiedFact) -> Result<Coverage, HydrateError> {
+        let coverage = self.coverage(fact.epoch(), &fact.id());
+        match coverage {
+            Coverage::Covered => {}
+            Coverage::Late => {
+                return Err(JournalError::Late {
+                    fact: fact.id(),
+                    epoch: fact.epoch(),
+                    snapshot: self.epoch,
+                }
+                .into())
+            }
+            Coverage::Tail => {
+                if self.last_tail.is_some_and(|l| l >= fact.order_key()) {
+                    return Ok(coverage);
+                }
+                self.last_tail = Some(fact.order_key());
+                self.state.apply(fact);
+            }
+        }
+        Ok(coverage)
+    }
+
+    /// Applies a set of tail facts in `(epoch, id)` order; the first late fact stops it.
+    pub fn apply_tail<'a>(
+        &mut self,
+        facts: impl IntoIterator<Item = &'a VerifiedFact>,
+    ) -> Result<(), HydrateError> {
+        let mut sorted: Vec<&VerifiedFact> = facts.into_iter().collect();
+        sorted.sort_by_key(|f| f.order_key());
+        for f in sorted {
+            self.apply(f)?;
+        }
+        Ok(())
+    }
+
+    /// The digest of the hydrated state ([`MaintenanceState::state_digest`]).
+    pub fn state_digest(&self) -> Hash32 {
+        self.state.state_digest()
+    }
+}

@@ -1,0 +1,381 @@
+//! Snapshot ceremonies with real FROST keys from a real DKG, driven in process.
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use tend_core::maintenance::{CacheInvalidated, SnapshotCompleted};
+use tend_core::{Epoch, MaintenanceFact, Payload, UnsignedFact};
+use tend_snapshot::*;
+
+fn authority(n: usize, t: u16, seed: u64) -> InProcessAuthority {
+    let mut rng = StdRng::seed_from_u64(seed);
+    InProcessAuthority::create(n, t, &mut rng).expect("authority")
+}
+
+/// Some history on several devices, synced, then a target epoch above all of it.
+fn with_history(auth: &mut InProcessAuthority) -> Epoch {
+    for i in 0..auth.device_ids().len() {
+        auth.append_application_facts(i, 3, true).unwrap();
+    }
+    auth.state(0).current_epoch().next()
+}
+
+fn events_of(auth: &mut InProcessAuthority) -> Vec<CeremonyEvent> {
+    auth.take_events().into_iter().map(|(_, e)| e).collect()
+}
+
+fn check_accepted(auth: &InProcessAuthority, c: &SnapshotCompleted) {
+    let ns = auth.namespace();
+    for i in 0..auth.device_ids().len() {
+        let state = auth.state(i);
+        let latest = state
+            .latest_snapshot
+            .as_ref()
+            .expect("reducer accepted the snapshot");
+        assert_eq!(latest.proposal_id, c.proposal_id);
+        assert_eq!(latest.snapshot, c.snapshot);
+        let key = state.membership().unwrap().group_key;
+        assert!(key.verify(
+            &c.snapshot.signing_message(&ns, &c.proposal_id),
+            &c.threshold_signature
+        ));
+    }
+}
+
+#[test]
+fn two_of_three_and_three_of_five_complete_and_verify() {
+    for (n, t, seed) in [(3, 2, 1), (5, 3, 2)] {
+        let mut auth = authority(n, t, seed);
+        let e = with_history(&mut auth);
+        let c = auth.run_snapshot(e).unwrap();
+        assert_eq!(c.snapshot.epoch, e);
+        assert_eq!(c.snapshot.digest, auth.journal(0).prefix_digest(e));
+        check_accepted(&auth, &c);
+        // The blob the signature certifies is stored and hashes to the CID.
+        let blob = auth.blob(&c.snapshot.blob_cid).unwrap();
+        assert!(c.snapshot.blob_cid.matches(blob));
+        let signed = events_of(&mut auth)
+            .iter()
+            .filter(|e| matches!(e, CeremonyEvent::Signed { .. }))
+            .count();
+        assert_eq!(signed, usize::from(t));
+    }
+}
+
+#[test]
+fn a_one_device_authority_signs_with_its_device_key() {
+    let mut auth = authority(1, 1, 3);
+    let e = with_history(&mut auth);
+    let c = auth.run_snapshot(e).unwrap();
+    check_accepted(&auth, &c);
+}
+
+#[test]
+fn a_device_whose_prefix_differs_refuses_to_sign() {
+    let mut auth = authority(3, 2, 4);
+    let e = with_history(&mut auth);
+    // Device 2 has a fact below E that nobody else has seen.
+    auth.append_application_facts(2, 1, false).unwrap();
+    let c = auth.run_snapshot(e).unwrap();
+    let events = auth.take_events();
+    let d2 = auth.device_ids()[2];
+    assert!(events.iter().any(|(d, ev)| *d == d2
+        && matches!(
+            ev,
+            CeremonyEvent::Refused {
+                reason: Refusal::DigestMismatch { .. },
+                ..
+            }
+        )));
+    // Two honest devices are enough for 2-of-3.
+    assert_eq!(c.snapshot.digest, auth.journal(0).prefix_digest(e));
+
+    // With 3-of-3, the refusal makes the ceremony impossible and it aborts at once.
+    let mut auth = authority(3, 3, 5);
+    let e = with_history(&mut auth);
+    auth.append_application_facts(1, 1, false).unwrap();
+    let err = auth.run_snapshot(e).unwrap_err();
+    let DriverError::NotCompleted(events) = err else {
+        panic!("{err}")
+    };
+    assert!(events.iter().any(|ev| matches!(
+        ev,
+        CeremonyEvent::Aborted {
+            reason: AbortReason::NotEnoughSigners { .. },
+            ..
+        }
+    )));
+    assert!(auth.state(0).latest_snapshot.is_none());
+}
+
+#[test]
+fn fewer_than_t_shares_never_complete_and_time_out_harmlessly() {
+    let mut auth = authority(5, 3, 6);
+    let e = with_history(&mut auth);
+    auth.set_online(3, false);
+    auth.set_online(4, false);
+    auth.set_online(2, false);
+    assert!(auth.run_snapshot(e).is_err());
+    // Nothing completes, however long we wait; the proposal then expires.
+    auth.advance_time(120_000);
+    let events = events_of(&mut auth);
+    assert!(events.iter().any(|ev| matches!(
+        ev,
+        CeremonyEvent::Aborted {
+            reason: AbortReason::TimedOut,
+            ..
+        }
+    )));
+    assert!(!events
+        .iter()
+        .any(|ev| matches!(ev, CeremonyEvent::Completed(_))));
+    assert!(auth.state(0).latest_snapshot.is_none());
+    let still_open = auth.state(0).proposals.len();
+    assert_eq!(
+        still_open, 1,
+        "the expired proposal stays, harmless, until a snapshot"
+    );
+
+    // Back online, a new ceremony completes and clears the stale proposal.
+    for i in 2..5 {
+        auth.set_online(i, true);
+    }
+    auth.sync_all().unwrap();
+    let c = auth.run_snapshot(e).unwrap();
+    check_accepted(&auth, &c);
+    assert!(auth.state(0).proposals.is_empty());
+}
+
+#[test]
+fn forged_and_reused_signatures_are_rejected() {
+    let mut auth = authority(3, 2, 7);
+    let e1 = with_history(&mut auth);
+    let c1 = auth.run_snapshot(e1).unwrap();
+    let ns = auth.namespace();
+    let admin = auth.device_key(0).signing_key().clone();
+
+    let try_completion = |auth: &InProcessAuthority, c: SnapshotCompleted, epoch: Epoch| {
+        let mut journal = auth.journal(0).clone();
+        let before = tend_core::reduce(ns, journal.iter()).latest_snapshot;
+        let f = UnsignedFact {
+            namespace: ns,
+            epoch,
+            payload: Payload::Maintenance(MaintenanceFact::SnapshotCompleted(c)),
+        }
+        .sign(&admin);
+        journal.insert(f.clone()).unwrap();
+        let state = tend_core::reduce(ns, journal.iter());
+        assert_eq!(
+            state.latest_snapshot, before,
+            "must not change the latest snapshot"
+        );
+        assert!(state.ignored.contains(&f.id()));
+    };
+
+    auth.append_application_facts(0, 2, true).unwrap();
+    let e2 = auth.state(0).current_epoch().next();
+    let at = auth.state(0).current_epoch();
+    let mut forged = c1.clone();
+    forged.snapshot.epoch = e2;
+    forged.threshold_signature = [7; 64];
+    try_completion(&auth, forged, at);
+
+    // The real signature of proposal 1, replayed for another proposal id or epoch.
+    let mut other_proposal = c1.clone();
+    other_proposal.proposal_id = tend_core::Hash32([9; 32]);
+    other_proposal.snapshot.epoch = e2;
+    try_completion(&auth, other_proposal, at);
+    let mut other_epoch = c1.clone();
+    other_epoch.snapshot.epoch = e2;
+    try_completion(&auth, other_epoch, at);
+
+    // After a re-deal, a signature under the old key no longer counts, even for a
+    // snapshot it really signed (replayed above the membership change).
+    let c2 = auth.run_snapshot(e2).unwrap();
+    let new_key = auth.run_dkg().unwrap();
+    let after = auth.state(0).current_epoch().next();
+    let mut replay = c2.clone();
+    replay.snapshot.epoch = after;
+    try_completion(&auth, replay, after);
+    assert_ne!(
+        Some(new_key),
+        auth.state(0).memberships.first().map(|m| m.group_key)
+    );
+
+    // Hydration checks the signature too.
+    let blob = auth.blob(&c1.snapshot.blob_cid).unwrap().to_vec();
+    let old_key = auth.state(0).memberships[0].group_key;
+    let mut bad = c1.clone();
+    bad.threshold_signature[0] ^= 1;
+    assert_eq!(
+        hydrate(&blob, &bad, ns, &old_key).unwrap_err(),
+        HydrateError::BadSignature
+    );
+    assert!(hydrate(&blob, &c1, ns, &new_key).is_err());
+    assert!(hydrate(&blob, &c1, ns, &old_key).is_ok());
+}
+
+#[test]
+fn identity_epoch_advance_mid_ceremony_aborts_and_retries_under_the_new_key() {
+    let mut auth = authority(3, 2, 8);
+    let e = with_history(&mut auth);
+    let old_key = auth.state(0).membership().unwrap().group_key;
+    auth.propose(0, e, 60_000);
+    // Deliver a few messages: the sign requests and one commitment.
+    for _ in 0..3 {
+        auth.step();
+    }
+    let new_key = auth.run_dkg().unwrap();
+    assert_ne!(old_key, new_key);
+    auth.run_until_quiet();
+    let events = events_of(&mut auth);
+    let aborted = events
+        .iter()
+        .find_map(|ev| match ev {
+            CeremonyEvent::Aborted {
+                proposal_id,
+                reason: AbortReason::EpochChanged { from, to },
+            } => Some((*proposal_id, *from, *to)),
+            _ => None,
+        })
+        .expect("the ceremony aborted");
+    assert_eq!(aborted.1.identity_epoch, 0);
+    assert_eq!(aborted.2.identity_epoch, 1);
+    let retried = events
+        .iter()
+        .find_map(|ev| match ev {
+            CeremonyEvent::Retried { old, new, epoch } => Some((*old, *new, *epoch)),
+            _ => None,
+        })
+        .expect("the proposer retried");
+    assert_eq!(retried.0, aborted.0);
+    assert_eq!(retried.2.identity_epoch, 1);
+    let completed = events
+        .iter()
+        .find_map(|ev| match ev {
+            CeremonyEvent::Completed(c) => Some(c.clone()),
+            _ => None,
+        })
+        .expect("the retry completed");
+    assert_eq!(completed.proposal_id, retried.1);
+    let ns = auth.namespace();
+    let msg = completed
+        .snapshot
+        .signing_message(&ns, &completed.proposal_id);
+    assert!(new_key.verify(&msg, &completed.threshold_signature));
+    assert!(!old_key.verify(&msg, &completed.threshold_signature));
+    check_accepted(&auth, &completed);
+}
+
+#[test]
+fn hydrating_from_the_blob_plus_tail_gives_the_same_state() {
+    let mut auth = authority(5, 3, 9);
+    let e = with_history(&mut auth);
+    let c = auth.run_snapshot(e).unwrap();
+    // A tail: application facts and a maintenance fact above E.
+    auth.append_application_facts(3, 4, true).unwrap();
+    let ns = auth.namespace();
+    let epoch = auth.state(1).current_epoch();
+    let inval = UnsignedFact {
+        namespace: ns,
+        epoch,
+        payload: Payload::Maintenance(MaintenanceFact::CacheInvalidated(CacheInvalidated {
+            keys: vec!["k".into()],
+            epoch_floor: epoch,
+        })),
+    }
+    .sign(auth.device_key(1).signing_key());
+    for i in 0..5 {
+        auth.insert_fact(i, inval.clone()).unwrap();
+    }
+
+    let full = auth.state(0);
+    let completion_epoch = auth
+        .journal(0)
+        .iter()
+        .find(|f| {
+            matches!(
+                f.payload(),
+                Payload::Maintenance(MaintenanceFact::SnapshotCompleted(_))
+            )
+        })
+        .unwrap()
+        .epoch();
+    let group_key = full.membership_at(completion_epoch).unwrap().group_key;
+    let blob = auth.blob(&c.snapshot.blob_cid).unwrap().to_vec();
+    let mut fresh = hydrate(&blob, &c, ns, &group_key).unwrap();
+    let tail: Vec<_> = auth
+        .journal(0)
+        .iter()
+        .filter(|f| f.epoch() >= e)
+        .cloned()
+        .collect();
+    fresh.apply_tail(&tail).unwrap();
+    assert_eq!(fresh.state_digest(), full.state_digest());
+    assert_eq!(fresh.state, full);
+
+    // Coverage: every prefix fact is covered; a new fact below E is late.
+    let some_prefix = auth
+        .journal(0)
+        .iter()
+        .find(|f| f.epoch() < e)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        fresh.coverage(some_prefix.epoch(), &some_prefix.id()),
+        Coverage::Covered
+    );
+    assert_eq!(fresh.apply(&some_prefix).unwrap(), Coverage::Covered);
+    let late = UnsignedFact {
+        namespace: ns,
+        epoch: Epoch(0),
+        payload: Payload::Application {
+            kind: "late".into(),
+            data: vec![1],
+        },
+    }
+    .sign(auth.device_key(2).signing_key());
+    assert_eq!(fresh.coverage(late.epoch(), &late.id()), Coverage::Late);
+    let err = fresh.apply(&late).unwrap_err();
+    assert!(matches!(
+        err,
+        HydrateError::Late(tend_core::JournalError::Late { .. })
+    ));
+
+    // A tampered blob is caught by its CID; a blob of a different snapshot too.
+    let mut tampered = blob.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    assert_eq!(
+        hydrate(&tampered, &c, ns, &group_key).unwrap_err(),
+        HydrateError::CidMismatch
+    );
+}
+
+#[test]
+fn ceremony_messages_round_trip_and_carry_proposal_and_epoch() {
+    let mut auth = authority(3, 2, 10);
+    let e = with_history(&mut auth);
+    auth.propose(0, e, 1_000);
+    // Malformed bytes are ignored with a reason, never a panic.
+    let mut engine = SnapshotEngine::new(auth.device_ids()[1]);
+    let journal = auth.journal(1).clone();
+    let view = JournalView::new(&journal);
+    let mut rng = StdRng::seed_from_u64(0);
+    let out = engine.handle(
+        0,
+        &view,
+        CeremonyInput::Message {
+            from: auth.device_ids()[0],
+            bytes: b"\xff\x00".to_vec(),
+        },
+        &mut rng,
+    );
+    assert!(matches!(
+        out.as_slice(),
+        [CeremonyOutput::Event(CeremonyEvent::Ignored { .. })]
+    ));
+    let blob = SnapshotBlob::from_journal(auth.journal(0), e);
+    let decoded = SnapshotBlob::decode(&blob.encode()).unwrap();
+    assert_eq!(decoded, blob);
+    assert_eq!(decoded.prefix_digest(), auth.journal(0).prefix_digest(e));
+}

@@ -74,6 +74,8 @@ impl LocalJournal for JournalView<'_> {
 }
 
 /// The key a device signs snapshots with under one identity epoch.
+// Keys are installed once per identity epoch, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum SignerKey {
     /// A FROST share from a DKG among the members.
@@ -199,6 +201,7 @@ pub enum Recipient {
 }
 
 /// An input to the engine.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum CeremonyInput {
     /// Start a ceremony for target epoch E; it gives up after `timeout_ms`.

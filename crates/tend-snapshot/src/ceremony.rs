@@ -59,6 +59,11 @@ impl<'a> JournalView<'a> {
         let state = tend_core::reduce(journal.namespace(), journal.iter());
         Self { journal, state }
     }
+
+    /// A view with an already reduced state of `journal` (callers that cache it).
+    pub fn with_state(journal: &'a Journal, state: MaintenanceState) -> Self {
+        Self { journal, state }
+    }
 }
 
 impl LocalJournal for JournalView<'_> {

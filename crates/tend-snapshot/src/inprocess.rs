@@ -44,6 +44,9 @@ struct Device {
     shares: BTreeMap<u64, KeyShare>,
     blobs: BTreeMap<ContentId, Vec<u8>>,
     online: bool,
+    /// The reduced state of `journal`, dropped whenever the journal changes: reducing
+    /// verifies every completion's signature, too slow to redo for every message.
+    state: Option<MaintenanceState>,
 }
 
 struct Envelope {
@@ -126,6 +129,7 @@ impl InProcessAuthority {
                 shares: BTreeMap::new(),
                 blobs: BTreeMap::new(),
                 online: true,
+                state: None,
             });
             let d = devices.last_mut().expect("just pushed");
             d.install(share, 0);
@@ -213,7 +217,10 @@ impl InProcessAuthority {
 
     /// Device `i`'s reduced maintenance state.
     pub fn state(&self, i: usize) -> MaintenanceState {
-        tend_core::reduce(self.namespace, self.devices[i].journal.iter())
+        let d = &self.devices[i];
+        d.state
+            .clone()
+            .unwrap_or_else(|| tend_core::reduce(self.namespace, d.journal.iter()))
     }
 
     /// Device `i`'s key (to sign facts in tests).
@@ -275,6 +282,7 @@ impl InProcessAuthority {
             .sign(d.key.signing_key());
             ids.push(f.id());
             d.journal.insert(f.clone())?;
+            d.state = None;
             facts.push(f);
         }
         if sync {
@@ -288,6 +296,7 @@ impl InProcessAuthority {
     /// Inserts an already signed fact into device `i`'s journal only.
     pub fn insert_fact(&mut self, i: usize, fact: VerifiedFact) -> Result<bool, DriverError> {
         let d = self.devices.get_mut(i).ok_or(DriverError::NoDevice(i))?;
+        d.state = None;
         Ok(d.journal.insert(fact)?)
     }
 
@@ -299,6 +308,7 @@ impl InProcessAuthority {
         }
         for d in self.devices.iter_mut().filter(|d| d.online) {
             d.journal.merge(&union)?;
+            d.state = None;
         }
         Ok(())
     }
@@ -389,12 +399,15 @@ impl InProcessAuthority {
 
     /// Feeds one input to device `i` and carries out its outputs.
     fn feed(&mut self, i: usize, input: CeremonyInput) {
-        let view_journal = self.devices[i].journal.clone();
-        let view = JournalView::new(&view_journal);
         let now = self.now_ms;
-        let outputs = self.devices[i]
-            .engine
-            .handle(now, &view, input, &mut self.rng);
+        let namespace = self.namespace;
+        let d = &mut self.devices[i];
+        let state = d
+            .state
+            .get_or_insert_with(|| tend_core::reduce(namespace, d.journal.iter()))
+            .clone();
+        let view = JournalView::with_state(&d.journal, state);
+        let outputs = d.engine.handle(now, &view, input, &mut self.rng);
         let me = self.devices[i].key.device_id();
         for o in outputs {
             match o {
@@ -427,6 +440,7 @@ impl InProcessAuthority {
     fn write_fact(&mut self, i: usize, f: UnsignedFact) -> Result<VerifiedFact, DriverError> {
         let fact = f.sign(self.devices[i].key.signing_key());
         self.devices[i].journal.insert(fact.clone())?;
+        self.devices[i].state = None;
         if self.auto_sync {
             self.broadcast_fact(i, &fact)?;
         }
@@ -437,6 +451,7 @@ impl InProcessAuthority {
         for (j, d) in self.devices.iter_mut().enumerate() {
             if j != from && d.online {
                 d.journal.insert(fact.clone())?;
+                d.state = None;
             }
         }
         Ok(())

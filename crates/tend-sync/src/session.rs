@@ -255,6 +255,7 @@ pub struct Session {
     started: Duration,
     last_heard: Duration,
     retry_at: Option<Duration>,
+    timer_armed: Option<Duration>,
     stats: SessionStats,
     outcome: Option<Outcome>,
 }
@@ -328,6 +329,7 @@ impl Session {
             });
         }
         let recon = Reconciler::new(items, config.frame_size_limit)?;
+        let first_deadline = now + config.idle_timeout;
         Ok(Self {
             role,
             peer,
@@ -348,6 +350,7 @@ impl Session {
             started: now,
             last_heard: now,
             retry_at: None,
+            timer_armed: Some(first_deadline),
             stats: SessionStats::default(),
             outcome: None,
         })
@@ -629,10 +632,16 @@ impl Session {
         if self.is_finished() {
             return out;
         }
-        if now >= self.last_heard + self.config.idle_timeout {
+        let deadline = self.last_heard + self.config.idle_timeout;
+        if now >= deadline {
             self.send(&SyncMessage::Abort(AbortReason::Closed), &mut out);
             self.fail(now, FailReason::Timeout, &mut out);
             return out;
+        }
+        // Re-arm the idle timer once per deadline, so a silent peer is noticed.
+        if self.timer_armed != Some(deadline) {
+            self.timer_armed = Some(deadline);
+            out.push(Action::WakeAt(deadline));
         }
         self.pump(now, host, limits, &mut out);
         out

@@ -147,8 +147,7 @@ impl StorageBackend for OverlayBackend {
             let n = (BLOCK as usize - within).min(data.len() - done);
             if !inner.blocks.contains_key(&block) {
                 let mut b = vec![0u8; BLOCK as usize].into_boxed_slice();
-                self.read_base(inner.visible, block * BLOCK, &mut b)
-                    ?;
+                self.read_base(inner.visible, block * BLOCK, &mut b)?;
                 inner.blocks.insert(block, b);
             }
             if let Some(b) = inner.blocks.get_mut(&block) {

@@ -243,3 +243,34 @@ fn reopen_keeps_everything() {
     assert_eq!(std::fs::read(&p).unwrap(), before);
     drop(s);
 }
+
+#[test]
+fn a_store_left_open_by_a_crash_is_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.redb");
+    let k = key(1);
+    let (ns, genesis) = authority(&k);
+    let digest = {
+        let s = Store::create(&p).unwrap();
+        let mut facts = vec![genesis];
+        facts.extend((0..200u64).map(|i| app(ns, 1 + i / 10, &k, &i.to_be_bytes())));
+        s.insert_batch(&facts).unwrap();
+        let d = s.journal_digest(ns).unwrap();
+        // No clean shutdown: the file keeps its "open for writing" state.
+        std::mem::forget(s);
+        d
+    };
+    // The lock of the forgotten handle is still held in this process; copy the file as a
+    // crashed process would have left it.
+    let copy = dir.path().join("crashed.redb");
+    std::fs::copy(&p, &copy).unwrap();
+    let s = Store::open(&copy).unwrap();
+    assert_eq!(s.journal_digest(ns).unwrap(), digest);
+    assert_eq!(s.stats(ns).unwrap().unwrap().facts, 201);
+}
+
+#[test]
+fn store_is_shareable_between_threads() {
+    fn check<T: Send + Sync>() {}
+    check::<Store>();
+}

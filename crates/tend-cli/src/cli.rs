@@ -34,6 +34,14 @@ pub enum Command {
     /// Inspect the journal.
     #[command(subcommand)]
     Journal(JournalCommand),
+    /// The authority: members, threshold key, identity epoch.
+    #[command(subcommand)]
+    Authority(crate::maint::AuthorityCommand),
+    /// Threshold-signed snapshots.
+    #[command(subcommand)]
+    Snapshot(crate::maint::SnapshotCommand),
+    /// Prune what the latest verified snapshot covers, and compact the store.
+    Gc(crate::maint::GcArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -117,6 +125,9 @@ pub fn run(args: Args) -> CmdResult {
             }
             Ok(Output::new(status, human))
         }
+        Command::Authority(cmd) => crate::maint::authority(&home, cmd),
+        Command::Snapshot(cmd) => crate::maint::snapshot(&home, cmd),
+        Command::Gc(args) => crate::maint::gc(&home, args),
         Command::Journal(JournalCommand::List { from_epoch, limit }) => {
             let device = Device::open(&home)?;
             let facts = device.list(Epoch(from_epoch), limit)?;

@@ -3,6 +3,7 @@
 //! Errors print as one line on stderr (`error: ...`) with a non-zero exit code.
 
 mod cli;
+mod maint;
 mod output;
 
 use std::process::ExitCode;

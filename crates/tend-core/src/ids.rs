@@ -258,6 +258,11 @@ impl ContentId {
         self.0.hash().digest() == blake3::hash(bytes).as_bytes()
     }
 
+    /// The multicodec of the content ([`CODEC_RAW`] or [`CODEC_DAG_CBOR`]).
+    pub fn codec(&self) -> u64 {
+        self.0.codec()
+    }
+
     /// The binary form (also used as the blob table key).
     pub fn to_bytes(&self) -> Vec<u8> {
         self.0.to_bytes()

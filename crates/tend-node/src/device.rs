@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use rand::{CryptoRng, RngCore};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tend_core::authority::{AuthorityFact, AuthorityGenesis, GroupKey};
 use tend_core::{DeviceId, Epoch, Hash32, JournalNamespace, Payload, UnsignedFact, VerifiedFact};
 use tend_crypto::device::DeviceKey;
@@ -19,6 +19,8 @@ use tend_store::{Store, StoreError};
 pub const STORE_FILE: &str = "store.redb";
 /// Setting that names the journal this device writes to.
 const CURRENT_NAMESPACE: &str = "current_namespace";
+/// Setting that holds the device's [`GcPolicy`].
+const GC_POLICY: &str = "gc_policy";
 
 /// Why a device operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,8 @@ pub enum DeviceError {
     Rejected(String),
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    #[error("this is an archive device: it never prunes (change with `tend gc --policy prune`)")]
+    ArchiveDevice,
 }
 
 /// An open device home.
@@ -53,7 +57,7 @@ pub struct Device {
 }
 
 /// Per-namespace status, as `tend journal status` shows it.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NamespaceStatus {
     pub namespace: String,
     /// Facts in the journal index (pruned facts are not counted).
@@ -71,7 +75,7 @@ pub struct NamespaceStatus {
 }
 
 /// The device's journals and store.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct JournalStatus {
     pub device_id: String,
     pub current_namespace: String,
@@ -79,8 +83,69 @@ pub struct JournalStatus {
     pub namespaces: Vec<NamespaceStatus>,
 }
 
-/// One fact, as `tend journal list` shows it.
+/// The authority this device writes to, as `tend authority status` shows it.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct AuthorityStatus {
+    pub namespace: String,
+    pub identity_epoch: u64,
+    pub threshold: u16,
+    pub members: Vec<String>,
+    pub group_key: String,
+    pub admin: Option<String>,
+    pub current_epoch: u64,
+}
+
+/// Snapshots and GC, as `tend snapshot status` shows them.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct SnapshotStatus {
+    pub namespace: String,
+    pub current_epoch: u64,
+    /// The latest verified snapshot: facts below its epoch may be pruned.
+    pub latest: Option<SnapshotSummary>,
+    pub open_proposals: Vec<ProposalSummary>,
+    pub gc_policy: GcPolicy,
+}
+
+/// A verified snapshot.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct SnapshotSummary {
+    pub epoch: u64,
+    pub digest: String,
+    pub blob_cid: String,
+    pub blob_stored: bool,
+}
+
+/// A proposal that has not completed.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ProposalSummary {
+    pub proposal_id: String,
+    pub target_epoch: u64,
+    pub proposer: String,
+}
+
+/// Whether this device prunes after snapshots; an archive device never does.
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GcPolicy {
+    #[default]
+    Prune,
+    Archive,
+}
+
+/// What `tend gc` did.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub floor: u64,
+    pub facts_pruned: u64,
+    pub fact_bytes: u64,
+    pub blobs_pruned: u64,
+    pub store_bytes_before: u64,
+    pub store_bytes_after: u64,
+}
+
+/// One fact, as `tend journal list` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FactSummary {
     pub epoch: u64,
     pub id: String,
@@ -98,10 +163,7 @@ impl Device {
         if store_path.exists() || DeviceKey::path(home).exists() {
             return Err(DeviceError::AlreadyInitialised(home.to_owned()));
         }
-        std::fs::create_dir_all(home).map_err(|source| DeviceError::CreateHome {
-            path: home.to_owned(),
-            source,
-        })?;
+        create_home(home)?;
         let key = DeviceKey::generate(rng);
         key.save(home)?;
         let store = Store::create(&store_path)?;
@@ -126,6 +188,32 @@ impl Device {
         if let Some(r) = report.rejected.first() {
             return Err(DeviceError::Rejected(r.error.to_string()));
         }
+        store.put_setting(CURRENT_NAMESPACE, &hex_ns(&namespace))?;
+        Ok(Device {
+            home: home.to_owned(),
+            key,
+            store,
+            namespace,
+        })
+    }
+
+    /// Creates a device in `home` that joins an existing authority journal: a new key
+    /// (0600) and an empty store whose current journal is `namespace`, without a genesis of
+    /// its own. The device learns the journal (genesis, membership) by synchronising with a
+    /// member, after the admin has added its id to the membership.
+    pub fn init_joining(
+        home: &Path,
+        namespace: JournalNamespace,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<Device, DeviceError> {
+        let store_path = home.join(STORE_FILE);
+        if store_path.exists() || DeviceKey::path(home).exists() {
+            return Err(DeviceError::AlreadyInitialised(home.to_owned()));
+        }
+        create_home(home)?;
+        let key = DeviceKey::generate(rng);
+        key.save(home)?;
+        let store = Store::create(&store_path)?;
         store.put_setting(CURRENT_NAMESPACE, &hex_ns(&namespace))?;
         Ok(Device {
             home: home.to_owned(),
@@ -176,15 +264,28 @@ impl Device {
         self.namespace
     }
 
+    /// Makes this device write to `namespace` from now on (it joined that authority).
+    pub fn adopt_namespace(&mut self, namespace: JournalNamespace) -> Result<(), DeviceError> {
+        self.store
+            .put_setting(CURRENT_NAMESPACE, &hex_ns(&namespace))?;
+        self.namespace = namespace;
+        Ok(())
+    }
+
     /// Signs `payload` at the journal's current epoch and stores it.
     pub fn append(&self, payload: Payload) -> Result<VerifiedFact, DeviceError> {
         let state = self.store.maintenance_state(self.namespace)?;
-        let fact = UnsignedFact {
+        self.write(UnsignedFact {
             namespace: self.namespace,
             epoch: state.current_epoch(),
             payload,
-        }
-        .sign(self.key.signing_key());
+        })
+    }
+
+    /// Signs a fact exactly as given (its namespace and epoch chosen by the caller, e.g. the
+    /// snapshot ceremony) and stores it.
+    pub fn write(&self, fact: UnsignedFact) -> Result<VerifiedFact, DeviceError> {
+        let fact = fact.sign(self.key.signing_key());
         let report = self.store.insert_batch(std::slice::from_ref(&fact))?;
         match report.rejected.first() {
             Some(r) => Err(DeviceError::Rejected(r.error.to_string())),
@@ -258,6 +359,88 @@ impl Device {
         Ok(self.store.journal_digest(self.namespace)?)
     }
 
+    /// The authority of the current journal.
+    pub fn authority_status(&self) -> Result<AuthorityStatus, DeviceError> {
+        let state = self.store.maintenance_state(self.namespace)?;
+        let m = state.membership().ok_or(DeviceError::NoCurrentJournal)?;
+        Ok(AuthorityStatus {
+            namespace: self.namespace.to_string(),
+            identity_epoch: m.identity_epoch,
+            threshold: m.threshold,
+            members: m.members.iter().map(ToString::to_string).collect(),
+            group_key: hex::encode(m.group_key.0),
+            admin: state.admin_at(state.current_epoch()).map(|a| a.to_string()),
+            current_epoch: state.current_epoch().0,
+        })
+    }
+
+    /// The latest snapshot, open proposals and GC policy of the current journal.
+    pub fn snapshot_status(&self) -> Result<SnapshotStatus, DeviceError> {
+        let state = self.store.maintenance_state(self.namespace)?;
+        let latest = match &state.latest_snapshot {
+            Some(s) => Some(SnapshotSummary {
+                epoch: s.snapshot.epoch.0,
+                digest: s.snapshot.digest.to_string(),
+                blob_cid: s.snapshot.blob_cid.to_string(),
+                blob_stored: self.store.has_blob(&s.snapshot.blob_cid)?,
+            }),
+            None => None,
+        };
+        Ok(SnapshotStatus {
+            namespace: self.namespace.to_string(),
+            current_epoch: state.current_epoch().0,
+            latest,
+            open_proposals: state
+                .proposals
+                .iter()
+                .map(|(id, p)| ProposalSummary {
+                    proposal_id: id.to_string(),
+                    target_epoch: p.proposal.target_epoch.0,
+                    proposer: p.proposer.to_string(),
+                })
+                .collect(),
+            gc_policy: self.gc_policy()?,
+        })
+    }
+
+    /// The device's GC policy.
+    pub fn gc_policy(&self) -> Result<GcPolicy, DeviceError> {
+        Ok(self.store.get_setting(GC_POLICY)?.unwrap_or_default())
+    }
+
+    /// Sets the device's GC policy.
+    pub fn set_gc_policy(&self, policy: GcPolicy) -> Result<(), DeviceError> {
+        Ok(self.store.put_setting(GC_POLICY, &policy)?)
+    }
+
+    /// Prunes what the latest verified snapshot covers (DESIGN rule 4) and compacts the
+    /// file; with `dry_run`, only reports what would go.
+    pub fn gc(&mut self, dry_run: bool) -> Result<GcReport, DeviceError> {
+        if !dry_run && self.gc_policy()? == GcPolicy::Archive {
+            return Err(DeviceError::ArchiveDevice);
+        }
+        let before = self.store.file_size()?;
+        let report = if dry_run {
+            self.store.prune_dry_run(self.namespace)?
+        } else {
+            self.store.prune(self.namespace)?
+        };
+        let after = if dry_run {
+            before
+        } else {
+            self.store.compact()?.bytes_after
+        };
+        Ok(GcReport {
+            dry_run,
+            floor: report.floor.0,
+            facts_pruned: report.facts,
+            fact_bytes: report.fact_bytes,
+            blobs_pruned: report.blobs,
+            store_bytes_before: before,
+            store_bytes_after: after,
+        })
+    }
+
     /// Up to `limit` facts of the current journal from `from` on, in `(epoch, id)` order.
     pub fn list(&self, from: Epoch, limit: usize) -> Result<Vec<FactSummary>, DeviceError> {
         let mut out = Vec::new();
@@ -288,6 +471,21 @@ fn summarise(f: &VerifiedFact) -> FactSummary {
         kind: f.payload().kind_name(),
         data,
     }
+}
+
+/// Creates the home directory, owner-only (0700): it holds the key and the control socket.
+fn create_home(home: &Path) -> Result<(), DeviceError> {
+    let err = |source| DeviceError::CreateHome {
+        path: home.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(home).map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
 }
 
 fn hex_ns(ns: &JournalNamespace) -> String {

@@ -2,5 +2,9 @@
 //! the control socket run against it.
 
 pub mod device;
+pub mod fleet;
 
-pub use device::{Device, DeviceError, FactSummary, JournalStatus, NamespaceStatus};
+pub use device::{
+    AuthorityStatus, Device, DeviceError, FactSummary, GcPolicy, GcReport, JournalStatus,
+    NamespaceStatus, SnapshotStatus,
+};

@@ -1,0 +1,353 @@
+//! Device homes driven together in one process: authority creation (DKG) and snapshot
+//! ceremonies among them, over their real stores and key files.
+//!
+//! Until ceremony messages travel over the network, this is how the CLI (with
+//! `--member-home`) and `devnet` run them; the ceremony state machine is the same one a
+//! networked device runs, it only sees messages and a journal view.
+
+use std::collections::VecDeque;
+
+use rand::{CryptoRng, RngCore};
+use tend_core::authority::{AuthorityFact, MembershipChange};
+use tend_core::maintenance::SnapshotCompleted;
+use tend_core::{DeviceId, Epoch, GroupKey, Hash32, JournalNamespace, MaintenanceState, Payload};
+use tend_crypto::dkg::{run_in_memory, DkgSession};
+use tend_crypto::share::KeyShare;
+use tend_snapshot::{
+    CeremonyEvent, CeremonyInput, CeremonyOutput, LocalJournal, Recipient, SignerKey, SnapshotBlob,
+    SnapshotEngine,
+};
+use tend_store::{Store, StoreError};
+
+use crate::device::{Device, DeviceError};
+
+/// Why a fleet operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("key generation failed: {0}")]
+    Dkg(String),
+    #[error("invalid authority shape: {0}")]
+    Shape(String),
+    #[error("snapshot ceremony did not complete: {0}")]
+    Ceremony(String),
+}
+
+/// A store-backed view of one device's journal for the ceremony engine.
+pub struct StoreJournal<'a> {
+    store: &'a Store,
+    namespace: JournalNamespace,
+    state: MaintenanceState,
+}
+
+impl<'a> StoreJournal<'a> {
+    /// Reads the device's reduced state once.
+    pub fn new(store: &'a Store, namespace: JournalNamespace) -> Result<Self, StoreError> {
+        let state = store.maintenance_state(namespace)?;
+        Ok(Self {
+            store,
+            namespace,
+            state,
+        })
+    }
+
+    /// The snapshot blob of the prefix below `upto`, read from the store.
+    pub fn try_snapshot_blob(&self, upto: Epoch) -> Result<SnapshotBlob, StoreError> {
+        let items = self
+            .store
+            .items(self.namespace, ..upto)?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut facts = Vec::new();
+        for stored in self.store.scan_maintenance(self.namespace)? {
+            let stored = stored?;
+            if stored.epoch >= upto {
+                break;
+            }
+            facts.push(stored.verify().map_err(|source| StoreError::FactCorrupt {
+                path: self.store.path().to_owned(),
+                source,
+            })?);
+        }
+        Ok(SnapshotBlob::from_parts(self.namespace, upto, items, facts))
+    }
+}
+
+impl LocalJournal for StoreJournal<'_> {
+    fn state(&self) -> &MaintenanceState {
+        &self.state
+    }
+
+    fn prefix_digest(&self, upto: Epoch) -> Hash32 {
+        // A read error yields a digest no proposal carries, so the device refuses to sign
+        // rather than sign something it could not check.
+        self.store
+            .prefix_digest(self.namespace, upto)
+            .unwrap_or(Hash32([0; 32]))
+    }
+
+    fn snapshot_blob(&self, upto: Epoch) -> SnapshotBlob {
+        self.try_snapshot_blob(upto).unwrap_or_else(|_| {
+            SnapshotBlob::from_parts(self.namespace, upto, Vec::new(), Vec::new())
+        })
+    }
+}
+
+/// What `create_authority` did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AuthorityCreated {
+    pub namespace: String,
+    pub identity_epoch: u64,
+    pub threshold: u16,
+    pub members: Vec<String>,
+    pub group_key: String,
+}
+
+/// Several device homes, opened in this process. Device 0 is the admin.
+pub struct LocalFleet {
+    devices: Vec<Device>,
+    engines: Vec<SnapshotEngine>,
+    now_ms: u64,
+}
+
+impl LocalFleet {
+    /// Drives `devices`; the first is the admin whose authority the others join.
+    pub fn new(devices: Vec<Device>) -> Self {
+        let engines = devices
+            .iter()
+            .map(|d| SnapshotEngine::new(d.device_id()))
+            .collect();
+        Self {
+            devices,
+            engines,
+            now_ms: 0,
+        }
+    }
+
+    pub fn devices(&self) -> &[Device] {
+        &self.devices
+    }
+
+    pub fn into_devices(self) -> Vec<Device> {
+        self.devices
+    }
+
+    /// Makes the admin's authority an authority of every device in the fleet with
+    /// `threshold`: a DKG among all of them (each share saved 0600 in its own home), a
+    /// `MembershipChange` by the admin (identity epoch + 1), and every device adopting the
+    /// admin's journal.
+    pub fn create_authority(
+        &mut self,
+        threshold: u16,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<AuthorityCreated, FleetError> {
+        let n = self.devices.len();
+        if n < 2 || threshold < 2 || usize::from(threshold) > n {
+            return Err(FleetError::Shape(format!(
+                "{threshold}-of-{n}: an authority of several devices needs 2 <= threshold <= members"
+            )));
+        }
+        let admin = &self.devices[0];
+        let namespace = admin.namespace();
+        let state = admin.store().maintenance_state(namespace)?;
+        if !state.is_admin_at(&admin.device_id(), state.current_epoch()) {
+            return Err(FleetError::Shape(format!(
+                "device {} is not the admin of its authority",
+                admin.device_id()
+            )));
+        }
+        let mut members: Vec<DeviceId> = self.devices.iter().map(Device::device_id).collect();
+        members.sort();
+        members.dedup();
+        if members.len() != n {
+            return Err(FleetError::Shape("the same device was given twice".into()));
+        }
+        let identity_epoch = state.identity_epoch() + 1;
+        let mut context = [0u8; 32];
+        context.copy_from_slice(&namespace.to_bytes()[1..]);
+        let session = DkgSession {
+            context,
+            identity_epoch,
+            members: members.clone(),
+            threshold,
+        };
+        let shares = run_in_memory(&session, rng).map_err(|e| FleetError::Dkg(e.to_string()))?;
+        let group_key: GroupKey = shares[0].group_key();
+        for share in &shares {
+            let home = self
+                .devices
+                .iter()
+                .find(|d| d.device_id() == share.device_id())
+                .map(|d| d.home().to_owned())
+                .ok_or_else(|| FleetError::Dkg("a share for an unknown device".into()))?;
+            share
+                .save(&home)
+                .map_err(|e| FleetError::Dkg(e.to_string()))?;
+        }
+        let change = MembershipChange {
+            identity_epoch,
+            members: members.clone(),
+            threshold,
+            group_key,
+        };
+        self.devices[0].append(Payload::Authority(AuthorityFact::MembershipChanged(change)))?;
+        for d in &mut self.devices[1..] {
+            d.adopt_namespace(namespace)?;
+        }
+        self.sync()?;
+        Ok(AuthorityCreated {
+            namespace: namespace.to_string(),
+            identity_epoch,
+            threshold,
+            members: members.iter().map(ToString::to_string).collect(),
+            group_key: hex::encode(group_key.0),
+        })
+    }
+
+    /// Copies every fact and blob of the admin's namespace between all devices (set union).
+    /// Returns the number of facts newly stored.
+    pub fn sync(&self) -> Result<u64, FleetError> {
+        let ns = self.devices[0].namespace();
+        let mut inserted = 0;
+        for from in 0..self.devices.len() {
+            let facts: Vec<_> = self.devices[from]
+                .store()
+                .scan(ns, ..)?
+                .map(|s| {
+                    s.map_err(FleetError::from)
+                        .and_then(|s| verify(&self.devices[from], &s))
+                })
+                .collect::<Result<_, _>>()?;
+            let blobs = self.devices[from].store().blobs()?;
+            for (to, dest) in self.devices.iter().enumerate() {
+                if to == from {
+                    continue;
+                }
+                inserted += dest.store().insert_batch(&facts)?.inserted;
+                for (cid, _) in &blobs {
+                    if !dest.store().has_blob(cid)? {
+                        if let Some(bytes) = self.devices[from].store().get_blob(cid)? {
+                            dest.store().put_blob(cid.codec(), &bytes)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(inserted)
+    }
+
+    /// Runs a snapshot ceremony proposed by device `proposer` for `target_epoch` and
+    /// returns the completed snapshot; every device has it (and the blob) afterwards.
+    pub fn snapshot(
+        &mut self,
+        proposer: usize,
+        target_epoch: Epoch,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<SnapshotCompleted, FleetError> {
+        self.install_keys(rng)?;
+        let mut queue: VecDeque<(usize, CeremonyInput)> = VecDeque::new();
+        queue.push_back((
+            proposer,
+            CeremonyInput::Propose {
+                target_epoch,
+                timeout_ms: 30_000,
+            },
+        ));
+        let mut completed = None;
+        let mut refusals = Vec::new();
+        while let Some((i, input)) = queue.pop_front() {
+            self.now_ms += 1;
+            let ns = self.devices[i].namespace();
+            let outputs = {
+                let view = StoreJournal::new(self.devices[i].store(), ns)?;
+                self.engines[i].handle(self.now_ms, &view, input, rng)
+            };
+            let me = self.devices[i].device_id();
+            for out in outputs {
+                match out {
+                    CeremonyOutput::Send { to, message } => {
+                        let bytes = message.to_bytes();
+                        for j in 0..self.devices.len() {
+                            let wanted = match to {
+                                Recipient::All => j != i,
+                                Recipient::Device(d) => self.devices[j].device_id() == d,
+                            };
+                            if wanted {
+                                queue.push_back((
+                                    j,
+                                    CeremonyInput::Message {
+                                        from: me,
+                                        bytes: bytes.clone(),
+                                    },
+                                ));
+                            }
+                        }
+                    }
+                    CeremonyOutput::WriteFact(f) => {
+                        self.devices[i].write(f)?;
+                        // Proposals and completions reach the others as sync would.
+                        self.sync()?;
+                    }
+                    CeremonyOutput::StoreBlob { cid, bytes } => {
+                        self.devices[i].store().put_blob(cid.codec(), &bytes)?;
+                    }
+                    CeremonyOutput::Event(CeremonyEvent::Completed(c)) => completed = Some(c),
+                    CeremonyOutput::Event(
+                        CeremonyEvent::Refused { reason, .. }
+                        | CeremonyEvent::PeerRefused { reason, .. }
+                        | CeremonyEvent::ProposalRejected { reason, .. },
+                    ) => refusals.push(format!("{reason:?}")),
+                    CeremonyOutput::Event(CeremonyEvent::Aborted { reason, .. }) => {
+                        refusals.push(format!("aborted: {reason:?}"))
+                    }
+                    CeremonyOutput::Event(_) => {}
+                }
+            }
+        }
+        self.sync()?;
+        completed.ok_or_else(|| {
+            FleetError::Ceremony(if refusals.is_empty() {
+                "not enough signature shares".into()
+            } else {
+                refusals.join("; ")
+            })
+        })
+    }
+
+    /// Gives every engine the key for the current identity epoch: the FROST share from the
+    /// device's home, or the device key for a one-device authority.
+    fn install_keys(&mut self, rng: &mut (impl RngCore + CryptoRng)) -> Result<(), FleetError> {
+        for i in 0..self.devices.len() {
+            let d = &self.devices[i];
+            let view = StoreJournal::new(d.store(), d.namespace())?;
+            let identity_epoch = view.state().identity_epoch();
+            let single = view
+                .state()
+                .membership()
+                .is_some_and(|m| m.members.len() == 1);
+            let key = if single {
+                SignerKey::Single {
+                    identity_epoch,
+                    key: d.key().signing_key().clone(),
+                }
+            } else {
+                let share = KeyShare::load(d.home(), identity_epoch)
+                    .map_err(|e| FleetError::Dkg(e.to_string()))?;
+                SignerKey::Frost(share)
+            };
+            self.engines[i].handle(self.now_ms, &view, CeremonyInput::InstallKey(key), rng);
+        }
+        Ok(())
+    }
+}
+
+fn verify(d: &Device, s: &tend_store::StoredFact) -> Result<tend_core::VerifiedFact, FleetError> {
+    s.verify().map_err(|source| {
+        FleetError::Store(StoreError::FactCorrupt {
+            path: d.store().path().to_owned(),
+            source,
+        })
+    })
+}

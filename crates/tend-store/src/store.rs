@@ -3,7 +3,7 @@
 //! Opening never modifies a file that is not a healthy tend store of a format this release
 //! reads. Before redb touches the real file, [`Store::open`] checks the redb header magic
 //! itself, then opens the file read-only through a copy-on-write backend
-//! ([`crate::overlay`]): redb's own integrity check (every page checksum) and any crash repair
+//! (the private `overlay` module): redb's own integrity check (every page checksum) and any crash repair
 //! run there, writing to memory only, and the store's `meta` table (magic marker and format
 //! version) is read. Only a file that passes all of this is opened for writing.
 

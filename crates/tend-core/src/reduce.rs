@@ -22,8 +22,10 @@ pub struct Membership {
     pub members: BTreeSet<DeviceId>,
     pub threshold: u16,
     pub group_key: GroupKey,
-    /// Applies to facts with `epoch > since` (genesis: to every epoch).
-    pub since: Option<Epoch>,
+    /// Applies to facts with `epoch > since`: the epoch of the genesis or membership change
+    /// that set it. Facts at that same epoch are judged by the membership before it, so the
+    /// order of facts within one epoch never decides admission.
+    pub since: Epoch,
 }
 
 /// A snapshot proposal that has not completed.
@@ -129,7 +131,7 @@ impl MaintenanceState {
                         members: g.members.iter().copied().collect(),
                         threshold: g.threshold,
                         group_key: g.group_key,
-                        since: None,
+                        since: epoch,
                     });
                 } else {
                     self.ignored.insert(f.id());
@@ -146,7 +148,7 @@ impl MaintenanceState {
                         members: m.members.iter().copied().collect(),
                         threshold: m.threshold,
                         group_key: m.group_key,
-                        since: Some(epoch),
+                        since: epoch,
                     });
                 } else {
                     self.ignored.insert(f.id());
@@ -327,10 +329,7 @@ impl MaintenanceState {
 
     /// The membership that governs facts at `epoch`.
     pub fn membership_at(&self, epoch: Epoch) -> Option<&Membership> {
-        self.memberships
-            .iter()
-            .rev()
-            .find(|m| m.since.is_none_or(|s| epoch > s))
+        self.memberships.iter().rev().find(|m| epoch > m.since)
     }
 
     pub fn identity_epoch(&self) -> u64 {
@@ -361,11 +360,7 @@ impl MaintenanceState {
             .values()
             .map(|p| p.proposal.target_epoch)
             .max();
-        let membership = self
-            .memberships
-            .iter()
-            .filter_map(|m| m.since.map(Epoch::next))
-            .max();
+        let membership = self.memberships.iter().map(|m| m.since.next()).max();
         [
             Some(self.max_fact_epoch),
             proposals,

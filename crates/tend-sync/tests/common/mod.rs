@@ -53,11 +53,12 @@ pub fn genesis(keys: &[SigningKey]) -> VerifiedFact {
     .sign(&keys[0])
 }
 
-/// An application fact.
+/// An application fact. Epoch 0 holds the genesis alone (members write from epoch 1 on),
+/// so a requested epoch 0 becomes 1.
 pub fn note(key: &SigningKey, ns: JournalNamespace, epoch: u64, data: Vec<u8>) -> VerifiedFact {
     UnsignedFact {
         namespace: ns,
-        epoch: Epoch(epoch),
+        epoch: Epoch(epoch.max(1)),
         payload: Payload::Application {
             kind: "note".into(),
             data,

@@ -1,10 +1,17 @@
 //! A tend device: its home directory (key, store, settings) and the operations the CLI and
 //! the control socket run against it.
 
+pub mod control;
 pub mod device;
+pub mod discovery;
+pub mod endpoint;
 pub mod fleet;
+pub mod metrics;
+pub mod node;
 
 pub use device::{
     AuthorityStatus, Device, DeviceError, FactSummary, GcPolicy, GcReport, JournalStatus,
     NamespaceStatus, SnapshotStatus,
 };
+pub use discovery::PeerAddr;
+pub use node::{Node, NodeConfig, NodeError, NodeStatus, PeerInfo, PeerOutcome, RoundReport};

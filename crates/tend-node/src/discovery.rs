@@ -1,0 +1,116 @@
+//! Where peer addresses come from: a small trait, static peers (`--peer`), and the peers
+//! persisted in the store's `peers` setting. Local-network discovery and rendezvous plug
+//! in as further [`AddressSource`]s.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use tend_core::DeviceId;
+use tend_store::{Store, StoreError};
+
+/// Setting under which learned peers are persisted.
+pub const PEERS_SETTING: &str = "peers";
+
+/// A device and a direct address it listens on.
+/// Persisted and shown as `DEVICE_ID@IP:PORT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct PeerAddr {
+    pub device: DeviceId,
+    pub addr: SocketAddr,
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.device, self.addr)
+    }
+}
+
+impl From<PeerAddr> for String {
+    fn from(p: PeerAddr) -> String {
+        p.to_string()
+    }
+}
+
+impl TryFrom<String> for PeerAddr {
+    type Error = ParsePeerError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+/// Why a `DEVICE_ID@ADDR` string does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid peer {input:?}: {detail} (expected DEVICE_ID@IP:PORT)")]
+pub struct ParsePeerError {
+    pub input: String,
+    pub detail: String,
+}
+
+impl FromStr for PeerAddr {
+    type Err = ParsePeerError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |detail: String| ParsePeerError {
+            input: s.into(),
+            detail,
+        };
+        let (id, addr) = s.split_once('@').ok_or_else(|| err("missing '@'".into()))?;
+        let device = id
+            .parse::<DeviceId>()
+            .map_err(|e| err(format!("bad device id: {e}")))?;
+        let addr = addr
+            .parse::<SocketAddr>()
+            .map_err(|e| err(format!("bad address: {e}")))?;
+        Ok(PeerAddr { device, addr })
+    }
+}
+
+/// A source of peer addresses, asked at the start of every sync round.
+pub trait AddressSource: Send + Sync {
+    /// A short name for logs and status.
+    fn name(&self) -> &str;
+
+    /// The peers this source knows now.
+    fn peers(&self) -> Vec<PeerAddr>;
+}
+
+/// A fixed list, from `--peer` flags.
+#[derive(Clone, Debug, Default)]
+pub struct StaticPeers(pub Vec<PeerAddr>);
+
+impl AddressSource for StaticPeers {
+    fn name(&self) -> &str {
+        "static"
+    }
+
+    fn peers(&self) -> Vec<PeerAddr> {
+        self.0.clone()
+    }
+}
+
+/// The persisted peer list of a store.
+pub fn load_peers(store: &Store) -> Result<Vec<PeerAddr>, StoreError> {
+    Ok(store
+        .get_setting::<Vec<PeerAddr>>(PEERS_SETTING)?
+        .unwrap_or_default())
+}
+
+/// Adds `new` to the persisted peer list (a device's newer address replaces its older
+/// one); writes only when something changed.
+pub fn remember_peers(store: &Store, new: &[PeerAddr]) -> Result<(), StoreError> {
+    let mut peers = load_peers(store)?;
+    let before = peers.clone();
+    for p in new {
+        peers.retain(|q| q.device != p.device);
+        peers.push(*p);
+    }
+    peers.sort();
+    if peers != before {
+        store.put_setting(PEERS_SETTING, &peers)?;
+    }
+    Ok(())
+}

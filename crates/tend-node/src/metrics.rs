@@ -1,0 +1,224 @@
+//! Prometheus metrics of a running device and a tiny HTTP/1.1 responder serving them at
+//! `/metrics`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Labels of a metric family: `(name, value)` pairs.
+pub type Labels = Vec<(String, String)>;
+
+/// Every metric a node exports. Counter names carry no `_total`: prometheus-client adds it.
+pub struct Metrics {
+    registry: Registry,
+    /// Wall time of a sync session, seconds, both roles.
+    pub sync_latency: Histogram,
+    pub facts_sent: Counter,
+    pub facts_received: Counter,
+    pub bytes_sent: Counter,
+    pub bytes_received: Counter,
+    pub sessions_opened: Counter,
+    pub sessions_completed: Counter,
+    pub sessions_aborted: Counter,
+    pub sessions_failed: Counter,
+    /// Rejected incoming facts, by reason label.
+    pub facts_rejected: Family<Labels, Counter>,
+    /// Connections refused at the handshake, by reason.
+    pub handshake_refusals: Family<Labels, Counter>,
+    /// Current selection score per peer.
+    pub peer_score: Family<Labels, Gauge<f64, AtomicU64>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `tend` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tend");
+        let sync_latency = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        let m = Metrics {
+            sync_latency: sync_latency.clone(),
+            facts_sent: Counter::default(),
+            facts_received: Counter::default(),
+            bytes_sent: Counter::default(),
+            bytes_received: Counter::default(),
+            sessions_opened: Counter::default(),
+            sessions_completed: Counter::default(),
+            sessions_aborted: Counter::default(),
+            sessions_failed: Counter::default(),
+            facts_rejected: Family::default(),
+            handshake_refusals: Family::default(),
+            peer_score: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "sync_latency_seconds",
+            "Duration of sync sessions",
+            sync_latency,
+        );
+        registry.register("facts_sent", "Facts sent to peers", m.facts_sent.clone());
+        registry.register(
+            "facts_received",
+            "Facts received from peers",
+            m.facts_received.clone(),
+        );
+        registry.register(
+            "sync_bytes_sent",
+            "Sync message bytes sent",
+            m.bytes_sent.clone(),
+        );
+        registry.register(
+            "sync_bytes_received",
+            "Sync message bytes received",
+            m.bytes_received.clone(),
+        );
+        registry.register(
+            "sessions_opened",
+            "Sync sessions opened, both roles",
+            m.sessions_opened.clone(),
+        );
+        registry.register(
+            "sessions_completed",
+            "Sync sessions that completed",
+            m.sessions_completed.clone(),
+        );
+        registry.register(
+            "sessions_aborted",
+            "Sync sessions aborted (epoch advanced, closed)",
+            m.sessions_aborted.clone(),
+        );
+        registry.register(
+            "sessions_failed",
+            "Sync sessions that failed or were refused",
+            m.sessions_failed.clone(),
+        );
+        registry.register(
+            "facts_rejected",
+            "Incoming facts rejected, by reason",
+            m.facts_rejected.clone(),
+        );
+        registry.register(
+            "handshake_refusals",
+            "Connections refused at the handshake, by reason",
+            m.handshake_refusals.clone(),
+        );
+        registry.register(
+            "peer_score",
+            "Peer selection score in [0, 1]",
+            m.peer_score.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Counts a rejected fact.
+    pub fn reject(&self, reason: &str, n: u64) {
+        self.facts_rejected
+            .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .inc_by(n);
+    }
+
+    /// Counts a handshake refusal.
+    pub fn refuse(&self, reason: &str) {
+        self.handshake_refusals
+            .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .inc();
+    }
+
+    /// Sets a peer's score gauge.
+    pub fn set_score(&self, peer: &str, score: f64) {
+        self.peer_score
+            .get_or_create(&vec![("peer".to_string(), peer.to_string())])
+            .set(score);
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Largest HTTP request head read; anything longer is answered 431 and dropped.
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+
+/// Serves `GET /metrics` on `listener` until the task is dropped. Anything else gets 404;
+/// the connection is closed after each response.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(1024);
+            let mut chunk = [0u8; 1024];
+            let head_complete = loop {
+                let read = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    stream.read(&mut chunk),
+                )
+                .await;
+                match read {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break false,
+                    Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+                }
+                if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break true;
+                }
+                if buf.len() > MAX_REQUEST_HEAD {
+                    break false;
+                }
+            };
+            let response = if !head_complete {
+                http_response("431 Request Header Fields Too Large", "text/plain", "")
+            } else {
+                let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
+                let line = String::from_utf8_lossy(line);
+                let mut parts = line.split_whitespace();
+                match (parts.next(), parts.next()) {
+                    (Some("GET"), Some("/metrics")) => http_response(
+                        "200 OK",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        &metrics.render(),
+                    ),
+                    _ => http_response("404 Not Found", "text/plain", "not found\n"),
+                }
+            };
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+fn http_response(status: &str, content_type: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Binds the metrics listener (loopback in tests).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

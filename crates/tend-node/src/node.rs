@@ -1,0 +1,1194 @@
+//! The running device: an iroh endpoint, the sync driver (periodic rounds, incoming
+//! sessions) that moves tend-sync's session state machines over QUIC streams, the
+//! control socket and the metrics endpoint.
+//!
+//! Sessions are owned by one [`SessionManager`] behind a mutex; each session has a driver
+//! task that owns the stream's send half and one channel on which it receives, in order,
+//! frames read by a reader task, frames the state machine wants sent, and the session's
+//! end. Incoming facts are checked against the reduced state and buffered while the
+//! state machine runs, then written with one `insert_batch` per message, so a batch of 512
+//! facts costs one redb commit, not 512.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use iroh::endpoint::{Connection, RecvStream, SendStream};
+use iroh::Endpoint;
+use serde::{Deserialize, Serialize};
+use tend_core::{
+    DeviceId, Epoch, FactId, JournalError, JournalNamespace, MaintenanceState, Payload,
+    ProtocolVersion, VerifiedFact,
+};
+use tend_store::{Store, StoreError};
+use tend_sync::{
+    AbortReason, FactHost, FailReason, FenceStatus, LocalView, ManagerAction, ManagerConfig,
+    ManagerError, MemItems, MessageError, Outcome, PeerConfig, PeerManager, PeerStatus, SessionId,
+    SessionManager, SessionResult, SessionStats, SharedItems, SyncItem,
+};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+
+use crate::device::{Device, DeviceError, JournalStatus};
+use crate::discovery::{self, AddressSource, PeerAddr, StaticPeers};
+use crate::endpoint::{self, close_code, FrameError};
+use crate::metrics::Metrics;
+
+/// How a node runs.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Where the endpoint listens (loopback in tests and devnets).
+    pub listen: SocketAddr,
+    /// Static peers (`--peer`); they are also persisted in the store's `peers` setting.
+    pub peers: Vec<PeerAddr>,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics: Option<SocketAddr>,
+    /// Time between sync rounds.
+    pub sync_interval: Duration,
+    /// Peers contacted per round.
+    pub fanout: usize,
+    /// Immediate retries of a session aborted because an identity epoch advanced.
+    pub epoch_retries: u32,
+    /// Give up connecting to a peer after this long.
+    pub connect_timeout: Duration,
+    /// Whether to serve the control socket in the home.
+    pub control_socket: bool,
+    pub manager: ManagerConfig,
+    pub peer: PeerConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        let manager = ManagerConfig {
+            // Two devices may open sessions to each other at the same moment; a second
+            // slot per peer keeps that from being refused as busy.
+            max_per_peer: 2,
+            ..ManagerConfig::default()
+        };
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            peers: Vec::new(),
+            metrics: None,
+            sync_interval: Duration::from_secs(10),
+            fanout: 3,
+            epoch_retries: 3,
+            connect_timeout: Duration::from_secs(5),
+            control_socket: true,
+            manager,
+            peer: PeerConfig {
+                max_sessions_per_peer: 2,
+                ..PeerConfig::default()
+            },
+        }
+    }
+}
+
+/// Why the node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Endpoint(#[from] endpoint::EndpointError),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// What we know about one peer, as `tend peers` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PeerInfo {
+    pub device_id: String,
+    pub addr: Option<String>,
+    pub status: String,
+    pub trust: f64,
+    pub successful_syncs: u64,
+    pub failed_syncs: u64,
+    pub active_sessions: u32,
+    pub score: f64,
+    /// Blocked by this node (partition tests, operator).
+    pub blocked: bool,
+}
+
+/// The outcome of one session of a round, as `tend sync now` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerOutcome {
+    pub peer: String,
+    pub addr: String,
+    /// `completed`, `aborted: ...`, `refused: ...`, `failed: ...`, `unreachable: ...`.
+    pub result: String,
+    pub ok: bool,
+    pub attempts: u32,
+    pub facts_sent: u64,
+    pub facts_received: u64,
+    pub facts_accepted: u64,
+    pub facts_rejected: u64,
+    pub duration_ms: u64,
+}
+
+/// One sync round.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RoundReport {
+    pub sessions: Vec<PeerOutcome>,
+}
+
+impl RoundReport {
+    /// Whether every session completed.
+    pub fn all_ok(&self) -> bool {
+        self.sessions.iter().all(|s| s.ok)
+    }
+}
+
+/// A running device's status, as `tend status` and the control socket show it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NodeStatus {
+    pub device_id: String,
+    pub listen_addr: String,
+    pub metrics_addr: Option<String>,
+    pub namespace: String,
+    pub identity_epoch: u64,
+    pub peers: Vec<PeerInfo>,
+    pub journal: JournalStatus,
+}
+
+/// Events a session's driver task handles, in order.
+enum Ev {
+    /// A frame from the peer (or why reading stopped).
+    Incoming(Result<Vec<u8>, FrameError>),
+    /// A frame to send.
+    Send(Vec<u8>),
+    /// The session ended.
+    Closed(Outcome),
+}
+
+/// Known peers: scores from tend-sync's [`PeerManager`], addresses beside them.
+struct PeerBook {
+    manager: PeerManager,
+    addrs: HashMap<DeviceId, SocketAddr>,
+    blocked: HashSet<DeviceId>,
+}
+
+struct Inner {
+    device: Arc<Device>,
+    namespace: JournalNamespace,
+    config: NodeConfig,
+    endpoint: Endpoint,
+    listen: SocketAddr,
+    metrics: Arc<Metrics>,
+    metrics_addr: Mutex<Option<SocketAddr>>,
+    manager: Mutex<SessionManager>,
+    routes: Mutex<HashMap<SessionId, mpsc::UnboundedSender<Ev>>>,
+    peers: Mutex<PeerBook>,
+    sources: Mutex<Vec<Box<dyn AddressSource>>>,
+    /// Epoch of every fact id handed to a session, so `load_fact` can find the fact (the
+    /// store has no index by id alone).
+    epochs: Mutex<HashMap<FactId, Epoch>>,
+    /// The identity epoch sessions were last told about.
+    identity_epoch: AtomicU64,
+    next_wake: Mutex<Option<Duration>>,
+    wake: Notify,
+    round: tokio::sync::Mutex<()>,
+    start: Instant,
+    closing: AtomicBool,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    control_path: Mutex<Option<PathBuf>>,
+}
+
+/// Locks a mutex, recovering from poisoning: every critical section leaves the data
+/// consistent, so a panicked holder does not make it unusable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running device. Cloning gives another handle to the same node.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("device", &self.inner.device.device_id())
+            .field("listen", &self.inner.listen)
+            .finish()
+    }
+}
+
+/// What `tend run` prints when the node is up.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StartInfo {
+    pub device_id: String,
+    pub listen_addr: String,
+    pub metrics_addr: Option<String>,
+    pub control_socket: Option<String>,
+}
+
+impl Node {
+    /// Starts a node over an open device: binds the endpoint, starts accepting sessions,
+    /// the sync timer, and (as configured) the metrics endpoint and control socket.
+    pub async fn start(device: Device, config: NodeConfig) -> Result<Node, NodeError> {
+        let device = Arc::new(device);
+        let endpoint = endpoint::bind(device.key(), config.listen).await?;
+        let listen = endpoint::local_addr(&endpoint).unwrap_or(config.listen);
+        let namespace = device.namespace();
+        let state = device.store().maintenance_state(namespace)?;
+        let mut peer_manager = PeerManager::new(config.peer);
+        let mut addrs = HashMap::new();
+        let persisted = discovery::load_peers(device.store())?;
+        discovery::remember_peers(device.store(), &config.peers)?;
+        for p in persisted.iter().chain(&config.peers) {
+            if p.device != device.device_id() {
+                peer_manager.add(p.device, 1.0);
+                addrs.insert(p.device, p.addr);
+            }
+        }
+        let sources: Vec<Box<dyn AddressSource>> =
+            vec![Box::new(StaticPeers(config.peers.clone()))];
+        let inner = Arc::new(Inner {
+            namespace,
+            config: config.clone(),
+            endpoint,
+            listen,
+            metrics: Arc::new(Metrics::new()),
+            metrics_addr: Mutex::new(None),
+            manager: Mutex::new(SessionManager::new(config.manager.clone())),
+            routes: Mutex::new(HashMap::new()),
+            peers: Mutex::new(PeerBook {
+                manager: peer_manager,
+                addrs,
+                blocked: HashSet::new(),
+            }),
+            sources: Mutex::new(sources),
+            epochs: Mutex::new(HashMap::new()),
+            identity_epoch: AtomicU64::new(state.identity_epoch()),
+            next_wake: Mutex::new(None),
+            wake: Notify::new(),
+            round: tokio::sync::Mutex::new(()),
+            start: Instant::now(),
+            closing: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
+            control_path: Mutex::new(None),
+            device,
+        });
+        let node = Node { inner };
+        node.inner.update_score_gauges();
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(accept_loop(node.inner.clone())));
+        tasks.push(tokio::spawn(timer_loop(node.inner.clone())));
+        tasks.push(tokio::spawn(round_loop(node.clone())));
+        if let Some(addr) = config.metrics {
+            let listener = crate::metrics::bind(addr)
+                .await
+                .map_err(|source| NodeError::Metrics { addr, source })?;
+            *lock(&node.inner.metrics_addr) = listener.local_addr().ok();
+            tasks.push(tokio::spawn(crate::metrics::serve(
+                listener,
+                node.inner.metrics.clone(),
+            )));
+        }
+        if config.control_socket {
+            let (path, task) = crate::control::serve(node.clone())?;
+            *lock(&node.inner.control_path) = Some(path);
+            tasks.push(task);
+        }
+        lock(&node.inner.tasks).extend(tasks);
+        Ok(node)
+    }
+
+    /// The device (its store is shared with the node; redb serialises writes).
+    pub fn device(&self) -> &Arc<Device> {
+        &self.inner.device
+    }
+
+    /// The device id.
+    pub fn device_id(&self) -> DeviceId {
+        self.inner.device.device_id()
+    }
+
+    /// The address the endpoint listens on.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.inner.listen
+    }
+
+    /// This node as a peer address others can use.
+    pub fn peer_addr(&self) -> PeerAddr {
+        PeerAddr {
+            device: self.device_id(),
+            addr: self.inner.listen,
+        }
+    }
+
+    /// The metrics endpoint's address, if serving.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        *lock(&self.inner.metrics_addr)
+    }
+
+    /// The control socket's path, if serving.
+    pub fn control_path(&self) -> Option<PathBuf> {
+        lock(&self.inner.control_path).clone()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// What `tend run` prints at start.
+    pub fn start_info(&self) -> StartInfo {
+        StartInfo {
+            device_id: self.device_id().to_string(),
+            listen_addr: self.listen_addr().to_string(),
+            metrics_addr: self.metrics_addr().map(|a| a.to_string()),
+            control_socket: self.control_path().map(|p| p.display().to_string()),
+        }
+    }
+
+    /// Adds a peer address source (local discovery, rendezvous), asked every round.
+    pub fn add_source(&self, source: Box<dyn AddressSource>) {
+        lock(&self.inner.sources).push(source);
+    }
+
+    /// Adds (or moves) a peer and persists it in the `peers` setting.
+    pub fn add_peer(&self, peer: PeerAddr) -> Result<(), NodeError> {
+        self.inner.learn(&[peer]);
+        discovery::remember_peers(self.inner.device.store(), &[peer])?;
+        Ok(())
+    }
+
+    /// Blocks a peer: no sessions with it either way until unblocked.
+    pub fn block_peer(&self, device: DeviceId) {
+        lock(&self.inner.peers).blocked.insert(device);
+    }
+
+    /// Lifts a block.
+    pub fn unblock_peer(&self, device: &DeviceId) {
+        lock(&self.inner.peers).blocked.remove(device);
+    }
+
+    /// Known peers, with scores.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        self.inner.peer_infos()
+    }
+
+    /// The node's status.
+    pub fn status(&self) -> Result<NodeStatus, NodeError> {
+        let journal = self.inner.device.status()?;
+        let state = self.inner.state()?;
+        Ok(NodeStatus {
+            device_id: self.device_id().to_string(),
+            listen_addr: self.listen_addr().to_string(),
+            metrics_addr: self.metrics_addr().map(|a| a.to_string()),
+            namespace: self.inner.namespace.to_string(),
+            identity_epoch: state.identity_epoch(),
+            peers: self.peers(),
+            journal,
+        })
+    }
+
+    /// Appends a fact (signed at the current epoch). A membership change aborts the
+    /// sessions running under the old identity epoch at once.
+    pub fn append(&self, payload: Payload) -> Result<VerifiedFact, NodeError> {
+        let fact = self.inner.device.append(payload)?;
+        self.inner.after_local_write();
+        Ok(fact)
+    }
+
+    /// Appends an application fact.
+    pub fn add_fact(&self, kind: &str, data: &[u8]) -> Result<VerifiedFact, NodeError> {
+        let fact = self.inner.device.add_application_fact(kind, data)?;
+        self.inner.after_local_write();
+        Ok(fact)
+    }
+
+    /// Runs one sync round now: picks peers by score, syncs with each (retrying sessions
+    /// aborted by an epoch change), and returns every session's outcome.
+    pub async fn sync_now(&self) -> RoundReport {
+        let inner = self.inner.clone();
+        let _round = inner.round.lock().await;
+        let peers = inner.select_peers();
+        let mut handles = Vec::new();
+        for peer in peers {
+            let inner = inner.clone();
+            handles.push(tokio::spawn(async move { sync_peer(inner, peer).await }));
+        }
+        let mut report = RoundReport::default();
+        for h in handles {
+            if let Ok(outcome) = h.await {
+                report.sessions.push(outcome);
+            }
+        }
+        inner.update_score_gauges();
+        report
+    }
+
+    /// Syncs with one given peer now (adding it if unknown).
+    pub async fn sync_with(&self, peer: PeerAddr) -> PeerOutcome {
+        self.inner.learn(&[peer]);
+        sync_peer(self.inner.clone(), peer).await
+    }
+
+    /// Stops: closes sessions and the endpoint, stops every task, removes the control
+    /// socket.
+    pub async fn shutdown(&self) {
+        let inner = &self.inner;
+        if inner.closing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let now = inner.now();
+        let actions = {
+            let mut m = lock(&inner.manager);
+            let ids: Vec<SessionId> = lock(&inner.routes).keys().copied().collect();
+            let mut out = Vec::new();
+            for id in ids {
+                out.extend(m.close(now, id));
+            }
+            out
+        };
+        inner.dispatch(actions);
+        for t in lock(&inner.tasks).drain(..) {
+            t.abort();
+        }
+        let closing = inner.endpoint.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), closing).await;
+        if let Some(path) = lock(&inner.control_path).take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Opens the device in `home`, runs a node until SIGINT or SIGTERM, then shuts it down.
+/// `on_start` is called once the node is up (to print its id and address).
+pub fn run_blocking(
+    home: &Path,
+    config: NodeConfig,
+    on_start: impl FnOnce(&StartInfo),
+) -> Result<(), NodeError> {
+    let device = Device::open(home)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(NodeError::Runtime)?;
+    rt.block_on(async move {
+        let node = Node::start(device, config).await?;
+        on_start(&node.start_info());
+        wait_for_signal().await;
+        node.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+impl Inner {
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    fn store(&self) -> &Store {
+        self.device.store()
+    }
+
+    fn state(&self) -> Result<MaintenanceState, StoreError> {
+        self.store().maintenance_state(self.namespace)
+    }
+
+    /// Members of the current membership; empty before the device knows its journal.
+    fn members(&self) -> BTreeSet<DeviceId> {
+        self.state()
+            .ok()
+            .and_then(|s| s.membership().map(|m| m.members.clone()))
+            .unwrap_or_default()
+    }
+
+    fn learn(&self, peers: &[PeerAddr]) {
+        let me = self.device.device_id();
+        let mut book = lock(&self.peers);
+        for p in peers {
+            if p.device == me {
+                continue;
+            }
+            book.manager.add(p.device, 1.0);
+            if book.manager.get(&p.device).map(|m| m.status) == Some(PeerStatus::Offline) {
+                book.manager.set_status(&p.device, PeerStatus::Online);
+            }
+            book.addrs.insert(p.device, p.addr);
+        }
+    }
+
+    /// Peers for a round: the best-scored that have an address, are not blocked, and are
+    /// members (any configured peer while this device does not know its membership yet).
+    fn select_peers(&self) -> Vec<PeerAddr> {
+        let mut learned = Vec::new();
+        for s in lock(&self.sources).iter() {
+            learned.extend(s.peers());
+        }
+        self.learn(&learned);
+        let members = self.members();
+        let book = lock(&self.peers);
+        let candidates = book.manager.select(usize::MAX);
+        candidates
+            .into_iter()
+            .filter(|d| !book.blocked.contains(d))
+            .filter(|d| members.is_empty() || members.contains(d))
+            .filter_map(|d| {
+                book.addrs.get(&d).map(|a| PeerAddr {
+                    device: d,
+                    addr: *a,
+                })
+            })
+            .take(self.config.fanout.max(1))
+            .collect()
+    }
+
+    fn peer_infos(&self) -> Vec<PeerInfo> {
+        let book = lock(&self.peers);
+        let max = self.config.peer.max_sessions_per_peer;
+        book.manager
+            .iter()
+            .map(|p| PeerInfo {
+                device_id: p.device_id.to_string(),
+                addr: book.addrs.get(&p.device_id).map(|a| a.to_string()),
+                status: format!("{:?}", p.status).to_lowercase(),
+                trust: p.trust_level,
+                successful_syncs: p.successful_syncs,
+                failed_syncs: p.failed_syncs,
+                active_sessions: p.active_sessions,
+                score: p.score(max),
+                blocked: book.blocked.contains(&p.device_id),
+            })
+            .collect()
+    }
+
+    fn update_score_gauges(&self) {
+        for p in self.peer_infos() {
+            self.metrics.set_score(&p.device_id, p.score);
+        }
+    }
+
+    /// The handshake view and the item snapshot a new session reconciles against.
+    fn session_inputs(&self) -> Result<(LocalView, SharedItems), StoreError> {
+        let state = self.state()?;
+        let mut items = Vec::new();
+        for item in self.store().items(self.namespace, ..)? {
+            let (epoch, id) = item?;
+            items.push(SyncItem { epoch, id });
+        }
+        {
+            let mut epochs = lock(&self.epochs);
+            for i in &items {
+                epochs.insert(i.id, i.epoch);
+            }
+        }
+        let local = LocalView {
+            device: self.device.device_id(),
+            namespace: self.namespace,
+            protocol: ProtocolVersion::CURRENT,
+            epoch: state.maintenance_epoch(),
+            fence: FenceStatus::from_state(&state, state.current_epoch(), ProtocolVersion::CURRENT),
+        };
+        Ok((local, Arc::new(MemItems::new(self.namespace, items))))
+    }
+
+    fn host(&self) -> StoreHost<'_> {
+        StoreHost {
+            inner: self,
+            state: self.state().ok(),
+            pending: Vec::new(),
+            pending_ids: HashSet::new(),
+        }
+    }
+
+    /// Writes the facts a state machine admitted, then aborts sessions whose identity
+    /// epoch is now stale. Returns the manager's resulting actions.
+    fn flush(&self, host: StoreHost<'_>, m: &mut SessionManager) -> Vec<ManagerAction> {
+        if !host.pending.is_empty() {
+            match self.store().insert_batch(&host.pending) {
+                Ok(report) => {
+                    let mut epochs = lock(&self.epochs);
+                    for f in &host.pending {
+                        epochs.insert(f.id(), f.epoch());
+                    }
+                    drop(epochs);
+                    for r in &report.rejected {
+                        self.metrics.reject(r.error.reason(), 1);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("cannot store received facts: {e}");
+                    self.metrics.reject(e.reason(), host.pending.len() as u64);
+                }
+            }
+        }
+        self.check_epoch(m)
+    }
+
+    /// Tells the manager when the store's identity epoch moved past the one sessions run
+    /// under (DESIGN rule 9).
+    fn check_epoch(&self, m: &mut SessionManager) -> Vec<ManagerAction> {
+        let Ok(state) = self.state() else {
+            return Vec::new();
+        };
+        let e = state.identity_epoch();
+        if e > self.identity_epoch.fetch_max(e, Ordering::SeqCst) {
+            m.identity_epoch_advanced(self.now(), self.namespace, e)
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn after_local_write(&self) {
+        let actions = {
+            let mut m = lock(&self.manager);
+            self.check_epoch(&mut m)
+        };
+        self.dispatch(actions);
+    }
+
+    /// A frame arrived for session `sid`.
+    fn handle(&self, sid: SessionId, bytes: &[u8]) {
+        let now = self.now();
+        let actions = {
+            let mut m = lock(&self.manager);
+            let mut host = self.host();
+            let mut actions = m.handle(now, sid, bytes, &mut host);
+            actions.extend(self.flush(host, &mut m));
+            actions
+        };
+        self.dispatch(actions);
+    }
+
+    /// Timers of every session.
+    fn poll(&self) {
+        let now = self.now();
+        let actions = {
+            let mut m = lock(&self.manager);
+            let mut host = self.host();
+            let mut actions = m.poll(now, &mut host);
+            actions.extend(self.flush(host, &mut m));
+            actions
+        };
+        self.dispatch(actions);
+    }
+
+    /// Ends session `sid` from our side.
+    fn close(&self, sid: SessionId) {
+        let now = self.now();
+        let actions = lock(&self.manager).close(now, sid);
+        self.dispatch(actions);
+    }
+
+    /// Carries out the manager's effects: frames and ends go to the sessions' drivers.
+    fn dispatch(&self, actions: Vec<ManagerAction>) {
+        for a in actions {
+            match a {
+                ManagerAction::Send { session, bytes, .. } => {
+                    if let Some(tx) = lock(&self.routes).get(&session) {
+                        let _ = tx.send(Ev::Send(bytes));
+                    }
+                }
+                ManagerAction::WakeAt(t) => {
+                    let mut w = lock(&self.next_wake);
+                    if w.is_none_or(|cur| t < cur) {
+                        *w = Some(t);
+                        self.wake.notify_one();
+                    }
+                }
+                ManagerAction::Closed {
+                    session, outcome, ..
+                } => {
+                    if let Some(tx) = lock(&self.routes).remove(&session) {
+                        let _ = tx.send(Ev::Closed(outcome));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Books a finished session: peer score, metrics.
+    fn record(&self, peer: DeviceId, outcome: &Outcome) {
+        let s = &outcome.stats;
+        let m = &self.metrics;
+        m.sync_latency.observe(s.duration.as_secs_f64());
+        m.facts_sent.inc_by(s.facts_sent);
+        m.facts_received.inc_by(s.facts_received);
+        m.bytes_sent.inc_by(s.bytes_sent);
+        m.bytes_received.inc_by(s.bytes_received);
+        for (reason, n) in &s.rejected {
+            m.reject(reason, *n);
+        }
+        match &outcome.result {
+            SessionResult::Completed => {
+                m.sessions_completed.inc();
+            }
+            SessionResult::Aborted { .. } => {
+                m.sessions_aborted.inc();
+            }
+            SessionResult::Refused { by_peer, reason } => {
+                m.sessions_failed.inc();
+                if !by_peer {
+                    m.refuse(refuse_label(reason));
+                }
+            }
+            SessionResult::Failed(_) => {
+                m.sessions_failed.inc();
+            }
+        }
+        let mut book = lock(&self.peers);
+        book.manager.session_ended(&peer, &outcome.result);
+        if let Some(score) = book.manager.score(&peer) {
+            m.set_score(&peer.to_string(), score);
+        }
+    }
+}
+
+fn refuse_label(r: &tend_sync::RefuseReason) -> &'static str {
+    use tend_sync::RefuseReason as R;
+    match r {
+        R::NotAuthorized => "not_member",
+        R::UnknownNamespace(_) => "unknown_namespace",
+        R::IncompatibleProtocol { .. } => "protocol",
+        R::FenceNotSatisfied { .. } => "fence",
+        R::PeerFenceNotSatisfied { .. } => "peer_fence",
+        R::Busy => "busy",
+    }
+}
+
+/// The store as tend-sync sees it during one state-machine call: admitted facts are
+/// checked against a copy of the reduced state and buffered; [`Inner::flush`] writes them.
+struct StoreHost<'a> {
+    inner: &'a Inner,
+    /// `None` if the store could not be read: everything is then refused.
+    state: Option<MaintenanceState>,
+    pending: Vec<VerifiedFact>,
+    pending_ids: HashSet<FactId>,
+}
+
+impl FactHost for StoreHost<'_> {
+    fn load_fact(&self, namespace: JournalNamespace, id: &FactId) -> Option<Vec<u8>> {
+        let epoch = *lock(&self.inner.epochs).get(id)?;
+        match self.inner.store().get(namespace, epoch, id) {
+            Ok(f) => f.map(|f| f.into_bytes()),
+            Err(e) => {
+                tracing::warn!("cannot load fact {id}: {e}");
+                None
+            }
+        }
+    }
+
+    fn admit(&mut self, fact: VerifiedFact) -> Result<bool, JournalError> {
+        let Some(state) = self.state.as_mut() else {
+            return Err(JournalError::NamespaceMismatch {
+                ours: self.inner.namespace,
+                theirs: fact.namespace(),
+            });
+        };
+        if self.pending_ids.contains(&fact.id())
+            || self
+                .inner
+                .store()
+                .contains(fact.namespace(), fact.epoch(), &fact.id())
+                .unwrap_or(false)
+        {
+            return Ok(false);
+        }
+        state.check_admission(&fact)?;
+        if matches!(fact.payload(), Payload::Application { .. }) {
+            state.observe_epoch(fact.epoch());
+        } else {
+            // A membership change earlier in the batch governs later facts.
+            state.apply(&fact);
+        }
+        self.pending_ids.insert(fact.id());
+        self.pending.push(fact);
+        Ok(true)
+    }
+
+    fn is_authorized(&self, _namespace: JournalNamespace, peer: &DeviceId) -> bool {
+        self.state
+            .as_ref()
+            .and_then(|s| s.membership())
+            .is_some_and(|m| m.members.contains(peer))
+    }
+}
+
+/// A frame limit a little above the largest message, so an honest peer never hits it.
+fn frame_limit(inner: &Inner) -> usize {
+    inner.config.manager.session.max_message_bytes + 1024
+}
+
+fn spawn_reader(mut recv: RecvStream, tx: mpsc::UnboundedSender<Ev>, max: usize) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let r = endpoint::read_frame(&mut recv, max).await;
+            let end = r.is_err();
+            if tx.send(Ev::Incoming(r)).is_err() || end {
+                break;
+            }
+        }
+    })
+}
+
+/// Runs one session's I/O until it ends; returns its outcome.
+async fn drive(
+    inner: &Arc<Inner>,
+    sid: SessionId,
+    send: &mut SendStream,
+    mut rx: mpsc::UnboundedReceiver<Ev>,
+) -> Outcome {
+    // A framing error is the peer's fault even though the state machine only sees a close.
+    let mut misbehaved: Option<FailReason> = None;
+    let mut broken = false;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Ev::Incoming(Ok(bytes)) => inner.handle(sid, &bytes),
+            Ev::Incoming(Err(FrameError::Oversized { len, max })) => {
+                misbehaved = Some(FailReason::Garbage(MessageError::Oversized { len, max }));
+                inner.close(sid);
+            }
+            Ev::Incoming(Err(_)) => inner.close(sid),
+            Ev::Send(bytes) => {
+                if !broken && endpoint::write_frame(send, &bytes).await.is_err() {
+                    broken = true;
+                    inner.close(sid);
+                }
+            }
+            Ev::Closed(mut outcome) => {
+                if let Some(reason) = misbehaved {
+                    outcome.result = SessionResult::Failed(reason);
+                }
+                let _ = send.finish();
+                return outcome;
+            }
+        }
+    }
+    Outcome {
+        result: SessionResult::Aborted {
+            by_peer: false,
+            reason: AbortReason::Closed,
+        },
+        stats: SessionStats::default(),
+    }
+}
+
+/// Closes a connection as a session's end demands: misbehaviour disconnects the peer.
+fn close_after(conn: &Connection, outcome: &Outcome) {
+    if let SessionResult::Failed(reason) = &outcome.result {
+        if reason.is_misbehaviour() {
+            conn.close(
+                endpoint::code(close_code::MISBEHAVIOUR),
+                reason.to_string().as_bytes(),
+            );
+        }
+    }
+}
+
+fn describe(result: &SessionResult) -> String {
+    match result {
+        SessionResult::Completed => "completed".into(),
+        SessionResult::Aborted { by_peer, reason } => {
+            format!(
+                "aborted{}: {reason}",
+                if *by_peer { " by peer" } else { "" }
+            )
+        }
+        SessionResult::Refused { reason, .. } => format!("refused: {reason}"),
+        SessionResult::Failed(reason) => format!("failed: {reason}"),
+    }
+}
+
+/// Syncs with one peer, retrying at once when an identity epoch change aborted it.
+async fn sync_peer(inner: Arc<Inner>, peer: PeerAddr) -> PeerOutcome {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let (outcome, err) = match initiate(&inner, peer).await {
+            Ok(o) => (Some(o), None),
+            Err(e) => (None, Some(e)),
+        };
+        let retry = outcome.as_ref().is_some_and(|o| o.result.should_retry());
+        if retry && attempts <= inner.config.epoch_retries {
+            continue;
+        }
+        let mut out = PeerOutcome {
+            peer: peer.device.to_string(),
+            addr: peer.addr.to_string(),
+            result: String::new(),
+            ok: false,
+            attempts,
+            facts_sent: 0,
+            facts_received: 0,
+            facts_accepted: 0,
+            facts_rejected: 0,
+            duration_ms: 0,
+        };
+        match (outcome, err) {
+            (Some(o), _) => {
+                out.result = describe(&o.result);
+                out.ok = o.result.is_success();
+                out.facts_sent = o.stats.facts_sent;
+                out.facts_received = o.stats.facts_received;
+                out.facts_accepted = o.stats.facts_accepted;
+                out.facts_rejected = o.stats.rejected_total();
+                out.duration_ms = o.stats.duration.as_millis() as u64;
+            }
+            (None, e) => out.result = format!("unreachable: {}", e.unwrap_or_default()),
+        }
+        return out;
+    }
+}
+
+/// One session as initiator. Errors before the session exists (connect, stream) are
+/// returned as text and count as a failed sync.
+async fn initiate(inner: &Arc<Inner>, peer: PeerAddr) -> Result<Outcome, String> {
+    let fail = |inner: &Inner, msg: String| {
+        let mut book = lock(&inner.peers);
+        book.manager.session_started(&peer.device);
+        book.manager.session_ended(
+            &peer.device,
+            &SessionResult::Failed(FailReason::Local(msg.clone())),
+        );
+        drop(book);
+        inner.metrics.sessions_failed.inc();
+        msg
+    };
+    if inner.closing.load(Ordering::SeqCst) {
+        return Err("shutting down".into());
+    }
+    let addr = endpoint::endpoint_addr(peer.device, peer.addr).map_err(|e| e.to_string())?;
+    let conn = match tokio::time::timeout(
+        inner.config.connect_timeout,
+        inner.endpoint.connect(addr, endpoint::SYNC_ALPN),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(fail(inner, format!("connect: {e}"))),
+        Err(_) => return Err(fail(inner, "connect: timed out".into())),
+    };
+    let (mut send, recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return Err(fail(inner, format!("open stream: {e}"))),
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let now = inner.now();
+    let opened = {
+        let mut m = lock(&inner.manager);
+        match inner.session_inputs() {
+            Ok((local, items)) => match m.open(now, peer.device, local, items) {
+                Ok((sid, actions)) => {
+                    lock(&inner.routes).insert(sid, tx.clone());
+                    Ok((sid, actions))
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let (sid, actions) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            conn.close(endpoint::code(close_code::DONE), b"no session");
+            return Err(fail(inner, e));
+        }
+    };
+    lock(&inner.peers).manager.session_started(&peer.device);
+    inner.metrics.sessions_opened.inc();
+    inner.dispatch(actions);
+    let reader = spawn_reader(recv, tx, frame_limit(inner));
+    let outcome = drive(inner, sid, &mut send, rx).await;
+    reader.abort();
+    close_after(&conn, &outcome);
+    if outcome.result.is_success() {
+        conn.close(endpoint::code(close_code::DONE), b"done");
+    } else {
+        // Let an Abort we sent reach the peer before the connection goes.
+        let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+        conn.close(endpoint::code(close_code::DONE), b"session ended");
+    }
+    inner.record(peer.device, &outcome);
+    Ok(outcome)
+}
+
+async fn accept_loop(inner: Arc<Inner>) {
+    while let Some(incoming) = inner.endpoint.accept().await {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let Ok(conn) = incoming.await else {
+                return;
+            };
+            serve_connection(inner, conn).await;
+        });
+    }
+}
+
+/// Admits a connection only from a member (DESIGN section 4): anyone else is closed with
+/// [`close_code::NOT_MEMBER`] before a stream is accepted. Then serves its sessions.
+async fn serve_connection(inner: Arc<Inner>, conn: Connection) {
+    let peer = endpoint::device_of(conn.remote_id());
+    let blocked = lock(&inner.peers).blocked.contains(&peer);
+    if blocked {
+        inner.metrics.refuse("blocked");
+        conn.close(
+            endpoint::code(close_code::NOT_MEMBER),
+            b"blocked by this device",
+        );
+        return;
+    }
+    if !inner.members().contains(&peer) {
+        inner.metrics.refuse("not_member");
+        conn.close(
+            endpoint::code(close_code::NOT_MEMBER),
+            b"not a member of this authority",
+        );
+        return;
+    }
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let inner = inner.clone();
+        let conn = conn.clone();
+        tokio::spawn(async move { respond(inner, conn, peer, send, recv).await });
+    }
+}
+
+/// One session as responder.
+async fn respond(
+    inner: Arc<Inner>,
+    conn: Connection,
+    peer: DeviceId,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let limit = frame_limit(&inner);
+    let idle = inner.config.manager.session.idle_timeout;
+    let hello = match tokio::time::timeout(idle, endpoint::read_frame(&mut recv, limit)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(FrameError::Oversized { len, max })) => {
+            inner.metrics.refuse("oversized_frame");
+            let mut book = lock(&inner.peers);
+            book.manager.add(peer, 1.0);
+            book.manager.session_started(&peer);
+            book.manager.session_ended(
+                &peer,
+                &SessionResult::Failed(FailReason::Garbage(MessageError::Oversized { len, max })),
+            );
+            drop(book);
+            conn.close(endpoint::code(close_code::MISBEHAVIOUR), b"oversized frame");
+            return;
+        }
+        _ => return,
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let now = inner.now();
+    let accepted = {
+        let mut m = lock(&inner.manager);
+        let mut host = inner.host();
+        match inner.session_inputs() {
+            Ok((local, items)) => match m.accept(now, peer, &hello, local, items, &mut host) {
+                Ok((sid, actions)) => {
+                    lock(&inner.routes).insert(sid, tx.clone());
+                    Ok((sid, actions))
+                }
+                Err(ManagerError::AtCapacity { refusal, .. }) => Err(Some(refusal)),
+                Err(e) => {
+                    tracing::warn!("cannot accept a session: {e}");
+                    Err(None)
+                }
+            },
+            Err(e) => {
+                tracing::warn!("cannot read the store for a session: {e}");
+                Err(None)
+            }
+        }
+    };
+    let (sid, actions) = match accepted {
+        Ok(x) => x,
+        Err(refusal) => {
+            if let Some(bytes) = refusal {
+                inner.metrics.refuse("busy");
+                let _ = endpoint::write_frame(&mut send, &bytes).await;
+            }
+            let _ = send.finish();
+            return;
+        }
+    };
+    {
+        // Incoming members are scored too, so misbehaviour demotes them.
+        let mut book = lock(&inner.peers);
+        book.manager.add(peer, 1.0);
+        book.manager.session_started(&peer);
+    }
+    inner.metrics.sessions_opened.inc();
+    inner.dispatch(actions);
+    let reader = spawn_reader(recv, tx, limit);
+    let outcome = drive(&inner, sid, &mut send, rx).await;
+    reader.abort();
+    close_after(&conn, &outcome);
+    inner.record(peer, &outcome);
+}
+
+/// Runs session timers: at the earliest requested wake-up, and at least every 250 ms
+/// (which also notices identity-epoch changes written to the store directly).
+async fn timer_loop(inner: Arc<Inner>) {
+    loop {
+        let now = inner.now();
+        let wait = lock(&inner.next_wake)
+            .map(|t| t.saturating_sub(now))
+            .unwrap_or(Duration::from_millis(250))
+            .min(Duration::from_millis(250));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = inner.wake.notified() => continue,
+        }
+        {
+            let mut w = lock(&inner.next_wake);
+            if w.is_some_and(|t| t <= inner.now()) {
+                *w = None;
+            }
+        }
+        inner.poll();
+    }
+}
+
+/// A sync round every `sync_interval`.
+async fn round_loop(node: Node) {
+    let mut tick = tokio::time::interval(node.inner.config.sync_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if node.inner.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        node.sync_now().await;
+    }
+}

@@ -1,0 +1,188 @@
+//! Helpers of the network tests: authorities of real device homes in tempdirs, nodes on
+//! loopback, convergence waits, metrics scraping.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tend_core::authority::{AuthorityFact, MembershipChange};
+use tend_core::{DeviceId, Epoch, GroupKey, Hash32, Payload, UnsignedFact, VerifiedFact};
+use tend_node::{Device, Node, NodeConfig, PeerAddr};
+
+/// Homes of one authority: device 0 is the admin, the others were added by a membership
+/// change. `bootstrap[i]` says whether device i got the admin's genesis and membership
+/// change out of band (else it learns them by syncing).
+pub struct Fleet {
+    pub dir: TempDir,
+    pub devices: Vec<Option<Device>>,
+    pub ids: Vec<DeviceId>,
+}
+
+impl Fleet {
+    pub fn new(n: usize, bootstrap: &[bool]) -> Fleet {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut rng = rand::thread_rng();
+        let admin = Device::init(&dir.path().join("d0"), &mut rng).expect("init admin");
+        let ns = admin.namespace();
+        let mut devices = vec![admin];
+        for i in 1..n {
+            let home = dir.path().join(format!("d{i}"));
+            devices.push(Device::init_joining(&home, ns, &mut rng).expect("init joining"));
+        }
+        let ids: Vec<DeviceId> = devices.iter().map(|d| d.device_id()).collect();
+        let change = add_members(&devices[0], &ids, 1);
+        let maintenance: Vec<VerifiedFact> = devices[0]
+            .store()
+            .scan_maintenance(ns)
+            .expect("scan")
+            .map(|f| f.expect("fact").verify().expect("verify"))
+            .collect();
+        assert!(maintenance.iter().any(|f| f.id() == change.id()));
+        for (i, d) in devices.iter().enumerate().skip(1) {
+            if bootstrap.get(i).copied().unwrap_or(true) {
+                let r = d.store().insert_batch(&maintenance).expect("bootstrap");
+                assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+            }
+        }
+        Fleet {
+            dir,
+            devices: devices.into_iter().map(Some).collect(),
+            ids,
+        }
+    }
+
+    pub fn take(&mut self, i: usize) -> Device {
+        self.devices[i].take().expect("device already taken")
+    }
+
+    pub fn device(&self, i: usize) -> &Device {
+        self.devices[i].as_ref().expect("device taken")
+    }
+
+    pub fn home(&self, i: usize) -> std::path::PathBuf {
+        self.dir.path().join(format!("d{i}"))
+    }
+}
+
+/// The admin's membership change making `members` (sorted here) the member set. It is
+/// signed at epoch 1 or later: a change at the genesis's own epoch may sort before the
+/// genesis in `(epoch, id)` order, and a fresh reduction then ignores it.
+pub fn add_members(admin: &Device, members: &[DeviceId], identity_epoch: u64) -> VerifiedFact {
+    let mut members = members.to_vec();
+    members.sort();
+    members.dedup();
+    let ns = admin.namespace();
+    let epoch = admin
+        .store()
+        .maintenance_state(ns)
+        .expect("state")
+        .current_epoch()
+        .max(Epoch(1));
+    let fact = UnsignedFact {
+        namespace: ns,
+        epoch,
+        payload: Payload::Authority(AuthorityFact::MembershipChanged(MembershipChange {
+            identity_epoch,
+            members,
+            threshold: 1,
+            group_key: GroupKey(admin.device_id().0),
+        })),
+    }
+    .sign(admin.key().signing_key());
+    let r = admin
+        .store()
+        .insert_batch(std::slice::from_ref(&fact))
+        .expect("insert");
+    assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+    fact
+}
+
+/// `count` application facts by `device`, signed directly and stored in batches.
+pub fn bulk_facts(device: &Device, tag: &str, count: usize) {
+    let ns = device.namespace();
+    let epoch = device
+        .store()
+        .maintenance_state(ns)
+        .expect("state")
+        .current_epoch();
+    let facts: Vec<VerifiedFact> = (0..count)
+        .map(|i| {
+            UnsignedFact {
+                namespace: ns,
+                epoch,
+                payload: Payload::Application {
+                    kind: "bulk".into(),
+                    data: format!("{tag}-{i}").into_bytes(),
+                },
+            }
+            .sign(device.key().signing_key())
+        })
+        .collect();
+    for chunk in facts.chunks(2000) {
+        let r = device.store().insert_batch(chunk).expect("insert");
+        assert!(r.rejected.is_empty());
+    }
+}
+
+/// A config for tests: loopback, fast rounds, no control socket.
+pub fn config(peers: Vec<PeerAddr>) -> NodeConfig {
+    NodeConfig {
+        peers,
+        sync_interval: Duration::from_millis(400),
+        fanout: 8,
+        control_socket: false,
+        ..NodeConfig::default()
+    }
+}
+
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+pub fn digest(node: &Node) -> Hash32 {
+    node.device().digest().expect("digest")
+}
+
+/// Waits until every node has the same journal digest; panics after `timeout`.
+pub async fn converge(nodes: &[&Node], timeout: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let d: Vec<Hash32> = nodes.iter().map(|n| digest(n)).collect();
+        if d.windows(2).all(|w| w[0] == w[1]) {
+            return start.elapsed();
+        }
+        if start.elapsed() > timeout {
+            let facts: Vec<u64> = nodes
+                .iter()
+                .map(|n| {
+                    n.device()
+                        .status()
+                        .map(|s| s.namespaces.iter().map(|x| x.facts).sum())
+                        .unwrap_or(0)
+                })
+                .collect();
+            panic!("no convergence after {timeout:?}: facts per node {facts:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Facts in the current journal of a node.
+pub fn fact_count(node: &Node) -> u64 {
+    let ns = node.device().namespace();
+    node.device()
+        .store()
+        .stats(ns)
+        .expect("stats")
+        .map_or(0, |s| s.facts)
+}
+
+/// The value of one metric line (`name{labels} value`) in a rendering, if present.
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == name_and_labels).then(|| v.parse().ok()).flatten()
+    })
+}

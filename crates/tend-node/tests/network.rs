@@ -1,0 +1,258 @@
+//! Real devices on loopback: iroh endpoints on 127.0.0.1, redb stores in tempdirs.
+
+mod common;
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use common::*;
+use tend_core::authority::{AuthorityFact, MembershipChange};
+use tend_core::{GroupKey, Payload};
+use tend_node::{Node, NodeConfig};
+use tend_sync::{ManagerConfig, Rate, RateConfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_devices_with_disjoint_facts_converge() {
+    // Device 2 joins with an empty store and learns the journal over the network.
+    let mut fleet = Fleet::new(3, &[true, true, false]);
+    bulk_facts(fleet.device(0), "a", 40);
+    bulk_facts(fleet.device(1), "b", 60);
+    let a = Node::start(fleet.take(0), config(vec![])).await.unwrap();
+    let b = Node::start(fleet.take(1), config(vec![a.peer_addr()]))
+        .await
+        .unwrap();
+    let c = Node::start(fleet.take(2), config(vec![a.peer_addr(), b.peer_addr()]))
+        .await
+        .unwrap();
+    a.add_peer(b.peer_addr()).unwrap();
+    a.add_peer(c.peer_addr()).unwrap();
+    b.add_peer(c.peer_addr()).unwrap();
+    // Once c knows the journal it writes facts of its own.
+    let start = std::time::Instant::now();
+    while c
+        .device()
+        .store()
+        .maintenance_state(c.device().namespace())
+        .unwrap()
+        .membership()
+        .is_none()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "c never learned the journal"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..25 {
+        c.add_fact("note", format!("c-{i}").as_bytes()).unwrap();
+    }
+    converge(&[&a, &b, &c], Duration::from_secs(20)).await;
+    // genesis + membership change + 40 + 60 + 25
+    assert_eq!(fact_count(&a), 127);
+    assert_eq!(fact_count(&c), 127);
+    // Peers persisted for the next start.
+    let stored = tend_node::discovery::load_peers(a.device().store()).unwrap();
+    assert!(stored.contains(&b.peer_addr()) && stored.contains(&c.peer_addr()));
+    for n in [&a, &b, &c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_devices_converge_after_a_partition_heals() {
+    let mut fleet = Fleet::new(5, &[true; 5]);
+    let mut nodes = Vec::new();
+    for i in 0..5 {
+        nodes.push(Node::start(fleet.take(i), config(vec![])).await.unwrap());
+    }
+    let addrs: Vec<_> = nodes.iter().map(|n| n.peer_addr()).collect();
+    let left = [0usize, 1];
+    let right = [2usize, 3, 4];
+    for &l in &left {
+        for &r in &right {
+            nodes[l].block_peer(addrs[r].device);
+            nodes[r].block_peer(addrs[l].device);
+        }
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        for (j, a) in addrs.iter().enumerate() {
+            if i != j {
+                n.add_peer(*a).unwrap();
+            }
+        }
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        for k in 0..10 {
+            n.add_fact("note", format!("{i}-{k}").as_bytes()).unwrap();
+        }
+    }
+    let side = |idx: &[usize]| idx.iter().map(|&i| &nodes[i]).collect::<Vec<_>>();
+    converge(&side(&left), Duration::from_secs(20)).await;
+    converge(&side(&right), Duration::from_secs(20)).await;
+    assert_ne!(digest(&nodes[0]), digest(&nodes[2]), "the partition leaked");
+    assert_eq!(fact_count(&nodes[0]), 2 + 20);
+    assert_eq!(fact_count(&nodes[2]), 2 + 30);
+    // Heal.
+    for &l in &left {
+        for &r in &right {
+            nodes[l].unblock_peer(&addrs[r].device);
+            nodes[r].unblock_peer(&addrs[l].device);
+        }
+    }
+    let all: Vec<&Node> = nodes.iter().collect();
+    converge(&all, Duration::from_secs(20)).await;
+    assert_eq!(fact_count(&nodes[4]), 2 + 50);
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_device_catches_up_on_10k_facts() {
+    let mut fleet = Fleet::new(2, &[true, true]);
+    bulk_facts(fleet.device(0), "bulk", 10_000);
+    let a = Node::start(fleet.take(0), config(vec![])).await.unwrap();
+    // The device that was offline starts and syncs once, on demand.
+    let cfg = NodeConfig {
+        sync_interval: Duration::from_secs(3600),
+        ..config(vec![])
+    };
+    let b = Node::start(fleet.take(1), cfg).await.unwrap();
+    let started = std::time::Instant::now();
+    let outcome = b.sync_with(a.peer_addr()).await;
+    let took = started.elapsed();
+    assert!(outcome.ok, "{outcome:?}");
+    // The round at start may run a session of its own alongside, sharing the work.
+    assert!(
+        outcome.facts_accepted + outcome.facts_received > 0,
+        "{outcome:?}"
+    );
+    assert_eq!(digest(&a), digest(&b));
+    assert_eq!(fact_count(&b), 10_002);
+    eprintln!("10k facts caught up in {took:?}");
+    assert!(took < Duration::from_secs(30));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_epoch_advancing_mid_session_aborts_and_the_retry_succeeds() {
+    let mut fleet = Fleet::new(2, &[true, true]);
+    bulk_facts(fleet.device(0), "slow", 1200);
+    let ids = fleet.ids.clone();
+    // The admin sends at most 500 facts/s per peer, so the session takes seconds.
+    let slow = NodeConfig {
+        sync_interval: Duration::from_secs(3600),
+        manager: ManagerConfig {
+            max_per_peer: 2,
+            rate: RateConfig {
+                per_peer: Rate {
+                    facts_per_sec: NonZeroU32::new(500),
+                    bytes_per_sec: None,
+                },
+                global: Rate::UNLIMITED,
+            },
+            ..ManagerConfig::default()
+        },
+        ..config(vec![])
+    };
+    let a = Node::start(fleet.take(0), slow).await.unwrap();
+    let b = Node::start(
+        fleet.take(1),
+        NodeConfig {
+            sync_interval: Duration::from_secs(3600),
+            ..config(vec![])
+        },
+    )
+    .await
+    .unwrap();
+    let session = {
+        let a = a.clone();
+        let peer = b.peer_addr();
+        tokio::spawn(async move { a.sync_with(peer).await })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        fact_count(&b) < 1202,
+        "the session ended too early to be interrupted"
+    );
+    // A membership change merged mid-session (same members, re-dealt): identity epoch 2.
+    let mut members = ids.clone();
+    members.sort();
+    a.append(Payload::Authority(AuthorityFact::MembershipChanged(
+        MembershipChange {
+            identity_epoch: 2,
+            members,
+            threshold: 1,
+            group_key: GroupKey(ids[0].0),
+        },
+    )))
+    .unwrap();
+    let outcome = session.await.unwrap();
+    assert!(outcome.ok, "{outcome:?}");
+    assert!(outcome.attempts >= 2, "{outcome:?}");
+    let text = a.metrics().render();
+    assert!(metric(&text, "tend_sessions_aborted_total").unwrap_or(0.0) >= 1.0);
+    assert_eq!(digest(&a), digest(&b));
+    assert_eq!(
+        b.device()
+            .store()
+            .maintenance_state(b.device().namespace())
+            .unwrap()
+            .identity_epoch(),
+        2
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_serves_counters_after_a_sync() {
+    let mut fleet = Fleet::new(2, &[true, true]);
+    bulk_facts(fleet.device(0), "m", 30);
+    let with_metrics = |peers| NodeConfig {
+        metrics: Some(loopback()),
+        sync_interval: Duration::from_secs(3600),
+        ..config(peers)
+    };
+    let a = Node::start(fleet.take(0), with_metrics(vec![]))
+        .await
+        .unwrap();
+    let b = Node::start(fleet.take(1), with_metrics(vec![a.peer_addr()]))
+        .await
+        .unwrap();
+    let report = b.sync_now().await;
+    assert!(report.all_ok() && report.sessions.len() == 1, "{report:?}");
+    assert_eq!(digest(&a), digest(&b));
+    let addr = b.metrics_addr().expect("metrics served");
+    let body = http_get(addr, "/metrics").await;
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    // The round at start may have run a session too.
+    assert!(
+        metric(&body, "tend_sessions_opened_total").unwrap() >= 1.0,
+        "{body}"
+    );
+    assert!(metric(&body, "tend_sessions_completed_total").unwrap() >= 1.0);
+    assert_eq!(metric(&body, "tend_facts_received_total"), Some(30.0));
+    assert!(metric(&body, "tend_sync_bytes_received_total").unwrap() > 0.0);
+    assert!(metric(&body, "tend_sync_latency_seconds_count").unwrap() >= 1.0);
+    let peer_score = format!("tend_peer_score{{peer=\"{}\"}}", a.device_id());
+    assert!(metric(&body, &peer_score).unwrap() > 0.5, "{body}");
+    // The responder counted what it sent.
+    let body_a = http_get(a.metrics_addr().unwrap(), "/metrics").await;
+    assert_eq!(metric(&body_a, "tend_facts_sent_total"), Some(30.0));
+    assert!(http_get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}

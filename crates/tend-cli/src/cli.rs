@@ -42,6 +42,13 @@ pub enum Command {
     Snapshot(crate::maint::SnapshotCommand),
     /// Prune what the latest verified snapshot covers, and compact the store.
     Gc(crate::maint::GcArgs),
+    /// Run the device: sync with peers over the network until SIGINT or SIGTERM.
+    Run(crate::net::RunArgs),
+    /// Peers of the running device, with their scores.
+    Peers,
+    /// Synchronise with peers.
+    #[command(subcommand)]
+    Sync(crate::net::SyncCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -93,7 +100,13 @@ pub fn run(args: Args) -> CmdResult {
                 format!("initialised device {id}\nhome {}", home.display()),
             ))
         }
+        Command::Run(run) => crate::net::run(&home, run, args.json),
+        Command::Peers => crate::net::peers(&home),
+        Command::Sync(cmd) => crate::net::sync(&home, cmd),
         Command::Fact(FactCommand::Add { kind, data }) => {
+            if let Some(out) = crate::net::add_fact_via_socket(&home, &kind, &data)? {
+                return Ok(out);
+            }
             let device = Device::open(&home)?;
             let fact = device.add_application_fact(&kind, data.as_bytes())?;
             Ok(Output::new(
@@ -102,8 +115,10 @@ pub fn run(args: Args) -> CmdResult {
             ))
         }
         Command::Journal(JournalCommand::Status) => {
-            let device = Device::open(&home)?;
-            let status = device.status()?;
+            let status = match crate::net::journal_status_via_socket(&home)? {
+                Some(status) => status,
+                None => Device::open(&home)?.status()?,
+            };
             let mut human = format!(
                 "device   {}\nstore    {} bytes\n",
                 status.device_id, status.store_bytes

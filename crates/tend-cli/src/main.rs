@@ -4,6 +4,7 @@
 
 mod cli;
 mod maint;
+mod net;
 mod output;
 
 use std::process::ExitCode;

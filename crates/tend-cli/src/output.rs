@@ -23,6 +23,10 @@ impl Output {
 /// Prints the output; a closed stdout (`tend ... | head`) is not an error worth a panic.
 pub fn print(out: &Output, json: bool) {
     use std::io::Write;
+    // A command that printed as it went (`tend run`) has nothing left to say.
+    if out.json.is_null() && out.human.is_empty() {
+        return;
+    }
     let text = if json {
         out.json.to_string()
     } else {

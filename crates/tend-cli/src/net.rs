@@ -1,0 +1,158 @@
+//! The networked commands: `tend run` (a device on its iroh endpoint), `tend peers`,
+//! `tend sync now`, and the control-socket path of commands that also work offline.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use clap::{Args as ClapArgs, Subcommand};
+use tend_node::control::Client;
+use tend_node::{JournalStatus, NodeConfig, PeerAddr};
+
+use crate::cli::CmdResult;
+use crate::output::Output;
+
+/// Options of `tend run`.
+#[derive(ClapArgs, Debug)]
+pub struct RunArgs {
+    /// Address the endpoint listens on (UDP).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// A static peer, DEVICE_ID@IP:PORT (repeatable); remembered in the store.
+    #[arg(long = "peer")]
+    pub peers: Vec<PeerAddr>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// Seconds between sync rounds.
+    #[arg(long, default_value_t = 10.0)]
+    pub sync_interval: f64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SyncCommand {
+    /// Run a sync round with the best peers now, and show each session's outcome.
+    Now,
+}
+
+fn no_device(home: &Path) -> Box<dyn std::error::Error> {
+    format!(
+        "no device is running in {} (start one with `tend run --home {}`)",
+        home.display(),
+        home.display()
+    )
+    .into()
+}
+
+/// `tend run`: runs the device until SIGINT or SIGTERM.
+pub fn run(home: &Path, args: RunArgs, json: bool) -> CmdResult {
+    if !(args.sync_interval.is_finite() && args.sync_interval > 0.0) {
+        return Err("--sync-interval must be a positive number of seconds".into());
+    }
+    let config = NodeConfig {
+        listen: args.listen,
+        peers: args.peers,
+        metrics: args.metrics,
+        sync_interval: Duration::from_secs_f64(args.sync_interval),
+        ..NodeConfig::default()
+    };
+    tend_node::node::run_blocking(home, config, |info| {
+        if json {
+            println!("{}", serde_json::to_string(info).unwrap_or_default());
+        } else {
+            println!("device  {}", info.device_id);
+            println!("listen  {}", info.listen_addr);
+            if let Some(m) = &info.metrics_addr {
+                println!("metrics http://{m}/metrics");
+            }
+        }
+    })?;
+    // Everything worth saying was printed at start.
+    Ok(Output::new(serde_json::Value::Null, ""))
+}
+
+/// `tend peers`.
+pub fn peers(home: &Path) -> CmdResult {
+    let mut client = Client::connect(home)?.ok_or_else(|| no_device(home))?;
+    let peers = client.peers()?;
+    let human = if peers.is_empty() {
+        "no peers".to_string()
+    } else {
+        peers
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}  {:<21}  {:<7} score {:.2}  trust {:.2}  ok {}  failed {}{}",
+                    p.device_id,
+                    p.addr.as_deref().unwrap_or("-"),
+                    p.status,
+                    p.score,
+                    p.trust,
+                    p.successful_syncs,
+                    p.failed_syncs,
+                    if p.blocked { "  blocked" } else { "" }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    Ok(Output::new(peers, human))
+}
+
+/// `tend sync now`.
+pub fn sync(home: &Path, cmd: SyncCommand) -> CmdResult {
+    match cmd {
+        SyncCommand::Now => {
+            let mut client = Client::connect(home)?.ok_or_else(|| no_device(home))?;
+            let report = client.sync_now()?;
+            let human = if report.sessions.is_empty() {
+                "no peer to sync with".to_string()
+            } else {
+                report
+                    .sessions
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{}  {}  sent {} received {} (new {}, rejected {})  {} ms",
+                            s.peer,
+                            s.result,
+                            s.facts_sent,
+                            s.facts_received,
+                            s.facts_accepted,
+                            s.facts_rejected,
+                            s.duration_ms
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            Ok(Output::new(report, human))
+        }
+    }
+}
+
+/// The journal status from the running device, if one answers in `home`.
+pub fn journal_status_via_socket(
+    home: &Path,
+) -> Result<Option<JournalStatus>, Box<dyn std::error::Error>> {
+    match Client::connect(home)? {
+        Some(mut c) => Ok(Some(c.journal_status()?)),
+        None => Ok(None),
+    }
+}
+
+/// Adds a fact through the running device, if one answers in `home`.
+pub fn add_fact_via_socket(
+    home: &Path,
+    kind: &str,
+    data: &str,
+) -> Result<Option<Output>, Box<dyn std::error::Error>> {
+    let Some(mut c) = Client::connect(home)? else {
+        return Ok(None);
+    };
+    let fact = c.add_fact(kind, data)?;
+    Ok(Some(Output::new(
+        serde_json::json!({ "id": fact.id, "epoch": fact.epoch }),
+        format!("added fact {} at epoch {}", fact.id, fact.epoch),
+    )))
+}

@@ -7,6 +7,8 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::JournalError;
 use crate::fact::VerifiedFact;
 use crate::ids::{Epoch, FactId, Hash32, JournalNamespace};
@@ -75,9 +77,20 @@ impl Journal {
         self.facts.values()
     }
 
-    /// The digest of the prefix `{ f : f.epoch < upto }` (DESIGN rule 3).
+    /// The digest of the prefix `{ f : f.epoch < upto }` (DESIGN rule 3) when no snapshot
+    /// precedes it.
     pub fn prefix_digest(&self, upto: Epoch) -> Hash32 {
         prefix_digest(self.namespace, upto, self.facts.keys().copied())
+    }
+
+    /// The digest of the prefix below `upto`, chained on `base`, the latest verified
+    /// snapshot below `upto` ([`crate::MaintenanceState::snapshot_base`]).
+    pub fn chained_prefix_digest(&self, upto: Epoch, base: Option<SnapshotBase>) -> Hash32 {
+        let mut d = DigestBuilder::chained(self.namespace, upto, base);
+        for (e, id) in self.facts.keys() {
+            d.push(*e, *id);
+        }
+        d.finish()
     }
 
     /// The digest of the whole journal: equal digests mean equal fact sets.
@@ -86,24 +99,48 @@ impl Journal {
     }
 }
 
+/// The verified snapshot a later prefix digest chains on. Facts below it are summarised by
+/// its digest, so a device that pruned them computes the same digest as an archive device.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct SnapshotBase {
+    pub epoch: Epoch,
+    pub digest: Hash32,
+}
+
 /// Streaming digest of `(epoch, id)` items given in ascending order. Used for snapshot
 /// prefixes and whole-journal digests alike, so the store can compute either with one scan.
 pub struct DigestBuilder {
     hasher: blake3::Hasher,
     upto: Option<Epoch>,
+    /// Items below this epoch are summarised by the base snapshot and skipped.
+    floor: Epoch,
     last: Option<(Epoch, FactId)>,
 }
 
 impl DigestBuilder {
     /// Items with `epoch >= upto` are ignored.
     pub fn prefix(namespace: JournalNamespace, upto: Epoch) -> Self {
+        Self::chained(namespace, upto, None)
+    }
+
+    /// A prefix digest chained on the previous verified snapshot: items below
+    /// `base.epoch` are ignored and the base's epoch and digest are hashed instead.
+    pub fn chained(namespace: JournalNamespace, upto: Epoch, base: Option<SnapshotBase>) -> Self {
         let mut hasher = blake3::Hasher::new();
-        hasher.update(b"tend-prefix-digest-v1");
+        hasher.update(match base {
+            None => b"tend-prefix-digest-v1".as_slice(),
+            Some(_) => b"tend-chained-prefix-digest-v1".as_slice(),
+        });
         hasher.update(&namespace.to_bytes());
         hasher.update(&upto.0.to_be_bytes());
+        if let Some(b) = &base {
+            hasher.update(&b.epoch.0.to_be_bytes());
+            hasher.update(&b.digest.0);
+        }
         Self {
             hasher,
             upto: Some(upto),
+            floor: base.map_or(Epoch::ZERO, |b| b.epoch),
             last: None,
         }
     }
@@ -116,6 +153,7 @@ impl DigestBuilder {
         Self {
             hasher,
             upto: None,
+            floor: Epoch::ZERO,
             last: None,
         }
     }
@@ -126,7 +164,7 @@ impl DigestBuilder {
             self.last.is_none_or(|l| l < (epoch, id)),
             "items out of order"
         );
-        if self.upto.is_some_and(|u| epoch >= u) {
+        if self.upto.is_some_and(|u| epoch >= u) || epoch < self.floor {
             return;
         }
         self.last = Some((epoch, id));

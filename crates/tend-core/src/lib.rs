@@ -20,6 +20,6 @@ pub use ids::{
     AuthorityId, ContentId, ContextId, DeviceId, Epoch, FactId, Hash32, JournalNamespace,
     MaintenanceEpoch, ProtocolVersion,
 };
-pub use journal::{prefix_digest, Journal};
+pub use journal::{prefix_digest, Journal, SnapshotBase};
 pub use maintenance::MaintenanceFact;
 pub use reduce::{reduce, MaintenanceState};

@@ -433,6 +433,18 @@ impl MaintenanceState {
         }
     }
 
+    /// The snapshot a prefix digest below `upto` chains on: the latest verified snapshot,
+    /// if it lies below `upto`.
+    pub fn snapshot_base(&self, upto: Epoch) -> Option<crate::journal::SnapshotBase> {
+        self.latest_snapshot
+            .as_ref()
+            .filter(|s| s.snapshot.epoch < upto)
+            .map(|s| crate::journal::SnapshotBase {
+                epoch: s.snapshot.epoch,
+                digest: s.snapshot.digest,
+            })
+    }
+
     /// DESIGN rule 4: facts below the latest verified snapshot may be pruned.
     pub fn gc_floor(&self) -> Option<Epoch> {
         self.latest_snapshot.as_ref().map(|s| s.snapshot.epoch)

@@ -56,9 +56,14 @@ impl<'a> StoreJournal<'a> {
 
     /// The snapshot blob of the prefix below `upto`, read from the store.
     pub fn try_snapshot_blob(&self, upto: Epoch) -> Result<SnapshotBlob, StoreError> {
+        // Items below an earlier snapshot may be pruned; the blob chains on that snapshot.
+        let from = self
+            .state
+            .snapshot_base(upto)
+            .map_or(Epoch::ZERO, |b| b.epoch);
         let items = self
             .store
-            .items(self.namespace, ..upto)?
+            .items(self.namespace, from..upto)?
             .collect::<Result<Vec<_>, _>>()?;
         let mut facts = Vec::new();
         for stored in self.store.scan_maintenance(self.namespace)? {
@@ -246,6 +251,8 @@ impl LocalFleet {
         target_epoch: Epoch,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<SnapshotCompleted, FleetError> {
+        // Devices agree on a prefix only after they exchanged their facts.
+        self.sync()?;
         self.install_keys(rng)?;
         let mut queue: VecDeque<(usize, CeremonyInput)> = VecDeque::new();
         queue.push_back((

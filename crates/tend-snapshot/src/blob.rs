@@ -1,10 +1,13 @@
 //! The snapshot blob: what a restore or a hydrating device needs, in canonical, versioned
 //! DAG-CBOR, addressed by `ContentId::of(CODEC_DAG_CBOR, bytes)`.
 //!
-//! Wire form: `[version, namespace, epoch, items, facts, state_digest]` where
+//! Wire form: `[version, namespace, epoch, base, items, facts, state_digest]` where
+//! - `base` is the verified snapshot the digest chains on (the latest one below `epoch`, as
+//!   the blob's facts reduce), or null for the first snapshot;
 //! - `items` is one byte string of 40-byte records `epoch (u64 big-endian) || fact id`,
-//!   strictly ascending: the whole prefix `{ f : f.epoch < epoch }`, so a device can
-//!   recompute the signed digest and tell whether a late fact is covered. One byte string
+//!   strictly ascending: the prefix `{ f : base.epoch <= f.epoch < epoch }`, so a device can
+//!   recompute the signed digest and tell whether a late fact is covered. Facts below the
+//!   base were covered by the earlier snapshot and may be pruned everywhere. One byte string
 //!   instead of a million small arrays keeps encoding and decoding linear and cheap.
 //! - `facts` holds the canonical bytes of the prefix's maintenance and authority facts, in
 //!   `(epoch, id)` order: all that reduction needs (application facts do not change the
@@ -17,9 +20,10 @@
 use serde_bytes::ByteBuf;
 use tend_core::encoding::{from_canonical, to_canonical};
 use tend_core::ids::CODEC_DAG_CBOR;
+use tend_core::journal::DigestBuilder;
 use tend_core::{
-    prefix_digest, reduce, AuthorityId, ContentId, Epoch, FactId, Hash32, Journal,
-    JournalNamespace, MaintenanceState, Payload, VerifiedFact,
+    reduce, AuthorityId, ContentId, Epoch, FactId, Hash32, Journal, JournalNamespace,
+    MaintenanceState, Payload, SnapshotBase, VerifiedFact,
 };
 
 /// The blob format this release writes and reads.
@@ -47,7 +51,9 @@ pub struct SnapshotBlob {
     pub namespace: JournalNamespace,
     /// The snapshot epoch E: the blob covers `{ f : f.epoch < E }`.
     pub epoch: Epoch,
-    /// Every `(epoch, id)` of the prefix, strictly ascending.
+    /// The earlier snapshot this one chains on (derived from `facts`, checked on decode).
+    pub base: Option<SnapshotBase>,
+    /// Every `(epoch, id)` of the prefix from the base's epoch on, strictly ascending.
     pub items: Vec<(Epoch, FactId)>,
     /// The prefix's maintenance and authority facts, ascending.
     pub facts: Vec<VerifiedFact>,
@@ -75,17 +81,23 @@ impl SnapshotBlob {
         Self::from_parts(journal.namespace(), epoch, items, facts)
     }
 
-    /// A blob from its parts; `items` must be strictly ascending and below `epoch`, and
-    /// `facts` the state facts among them (the state digest is computed here).
+    /// A blob from its parts: `items` strictly ascending and below `epoch` (items below the
+    /// base snapshot, if given, are dropped), `facts` every state fact below `epoch`,
+    /// ascending. The base and the state digest are derived here.
     pub fn from_parts(
         namespace: JournalNamespace,
         epoch: Epoch,
-        items: Vec<(Epoch, FactId)>,
+        mut items: Vec<(Epoch, FactId)>,
         facts: Vec<VerifiedFact>,
     ) -> Self {
+        let base = reduce(namespace, &facts).snapshot_base(epoch);
+        if let Some(b) = base {
+            items.retain(|(e, _)| *e >= b.epoch);
+        }
         let mut blob = Self {
             namespace,
             epoch,
+            base,
             items,
             facts,
             state_digest: Hash32([0; 32]),
@@ -107,7 +119,11 @@ impl SnapshotBlob {
 
     /// The digest of the prefix (what `SnapshotV1::digest` certifies).
     pub fn prefix_digest(&self) -> Hash32 {
-        prefix_digest(self.namespace, self.epoch, self.items.iter().copied())
+        let mut d = DigestBuilder::chained(self.namespace, self.epoch, self.base);
+        for (e, id) in &self.items {
+            d.push(*e, *id);
+        }
+        d.finish()
     }
 
     /// Canonical DAG-CBOR bytes.
@@ -126,6 +142,7 @@ impl SnapshotBlob {
             SNAPSHOT_BLOB_VERSION,
             &self.namespace,
             self.epoch,
+            self.base,
             serde_bytes::Bytes::new(&packed),
             facts,
             self.state_digest,
@@ -141,12 +158,20 @@ impl SnapshotBlob {
     /// epoch, every fact verifying, in the namespace and listed among the items, and the
     /// state digest matching what the facts reduce to.
     pub fn decode(bytes: &[u8]) -> Result<Self, BlobError> {
-        type Wire = (u64, JournalNamespace, Epoch, ByteBuf, Vec<ByteBuf>, Hash32);
+        type Wire = (
+            u64,
+            JournalNamespace,
+            Epoch,
+            Option<SnapshotBase>,
+            ByteBuf,
+            Vec<ByteBuf>,
+            Hash32,
+        );
         // Peek at the version first so a newer format gets a clear error.
         if let Some(v) = peek_version(bytes).filter(|v| *v != SNAPSHOT_BLOB_VERSION) {
             return Err(BlobError::UnsupportedVersion(v));
         }
-        let (_, namespace, epoch, packed, raw_facts, state_digest): Wire =
+        let (_, namespace, epoch, base, packed, raw_facts, state_digest): Wire =
             from_canonical(bytes).map_err(|e| BlobError::Malformed(e.to_string()))?;
         if packed.len() % ITEM_LEN != 0 {
             return Err(BlobError::Malformed(
@@ -160,7 +185,8 @@ impl SnapshotBlob {
                 e.try_into().map_err(|_| BlobError::Unsorted)?,
             ));
             let id = FactId(id.try_into().map_err(|_| BlobError::Unsorted)?);
-            if e >= epoch || items.last().is_some_and(|last| *last >= (e, id)) {
+            let below_base = base.is_some_and(|b| e < b.epoch);
+            if e >= epoch || below_base || items.last().is_some_and(|last| *last >= (e, id)) {
                 return Err(BlobError::Unsorted);
             }
             items.push((e, id));
@@ -171,7 +197,9 @@ impl SnapshotBlob {
             if f.namespace() != namespace {
                 return Err(BlobError::BadFact(i, "fact of another namespace".into()));
             }
-            if items.binary_search(&f.order_key()).is_err() {
+            // Facts below the base were pruned from the item list, not from the state.
+            let below_base = base.is_some_and(|b| f.epoch() < b.epoch);
+            if f.epoch() >= epoch || (!below_base && items.binary_search(&f.order_key()).is_err()) {
                 return Err(BlobError::BadFact(i, "fact is not in the prefix".into()));
             }
             if facts
@@ -185,12 +213,19 @@ impl SnapshotBlob {
         let blob = Self {
             namespace,
             epoch,
+            base,
             items,
             facts,
             state_digest,
         };
-        if blob.reduced_state().state_digest() != state_digest {
+        let state = blob.reduced_state();
+        if state.state_digest() != state_digest {
             return Err(BlobError::StateDigest);
+        }
+        if state.snapshot_base(epoch) != base {
+            return Err(BlobError::Malformed(
+                "the base snapshot is not the latest one its facts verify".into(),
+            ));
         }
         Ok(blob)
     }

@@ -71,7 +71,8 @@ impl LocalJournal for JournalView<'_> {
         &self.state
     }
     fn prefix_digest(&self, upto: Epoch) -> Hash32 {
-        self.journal.prefix_digest(upto)
+        self.journal
+            .chained_prefix_digest(upto, self.state.snapshot_base(upto))
     }
     fn snapshot_blob(&self, upto: Epoch) -> SnapshotBlob {
         SnapshotBlob::from_journal(self.journal, upto)

@@ -379,3 +379,54 @@ fn ceremony_messages_round_trip_and_carry_proposal_and_epoch() {
     assert_eq!(decoded, blob);
     assert_eq!(decoded.prefix_digest(), auth.journal(0).prefix_digest(e));
 }
+
+#[test]
+fn a_second_snapshot_chains_on_the_first_and_hydrates() {
+    let mut auth = authority(3, 2, 21);
+    let e1 = with_history(&mut auth);
+    let first = auth.run_snapshot(e1).unwrap();
+    let e2 = with_history(&mut auth);
+    let second = auth.run_snapshot(e2).unwrap();
+    check_accepted(&auth, &second);
+
+    // The second digest covers only facts from E1 on, chained on the first snapshot.
+    let ns = auth.namespace();
+    let base = tend_core::SnapshotBase {
+        epoch: e1,
+        digest: first.snapshot.digest,
+    };
+    assert_eq!(
+        second.snapshot.digest,
+        auth.journal(0).chained_prefix_digest(e2, Some(base))
+    );
+    assert_ne!(second.snapshot.digest, auth.journal(0).prefix_digest(e2));
+
+    let blob_bytes = auth.blob(&second.snapshot.blob_cid).unwrap().to_vec();
+    let blob = SnapshotBlob::decode(&blob_bytes).unwrap();
+    assert_eq!(blob.base, Some(base));
+    assert!(blob.items.iter().all(|(e, _)| *e >= e1 && *e < e2));
+
+    let full = auth.state(0);
+    let completion_epoch = auth
+        .journal(0)
+        .iter()
+        .filter(|f| {
+            matches!(
+                f.payload(),
+                Payload::Maintenance(MaintenanceFact::SnapshotCompleted(_))
+            )
+        })
+        .last()
+        .unwrap()
+        .epoch();
+    let group_key = full.membership_at(completion_epoch).unwrap().group_key;
+    let mut fresh = hydrate(&blob_bytes, &second, ns, &group_key).unwrap();
+    let tail: Vec<_> = auth
+        .journal(0)
+        .iter()
+        .filter(|f| f.epoch() >= e2)
+        .cloned()
+        .collect();
+    fresh.apply_tail(&tail).unwrap();
+    assert_eq!(fresh.state_digest(), full.state_digest());
+}

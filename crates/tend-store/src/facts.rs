@@ -532,9 +532,14 @@ impl Store {
 
     /// The digest of the prefix `{ f : f.epoch < upto }` of `ns` (DESIGN rule 3), over the
     /// facts in the journal index, with one ordered key scan.
+    ///
+    /// When a verified snapshot lies below `upto`, the digest chains on it and covers only
+    /// the facts from its epoch on, which the store keeps even after pruning.
     pub fn prefix_digest(&self, ns: JournalNamespace, upto: Epoch) -> Result<Hash32, StoreError> {
-        let mut d = DigestBuilder::prefix(ns, upto);
-        for item in self.items(ns, ..upto)? {
+        let base = self.maintenance_state(ns)?.snapshot_base(upto);
+        let from = base.map_or(Epoch::ZERO, |b| b.epoch);
+        let mut d = DigestBuilder::chained(ns, upto, base);
+        for item in self.items(ns, from..upto)? {
             let (e, id) = item?;
             d.push(e, id);
         }

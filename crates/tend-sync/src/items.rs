@@ -43,6 +43,12 @@ pub trait OrderedItems {
     /// The item at rank `index`, if any.
     fn get(&self, index: usize) -> Option<SyncItem>;
 
+    /// All items as one ascending slice, when the source holds them so. Reconciliation
+    /// scans whole ranges to fingerprint them; a slice lets it skip a call per item.
+    fn contiguous(&self) -> Option<&[SyncItem]> {
+        None
+    }
+
     /// Calls `f(index, item)` for ranks `begin..end` in order until it returns `false`.
     /// Ranks past the end are ignored.
     fn scan(&self, begin: usize, end: usize, f: &mut dyn FnMut(usize, SyncItem) -> bool) {
@@ -81,6 +87,16 @@ impl MemItems {
         let mut items: Vec<SyncItem> = items.into_iter().collect();
         items.sort_unstable();
         items.dedup();
+        Self { namespace, items }
+    }
+
+    /// Takes a vector that is normally already strictly ascending (checked in one pass;
+    /// sorted and deduplicated if it is not).
+    pub fn from_sorted(namespace: JournalNamespace, mut items: Vec<SyncItem>) -> Self {
+        if !items.windows(2).all(|w| w[0] < w[1]) {
+            items.sort_unstable();
+            items.dedup();
+        }
         Self { namespace, items }
     }
 
@@ -123,6 +139,10 @@ impl OrderedItems for MemItems {
 
     fn get(&self, index: usize) -> Option<SyncItem> {
         self.items.get(index).copied()
+    }
+
+    fn contiguous(&self) -> Option<&[SyncItem]> {
+        Some(&self.items)
     }
 
     fn scan(&self, begin: usize, end: usize, f: &mut dyn FnMut(usize, SyncItem) -> bool) {
@@ -185,6 +205,15 @@ impl NegentropyStorageBase for ItemStorage {
     ) -> Result<(), negentropy::Error> {
         if begin > end || end > self.items.len() {
             return Err(negentropy::Error::BadRange);
+        }
+        if let Some(all) = self.items.contiguous() {
+            let range = all.get(begin..end).ok_or(negentropy::Error::BadRange)?;
+            for (k, item) in range.iter().enumerate() {
+                if !cb(item.to_negentropy(), begin + k)? {
+                    break;
+                }
+            }
+            return Ok(());
         }
         let mut result = Ok(());
         self.items.scan(

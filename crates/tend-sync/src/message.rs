@@ -130,6 +130,13 @@ pub enum SyncMessage {
     Reconcile(Vec<u8>),
     /// Initiator to responder: send these facts.
     Want(Vec<FactId>),
+    /// Initiator to responder: send the facts at the set bits (LSB first) of the ids listed
+    /// in the `IdList` ranges of your answer number `answer` (0 = the one in `Accept`).
+    /// About one bit per id instead of 32 bytes.
+    WantIndexed {
+        answer: u64,
+        bits: Vec<u8>,
+    },
     /// Canonical fact encodings.
     Facts(Vec<Vec<u8>>),
     /// The sender has nothing more to send.
@@ -161,6 +168,7 @@ mod tag {
     pub const FACTS: u64 = 5;
     pub const DONE: u64 = 6;
     pub const ABORT: u64 = 7;
+    pub const WANT_INDEXED: u64 = 8;
 }
 
 type WireVersion = (u16, u16, u16);
@@ -299,6 +307,7 @@ impl SyncMessage {
             SyncMessage::Refuse(_) => "refuse",
             SyncMessage::Reconcile(_) => "reconcile",
             SyncMessage::Want(_) => "want",
+            SyncMessage::WantIndexed { .. } => "want-indexed",
             SyncMessage::Facts(_) => "facts",
             SyncMessage::Done => "done",
             SyncMessage::Abort(_) => "abort",
@@ -334,6 +343,10 @@ impl SyncMessage {
                 (tag::RECONCILE, to_canonical(&serde_bytes::Bytes::new(m)))
             }
             SyncMessage::Want(ids) => (tag::WANT, to_canonical(ids)),
+            SyncMessage::WantIndexed { answer, bits } => (
+                tag::WANT_INDEXED,
+                to_canonical(&(*answer, serde_bytes::Bytes::new(bits))),
+            ),
             SyncMessage::Facts(facts) => {
                 let v: Vec<&serde_bytes::Bytes> =
                     facts.iter().map(|f| serde_bytes::Bytes::new(f)).collect();
@@ -396,6 +409,13 @@ impl SyncMessage {
             tag::REFUSE => SyncMessage::Refuse(refuse_in(from_canonical(&body)?)?),
             tag::RECONCILE => SyncMessage::Reconcile(from_canonical::<ByteBuf>(&body)?.into_vec()),
             tag::WANT => SyncMessage::Want(from_canonical(&body)?),
+            tag::WANT_INDEXED => {
+                let (answer, bits): (u64, ByteBuf) = from_canonical(&body)?;
+                SyncMessage::WantIndexed {
+                    answer,
+                    bits: bits.into_vec(),
+                }
+            }
             tag::FACTS => SyncMessage::Facts(
                 from_canonical::<Vec<ByteBuf>>(&body)?
                     .into_iter()
@@ -472,6 +492,10 @@ mod tests {
             }),
             SyncMessage::Reconcile(vec![0x61, 1, 2, 3]),
             SyncMessage::Want(vec![FactId([1; 32]), FactId([2; 32])]),
+            SyncMessage::WantIndexed {
+                answer: 3,
+                bits: vec![0b1010_0001, 0],
+            },
             SyncMessage::Facts(vec![vec![1, 2], vec![], vec![3]]),
             SyncMessage::Done,
             SyncMessage::Abort(AbortReason::EpochAdvanced { from: 1, to: 2 }),

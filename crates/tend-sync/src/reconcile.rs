@@ -122,6 +122,62 @@ impl Reconciler {
     }
 }
 
+/// The ids listed in the `IdList` ranges of a negentropy v1 message, in message order, or
+/// `None` if the message does not parse. A responder's answer lists the ids of small
+/// differing ranges; wants can then name entries of it by position instead of by id.
+pub fn id_list_entries(msg: &[u8]) -> Option<Vec<FactId>> {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v: u64 = 0;
+        loop {
+            let (&x, rest) = b.split_first()?;
+            *b = rest;
+            v = v.checked_mul(128)? | u64::from(x & 0x7f);
+            if x & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+    }
+    fn skip<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if b.len() < n {
+            return None;
+        }
+        let (head, tail) = b.split_at(n);
+        *b = tail;
+        Some(head)
+    }
+    let (&version, mut b) = msg.split_first()?;
+    if version != NEGENTROPY_V1 {
+        return None;
+    }
+    let mut ids = Vec::new();
+    while !b.is_empty() {
+        varint(&mut b)?; // bound timestamp
+        let len = usize::try_from(varint(&mut b)?).ok()?;
+        if len > 32 {
+            return None;
+        }
+        skip(&mut b, len)?;
+        match varint(&mut b)? {
+            0 => {}
+            1 => {
+                skip(&mut b, 16)?;
+            }
+            2 => {
+                let n = usize::try_from(varint(&mut b)?).ok()?;
+                if n > b.len() / 32 {
+                    return None;
+                }
+                for _ in 0..n {
+                    let id: [u8; 32] = skip(&mut b, 32)?.try_into().ok()?;
+                    ids.push(FactId(id));
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some(ids)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +235,30 @@ mod tests {
             }
         }
         (have.len(), need.len(), rounds)
+    }
+
+    #[test]
+    fn id_list_entries_lists_what_the_initiator_learns() {
+        let mut ini = Reconciler::new(items(0..200), 0).unwrap();
+        let mut res = Reconciler::new(items(100..260), 0).unwrap();
+        let mut msg = ini.initiate().unwrap();
+        let mut needs = 0;
+        loop {
+            let answer = res.respond(&msg).unwrap();
+            let listed: HashSet<FactId> = id_list_entries(&answer).unwrap().into_iter().collect();
+            let step = ini.step(&answer).unwrap();
+            // Every need comes from an id list of the answer that revealed it.
+            assert!(step.need.iter().all(|id| listed.contains(id)));
+            needs += step.need.len();
+            match step.next {
+                Some(m) => msg = m,
+                None => break,
+            }
+        }
+        assert_eq!(needs, 60);
+        assert_eq!(id_list_entries(&[0x61]), Some(vec![]));
+        assert_eq!(id_list_entries(&[0x61, 0, 0, 2, 5]), None);
+        assert_eq!(id_list_entries(&[]), None);
     }
 
     #[test]

@@ -19,7 +19,7 @@
 //! fail the session as misbehaviour, after the valid facts of the same batch were kept.
 //! Time comes in as `now`; effects go out as [`Action`]s.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use tend_core::{
@@ -33,7 +33,7 @@ use crate::message::{
     DEFAULT_MAX_MESSAGE_BYTES,
 };
 use crate::rate::{Admit, RateLimits};
-use crate::reconcile::{ReconcileError, Reconciler};
+use crate::reconcile::{id_list_entries, ReconcileError, Reconciler};
 
 /// What a session needs from the device's store: fact bytes to send and admission of
 /// facts received. The node implements it over tend-store and passes
@@ -74,7 +74,7 @@ pub struct SessionConfig {
 impl Default for SessionConfig {
     fn default() -> Self {
         Self {
-            frame_size_limit: 60_000,
+            frame_size_limit: 256 * 1024,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_batch_facts: 512,
             max_batch_bytes: 256 * 1024,
@@ -243,8 +243,10 @@ pub struct Session {
     queued: HashSet<FactId>,
     /// Every id asked for.
     wanted: HashSet<FactId>,
-    /// Ids to ask for in the next `Want` messages (initiator).
-    want_queue: Vec<FactId>,
+    /// Negentropy answers sent (responder) or received (initiator) so far.
+    answers: u64,
+    /// Responder: the ids listed in its latest answer, which `WantIndexed` refers to.
+    last_listed: Vec<FactId>,
     /// A batch loaded but held back by the rate limit.
     staged: Option<Vec<Vec<u8>>>,
     recon_done: bool,
@@ -340,7 +342,8 @@ impl Session {
             outbox: VecDeque::new(),
             queued: HashSet::new(),
             wanted: HashSet::new(),
-            want_queue: Vec::new(),
+            answers: 0,
+            last_listed: Vec::new(),
             staged: None,
             recon_done: false,
             done_sent: false,
@@ -484,6 +487,7 @@ impl Session {
         match s.recon.respond(&msg.reconcile) {
             Ok(answer) => {
                 s.stats.reconcile_rounds += 1;
+                s.remember_answer(&answer);
                 let accept = SyncMessage::Accept(Accept {
                     protocol: local.protocol,
                     device: local.device,
@@ -587,6 +591,7 @@ impl Session {
                 match self.recon.respond(&m) {
                     Ok(answer) => {
                         self.stats.reconcile_rounds += 1;
+                        self.remember_answer(&answer);
                         self.send(&SyncMessage::Reconcile(answer), &mut out);
                     }
                     Err(e) => self.fail(now, FailReason::Reconcile(e), &mut out),
@@ -597,6 +602,14 @@ impl Session {
             {
                 for id in ids {
                     self.enqueue(id);
+                }
+            }
+            (Phase::Running, Role::Responder, SyncMessage::WantIndexed { answer, bits })
+                if !self.peer_done =>
+            {
+                if let Err(what) = self.on_want_indexed(answer, &bits) {
+                    self.fail(now, FailReason::Unexpected(what), &mut out);
+                    return out;
                 }
             }
             (Phase::Running, _, SyncMessage::Facts(facts)) if !self.peer_done => {
@@ -691,17 +704,19 @@ impl Session {
             Ok(s) => s,
             Err(e) => return self.fail(now, FailReason::Reconcile(e), out),
         };
+        let answer_no = self.answers;
+        self.answers += 1;
         for id in step.have {
             self.enqueue(id);
         }
-        for id in step.need {
-            if self.wanted.insert(id) {
-                self.want_queue.push(id);
-            }
-        }
+        let fresh: Vec<FactId> = step
+            .need
+            .into_iter()
+            .filter(|id| self.wanted.insert(*id))
+            .collect();
         // Ask for what we lack before the next query, so the peer's facts flow while
         // reconciliation goes on.
-        self.flush_wants(out);
+        self.send_wants(answer_no, msg, fresh, out);
         match step.next {
             Some(next) => {
                 self.stats.reconcile_rounds += 1;
@@ -717,13 +732,78 @@ impl Session {
         }
     }
 
-    fn flush_wants(&mut self, out: &mut Vec<Action>) {
-        while !self.want_queue.is_empty() {
-            let n = self.want_queue.len().min(self.config.max_want_ids.max(1));
-            let chunk: Vec<FactId> = self.want_queue.drain(..n).collect();
-            self.stats.wanted += chunk.len() as u64;
-            self.send(&SyncMessage::Want(chunk), out);
+    /// Asks for `fresh` ids learnt from answer number `answer_no`: by position in the
+    /// answer's id lists (a bit each), and by id for any that are not listed there.
+    fn send_wants(
+        &mut self,
+        answer_no: u64,
+        answer: &[u8],
+        fresh: Vec<FactId>,
+        out: &mut Vec<Action>,
+    ) {
+        if fresh.is_empty() {
+            return;
         }
+        self.stats.wanted += fresh.len() as u64;
+        let listed = id_list_entries(answer).unwrap_or_default();
+        let position: HashMap<FactId, usize> =
+            listed.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        let mut bits = vec![0u8; listed.len().div_ceil(8)];
+        let mut any = false;
+        let mut by_id = Vec::new();
+        for id in fresh {
+            match position.get(&id) {
+                Some(&i) => {
+                    bits[i / 8] |= 1 << (i % 8);
+                    any = true;
+                }
+                None => by_id.push(id),
+            }
+        }
+        if any {
+            // Trailing zero bytes carry nothing.
+            while bits.last() == Some(&0) {
+                bits.pop();
+            }
+            self.send(
+                &SyncMessage::WantIndexed {
+                    answer: answer_no,
+                    bits,
+                },
+                out,
+            );
+        }
+        for chunk in by_id.chunks(self.config.max_want_ids.max(1)) {
+            self.send(&SyncMessage::Want(chunk.to_vec()), out);
+        }
+    }
+
+    /// Responder: keeps the ids listed in the answer about to be sent.
+    fn remember_answer(&mut self, answer: &[u8]) {
+        self.last_listed = id_list_entries(answer).unwrap_or_default();
+        self.answers += 1;
+    }
+
+    /// Responder: queues the facts a `WantIndexed` names.
+    fn on_want_indexed(&mut self, answer: u64, bits: &[u8]) -> Result<(), &'static str> {
+        if self.answers.checked_sub(1) != Some(answer) {
+            return Err("want-indexed for another answer");
+        }
+        if bits.len() > self.last_listed.len().div_ceil(8) {
+            return Err("want-indexed longer than the answer");
+        }
+        for (byte_no, byte) in bits.iter().enumerate() {
+            for bit in 0..8 {
+                if byte & (1 << bit) != 0 {
+                    let id = *self
+                        .last_listed
+                        .get(byte_no * 8 + bit)
+                        .ok_or("want-indexed past the answer")?;
+                    self.enqueue(id);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn on_facts(
@@ -879,7 +959,7 @@ impl Session {
         self.outbox = VecDeque::new();
         self.queued = HashSet::new();
         self.wanted = HashSet::new();
-        self.want_queue = Vec::new();
+        self.last_listed = Vec::new();
         self.staged = None;
         self.stats.duration = now.saturating_sub(self.started);
         let outcome = Outcome {

@@ -28,6 +28,8 @@ pub struct Args {
 pub enum Command {
     /// Create a device: a key, an empty store and a one-device authority.
     Init,
+    /// Start a local fleet on 127.0.0.1 and walk the whole lifecycle, verifying each step.
+    Devnet(crate::devnet::DevnetArgs),
     /// Write facts.
     #[command(subcommand)]
     Fact(FactCommand),
@@ -86,8 +88,13 @@ fn home(args: &Args) -> Result<PathBuf, Box<dyn std::error::Error>> {
 }
 
 pub fn run(args: Args) -> CmdResult {
-    let home = home(&args)?;
+    // Every command but `devnet` works on one device's home.
+    let home = match (&args.command, home(&args)) {
+        (Command::Devnet(_), _) => PathBuf::new(),
+        (_, home) => home?,
+    };
     match args.command {
+        Command::Devnet(devnet) => crate::devnet::run(devnet, args.json),
         Command::Init => {
             let device = Device::init(&home, &mut rand::rngs::OsRng)?;
             let id = device.device_id().to_string();

@@ -3,6 +3,7 @@
 //! Errors print as one line on stderr (`error: ...`) with a non-zero exit code.
 
 mod cli;
+mod devnet;
 mod maint;
 mod net;
 mod output;

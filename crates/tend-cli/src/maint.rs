@@ -5,6 +5,7 @@
 //! over the network.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clap::{Args as ClapArgs, Subcommand};
 use tend_core::{DeviceId, Epoch};
@@ -72,9 +73,9 @@ fn parse_policy(s: &str) -> Result<GcPolicy, String> {
 }
 
 fn fleet(home: &Path, homes: &MemberHomes) -> Result<LocalFleet, Box<dyn std::error::Error>> {
-    let mut devices = vec![Device::open(home)?];
+    let mut devices = vec![Arc::new(Device::open(home)?)];
     for h in &homes.member_homes {
-        devices.push(Device::open(h)?);
+        devices.push(Arc::new(Device::open(h)?));
     }
     Ok(LocalFleet::new(devices))
 }
@@ -87,7 +88,7 @@ pub fn authority(home: &Path, cmd: AuthorityCommand) -> CmdResult {
             homes,
         } => {
             let mut fleet = fleet(home, &homes)?;
-            let known: Vec<DeviceId> = fleet.devices().iter().map(Device::device_id).collect();
+            let known: Vec<DeviceId> = fleet.devices().iter().map(|d| d.device_id()).collect();
             if let Some(missing) = members.iter().find(|m| !known.contains(m)) {
                 return Err(format!(
                     "member {missing} has no --member-home here; key generation runs among \

@@ -6,6 +6,7 @@
 //! threshold authority.
 
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use rand::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
@@ -53,7 +54,8 @@ pub struct Device {
     home: PathBuf,
     key: DeviceKey,
     store: Store,
-    namespace: JournalNamespace,
+    /// The journal this device writes to; changes only when it joins an authority.
+    namespace: RwLock<JournalNamespace>,
 }
 
 /// Per-namespace status, as `tend journal status` shows it.
@@ -193,7 +195,7 @@ impl Device {
             home: home.to_owned(),
             key,
             store,
-            namespace,
+            namespace: RwLock::new(namespace),
         })
     }
 
@@ -219,7 +221,7 @@ impl Device {
             home: home.to_owned(),
             key,
             store,
-            namespace,
+            namespace: RwLock::new(namespace),
         })
     }
 
@@ -239,7 +241,7 @@ impl Device {
             home: home.to_owned(),
             key,
             store,
-            namespace,
+            namespace: RwLock::new(namespace),
         })
     }
 
@@ -261,22 +263,22 @@ impl Device {
 
     /// The journal this device writes to.
     pub fn namespace(&self) -> JournalNamespace {
-        self.namespace
+        *self.namespace.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Makes this device write to `namespace` from now on (it joined that authority).
-    pub fn adopt_namespace(&mut self, namespace: JournalNamespace) -> Result<(), DeviceError> {
+    pub fn adopt_namespace(&self, namespace: JournalNamespace) -> Result<(), DeviceError> {
         self.store
             .put_setting(CURRENT_NAMESPACE, &hex_ns(&namespace))?;
-        self.namespace = namespace;
+        *self.namespace.write().unwrap_or_else(|e| e.into_inner()) = namespace;
         Ok(())
     }
 
     /// Signs `payload` at the journal's current epoch and stores it.
     pub fn append(&self, payload: Payload) -> Result<VerifiedFact, DeviceError> {
-        let state = self.store.maintenance_state(self.namespace)?;
+        let state = self.store.maintenance_state(self.namespace())?;
         self.write(UnsignedFact {
-            namespace: self.namespace,
+            namespace: self.namespace(),
             epoch: state.current_epoch(),
             payload,
         })
@@ -348,7 +350,7 @@ impl Device {
         }
         Ok(JournalStatus {
             device_id: self.device_id().to_string(),
-            current_namespace: self.namespace.to_string(),
+            current_namespace: self.namespace().to_string(),
             store_bytes: self.store.file_size()?,
             namespaces,
         })
@@ -356,15 +358,15 @@ impl Device {
 
     /// The journal digest of the current namespace.
     pub fn digest(&self) -> Result<Hash32, DeviceError> {
-        Ok(self.store.journal_digest(self.namespace)?)
+        Ok(self.store.journal_digest(self.namespace())?)
     }
 
     /// The authority of the current journal.
     pub fn authority_status(&self) -> Result<AuthorityStatus, DeviceError> {
-        let state = self.store.maintenance_state(self.namespace)?;
+        let state = self.store.maintenance_state(self.namespace())?;
         let m = state.membership().ok_or(DeviceError::NoCurrentJournal)?;
         Ok(AuthorityStatus {
-            namespace: self.namespace.to_string(),
+            namespace: self.namespace().to_string(),
             identity_epoch: m.identity_epoch,
             threshold: m.threshold,
             members: m.members.iter().map(ToString::to_string).collect(),
@@ -376,7 +378,7 @@ impl Device {
 
     /// The latest snapshot, open proposals and GC policy of the current journal.
     pub fn snapshot_status(&self) -> Result<SnapshotStatus, DeviceError> {
-        let state = self.store.maintenance_state(self.namespace)?;
+        let state = self.store.maintenance_state(self.namespace())?;
         let latest = match &state.latest_snapshot {
             Some(s) => Some(SnapshotSummary {
                 epoch: s.snapshot.epoch.0,
@@ -387,7 +389,7 @@ impl Device {
             None => None,
         };
         Ok(SnapshotStatus {
-            namespace: self.namespace.to_string(),
+            namespace: self.namespace().to_string(),
             current_epoch: state.current_epoch().0,
             latest,
             open_proposals: state
@@ -421,9 +423,9 @@ impl Device {
         }
         let before = self.store.file_size()?;
         let report = if dry_run {
-            self.store.prune_dry_run(self.namespace)?
+            self.store.prune_dry_run(self.namespace())?
         } else {
-            self.store.prune(self.namespace)?
+            self.store.prune(self.namespace())?
         };
         let after = if dry_run {
             before
@@ -444,7 +446,7 @@ impl Device {
     /// Up to `limit` facts of the current journal from `from` on, in `(epoch, id)` order.
     pub fn list(&self, from: Epoch, limit: usize) -> Result<Vec<FactSummary>, DeviceError> {
         let mut out = Vec::new();
-        for stored in self.store.scan(self.namespace, from..)?.take(limit) {
+        for stored in self.store.scan(self.namespace(), from..)?.take(limit) {
             let stored = stored?;
             let fact = stored.verify().map_err(|source| StoreError::FactCorrupt {
                 path: self.store.path().to_owned(),

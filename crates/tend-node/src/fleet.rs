@@ -6,6 +6,7 @@
 //! networked device runs, it only sees messages and a journal view.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use rand::{CryptoRng, RngCore};
 use tend_core::authority::{AuthorityFact, MembershipChange};
@@ -112,14 +113,15 @@ pub struct AuthorityCreated {
 
 /// Several device homes, opened in this process. Device 0 is the admin.
 pub struct LocalFleet {
-    devices: Vec<Device>,
+    devices: Vec<Arc<Device>>,
     engines: Vec<SnapshotEngine>,
     now_ms: u64,
 }
 
 impl LocalFleet {
-    /// Drives `devices`; the first is the admin whose authority the others join.
-    pub fn new(devices: Vec<Device>) -> Self {
+    /// Drives `devices` (shared with running nodes, if any); the first is the admin whose
+    /// authority the others join.
+    pub fn new(devices: Vec<Arc<Device>>) -> Self {
         let engines = devices
             .iter()
             .map(|d| SnapshotEngine::new(d.device_id()))
@@ -131,11 +133,11 @@ impl LocalFleet {
         }
     }
 
-    pub fn devices(&self) -> &[Device] {
+    pub fn devices(&self) -> &[Arc<Device>] {
         &self.devices
     }
 
-    pub fn into_devices(self) -> Vec<Device> {
+    pub fn into_devices(self) -> Vec<Arc<Device>> {
         self.devices
     }
 
@@ -163,7 +165,7 @@ impl LocalFleet {
                 admin.device_id()
             )));
         }
-        let mut members: Vec<DeviceId> = self.devices.iter().map(Device::device_id).collect();
+        let mut members: Vec<DeviceId> = self.devices.iter().map(|d| d.device_id()).collect();
         members.sort();
         members.dedup();
         if members.len() != n {
@@ -198,7 +200,7 @@ impl LocalFleet {
             group_key,
         };
         self.devices[0].append(Payload::Authority(AuthorityFact::MembershipChanged(change)))?;
-        for d in &mut self.devices[1..] {
+        for d in &self.devices[1..] {
             d.adopt_namespace(namespace)?;
         }
         self.sync()?;

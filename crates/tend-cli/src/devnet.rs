@@ -1,0 +1,463 @@
+//! `tend devnet`: a local fleet of real devices on 127.0.0.1 that walks the whole lifecycle
+//! in one command and verifies every step.
+//!
+//! Every device is a real home (key file, redb store) and a real node (iroh endpoint bound
+//! to loopback, sync over Negentropy). Key generation and the snapshot ceremony run among
+//! the devices in this process (`tend_node::fleet`), with the same state machines a
+//! networked ceremony uses.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args as ClapArgs;
+use serde::Serialize;
+use tend_core::Epoch;
+use tend_node::fleet::LocalFleet;
+use tend_node::{Device, Node, NodeConfig};
+
+use crate::cli::CmdResult;
+use crate::output::Output;
+
+/// `tend devnet` options.
+#[derive(ClapArgs, Debug)]
+pub struct DevnetArgs {
+    /// Number of devices.
+    #[arg(long, default_value_t = 3)]
+    pub devices: usize,
+    /// Signatures needed for a snapshot.
+    #[arg(long, default_value_t = 2)]
+    pub threshold: u16,
+    /// Where the device homes go (default: a temporary directory, removed at the end).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Application facts each device writes.
+    #[arg(long, default_value_t = 200)]
+    pub facts: usize,
+    /// Leave the fleet running after the walk-through (until Ctrl-C).
+    #[arg(long)]
+    pub keep_running: bool,
+}
+
+type DynError = Box<dyn std::error::Error>;
+
+/// One row of the summary table.
+#[derive(Serialize)]
+struct DeviceRow {
+    device_id: String,
+    home: PathBuf,
+    facts: u64,
+    digest: String,
+    store_bytes_before_gc: u64,
+    store_bytes_after_gc: u64,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    devices: Vec<DeviceRow>,
+    threshold: u16,
+    namespace: String,
+    snapshot_epoch: u64,
+    sync_bytes_sent: u64,
+    sync_bytes_received: u64,
+    steps: Vec<StepRecord>,
+    verified: bool,
+}
+
+#[derive(Serialize, Clone)]
+struct StepRecord {
+    step: String,
+    detail: String,
+    millis: u128,
+}
+
+/// Prints progress on stderr (not under `--json`) and records each step.
+struct Progress {
+    quiet: bool,
+    steps: Vec<StepRecord>,
+    total: usize,
+}
+
+impl Progress {
+    fn step<T>(
+        &mut self,
+        name: &str,
+        f: impl FnOnce() -> Result<(T, String), DynError>,
+    ) -> Result<T, DynError> {
+        let n = self.steps.len() + 1;
+        if !self.quiet {
+            eprint!("[{n}/{}] {name} ... ", self.total);
+            let _ = std::io::stderr().flush();
+        }
+        let start = Instant::now();
+        let result = f();
+        let millis = start.elapsed().as_millis();
+        match result {
+            Ok((value, detail)) => {
+                if !self.quiet {
+                    eprintln!("ok ({millis} ms) {detail}");
+                }
+                self.steps.push(StepRecord {
+                    step: name.into(),
+                    detail,
+                    millis,
+                });
+                Ok(value)
+            }
+            Err(e) => {
+                if !self.quiet {
+                    eprintln!("FAILED");
+                }
+                Err(format!("devnet step {name:?} failed: {e}").into())
+            }
+        }
+    }
+}
+
+/// Runs the devnet.
+pub fn run(args: DevnetArgs, json: bool) -> CmdResult {
+    if args.devices < 2 || args.threshold < 2 || usize::from(args.threshold) > args.devices {
+        return Err(format!(
+            "--devices {} --threshold {}: need 2 <= threshold <= devices",
+            args.devices, args.threshold
+        )
+        .into());
+    }
+    let temp;
+    let dir = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)
+                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+            d.clone()
+        }
+        None => {
+            temp = tempfile::Builder::new().prefix("tend-devnet-").tempdir()?;
+            temp.path().to_owned()
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let summary = rt.block_on(walk(&args, &dir, json))?;
+    let human = render(&summary);
+    if args.keep_running {
+        // The walk-through shut its nodes down for the compaction step; bring them up again.
+        rt.block_on(keep_running(&dir, args.devices, json))?;
+    }
+    Ok(Output::new(summary, human))
+}
+
+fn homes(dir: &Path, n: usize) -> Vec<PathBuf> {
+    (0..n).map(|i| dir.join(format!("device-{i}"))).collect()
+}
+
+fn node_config() -> NodeConfig {
+    NodeConfig {
+        sync_interval: Duration::from_millis(500),
+        control_socket: true,
+        ..NodeConfig::default()
+    }
+}
+
+/// Starts a node per device and tells every node about every other.
+async fn start_nodes(devices: Vec<Device>) -> Result<Vec<Node>, DynError> {
+    let mut nodes = Vec::new();
+    for d in devices {
+        nodes.push(Node::start(d, node_config()).await?);
+    }
+    let addrs: Vec<_> = nodes.iter().map(Node::peer_addr).collect();
+    for n in &nodes {
+        for a in &addrs {
+            if a.device != n.device_id() {
+                n.add_peer(*a)?;
+            }
+        }
+    }
+    Ok(nodes)
+}
+
+/// Stops the nodes and waits until every store is closed (so it can be reopened).
+async fn stop_nodes(nodes: Vec<Node>, homes: &[PathBuf]) -> Result<Vec<Device>, DynError> {
+    for n in &nodes {
+        n.shutdown().await;
+    }
+    drop(nodes);
+    let mut devices = Vec::new();
+    for home in homes {
+        let mut attempt = 0;
+        loop {
+            match Device::open(home) {
+                Ok(d) => break devices.push(d),
+                Err(_) if attempt < 100 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(devices)
+}
+
+/// Syncs rounds until every device has the same journal digest.
+async fn converge(nodes: &[Node], timeout: Duration) -> Result<(String, u32), DynError> {
+    let start = Instant::now();
+    let mut rounds = 0;
+    loop {
+        let digests: Vec<String> = nodes
+            .iter()
+            .map(|n| n.device().digest().map(|d| d.to_string()))
+            .collect::<Result<_, _>>()?;
+        if digests.iter().all(|d| *d == digests[0]) {
+            return Ok((digests[0].clone(), rounds));
+        }
+        if start.elapsed() > timeout {
+            return Err(
+                format!("no convergence after {rounds} rounds: digests {digests:?}").into(),
+            );
+        }
+        let mut sessions = 0;
+        for n in nodes {
+            sessions += n.sync_now().await.sessions.len();
+        }
+        if sessions == 0 {
+            // Peers are still in connect backoff; don't spin.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        rounds += 1;
+    }
+}
+
+async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynError> {
+    let homes = homes(dir, args.devices);
+    let mut p = Progress {
+        quiet: json,
+        steps: Vec::new(),
+        total: 8,
+    };
+    let mut rng = rand::rngs::OsRng;
+
+    let devices = p.step("create devices", || {
+        let mut devices = Vec::new();
+        for h in &homes {
+            devices.push(Arc::new(Device::init(h, &mut rng)?));
+        }
+        Ok((
+            devices,
+            format!("{} homes in {}", homes.len(), dir.display()),
+        ))
+    })?;
+
+    let mut fleet = LocalFleet::new(devices);
+    let created = p.step("authority (DKG)", || {
+        let c = fleet.create_authority(args.threshold, &mut rng)?;
+        let detail = format!(
+            "{}-of-{}, group key {}",
+            c.threshold,
+            c.members.len(),
+            &c.group_key[..16]
+        );
+        Ok((c, detail))
+    })?;
+    let devices: Vec<Device> = fleet
+        .into_devices()
+        .into_iter()
+        .map(|d| Arc::try_unwrap(d).map_err(|_| "a device is still shared"))
+        .collect::<Result<_, _>>()?;
+
+    let nodes = start_nodes(devices).await?;
+    p.step("nodes on loopback", || {
+        let addrs: Vec<String> = nodes.iter().map(|n| n.listen_addr().to_string()).collect();
+        Ok(((), addrs.join(" ")))
+    })?;
+
+    p.step("application facts", || {
+        for (i, n) in nodes.iter().enumerate() {
+            for j in 0..args.facts {
+                n.add_fact("devnet", format!("device {i} fact {j}").as_bytes())?;
+            }
+        }
+        Ok((
+            (),
+            format!("{} on each of {} devices", args.facts, nodes.len()),
+        ))
+    })?;
+
+    let start = Instant::now();
+    let (digest, rounds) = converge(&nodes, Duration::from_secs(60)).await?;
+    p.steps.push(StepRecord {
+        step: "automatic sync".into(),
+        detail: format!("one digest {} after {rounds} rounds", &digest[..16]),
+        millis: start.elapsed().as_millis(),
+    });
+    if !json {
+        eprintln!(
+            "[{}/{}] automatic sync ... ok ({} ms) one digest {} after {rounds} rounds",
+            p.steps.len(),
+            p.total,
+            start.elapsed().as_millis(),
+            &digest[..16]
+        );
+    }
+
+    let shared: Vec<Arc<Device>> = nodes.iter().map(|n| n.device().clone()).collect();
+    let mut fleet = LocalFleet::new(shared);
+    let snapshot = p.step("snapshot ceremony", || {
+        let target = Epoch(fleet.devices()[0].snapshot_status()?.current_epoch + 1);
+        let c = fleet.snapshot(0, target, &mut rng)?;
+        for d in fleet.devices() {
+            let s = d.snapshot_status()?;
+            if s.latest.as_ref().map(|l| l.epoch) != Some(c.snapshot.epoch.0) {
+                return Err(format!("device {} did not verify the snapshot", d.device_id()).into());
+            }
+        }
+        let detail = format!(
+            "epoch {}, {}-of-{} FROST signature verified on every device",
+            c.snapshot.epoch, args.threshold, args.devices
+        );
+        Ok((c, detail))
+    })?;
+    drop(fleet);
+
+    let bytes_sent: u64 = nodes.iter().map(|n| n.metrics().bytes_sent.get()).sum();
+    let bytes_received: u64 = nodes.iter().map(|n| n.metrics().bytes_received.get()).sum();
+    let before: Vec<u64> = nodes
+        .iter()
+        .map(|n| n.device().store().file_size())
+        .collect::<Result<_, _>>()?;
+    let states_before: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            n.device()
+                .store()
+                .maintenance_state(n.device().namespace())
+                .map(|s| s.state_digest())
+        })
+        .collect::<Result<_, _>>()?;
+
+    let devices = stop_nodes(nodes, &homes).await?;
+    let mut devices = devices;
+    let reports = p.step("garbage collection", || {
+        let mut reports = Vec::new();
+        for d in devices.iter_mut() {
+            reports.push(d.gc(false)?);
+        }
+        for (d, before) in devices.iter().zip(&states_before) {
+            let after = d.store().maintenance_state(d.namespace())?.state_digest();
+            if after != *before {
+                return Err(
+                    format!("device {}: reduced state changed by GC", d.device_id()).into(),
+                );
+            }
+        }
+        let pruned: u64 = reports.iter().map(|r| r.facts_pruned).sum();
+        Ok((
+            reports,
+            format!("{pruned} facts pruned, reduced state unchanged"),
+        ))
+    })?;
+
+    let nodes = start_nodes(devices).await?;
+    let start = Instant::now();
+    nodes[0].add_fact("devnet", b"after gc")?;
+    let (digest, rounds) = converge(&nodes, Duration::from_secs(60)).await?;
+    p.steps.push(StepRecord {
+        step: "restart and converge".into(),
+        detail: format!("one digest {} after {rounds} rounds", &digest[..16]),
+        millis: start.elapsed().as_millis(),
+    });
+    if !json {
+        eprintln!(
+            "[{}/{}] restart and converge ... ok ({} ms) one digest {} after {rounds} rounds",
+            p.steps.len(),
+            p.total,
+            start.elapsed().as_millis(),
+            &digest[..16]
+        );
+    }
+
+    let mut rows = Vec::new();
+    for ((n, before), gc) in nodes.iter().zip(&before).zip(&reports) {
+        let status = n.device().status()?;
+        let ns = status
+            .namespaces
+            .iter()
+            .find(|s| s.namespace == created.namespace)
+            .ok_or("the authority journal is missing")?;
+        rows.push(DeviceRow {
+            device_id: n.device_id().to_string(),
+            home: n.device().home().to_owned(),
+            facts: ns.facts,
+            digest: ns.digest.clone(),
+            store_bytes_before_gc: *before,
+            store_bytes_after_gc: gc.store_bytes_after,
+        });
+    }
+    for n in &nodes {
+        n.shutdown().await;
+    }
+    Ok(Summary {
+        verified: true,
+        devices: rows,
+        threshold: args.threshold,
+        namespace: created.namespace,
+        snapshot_epoch: snapshot.snapshot.epoch.0,
+        sync_bytes_sent: bytes_sent,
+        sync_bytes_received: bytes_received,
+        steps: p.steps,
+    })
+}
+
+async fn keep_running(dir: &Path, n: usize, json: bool) -> Result<(), DynError> {
+    let homes = homes(dir, n);
+    let devices = stop_nodes(Vec::new(), &homes).await?;
+    let nodes = start_nodes(devices).await?;
+    if !json {
+        eprintln!("\nfleet running; talk to a device with:");
+        for (h, n) in homes.iter().zip(&nodes) {
+            eprintln!(
+                "  tend --home {}  journal status    # {} at {}",
+                h.display(),
+                &n.device_id().to_string()[..16],
+                n.listen_addr()
+            );
+        }
+        eprintln!("press Ctrl-C to stop");
+    }
+    tokio::signal::ctrl_c().await?;
+    for n in &nodes {
+        n.shutdown().await;
+    }
+    Ok(())
+}
+
+fn render(s: &Summary) -> String {
+    let mut out = format!(
+        "\ndevnet verified: {} devices, {}-of-{} authority, snapshot at epoch {}\n{}\n\n",
+        s.devices.len(),
+        s.threshold,
+        s.devices.len(),
+        s.snapshot_epoch,
+        s.namespace
+    );
+    out.push_str(&format!(
+        "{:<18} {:>7}  {:<18} {:>12} {:>12}\n",
+        "device", "facts", "digest", "store (B)", "after GC (B)"
+    ));
+    for r in &s.devices {
+        out.push_str(&format!(
+            "{:<18} {:>7}  {:<18} {:>12} {:>12}\n",
+            &r.device_id[..16],
+            r.facts,
+            &r.digest[..16],
+            r.store_bytes_before_gc,
+            r.store_bytes_after_gc
+        ));
+    }
+    out.push_str(&format!(
+        "\nsync bytes: {} sent, {} received\n",
+        s.sync_bytes_sent, s.sync_bytes_received
+    ));
+    out
+}

@@ -53,6 +53,7 @@ mod tag {
     pub const UPGRADE_ACTIVATED: u64 = 22;
     pub const ADMIN_REPLACEMENT: u64 = 23;
     pub const BLOB_TOMBSTONE: u64 = 24;
+    pub const CERTIFIED_ADMIN_REPLACEMENT: u64 = 25;
     pub const AUTHORITY_GENESIS: u64 = 32;
     pub const MEMBERSHIP_CHANGED: u64 = 33;
 }
@@ -82,6 +83,9 @@ impl Payload {
                 M::UpgradeActivated(x) => (tag::UPGRADE_ACTIVATED, to_canonical(x)),
                 M::AdminReplacement(x) => (tag::ADMIN_REPLACEMENT, to_canonical(x)),
                 M::BlobTombstone(x) => (tag::BLOB_TOMBSTONE, to_canonical(x)),
+                M::CertifiedAdminReplacement(x) => {
+                    (tag::CERTIFIED_ADMIN_REPLACEMENT, to_canonical(x))
+                }
             },
         }
     }
@@ -107,6 +111,9 @@ impl Payload {
             tag::UPGRADE_ACTIVATED => m(M::UpgradeActivated(from_canonical(body)?)),
             tag::ADMIN_REPLACEMENT => m(M::AdminReplacement(from_canonical(body)?)),
             tag::BLOB_TOMBSTONE => m(M::BlobTombstone(from_canonical(body)?)),
+            tag::CERTIFIED_ADMIN_REPLACEMENT => {
+                m(M::CertifiedAdminReplacement(from_canonical(body)?))
+            }
             tag::AUTHORITY_GENESIS => {
                 Payload::Authority(AuthorityFact::Genesis(from_canonical::<AuthorityGenesis>(
                     body,
@@ -142,6 +149,7 @@ impl Payload {
                 M::UpgradeActivated(_) => "upgrade-activated",
                 M::AdminReplacement(_) => "admin-replacement",
                 M::BlobTombstone(_) => "blob-tombstone",
+                M::CertifiedAdminReplacement(_) => "admin-replacement-certified",
             }
             .into(),
         }

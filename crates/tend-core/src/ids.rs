@@ -248,6 +248,14 @@ impl ContentId {
         Self(cid::Cid::new_v1(codec, mh))
     }
 
+    /// The CID of content under `codec` whose BLAKE3 hash is `hash`, without the content
+    /// (e.g. a published artifact, named by its hash).
+    pub fn from_blake3(codec: u64, hash: &Hash32) -> Self {
+        let mh = multihash::Multihash::<64>::wrap(MULTIHASH_BLAKE3, &hash.0)
+            .expect("a 32-byte digest fits a 64-byte multihash");
+        Self(cid::Cid::new_v1(codec, mh))
+    }
+
     /// The CID of raw bytes.
     pub fn of_raw(bytes: &[u8]) -> Self {
         Self::of(CODEC_RAW, bytes)

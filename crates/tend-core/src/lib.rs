@@ -4,6 +4,7 @@
 //! Nothing here does I/O, reads a clock or draws randomness: time and randomness come in as
 //! arguments, so every rule can be tested deterministically.
 
+pub mod admin;
 pub mod authority;
 pub mod encoding;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod ids;
 pub mod journal;
 pub mod maintenance;
 pub mod reduce;
+pub mod upgrade;
 
 pub use authority::{AuthorityFact, AuthorityGenesis, GroupKey, MembershipChange};
 pub use error::{DecodeError, JournalError};

@@ -67,6 +67,28 @@ pub struct UpgradeMetadata {
     pub cohort_percent: u8,
 }
 
+impl UpgradeMetadata {
+    /// Whether `device` belongs to this package's staged rollout: its cohort
+    /// ([`cohort_of`]) is below `cohort_percent`. Every device computes the same answer.
+    pub fn includes(&self, device: &DeviceId) -> bool {
+        cohort_of(&self.package_id, device) < self.cohort_percent
+    }
+}
+
+/// A device's cohort for a package, in `0..100`: BLAKE3(`"tend-cohort-v1"`, package id,
+/// device id), its first 8 bytes as a little-endian integer, mod 100. Hashing the package
+/// id in means each rollout picks a different, but agreed, subset of devices.
+pub fn cohort_of(package_id: &Hash32, device: &DeviceId) -> u8 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"tend-cohort-v1");
+    h.update(&package_id.0);
+    h.update(&device.0);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    // The modulo bias of 2^64 mod 100 is below 1e-17: irrelevant here.
+    (u64::from_le_bytes(first) % 100) as u8
+}
+
 /// How a device takes upgrades.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum UpgradePolicy {
@@ -110,6 +132,29 @@ pub struct AdminReplacement {
     pub activation_epoch: Epoch,
 }
 
+impl AdminReplacement {
+    /// The bytes the authority's group key signs to replace an admin without the admin
+    /// ([`CertifiedAdminReplacement`]). The namespace is included so a signature made for
+    /// one authority cannot be replayed in another.
+    pub fn signing_message(&self, namespace: &JournalNamespace) -> Vec<u8> {
+        let mut msg = b"tend-admin-replacement-v1".to_vec();
+        msg.extend_from_slice(&to_canonical(&(namespace, self)));
+        msg
+    }
+}
+
+/// An admin replacement completed with the authority's threshold signature, so a quorum
+/// of members can replace an admin that is unavailable (or misbehaving). Any member may
+/// write it; the reducer checks the signature against the group key at the fact's epoch.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertifiedAdminReplacement {
+    pub replacement: AdminReplacement,
+    /// FROST Ed25519 signature over [`AdminReplacement::signing_message`].
+    #[serde(with = "crate::encoding::fixed_bytes")]
+    pub threshold_signature: [u8; 64],
+}
+
 /// The blob may be pruned once a snapshot above this fact's epoch completes.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -129,6 +174,9 @@ pub enum MaintenanceFact {
     UpgradeActivated(UpgradeActivated),
     AdminReplacement(AdminReplacement),
     BlobTombstone(BlobTombstone),
+    /// A separate kind (not a new field of [`AdminReplacement`]) so releases that predate
+    /// it keep it as an unknown fact instead of rejecting a non-canonical body.
+    CertifiedAdminReplacement(CertifiedAdminReplacement),
 }
 
 impl MaintenanceFact {

@@ -50,6 +50,9 @@ pub struct UpgradeState {
     pub metadata: UpgradeMetadata,
     pub ready: BTreeSet<DeviceId>,
     pub activated: Option<UpgradeActivated>,
+    /// The epoch of the publishing fact: readiness and activation count only strictly
+    /// above it, so the fold meets the package before anything that refers to it.
+    pub published_at: Epoch,
 }
 
 /// An admin replacement that took effect.
@@ -57,6 +60,8 @@ pub struct UpgradeState {
 pub struct AppliedReplacement {
     pub replacement: AdminReplacement,
     pub fact_id: FactId,
+    /// Completed with the authority's threshold signature rather than by the old admin.
+    pub certified: bool,
 }
 
 /// The reduced maintenance state of one journal.
@@ -206,19 +211,26 @@ impl MaintenanceState {
                 }
             }
             MaintenanceFact::UpgradePublished(u) => {
-                self.upgrades
-                    .entry(u.package_id)
-                    .or_insert_with(|| UpgradeState {
-                        metadata: u.clone(),
-                        ready: BTreeSet::new(),
-                        activated: None,
-                    });
+                // The first publication of a package id wins; a cohort above 100% is malformed.
+                if u.cohort_percent > 100 || self.upgrades.contains_key(&u.package_id) {
+                    self.ignored.insert(f.id());
+                } else {
+                    self.upgrades.insert(
+                        u.package_id,
+                        UpgradeState {
+                            metadata: u.clone(),
+                            ready: BTreeSet::new(),
+                            activated: None,
+                            published_at: epoch,
+                        },
+                    );
+                }
             }
             MaintenanceFact::DeviceMetadata(d) => {
                 self.device_metadata.insert(author, d.clone());
             }
             MaintenanceFact::UpgradeReady(r) => match self.upgrades.get_mut(&r.package_id) {
-                Some(u) if u.metadata.version == r.version => {
+                Some(u) if u.metadata.version == r.version && epoch > u.published_at => {
                     u.ready.insert(author);
                 }
                 _ => {
@@ -226,28 +238,24 @@ impl MaintenanceState {
                 }
             },
             MaintenanceFact::UpgradeActivated(a) => match self.upgrades.get_mut(&a.package_id) {
-                Some(u) if u.activated.is_none() && u.metadata.version == a.to_version => {
+                // The fence must be the one the package was published with: devices decided to
+                // install knowing whether it is a hard fork.
+                Some(u)
+                    if u.activated.is_none()
+                        && u.metadata.version == a.to_version
+                        && u.metadata.fence == a.activation_fence
+                        && epoch > u.published_at =>
+                {
                     u.activated = Some(a.clone());
                 }
                 _ => {
                     self.ignored.insert(f.id());
                 }
             },
-            MaintenanceFact::AdminReplacement(r) => {
-                // First valid replacement of an admin, in (epoch, id) order, wins; it may not
-                // take effect before the epoch it was issued at.
-                let already = self
-                    .replacements
-                    .iter()
-                    .any(|a| a.replacement.old_admin == r.old_admin);
-                if r.old_admin == author && r.activation_epoch >= epoch && !already {
-                    self.replacements.push(AppliedReplacement {
-                        replacement: r.clone(),
-                        fact_id: f.id(),
-                    });
-                } else {
-                    self.ignored.insert(f.id());
-                }
+            // The replacement rules live in `crate::admin`.
+            MaintenanceFact::AdminReplacement(r) => self.apply_replacement(f, r, None),
+            MaintenanceFact::CertifiedAdminReplacement(c) => {
+                self.apply_replacement(f, &c.replacement, Some(&c.threshold_signature))
             }
             MaintenanceFact::BlobTombstone(t) => {
                 let e = self.tombstones.entry(t.cid).or_insert(epoch);
@@ -482,9 +490,8 @@ impl MaintenanceState {
     }
 
     /// DESIGN rule 7: whether a device at `local_epoch` running `version` satisfies every
-    /// activated fence.
+    /// activated fence (see [`MaintenanceState::fence_check`] for the rule and the reason).
     pub fn fence_satisfied(&self, local_epoch: Epoch, version: ProtocolVersion) -> bool {
-        self.active_fence()
-            .is_none_or(|(fence, to)| local_epoch >= fence && version >= to)
+        self.fence_check(local_epoch, version).is_ok()
     }
 }

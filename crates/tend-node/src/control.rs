@@ -64,7 +64,12 @@ pub enum Request {
     /// Run a sync round now.
     SyncNow,
     /// Append an application fact.
-    AddFact { kind: String, data: String },
+    AddFact {
+        /// The application's name for this kind of fact.
+        kind: String,
+        /// The fact's data, as text.
+        data: String,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -77,10 +82,14 @@ struct Envelope {
 /// A control response line.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Response {
+    /// Protocol version.
     pub v: u32,
+    /// Whether the request succeeded.
     pub ok: bool,
+    /// The result, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
+    /// One line saying why, when it did not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -111,7 +120,9 @@ impl Response {
 /// What `add_fact` returns.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AddedFact {
+    /// The fact id (hex).
     pub id: String,
+    /// The journal epoch it was stamped with.
     pub epoch: u64,
 }
 

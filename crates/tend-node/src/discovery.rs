@@ -18,7 +18,9 @@ pub const PEERS_SETTING: &str = "peers";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(into = "String", try_from = "String")]
 pub struct PeerAddr {
+    /// The device (and iroh endpoint) id.
     pub device: DeviceId,
+    /// A direct UDP address of its endpoint.
     pub addr: SocketAddr,
 }
 
@@ -46,7 +48,9 @@ impl TryFrom<String> for PeerAddr {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid peer {input:?}: {detail} (expected DEVICE_ID@IP:PORT)")]
 pub struct ParsePeerError {
+    /// What was given.
     pub input: String,
+    /// What is wrong with it.
     pub detail: String,
 }
 

@@ -22,13 +22,21 @@ pub struct Metrics {
     registry: Registry,
     /// Wall time of a sync session, seconds, both roles.
     pub sync_latency: Histogram,
+    /// Facts sent in sessions.
     pub facts_sent: Counter,
+    /// Facts received in sessions (valid or not).
     pub facts_received: Counter,
+    /// Sync message bytes sent.
     pub bytes_sent: Counter,
+    /// Sync message bytes received.
     pub bytes_received: Counter,
+    /// Sessions opened, both roles.
     pub sessions_opened: Counter,
+    /// Sessions that completed.
     pub sessions_completed: Counter,
+    /// Sessions aborted (identity epoch advanced, closed, shutdown).
     pub sessions_aborted: Counter,
+    /// Sessions that failed or were refused, and connects that failed.
     pub sessions_failed: Counter,
     /// Rejected incoming facts, by reason label.
     pub facts_rejected: Family<Labels, Counter>,

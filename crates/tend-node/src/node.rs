@@ -56,7 +56,9 @@ pub struct NodeConfig {
     pub connect_timeout: Duration,
     /// Whether to serve the control socket in the home.
     pub control_socket: bool,
+    /// Session limits, session tunables (frame and batch sizes) and rate limits.
     pub manager: ManagerConfig,
+    /// Peer selection.
     pub peer: PeerConfig,
 }
 
@@ -109,13 +111,21 @@ pub enum NodeError {
 /// What we know about one peer, as `tend peers` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct PeerInfo {
+    /// The peer's device id (hex).
     pub device_id: String,
+    /// Its direct address, if known (peers that only dialled us have none).
     pub addr: Option<String>,
+    /// `online`, `offline` or `banned`.
     pub status: String,
+    /// Trust in [0, 1]; halved on each misbehaviour.
     pub trust: f64,
+    /// Sessions that completed.
     pub successful_syncs: u64,
+    /// Sessions that failed, were refused, or never connected.
     pub failed_syncs: u64,
+    /// Sessions open now.
     pub active_sessions: u32,
+    /// Selection score in [0, 1] (DESIGN section 4).
     pub score: f64,
     /// Blocked by this node (partition tests, operator).
     pub blocked: bool,
@@ -124,14 +134,20 @@ pub struct PeerInfo {
 /// The outcome of one session of a round, as `tend sync now` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PeerOutcome {
+    /// The peer's device id (hex).
     pub peer: String,
+    /// The address dialled.
     pub addr: String,
     /// `completed`, `aborted: ...`, `refused: ...`, `failed: ...`, `unreachable: ...`.
     pub result: String,
+    /// Whether the (last) session completed.
     pub ok: bool,
+    /// Sessions opened: more than one when an epoch change aborted earlier ones.
     pub attempts: u32,
+    /// Counters of the last session.
     pub facts_sent: u64,
     pub facts_received: u64,
+    /// New facts stored.
     pub facts_accepted: u64,
     pub facts_rejected: u64,
     pub duration_ms: u64,
@@ -140,6 +156,7 @@ pub struct PeerOutcome {
 /// One sync round.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RoundReport {
+    /// One entry per peer contacted.
     pub sessions: Vec<PeerOutcome>,
 }
 
@@ -153,12 +170,19 @@ impl RoundReport {
 /// A running device's status, as `tend status` and the control socket show it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct NodeStatus {
+    /// This device's id (hex), which is also its iroh endpoint id.
     pub device_id: String,
+    /// Where the endpoint listens.
     pub listen_addr: String,
+    /// Where `/metrics` is served, if anywhere.
     pub metrics_addr: Option<String>,
+    /// The journal this device writes and synchronises.
     pub namespace: String,
+    /// Membership changes seen so far.
     pub identity_epoch: u64,
+    /// Known peers.
     pub peers: Vec<PeerInfo>,
+    /// What `tend journal status` shows.
     pub journal: JournalStatus,
 }
 
@@ -177,7 +201,14 @@ struct PeerBook {
     manager: PeerManager,
     addrs: HashMap<DeviceId, SocketAddr>,
     blocked: HashSet<DeviceId>,
+    /// Unreachable peers are skipped until the time given, with a doubling backoff, so a
+    /// device that is away does not cost every round a connect timeout.
+    backoff: HashMap<DeviceId, (Instant, Duration)>,
 }
+
+/// First and longest wait before retrying an unreachable peer.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 struct Inner {
     device: Arc<Device>,
@@ -229,9 +260,13 @@ impl std::fmt::Debug for Node {
 /// What `tend run` prints when the node is up.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StartInfo {
+    /// The device id (hex).
     pub device_id: String,
+    /// The endpoint's address.
     pub listen_addr: String,
+    /// The metrics endpoint's address, if serving.
     pub metrics_addr: Option<String>,
+    /// The control socket's path, if serving.
     pub control_socket: Option<String>,
 }
 
@@ -269,6 +304,7 @@ impl Node {
                 manager: peer_manager,
                 addrs,
                 blocked: HashSet::new(),
+                backoff: HashMap::new(),
             }),
             sources: Mutex::new(sources),
             epochs: Mutex::new(HashMap::new()),
@@ -543,7 +579,10 @@ impl Inner {
             if book.manager.get(&p.device).map(|m| m.status) == Some(PeerStatus::Offline) {
                 book.manager.set_status(&p.device, PeerStatus::Online);
             }
-            book.addrs.insert(p.device, p.addr);
+            if book.addrs.insert(p.device, p.addr) != Some(p.addr) {
+                // A new address is worth trying at once.
+                book.backoff.remove(&p.device);
+            }
         }
     }
 
@@ -558,9 +597,11 @@ impl Inner {
         let members = self.members();
         let book = lock(&self.peers);
         let candidates = book.manager.select(usize::MAX);
+        let now = Instant::now();
         candidates
             .into_iter()
             .filter(|d| !book.blocked.contains(d))
+            .filter(|d| book.backoff.get(d).is_none_or(|(until, _)| *until <= now))
             .filter(|d| members.is_empty() || members.contains(d))
             .filter_map(|d| {
                 book.addrs.get(&d).map(|a| PeerAddr {
@@ -974,6 +1015,12 @@ async fn sync_peer(inner: Arc<Inner>, peer: PeerAddr) -> PeerOutcome {
 async fn initiate(inner: &Arc<Inner>, peer: PeerAddr) -> Result<Outcome, String> {
     let fail = |inner: &Inner, msg: String| {
         let mut book = lock(&inner.peers);
+        let wait = book
+            .backoff
+            .get(&peer.device)
+            .map_or(BACKOFF_MIN, |(_, w)| (*w * 2).min(BACKOFF_MAX));
+        book.backoff
+            .insert(peer.device, (Instant::now() + wait, wait));
         book.manager.session_started(&peer.device);
         book.manager.session_ended(
             &peer.device,
@@ -1023,7 +1070,11 @@ async fn initiate(inner: &Arc<Inner>, peer: PeerAddr) -> Result<Outcome, String>
             return Err(fail(inner, e));
         }
     };
-    lock(&inner.peers).manager.session_started(&peer.device);
+    {
+        let mut book = lock(&inner.peers);
+        book.backoff.remove(&peer.device);
+        book.manager.session_started(&peer.device);
+    }
     inner.metrics.sessions_opened.inc();
     inner.dispatch(actions);
     let reader = spawn_reader(recv, tx, frame_limit(inner));

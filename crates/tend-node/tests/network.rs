@@ -256,3 +256,62 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_peer_is_unreachable_and_a_restarted_one_catches_up() {
+    let mut fleet = Fleet::new(2, &[true, true]);
+    let home_b = fleet.home(1);
+    let quick = NodeConfig {
+        connect_timeout: Duration::from_secs(1),
+        ..config(vec![])
+    };
+    let a = Node::start(fleet.take(0), quick).await.unwrap();
+    let b = Node::start(fleet.take(1), config(vec![a.peer_addr()]))
+        .await
+        .unwrap();
+    a.add_peer(b.peer_addr()).unwrap();
+    converge(&[&a, &b], Duration::from_secs(10)).await;
+    let b_addr = b.peer_addr();
+    b.shutdown().await;
+    drop(b);
+    let t = std::time::Instant::now();
+    let outcome = a.sync_with(b_addr).await;
+    eprintln!("dead peer: {outcome:?} after {:?}", t.elapsed());
+    assert!(!outcome.ok);
+    for i in 0..20 {
+        a.add_fact("note", format!("while b was away {i}").as_bytes())
+            .unwrap();
+    }
+    // A skips the unreachable peer for a while instead of timing out every round.
+    let skipped = a.sync_now().await;
+    assert!(skipped.sessions.is_empty(), "{skipped:?}");
+    // B comes back on the same port, from the same home; it remembers A from its store.
+    // (The old endpoint may take a moment to let go of the port and the store.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let b = loop {
+        let started = match tend_node::Device::open(&home_b) {
+            Ok(device) => Node::start(
+                device,
+                NodeConfig {
+                    listen: b_addr.addr,
+                    ..config(vec![])
+                },
+            )
+            .await
+            .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match started {
+            Ok(node) => break node,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("restart: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("cannot restart b: {e}"),
+        }
+    };
+    converge(&[&a, &b], Duration::from_secs(15)).await;
+    assert_eq!(fact_count(&b), 2 + 20);
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -1,0 +1,194 @@
+//! Session and manager edge cases driven by hand: garbage, refusals, capacity, downgrade.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tend_core::{ContextId, JournalNamespace};
+use tend_sync::{
+    Action, FailReason, ManagerConfig, ManagerError, MessageError, RefuseReason, Session,
+    SessionConfig, SessionResult, SyncMessage,
+};
+
+fn sent(actions: &[Action]) -> Vec<Vec<u8>> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(b) => Some(b.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn finished(actions: &[Action]) -> Option<SessionResult> {
+    actions.iter().find_map(|a| match a {
+        Action::Finished(o) => Some(o.result.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn garbage_mid_session_fails_it_as_misbehaviour() {
+    let mut sim = Sim::new(2, 1, ManagerConfig::default());
+    sim.author(0, 50, 1);
+    let (a, b) = (&sim.devices[0], &sim.devices[1]);
+    let now = Duration::ZERO;
+    let (mut ini, out) = Session::initiate(
+        now,
+        b.id,
+        a.local_view(),
+        a.store.items(),
+        SessionConfig::default(),
+    )
+    .unwrap();
+    let hello = sent(&out).remove(0);
+    let mut store_b = MemStore::new(&genesis(&[key(1), key(2)]));
+    let (mut res, out) = Session::accept(
+        now,
+        a.id,
+        &hello,
+        b.local_view(),
+        b.store.items(),
+        SessionConfig::default(),
+        &mut store_b,
+    )
+    .unwrap();
+    assert!(finished(&out).is_none());
+    // The responder gets junk instead of the next message.
+    let out = res.handle(now, b"\xff\x00junk", &mut store_b, None);
+    match finished(&out) {
+        Some(SessionResult::Failed(r @ FailReason::Garbage(MessageError::Invalid(_)))) => {
+            assert!(r.is_misbehaviour())
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // The initiator gets an oversized message.
+    let mut store_a = MemStore::new(&genesis(&[key(1), key(2)]));
+    let big = vec![0u8; SessionConfig::default().max_message_bytes + 1];
+    let out = ini.handle(now, &big, &mut store_a, None);
+    assert!(matches!(
+        finished(&out),
+        Some(SessionResult::Failed(FailReason::Garbage(
+            MessageError::Oversized { .. }
+        )))
+    ));
+    // A finished session ignores whatever comes later.
+    assert!(ini.handle(now, &hello, &mut store_a, None).is_empty());
+}
+
+#[test]
+fn refusals_carry_reasons_and_busy_peers_answer_busy() {
+    let mut sim = Sim::new(2, 2, ManagerConfig::default());
+    let now = Duration::ZERO;
+    // A Hello for a namespace the responder does not keep.
+    let mut view = sim.devices[0].local_view();
+    view.namespace = JournalNamespace::Context(ContextId([3; 32]));
+    let items = std::sync::Arc::new(tend_sync::MemItems::new(view.namespace, []));
+    let (_, out) = Session::initiate(
+        now,
+        sim.devices[1].id,
+        view,
+        items,
+        SessionConfig::default(),
+    )
+    .unwrap();
+    let hello = sent(&out).remove(0);
+    let (b_view, b_items, a_id) = (
+        sim.devices[1].local_view(),
+        sim.devices[1].store.items(),
+        sim.devices[0].id,
+    );
+    let dev = &mut sim.devices[1];
+    let (_, out) = Session::accept(
+        now,
+        a_id,
+        &hello,
+        b_view,
+        b_items.clone(),
+        SessionConfig::default(),
+        &mut dev.store,
+    )
+    .unwrap();
+    let refusal = SyncMessage::decode(&sent(&out)[0], 1 << 20).unwrap();
+    assert!(matches!(
+        refusal,
+        SyncMessage::Refuse(RefuseReason::UnknownNamespace(_))
+    ));
+    // A Hello whose device id is not the transport's peer.
+    let (_, out) = Session::accept(
+        now,
+        sim.devices[1].id,
+        &hello,
+        b_view,
+        b_items,
+        SessionConfig::default(),
+        &mut sim.devices[1].store,
+    )
+    .unwrap();
+    assert!(matches!(
+        finished(&out),
+        Some(SessionResult::Failed(FailReason::Handshake(_)))
+    ));
+
+    // A device at capacity answers an incoming Hello with Refuse(Busy), and the slot
+    // comes back when its session closes.
+    let cfg = ManagerConfig {
+        max_concurrent: 1,
+        ..ManagerConfig::default()
+    };
+    let mut sim = Sim::new(3, 3, cfg);
+    let (id1, id2) = (sim.devices[1].id, sim.devices[2].id);
+    let (view0, items0) = (sim.devices[0].local_view(), sim.devices[0].store.items());
+    let (sid, _) = sim.devices[0]
+        .manager
+        .open(now, id1, view0, items0.clone())
+        .unwrap();
+    let (_, out) = Session::initiate(
+        now,
+        sim.devices[0].id,
+        sim.devices[2].local_view(),
+        sim.devices[2].store.items(),
+        SessionConfig::default(),
+    )
+    .unwrap();
+    let hello2 = sent(&out).remove(0);
+    let dev0 = &mut sim.devices[0];
+    match dev0
+        .manager
+        .accept(now, id2, &hello2, view0, items0.clone(), &mut dev0.store)
+    {
+        Err(ManagerError::AtCapacity {
+            refusal, active: 1, ..
+        }) => assert_eq!(
+            SyncMessage::decode(&refusal, 1 << 20).unwrap(),
+            SyncMessage::Refuse(RefuseReason::Busy)
+        ),
+        other => panic!("unexpected {other:?}"),
+    }
+    let closed = dev0.manager.close(now, sid);
+    assert!(closed
+        .iter()
+        .any(|a| matches!(a, tend_sync::ManagerAction::Closed { .. })));
+    assert_eq!(dev0.manager.active(), 0);
+    assert!(dev0
+        .manager
+        .accept(now, id2, &hello2, view0, items0, &mut dev0.store)
+        .is_ok());
+}
+
+#[test]
+fn silent_peers_time_out_and_release_their_slot() {
+    let mut sim = Sim::new(2, 4, ManagerConfig::default());
+    sim.author(0, 10, 1);
+    sim.blocked.insert((0, 1));
+    sim.open(0, 1).unwrap();
+    sim.run();
+    assert_eq!(
+        sim.outcomes_of(0),
+        vec![&SessionResult::Failed(FailReason::Timeout)]
+    );
+    assert_eq!(sim.devices[0].manager.active(), 0);
+    let c = &sim.closed[0];
+    assert_eq!(c.at, SessionConfig::default().idle_timeout);
+}

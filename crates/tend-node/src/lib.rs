@@ -1,6 +1,8 @@
 //! A tend device: its home directory (key, store, settings) and the operations the CLI and
 //! the control socket run against it.
 
+pub mod admin;
+pub mod cache;
 pub mod control;
 pub mod device;
 pub mod discovery;
@@ -8,6 +10,7 @@ pub mod endpoint;
 pub mod fleet;
 pub mod metrics;
 pub mod node;
+pub mod upgrade;
 
 pub use device::{
     AuthorityStatus, Device, DeviceError, FactSummary, GcPolicy, GcReport, JournalStatus,

@@ -1,0 +1,1039 @@
+//! Over-the-air upgrades on a device: publishing and activating packages (admin), and the
+//! per-device pipeline fetch -> verify -> install -> `UpgradeReady`.
+//!
+//! The pipeline of one package is a sans-IO state machine, [`UpgradeSession`]: it is fed
+//! the blob (or its absence) and the install step's result, each with the
+//! [`MaintenanceEpoch`] observed at that moment, and answers with [`SessionAction`]s. The
+//! driver [`apply`] does the I/O: it reads the artifact from an [`ArtifactSource`] (the
+//! blob store), writes it to a file in the home, runs an [`Installer`] (a configured shell
+//! command, [`CommandInstaller`]), records the outcome in the store's settings, and writes
+//! `UpgradeReady`. A refused artifact or a failed install is recorded, so it is reported
+//! again but never retried forever (DESIGN rule 9: an identity-epoch advance aborts a
+//! session, which the driver then retries under the new epoch).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tend_core::maintenance::{
+    DeviceMetadata, MaintenanceFact, UpgradeActivated, UpgradeMetadata, UpgradePolicy, UpgradeReady,
+};
+use tend_core::upgrade::{Readiness, ReadinessPolicy};
+use tend_core::{
+    ContentId, DeviceId, Epoch, Hash32, MaintenanceEpoch, MaintenanceState, Payload,
+    ProtocolVersion, UnsignedFact,
+};
+use tend_store::{Store, StoreError};
+
+use crate::device::{Device, DeviceError};
+
+/// Setting: the shell command that installs an artifact (`$1` is the artifact's path).
+pub const INSTALL_COMMAND: &str = "upgrade.install_command";
+/// Setting: this device's [`UpgradePolicy`].
+pub const POLICY: &str = "upgrade.policy";
+/// Setting: how many failed installs of one package before the device stops trying.
+pub const MAX_ATTEMPTS: &str = "upgrade.max_attempts";
+/// Settings under this prefix hold each package's [`LocalStatus`] (key: prefix + id).
+const OUTCOME_PREFIX: &str = "upgrade.outcome.";
+/// Failed installs of one package before it is left alone, unless asked to retry.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// The largest artifact `publish` accepts: it is held in memory and in one blob.
+pub const MAX_ARTIFACT_BYTES: usize = 256 << 20;
+/// How often the driver retries a session aborted by an identity-epoch advance.
+const MAX_EPOCH_RETRIES: u32 = 3;
+
+/// Why an upgrade operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("device {0} is not the admin of this authority; only the admin publishes and activates upgrades")]
+    NotAdmin(DeviceId),
+    #[error("invalid upgrade: {0}")]
+    Invalid(String),
+    #[error("no upgrade package {0} in this journal")]
+    UnknownPackage(Hash32),
+    #[error("package {0} is already published")]
+    AlreadyPublished(Hash32),
+    #[error("package {0} is already activated")]
+    AlreadyActivated(Hash32),
+    #[error(
+        "package {package_id} is not ready: {ready} of {required} required devices reported ready"
+    )]
+    NotReady {
+        package_id: Hash32,
+        ready: usize,
+        required: usize,
+    },
+    #[error("cannot write artifact {path}: {source}")]
+    Artifact {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What this device recorded about a package, in its settings (never replicated).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum LocalStatus {
+    /// Verified and installed; `UpgradeReady` follows (or has followed).
+    Installed { version: ProtocolVersion },
+    /// The artifact did not match the published hash or size: never installed.
+    Refused { reason: String },
+    /// The install step failed `attempts` times.
+    Failed { reason: String, attempts: u32 },
+}
+
+/// Why a package is not taken on this device now.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+#[serde(tag = "skip", rename_all = "snake_case")]
+pub enum Skip {
+    /// This device already published `UpgradeReady` for it.
+    AlreadyReady,
+    /// Outside the staged rollout's cohort.
+    NotInCohort { cohort: u8, cohort_percent: u8 },
+    /// The device's policy is manual and this run was automatic.
+    Manual,
+    /// The device is pinned to another version.
+    Pinned { version: ProtocolVersion },
+    /// The artifact was refused before; it is not fetched again unless retried.
+    Refused { reason: String },
+    /// The install failed too often; it is not run again unless retried.
+    Failed { reason: String, attempts: u32 },
+    /// The device is not a member of the authority.
+    NotAMember,
+}
+
+/// Something the pipeline reports.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum UpgradeEvent {
+    /// The artifact is not stored here yet; the next run tries again.
+    BlobMissing,
+    /// The artifact matches the published hash and size.
+    Verified,
+    /// The artifact is refused and will not be installed.
+    Refused {
+        reason: String,
+    },
+    Installed,
+    /// The install step failed; `gave_up` when no automatic retry follows.
+    InstallFailed {
+        reason: String,
+        attempts: u32,
+        gave_up: bool,
+    },
+    /// `UpgradeReady` is written.
+    Ready,
+    /// The identity epoch advanced during the session (DESIGN rule 9); it is retried.
+    Aborted {
+        from: u64,
+        to: u64,
+    },
+}
+
+/// What the blob store had for the artifact.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum BlobInput {
+    Bytes(Vec<u8>),
+    Missing,
+    /// Stored but unreadable or not matching its own address.
+    Unreadable(String),
+}
+
+/// An input to an [`UpgradeSession`], with the epoch the driver observed when it made it.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum SessionInput {
+    Blob {
+        epoch: MaintenanceEpoch,
+        blob: BlobInput,
+    },
+    InstallFinished {
+        epoch: MaintenanceEpoch,
+        result: Result<(), String>,
+    },
+}
+
+/// An effect the driver carries out for an [`UpgradeSession`].
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum SessionAction {
+    /// Read the artifact's blob and feed it back as [`SessionInput::Blob`].
+    FetchBlob {
+        cid: ContentId,
+    },
+    /// Write the verified artifact to a file and run the install step with its path; feed
+    /// the result back as [`SessionInput::InstallFinished`].
+    Install {
+        package: UpgradeMetadata,
+        artifact: Vec<u8>,
+    },
+    /// Persist this device's outcome for the package.
+    Record(LocalStatus),
+    /// Sign and store `UpgradeReady` (at [`MaintenanceState::package_fact_epoch`]).
+    WriteReady(UpgradeReady),
+    Report(UpgradeEvent),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stage {
+    Fetching,
+    Installing,
+    Done,
+    Aborted,
+}
+
+/// The pipeline of one package on one device: fetch, verify, install, ready. Sans-IO.
+#[derive(Clone, Debug)]
+pub struct UpgradeSession {
+    package: UpgradeMetadata,
+    epoch: MaintenanceEpoch,
+    /// False when this device already installed it (or runs it): verify, then ready.
+    install: bool,
+    attempts: u32,
+    max_attempts: u32,
+    stage: Stage,
+}
+
+/// The blob address of an artifact: raw bytes whose BLAKE3 hash is `hash`.
+pub fn artifact_cid(hash: &Hash32) -> ContentId {
+    ContentId::from_blake3(tend_core::ids::CODEC_RAW, hash)
+}
+
+impl UpgradeSession {
+    /// Starts the pipeline of `package` under `epoch`; the first action fetches the blob.
+    pub fn start(
+        package: UpgradeMetadata,
+        epoch: MaintenanceEpoch,
+        install: bool,
+        attempts: u32,
+        max_attempts: u32,
+    ) -> (Self, Vec<SessionAction>) {
+        let cid = artifact_cid(&package.artifact_hash);
+        let s = Self {
+            package,
+            epoch,
+            install,
+            attempts,
+            max_attempts,
+            stage: Stage::Fetching,
+        };
+        (s, vec![SessionAction::FetchBlob { cid }])
+    }
+
+    /// The package this session is about.
+    pub fn package(&self) -> &UpgradeMetadata {
+        &self.package
+    }
+
+    /// Whether the session has nothing more to do.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.stage, Stage::Done | Stage::Aborted)
+    }
+
+    /// Whether the session ended because the identity epoch advanced.
+    pub fn is_aborted(&self) -> bool {
+        self.stage == Stage::Aborted
+    }
+
+    fn epoch_guard(&mut self, now: MaintenanceEpoch, out: &mut Vec<SessionAction>) -> bool {
+        if now.identity_epoch == self.epoch.identity_epoch {
+            return true;
+        }
+        self.stage = Stage::Aborted;
+        out.push(SessionAction::Report(UpgradeEvent::Aborted {
+            from: self.epoch.identity_epoch,
+            to: now.identity_epoch,
+        }));
+        false
+    }
+
+    fn ready(&mut self, out: &mut Vec<SessionAction>) {
+        out.push(SessionAction::WriteReady(UpgradeReady {
+            package_id: self.package.package_id,
+            version: self.package.version,
+        }));
+        out.push(SessionAction::Report(UpgradeEvent::Ready));
+        self.stage = Stage::Done;
+    }
+
+    /// Feeds one input in; inputs that do not fit the current stage are ignored.
+    pub fn handle(&mut self, input: SessionInput) -> Vec<SessionAction> {
+        let mut out = Vec::new();
+        match (self.stage, input) {
+            (Stage::Fetching, SessionInput::Blob { epoch, blob }) => {
+                if !self.epoch_guard(epoch, &mut out) {
+                    return out;
+                }
+                let refuse = |reason: String| {
+                    vec![
+                        SessionAction::Record(LocalStatus::Refused {
+                            reason: reason.clone(),
+                        }),
+                        SessionAction::Report(UpgradeEvent::Refused { reason }),
+                    ]
+                };
+                let bytes = match blob {
+                    BlobInput::Missing => {
+                        self.stage = Stage::Done;
+                        out.push(SessionAction::Report(UpgradeEvent::BlobMissing));
+                        return out;
+                    }
+                    BlobInput::Unreadable(e) => {
+                        self.stage = Stage::Done;
+                        return refuse(format!("artifact unreadable: {e}"));
+                    }
+                    BlobInput::Bytes(b) => b,
+                };
+                let hash = Hash32::of(&bytes);
+                if hash != self.package.artifact_hash {
+                    self.stage = Stage::Done;
+                    return refuse(format!(
+                        "artifact hash {hash} does not match the published {}",
+                        self.package.artifact_hash
+                    ));
+                }
+                if bytes.len() as u64 != self.package.artifact_size {
+                    self.stage = Stage::Done;
+                    return refuse(format!(
+                        "artifact is {} bytes, the package says {}",
+                        bytes.len(),
+                        self.package.artifact_size
+                    ));
+                }
+                out.push(SessionAction::Report(UpgradeEvent::Verified));
+                if self.install {
+                    self.stage = Stage::Installing;
+                    out.push(SessionAction::Install {
+                        package: self.package.clone(),
+                        artifact: bytes,
+                    });
+                } else {
+                    self.ready(&mut out);
+                }
+            }
+            (Stage::Installing, SessionInput::InstallFinished { epoch, result }) => {
+                match result {
+                    Ok(()) => {
+                        // Recorded before the epoch check: a retry under a new epoch then
+                        // skips the install it already did and only writes readiness.
+                        out.push(SessionAction::Record(LocalStatus::Installed {
+                            version: self.package.version,
+                        }));
+                        out.push(SessionAction::Report(UpgradeEvent::Installed));
+                        if self.epoch_guard(epoch, &mut out) {
+                            self.ready(&mut out);
+                        }
+                    }
+                    Err(reason) => {
+                        let attempts = self.attempts.saturating_add(1);
+                        self.stage = Stage::Done;
+                        out.push(SessionAction::Record(LocalStatus::Failed {
+                            reason: reason.clone(),
+                            attempts,
+                        }));
+                        out.push(SessionAction::Report(UpgradeEvent::InstallFailed {
+                            reason,
+                            attempts,
+                            gave_up: attempts >= self.max_attempts,
+                        }));
+                    }
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+}
+
+/// How this run of the pipeline decides.
+#[derive(Clone, Debug)]
+pub struct PlanConfig {
+    pub policy: UpgradePolicy,
+    /// A run the operator asked for (`tend upgrade apply`): manual devices take packages.
+    pub explicit: bool,
+    /// Take refused or failed packages again.
+    pub retry: bool,
+    pub running: ProtocolVersion,
+    pub max_attempts: u32,
+}
+
+/// What the pipeline does about one package.
+#[derive(Clone, Debug)]
+pub enum Decision {
+    Start(UpgradeSession, Vec<SessionAction>),
+    Skip(Skip),
+}
+
+/// Decides, for every published package, whether this device starts its pipeline. Pure.
+pub fn plan(
+    state: &MaintenanceState,
+    me: &DeviceId,
+    config: &PlanConfig,
+    outcomes: &BTreeMap<Hash32, LocalStatus>,
+) -> Vec<(Hash32, Decision)> {
+    let member = state.is_member_at(me, state.current_epoch().next());
+    state
+        .upgrades
+        .iter()
+        .map(|(id, u)| {
+            let meta = &u.metadata;
+            let skip = if !member {
+                Some(Skip::NotAMember)
+            } else if u.ready.contains(me) {
+                Some(Skip::AlreadyReady)
+            } else if !meta.includes(me) {
+                Some(Skip::NotInCohort {
+                    cohort: tend_core::maintenance::cohort_of(id, me),
+                    cohort_percent: meta.cohort_percent,
+                })
+            } else {
+                match (&config.policy, outcomes.get(id)) {
+                    (UpgradePolicy::Pinned(v), _) if *v != meta.version => {
+                        Some(Skip::Pinned { version: *v })
+                    }
+                    (UpgradePolicy::Manual, _) if !config.explicit => Some(Skip::Manual),
+                    (_, Some(LocalStatus::Refused { reason })) if !config.retry => {
+                        Some(Skip::Refused {
+                            reason: reason.clone(),
+                        })
+                    }
+                    (_, Some(LocalStatus::Failed { reason, attempts }))
+                        if !config.retry && *attempts >= config.max_attempts =>
+                    {
+                        Some(Skip::Failed {
+                            reason: reason.clone(),
+                            attempts: *attempts,
+                        })
+                    }
+                    _ => None,
+                }
+            };
+            let decision = match skip {
+                Some(s) => Decision::Skip(s),
+                None => {
+                    let installed = matches!(outcomes.get(id), Some(LocalStatus::Installed { .. }))
+                        || config.running >= meta.version;
+                    let attempts = match outcomes.get(id) {
+                        Some(LocalStatus::Failed { attempts, .. }) if !config.retry => *attempts,
+                        _ => 0,
+                    };
+                    let (s, actions) = UpgradeSession::start(
+                        meta.clone(),
+                        state.maintenance_epoch(),
+                        !installed,
+                        attempts,
+                        config.max_attempts,
+                    );
+                    Decision::Start(s, actions)
+                }
+            };
+            (*id, decision)
+        })
+        .collect()
+}
+
+/// Where the pipeline reads artifacts from.
+pub trait ArtifactSource {
+    /// The blob under `cid`, as far as this source knows it.
+    fn fetch(&self, cid: &ContentId) -> BlobInput;
+}
+
+impl ArtifactSource for Store {
+    fn fetch(&self, cid: &ContentId) -> BlobInput {
+        match self.get_blob(cid) {
+            Ok(Some(b)) => BlobInput::Bytes(b),
+            Ok(None) => BlobInput::Missing,
+            Err(e) => BlobInput::Unreadable(e.to_string()),
+        }
+    }
+}
+
+/// The install step.
+pub trait Installer {
+    /// Installs the verified artifact at `artifact`; `Err` carries a one-line reason.
+    fn install(&mut self, package: &UpgradeMetadata, artifact: &Path) -> Result<(), String>;
+}
+
+/// Runs `sh -c COMMAND tend-install ARTIFACT`: the artifact's path is `$1`, and the
+/// environment has `TEND_HOME`, `TEND_ARTIFACT`, `TEND_UPGRADE_PACKAGE` and
+/// `TEND_UPGRADE_VERSION`. A non-zero exit, a signal or the timeout is a failure.
+pub struct CommandInstaller {
+    pub command: String,
+    pub home: PathBuf,
+    pub timeout: Duration,
+}
+
+impl Installer for CommandInstaller {
+    fn install(&mut self, package: &UpgradeMetadata, artifact: &Path) -> Result<(), String> {
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&self.command)
+            .arg("tend-install")
+            .arg(artifact)
+            .env("TEND_HOME", &self.home)
+            .env("TEND_ARTIFACT", artifact)
+            .env("TEND_UPGRADE_PACKAGE", package.package_id.to_string())
+            .env("TEND_UPGRADE_VERSION", package.version.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run the install command: {e}"))?;
+        // Read stderr on a thread so a chatty command cannot fill the pipe and hang.
+        let stderr = child.stderr.take();
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut s) = stderr {
+                use std::io::Read;
+                let _ = s.read_to_string(&mut text);
+            }
+            text
+        });
+        let started = Instant::now();
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if started.elapsed() >= self.timeout => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "install command timed out after {} s",
+                        self.timeout.as_secs()
+                    ));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(format!("cannot wait for the install command: {e}")),
+            }
+        };
+        let text = reader.join().unwrap_or_default();
+        if status.success() {
+            return Ok(());
+        }
+        let last = text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        Err(match status.code() {
+            Some(code) => format!("install command exited with status {code}: {last}"),
+            None => format!("install command was killed by a signal: {last}"),
+        }
+        .trim_end_matches(": ")
+        .to_string())
+    }
+}
+
+/// Options of one pipeline run.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyOptions {
+    /// Asked for by the operator: manual-policy devices take packages too.
+    pub explicit: bool,
+    /// Take refused or failed packages again.
+    pub retry: bool,
+}
+
+/// What the pipeline did with one package.
+#[derive(Clone, Debug, Serialize)]
+pub struct PackageRun {
+    pub package_id: String,
+    pub version: String,
+    pub skipped: Option<Skip>,
+    pub events: Vec<UpgradeEvent>,
+}
+
+/// What one pipeline run did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ApplyReport {
+    pub device_id: String,
+    pub packages: Vec<PackageRun>,
+    /// Sessions aborted by an identity-epoch advance (and retried).
+    pub aborted_sessions: u32,
+}
+
+impl ApplyReport {
+    /// Whether any package was refused or failed to install in this run.
+    pub fn has_failures(&self) -> bool {
+        self.packages.iter().any(|p| {
+            p.events.iter().any(|e| {
+                matches!(
+                    e,
+                    UpgradeEvent::Refused { .. } | UpgradeEvent::InstallFailed { .. }
+                )
+            })
+        })
+    }
+}
+
+/// This device's upgrade policy (automatic when unset).
+pub fn policy(device: &Device) -> Result<UpgradePolicy, UpgradeError> {
+    Ok(device
+        .store()
+        .get_setting(POLICY)?
+        .unwrap_or(UpgradePolicy::Automatic))
+}
+
+/// Sets this device's upgrade policy and advertises it.
+pub fn set_policy(device: &Device, policy: &UpgradePolicy) -> Result<(), UpgradeError> {
+    device.store().put_setting(POLICY, policy)?;
+    advertise(device)?;
+    Ok(())
+}
+
+/// The configured install command, if any.
+pub fn install_command(device: &Device) -> Result<Option<String>, UpgradeError> {
+    Ok(device.store().get_setting(INSTALL_COMMAND)?)
+}
+
+/// Sets (or with `None` clears) the install command.
+pub fn set_install_command(device: &Device, command: Option<&str>) -> Result<(), UpgradeError> {
+    match command {
+        Some(c) if c.trim().is_empty() => {
+            Err(UpgradeError::Invalid("the install command is empty".into()))
+        }
+        Some(c) => Ok(device.store().put_setting(INSTALL_COMMAND, c)?),
+        None => {
+            device.store().delete_setting(INSTALL_COMMAND)?;
+            Ok(())
+        }
+    }
+}
+
+/// Failed installs of one package before the device gives up on it.
+pub fn max_attempts(device: &Device) -> Result<u32, UpgradeError> {
+    Ok(device
+        .store()
+        .get_setting(MAX_ATTEMPTS)?
+        .unwrap_or(DEFAULT_MAX_ATTEMPTS)
+        .max(1))
+}
+
+/// Every package outcome this device recorded.
+pub fn outcomes(device: &Device) -> Result<BTreeMap<Hash32, LocalStatus>, UpgradeError> {
+    let mut out = BTreeMap::new();
+    for key in device.store().setting_keys()? {
+        let Some(hex) = key.strip_prefix(OUTCOME_PREFIX) else {
+            continue;
+        };
+        let Ok(id) = hex.parse::<Hash32>() else {
+            continue;
+        };
+        if let Some(status) = device.store().get_setting::<LocalStatus>(&key)? {
+            out.insert(id, status);
+        }
+    }
+    Ok(out)
+}
+
+fn record(device: &Device, id: &Hash32, status: &LocalStatus) -> Result<(), UpgradeError> {
+    Ok(device
+        .store()
+        .put_setting(&format!("{OUTCOME_PREFIX}{id}"), status)?)
+}
+
+/// The version this device runs for fence checks and `DeviceMetadata`: this build's
+/// version, or the highest version it installed of a package the admin has activated
+/// (installing stages a release; activation switches to it).
+pub fn running_version(
+    device: &Device,
+    state: &MaintenanceState,
+) -> Result<ProtocolVersion, UpgradeError> {
+    let installed = outcomes(device)?;
+    Ok(running_version_from(state, &installed))
+}
+
+fn running_version_from(
+    state: &MaintenanceState,
+    outcomes: &BTreeMap<Hash32, LocalStatus>,
+) -> ProtocolVersion {
+    outcomes
+        .iter()
+        .filter(|(id, _)| {
+            state
+                .upgrades
+                .get(*id)
+                .is_some_and(|u| u.activated.is_some())
+        })
+        .filter_map(|(_, s)| match s {
+            LocalStatus::Installed { version } => Some(*version),
+            _ => None,
+        })
+        .chain([ProtocolVersion::CURRENT])
+        .max()
+        .unwrap_or(ProtocolVersion::CURRENT)
+}
+
+/// DESIGN rule 7 for this device: `Ok` unless an activated fence refuses its sessions.
+pub fn fence_check(
+    device: &Device,
+) -> Result<Result<(), tend_core::upgrade::FenceRefusal>, UpgradeError> {
+    let state = device.store().maintenance_state(device.namespace())?;
+    let running = running_version(device, &state)?;
+    Ok(state.fence_check(state.current_epoch(), running))
+}
+
+/// Publishes `DeviceMetadata` (running and supported versions, policy) when the journal
+/// does not already say exactly that. Returns whether a fact was written.
+pub fn advertise(device: &Device) -> Result<bool, UpgradeError> {
+    let state = device.store().maintenance_state(device.namespace())?;
+    let outcomes = outcomes(device)?;
+    let running = running_version_from(&state, &outcomes);
+    let mut supported: Vec<ProtocolVersion> = outcomes
+        .values()
+        .filter_map(|s| match s {
+            LocalStatus::Installed { version } => Some(*version),
+            _ => None,
+        })
+        .chain([ProtocolVersion::CURRENT, running])
+        .collect();
+    supported.sort();
+    supported.dedup();
+    let meta = DeviceMetadata {
+        running_version: running,
+        supported_versions: supported,
+        upgrade_policy: policy(device)?,
+    };
+    if state.device_metadata.get(&device.device_id()) == Some(&meta) {
+        return Ok(false);
+    }
+    device.append(Payload::Maintenance(MaintenanceFact::DeviceMetadata(meta)))?;
+    Ok(true)
+}
+
+/// Runs the pipeline for every published package on this device: the driver of
+/// [`UpgradeSession`]. Artifacts are written to `<home>/upgrades/` before installing.
+pub fn apply(
+    device: &Device,
+    source: &dyn ArtifactSource,
+    installer: &mut dyn Installer,
+    opts: &ApplyOptions,
+) -> Result<ApplyReport, UpgradeError> {
+    let me = device.device_id();
+    let mut report = ApplyReport {
+        device_id: me.to_string(),
+        packages: Vec::new(),
+        aborted_sessions: 0,
+    };
+    let mut runs: BTreeMap<Hash32, PackageRun> = BTreeMap::new();
+    let mut retries = 0;
+    loop {
+        let state = device.store().maintenance_state(device.namespace())?;
+        let config = PlanConfig {
+            policy: policy(device)?,
+            explicit: opts.explicit,
+            retry: opts.retry,
+            running: running_version(device, &state)?,
+            max_attempts: max_attempts(device)?,
+        };
+        let mut recorded = outcomes(device)?;
+        if opts.retry {
+            // A retry starts a package afresh, with a new budget of attempts.
+            recorded.retain(|_, s| matches!(s, LocalStatus::Installed { .. }));
+        }
+        let mut aborted = false;
+        for (id, decision) in plan(&state, &me, &config, &recorded) {
+            let meta = &state.upgrades[&id].metadata;
+            let run = runs.entry(id).or_insert_with(|| PackageRun {
+                package_id: id.to_string(),
+                version: meta.version.to_string(),
+                skipped: None,
+                events: Vec::new(),
+            });
+            match decision {
+                Decision::Skip(s) => {
+                    // A package already handled in an earlier round keeps its events.
+                    if run.events.is_empty() {
+                        run.skipped = Some(s);
+                    }
+                }
+                Decision::Start(session, actions) => {
+                    run.skipped = None;
+                    if drive(device, source, installer, session, actions, &mut run.events)? {
+                        aborted = true;
+                        report.aborted_sessions += 1;
+                    }
+                }
+            }
+        }
+        if !aborted || retries >= MAX_EPOCH_RETRIES {
+            break;
+        }
+        retries += 1;
+    }
+    report.packages = runs.into_values().collect();
+    advertise(device)?;
+    Ok(report)
+}
+
+/// Carries out one session's actions until it finishes; returns whether it aborted.
+fn drive(
+    device: &Device,
+    source: &dyn ArtifactSource,
+    installer: &mut dyn Installer,
+    mut session: UpgradeSession,
+    mut actions: Vec<SessionAction>,
+    events: &mut Vec<UpgradeEvent>,
+) -> Result<bool, UpgradeError> {
+    let id = session.package().package_id;
+    let epoch_now = || -> Result<MaintenanceEpoch, UpgradeError> {
+        Ok(device
+            .store()
+            .maintenance_state(device.namespace())?
+            .maintenance_epoch())
+    };
+    while !actions.is_empty() {
+        let mut next = Vec::new();
+        for action in actions {
+            match action {
+                SessionAction::FetchBlob { cid } => {
+                    let blob = source.fetch(&cid);
+                    let epoch = epoch_now()?;
+                    next.extend(session.handle(SessionInput::Blob { epoch, blob }));
+                }
+                SessionAction::Install { package, artifact } => {
+                    let path = write_artifact(device.home(), &package, &artifact)?;
+                    let result = installer.install(&package, &path);
+                    let epoch = epoch_now()?;
+                    next.extend(session.handle(SessionInput::InstallFinished { epoch, result }));
+                }
+                SessionAction::Record(status) => record(device, &id, &status)?,
+                SessionAction::WriteReady(ready) => {
+                    let state = device.store().maintenance_state(device.namespace())?;
+                    let epoch = state
+                        .package_fact_epoch(&ready.package_id)
+                        .ok_or(UpgradeError::UnknownPackage(ready.package_id))?;
+                    device.write(UnsignedFact {
+                        namespace: device.namespace(),
+                        epoch,
+                        payload: Payload::Maintenance(MaintenanceFact::UpgradeReady(ready)),
+                    })?;
+                }
+                SessionAction::Report(e) => events.push(e),
+            }
+        }
+        actions = next;
+    }
+    Ok(session.is_aborted())
+}
+
+/// Writes the artifact to `<home>/upgrades/<package>-<version>.artifact` (via a temporary
+/// file and a rename, so an install never sees half an artifact).
+fn write_artifact(
+    home: &Path,
+    package: &UpgradeMetadata,
+    bytes: &[u8],
+) -> Result<PathBuf, UpgradeError> {
+    let dir = home.join("upgrades");
+    let path = dir.join(format!(
+        "{}-{}.artifact",
+        package.package_id, package.version
+    ));
+    let tmp = dir.join(format!(".{}.tmp", package.package_id));
+    let err = |source| UpgradeError::Artifact {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&dir).map_err(err)?;
+    std::fs::write(&tmp, bytes).map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)?;
+    Ok(path)
+}
+
+/// The package id of an artifact published as `version` with this fence and cohort:
+/// BLAKE3 over the canonical tuple, so publishing the same thing twice is recognised.
+pub fn package_id(
+    version: ProtocolVersion,
+    artifact_hash: &Hash32,
+    artifact_size: u64,
+    fence: Option<Epoch>,
+    cohort_percent: u8,
+) -> Hash32 {
+    let mut input = b"tend-package-v1".to_vec();
+    input.extend_from_slice(&tend_core::encoding::to_canonical(&(
+        version,
+        artifact_hash,
+        artifact_size,
+        fence,
+        cohort_percent,
+    )));
+    Hash32::of(&input)
+}
+
+fn require_admin(device: &Device, state: &MaintenanceState) -> Result<(), UpgradeError> {
+    let me = device.device_id();
+    if state.is_admin_at(&me, state.current_epoch()) {
+        Ok(())
+    } else {
+        Err(UpgradeError::NotAdmin(me))
+    }
+}
+
+/// Admin: stores `artifact` as a blob and publishes `UpgradePublished`. A fence makes it a
+/// hard fork, which must go to every device (`cohort_percent` 100).
+pub fn publish(
+    device: &Device,
+    artifact: &[u8],
+    version: ProtocolVersion,
+    fence: Option<Epoch>,
+    cohort_percent: u8,
+) -> Result<UpgradeMetadata, UpgradeError> {
+    let state = device.store().maintenance_state(device.namespace())?;
+    require_admin(device, &state)?;
+    if cohort_percent > 100 {
+        return Err(UpgradeError::Invalid(format!(
+            "cohort {cohort_percent}% is above 100%"
+        )));
+    }
+    if fence.is_some() && cohort_percent < 100 {
+        return Err(UpgradeError::Invalid(
+            "a fenced (hard-fork) upgrade must go to every device: drop --cohort or --fence".into(),
+        ));
+    }
+    if artifact.is_empty() || artifact.len() > MAX_ARTIFACT_BYTES {
+        return Err(UpgradeError::Invalid(format!(
+            "the artifact is {} bytes; it must hold 1 to {MAX_ARTIFACT_BYTES}",
+            artifact.len()
+        )));
+    }
+    let artifact_hash = Hash32::of(artifact);
+    let artifact_size = artifact.len() as u64;
+    let id = package_id(
+        version,
+        &artifact_hash,
+        artifact_size,
+        fence,
+        cohort_percent,
+    );
+    if state.upgrades.contains_key(&id) {
+        return Err(UpgradeError::AlreadyPublished(id));
+    }
+    let cid = device
+        .store()
+        .put_blob(tend_core::ids::CODEC_RAW, artifact)?;
+    debug_assert_eq!(cid, artifact_cid(&artifact_hash));
+    let meta = UpgradeMetadata {
+        package_id: id,
+        version,
+        artifact_hash,
+        artifact_size,
+        fence,
+        cohort_percent,
+    };
+    device.append(Payload::Maintenance(MaintenanceFact::UpgradePublished(
+        meta.clone(),
+    )))?;
+    Ok(meta)
+}
+
+/// Admin: activates `package_id` when `policy` finds enough devices ready.
+pub fn activate(
+    device: &Device,
+    package_id: &Hash32,
+    policy: ReadinessPolicy,
+) -> Result<UpgradeActivated, UpgradeError> {
+    let state = device.store().maintenance_state(device.namespace())?;
+    require_admin(device, &state)?;
+    let u = state
+        .upgrades
+        .get(package_id)
+        .ok_or(UpgradeError::UnknownPackage(*package_id))?;
+    if u.activated.is_some() {
+        return Err(UpgradeError::AlreadyActivated(*package_id));
+    }
+    let r = state
+        .readiness(package_id, policy)
+        .ok_or(UpgradeError::UnknownPackage(*package_id))?;
+    if !r.satisfied {
+        return Err(UpgradeError::NotReady {
+            package_id: *package_id,
+            ready: r.ready.len(),
+            required: r.required,
+        });
+    }
+    let activated = UpgradeActivated {
+        package_id: *package_id,
+        to_version: u.metadata.version,
+        activation_fence: u.metadata.fence,
+    };
+    let epoch = state
+        .package_fact_epoch(package_id)
+        .ok_or(UpgradeError::UnknownPackage(*package_id))?;
+    device.write(UnsignedFact {
+        namespace: device.namespace(),
+        epoch,
+        payload: Payload::Maintenance(MaintenanceFact::UpgradeActivated(activated.clone())),
+    })?;
+    Ok(activated)
+}
+
+/// One package as `tend upgrade status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PackageStatus {
+    pub package_id: String,
+    pub version: String,
+    pub artifact_hash: String,
+    pub artifact_size: u64,
+    pub fence: Option<u64>,
+    pub cohort_percent: u8,
+    pub in_cohort: bool,
+    pub artifact_stored: bool,
+    /// Readiness under the "all eligible devices" policy.
+    pub readiness: Readiness,
+    pub activated: bool,
+    /// This device's recorded outcome.
+    pub local: Option<LocalStatus>,
+}
+
+/// The upgrade view of this device, as `tend upgrade status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct UpgradeStatus {
+    pub device_id: String,
+    pub running_version: String,
+    pub policy: UpgradePolicy,
+    pub install_command: Option<String>,
+    pub current_epoch: u64,
+    /// Why this device refuses sessions, when an activated fence says so.
+    pub fence_refusal: Option<String>,
+    pub packages: Vec<PackageStatus>,
+}
+
+/// Packages, readiness and this device's outcomes.
+pub fn status(device: &Device) -> Result<UpgradeStatus, UpgradeError> {
+    let me = device.device_id();
+    let state = device.store().maintenance_state(device.namespace())?;
+    let local = outcomes(device)?;
+    let running = running_version_from(&state, &local);
+    let mut packages = Vec::new();
+    for (id, u) in &state.upgrades {
+        let m = &u.metadata;
+        packages.push(PackageStatus {
+            package_id: id.to_string(),
+            version: m.version.to_string(),
+            artifact_hash: m.artifact_hash.to_string(),
+            artifact_size: m.artifact_size,
+            fence: m.fence.map(|e| e.0),
+            cohort_percent: m.cohort_percent,
+            in_cohort: m.includes(&me),
+            artifact_stored: device.store().has_blob(&artifact_cid(&m.artifact_hash))?,
+            readiness: state
+                .readiness(id, ReadinessPolicy::All)
+                .ok_or(UpgradeError::UnknownPackage(*id))?,
+            activated: u.activated.is_some(),
+            local: local.get(id).cloned(),
+        });
+    }
+    Ok(UpgradeStatus {
+        device_id: me.to_string(),
+        running_version: running.to_string(),
+        policy: policy(device)?,
+        install_command: install_command(device)?,
+        current_epoch: state.current_epoch().0,
+        fence_refusal: state
+            .fence_check(state.current_epoch(), running)
+            .err()
+            .map(|r| r.to_string()),
+        packages,
+    })
+}

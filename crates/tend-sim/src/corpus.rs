@@ -1,0 +1,1 @@
+//! Fuzz corpus generation and replay (filled in below).

@@ -1,0 +1,521 @@
+//! One simulated device: a durable journal, a write buffer a crash discards, the reduced
+//! state, and the settle step that applies a verified snapshot (coverage, `Late`
+//! re-issue, pruning).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
+use tend_core::journal::{journal_digest, DigestBuilder};
+use tend_core::{
+    reduce, AuthorityFact, ContentId, DeviceId, Epoch, FactId, Hash32, JournalError,
+    JournalNamespace, MaintenanceFact, MaintenanceState, Payload, ProtocolVersion, UnsignedFact,
+    VerifiedFact,
+};
+use tend_snapshot::{LocalJournal, SignerKey, SnapshotBlob};
+use tend_sync::{FactHost, FenceStatus, MemItems, SharedItems, SyncItem};
+
+/// The order key of a fact: `(epoch, id)`.
+pub type Key = (Epoch, FactId);
+
+/// Whether a payload is re-issued by its author when it is answered `Late` (DESIGN rule
+/// 5). Admin operations and snapshot facts are not: a late admin operation is redone by
+/// the admin's own logic, a late proposal or completion is meaningless.
+pub fn is_reissuable(p: &Payload) -> bool {
+    matches!(
+        p,
+        Payload::Application { .. }
+            | Payload::Maintenance(MaintenanceFact::DeviceMetadata(_))
+            | Payload::Maintenance(MaintenanceFact::UpgradeReady(_))
+            | Payload::Maintenance(MaintenanceFact::CacheInvalidated(_))
+    )
+}
+
+/// Whether a fact can change the maintenance state (kept by pruning).
+pub fn is_state_fact(f: &VerifiedFact) -> bool {
+    matches!(f.payload(), Payload::Maintenance(_) | Payload::Authority(_))
+}
+
+/// What survives a crash.
+#[derive(Clone, Debug)]
+pub struct Durable {
+    /// Facts written through (fsynced).
+    pub facts: BTreeMap<Key, VerifiedFact>,
+    /// Snapshot blobs by CID.
+    pub blobs: BTreeMap<ContentId, Vec<u8>>,
+    /// Signing keys per identity epoch (key files).
+    pub keys: BTreeMap<u64, SignerKey>,
+    /// The release this device runs.
+    pub version: ProtocolVersion,
+    /// The snapshot epoch this device has settled (covered set computed, pruned).
+    pub settled: Epoch,
+    /// The items of the settled snapshot's prefix (what it covers).
+    pub covered: BTreeSet<Key>,
+}
+
+/// What settling a snapshot did, for the invariants.
+#[derive(Clone, Debug, Default)]
+pub struct Settled {
+    pub epoch: Epoch,
+    /// Facts dropped because they are below E and not covered (rule 5).
+    pub quarantined: Vec<VerifiedFact>,
+    /// Covered facts pruned (non-archive devices).
+    pub pruned: Vec<Key>,
+    /// Facts re-issued by this device.
+    pub reissued: Vec<VerifiedFact>,
+    /// The completion fact the prune relied on.
+    pub completion: Option<FactId>,
+}
+
+/// The journal side of a device: the [`FactHost`] sessions admit through.
+pub struct Core {
+    pub me: DeviceId,
+    pub key: SigningKey,
+    pub namespace: JournalNamespace,
+    pub archive: bool,
+    pub durable: Durable,
+    /// Facts admitted but not yet durable: a crash discards them.
+    pub buffer: BTreeMap<Key, VerifiedFact>,
+    /// The reduced state of durable + buffer.
+    pub state: MaintenanceState,
+    /// Own facts a peer (or our own admission) found `Late`: to re-issue.
+    pub late_own: Vec<VerifiedFact>,
+    /// Set while the device's fence is not satisfied: no session may admit facts then.
+    pub fence_blocked: bool,
+    /// Facts admitted through a session while `fence_blocked` (an invariant violation).
+    pub crossed_fence: Vec<FactId>,
+    /// Facts dropped because a membership change learned later made them inadmissible.
+    pub invalidated: Vec<VerifiedFact>,
+    /// Facts that became durable since the simulator last looked (for the oracle).
+    pub newly_durable: Vec<VerifiedFact>,
+    /// Fact id -> epoch, over durable + buffer.
+    index: HashMap<FactId, Epoch>,
+}
+
+impl Core {
+    /// A device holding `genesis` durably.
+    pub fn new(key: SigningKey, genesis: &VerifiedFact, archive: bool) -> Self {
+        let me = DeviceId(key.verifying_key().to_bytes());
+        let namespace = genesis.namespace();
+        let mut durable = Durable {
+            facts: BTreeMap::new(),
+            blobs: BTreeMap::new(),
+            keys: BTreeMap::new(),
+            version: ProtocolVersion::CURRENT,
+            settled: Epoch::ZERO,
+            covered: BTreeSet::new(),
+        };
+        durable.facts.insert(genesis.order_key(), genesis.clone());
+        let mut c = Self {
+            me,
+            key,
+            namespace,
+            archive,
+            durable,
+            buffer: BTreeMap::new(),
+            state: MaintenanceState::new(namespace),
+            late_own: Vec::new(),
+            fence_blocked: false,
+            crossed_fence: Vec::new(),
+            invalidated: Vec::new(),
+            newly_durable: vec![genesis.clone()],
+            index: HashMap::new(),
+        };
+        c.rebuild();
+        c
+    }
+
+    /// Recomputes the index and the reduced state from durable + buffer.
+    pub fn rebuild(&mut self) {
+        self.index = self
+            .durable
+            .facts
+            .keys()
+            .chain(self.buffer.keys())
+            .map(|(e, id)| (*id, *e))
+            .collect();
+        self.state = reduce(self.namespace, self.all().map(|(_, f)| f));
+    }
+
+    /// Every fact held, durable or buffered, in `(epoch, id)` order.
+    pub fn all(&self) -> impl Iterator<Item = (&Key, &VerifiedFact)> {
+        // Both maps are ordered; a merged walk keeps the order without allocating.
+        let mut a = self.durable.facts.iter().peekable();
+        let mut b = self.buffer.iter().peekable();
+        std::iter::from_fn(move || match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x.0 <= y.0 => a.next(),
+            (Some(_), Some(_)) => b.next(),
+            (Some(_), None) => a.next(),
+            (None, _) => b.next(),
+        })
+    }
+
+    /// Whether the device holds the fact (durable or buffered).
+    pub fn holds(&self, k: &Key) -> bool {
+        self.durable.facts.contains_key(k) || self.buffer.contains_key(k)
+    }
+
+    /// The effective items: held facts plus what the settled snapshot covers (a pruned
+    /// device still accounts for the covered prefix).
+    pub fn effective_items(&self, durable_only: bool) -> BTreeSet<Key> {
+        let mut s: BTreeSet<Key> = self.durable.covered.clone();
+        s.extend(self.durable.facts.keys().copied());
+        if !durable_only {
+            s.extend(self.buffer.keys().copied());
+        }
+        s
+    }
+
+    /// Digest of the effective items: equal digests mean equal journals modulo pruning.
+    pub fn effective_digest(&self) -> Hash32 {
+        journal_digest(self.namespace, self.effective_items(false))
+    }
+
+    /// Negentropy items for a session: durable only, so a device never offers a fact a
+    /// crash could make it forget.
+    pub fn session_items(&self) -> SharedItems {
+        let items = self
+            .effective_items(true)
+            .into_iter()
+            .map(|(epoch, id)| SyncItem { epoch, id });
+        Arc::new(MemItems::new(self.namespace, items))
+    }
+
+    /// Moves the write buffer to durable storage; returns the facts made durable.
+    pub fn flush(&mut self) -> Vec<VerifiedFact> {
+        let buf = std::mem::take(&mut self.buffer);
+        let mut out = Vec::with_capacity(buf.len());
+        for (k, f) in buf {
+            out.push(f.clone());
+            self.durable.facts.insert(k, f);
+        }
+        self.newly_durable.extend(out.iter().cloned());
+        out
+    }
+
+    /// A crash: the buffer is gone; the state is recomputed from durable storage.
+    pub fn crash(&mut self) {
+        self.buffer.clear();
+        self.late_own.clear();
+        self.rebuild();
+        let dropped = self.revalidate();
+        self.invalidated.extend(dropped);
+    }
+
+    /// The fence status at the device's local epoch and release.
+    pub fn fence(&self) -> FenceStatus {
+        FenceStatus::from_state(
+            &self.state,
+            self.state.current_epoch(),
+            self.durable.version,
+        )
+    }
+
+    /// Signs and buffers a fact this device authors, at its current epoch.
+    pub fn write(&mut self, payload: Payload) -> VerifiedFact {
+        self.write_unsigned(UnsignedFact {
+            namespace: self.namespace,
+            epoch: self.state.current_epoch(),
+            payload,
+        })
+    }
+
+    /// Signs and buffers a fact at a given epoch (package facts go strictly above their
+    /// package's publication).
+    pub fn write_at(&mut self, epoch: Epoch, payload: Payload) -> VerifiedFact {
+        self.write_unsigned(UnsignedFact {
+            namespace: self.namespace,
+            epoch,
+            payload,
+        })
+    }
+
+    /// Signs and buffers a fact made elsewhere (the snapshot engine).
+    pub fn write_unsigned(&mut self, f: UnsignedFact) -> VerifiedFact {
+        let f = f.sign(&self.key);
+        self.insert_buffered(f.clone());
+        f
+    }
+
+    fn insert_buffered(&mut self, f: VerifiedFact) {
+        let state_fact = is_state_fact(&f);
+        let epoch = f.epoch();
+        self.index.insert(f.id(), epoch);
+        self.buffer.insert(f.order_key(), f);
+        if state_fact {
+            let before = std::mem::take(&mut self.state.memberships);
+            self.state = reduce(self.namespace, self.all().map(|(_, f)| f));
+            if self.state.memberships != before {
+                let dropped = self.revalidate();
+                self.invalidated.extend(dropped);
+            }
+        } else {
+            self.state.observe_epoch(epoch);
+        }
+    }
+
+    /// Keeps the journal equal to what its own state admits: a membership change learned
+    /// late (at a lower epoch than facts already held) makes those facts' authors
+    /// non-members; they go, or replicas that admitted them before learning of the change
+    /// would differ forever from replicas that learned it first (found by the simulator,
+    /// seed 33). Repeats until nothing changes, since dropping a membership change can
+    /// unseat more authors.
+    pub fn revalidate(&mut self) -> Vec<VerifiedFact> {
+        let mut dropped = Vec::new();
+        loop {
+            let bad: Vec<Key> = self
+                .all()
+                .filter(|(_, f)| {
+                    let genesis =
+                        matches!(f.payload(), Payload::Authority(AuthorityFact::Genesis(_)));
+                    !genesis && !self.state.is_member_at(&f.author(), f.epoch())
+                })
+                .map(|(k, _)| *k)
+                .collect();
+            if bad.is_empty() {
+                return dropped;
+            }
+            for k in bad {
+                let f = self
+                    .durable
+                    .facts
+                    .remove(&k)
+                    .or_else(|| self.buffer.remove(&k));
+                dropped.extend(f);
+            }
+            self.rebuild();
+        }
+    }
+
+    /// Whether a fact with the same author and payload is held at or above `epoch`.
+    fn has_payload_above(&self, f: &VerifiedFact, epoch: Epoch) -> bool {
+        self.all().any(|((e, _), g)| {
+            *e >= epoch && g.author() == f.author() && g.payload() == f.payload()
+        })
+    }
+
+    /// Re-issues own `Late` facts at the current epoch, durably (so a crash cannot lose
+    /// the payload between dropping the late copy and writing the new one).
+    pub fn reissue_late(&mut self) -> Vec<VerifiedFact> {
+        let late = std::mem::take(&mut self.late_own);
+        let floor = self.state.snapshot_epoch();
+        let mut out = Vec::new();
+        for f in late {
+            if !is_reissuable(f.payload()) || self.has_payload_above(&f, floor) {
+                continue;
+            }
+            let g = UnsignedFact {
+                namespace: self.namespace,
+                epoch: self.state.current_epoch(),
+                payload: f.payload().clone(),
+            }
+            .sign(&self.key);
+            self.insert_buffered(g.clone());
+            out.push(g);
+        }
+        if !out.is_empty() {
+            self.flush();
+        }
+        out
+    }
+
+    /// Applies the latest verified snapshot once its blob is at hand (DESIGN rules 4 and
+    /// 5): hydrates the prefix's state facts, drops facts below E that the snapshot does
+    /// not cover (re-issuing our own), drops facts whose author the resulting state no
+    /// longer admits, and, unless this is an archive device, prunes the covered
+    /// application facts.
+    ///
+    /// The blob comes from storage (fetched after a session) or is rebuilt from our own
+    /// journal when its CID matches, exactly as a signer checks it. With chained digests
+    /// the blob lists only the items from its base snapshot on; below the base, coverage
+    /// is what we recorded when we settled the base, or, if we never did, unknown: then
+    /// we keep only the state facts the blob certifies and re-issue our own facts there
+    /// (at-least-once, as docs/ARCHITECTURE.md says for hydrated devices).
+    ///
+    /// `Ok(None)`: nothing to do yet. `Err`: the signed snapshot's blob does not verify
+    /// against its own digest (no device could hydrate from it).
+    pub fn settle(&mut self) -> Result<Option<Settled>, String> {
+        let Some(s) = self.state.latest_snapshot.clone() else {
+            return Ok(None);
+        };
+        let e = s.snapshot.epoch;
+        if self.durable.settled >= e {
+            return Ok(None);
+        }
+        let cid = s.snapshot.blob_cid;
+        if !self.durable.blobs.contains_key(&cid) {
+            let own = self.snapshot_blob(e).encode();
+            if SnapshotBlob::cid_of(&own) != cid {
+                return Ok(None); // wait for the blob
+            }
+            self.durable.blobs.insert(cid, own);
+        }
+        let bytes = &self.durable.blobs[&cid];
+        let blob = match SnapshotBlob::decode(bytes) {
+            Ok(b) if SnapshotBlob::cid_of(bytes) == cid && b.epoch == e => b,
+            Ok(_) => {
+                return Err(format!(
+                    "blob of snapshot at {e} does not match its CID or epoch"
+                ))
+            }
+            Err(err) => return Err(format!("blob of snapshot at {e} does not decode: {err}")),
+        };
+        if blob.prefix_digest() != s.snapshot.digest {
+            return Err(format!(
+                "blob of the verified snapshot at epoch {e} (base {:?}) does not hash to the signed digest",
+                blob.base.map(|b| b.epoch)
+            ));
+        }
+        // Coverage below e: the blob's items from its base on, and below the base what
+        // we know from settling the base.
+        let base = blob.base.map_or(Epoch::ZERO, |b| b.epoch);
+        let mut covered: BTreeSet<Key> = if self.durable.settled >= base {
+            self.durable
+                .covered
+                .range(..(base, FactId([0; 32])))
+                .copied()
+                .collect()
+        } else {
+            blob.facts
+                .iter()
+                .map(|f| f.order_key())
+                .filter(|k| k.0 < base)
+                .collect()
+        };
+        covered.extend(blob.items.iter().copied());
+        // Hydrate: the prefix's state facts are what reduction needs.
+        for f in &blob.facts {
+            self.durable
+                .facts
+                .entry(f.order_key())
+                .or_insert_with(|| f.clone());
+        }
+        // One transaction: everything buffered becomes durable with the prune.
+        self.flush();
+        let mut out = Settled {
+            epoch: e,
+            completion: Some(s.fact_id),
+            ..Settled::default()
+        };
+        let uncovered: Vec<Key> = self
+            .durable
+            .facts
+            .range(..(e, FactId([0; 32])))
+            .map(|(k, _)| *k)
+            .filter(|k| !covered.contains(k))
+            .collect();
+        for k in uncovered {
+            if let Some(f) = self.durable.facts.remove(&k) {
+                out.quarantined.push(f);
+            }
+        }
+        self.rebuild();
+        // Dropping a late membership change can unseat authors.
+        out.quarantined.extend(self.revalidate());
+        if !self.archive {
+            let prune: Vec<Key> = self
+                .durable
+                .facts
+                .range(..(e, FactId([0; 32])))
+                .filter(|(_, f)| !is_state_fact(f))
+                .map(|(k, _)| *k)
+                .collect();
+            for k in prune {
+                self.durable.facts.remove(&k);
+                out.pruned.push(k);
+            }
+        }
+        self.durable.covered = covered;
+        self.durable.settled = e;
+        self.rebuild();
+        self.late_own.extend(
+            out.quarantined
+                .iter()
+                .filter(|f| f.author() == self.me)
+                .cloned(),
+        );
+        out.reissued = self.reissue_late();
+        Ok(Some(out))
+    }
+
+    /// Digest of the held items at or above `from` (the tail above a snapshot).
+    pub fn tail_digest(&self, from: Epoch) -> Hash32 {
+        journal_digest(
+            self.namespace,
+            self.all().map(|(k, _)| *k).filter(|k| k.0 >= from),
+        )
+    }
+}
+
+impl LocalJournal for Core {
+    fn state(&self) -> &MaintenanceState {
+        &self.state
+    }
+
+    fn prefix_digest(&self, upto: Epoch) -> Hash32 {
+        // The same chaining rule as tend-snapshot's `JournalView`.
+        let mut d = DigestBuilder::chained(self.namespace, upto, self.state.snapshot_base(upto));
+        for (e, id) in self.effective_items(false).range(..(upto, FactId([0; 32]))) {
+            d.push(*e, *id);
+        }
+        d.finish()
+    }
+
+    fn snapshot_blob(&self, upto: Epoch) -> SnapshotBlob {
+        let items: Vec<Key> = self
+            .effective_items(false)
+            .into_iter()
+            .take_while(|(e, _)| *e < upto)
+            .collect();
+        let facts: Vec<VerifiedFact> = self
+            .all()
+            .take_while(|((e, _), _)| *e < upto)
+            .filter(|(_, f)| is_state_fact(f))
+            .map(|(_, f)| f.clone())
+            .collect();
+        SnapshotBlob::from_parts(self.namespace, upto, items, facts)
+    }
+}
+
+impl FactHost for Core {
+    fn load_fact(&self, _namespace: JournalNamespace, id: &FactId) -> Option<Vec<u8>> {
+        let e = self.index.get(id)?;
+        self.durable
+            .facts
+            .get(&(*e, *id))
+            .map(|f| f.bytes().to_vec())
+    }
+
+    fn admit(&mut self, fact: VerifiedFact) -> Result<bool, JournalError> {
+        let k = fact.order_key();
+        if self.holds(&k) {
+            return Ok(false);
+        }
+        if self.fence_blocked {
+            self.crossed_fence.push(fact.id());
+        }
+        if self.durable.covered.contains(&k) {
+            // Covered by the settled snapshot: an archive device takes the bytes back, a
+            // pruned one has already accounted for it.
+            if self.archive {
+                self.insert_buffered(fact);
+                return Ok(true);
+            }
+            return Ok(false);
+        }
+        if let Err(e) = self.state.check_admission(&fact) {
+            if matches!(e, JournalError::Late { .. }) && fact.author() == self.me {
+                self.late_own.push(fact);
+            }
+            return Err(e);
+        }
+        self.insert_buffered(fact);
+        Ok(true)
+    }
+
+    fn is_authorized(&self, _namespace: JournalNamespace, peer: &DeviceId) -> bool {
+        self.state
+            .membership()
+            .is_some_and(|m| m.members.contains(peer))
+    }
+}

@@ -1,0 +1,255 @@
+//! The invariants checked after the heal phase (see the crate docs for their exact
+//! definitions).
+
+use std::collections::BTreeSet;
+
+use tend_core::maintenance::AdminReplacement;
+use tend_core::{
+    AuthorityFact, DeviceId, Epoch, MaintenanceFact, MaintenanceState, Payload, VerifiedFact,
+};
+
+use crate::device::{is_reissuable, is_state_fact};
+use crate::sim::Sim;
+
+/// The reference device (the one with the newest view) and the final members (indices).
+pub fn final_members(sim: &Sim) -> (usize, Vec<usize>) {
+    let r = (0..sim.devices.len())
+        .max_by_key(|d| {
+            let c = &sim.devices[*d].core;
+            (
+                c.state.identity_epoch(),
+                c.state.snapshot_epoch(),
+                c.effective_items(false).len(),
+                std::cmp::Reverse(*d),
+            )
+        })
+        .expect("at least one device");
+    let members = sim.devices[r]
+        .core
+        .state
+        .membership()
+        .map(|m| m.members.clone())
+        .unwrap_or_default();
+    let u = (0..sim.devices.len())
+        .filter(|d| members.contains(&sim.devices[*d].core.me))
+        .collect();
+    (r, u)
+}
+
+/// Why the final members do not (yet) agree, if they do not.
+///
+/// Two devices agree when they have settled the same latest snapshot (epoch E), hold the
+/// same facts at or above E (tail digest), and have the same `state_digest`. Below E they
+/// may differ by what pruning removed; that part is checked separately (archive devices
+/// hold only covered facts there, pruned devices only covered state facts).
+pub fn disagreement(sim: &Sim) -> Option<String> {
+    let (r, u) = final_members(sim);
+    let rc = &sim.devices[r].core;
+    let e = rc.state.snapshot_epoch();
+    let (items, state) = (rc.tail_digest(e), rc.state.state_digest());
+    for d in u {
+        let c = &sim.devices[d].core;
+        if !sim.devices[d].online {
+            return Some(format!("member {d} is offline"));
+        }
+        if c.tail_digest(e) != items {
+            let count = |c: &crate::device::Core| c.all().filter(|(k, _)| k.0 >= e).count();
+            return Some(format!(
+                "journal digest at/above epoch {e} of device {d} ({} facts) differs from device {r} ({} facts)",
+                count(c),
+                count(rc)
+            ));
+        }
+        if c.state.state_digest() != state {
+            return Some(format!(
+                "state digest of device {d} differs from device {r}"
+            ));
+        }
+        if c.durable.settled != rc.state.snapshot_epoch() {
+            return Some(format!(
+                "device {d} settled snapshot epoch {} but the latest is {}",
+                c.durable.settled,
+                rc.state.snapshot_epoch()
+            ));
+        }
+    }
+    None
+}
+
+/// Checks every invariant and records violations in `sim.violations`.
+pub fn check(sim: &mut Sim) {
+    let mut v = Vec::new();
+    if let Some(why) = disagreement(sim) {
+        v.push(format!(
+            "no convergence after {} heal rounds: {why}",
+            sim.stats.heal_rounds
+        ));
+    }
+    let (r, u) = final_members(sim);
+    for (d, dev) in sim.devices.iter().enumerate() {
+        if let Some(id) = dev.core.crossed_fence.first() {
+            v.push(format!(
+                "device {d} admitted fact {id} through a session while its activation fence was not satisfied ({} facts)",
+                dev.core.crossed_fence.len()
+            ));
+        }
+    }
+    let rc = &sim.devices[r].core;
+    let state = &rc.state;
+    let e = state.snapshot_epoch();
+    // Pruning shape: below E an archive device holds only covered facts, a pruned one
+    // only covered state facts.
+    for &d in &u {
+        let c = &sim.devices[d].core;
+        for ((ep, id), f) in c.durable.facts.range(..(e, tend_core::FactId([0; 32]))) {
+            if !c.durable.covered.contains(&(*ep, *id)) {
+                v.push(format!(
+                    "device {d} holds fact {id} at epoch {ep}, below snapshot {e} and not covered"
+                ));
+            } else if !c.archive && !is_state_fact(f) {
+                v.push(format!(
+                    "non-archive device {d} kept application fact {id} below {e}"
+                ));
+            }
+        }
+    }
+    // No valid fact lost.
+    let members: BTreeSet<DeviceId> = u.iter().map(|d| sim.devices[*d].core.me).collect();
+    for (k, (f, holders)) in &sim.oracle.facts {
+        if matches!(f.payload(), Payload::Authority(AuthorityFact::Genesis(_))) {
+            continue;
+        }
+        if !state.is_member_at(&f.author(), f.epoch()) {
+            continue; // not valid: never admitted anywhere
+        }
+        if !holders.iter().any(|h| u.contains(h)) {
+            continue; // stranded on devices that left the authority
+        }
+        if k.0 >= e {
+            for &d in &u {
+                if !sim.devices[d].core.holds(k) {
+                    v.push(format!(
+                        "valid fact {} ({}, epoch {}) durable on {holders:?} is missing on device {d}",
+                        k.1,
+                        f.payload().kind_name(),
+                        k.0
+                    ));
+                }
+            }
+        } else if u
+            .iter()
+            .any(|d| sim.devices[*d].core.durable.covered.contains(k))
+        {
+            // Accounted for by the snapshot.
+        } else if is_reissuable(f.payload()) && members.contains(&f.author()) {
+            let reissued = rc.all().any(|((ep, _), g)| {
+                *ep >= e && g.author() == f.author() && g.payload() == f.payload()
+            });
+            if !reissued {
+                v.push(format!(
+                    "late fact {} ({}, epoch {} < snapshot {e}) was neither covered nor re-issued",
+                    k.1,
+                    f.payload().kind_name(),
+                    k.0
+                ));
+            }
+        }
+    }
+    v.extend(check_admin(
+        rc.all().map(|(_, f)| f),
+        state,
+        &sim.replacements,
+    ));
+    sim.violations.extend(v);
+}
+
+fn admin_of(initial: DeviceId, applied: &[AdminReplacement], epoch: Epoch) -> DeviceId {
+    let mut chain: Vec<&AdminReplacement> = applied.iter().collect();
+    chain.sort_by_key(|r| r.activation_epoch);
+    let mut admin = initial;
+    for r in chain {
+        if r.old_admin == admin && r.activation_epoch <= epoch {
+            admin = r.new_admin;
+        }
+    }
+    admin
+}
+
+fn is_admin_op(f: &VerifiedFact) -> bool {
+    match f.payload() {
+        Payload::Maintenance(m) => m.is_admin_operation(),
+        Payload::Authority(AuthorityFact::MembershipChanged(_)) => true,
+        _ => false,
+    }
+}
+
+/// Rule 8, recomputed from the journal alone: every admin operation whose author is not
+/// the admin at its epoch (in particular a retired admin's) is ignored by reduction, and
+/// the reducer's admin chain is the one the journal implies.
+fn check_admin<'a>(
+    facts: impl Iterator<Item = &'a VerifiedFact>,
+    state: &MaintenanceState,
+    ledger: &[(DeviceId, DeviceId, Epoch)],
+) -> Vec<String> {
+    let mut v = Vec::new();
+    let Some(initial) = state.initial_admin else {
+        return vec!["reference state has no admin".into()];
+    };
+    let mut facts: Vec<&VerifiedFact> = facts.collect();
+    facts.sort_by_key(|f| f.order_key());
+    let mut applied: Vec<AdminReplacement> = Vec::new();
+    for f in &facts {
+        if !is_admin_op(f) {
+            continue;
+        }
+        let admin = admin_of(initial, &applied, f.epoch());
+        if f.author() != admin {
+            if !state.ignored.contains(&f.id()) {
+                v.push(format!(
+                    "admin operation {} ({}) by a non-admin at epoch {} took effect",
+                    f.id(),
+                    f.payload().kind_name(),
+                    f.epoch()
+                ));
+            }
+            continue;
+        }
+        if let Payload::Maintenance(MaintenanceFact::AdminReplacement(r)) = f.payload() {
+            let first = !applied.iter().any(|a| a.old_admin == r.old_admin);
+            let valid = r.old_admin == f.author()
+                && r.activation_epoch > f.epoch()
+                && r.new_admin != r.old_admin
+                && state.is_member_at(&r.new_admin, f.epoch());
+            if valid && first {
+                applied.push(r.clone());
+            }
+        }
+    }
+    // Every retired admin's operation at or after its activation epoch is ignored.
+    for f in &facts {
+        let retired = applied.iter().any(|r| {
+            r.old_admin == f.author()
+                && r.activation_epoch <= f.epoch()
+                && admin_of(initial, &applied, f.epoch()) != f.author()
+        });
+        if retired && is_admin_op(f) && !state.ignored.contains(&f.id()) {
+            v.push(format!(
+                "retired admin's operation {} at epoch {} took effect",
+                f.id(),
+                f.epoch()
+            ));
+        }
+    }
+    let top = state.current_epoch().0;
+    for ep in 0..=top {
+        let ours = admin_of(initial, &applied, Epoch(ep));
+        if state.admin_at(Epoch(ep)) != Some(ours) {
+            v.push(format!(
+                "reducer's admin at epoch {ep} differs from the journal's chain"
+            ));
+            break;
+        }
+    }
+    let _ = ledger;
+    v
+}

@@ -1,0 +1,76 @@
+//! `tend-sim`: run the deterministic simulator for one seed or a range of seeds.
+//!
+//! `tend-sim --seed N [--steps S]` replays one run; `tend-sim --seeds A..B` runs many and
+//! prints each failing seed with the command that replays it.
+
+use std::process::ExitCode;
+
+fn parse_range(s: &str) -> Option<(u64, u64)> {
+    let (a, b) = s.split_once("..")?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut seeds = (0u64, 100u64);
+    let mut steps = 60usize;
+    let mut verbose = false;
+    let mut i = 0;
+    while i < args.len() {
+        let val = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--seed" => match val.parse::<u64>() {
+                Ok(n) => {
+                    seeds = (n, n + 1);
+                    verbose = true;
+                }
+                Err(_) => return usage(&format!("bad seed {val:?}")),
+            },
+            "--seeds" => match parse_range(&val) {
+                Some(r) => seeds = r,
+                None => return usage(&format!("bad range {val:?}, expected A..B")),
+            },
+            "--steps" => match val.parse() {
+                Ok(n) => steps = n,
+                Err(_) => return usage(&format!("bad step count {val:?}")),
+            },
+            "-h" | "--help" => return usage(""),
+            other => return usage(&format!("unknown argument {other:?}")),
+        }
+        i += 2;
+    }
+    let mut failed = 0;
+    for seed in seeds.0..seeds.1 {
+        let report = tend_sim::run_seed(seed, steps);
+        if verbose {
+            println!("seed {seed}: {:#?}", report.stats);
+        }
+        if !report.violations.is_empty() {
+            failed += 1;
+            println!("FAIL seed {seed} ({} violations):", report.violations.len());
+            for v in &report.violations {
+                println!("  - {v}");
+            }
+            println!("  replay: cargo run -p tend-sim --release -- --seed {seed} --steps {steps}");
+        }
+    }
+    let total = seeds.1.saturating_sub(seeds.0);
+    println!("{} of {total} seeds passed", total - failed);
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn usage(err: &str) -> ExitCode {
+    if !err.is_empty() {
+        eprintln!("error: {err}");
+    }
+    eprintln!("usage: tend-sim [--seed N | --seeds A..B] [--steps S]");
+    if err.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    }
+}

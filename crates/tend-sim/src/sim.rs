@@ -1,0 +1,1170 @@
+//! The seeded simulation: devices, the faulty network, the random workload, the heal
+//! phase, and the bookkeeping the invariants need.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tend_core::maintenance::{AdminReplacement, UpgradeActivated, UpgradeMetadata, UpgradeReady};
+use tend_core::{
+    AuthorityFact, AuthorityGenesis, DeviceId, Epoch, GroupKey, Hash32, JournalNamespace,
+    MaintenanceEpoch, MaintenanceFact, MembershipChange, Payload, ProtocolVersion, UnsignedFact,
+    VerifiedFact,
+};
+use tend_crypto::DkgSession;
+use tend_snapshot::{
+    CeremonyEvent, CeremonyInput, CeremonyOutput, Recipient, SignerKey, SnapshotEngine,
+};
+use tend_sync::{
+    FenceStatus, LocalView, ManagerAction, ManagerConfig, ManagerError, SessionConfig, SessionId,
+    SessionManager, SessionResult,
+};
+
+use crate::device::{Core, Key, Settled};
+
+/// The shape of one run.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub seed: u64,
+    /// Devices in the fleet (all members at genesis).
+    pub devices: usize,
+    /// Random workload steps before the heal phase.
+    pub steps: usize,
+    /// Sync rounds the heal phase may take before convergence counts as failed.
+    pub heal_rounds: usize,
+}
+
+impl SimConfig {
+    /// A small run whose shape (3 to 5 devices) is drawn from the seed.
+    pub fn small(seed: u64, steps: usize) -> Self {
+        Self {
+            seed,
+            devices: 3 + (seed % 3) as usize,
+            steps,
+            heal_rounds: 12,
+        }
+    }
+}
+
+/// Counters of one run, to show that the workload actually happened.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub app_facts: u64,
+    pub sessions_completed: u64,
+    pub sessions_failed: u64,
+    pub snapshots_completed: u64,
+    pub settles: u64,
+    pub pruned: u64,
+    pub quarantined: u64,
+    pub reissued: u64,
+    pub crashes: u64,
+    pub partitions: u64,
+    pub membership_changes: u64,
+    pub upgrades_published: u64,
+    pub upgrades_activated: u64,
+    pub admin_replacements: u64,
+    pub rogue_ops: u64,
+    pub messages: u64,
+    pub dropped: u64,
+    pub duplicated: u64,
+    pub heal_rounds: u64,
+}
+
+/// The result of one run.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub seed: u64,
+    pub stats: Stats,
+    /// Invariant violations; empty means the run passed.
+    pub violations: Vec<String>,
+}
+
+/// A simulated device: the journal side plus the two protocol engines.
+pub struct Device {
+    pub core: Core,
+    pub manager: SessionManager,
+    pub engine: Option<SnapshotEngine>,
+    pub online: bool,
+    /// Incarnation: bumped by every crash, so messages to a dead process are dropped.
+    pub inc: u64,
+    /// The identity epoch the device's sessions run under.
+    pub session_epoch: u64,
+}
+
+#[derive(Clone, Debug)]
+enum Msg {
+    Sync {
+        from_sid: SessionId,
+        to_sid: Option<SessionId>,
+    },
+    Ceremony,
+}
+
+#[derive(Clone, Debug)]
+struct Delivery {
+    from: usize,
+    from_inc: u64,
+    to: usize,
+    /// `None` for a new stream (Hello), which any incarnation may take.
+    to_inc: Option<u64>,
+    msg: Msg,
+    bytes: Vec<u8>,
+}
+
+#[derive(Clone, Debug)]
+enum Event {
+    Deliver(Delivery),
+    Wake { d: usize, inc: u64 },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Route {
+    peer: usize,
+    peer_inc: u64,
+    peer_sid: Option<SessionId>,
+}
+
+/// Every fact that was ever durable on some device, and where.
+#[derive(Default)]
+pub struct Oracle {
+    pub facts: BTreeMap<Key, (VerifiedFact, BTreeSet<usize>)>,
+}
+
+/// Network fault rates, per message.
+#[derive(Clone, Copy, Debug)]
+struct Faults {
+    drop: f64,
+    dup: f64,
+    reorder: f64,
+    max_latency_ms: u64,
+}
+
+const CLEAN: Faults = Faults {
+    drop: 0.0,
+    dup: 0.0,
+    reorder: 0.0,
+    max_latency_ms: 5,
+};
+
+/// One seeded simulation.
+pub struct Sim {
+    pub cfg: SimConfig,
+    pub devices: Vec<Device>,
+    pub namespace: JournalNamespace,
+    pub oracle: Oracle,
+    pub stats: Stats,
+    pub violations: Vec<String>,
+    /// `(old, new, activation)` of every replacement written.
+    pub replacements: Vec<(DeviceId, DeviceId, Epoch)>,
+    /// Failed or refused sessions by (shortened) result.
+    pub failures: BTreeMap<String, u64>,
+    rng: StdRng,
+    now: Duration,
+    seq: u64,
+    queue: BTreeMap<(Duration, u64), Event>,
+    link_free: BTreeMap<(usize, usize), Duration>,
+    routes: BTreeMap<(usize, u64, SessionId), Route>,
+    /// Group a device is in; devices in different groups cannot talk.
+    partition: Vec<u8>,
+    faults: Faults,
+    ids: Vec<DeviceId>,
+}
+
+fn manager_config() -> ManagerConfig {
+    ManagerConfig {
+        max_concurrent: 8,
+        max_per_peer: 2,
+        session: SessionConfig {
+            idle_timeout: Duration::from_secs(2),
+            ..SessionConfig::default()
+        },
+        ..ManagerConfig::default()
+    }
+}
+
+fn threshold_for(members: usize) -> u16 {
+    // FROST needs t >= 2 with more than one member; a majority otherwise.
+    match members {
+        0 | 1 => 1,
+        m => (m / 2 + 1).max(2) as u16,
+    }
+}
+
+impl Sim {
+    /// A fleet of `cfg.devices` members with a genesis and a real DKG.
+    pub fn new(cfg: SimConfig) -> Self {
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let mut keys: Vec<SigningKey> = (0..cfg.devices)
+            .map(|_| SigningKey::generate(&mut rng))
+            .collect();
+        keys.sort_by_key(|k| k.verifying_key().to_bytes());
+        let ids: Vec<DeviceId> = keys
+            .iter()
+            .map(|k| DeviceId(k.verifying_key().to_bytes()))
+            .collect();
+        let mut nonce = [0u8; 32];
+        rng.fill(&mut nonce);
+        let t = threshold_for(ids.len());
+        let (group_key, signer_keys) = deal(&ids, t, nonce, 0, &keys, &mut rng);
+        let genesis = AuthorityGenesis {
+            nonce,
+            members: ids.clone(),
+            threshold: t,
+            group_key,
+            admin: ids[0],
+        };
+        let namespace = JournalNamespace::Authority(genesis.authority_id());
+        let genesis = UnsignedFact {
+            namespace,
+            epoch: Epoch::ZERO,
+            payload: Payload::Authority(AuthorityFact::Genesis(genesis)),
+        }
+        .sign(&keys[0]);
+        let devices = keys
+            .into_iter()
+            .zip(signer_keys)
+            .map(|(k, sk)| {
+                let archive = rng.gen_bool(0.3);
+                let mut core = Core::new(k, &genesis, archive);
+                core.durable.keys.insert(0, sk);
+                let mut d = Device {
+                    core,
+                    manager: SessionManager::new(manager_config()),
+                    engine: None,
+                    online: true,
+                    inc: 0,
+                    session_epoch: 0,
+                };
+                d.start_engine();
+                d
+            })
+            .collect();
+        let n = cfg.devices;
+        let mut sim = Self {
+            cfg,
+            devices,
+            namespace,
+            oracle: Oracle::default(),
+            stats: Stats::default(),
+            violations: Vec::new(),
+            replacements: Vec::new(),
+            failures: BTreeMap::new(),
+            rng,
+            now: Duration::ZERO,
+            seq: 0,
+            queue: BTreeMap::new(),
+            link_free: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            partition: vec![0; n],
+            faults: CLEAN,
+            ids,
+        };
+        for d in 0..n {
+            sim.collect_durable(d);
+        }
+        sim
+    }
+
+    /// Runs the workload, heals, and checks the invariants.
+    pub fn run(mut self) -> Report {
+        self.execute();
+        Report {
+            seed: self.cfg.seed,
+            stats: self.stats,
+            violations: self.violations,
+        }
+    }
+
+    /// Like [`Sim::run`], keeping the simulation for inspection.
+    pub fn execute(&mut self) {
+        self.faults = Faults {
+            drop: 0.05,
+            dup: 0.03,
+            reorder: 0.03,
+            max_latency_ms: 40,
+        };
+        for _ in 0..self.cfg.steps {
+            self.random_step();
+        }
+        self.heal();
+        crate::invariants::check(self);
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.now.as_millis() as u64
+    }
+
+    fn push(&mut self, at: Duration, e: Event) {
+        self.seq += 1;
+        self.queue.insert((at, self.seq), e);
+    }
+
+    fn reachable(&self, a: usize, b: usize) -> bool {
+        self.devices[a].online && self.devices[b].online && self.partition[a] == self.partition[b]
+    }
+
+    /// Takes `d`'s newly durable facts into the oracle.
+    fn collect_durable(&mut self, d: usize) {
+        for f in std::mem::take(&mut self.devices[d].core.newly_durable) {
+            self.oracle
+                .facts
+                .entry(f.order_key())
+                .or_insert_with(|| (f, BTreeSet::new()))
+                .1
+                .insert(d);
+        }
+    }
+
+    fn transmit(&mut self, d: Delivery) {
+        self.stats.messages += 1;
+        if !self.reachable(d.from, d.to) || self.rng.gen_bool(self.faults.drop) {
+            self.stats.dropped += 1;
+            return;
+        }
+        let copies = if self.rng.gen_bool(self.faults.dup) {
+            self.stats.duplicated += 1;
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let latency = Duration::from_millis(self.rng.gen_range(1..=self.faults.max_latency_ms));
+            let mut at = self.now + latency;
+            // Sync streams are ordered (one QUIC stream) unless a reorder fault strikes.
+            if matches!(d.msg, Msg::Sync { .. }) && !self.rng.gen_bool(self.faults.reorder) {
+                let free = self
+                    .link_free
+                    .get(&(d.from, d.to))
+                    .copied()
+                    .unwrap_or_default();
+                at = at.max(free + Duration::from_micros(1));
+                self.link_free.insert((d.from, d.to), at);
+            }
+            self.push(at, Event::Deliver(d.clone()));
+        }
+    }
+
+    fn local_view(&self, d: usize) -> LocalView {
+        let dev = &self.devices[d];
+        LocalView {
+            device: dev.core.me,
+            namespace: self.namespace,
+            protocol: dev.core.durable.version,
+            epoch: MaintenanceEpoch {
+                identity_epoch: dev.session_epoch,
+                snapshot_epoch: dev.core.state.snapshot_epoch(),
+            },
+            fence: dev.core.fence(),
+        }
+    }
+
+    fn apply(&mut self, d: usize, actions: Vec<ManagerAction>) {
+        let inc = self.devices[d].inc;
+        for a in actions {
+            match a {
+                ManagerAction::Send { session, bytes, .. } => {
+                    let Some(r) = self.routes.get(&(d, inc, session)).copied() else {
+                        continue;
+                    };
+                    self.transmit(Delivery {
+                        from: d,
+                        from_inc: inc,
+                        to: r.peer,
+                        to_inc: Some(r.peer_inc),
+                        msg: Msg::Sync {
+                            from_sid: session,
+                            to_sid: r.peer_sid,
+                        },
+                        bytes,
+                    });
+                }
+                ManagerAction::WakeAt(t) => self.push(t.max(self.now), Event::Wake { d, inc }),
+                ManagerAction::Closed {
+                    session, outcome, ..
+                } => {
+                    let route = self.routes.remove(&(d, inc, session));
+                    match outcome.result {
+                        SessionResult::Completed => {
+                            self.stats.sessions_completed += 1;
+                            if let Some(r) = route {
+                                self.fetch_blobs(d, r.peer);
+                            }
+                        }
+                        other => {
+                            self.stats.sessions_failed += 1;
+                            let key = format!("{other:?}");
+                            let key = key.chars().take(60).collect::<String>();
+                            *self.failures.entry(key).or_default() += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Blob transfer rides on a completed session: `d` takes the blob of the peer's latest
+    /// snapshot if it lacks it (content-addressed, so no trust is needed).
+    fn fetch_blobs(&mut self, d: usize, peer: usize) {
+        if !self.reachable(d, peer) {
+            return;
+        }
+        let want: Vec<_> = [&self.devices[d], &self.devices[peer]]
+            .iter()
+            .filter_map(|x| x.core.state.latest_snapshot.as_ref())
+            .map(|s| s.snapshot.blob_cid)
+            .collect();
+        for cid in want {
+            if self.devices[d].core.durable.blobs.contains_key(&cid) {
+                continue;
+            }
+            if let Some(b) = self.devices[peer].core.durable.blobs.get(&cid).cloned() {
+                self.devices[d].core.durable.blobs.insert(cid, b);
+            }
+        }
+    }
+
+    /// What a device does after any input: abort sessions of an old identity epoch (rule
+    /// 9), close sessions when its fence is not satisfied (rule 7), re-issue late facts
+    /// and settle a new snapshot (rules 4 and 5).
+    fn after(&mut self, d: usize) {
+        if !self.devices[d].online {
+            return;
+        }
+        let now = self.now;
+        let ie = self.devices[d].core.state.identity_epoch();
+        if ie > self.devices[d].session_epoch {
+            self.devices[d].session_epoch = ie;
+            let actions = self.devices[d]
+                .manager
+                .identity_epoch_advanced(now, self.namespace, ie);
+            self.apply(d, actions);
+        }
+        let blocked = matches!(
+            self.devices[d].core.fence(),
+            FenceStatus::NotSatisfied { .. }
+        );
+        self.devices[d].core.fence_blocked = blocked;
+        if blocked && self.devices[d].manager.active() > 0 {
+            for peer in self.ids.clone() {
+                for sid in self.devices[d].manager.sessions_with(&peer) {
+                    let actions = self.devices[d].manager.close(now, sid);
+                    self.apply(d, actions);
+                }
+            }
+        }
+        let re = self.devices[d].core.reissue_late();
+        self.stats.reissued += re.len() as u64;
+        match self.devices[d].core.settle() {
+            Ok(Some(s)) => self.on_settled(d, s),
+            Ok(None) => {}
+            Err(why) => {
+                let msg = format!("device {d}: {why}");
+                if !self.violations.contains(&msg) {
+                    self.violations.push(msg);
+                }
+            }
+        }
+        self.collect_durable(d);
+    }
+
+    /// Checks that a prune relied on a verified completion (rule 4).
+    fn on_settled(&mut self, d: usize, s: Settled) {
+        self.stats.settles += 1;
+        self.stats.pruned += s.pruned.len() as u64;
+        self.stats.quarantined += s.quarantined.len() as u64;
+        self.stats.reissued += s.reissued.len() as u64;
+        let core = &self.devices[d].core;
+        if let Some(bad) = s.pruned.iter().find(|k| k.0 >= s.epoch) {
+            self.violations.push(format!(
+                "device {d} pruned fact at epoch {} at or above the snapshot epoch {}",
+                bad.0, s.epoch
+            ));
+        }
+        if s.pruned.is_empty() && s.quarantined.is_empty() {
+            return;
+        }
+        let completion = s
+            .completion
+            .and_then(|id| core.all().find(|(k, _)| k.1 == id).map(|(_, f)| f.clone()));
+        let verified = completion.as_ref().is_some_and(|f| match f.payload() {
+            Payload::Maintenance(MaintenanceFact::SnapshotCompleted(c)) => {
+                let msg = c.snapshot.signing_message(&self.namespace, &c.proposal_id);
+                c.snapshot.epoch == s.epoch
+                    && core
+                        .state
+                        .membership_at(f.epoch())
+                        .is_some_and(|m| m.group_key.verify(&msg, &c.threshold_signature))
+            }
+            _ => false,
+        });
+        if !verified {
+            self.violations.push(format!(
+                "device {d} pruned below epoch {} without a verified SnapshotCompleted in its journal",
+                s.epoch
+            ));
+        }
+    }
+
+    fn feed(&mut self, d: usize, input: CeremonyInput) {
+        if !self.devices[d].online {
+            return;
+        }
+        let now_ms = self.now_ms();
+        let dev = &mut self.devices[d];
+        let Some(engine) = dev.engine.as_mut() else {
+            return;
+        };
+        let outputs = engine.handle(now_ms, &dev.core, input, &mut self.rng);
+        let inc = dev.inc;
+        for o in outputs {
+            match o {
+                CeremonyOutput::Send { to, message } => {
+                    let bytes = message.to_bytes();
+                    let targets: Vec<usize> = match to {
+                        Recipient::All => {
+                            let members = self.devices[d]
+                                .core
+                                .state
+                                .membership()
+                                .map(|m| m.members.clone())
+                                .unwrap_or_default();
+                            (0..self.devices.len())
+                                .filter(|j| *j != d && members.contains(&self.ids[*j]))
+                                .collect()
+                        }
+                        Recipient::Device(id) => {
+                            self.ids.iter().position(|x| *x == id).into_iter().collect()
+                        }
+                    };
+                    for to in targets {
+                        self.transmit(Delivery {
+                            from: d,
+                            from_inc: inc,
+                            to,
+                            to_inc: None,
+                            msg: Msg::Ceremony,
+                            bytes: bytes.clone(),
+                        });
+                    }
+                }
+                CeremonyOutput::WriteFact(f) => {
+                    self.devices[d].core.write_unsigned(f);
+                }
+                CeremonyOutput::StoreBlob { cid, bytes } => {
+                    self.devices[d].core.durable.blobs.insert(cid, bytes);
+                }
+                CeremonyOutput::Event(CeremonyEvent::Completed(_)) => {
+                    self.stats.snapshots_completed += 1;
+                }
+                CeremonyOutput::Event(_) => {}
+            }
+        }
+        self.after(d);
+    }
+
+    fn deliver(&mut self, m: Delivery) {
+        let to = m.to;
+        if !self.reachable(m.from, to) || m.to_inc.is_some_and(|i| i != self.devices[to].inc) {
+            self.stats.dropped += 1;
+            return;
+        }
+        let now = self.now;
+        match m.msg {
+            Msg::Ceremony => {
+                let from = self.ids[m.from];
+                self.feed(
+                    to,
+                    CeremonyInput::Message {
+                        from,
+                        bytes: m.bytes,
+                    },
+                );
+            }
+            Msg::Sync {
+                from_sid,
+                to_sid: Some(sid),
+            } => {
+                let inc = self.devices[to].inc;
+                if !self.routes.contains_key(&(to, inc, sid)) {
+                    return;
+                }
+                let dev = &mut self.devices[to];
+                let actions = dev.manager.handle(now, sid, &m.bytes, &mut dev.core);
+                let _ = from_sid;
+                self.apply(to, actions);
+                self.after(to);
+            }
+            Msg::Sync {
+                from_sid,
+                to_sid: None,
+            } => {
+                let from_id = self.ids[m.from];
+                let local = self.local_view(to);
+                let dev = &mut self.devices[to];
+                let items = dev.core.session_items();
+                let inc = dev.inc;
+                match dev
+                    .manager
+                    .accept(now, from_id, &m.bytes, local, items, &mut dev.core)
+                {
+                    Ok((sid, actions)) => {
+                        self.routes.insert(
+                            (to, inc, sid),
+                            Route {
+                                peer: m.from,
+                                peer_inc: m.from_inc,
+                                peer_sid: Some(from_sid),
+                            },
+                        );
+                        if let Some(r) = self.routes.get_mut(&(m.from, m.from_inc, from_sid)) {
+                            r.peer_sid = Some(sid);
+                            r.peer_inc = inc;
+                        }
+                        self.apply(to, actions);
+                        self.after(to);
+                    }
+                    Err(ManagerError::AtCapacity { refusal, .. }) => {
+                        self.transmit(Delivery {
+                            from: to,
+                            from_inc: inc,
+                            to: m.from,
+                            to_inc: Some(m.from_inc),
+                            msg: Msg::Sync {
+                                from_sid: SessionId(u64::MAX),
+                                to_sid: Some(from_sid),
+                            },
+                            bytes: refusal,
+                        });
+                    }
+                    // A garbled Hello (a duplicate, say) opens nothing.
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+
+    /// Processes events up to `until`.
+    fn run_until(&mut self, until: Duration) {
+        let mut guard = 0u64;
+        while let Some(entry) = self.queue.first_entry() {
+            if entry.key().0 > until {
+                break;
+            }
+            let ((at, _), e) = entry.remove_entry();
+            self.now = self.now.max(at);
+            match e {
+                Event::Deliver(m) => self.deliver(m),
+                Event::Wake { d, inc } => {
+                    if self.devices[d].online && self.devices[d].inc == inc {
+                        let now = self.now;
+                        let dev = &mut self.devices[d];
+                        let actions = dev.manager.poll(now, &mut dev.core);
+                        self.apply(d, actions);
+                        self.after(d);
+                    }
+                }
+            }
+            guard += 1;
+            assert!(
+                guard < 5_000_000,
+                "seed {}: simulation does not settle",
+                self.cfg.seed
+            );
+        }
+        self.now = self.now.max(until);
+    }
+
+    /// Device `a` opens a sync session to `b`.
+    fn open(&mut self, a: usize, b: usize) {
+        if !self.devices[a].online || a == b {
+            return;
+        }
+        let peer = self.ids[b];
+        if !self.devices[a].manager.has_room_for(&peer) {
+            return;
+        }
+        let local = self.local_view(a);
+        let now = self.now;
+        let inc = self.devices[a].inc;
+        let items = self.devices[a].core.session_items();
+        let Ok((sid, actions)) = self.devices[a].manager.open(now, peer, local, items) else {
+            return;
+        };
+        self.routes.insert(
+            (a, inc, sid),
+            Route {
+                peer: b,
+                peer_inc: self.devices[b].inc,
+                peer_sid: None,
+            },
+        );
+        // The Hello goes on a new stream: route it by hand (no peer session yet).
+        for act in actions {
+            match act {
+                ManagerAction::Send { bytes, .. } => self.transmit(Delivery {
+                    from: a,
+                    from_inc: inc,
+                    to: b,
+                    to_inc: None,
+                    msg: Msg::Sync {
+                        from_sid: sid,
+                        to_sid: None,
+                    },
+                    bytes,
+                }),
+                other => self.apply(a, vec![other]),
+            }
+        }
+        self.after(a);
+    }
+
+    fn members_of(&self, d: usize) -> Vec<usize> {
+        let m = self.devices[d].core.state.membership();
+        (0..self.devices.len())
+            .filter(|j| m.is_some_and(|m| m.members.contains(&self.ids[*j])))
+            .collect()
+    }
+
+    fn is_admin_now(&self, d: usize) -> bool {
+        let s = &self.devices[d].core.state;
+        s.is_admin_at(&self.ids[d], s.current_epoch())
+    }
+
+    fn pick(&mut self, from: &[usize]) -> Option<usize> {
+        if from.is_empty() {
+            None
+        } else {
+            Some(from[self.rng.gen_range(0..from.len())])
+        }
+    }
+
+    fn online(&self) -> Vec<usize> {
+        (0..self.devices.len())
+            .filter(|d| self.devices[*d].online)
+            .collect()
+    }
+
+    fn random_step(&mut self) {
+        let online = self.online();
+        let roll: u32 = self.rng.gen_range(0..100);
+        match roll {
+            0..=29 => {
+                if let Some(d) = self.pick(&online) {
+                    let n = self.rng.gen_range(1..=3);
+                    for _ in 0..n {
+                        self.write_app(d);
+                    }
+                    self.after(d);
+                }
+            }
+            30..=54 => {
+                for _ in 0..2 {
+                    if let Some(a) = self.pick(&online) {
+                        let peers = self.members_of(a);
+                        if let Some(b) = self.pick(&peers) {
+                            self.open(a, b);
+                        }
+                    }
+                }
+            }
+            55..=61 => {
+                if let Some(d) = self.pick(&online) {
+                    self.propose(d);
+                }
+            }
+            62..=64 => self.membership_change(),
+            65..=71 => self.upgrade_step(),
+            72..=73 => self.replace_admin(),
+            74..=76 => self.rogue_op(),
+            77..=80 => {
+                if let Some(d) = self.pick(&online) {
+                    self.crash(d);
+                }
+            }
+            81..=86 => {
+                let down: Vec<usize> = (0..self.devices.len())
+                    .filter(|d| !self.devices[*d].online)
+                    .collect();
+                if let Some(d) = self.pick(&down) {
+                    self.restart(d);
+                }
+            }
+            87..=90 => {
+                self.stats.partitions += 1;
+                for p in 0..self.partition.len() {
+                    self.partition[p] = self.rng.gen_range(0..2);
+                }
+            }
+            91..=95 => self.partition.iter_mut().for_each(|p| *p = 0),
+            _ => {}
+        }
+        for d in 0..self.devices.len() {
+            if self.devices[d].online && self.rng.gen_bool(0.3) {
+                self.devices[d].core.flush();
+                self.collect_durable(d);
+            }
+        }
+        let until = self.now + Duration::from_millis(400);
+        self.run_until(until);
+        for d in 0..self.devices.len() {
+            self.feed(d, CeremonyInput::Tick);
+        }
+    }
+
+    fn write_app(&mut self, d: usize) {
+        let core = &self.devices[d].core;
+        let me = core.me;
+        if !core.state.is_member_at(&me, core.state.current_epoch()) {
+            return;
+        }
+        self.stats.app_facts += 1;
+        let mut data = [0u8; 12];
+        self.rng.fill(&mut data);
+        self.devices[d].core.write(Payload::Application {
+            kind: "note".into(),
+            data: data.to_vec(),
+        });
+    }
+
+    fn propose(&mut self, d: usize) {
+        let s = &self.devices[d].core.state;
+        let target = s.current_epoch().max(s.snapshot_epoch().next());
+        self.feed(
+            d,
+            CeremonyInput::Propose {
+                target_epoch: target,
+                timeout_ms: 3_000,
+            },
+        );
+    }
+
+    fn admin(&self) -> Option<usize> {
+        (0..self.devices.len()).find(|d| self.devices[*d].online && self.is_admin_now(*d))
+    }
+
+    /// The admin re-deals the key, adds a device or removes one, with a real DKG among
+    /// the new members (all of whom must be online and reachable, as a DKG needs).
+    fn membership_change(&mut self) {
+        let Some(a) = self.admin() else { return };
+        let current = self.members_of(a);
+        let outside: Vec<usize> = (0..self.devices.len())
+            .filter(|d| !current.contains(d))
+            .collect();
+        let mut next = current.clone();
+        match self.rng.gen_range(0..3) {
+            0 => {}
+            1 => {
+                let removable: Vec<usize> = current.iter().copied().filter(|d| *d != a).collect();
+                match self.pick(&removable) {
+                    Some(r) => next.retain(|d| *d != r),
+                    None => return,
+                }
+            }
+            _ => match self.pick(&outside) {
+                Some(x) => next.push(x),
+                None => return,
+            },
+        }
+        if next.iter().any(|d| !self.reachable(a, *d)) {
+            return;
+        }
+        next.sort_unstable();
+        let members: Vec<DeviceId> = next.iter().map(|d| self.ids[*d]).collect();
+        let identity_epoch = self.devices[a].core.state.identity_epoch() + 1;
+        let t = threshold_for(members.len());
+        let context = *self.namespace.to_bytes()[1..]
+            .first_chunk::<32>()
+            .expect("32-byte id");
+        let keys: Vec<SigningKey> = next
+            .iter()
+            .map(|d| self.devices[*d].core.key.clone())
+            .collect();
+        let (group_key, signer_keys) =
+            deal(&members, t, context, identity_epoch, &keys, &mut self.rng);
+        self.stats.membership_changes += 1;
+        self.devices[a]
+            .core
+            .write(Payload::Authority(AuthorityFact::MembershipChanged(
+                MembershipChange {
+                    identity_epoch,
+                    members,
+                    threshold: t,
+                    group_key,
+                },
+            )));
+        for (d, k) in next.iter().zip(signer_keys) {
+            self.devices[*d]
+                .core
+                .durable
+                .keys
+                .insert(identity_epoch, k.clone());
+            self.feed(*d, CeremonyInput::InstallKey(k));
+        }
+        self.after(a);
+    }
+
+    fn upgrade_step(&mut self) {
+        match self.rng.gen_range(0..3) {
+            0 => {
+                let Some(a) = self.admin() else { return };
+                let s = &self.devices[a].core.state;
+                let top = s
+                    .upgrades
+                    .values()
+                    .map(|u| u.metadata.version)
+                    .chain([self.devices[a].core.durable.version])
+                    .max()
+                    .unwrap_or(ProtocolVersion::CURRENT);
+                let fence = self
+                    .rng
+                    .gen_bool(0.5)
+                    .then(|| Epoch(s.current_epoch().0 + self.rng.gen_range(0..3)));
+                let mut id = [0u8; 32];
+                self.rng.fill(&mut id);
+                let meta = UpgradeMetadata {
+                    package_id: Hash32(id),
+                    version: ProtocolVersion {
+                        minor: top.minor + 1,
+                        ..top
+                    },
+                    artifact_hash: Hash32(*blake3::hash(&id).as_bytes()),
+                    artifact_size: 1024,
+                    fence,
+                    cohort_percent: 100,
+                };
+                self.stats.upgrades_published += 1;
+                self.devices[a].core.write(Payload::Maintenance(
+                    MaintenanceFact::UpgradePublished(meta),
+                ));
+                self.after(a);
+            }
+            1 => {
+                let online = self.online();
+                if let Some(d) = self.pick(&online) {
+                    self.install_upgrades(d);
+                    self.after(d);
+                }
+            }
+            _ => {
+                let Some(a) = self.admin() else { return };
+                self.install_upgrades(a);
+                let s = &self.devices[a].core.state;
+                let Some(u) = s
+                    .upgrades
+                    .values()
+                    .find(|u| u.activated.is_none() && !u.ready.is_empty())
+                else {
+                    return;
+                };
+                let act = UpgradeActivated {
+                    package_id: u.metadata.package_id,
+                    to_version: u.metadata.version,
+                    activation_fence: u.metadata.fence,
+                };
+                let at = s
+                    .package_fact_epoch(&act.package_id)
+                    .unwrap_or(s.current_epoch());
+                self.stats.upgrades_activated += 1;
+                self.devices[a].core.write_at(
+                    at,
+                    Payload::Maintenance(MaintenanceFact::UpgradeActivated(act)),
+                );
+                self.after(a);
+            }
+        }
+    }
+
+    /// Device `d` installs the newest upgrade its journal knows and says so.
+    fn install_upgrades(&mut self, d: usize) {
+        let core = &self.devices[d].core;
+        let Some(u) = core
+            .state
+            .upgrades
+            .values()
+            .filter(|u| u.metadata.version > core.durable.version)
+            .max_by_key(|u| u.metadata.version)
+        else {
+            return;
+        };
+        let ready = UpgradeReady {
+            package_id: u.metadata.package_id,
+            version: u.metadata.version,
+        };
+        let member = core
+            .state
+            .is_member_at(&core.me, core.state.current_epoch());
+        let at = core
+            .state
+            .package_fact_epoch(&ready.package_id)
+            .unwrap_or(core.state.current_epoch());
+        self.devices[d].core.durable.version = ready.version;
+        if member {
+            self.devices[d].core.write_at(
+                at,
+                Payload::Maintenance(MaintenanceFact::UpgradeReady(ready)),
+            );
+        }
+    }
+
+    fn replace_admin(&mut self) {
+        let Some(a) = self.admin() else { return };
+        let others: Vec<usize> = self.members_of(a).into_iter().filter(|d| *d != a).collect();
+        let Some(n) = self.pick(&others) else { return };
+        let activation =
+            Epoch(self.devices[a].core.state.current_epoch().0 + self.rng.gen_range(1..=2));
+        self.stats.admin_replacements += 1;
+        self.replacements
+            .push((self.ids[a], self.ids[n], activation));
+        self.devices[a]
+            .core
+            .write(Payload::Maintenance(MaintenanceFact::AdminReplacement(
+                AdminReplacement {
+                    old_admin: self.ids[a],
+                    new_admin: self.ids[n],
+                    activation_epoch: activation,
+                },
+            )));
+        self.after(a);
+    }
+
+    /// A retired admin keeps issuing admin operations; reduction must ignore them.
+    fn rogue_op(&mut self) {
+        let retired: Vec<usize> = self
+            .replacements
+            .iter()
+            .filter_map(|(old, _, _)| self.ids.iter().position(|x| x == old))
+            .filter(|d| self.devices[*d].online)
+            .collect();
+        let Some(d) = self.pick(&retired) else { return };
+        self.stats.rogue_ops += 1;
+        let mut id = [0u8; 32];
+        self.rng.fill(&mut id);
+        let meta = UpgradeMetadata {
+            package_id: Hash32(id),
+            version: ProtocolVersion {
+                major: 1,
+                minor: 900,
+                patch: 0,
+            },
+            artifact_hash: Hash32([0xee; 32]),
+            artifact_size: 1,
+            fence: Some(self.devices[d].core.state.current_epoch()),
+            cohort_percent: 100,
+        };
+        self.devices[d]
+            .core
+            .write(Payload::Maintenance(MaintenanceFact::UpgradePublished(
+                meta,
+            )));
+        self.after(d);
+    }
+
+    fn crash(&mut self, d: usize) {
+        self.stats.crashes += 1;
+        let dev = &mut self.devices[d];
+        dev.online = false;
+        dev.inc += 1;
+        dev.core.crash();
+        dev.manager = SessionManager::new(manager_config());
+        dev.engine = None;
+    }
+
+    fn restart(&mut self, d: usize) {
+        let dev = &mut self.devices[d];
+        dev.online = true;
+        dev.core.rebuild();
+        dev.session_epoch = dev.core.state.identity_epoch();
+        dev.start_engine();
+        self.after(d);
+    }
+
+    /// Ends every fault, brings every device back, and syncs until the members agree.
+    fn heal(&mut self) {
+        self.faults = CLEAN;
+        self.partition.iter_mut().for_each(|p| *p = 0);
+        for d in 0..self.devices.len() {
+            if !self.devices[d].online {
+                self.restart(d);
+            }
+        }
+        // Let ceremonies in flight finish or time out.
+        let until = self.now + Duration::from_secs(5);
+        self.run_until(until);
+        for round in 0..self.cfg.heal_rounds {
+            self.stats.heal_rounds = round as u64 + 1;
+            for d in 0..self.devices.len() {
+                self.install_upgrades(d);
+                self.devices[d].core.flush();
+                self.after(d);
+            }
+            for a in 0..self.devices.len() {
+                for b in self.members_of(a) {
+                    self.open(a, b);
+                }
+            }
+            let until = self.now + Duration::from_secs(10);
+            self.run_until(until);
+            for d in 0..self.devices.len() {
+                self.feed(d, CeremonyInput::Tick);
+                self.devices[d].core.flush();
+                self.collect_durable(d);
+            }
+            if round > 0 && crate::invariants::disagreement(self).is_none() {
+                break;
+            }
+        }
+    }
+}
+
+impl Device {
+    /// A fresh snapshot engine with every durable key installed.
+    fn start_engine(&mut self) {
+        let mut e = SnapshotEngine::new(self.core.me);
+        let mut rng = StdRng::seed_from_u64(0);
+        for k in self.core.durable.keys.values() {
+            e.handle(
+                0,
+                &self.core,
+                CeremonyInput::InstallKey(k.clone()),
+                &mut rng,
+            );
+        }
+        self.engine = Some(e);
+    }
+}
+
+/// A group key and one signer key per member: a real FROST DKG, or the device key of a
+/// one-device authority.
+fn deal(
+    members: &[DeviceId],
+    t: u16,
+    context: [u8; 32],
+    identity_epoch: u64,
+    keys: &[SigningKey],
+    rng: &mut StdRng,
+) -> (GroupKey, Vec<SignerKey>) {
+    if members.len() == 1 {
+        let key = keys[0].clone();
+        return (
+            GroupKey(key.verifying_key().to_bytes()),
+            vec![SignerKey::Single {
+                identity_epoch,
+                key,
+            }],
+        );
+    }
+    let session = DkgSession {
+        context,
+        identity_epoch,
+        members: members.to_vec(),
+        threshold: t,
+    };
+    let shares = tend_crypto::run_in_memory(&session, rng).expect("an in-memory DKG completes");
+    let group_key = shares[0].group_key();
+    (
+        group_key,
+        shares.into_iter().map(SignerKey::Frost).collect(),
+    )
+}

@@ -118,3 +118,30 @@ pub fn remember_peers(store: &Store, new: &[PeerAddr]) -> Result<(), StoreError>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_addr_parses_and_round_trips() {
+        let id = DeviceId([7; 32]);
+        let s = format!("{id}@127.0.0.1:4000");
+        let p: PeerAddr = s.parse().unwrap();
+        assert_eq!(p.device, id);
+        assert_eq!(p.addr, "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(p.to_string(), s);
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(json, format!("\"{s}\""));
+        assert_eq!(serde_json::from_str::<PeerAddr>(&json).unwrap(), p);
+        for bad in [
+            "",
+            "abc",
+            "abc@127.0.0.1:1",
+            &format!("{id}@nowhere"),
+            &format!("{id}"),
+        ] {
+            assert!(bad.parse::<PeerAddr>().is_err(), "{bad}");
+        }
+    }
+}

@@ -594,6 +594,10 @@ impl Inner {
             learned.extend(s.peers());
         }
         self.learn(&learned);
+        // Learned addresses outlive this run (it writes only when something changed).
+        if let Err(e) = discovery::remember_peers(self.store(), &learned) {
+            tracing::warn!("cannot persist peers: {e}");
+        }
         let members = self.members();
         let book = lock(&self.peers);
         let candidates = book.manager.select(usize::MAX);

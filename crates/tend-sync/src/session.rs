@@ -12,6 +12,9 @@
 //!                                        <--- Facts(rest of wanted), Done
 //! ```
 //!
+//! When the first answer is our version byte alone (every range matched), both sides end
+//! right there: one round trip, no `Done`.
+//!
 //! Only the initiator learns the difference from negentropy, so it pushes the facts the peer
 //! lacks and asks for the ones it lacks with `Want`. Every incoming fact is decoded and
 //! verified ([`VerifiedFact::decode`]) and admitted through the caller's [`FactHost`];
@@ -33,7 +36,7 @@ use crate::message::{
     DEFAULT_MAX_MESSAGE_BYTES,
 };
 use crate::rate::{Admit, RateLimits};
-use crate::reconcile::{id_list_entries, ReconcileError, Reconciler};
+use crate::reconcile::{id_list_entries, ReconcileError, Reconciler, NEGENTROPY_V1};
 
 /// What a session needs from the device's store: fact bytes to send and admission of
 /// facts received. The node implements it over tend-store and passes
@@ -291,6 +294,12 @@ pub enum SessionError {
     },
 }
 
+/// Whether the first answer says the sets are equal: just our version byte, to a v1 query
+/// (an answer of the version byte alone to another version is the downgrade answer).
+fn in_sync_at_once(query: &[u8], answer: &[u8]) -> bool {
+    query.first() == Some(&NEGENTROPY_V1) && answer == [NEGENTROPY_V1]
+}
+
 /// Bytes of envelope around a negentropy frame or a fact batch, generously.
 const ENVELOPE: usize = 256;
 
@@ -488,6 +497,7 @@ impl Session {
             Ok(answer) => {
                 s.stats.reconcile_rounds += 1;
                 s.remember_answer(&answer);
+                let at_once = in_sync_at_once(&msg.reconcile, &answer);
                 let accept = SyncMessage::Accept(Accept {
                     protocol: local.protocol,
                     device: local.device,
@@ -496,7 +506,12 @@ impl Session {
                     reconcile: answer,
                 });
                 s.send(&accept, &mut out);
-                out.push(Action::WakeAt(now + s.config.idle_timeout));
+                if at_once {
+                    // Every range matched: nothing to exchange, no Done round needed.
+                    s.finish(now, SessionResult::Completed, &mut out);
+                } else {
+                    out.push(Action::WakeAt(now + s.config.idle_timeout));
+                }
             }
             Err(e) => s.fail(now, FailReason::Reconcile(e), &mut out),
         }
@@ -583,6 +598,11 @@ impl Session {
                 }
                 self.phase = Phase::Running;
                 self.on_answer(now, &a.reconcile, &mut out);
+                if !self.is_finished() && a.reconcile == [NEGENTROPY_V1] {
+                    // The responder found every range equal and has closed its side.
+                    self.finish(now, SessionResult::Completed, &mut out);
+                    return out;
+                }
             }
             (Phase::Running, Role::Initiator, SyncMessage::Reconcile(m)) if !self.recon_done => {
                 self.on_answer(now, &m, &mut out);

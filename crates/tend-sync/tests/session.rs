@@ -192,3 +192,21 @@ fn silent_peers_time_out_and_release_their_slot() {
     let c = &sim.closed[0];
     assert_eq!(c.at, SessionConfig::default().idle_timeout);
 }
+
+#[test]
+fn equal_sets_sync_in_one_round_trip() {
+    let mut sim = Sim::new(2, 5, ManagerConfig::default());
+    sim.author(0, 200, 1);
+    sim.open(0, 1).unwrap();
+    sim.run();
+    assert!(sim.converged(&[0, 1]));
+    let (before, closed) = (sim.messages, sim.closed.len());
+    sim.open(0, 1).unwrap();
+    sim.run();
+    // Hello and Accept only: the responder saw every range match and closed at once.
+    assert_eq!(sim.messages - before, 2);
+    assert!(sim.closed[closed..]
+        .iter()
+        .all(|c| c.outcome.result == SessionResult::Completed));
+    assert_eq!(sim.closed.len() - closed, 2);
+}

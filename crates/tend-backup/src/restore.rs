@@ -1,0 +1,872 @@
+//! Verify and restore: decrypt, unpack and check an archive as it streams by, hydrating
+//! the snapshot and replaying the tail into a fresh store inside a temporary directory
+//! that becomes the new home only when every check has passed.
+//!
+//! Verification order: the age layer (key, header MAC, every payload chunk); the header
+//! (format and version, before anything else is read); the anchor facts and the blob (the
+//! group key comes from the blob's own membership chain, which starts at a genesis that
+//! certifies the namespace; then the threshold signature, the CID, the prefix digest and
+//! the blob's state digest, via `tend_snapshot::hydrate`); every tail fact (signature,
+//! namespace, order, admission against the hydrated state); the manifest (every member's
+//! size and BLAKE3, counts, ranges, the tail digest); the end of the stream (so a
+//! truncated file fails); and last the restored store itself (its maintenance state and
+//! journal digest must equal what the replay computed and the manifest states).
+
+use std::cell::Cell;
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::Path;
+use std::rc::Rc;
+
+use serde::Serialize;
+use tend_core::ids::CODEC_DAG_CBOR;
+use tend_core::journal::DigestBuilder;
+use tend_core::maintenance::MaintenanceFact;
+use tend_core::{
+    AuthorityId, ContextId, Epoch, FactId, JournalNamespace, MaintenanceState, Payload,
+    VerifiedFact, MAX_FACT_BYTES,
+};
+use tend_snapshot::{hydrate, HydrateError, Hydrated, SnapshotBlob};
+use tend_store::Store;
+
+use crate::error::BackupError;
+use crate::export::{sibling, Progress};
+use crate::format::{
+    member, Header, Manifest, MemberHash, ARCHIVE_FORMAT_NAME, ARCHIVE_FORMAT_VERSION, FRAME_LEN,
+    MAX_ANCHOR_BYTES, MAX_BLOB_BYTES, MAX_HEADER_BYTES, MAX_MANIFEST_BYTES,
+};
+use crate::keys::Decryption;
+
+/// Facts handed to the store per transaction during a restore.
+const BATCH_FACTS: usize = 10_000;
+/// Bytes of facts handed to the store per transaction, whichever limit comes first.
+const BATCH_BYTES: usize = 8 << 20;
+
+/// Where a restore writes: something holding a fresh, empty store.
+pub trait RestoreTarget {
+    /// The store facts and the blob are written to.
+    fn store(&self) -> &Store;
+}
+
+impl RestoreTarget for Store {
+    fn store(&self) -> &Store {
+        self
+    }
+}
+
+/// What a verify or restore found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RestoreReport {
+    pub namespace: String,
+    /// The snapshot epoch E, if the archive holds a snapshot.
+    pub snapshot_epoch: Option<u64>,
+    /// Maintenance and authority facts hydrated from the blob.
+    pub maintenance_facts: u64,
+    /// Facts replayed from the tail.
+    pub tail_facts: u64,
+    /// `MaintenanceState::state_digest` after the replay.
+    pub state_digest: String,
+    /// The journal digest over the tail (what the restored journal index hashes to).
+    pub journal_digest: String,
+    /// Bytes of the encrypted archive read.
+    pub archive_bytes: u64,
+}
+
+/// Decrypts and checks an archive completely without writing anything.
+pub fn verify(
+    input: impl Read,
+    decryption: &Decryption,
+    progress: Option<&dyn Fn(Progress)>,
+    total_bytes: u64,
+) -> Result<RestoreReport, BackupError> {
+    let make = None::<fn(JournalNamespace) -> Result<Store, BackupError>>;
+    read_archive(input, decryption, make, progress, total_bytes).map(|(_, r)| r)
+}
+
+/// [`verify`] of the archive at `path`.
+pub fn verify_file(
+    path: &Path,
+    decryption: &Decryption,
+    progress: Option<&dyn Fn(Progress)>,
+) -> Result<RestoreReport, BackupError> {
+    let (file, len) = open_archive(path)?;
+    verify(file, decryption, progress, len)
+}
+
+/// Restores an archive into the target `make_target` creates once the journal is known
+/// (from the archive's header). On error the target may hold part of the journal: callers
+/// must discard it ([`restore_home`] does).
+pub fn restore<T: RestoreTarget>(
+    input: impl Read,
+    decryption: &Decryption,
+    make_target: impl FnOnce(JournalNamespace) -> Result<T, BackupError>,
+    progress: Option<&dyn Fn(Progress)>,
+    total_bytes: u64,
+) -> Result<(T, RestoreReport), BackupError> {
+    let (target, report) =
+        read_archive(input, decryption, Some(make_target), progress, total_bytes)?;
+    let target = target.ok_or_else(|| BackupError::Target("no target was created".into()))?;
+    Ok((target, report))
+}
+
+/// Restores the archive at `archive` into the new home directory `new_home`, atomically.
+///
+/// `new_home` must not exist (or be an empty directory). Everything is written into a
+/// temporary directory next to it, which `init` turns into a home for the archive's
+/// journal (a new device key and an empty store); it is renamed to `new_home` only after
+/// every check has passed and the target was dropped, and removed on any failure, so a
+/// failed restore leaves nothing behind.
+pub fn restore_home<T: RestoreTarget>(
+    archive: &Path,
+    decryption: &Decryption,
+    new_home: &Path,
+    init: impl FnOnce(&Path, JournalNamespace) -> Result<T, BackupError>,
+    progress: Option<&dyn Fn(Progress)>,
+) -> Result<RestoreReport, BackupError> {
+    check_new_home(new_home)?;
+    let (file, len) = open_archive(archive)?;
+    let tmp = sibling(new_home, "restore");
+    std::fs::create_dir(&tmp).map_err(|e| BackupError::io(&tmp, e))?;
+    let result = (|| {
+        let (target, report) = restore(file, decryption, |ns| init(&tmp, ns), progress, len)?;
+        // Close the store before the directory moves.
+        drop(target);
+        check_new_home(new_home)?;
+        sync_dir(&tmp)?;
+        std::fs::rename(&tmp, new_home).map_err(|e| BackupError::io(new_home, e))?;
+        if let Some(parent) = new_home.parent() {
+            let _ = sync_dir(parent);
+        }
+        Ok(report)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn check_new_home(home: &Path) -> Result<(), BackupError> {
+    match std::fs::read_dir(home) {
+        Ok(mut entries) => match entries.next() {
+            None => Ok(()),
+            Some(_) => Err(BackupError::HomeNotEmpty(home.to_owned())),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotADirectory => {
+            Err(BackupError::HomeNotEmpty(home.to_owned()))
+        }
+        Err(e) => Err(BackupError::io(home, e)),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), BackupError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| BackupError::io(dir, e))
+}
+
+fn open_archive(path: &Path) -> Result<(BufReader<File>, u64), BackupError> {
+    let file = File::open(path).map_err(|e| BackupError::io(path, e))?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    Ok((BufReader::with_capacity(1 << 16, file), len))
+}
+
+/// The whole pipeline; `make_target` is `None` for a verify.
+fn read_archive<T: RestoreTarget>(
+    input: impl Read,
+    decryption: &Decryption,
+    make_target: Option<impl FnOnce(JournalNamespace) -> Result<T, BackupError>>,
+    progress: Option<&dyn Fn(Progress)>,
+    total_bytes: u64,
+) -> Result<(Option<T>, RestoreReport), BackupError> {
+    let read_bytes = Rc::new(Cell::new(0u64));
+    let counted = CountingReader {
+        inner: input,
+        n: read_bytes.clone(),
+        next_report: 0,
+        progress,
+        total: total_bytes,
+    };
+    let plain = decryption.open(counted)?;
+    let zstd = zstd::stream::read::Decoder::new(plain).map_err(damaged)?;
+    let mut archive = tar::Archive::new(zstd);
+    let mut entries = archive.entries().map_err(damaged)?;
+    let mut read = ReadMembers::default();
+
+    // The header comes first, so a newer format is refused before anything else is read.
+    let mut entry = next_entry(&mut entries)?
+        .ok_or_else(|| BackupError::NotABackup("the archive is empty".into()))?;
+    let name = entry_name(&entry)?;
+    if name != member::HEADER {
+        return Err(BackupError::NotABackup(format!(
+            "the first member is {name:?}, not {}",
+            member::HEADER
+        )));
+    }
+    let bytes = read.whole(&mut entry, &name, MAX_HEADER_BYTES)?;
+    drop(entry);
+    let header: Header = serde_json::from_slice(&bytes)
+        .map_err(|e| BackupError::NotABackup(format!("the header does not parse: {e}")))?;
+    if header.format != ARCHIVE_FORMAT_NAME {
+        return Err(BackupError::NotABackup(format!(
+            "the header names format {:?}",
+            header.format
+        )));
+    }
+    if header.version > ARCHIVE_FORMAT_VERSION {
+        return Err(BackupError::NewerFormat {
+            found: header.version,
+            supported: ARCHIVE_FORMAT_VERSION,
+        });
+    }
+    if header.version < 1 {
+        return Err(BackupError::NotABackup(format!(
+            "format version {} does not exist",
+            header.version
+        )));
+    }
+    let ns = parse_namespace(&header.namespace)?;
+    let target = make_target.map(|make| make(ns)).transpose()?;
+    let store = target.as_ref().map(|t| t.store());
+
+    let mut anchor: Option<Vec<VerifiedFact>> = None;
+    let mut replay: Option<Replay> = if header.has_snapshot {
+        None
+    } else {
+        Some(Replay::new(
+            ns,
+            ReplayState::Plain(MaintenanceState::new(ns)),
+            Epoch::ZERO,
+        ))
+    };
+    let mut manifest: Option<Manifest> = None;
+    while let Some(mut entry) = next_entry(&mut entries)? {
+        let name = entry_name(&entry)?;
+        if manifest.is_some() {
+            return Err(BackupError::NotABackup(format!(
+                "member {name:?} follows the manifest"
+            )));
+        }
+        if name == member::ANCHOR && header.has_snapshot && anchor.is_none() && replay.is_none() {
+            let bytes = read.whole(&mut entry, &name, MAX_ANCHOR_BYTES)?;
+            anchor = Some(decode_frames(&bytes, &name, ns)?);
+        } else if name == member::BLOB && anchor.is_some() && replay.is_none() {
+            let blob = read.whole(&mut entry, &name, MAX_BLOB_BYTES)?;
+            let facts = anchor.take().unwrap_or_default();
+            let r = hydrate_snapshot(ns, &blob, facts, store)?;
+            replay = Some(r);
+        } else if replay
+            .as_ref()
+            .is_some_and(|r| name == member::tail(r.chunks))
+        {
+            if let Some(r) = replay.as_mut() {
+                let mut hashing = HashingReader::new(&mut entry);
+                r.read_chunk(&mut hashing, &name, store)?;
+                read.push(&name, hashing.finish()?);
+                r.chunks += 1;
+            }
+        } else if name == member::MANIFEST && replay.is_some() {
+            let bytes = read.whole(&mut entry, &name, MAX_MANIFEST_BYTES)?;
+            // The manifest lists the members before it, not itself.
+            read.members.pop();
+            manifest = Some(serde_json::from_slice(&bytes).map_err(|e| {
+                BackupError::NotABackup(format!("the manifest does not parse: {e}"))
+            })?);
+        } else {
+            return Err(BackupError::NotABackup(format!(
+                "unexpected member {name:?} at this point of the archive"
+            )));
+        }
+    }
+    drop(entries);
+    let manifest = manifest.ok_or_else(|| {
+        BackupError::Damaged("the archive ends before its manifest (truncated?)".into())
+    })?;
+    let mut replay = replay.ok_or_else(|| BackupError::NotABackup("no snapshot blob".into()))?;
+
+    // Read to the very end: age checks its last chunk only when it is reached, so this is
+    // what catches a file cut after the tar's end.
+    let mut rest = archive.into_inner();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = rest.read(&mut buf).map_err(damaged)?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|b| *b != 0) {
+            return Err(BackupError::NotABackup(
+                "data follows the end of the tar archive".into(),
+            ));
+        }
+    }
+    let archive_bytes = read_bytes.get();
+
+    check_manifest(&manifest, &header, &read.members, &replay)?;
+    replay.finish_checks()?;
+    let state_digest = replay.state().state_digest();
+    let journal_digest = replay.digest.finish();
+    if let Some(store) = store {
+        replay.flush(store)?;
+        let restored = store.maintenance_state(ns)?;
+        if restored.state_digest() != state_digest {
+            return Err(BackupError::RestoreMismatch(
+                "the store's maintenance state differs from the replayed state".into(),
+            ));
+        }
+        if restored.gc_floor().is_some() {
+            // The blob's maintenance facts went into the journal index on the way in; a
+            // pruned device keeps them only in the maintenance table, as the source did.
+            store.prune(ns)?;
+        }
+        if store.journal_digest(ns)? != journal_digest {
+            return Err(BackupError::RestoreMismatch(
+                "the restored journal index does not hash to the tail digest".into(),
+            ));
+        }
+    }
+    let report = RestoreReport {
+        namespace: ns.to_string(),
+        snapshot_epoch: replay.snapshot.as_ref().map(|s| s.epoch.0),
+        maintenance_facts: replay.snapshot.as_ref().map_or(0, |s| s.maintenance_facts),
+        tail_facts: replay.facts,
+        state_digest: state_digest.to_string(),
+        journal_digest: journal_digest.to_string(),
+        archive_bytes,
+    };
+    Ok((target, report))
+}
+
+/// Members read so far, with their sizes and hashes.
+#[derive(Default)]
+struct ReadMembers {
+    members: Vec<MemberHash>,
+}
+
+impl ReadMembers {
+    /// Reads a whole member (at most `max` bytes) and records its hash.
+    fn whole(
+        &mut self,
+        entry: &mut impl Read,
+        name: &str,
+        max: u64,
+    ) -> Result<Vec<u8>, BackupError> {
+        let mut bytes = Vec::new();
+        entry
+            .take(max + 1)
+            .read_to_end(&mut bytes)
+            .map_err(damaged)?;
+        if bytes.len() as u64 > max {
+            return Err(BackupError::NotABackup(format!(
+                "member {name} is larger than {max} bytes"
+            )));
+        }
+        self.push(
+            name,
+            MemberHash {
+                name: name.into(),
+                size: bytes.len() as u64,
+                blake3: blake3::hash(&bytes).to_hex().to_string(),
+            },
+        );
+        Ok(bytes)
+    }
+
+    fn push(&mut self, name: &str, mut hash: MemberHash) {
+        hash.name = name.into();
+        self.members.push(hash);
+    }
+}
+
+type Entries<'a, R> = tar::Entries<'a, R>;
+
+fn next_entry<'a, R: Read>(
+    entries: &mut Entries<'a, R>,
+) -> Result<Option<tar::Entry<'a, R>>, BackupError> {
+    match entries.next() {
+        None => Ok(None),
+        Some(Ok(e)) => {
+            if !e.header().entry_type().is_file() {
+                return Err(BackupError::NotABackup(
+                    "the archive holds something other than regular files".into(),
+                ));
+            }
+            Ok(Some(e))
+        }
+        Some(Err(e)) => Err(damaged(e)),
+    }
+}
+
+fn entry_name<R: Read>(entry: &tar::Entry<'_, R>) -> Result<String, BackupError> {
+    String::from_utf8(entry.path_bytes().into_owned())
+        .map_err(|_| BackupError::NotABackup("a member name is not UTF-8".into()))
+}
+
+/// Decodes framed facts held in memory (the anchor member).
+fn decode_frames(
+    bytes: &[u8],
+    name: &str,
+    ns: JournalNamespace,
+) -> Result<Vec<VerifiedFact>, BackupError> {
+    let mut out = Vec::new();
+    let mut reader = bytes;
+    let mut index = 0;
+    while let Some(fact) = read_frame(&mut reader, name, index)? {
+        if fact.namespace() != ns {
+            return Err(BackupError::WrongNamespace {
+                expected: ns,
+                found: fact.namespace(),
+            });
+        }
+        out.push(fact);
+        index += 1;
+    }
+    Ok(out)
+}
+
+/// Reads one framed fact; `None` at a clean end of the member.
+fn read_frame(
+    r: &mut impl Read,
+    name: &str,
+    index: u64,
+) -> Result<Option<VerifiedFact>, BackupError> {
+    let mut len = [0u8; FRAME_LEN];
+    let mut got = 0;
+    while got < FRAME_LEN {
+        let n = r.read(&mut len[got..]).map_err(damaged)?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(None);
+            }
+            return Err(BackupError::NotABackup(format!(
+                "{name} ends inside a fact's length"
+            )));
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FACT_BYTES {
+        return Err(BackupError::NotABackup(format!(
+            "fact {index} of {name} claims {len} bytes, more than a fact may have"
+        )));
+    }
+    let mut bytes = vec![0u8; len];
+    r.read_exact(&mut bytes).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => {
+            BackupError::NotABackup(format!("{name} ends inside fact {index}"))
+        }
+        _ => damaged(e),
+    })?;
+    VerifiedFact::decode(&bytes)
+        .map(Some)
+        .map_err(|source| BackupError::BadFact {
+            member: name.into(),
+            index,
+            source,
+        })
+}
+
+/// Verifies the snapshot and hydrates from it: the group key comes from the membership
+/// chain of the blob's own facts, followed through the anchor's state facts up to the
+/// completion; nothing in the archive's header or manifest is trusted for it.
+fn hydrate_snapshot(
+    ns: JournalNamespace,
+    blob: &[u8],
+    mut anchor: Vec<VerifiedFact>,
+    store: Option<&Store>,
+) -> Result<Replay, BackupError> {
+    let completion_fact = anchor
+        .pop()
+        .ok_or_else(|| BackupError::NotABackup("the anchor holds no completion".into()))?;
+    let completed = match completion_fact.payload() {
+        Payload::Maintenance(MaintenanceFact::SnapshotCompleted(c)) => c.clone(),
+        _ => {
+            return Err(BackupError::NotABackup(
+                "the anchor's last fact is not a SnapshotCompleted".into(),
+            ))
+        }
+    };
+    let e = completed.snapshot.epoch;
+    if SnapshotBlob::cid_of(blob) != completed.snapshot.blob_cid {
+        return Err(HydrateError::CidMismatch.into());
+    }
+    let decoded = SnapshotBlob::decode(blob).map_err(HydrateError::from)?;
+    if decoded.namespace != ns {
+        return Err(HydrateError::NamespaceMismatch {
+            blob: decoded.namespace,
+            expected: ns,
+        }
+        .into());
+    }
+    // The chain: the prefix's state (its genesis must certify `ns`, or the reducer keeps
+    // no membership at all), then the state facts between E and the completion.
+    let mut state = decoded.reduced_state();
+    drop(decoded);
+    let mut last: Option<(Epoch, FactId)> = None;
+    for (i, f) in anchor
+        .iter()
+        .chain(std::iter::once(&completion_fact))
+        .enumerate()
+    {
+        if f.epoch() < e || last.is_some_and(|l| l >= f.order_key()) {
+            return Err(BackupError::NotABackup(
+                "the anchor's facts are out of order or below the snapshot epoch".into(),
+            ));
+        }
+        last = Some(f.order_key());
+        state
+            .check_admission(f)
+            .map_err(|source| BackupError::Inadmissible {
+                member: member::ANCHOR.into(),
+                index: i as u64,
+                source,
+            })?;
+        if f.id() != completion_fact.id() {
+            state.apply(f);
+        }
+    }
+    let group_key = state
+        .membership_at(completion_fact.epoch())
+        .map(|m| m.group_key)
+        .ok_or(BackupError::NoGroupKey(completion_fact.epoch()))?;
+    let hydrated = hydrate(blob, &completed, ns, &group_key)?;
+    let maintenance_facts = hydrated.facts.len() as u64;
+    if let Some(store) = store {
+        for batch in hydrated.facts.chunks(BATCH_FACTS) {
+            let report = store.insert_batch(batch)?;
+            if let Some(r) = report.rejected.first() {
+                return Err(BackupError::RestoreMismatch(format!(
+                    "the store refused snapshot fact {}: {}",
+                    r.id, r.error
+                )));
+            }
+        }
+        store.put_blob(CODEC_DAG_CBOR, blob)?;
+    }
+    let mut replay = Replay::new(ns, ReplayState::Hydrated(Box::new(hydrated)), e);
+    replay.expected_anchor = anchor.iter().map(|f| f.id()).collect();
+    replay.expected_anchor.insert(completion_fact.id());
+    replay.snapshot = Some(SnapshotInfo {
+        epoch: e,
+        completion: completion_fact,
+        maintenance_facts,
+    });
+    Ok(replay)
+}
+
+struct SnapshotInfo {
+    epoch: Epoch,
+    completion: VerifiedFact,
+    maintenance_facts: u64,
+}
+
+enum ReplayState {
+    /// No snapshot: the tail is the whole journal.
+    Plain(MaintenanceState),
+    Hydrated(Box<Hydrated>),
+}
+
+/// The tail replay: checks each fact as it streams by and folds it into the state.
+struct Replay {
+    ns: JournalNamespace,
+    state: ReplayState,
+    from: Epoch,
+    last: Option<(Epoch, FactId)>,
+    digest: DigestBuilder,
+    facts: u64,
+    chunks: u64,
+    min_epoch: Option<u64>,
+    max_epoch: Option<u64>,
+    /// Anchor facts not yet seen in the tail (the tail must hold them: they are >= E).
+    expected_anchor: HashSet<FactId>,
+    snapshot: Option<SnapshotInfo>,
+    batch: Vec<VerifiedFact>,
+    batch_bytes: usize,
+}
+
+impl Replay {
+    fn new(ns: JournalNamespace, state: ReplayState, from: Epoch) -> Self {
+        Self {
+            ns,
+            state,
+            from,
+            last: None,
+            digest: DigestBuilder::whole(ns),
+            facts: 0,
+            chunks: 0,
+            min_epoch: None,
+            max_epoch: None,
+            expected_anchor: HashSet::new(),
+            snapshot: None,
+            batch: Vec::new(),
+            batch_bytes: 0,
+        }
+    }
+
+    fn state(&self) -> &MaintenanceState {
+        match &self.state {
+            ReplayState::Plain(s) => s,
+            ReplayState::Hydrated(h) => &h.state,
+        }
+    }
+
+    /// Streams the framed facts of one tail chunk.
+    fn read_chunk(
+        &mut self,
+        r: &mut impl Read,
+        name: &str,
+        store: Option<&Store>,
+    ) -> Result<(), BackupError> {
+        let mut index = 0;
+        while let Some(fact) = read_frame(r, name, index)? {
+            self.push(fact, name, index, store)?;
+            index += 1;
+        }
+        Ok(())
+    }
+
+    fn push(
+        &mut self,
+        f: VerifiedFact,
+        name: &str,
+        index: u64,
+        store: Option<&Store>,
+    ) -> Result<(), BackupError> {
+        if f.namespace() != self.ns {
+            return Err(BackupError::WrongNamespace {
+                expected: self.ns,
+                found: f.namespace(),
+            });
+        }
+        if self.last.is_some_and(|l| l >= f.order_key()) {
+            return Err(BackupError::NotABackup(format!(
+                "fact {index} of {name} is out of (epoch, id) order"
+            )));
+        }
+        if f.epoch() < self.from {
+            return Err(BackupError::NotABackup(format!(
+                "fact {index} of {name} is below the snapshot epoch {}",
+                self.from
+            )));
+        }
+        self.state()
+            .check_admission(&f)
+            .map_err(|source| BackupError::Inadmissible {
+                member: name.into(),
+                index,
+                source,
+            })?;
+        match &mut self.state {
+            ReplayState::Plain(s) => s.apply(&f),
+            ReplayState::Hydrated(h) => {
+                h.apply(&f)?;
+            }
+        }
+        self.last = Some(f.order_key());
+        self.digest.push(f.epoch(), f.id());
+        self.facts += 1;
+        self.min_epoch.get_or_insert(f.epoch().0);
+        self.max_epoch = Some(f.epoch().0);
+        self.expected_anchor.remove(&f.id());
+        if let Some(store) = store {
+            self.batch_bytes += f.bytes().len();
+            self.batch.push(f);
+            if self.batch.len() >= BATCH_FACTS || self.batch_bytes >= BATCH_BYTES {
+                self.flush(store)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, store: &Store) -> Result<(), BackupError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let report = store.insert_batch(&self.batch)?;
+        if let Some(r) = report.rejected.first() {
+            return Err(BackupError::RestoreMismatch(format!(
+                "the store refused fact {}: {}",
+                r.id, r.error
+            )));
+        }
+        self.batch.clear();
+        self.batch_bytes = 0;
+        Ok(())
+    }
+
+    /// Checks that need the whole tail.
+    fn finish_checks(&self) -> Result<(), BackupError> {
+        if !self.expected_anchor.is_empty() {
+            return Err(BackupError::ManifestMismatch(
+                "the tail lacks facts the anchor holds".into(),
+            ));
+        }
+        if let Some(s) = &self.snapshot {
+            // The reducer verified the completion's threshold signature against the key of
+            // the chain at its epoch; if it does not count it, the archive lied.
+            let latest = self.state().latest_snapshot.as_ref().map(|l| l.fact_id);
+            if latest != Some(s.completion.id()) {
+                return Err(BackupError::RestoreMismatch(
+                    "the replayed journal does not take the archive's snapshot as its latest"
+                        .into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_manifest(
+    m: &Manifest,
+    header: &Header,
+    members: &[MemberHash],
+    replay: &Replay,
+) -> Result<(), BackupError> {
+    let bad = |what: &str| Err(BackupError::ManifestMismatch(what.into()));
+    if m.format != ARCHIVE_FORMAT_NAME || m.version != header.version {
+        return bad("its format or version differs from the header's");
+    }
+    if m.namespace != header.namespace {
+        return bad("its journal differs from the header's");
+    }
+    if m.members.len() != members.len() {
+        return bad("it lists a different number of members than the archive holds");
+    }
+    for (want, got) in m.members.iter().zip(members) {
+        if want.name != got.name {
+            return Err(BackupError::ManifestMismatch(format!(
+                "member {} is listed as {}",
+                got.name, want.name
+            )));
+        }
+        if want.size != got.size || want.blake3 != got.blake3 {
+            return Err(BackupError::ManifestMismatch(format!(
+                "member {} does not have the size and BLAKE3 hash the manifest lists",
+                got.name
+            )));
+        }
+    }
+    match (&m.snapshot, &replay.snapshot) {
+        (None, None) => {}
+        (Some(ms), Some(s)) => {
+            let completed = match s.completion.payload() {
+                Payload::Maintenance(MaintenanceFact::SnapshotCompleted(c)) => c,
+                _ => return bad("the completion is not a SnapshotCompleted"),
+            };
+            if ms.epoch != s.epoch.0
+                || ms.blob_cid != completed.snapshot.blob_cid.to_string()
+                || ms.digest != completed.snapshot.digest.to_string()
+                || ms.completion_id != s.completion.id().to_string()
+                || ms.completion_epoch != s.completion.epoch().0
+                || ms.maintenance_facts != s.maintenance_facts
+            {
+                return bad("its snapshot section differs from the verified snapshot");
+            }
+            if let ReplayState::Hydrated(h) = &replay.state {
+                if ms.covered_facts != h.covered.len() as u64 {
+                    return bad("its covered fact count differs from the blob's");
+                }
+            }
+        }
+        _ => return bad("it disagrees with the header on whether a snapshot is present"),
+    }
+    let t = &m.tail;
+    if t.from_epoch != replay.from.0
+        || t.facts != replay.facts
+        || t.chunks != replay.chunks
+        || t.min_epoch != replay.min_epoch
+        || t.max_epoch != replay.max_epoch
+    {
+        return bad("its tail counts or epochs differ from the tail read");
+    }
+    if t.digest != replay.digest.finish().to_string() {
+        return bad("its tail digest differs from the tail read");
+    }
+    Ok(())
+}
+
+/// Parses `authority:<hex>` or `context:<hex>` (the `Display` form of a namespace).
+pub fn parse_namespace(s: &str) -> Result<JournalNamespace, BackupError> {
+    let bad = || BackupError::NotABackup(format!("invalid journal name {s:?}"));
+    let (kind, id) = s.split_once(':').ok_or_else(bad)?;
+    match kind {
+        "authority" => id
+            .parse::<AuthorityId>()
+            .map(JournalNamespace::Authority)
+            .map_err(|_| bad()),
+        "context" => id
+            .parse::<ContextId>()
+            .map(JournalNamespace::Context)
+            .map_err(|_| bad()),
+        _ => Err(bad()),
+    }
+}
+
+fn damaged(e: io::Error) -> BackupError {
+    // age reports a payload chunk that fails authentication as InvalidData and a cut
+    // file as UnexpectedEof; zstd and tar errors are io::Errors too.
+    BackupError::Damaged(e.to_string())
+}
+
+/// Hashes a member while it streams by.
+struct HashingReader<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+    n: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            hasher: blake3::Hasher::new(),
+            n: 0,
+        }
+    }
+
+    /// Drains what the consumer left unread, then returns the member's size and hash.
+    fn finish(mut self) -> Result<MemberHash, BackupError> {
+        io::copy(&mut self, &mut io::sink()).map_err(damaged)?;
+        Ok(MemberHash {
+            name: String::new(),
+            size: self.n,
+            blake3: self.hasher.finalize().to_hex().to_string(),
+        })
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.n += n as u64;
+        Ok(n)
+    }
+}
+
+/// Counts archive bytes read and reports progress.
+struct CountingReader<'p, R> {
+    inner: R,
+    n: Rc<Cell<u64>>,
+    next_report: u64,
+    progress: Option<&'p dyn Fn(Progress)>,
+    total: u64,
+}
+
+impl<R: Read> Read for CountingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let done = self.n.get() + n as u64;
+        self.n.set(done);
+        if let Some(p) = self.progress {
+            if done >= self.next_report || n == 0 {
+                self.next_report = done + (1 << 20);
+                p(Progress {
+                    done,
+                    total: self.total,
+                });
+            }
+        }
+        Ok(n)
+    }
+}

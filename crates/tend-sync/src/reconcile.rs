@@ -1,5 +1,5 @@
 //! The negentropy v1 reconciliation driver: one side of a set reconciliation over
-//! [`OrderedItems`], with a frame size limit.
+//! [`OrderedItems`](crate::items::OrderedItems), with a frame size limit.
 //!
 //! Messages are the raw negentropy protocol version 1 bytes (first byte 0x61), byte for byte
 //! what the reference implementations exchange, so they can be carried inside our own sync

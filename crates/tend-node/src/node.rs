@@ -888,6 +888,16 @@ impl FactHost for StoreHost<'_> {
     }
 }
 
+/// Runs `f`, which writes to the store (redb commits wait for the disk), telling a
+/// multi-threaded runtime that this worker blocks so other tasks move elsewhere.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// A frame limit a little above the largest message, so an honest peer never hits it.
 fn frame_limit(inner: &Inner) -> usize {
     inner.config.manager.session.max_message_bytes + 1024
@@ -917,7 +927,7 @@ async fn drive(
     let mut broken = false;
     while let Some(ev) = rx.recv().await {
         match ev {
-            Ev::Incoming(Ok(bytes)) => inner.handle(sid, &bytes),
+            Ev::Incoming(Ok(bytes)) => blocking(|| inner.handle(sid, &bytes)),
             Ev::Incoming(Err(FrameError::Oversized { len, max })) => {
                 misbehaved = Some(FailReason::Garbage(MessageError::Oversized { len, max }));
                 inner.close(sid);
@@ -1231,7 +1241,7 @@ async fn timer_loop(inner: Arc<Inner>) {
                 *w = None;
             }
         }
-        inner.poll();
+        blocking(|| inner.poll());
     }
 }
 

@@ -51,6 +51,15 @@ pub enum Command {
     /// Synchronise with peers.
     #[command(subcommand)]
     Sync(crate::net::SyncCommand),
+    /// Over-the-air upgrades: publish, apply, activate.
+    #[command(subcommand)]
+    Upgrade(crate::upgrade::UpgradeCommand),
+    /// The authority's admin and its replacement.
+    #[command(subcommand)]
+    Admin(crate::upgrade::AdminCommand),
+    /// Local cache invalidation floors.
+    #[command(subcommand)]
+    Cache(crate::upgrade::CacheCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -150,6 +159,9 @@ pub fn run(args: Args) -> CmdResult {
         Command::Authority(cmd) => crate::maint::authority(&home, cmd),
         Command::Snapshot(cmd) => crate::maint::snapshot(&home, cmd),
         Command::Gc(args) => crate::maint::gc(&home, args),
+        Command::Upgrade(cmd) => crate::upgrade::upgrade(&home, cmd),
+        Command::Admin(cmd) => crate::upgrade::admin(&home, cmd),
+        Command::Cache(cmd) => crate::upgrade::cache(&home, cmd),
         Command::Journal(JournalCommand::List { from_epoch, limit }) => {
             let device = Device::open(&home)?;
             let facts = device.list(Epoch(from_epoch), limit)?;

@@ -7,6 +7,7 @@ mod devnet;
 mod maint;
 mod net;
 mod output;
+mod upgrade;
 
 use std::process::ExitCode;
 

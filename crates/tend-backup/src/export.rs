@@ -204,7 +204,7 @@ pub fn export<W: Write>(
         max_epoch = Some(stored.epoch.0);
         report.tail_facts += 1;
         if let Some(p) = opts.progress {
-            if report.tail_facts % 4096 == 0 {
+            if report.tail_facts.is_multiple_of(4096) {
                 p(Progress {
                     done: report.tail_facts,
                     total,

@@ -161,7 +161,11 @@ fn map_decrypt_error(e: age::DecryptError) -> BackupError {
         D::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
             BackupError::Damaged("the file ends inside the age header".into())
         }
-        other => BackupError::NotAnAgeFile(other.to_string()),
+        D::UnknownFormat => {
+            BackupError::NotAnAgeFile("not the age v1 format this release reads".into())
+        }
+        // age's messages may span lines; the CLI prints one.
+        other => BackupError::NotAnAgeFile(other.to_string().replace('\n', " ")),
     }
 }
 

@@ -236,7 +236,7 @@ fn read_archive<T: RestoreTarget>(
     } else {
         Some(Replay::new(
             ns,
-            ReplayState::Plain(MaintenanceState::new(ns)),
+            ReplayState::Plain(Box::new(MaintenanceState::new(ns))),
             Epoch::ZERO,
         ))
     };
@@ -279,7 +279,6 @@ fn read_archive<T: RestoreTarget>(
             )));
         }
     }
-    drop(entries);
     let manifest = manifest.ok_or_else(|| {
         BackupError::Damaged("the archive ends before its manifest (truncated?)".into())
     })?;
@@ -562,7 +561,7 @@ struct SnapshotInfo {
 
 enum ReplayState {
     /// No snapshot: the tail is the whole journal.
-    Plain(MaintenanceState),
+    Plain(Box<MaintenanceState>),
     Hydrated(Box<Hydrated>),
 }
 
@@ -805,7 +804,7 @@ pub fn parse_namespace(s: &str) -> Result<JournalNamespace, BackupError> {
 fn damaged(e: io::Error) -> BackupError {
     // age reports a payload chunk that fails authentication as InvalidData and a cut
     // file as UnexpectedEof; zstd and tar errors are io::Errors too.
-    BackupError::Damaged(e.to_string())
+    BackupError::Damaged(e.to_string().replace('\n', " "))
 }
 
 /// Hashes a member while it streams by.

@@ -42,6 +42,11 @@ pub struct CompletedSnapshot {
     pub proposal_id: Hash32,
     pub snapshot: SnapshotV1,
     pub fact_id: FactId,
+    /// The epoch of the `SnapshotCompleted` fact (at or above `snapshot.epoch`). A later
+    /// snapshot must target above it, so the completion lies inside the later prefix and
+    /// the blob's base (read from the prefix's facts) equals the digest's base (read from
+    /// the whole state); see [`MaintenanceState::snapshot_base`].
+    pub completed_at: Epoch,
 }
 
 /// What the journal says about one upgrade package.
@@ -196,6 +201,7 @@ impl MaintenanceState {
                         proposal_id: c.proposal_id,
                         snapshot: c.snapshot.clone(),
                         fact_id: f.id(),
+                        completed_at: epoch,
                     });
                     let floor = c.snapshot.epoch;
                     self.proposals

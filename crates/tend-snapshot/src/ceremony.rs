@@ -79,6 +79,18 @@ impl LocalJournal for JournalView<'_> {
     }
 }
 
+/// The epoch of the latest completion fact (0 without a snapshot). A target at or below it
+/// is refused as stale: the completion would lie outside the new prefix, so the blob
+/// (whose base is the latest snapshot among the prefix's facts) and the digest (whose
+/// base is the latest snapshot of the whole state) would chain on different bases and the
+/// signed blob would never hydrate (found by tend-sim, seeds 234 and 247).
+fn completed_at(state: &MaintenanceState) -> Epoch {
+    state
+        .latest_snapshot
+        .as_ref()
+        .map_or(Epoch::ZERO, |s| s.completed_at)
+}
+
 /// The key a device signs snapshots with under one identity epoch.
 // Keys are installed once per identity epoch, so the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
@@ -574,7 +586,7 @@ impl SnapshotEngine {
             });
             None
         };
-        if target_epoch <= epoch.snapshot_epoch {
+        if target_epoch <= epoch.snapshot_epoch || target_epoch <= completed_at(state) {
             return reject(out, Refusal::Stale);
         }
         let key = match self.current_key(state) {
@@ -754,7 +766,9 @@ impl SnapshotEngine {
                         out,
                     );
                 }
-                if proposal.target_epoch <= ours.snapshot_epoch {
+                if proposal.target_epoch <= ours.snapshot_epoch
+                    || proposal.target_epoch <= completed_at(state)
+                {
                     return reply(Refusal::Stale, out);
                 }
                 let share = match self.current_key(state) {

@@ -430,3 +430,59 @@ fn a_second_snapshot_chains_on_the_first_and_hydrates() {
     fresh.apply_tail(&tail).unwrap();
     assert_eq!(fresh.state_digest(), full.state_digest());
 }
+
+/// Regression (tend-sim seeds 234 and 247): when the first completion fact lies above the
+/// first snapshot's epoch, a second snapshot targeting at or below that completion would
+/// chain its digest on the first snapshot while its blob, built from the prefix's facts,
+/// would not see the completion and carry no base: the signed blob never hydrated. Such a
+/// target is now refused as stale, and one above the completion hydrates.
+#[test]
+fn a_target_at_or_below_the_last_completion_is_stale_and_one_above_hydrates() {
+    let mut auth = authority(3, 2, 33);
+    let e1 = with_history(&mut auth);
+    let ns = auth.namespace();
+    // A fact two epochs above the target, on every device: the proposal and completion
+    // are stamped at the current epoch, above E1.
+    let high = UnsignedFact {
+        namespace: ns,
+        epoch: Epoch(e1.0 + 2),
+        payload: Payload::Application {
+            kind: "note".into(),
+            data: b"high".to_vec(),
+        },
+    }
+    .sign(auth.device_key(0).signing_key());
+    for i in 0..3 {
+        auth.insert_fact(i, high.clone()).unwrap();
+    }
+    auth.run_snapshot(e1).unwrap();
+    let completed_at = auth.state(0).latest_snapshot.unwrap().completed_at;
+    assert!(completed_at > e1);
+
+    let err = auth.run_snapshot(Epoch(e1.0 + 1)).unwrap_err();
+    let DriverError::NotCompleted(events) = err else {
+        panic!("unexpected error {err}");
+    };
+    assert!(events.iter().any(|e| matches!(
+        e,
+        CeremonyEvent::ProposalRejected {
+            reason: Refusal::Stale,
+            ..
+        }
+    )));
+
+    let e2 = completed_at.next();
+    let second = auth.run_snapshot(e2).unwrap();
+    let blob_bytes = auth.blob(&second.snapshot.blob_cid).unwrap().to_vec();
+    let full = auth.state(0);
+    let group_key = full.membership().unwrap().group_key;
+    let mut fresh = hydrate(&blob_bytes, &second, ns, &group_key).expect("the blob hydrates");
+    let tail: Vec<_> = auth
+        .journal(0)
+        .iter()
+        .filter(|f| f.epoch() >= e2)
+        .cloned()
+        .collect();
+    fresh.apply_tail(&tail).unwrap();
+    assert_eq!(fresh.state_digest(), full.state_digest());
+}

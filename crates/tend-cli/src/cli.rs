@@ -60,6 +60,9 @@ pub enum Command {
     /// Local cache invalidation floors.
     #[command(subcommand)]
     Cache(crate::upgrade::CacheCommand),
+    /// Encrypted backups: export, verify, restore into a new home.
+    #[command(subcommand)]
+    Backup(crate::backup::BackupCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -162,6 +165,7 @@ pub fn run(args: Args) -> CmdResult {
         Command::Upgrade(cmd) => crate::upgrade::upgrade(&home, cmd),
         Command::Admin(cmd) => crate::upgrade::admin(&home, cmd),
         Command::Cache(cmd) => crate::upgrade::cache(&home, cmd),
+        Command::Backup(cmd) => crate::backup::run(&home, cmd, args.json),
         Command::Journal(JournalCommand::List { from_epoch, limit }) => {
             let device = Device::open(&home)?;
             let facts = device.list(Epoch(from_epoch), limit)?;

@@ -2,6 +2,7 @@
 //!
 //! Errors print as one line on stderr (`error: ...`) with a non-zero exit code.
 
+mod backup;
 mod cli;
 mod devnet;
 mod maint;

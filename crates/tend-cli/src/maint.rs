@@ -43,6 +43,8 @@ pub enum SnapshotCommand {
     },
     /// The latest verified snapshot, open proposals and the GC policy.
     Status,
+    /// Show or set when this device proposes a snapshot by itself.
+    Triggers(crate::backup::TriggersArgs),
 }
 
 /// Where the other members' homes are (their devices must not be running).
@@ -178,8 +180,9 @@ pub fn snapshot(home: &Path, cmd: SnapshotCommand) -> CmdResult {
                     p.proposal_id, p.target_epoch
                 ));
             }
-            Ok(Output::new(s, human))
+            crate::backup::with_triggers(home, Output::new(s, human))
         }
+        SnapshotCommand::Triggers(args) => crate::backup::triggers(home, args),
     }
 }
 

@@ -1,0 +1,277 @@
+//! `tend backup export|verify|restore` (encrypted archives of the device's journal) and
+//! `tend snapshot triggers` (when the device proposes a snapshot by itself).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use clap::{Args as ClapArgs, Subcommand};
+use tend_backup::{
+    BackupError, Decryption, Encryption, ExportOptions, Progress, RestoreTarget, SnapshotTriggers,
+};
+use tend_node::Device;
+use tend_store::Store;
+
+use crate::cli::CmdResult;
+use crate::output::Output;
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Write an encrypted archive of the latest snapshot and the journal after it.
+    Export {
+        /// The archive to write (must not exist).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        #[command(flatten)]
+        key: EncryptArgs,
+    },
+    /// Decrypt and check an archive completely, without writing anything.
+    Verify {
+        /// The archive to check.
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+        #[command(flatten)]
+        key: DecryptArgs,
+    },
+    /// Restore an archive into a new home (--home NEWDIR), as a new device of the authority.
+    Restore {
+        /// The archive to restore.
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+        #[command(flatten)]
+        key: DecryptArgs,
+    },
+}
+
+/// Who may open the archive: a passphrase, or age public keys.
+#[derive(ClapArgs, Debug)]
+pub struct EncryptArgs {
+    /// A file holding the passphrase (a trailing newline is not part of it).
+    #[arg(long, value_name = "FILE", conflicts_with = "recipients")]
+    pub passphrase_file: Option<PathBuf>,
+    /// An age public key (age1...) whose identity may open the archive; repeatable.
+    #[arg(long = "recipient", value_name = "AGE_PUBLIC_KEY")]
+    pub recipients: Vec<String>,
+}
+
+/// How to open the archive: the passphrase, or an age identity file.
+#[derive(ClapArgs, Debug)]
+pub struct DecryptArgs {
+    /// A file holding the passphrase (a trailing newline is not part of it).
+    #[arg(long, value_name = "FILE", conflicts_with = "identity")]
+    pub passphrase_file: Option<PathBuf>,
+    /// An age identity file (AGE-SECRET-KEY-1... lines), as `age-keygen` writes it.
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+}
+
+/// `tend snapshot triggers` options; without any, it shows the settings.
+#[derive(ClapArgs, Debug)]
+pub struct TriggersArgs {
+    /// Propose when this many facts are above the latest snapshot (0: never).
+    #[arg(long)]
+    pub facts: Option<u64>,
+    /// Propose when those facts take this many bytes (0: never).
+    #[arg(long)]
+    pub bytes: Option<u64>,
+    /// Propose when the latest snapshot is this old and new facts exist (0: never).
+    #[arg(long)]
+    pub age_secs: Option<u64>,
+}
+
+/// A restored home: the new device and its store.
+struct Home(Device);
+
+impl RestoreTarget for Home {
+    fn store(&self) -> &Store {
+        self.0.store()
+    }
+}
+
+pub fn run(home: &Path, cmd: BackupCommand, json: bool) -> CmdResult {
+    let bar = ProgressBar::new(json);
+    let progress = |p: Progress| bar.update(p);
+    let progress: Option<&dyn Fn(Progress)> = bar.0.as_ref().map(|_| &progress as _);
+    match cmd {
+        BackupCommand::Export { out, key } => {
+            let encryption = match (&key.passphrase_file, key.recipients.is_empty()) {
+                (Some(p), _) => Encryption::passphrase_file(p)?,
+                (None, false) => Encryption::recipients(&key.recipients)?,
+                (None, true) => return Err(BackupError::NoRecipients.into()),
+            };
+            let device = Device::open(home)?;
+            let mut opts = ExportOptions::new(&encryption);
+            opts.progress = progress;
+            opts.created_at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs());
+            let r = tend_backup::export_file(device.store(), device.namespace(), &out, &opts)?;
+            bar.finish();
+            let human = format!(
+                "wrote {} ({} bytes)\n{}\n{} facts after the snapshot, in {} chunks",
+                out.display(),
+                r.archive_bytes,
+                match r.snapshot_epoch {
+                    Some(e) => format!("snapshot at epoch {e} ({} byte blob)", r.blob_bytes),
+                    None => "no snapshot yet: the whole journal is in the archive".into(),
+                },
+                r.tail_facts,
+                r.tail_chunks
+            );
+            Ok(Output::new(
+                serde_json::json!({ "out": out, "report": r }),
+                human,
+            ))
+        }
+        BackupCommand::Verify { input, key } => {
+            let decryption = decryption(&key)?;
+            let r = tend_backup::verify_file(&input, &decryption, progress)?;
+            bar.finish();
+            let human = format!(
+                "{} verifies: {}\n{} tail facts, {} maintenance facts from the snapshot\nstate digest {}",
+                input.display(),
+                match r.snapshot_epoch {
+                    Some(e) => format!("threshold-signed snapshot at epoch {e}"),
+                    None => "no snapshot (whole journal)".into(),
+                },
+                r.tail_facts,
+                r.maintenance_facts,
+                r.state_digest
+            );
+            Ok(Output::new(r, human))
+        }
+        BackupCommand::Restore { input, key } => {
+            let decryption = decryption(&key)?;
+            let r = tend_backup::restore_home(
+                &input,
+                &decryption,
+                home,
+                |dir, ns| {
+                    Device::init_joining(dir, ns, &mut rand::rngs::OsRng)
+                        .map(Home)
+                        .map_err(|e| BackupError::Target(e.to_string()))
+                },
+                progress,
+            )?;
+            bar.finish();
+            let device = Device::open(home)?;
+            let id = device.device_id().to_string();
+            let human = format!(
+                "restored {} into {}\nnew device {id}\n{} tail facts, {} maintenance facts from the snapshot\n\
+                 the restored device is a new device of the authority: it syncs as a member once \
+                 the admin adds {id} to the membership",
+                r.namespace,
+                home.display(),
+                r.tail_facts,
+                r.maintenance_facts,
+            );
+            Ok(Output::new(
+                serde_json::json!({ "home": home, "device_id": id, "report": r }),
+                human,
+            ))
+        }
+    }
+}
+
+fn decryption(key: &DecryptArgs) -> Result<Decryption, BackupError> {
+    match (&key.passphrase_file, &key.identity) {
+        (Some(p), _) => Decryption::passphrase_file(p),
+        (None, Some(i)) => Decryption::identity_file(i),
+        (None, None) => Err(BackupError::NoRecipients),
+    }
+}
+
+/// A progress bar on stderr, only on a terminal and never under `--json`.
+struct ProgressBar(Option<indicatif::ProgressBar>);
+
+impl ProgressBar {
+    fn new(json: bool) -> Self {
+        if json || !std::io::stderr().is_terminal() {
+            return Self(None);
+        }
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::default_bar()
+            .template("{bar:40} {percent:>3}% {pos}/{len} {elapsed}")
+        {
+            bar.set_style(style);
+        }
+        Self(Some(bar))
+    }
+
+    fn update(&self, p: Progress) {
+        if let Some(bar) = &self.0 {
+            bar.set_length(p.total);
+            bar.set_position(p.done);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Drop for ProgressBar {
+    fn drop(&mut self) {
+        // An error leaves no half-drawn bar in front of its message.
+        self.finish();
+    }
+}
+
+/// `tend snapshot triggers`: shows or sets the device's automatic snapshot triggers.
+pub fn triggers(home: &Path, args: TriggersArgs) -> CmdResult {
+    let device = Device::open(home)?;
+    let store = device.store();
+    let mut t = tend_backup::triggers::load_triggers(store)?;
+    let changed = args.facts.is_some() || args.bytes.is_some() || args.age_secs.is_some();
+    if let Some(v) = args.facts {
+        t.facts = v;
+    }
+    if let Some(v) = args.bytes {
+        t.bytes = v;
+    }
+    if let Some(v) = args.age_secs {
+        t.age_secs = v;
+    }
+    if changed {
+        tend_backup::triggers::save_triggers(store, &t)?;
+    }
+    let human = format!(
+        "{}snapshot triggers: {}",
+        if changed { "set " } else { "" },
+        describe(&t)
+    );
+    Ok(Output::new(t, human))
+}
+
+fn describe(t: &SnapshotTriggers) -> String {
+    let show = |v: u64, unit: &str| {
+        if v == 0 {
+            "off".to_string()
+        } else {
+            format!("{v}{unit}")
+        }
+    };
+    format!(
+        "facts {}, bytes {}, age {}",
+        show(t.facts, ""),
+        show(t.bytes, ""),
+        show(t.age_secs, "s")
+    )
+}
+
+/// Adds the device's snapshot triggers to `tend snapshot status` output.
+pub fn with_triggers(home: &Path, mut out: Output) -> CmdResult {
+    let device = Device::open(home)?;
+    let t = tend_backup::triggers::load_triggers(device.store())?;
+    if let Some(obj) = out.json.as_object_mut() {
+        obj.insert("triggers".into(), serde_json::to_value(t)?);
+    }
+    out.human = format!(
+        "{}\nsnapshot triggers: {}",
+        out.human.trim_end(),
+        describe(&t)
+    );
+    Ok(out)
+}

@@ -7,6 +7,7 @@
 //! networked ceremony uses.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -152,19 +153,29 @@ fn homes(dir: &Path, n: usize) -> Vec<PathBuf> {
     (0..n).map(|i| dir.join(format!("device-{i}"))).collect()
 }
 
-fn node_config() -> NodeConfig {
+fn node_config(listen: SocketAddr) -> NodeConfig {
     NodeConfig {
+        listen,
         sync_interval: Duration::from_millis(500),
+        // Loopback answers at once; a stale address must not hold a round for long.
+        connect_timeout: Duration::from_secs(1),
         control_socket: true,
         ..NodeConfig::default()
     }
 }
 
+/// Any free loopback port.
+const ANY_PORT: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
 /// Starts a node per device and tells every node about every other.
-async fn start_nodes(devices: Vec<Device>) -> Result<Vec<Node>, DynError> {
+/// Starts a node per device, on the given addresses where possible (a restarted fleet
+/// keeps its ports, so the addresses peers remember stay right).
+async fn start_nodes(devices: Vec<Device>, listen: &[SocketAddr]) -> Result<Vec<Node>, DynError> {
     let mut nodes = Vec::new();
-    for d in devices {
-        nodes.push(Node::start(d, node_config()).await?);
+    for (i, d) in devices.into_iter().enumerate() {
+        let addr = listen.get(i).copied().unwrap_or(ANY_PORT);
+        nodes.push(Node::start(d, node_config(addr)).await?);
     }
     let addrs: Vec<_> = nodes.iter().map(Node::peer_addr).collect();
     for n in &nodes {
@@ -234,7 +245,7 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
     let mut p = Progress {
         quiet: json,
         steps: Vec::new(),
-        total: 8,
+        total: 11,
     };
     let mut rng = rand::rngs::OsRng;
 
@@ -266,7 +277,8 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
         .map(|d| Arc::try_unwrap(d).map_err(|_| "a device is still shared"))
         .collect::<Result<_, _>>()?;
 
-    let nodes = start_nodes(devices).await?;
+    let nodes = start_nodes(devices, &[]).await?;
+    let listen: Vec<SocketAddr> = nodes.iter().map(Node::listen_addr).collect();
     p.step("nodes on loopback", || {
         let addrs: Vec<String> = nodes.iter().map(|n| n.listen_addr().to_string()).collect();
         Ok(((), addrs.join(" ")))
@@ -301,6 +313,36 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
         );
     }
 
+    p.step("cache invalidation", || {
+        let writer = nodes[nodes.len() - 1].device();
+        let (fact, inv) = tend_node::cache::invalidate(writer, &["user:42".to_string()], None)?;
+        Ok((
+            inv,
+            format!(
+                "floor {} for user:42 published by {}",
+                fact.epoch(),
+                &writer.device_id().to_string()[..8]
+            ),
+        ))
+    })?;
+
+    let old_admin = nodes[0].device_id();
+    let new_admin = nodes[1].device_id();
+    let handover = p.step("admin replacement", || {
+        let d = nodes[0].device();
+        let at = Epoch(d.snapshot_status()?.current_epoch + 1);
+        tend_node::admin::replace(d, new_admin, at)?;
+        Ok((
+            at,
+            format!(
+                "{} hands over to {} at epoch {at}",
+                &old_admin.to_string()[..8],
+                &new_admin.to_string()[..8]
+            ),
+        ))
+    })?;
+    converge(&nodes, Duration::from_secs(60)).await?;
+
     let shared: Vec<Arc<Device>> = nodes.iter().map(|n| n.device().clone()).collect();
     let mut fleet = LocalFleet::new(shared);
     let snapshot = p.step("snapshot ceremony", || {
@@ -319,6 +361,40 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
         Ok((c, detail))
     })?;
     drop(fleet);
+
+    // The snapshot moved every device past the handover epoch: the old admin's next
+    // operation must be ignored everywhere, and the cache floor must hold everywhere.
+    let probe = tend_core::maintenance::UpgradeMetadata {
+        package_id: tend_core::Hash32::of(b"devnet: published by a retired admin"),
+        version: "9.9.9".parse()?,
+        artifact_hash: tend_core::Hash32::of(b"never fetched"),
+        artifact_size: 0,
+        fence: None,
+        cohort_percent: 100,
+    };
+    let retired = nodes[0].append(tend_core::Payload::Maintenance(
+        tend_core::MaintenanceFact::UpgradePublished(probe.clone()),
+    ))?;
+    let (_, rounds) = converge(&nodes, Duration::from_secs(60)).await?;
+    p.step("admin and cache rules on every device", || {
+        for n in &nodes {
+            let d = n.device();
+            let state = d.store().maintenance_state(d.namespace())?;
+            let now = state.current_epoch();
+            if now < handover || state.admin_at(now) != Some(new_admin) {
+                return Err(format!("device {}: admin is not {} at epoch {now}", d.device_id(), new_admin).into());
+            }
+            if state.upgrades.contains_key(&probe.package_id) || !state.ignored.contains(&retired.id()) {
+                return Err(format!("device {}: the retired admin's operation took effect", d.device_id()).into());
+            }
+            let floor = tend_node::cache::check(d, "user:42", now)?;
+            let stale = tend_node::cache::check(d, "user:42", Epoch(floor.floor.unwrap_or(0)))?;
+            if floor.floor.is_none() || stale.valid {
+                return Err(format!("device {}: cache floor for user:42 missing", d.device_id()).into());
+            }
+        }
+        Ok(((), format!("new admin in effect from epoch {handover}, the retired admin's later publish ignored, entries at or below the cache floor stale, on every device ({rounds} sync rounds)")))
+    })?;
 
     let bytes_sent: u64 = nodes.iter().map(|n| n.metrics().bytes_sent.get()).sum();
     let bytes_received: u64 = nodes.iter().map(|n| n.metrics().bytes_received.get()).sum();
@@ -358,7 +434,7 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
         ))
     })?;
 
-    let nodes = start_nodes(devices).await?;
+    let nodes = start_nodes(devices, &listen).await?;
     let start = Instant::now();
     nodes[0].add_fact("devnet", b"after gc")?;
     let (digest, rounds) = converge(&nodes, Duration::from_secs(60)).await?;
@@ -412,7 +488,7 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
 async fn keep_running(dir: &Path, n: usize, json: bool) -> Result<(), DynError> {
     let homes = homes(dir, n);
     let devices = stop_nodes(Vec::new(), &homes).await?;
-    let nodes = start_nodes(devices).await?;
+    let nodes = start_nodes(devices, &[]).await?;
     if !json {
         eprintln!("\nfleet running; talk to a device with:");
         for (h, n) in homes.iter().zip(&nodes) {

@@ -60,6 +60,8 @@ pub struct NodeConfig {
     pub manager: ManagerConfig,
     /// Peer selection.
     pub peer: PeerConfig,
+    /// A rendezvous server to publish this device's address to and resolve members from.
+    pub rendezvous: Option<discovery::rendezvous::RendezvousConfig>,
 }
 
 impl Default for NodeConfig {
@@ -84,6 +86,7 @@ impl Default for NodeConfig {
                 max_sessions_per_peer: 2,
                 ..PeerConfig::default()
             },
+            rendezvous: None,
         }
     }
 }
@@ -319,6 +322,9 @@ impl Node {
             device,
         });
         let node = Node { inner };
+        if let Some(r) = &config.rendezvous {
+            discovery::rendezvous::attach(&node, r.clone());
+        }
         node.inner.update_score_gauges();
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(accept_loop(node.inner.clone())));

@@ -1,6 +1,10 @@
 //! Where peer addresses come from: a small trait, static peers (`--peer`), and the peers
-//! persisted in the store's `peers` setting. Local-network discovery and rendezvous plug
-//! in as further [`AddressSource`]s.
+//! persisted in the store's `peers` setting, and the rendezvous service ([`rendezvous`],
+//! over the signed records of [`record`]). Further sources (local-network discovery) plug
+//! in as more [`AddressSource`]s.
+
+pub mod record;
+pub mod rendezvous;
 
 use std::fmt;
 use std::net::SocketAddr;

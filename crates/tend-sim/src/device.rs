@@ -84,6 +84,9 @@ pub struct Core {
     pub fence_blocked: bool,
     /// Facts admitted through a session while `fence_blocked` (an invariant violation).
     pub crossed_fence: Vec<FactId>,
+    /// Whether learning a membership change drops facts it makes inadmissible (the fix
+    /// for seed 33; off reproduces the divergence).
+    pub revalidate_on_change: bool,
     /// Facts dropped because a membership change learned later made them inadmissible.
     pub invalidated: Vec<VerifiedFact>,
     /// Facts that became durable since the simulator last looked (for the oracle).
@@ -117,6 +120,7 @@ impl Core {
             late_own: Vec::new(),
             fence_blocked: false,
             crossed_fence: Vec::new(),
+            revalidate_on_change: true,
             invalidated: Vec::new(),
             newly_durable: vec![genesis.clone()],
             index: HashMap::new(),
@@ -198,8 +202,10 @@ impl Core {
         self.buffer.clear();
         self.late_own.clear();
         self.rebuild();
-        let dropped = self.revalidate();
-        self.invalidated.extend(dropped);
+        if self.revalidate_on_change {
+            let dropped = self.revalidate();
+            self.invalidated.extend(dropped);
+        }
     }
 
     /// The fence status at the device's local epoch and release.
@@ -218,6 +224,21 @@ impl Core {
             epoch: self.state.current_epoch(),
             payload,
         })
+    }
+
+    /// Stores a fact durably at once, bypassing admission (a DKG result delivered with
+    /// the key share).
+    pub fn install_durable(&mut self, f: VerifiedFact) {
+        if self.holds(&f.order_key()) {
+            return;
+        }
+        self.newly_durable.push(f.clone());
+        self.durable.facts.insert(f.order_key(), f);
+        self.rebuild();
+        if self.revalidate_on_change {
+            let dropped = self.revalidate();
+            self.invalidated.extend(dropped);
+        }
     }
 
     /// Signs and buffers a fact at a given epoch (package facts go strictly above their
@@ -245,7 +266,7 @@ impl Core {
         if state_fact {
             let before = std::mem::take(&mut self.state.memberships);
             self.state = reduce(self.namespace, self.all().map(|(_, f)| f));
-            if self.state.memberships != before {
+            if self.state.memberships != before && self.revalidate_on_change {
                 let dropped = self.revalidate();
                 self.invalidated.extend(dropped);
             }

@@ -13,7 +13,14 @@ use crate::sim::Sim;
 
 /// The reference device (the one with the newest view) and the final members (indices).
 pub fn final_members(sim: &Sim) -> (usize, Vec<usize>) {
+    // The reference is the member (in its own view) with the newest view.
     let r = (0..sim.devices.len())
+        .filter(|d| {
+            let c = &sim.devices[*d].core;
+            c.state
+                .membership()
+                .is_some_and(|m| m.members.contains(&c.me))
+        })
         .max_by_key(|d| {
             let c = &sim.devices[*d].core;
             (
@@ -23,7 +30,7 @@ pub fn final_members(sim: &Sim) -> (usize, Vec<usize>) {
                 std::cmp::Reverse(*d),
             )
         })
-        .expect("at least one device");
+        .unwrap_or(0);
     let members = sim.devices[r]
         .core
         .state
@@ -142,10 +149,17 @@ pub fn check(sim: &mut Sim) {
         {
             // Accounted for by the snapshot.
         } else if is_reissuable(f.payload()) && members.contains(&f.author()) {
-            let reissued = rc.all().any(|((ep, _), g)| {
-                *ep >= e && g.author() == f.author() && g.payload() == f.payload()
+            // Re-issued: a copy with the same author and payload is held at or above E,
+            // or is itself covered by the snapshot (re-issued, then snapshotted).
+            let same = |g: &VerifiedFact| g.author() == f.author() && g.payload() == f.payload();
+            let held = rc.all().any(|((ep, _), g)| *ep >= e && same(g));
+            let covered_copy = sim.oracle.facts.iter().any(|(gk, (g, _))| {
+                gk.0 < e
+                    && same(g)
+                    && u.iter()
+                        .any(|d| sim.devices[*d].core.durable.covered.contains(gk))
             });
-            if !reissued {
+            if !held && !covered_copy {
                 v.push(format!(
                     "late fact {} ({}, epoch {} < snapshot {e}) was neither covered nor re-issued",
                     k.1,

@@ -15,6 +15,10 @@ fn main() -> ExitCode {
     let mut seeds = (0u64, 100u64);
     let mut steps = 60usize;
     let mut verbose = false;
+    // Switches that turn off one fix each, to replay the bug it fixed.
+    let mut no_revalidate = false;
+    let mut no_dkg_persist = false;
+    let mut no_dkg_epoch = false;
     let mut i = 0;
     while i < args.len() {
         let val = args.get(i + 1).cloned().unwrap_or_default();
@@ -34,6 +38,24 @@ fn main() -> ExitCode {
                 Ok(n) => steps = n,
                 Err(_) => return usage(&format!("bad step count {val:?}")),
             },
+            "--no-revalidate" | "--no-dkg-persist" | "--no-dkg-epoch" => {
+                match args[i].as_str() {
+                    "--no-revalidate" => no_revalidate = true,
+                    "--no-dkg-persist" => no_dkg_persist = true,
+                    _ => no_dkg_epoch = true,
+                }
+                i += 1;
+                continue;
+            }
+            "--write-corpus" => {
+                return match tend_sim::corpus::write(std::path::Path::new(&val)) {
+                    Ok(n) => {
+                        println!("wrote {n} corpus files under {val}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => usage(&format!("cannot write the corpus to {val}: {e}")),
+                };
+            }
             "-h" | "--help" => return usage(""),
             other => return usage(&format!("unknown argument {other:?}")),
         }
@@ -41,7 +63,11 @@ fn main() -> ExitCode {
     }
     let mut failed = 0;
     for seed in seeds.0..seeds.1 {
-        let report = tend_sim::run_seed(seed, steps);
+        let mut cfg = tend_sim::SimConfig::small(seed, steps);
+        cfg.revalidate_on_membership_change = !no_revalidate;
+        cfg.dkg_persists_change = !no_dkg_persist;
+        cfg.dkg_binds_maintenance_epoch = !no_dkg_epoch;
+        let report = tend_sim::Sim::new(cfg).run();
         if verbose {
             println!("seed {seed}: {:#?}", report.stats);
         }
@@ -51,7 +77,19 @@ fn main() -> ExitCode {
             for v in &report.violations {
                 println!("  - {v}");
             }
-            println!("  replay: cargo run -p tend-sim --release -- --seed {seed} --steps {steps}");
+            let mut flags = String::new();
+            for (on, name) in [
+                (no_revalidate, " --no-revalidate"),
+                (no_dkg_persist, " --no-dkg-persist"),
+                (no_dkg_epoch, " --no-dkg-epoch"),
+            ] {
+                if on {
+                    flags.push_str(name);
+                }
+            }
+            println!(
+                "  replay: cargo run -p tend-sim --release -- --seed {seed} --steps {steps}{flags}"
+            );
         }
     }
     let total = seeds.1.saturating_sub(seeds.0);
@@ -67,7 +105,9 @@ fn usage(err: &str) -> ExitCode {
     if !err.is_empty() {
         eprintln!("error: {err}");
     }
-    eprintln!("usage: tend-sim [--seed N | --seeds A..B] [--steps S]");
+    eprintln!(
+        "usage: tend-sim [--seed N | --seeds A..B] [--steps S] [--no-revalidate] [--no-dkg-persist] [--no-dkg-epoch]\n       tend-sim --write-corpus DIR"
+    );
     if err.is_empty() {
         ExitCode::SUCCESS
     } else {

@@ -34,6 +34,15 @@ pub struct SimConfig {
     pub steps: usize,
     /// Sync rounds the heal phase may take before convergence counts as failed.
     pub heal_rounds: usize,
+    /// Whether a membership change's DKG makes every new member persist the change with
+    /// its share (the fix for seed 173; off reproduces the split).
+    pub dkg_persists_change: bool,
+    /// Whether every DKG participant must be at the admin's `MaintenanceEpoch` (the fix
+    /// for seed 447; off reproduces the fallback).
+    pub dkg_binds_maintenance_epoch: bool,
+    /// Whether devices drop facts a late-learned membership change makes inadmissible
+    /// (the fix for seed 33; off reproduces the divergence).
+    pub revalidate_on_membership_change: bool,
 }
 
 impl SimConfig {
@@ -44,6 +53,9 @@ impl SimConfig {
             devices: 3 + (seed % 3) as usize,
             steps,
             heal_rounds: 12,
+            dkg_persists_change: true,
+            dkg_binds_maintenance_epoch: true,
+            revalidate_on_membership_change: true,
         }
     }
 }
@@ -79,6 +91,8 @@ pub struct Report {
     pub stats: Stats,
     /// Invariant violations; empty means the run passed.
     pub violations: Vec<String>,
+    /// A hash over every device's final journal and state: equal for equal runs.
+    pub fingerprint: Hash32,
 }
 
 /// A simulated device: the journal side plus the two protocol engines.
@@ -228,6 +242,7 @@ impl Sim {
             .map(|(k, sk)| {
                 let archive = rng.gen_bool(0.3);
                 let mut core = Core::new(k, &genesis, archive);
+                core.revalidate_on_change = cfg.revalidate_on_membership_change;
                 core.durable.keys.insert(0, sk);
                 let mut d = Device {
                     core,
@@ -270,10 +285,16 @@ impl Sim {
     /// Runs the workload, heals, and checks the invariants.
     pub fn run(mut self) -> Report {
         self.execute();
+        let mut h = blake3::Hasher::new();
+        for d in &self.devices {
+            h.update(&d.core.tail_digest(Epoch::ZERO).0);
+            h.update(&d.core.state.state_digest().0);
+        }
         Report {
             seed: self.cfg.seed,
             stats: self.stats,
             violations: self.violations,
+            fingerprint: Hash32(*h.finalize().as_bytes()),
         }
     }
 
@@ -830,7 +851,18 @@ impl Sim {
 
     fn propose(&mut self, d: usize) {
         let s = &self.devices[d].core.state;
-        let target = s.current_epoch().max(s.snapshot_epoch().next());
+        // Usually a valid target (above the last completion); sometimes the current epoch,
+        // which the engine must refuse as stale when a completion sits there.
+        let above = s
+            .latest_snapshot
+            .as_ref()
+            .map_or(s.snapshot_epoch(), |c| c.completed_at)
+            .next();
+        let target = if self.rng.gen_bool(0.8) {
+            s.current_epoch().max(above)
+        } else {
+            s.current_epoch()
+        };
         self.feed(
             d,
             CeremonyInput::Propose {
@@ -870,6 +902,20 @@ impl Sim {
         if next.iter().any(|d| !self.reachable(a, *d)) {
             return;
         }
+        // The DKG is a maintenance session (rule 9): every participant must be at the
+        // admin's maintenance epoch, snapshot epoch included. Otherwise an admin that
+        // missed a snapshot writes the change below it, and the members that completed
+        // the snapshot re-verify its completion against the new key, fail, and fall back
+        // to the older snapshot while having pruned for the newer one (found by the
+        // simulator, seed 447).
+        let epoch = self.devices[a].core.state.maintenance_epoch();
+        if self.cfg.dkg_binds_maintenance_epoch
+            && next
+                .iter()
+                .any(|d| self.devices[*d].core.state.maintenance_epoch() != epoch)
+        {
+            return;
+        }
         next.sort_unstable();
         let members: Vec<DeviceId> = next.iter().map(|d| self.ids[*d]).collect();
         let identity_epoch = self.devices[a].core.state.identity_epoch() + 1;
@@ -884,22 +930,36 @@ impl Sim {
         let (group_key, signer_keys) =
             deal(&members, t, context, identity_epoch, &keys, &mut self.rng);
         self.stats.membership_changes += 1;
-        self.devices[a]
-            .core
-            .write(Payload::Authority(AuthorityFact::MembershipChanged(
-                MembershipChange {
-                    identity_epoch,
-                    members,
-                    threshold: t,
-                    group_key,
-                },
-            )));
+        let change =
+            self.devices[a]
+                .core
+                .write(Payload::Authority(AuthorityFact::MembershipChanged(
+                    MembershipChange {
+                        identity_epoch,
+                        members,
+                        threshold: t,
+                        group_key,
+                    },
+                )));
+        // The DKG ends with every new member persisting the change together with its
+        // share. Without this, a member holding the new key but not the change could
+        // sign a snapshot under the old identity epoch whose prefix omits the change:
+        // devices with the change cannot verify that completion (it is checked against
+        // the new group key) and devices without it answer the change `Late`, a
+        // permanent split (found by the simulator, seed 173).
+        let dkg_atomic = self.cfg.dkg_persists_change;
+        if dkg_atomic {
+            self.devices[a].core.flush();
+        }
         for (d, k) in next.iter().zip(signer_keys) {
             self.devices[*d]
                 .core
                 .durable
                 .keys
                 .insert(identity_epoch, k.clone());
+            if dkg_atomic && *d != a {
+                self.devices[*d].core.install_durable(change.clone());
+            }
             self.feed(*d, CeremonyInput::InstallKey(k));
         }
         self.after(a);

@@ -1,0 +1,8 @@
+//! Fuzzes tend-sync's SyncMessage::decode: no panic, and a decodable input re-encodes to itself.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    tend_sim::corpus::check_sync_message(data);
+});

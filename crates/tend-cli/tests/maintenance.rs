@@ -121,13 +121,36 @@ fn threshold_snapshot_then_gc_keeps_state_and_shrinks_the_journal() {
     // holds the facts below the first one: the digest chains on the first snapshot.
     tend(&b, &["fact", "add", "--kind", "note", "--data", "after gc"]);
     for i in 0..5 {
-        tend(&a, &["fact", "add", "--kind", "note", "--data", &format!("more {i}")]);
+        tend(
+            &a,
+            &[
+                "fact",
+                "add",
+                "--kind",
+                "note",
+                "--data",
+                &format!("more {i}"),
+            ],
+        );
     }
     let as_ = a.to_str().unwrap();
-    let second = tend(&b, &["snapshot", "propose", "--member-home", as_, "--member-home", cs]);
+    let second = tend(
+        &b,
+        &[
+            "snapshot",
+            "propose",
+            "--member-home",
+            as_,
+            "--member-home",
+            cs,
+        ],
+    );
     assert!(second["epoch"].as_u64().unwrap() > epoch);
     for h in [&a, &b, &c] {
-        assert_eq!(tend(h, &["snapshot", "status"])["latest"]["epoch"], second["epoch"]);
+        assert_eq!(
+            tend(h, &["snapshot", "status"])["latest"]["epoch"],
+            second["epoch"]
+        );
     }
     // An archive device refuses to prune.
     tend(&c, &["gc", "--policy", "archive"]);

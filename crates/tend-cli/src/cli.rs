@@ -46,6 +46,9 @@ pub enum Command {
     Gc(crate::maint::GcArgs),
     /// Run the device: sync with peers over the network until SIGINT or SIGTERM.
     Run(crate::net::RunArgs),
+    /// Serve a rendezvous point: devices publish signed, expiring address records to it and
+    /// look each other up (`tend run --rendezvous ADDR`). Needs no home.
+    Rendezvous(crate::net::RendezvousArgs),
     /// Peers of the running device, with their scores.
     Peers,
     /// Synchronise with peers.
@@ -100,9 +103,9 @@ fn home(args: &Args) -> Result<PathBuf, Box<dyn std::error::Error>> {
 }
 
 pub fn run(args: Args) -> CmdResult {
-    // Every command but `devnet` works on one device's home.
+    // Every command but `devnet` and `rendezvous` works on one device's home.
     let home = match (&args.command, home(&args)) {
-        (Command::Devnet(_), _) => PathBuf::new(),
+        (Command::Devnet(_) | Command::Rendezvous(_), _) => PathBuf::new(),
         (_, home) => home?,
     };
     match args.command {
@@ -120,6 +123,7 @@ pub fn run(args: Args) -> CmdResult {
             ))
         }
         Command::Run(run) => crate::net::run(&home, run, args.json),
+        Command::Rendezvous(r) => crate::net::rendezvous(r, args.json),
         Command::Peers => crate::net::peers(&home),
         Command::Sync(cmd) => crate::net::sync(&home, cmd),
         Command::Fact(FactCommand::Add { kind, data }) => {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args as ClapArgs, Subcommand};
 use tend_node::control::Client;
+use tend_node::discovery::rendezvous::{RendezvousConfig, ServerConfig};
 use tend_node::{JournalStatus, NodeConfig, PeerAddr};
 
 use crate::cli::CmdResult;
@@ -27,6 +28,21 @@ pub struct RunArgs {
     /// Seconds between sync rounds.
     #[arg(long, default_value_t = 10.0)]
     pub sync_interval: f64,
+    /// A rendezvous server (`tend rendezvous`), IP:PORT: publish this device's address
+    /// there every sync round and find the authority's members through it.
+    #[arg(long)]
+    pub rendezvous: Option<SocketAddr>,
+}
+
+/// Options of `tend rendezvous`.
+#[derive(ClapArgs, Debug)]
+pub struct RendezvousArgs {
+    /// Address the service listens on (TCP).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Most devices with a record at once.
+    #[arg(long, default_value_t = 10_000)]
+    pub capacity: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -49,11 +65,15 @@ pub fn run(home: &Path, args: RunArgs, json: bool) -> CmdResult {
     if !(args.sync_interval.is_finite() && args.sync_interval > 0.0) {
         return Err("--sync-interval must be a positive number of seconds".into());
     }
+    let sync_interval = Duration::from_secs_f64(args.sync_interval);
     let config = NodeConfig {
         listen: args.listen,
         peers: args.peers,
         metrics: args.metrics,
-        sync_interval: Duration::from_secs_f64(args.sync_interval),
+        sync_interval,
+        rendezvous: args
+            .rendezvous
+            .map(|server| rendezvous_config(server, sync_interval)),
         ..NodeConfig::default()
     };
     tend_node::node::run_blocking(home, config, |info| {
@@ -68,6 +88,34 @@ pub fn run(home: &Path, args: RunArgs, json: bool) -> CmdResult {
         }
     })?;
     // Everything worth saying was printed at start.
+    Ok(Output::new(serde_json::Value::Null, ""))
+}
+
+/// How `tend run` uses a rendezvous server: it publishes and resolves once per sync round
+/// (so a moved device is found within a round or two), and its records live for ten
+/// rounds but at least a minute, so a few lost publications do not make it vanish.
+fn rendezvous_config(server: SocketAddr, sync_interval: Duration) -> RendezvousConfig {
+    let defaults = RendezvousConfig::new(server);
+    RendezvousConfig {
+        interval: sync_interval.min(defaults.interval),
+        lifetime: (sync_interval * 10).clamp(Duration::from_secs(60), Duration::from_secs(3600)),
+        ..defaults
+    }
+}
+
+/// `tend rendezvous`: serves signed, expiring address records until SIGINT or SIGTERM.
+pub fn rendezvous(args: RendezvousArgs, json: bool) -> CmdResult {
+    let config = ServerConfig {
+        capacity: args.capacity.max(1),
+        ..ServerConfig::default()
+    };
+    tend_node::discovery::rendezvous::run_blocking(args.listen, config, |addr| {
+        if json {
+            println!("{}", serde_json::json!({ "listen_addr": addr.to_string() }));
+        } else {
+            println!("rendezvous listening on {addr}");
+        }
+    })?;
     Ok(Output::new(serde_json::Value::Null, ""))
 }
 

@@ -51,6 +51,8 @@ pub struct Durable {
     pub settled: Epoch,
     /// The items of the settled snapshot's prefix (what it covers).
     pub covered: BTreeSet<Key>,
+    /// The digest this device signed for each target epoch (its "vote").
+    pub signed: BTreeMap<Epoch, Hash32>,
 }
 
 /// What settling a snapshot did, for the invariants.
@@ -107,6 +109,7 @@ impl Core {
             version: ProtocolVersion::CURRENT,
             settled: Epoch::ZERO,
             covered: BTreeSet::new(),
+            signed: BTreeMap::new(),
         };
         durable.facts.insert(genesis.order_key(), genesis.clone());
         let mut c = Self {

@@ -27,6 +27,22 @@
 //! - **no retired admin's later operation took effect**: recomputed from the journal
 //!   alone, every admin operation whose author was not the admin at its epoch is in the
 //!   reducer's `ignored` set, and the reducer's admin chain matches.
+//!
+//! The device model ([`device::Core`]) keeps a durable journal and a write buffer that a
+//! crash discards; it serves sync sessions from durable facts only (a device never offers
+//! what a crash could make it forget), and the oracle counts a fact once it was durable on
+//! some device. When the reducer reports a newer verified snapshot, the device *settles*
+//! it: it gets the blob (rebuilt from its own journal when the CID matches, else fetched
+//! after a completed session), hydrates the prefix's state facts, drops facts below E that
+//! the snapshot does not cover (its own are re-issued at the current epoch, durably),
+//! drops facts a late-learned membership change makes inadmissible, and prunes covered
+//! application facts unless it is an archive device. Each fix the simulator led to has a
+//! switch in [`SimConfig`] (and `tend-sim --no-...`) so its seed can be replayed broken.
+//!
+//! Final members: the member (in its own view) with the newest view is the reference;
+//! the devices its membership lists are compared. Facts only ever durable on devices that
+//! left the authority are "stranded" and not counted as lost; neither are invalid facts
+//! (author not a member at the fact's epoch in the reference state).
 
 pub mod corpus;
 pub mod device;

@@ -19,6 +19,7 @@ fn main() -> ExitCode {
     let mut no_revalidate = false;
     let mut no_dkg_persist = false;
     let mut no_dkg_epoch = false;
+    let mut no_vote_lock = false;
     let mut i = 0;
     while i < args.len() {
         let val = args.get(i + 1).cloned().unwrap_or_default();
@@ -38,11 +39,12 @@ fn main() -> ExitCode {
                 Ok(n) => steps = n,
                 Err(_) => return usage(&format!("bad step count {val:?}")),
             },
-            "--no-revalidate" | "--no-dkg-persist" | "--no-dkg-epoch" => {
+            "--no-revalidate" | "--no-dkg-persist" | "--no-dkg-epoch" | "--no-vote-lock" => {
                 match args[i].as_str() {
                     "--no-revalidate" => no_revalidate = true,
                     "--no-dkg-persist" => no_dkg_persist = true,
-                    _ => no_dkg_epoch = true,
+                    "--no-dkg-epoch" => no_dkg_epoch = true,
+                    _ => no_vote_lock = true,
                 }
                 i += 1;
                 continue;
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
         cfg.revalidate_on_membership_change = !no_revalidate;
         cfg.dkg_persists_change = !no_dkg_persist;
         cfg.dkg_binds_maintenance_epoch = !no_dkg_epoch;
+        cfg.signers_lock_epoch = !no_vote_lock;
         let report = tend_sim::Sim::new(cfg).run();
         if verbose {
             println!("seed {seed}: {:#?}", report.stats);
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
                 (no_revalidate, " --no-revalidate"),
                 (no_dkg_persist, " --no-dkg-persist"),
                 (no_dkg_epoch, " --no-dkg-epoch"),
+                (no_vote_lock, " --no-vote-lock"),
             ] {
                 if on {
                     flags.push_str(name);
@@ -106,7 +110,7 @@ fn usage(err: &str) -> ExitCode {
         eprintln!("error: {err}");
     }
     eprintln!(
-        "usage: tend-sim [--seed N | --seeds A..B] [--steps S] [--no-revalidate] [--no-dkg-persist] [--no-dkg-epoch]\n       tend-sim --write-corpus DIR"
+        "usage: tend-sim [--seed N | --seeds A..B] [--steps S] [--no-revalidate] [--no-dkg-persist] [--no-dkg-epoch] [--no-vote-lock]\n       tend-sim --write-corpus DIR"
     );
     if err.is_empty() {
         ExitCode::SUCCESS

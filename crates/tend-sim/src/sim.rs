@@ -15,7 +15,8 @@ use tend_core::{
 };
 use tend_crypto::DkgSession;
 use tend_snapshot::{
-    CeremonyEvent, CeremonyInput, CeremonyOutput, Recipient, SignerKey, SnapshotEngine,
+    CeremonyEvent, CeremonyInput, CeremonyMessage, CeremonyOutput, MessageBody, Recipient,
+    SignerKey, SnapshotEngine,
 };
 use tend_sync::{
     FenceStatus, LocalView, ManagerAction, ManagerConfig, ManagerError, SessionConfig, SessionId,
@@ -43,6 +44,9 @@ pub struct SimConfig {
     /// Whether devices drop facts a late-learned membership change makes inadmissible
     /// (the fix for seed 33; off reproduces the divergence).
     pub revalidate_on_membership_change: bool,
+    /// Whether a signer signs at most one digest per target epoch, durably (the fix for
+    /// seed 1447; off reproduces two snapshots at one epoch).
+    pub signers_lock_epoch: bool,
 }
 
 impl SimConfig {
@@ -56,6 +60,7 @@ impl SimConfig {
             dkg_persists_change: true,
             dkg_binds_maintenance_epoch: true,
             revalidate_on_membership_change: true,
+            signers_lock_epoch: true,
         }
     }
 }
@@ -528,20 +533,23 @@ impl Sim {
         }
     }
 
-    fn feed(&mut self, d: usize, input: CeremonyInput) {
+    /// Feeds one ceremony input to device `d`; returns whether it sent a commitment.
+    fn feed(&mut self, d: usize, input: CeremonyInput) -> bool {
+        let mut committed = false;
         if !self.devices[d].online {
-            return;
+            return committed;
         }
         let now_ms = self.now_ms();
         let dev = &mut self.devices[d];
         let Some(engine) = dev.engine.as_mut() else {
-            return;
+            return committed;
         };
         let outputs = engine.handle(now_ms, &dev.core, input, &mut self.rng);
         let inc = dev.inc;
         for o in outputs {
             match o {
                 CeremonyOutput::Send { to, message } => {
+                    committed |= matches!(message.body, MessageBody::Commit { .. });
                     let bytes = message.to_bytes();
                     let targets: Vec<usize> = match to {
                         Recipient::All => {
@@ -583,6 +591,7 @@ impl Sim {
             }
         }
         self.after(d);
+        committed
     }
 
     fn deliver(&mut self, m: Delivery) {
@@ -595,13 +604,35 @@ impl Sim {
         match m.msg {
             Msg::Ceremony => {
                 let from = self.ids[m.from];
-                self.feed(
+                // A signer signs at most one digest per target epoch, and remembers it
+                // durably before its commitment leaves (like a Raft vote). Without this,
+                // a signer that learns a fact between two concurrent proposals for the
+                // same epoch signs both, two different snapshots complete at one epoch,
+                // and devices that pruned for the one the reducer does not pick lose
+                // facts (found by the simulator, seed 1447).
+                let request = match CeremonyMessage::from_bytes(&m.bytes) {
+                    Ok(CeremonyMessage {
+                        body: MessageBody::SignRequest { proposal, .. },
+                        ..
+                    }) => Some((proposal.target_epoch, proposal.digest)),
+                    _ => None,
+                };
+                if let Some((target, digest)) = request.filter(|_| self.cfg.signers_lock_epoch) {
+                    let signed = &self.devices[to].core.durable.signed;
+                    if signed.get(&target).is_some_and(|d| *d != digest) {
+                        return;
+                    }
+                }
+                let commits = self.feed(
                     to,
                     CeremonyInput::Message {
                         from,
                         bytes: m.bytes,
                     },
                 );
+                if let (Some((target, digest)), true) = (request, commits) {
+                    self.devices[to].core.durable.signed.insert(target, digest);
+                }
             }
             Msg::Sync {
                 from_sid,

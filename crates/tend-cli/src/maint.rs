@@ -1,15 +1,17 @@
 //! `tend authority`, `tend snapshot` and `tend gc`: the authority and its snapshots.
 //!
-//! Key generation and snapshot ceremonies run among the member homes given with
-//! `--member-home`, in this process (`tend_node::fleet`), until those messages travel
-//! over the network.
+//! On a running device (`tend run`), key generation and snapshot ceremonies go through
+//! its control socket and run over the network with the other running members
+//! (`tend_node::ceremony`, `tend_node::dkg`). Without a running device they run among the
+//! member homes given with `--member-home`, in this process (`tend_node::fleet`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::{Args as ClapArgs, Subcommand};
 use tend_core::{DeviceId, Epoch};
-use tend_node::fleet::LocalFleet;
+use tend_node::control::Client;
+use tend_node::fleet::{AuthorityCreated, LocalFleet};
 use tend_node::{Device, GcPolicy};
 
 use crate::cli::CmdResult;
@@ -50,7 +52,8 @@ pub enum SnapshotCommand {
 /// Where the other members' homes are (their devices must not be running).
 #[derive(ClapArgs, Debug)]
 pub struct MemberHomes {
-    /// Home directory of another member device, to run the ceremony with in this process.
+    /// Home directory of another member device, to run the ceremony with in this process
+    /// (only when this device is not running; a running device uses the network).
     #[arg(long = "member-home", value_name = "DIR")]
     pub member_homes: Vec<PathBuf>,
 }
@@ -82,6 +85,40 @@ fn fleet(home: &Path, homes: &MemberHomes) -> Result<LocalFleet, Box<dyn std::er
     Ok(LocalFleet::new(devices))
 }
 
+/// The running device's control client, when there is one and no `--member-home` was
+/// given (member homes of running devices are locked by them).
+fn running(home: &Path, homes: &MemberHomes) -> Result<Option<Client>, Box<dyn std::error::Error>> {
+    let client = Client::connect(home)?;
+    if client.is_some() && !homes.member_homes.is_empty() {
+        return Err("the device is running: the ceremony runs over the network with the                     running members; drop --member-home"
+            .into());
+    }
+    Ok(client)
+}
+
+fn created_output(created: AuthorityCreated) -> Output {
+    let human = format!(
+        "authority {}\n{}-of-{} members, identity epoch {}\ngroup key {}",
+        created.namespace,
+        created.threshold,
+        created.members.len(),
+        created.identity_epoch,
+        created.group_key
+    );
+    Output::new(created, human)
+}
+
+fn snapshot_output(proposal_id: String, epoch: u64, digest: String, blob_cid: String) -> Output {
+    let human = format!("snapshot completed at epoch {epoch}\ndigest {digest}\nblob {blob_cid}");
+    let json = serde_json::json!({
+        "proposal_id": proposal_id,
+        "epoch": epoch,
+        "digest": digest,
+        "blob_cid": blob_cid,
+    });
+    Output::new(json, human)
+}
+
 pub fn authority(home: &Path, cmd: AuthorityCommand) -> CmdResult {
     match cmd {
         AuthorityCommand::Create {
@@ -89,25 +126,21 @@ pub fn authority(home: &Path, cmd: AuthorityCommand) -> CmdResult {
             members,
             homes,
         } => {
+            if let Some(mut client) = running(home, &homes)? {
+                let members = members.iter().map(ToString::to_string).collect();
+                return Ok(created_output(client.authority_create(threshold, members)?));
+            }
             let mut fleet = fleet(home, &homes)?;
             let known: Vec<DeviceId> = fleet.devices().iter().map(|d| d.device_id()).collect();
             if let Some(missing) = members.iter().find(|m| !known.contains(m)) {
                 return Err(format!(
-                    "member {missing} has no --member-home here; key generation runs among \
-                     local homes until it runs over the network"
+                    "member {missing} has no --member-home here (or start the devices with \
+                     `tend run` to generate the key over the network)"
                 )
                 .into());
             }
             let created = fleet.create_authority(threshold, &mut rand::rngs::OsRng)?;
-            let human = format!(
-                "authority {}\n{}-of-{} members, identity epoch {}\ngroup key {}",
-                created.namespace,
-                created.threshold,
-                created.members.len(),
-                created.identity_epoch,
-                created.group_key
-            );
-            Ok(Output::new(created, human))
+            Ok(created_output(created))
         }
         AuthorityCommand::Status => {
             let s = Device::open(home)?.authority_status()?;
@@ -130,6 +163,15 @@ pub fn authority(home: &Path, cmd: AuthorityCommand) -> CmdResult {
 pub fn snapshot(home: &Path, cmd: SnapshotCommand) -> CmdResult {
     match cmd {
         SnapshotCommand::Propose { epoch, homes } => {
+            if let Some(mut client) = running(home, &homes)? {
+                let d = client.snapshot_propose(epoch, None)?;
+                return Ok(snapshot_output(
+                    d.proposal_id,
+                    d.epoch,
+                    d.digest,
+                    d.blob_cid,
+                ));
+            }
             let mut fleet = fleet(home, &homes)?;
             let target = match epoch {
                 Some(e) => Epoch(e),
@@ -142,17 +184,12 @@ pub fn snapshot(home: &Path, cmd: SnapshotCommand) -> CmdResult {
             };
             let done = fleet.snapshot(0, target, &mut rand::rngs::OsRng)?;
             let s = &done.snapshot;
-            let json = serde_json::json!({
-                "proposal_id": done.proposal_id.to_string(),
-                "epoch": s.epoch.0,
-                "digest": s.digest.to_string(),
-                "blob_cid": s.blob_cid.to_string(),
-            });
-            let human = format!(
-                "snapshot completed at epoch {}\ndigest {}\nblob {}",
-                s.epoch, s.digest, s.blob_cid
-            );
-            Ok(Output::new(json, human))
+            Ok(snapshot_output(
+                done.proposal_id.to_string(),
+                s.epoch.0,
+                s.digest.to_string(),
+                s.blob_cid.to_string(),
+            ))
         }
         SnapshotCommand::Status => {
             let s = Device::open(home)?.snapshot_status()?;

@@ -4,7 +4,10 @@
 //!
 //! Protocol version 1. A request is one line, at most [`MAX_REQUEST_BYTES`]:
 //! `{"v":1,"cmd":"status"}`, `{"v":1,"cmd":"peers"}`, `{"v":1,"cmd":"sync_now"}`,
-//! `{"v":1,"cmd":"add_fact","kind":"note","data":"text"}`. Each gets one line back:
+//! `{"v":1,"cmd":"add_fact","kind":"note","data":"text"}`,
+//! `{"v":1,"cmd":"snapshot_propose","epoch":12}` (a ceremony over the network; `epoch` and
+//! `timeout_secs` optional), `{"v":1,"cmd":"authority_create","threshold":2,"members":
+//! ["<device id>",...]}` (key generation over the network). Each gets one line back:
 //! `{"v":1,"ok":true,"result":...}` or `{"v":1,"ok":false,"error":"..."}`. A malformed
 //! request gets an error line; the connection stays usable.
 
@@ -69,6 +72,26 @@ pub enum Request {
         kind: String,
         /// The fact's data, as text.
         data: String,
+    },
+    /// Run a snapshot ceremony coordinated by this device; answers with the completion.
+    SnapshotPropose {
+        /// Target epoch (default: the current epoch + 1).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<u64>,
+        /// Give up after this many seconds (default 30).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_secs: Option<u64>,
+    },
+    /// Make this device's authority a threshold authority by key generation over the
+    /// network among this device and `members` (device ids).
+    AuthorityCreate {
+        /// Signatures needed for a snapshot.
+        threshold: u16,
+        /// The other members' device ids.
+        members: Vec<String>,
+        /// Give up after this many seconds (default 60).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_secs: Option<u64>,
     },
 }
 
@@ -264,7 +287,59 @@ async fn answer(node: &Node, line: &str) -> Response {
             }),
             Err(e) => Response::err(e.to_string()),
         },
+        Request::SnapshotPropose {
+            epoch,
+            timeout_secs,
+        } => {
+            let timeout = timeout_secs.map_or(
+                crate::ceremony::DEFAULT_CEREMONY_TIMEOUT,
+                Duration::from_secs,
+            );
+            match node
+                .propose_snapshot(epoch.map(tend_core::Epoch), timeout)
+                .await
+            {
+                Ok(c) => Response::ok(SnapshotDone {
+                    proposal_id: c.proposal_id.to_string(),
+                    epoch: c.snapshot.epoch.0,
+                    digest: c.snapshot.digest.to_string(),
+                    blob_cid: c.snapshot.blob_cid.to_string(),
+                }),
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::AuthorityCreate {
+            threshold,
+            members,
+            timeout_secs,
+        } => {
+            let mut ids = Vec::new();
+            for m in &members {
+                match m.parse::<tend_core::DeviceId>() {
+                    Ok(d) => ids.push(d),
+                    Err(e) => return Response::err(format!("bad member {m:?}: {e}")),
+                }
+            }
+            let timeout = Duration::from_secs(timeout_secs.unwrap_or(60));
+            match node.create_authority(threshold, &ids, timeout).await {
+                Ok(c) => Response::ok(c),
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
     }
+}
+
+/// What `snapshot_propose` returns.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotDone {
+    /// The proposal id (hex).
+    pub proposal_id: String,
+    /// The snapshot's epoch: it covers every fact below.
+    pub epoch: u64,
+    /// The prefix digest.
+    pub digest: String,
+    /// The snapshot blob's CID.
+    pub blob_cid: String,
 }
 
 /// A blocking client of a running device's control socket.
@@ -376,6 +451,31 @@ impl Client {
     /// Runs a sync round now.
     pub fn sync_now(&mut self) -> Result<RoundReport, ControlError> {
         self.typed(Request::SyncNow)
+    }
+
+    /// Runs a snapshot ceremony on the running device.
+    pub fn snapshot_propose(
+        &mut self,
+        epoch: Option<u64>,
+        timeout_secs: Option<u64>,
+    ) -> Result<SnapshotDone, ControlError> {
+        self.typed(Request::SnapshotPropose {
+            epoch,
+            timeout_secs,
+        })
+    }
+
+    /// Runs key generation over the network from the running (admin) device.
+    pub fn authority_create(
+        &mut self,
+        threshold: u16,
+        members: Vec<String>,
+    ) -> Result<crate::fleet::AuthorityCreated, ControlError> {
+        self.typed(Request::AuthorityCreate {
+            threshold,
+            members,
+            timeout_secs: None,
+        })
     }
 
     /// Appends an application fact.

@@ -64,7 +64,10 @@ pub async fn bind(key: &DeviceKey, listen: SocketAddr) -> Result<Endpoint, Endpo
             addr: listen,
             detail: e.to_string(),
         })?
-        .alpns(vec![SYNC_ALPN.to_vec()])
+        .alpns(vec![
+            SYNC_ALPN.to_vec(),
+            crate::ceremony::MAINT_ALPN.to_vec(),
+        ])
         .bind()
         .await
         .map_err(|e| EndpointError::Bind(e.to_string()))

@@ -102,7 +102,7 @@ impl LocalJournal for StoreJournal<'_> {
 }
 
 /// What `create_authority` did.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct AuthorityCreated {
     pub namespace: String,
     pub identity_epoch: u64,

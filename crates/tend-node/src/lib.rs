@@ -3,9 +3,11 @@
 
 pub mod admin;
 pub mod cache;
+pub mod ceremony;
 pub mod control;
 pub mod device;
 pub mod discovery;
+pub mod dkg;
 pub mod endpoint;
 pub mod fleet;
 pub mod metrics;

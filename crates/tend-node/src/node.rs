@@ -215,7 +215,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 struct Inner {
     device: Arc<Device>,
-    namespace: JournalNamespace,
+    /// Snapshot ceremonies and key generation over `tend/maint/1`.
+    maint: crate::ceremony::Maint,
     config: NodeConfig,
     endpoint: Endpoint,
     listen: SocketAddr,
@@ -295,7 +296,7 @@ impl Node {
         let sources: Vec<Box<dyn AddressSource>> =
             vec![Box::new(StaticPeers(config.peers.clone()))];
         let inner = Arc::new(Inner {
-            namespace,
+            maint: crate::ceremony::Maint::new(device.device_id()),
             config: config.clone(),
             endpoint,
             listen,
@@ -330,6 +331,7 @@ impl Node {
         tasks.push(tokio::spawn(accept_loop(node.inner.clone())));
         tasks.push(tokio::spawn(timer_loop(node.inner.clone())));
         tasks.push(tokio::spawn(round_loop(node.clone())));
+        tasks.push(tokio::spawn(crate::ceremony::timer_loop(node.clone())));
         if let Some(addr) = config.metrics {
             let listener = crate::metrics::bind(addr)
                 .await
@@ -419,6 +421,36 @@ impl Node {
         lock(&self.inner.peers).blocked.remove(device);
     }
 
+    /// The maintenance protocol state (ceremonies, key generation).
+    pub(crate) fn maint(&self) -> &crate::ceremony::Maint {
+        &self.inner.maint
+    }
+
+    /// The iroh endpoint.
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.inner.endpoint
+    }
+
+    /// How long to wait for a connection.
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        self.inner.config.connect_timeout
+    }
+
+    /// The known direct address of `device`, if any.
+    pub(crate) fn peer_address(&self, device: &DeviceId) -> Option<SocketAddr> {
+        lock(&self.inner.peers).addrs.get(device).copied()
+    }
+
+    /// Whether `device` is blocked by this node.
+    pub(crate) fn is_blocked(&self, device: &DeviceId) -> bool {
+        lock(&self.inner.peers).blocked.contains(device)
+    }
+
+    /// Tells running sessions about a store write made outside [`Node::append`].
+    pub(crate) fn after_local_write(&self) {
+        self.inner.after_local_write();
+    }
+
     /// Known peers, with scores.
     pub fn peers(&self) -> Vec<PeerInfo> {
         self.inner.peer_infos()
@@ -432,7 +464,7 @@ impl Node {
             device_id: self.device_id().to_string(),
             listen_addr: self.listen_addr().to_string(),
             metrics_addr: self.metrics_addr().map(|a| a.to_string()),
-            namespace: self.inner.namespace.to_string(),
+            namespace: self.inner.namespace().to_string(),
             identity_epoch: state.identity_epoch(),
             peers: self.peers(),
             journal,
@@ -558,12 +590,18 @@ impl Inner {
         self.start.elapsed()
     }
 
+    /// The journal the node synchronises: the device's current one, which changes when
+    /// the device joins an authority (key generation over the network).
+    fn namespace(&self) -> JournalNamespace {
+        self.device.namespace()
+    }
+
     fn store(&self) -> &Store {
         self.device.store()
     }
 
     fn state(&self) -> Result<MaintenanceState, StoreError> {
-        self.store().maintenance_state(self.namespace)
+        self.store().maintenance_state(self.namespace())
     }
 
     /// Members of the current membership; empty before the device knows its journal.
@@ -652,7 +690,7 @@ impl Inner {
     fn session_inputs(&self) -> Result<(LocalView, SharedItems), StoreError> {
         let state = self.state()?;
         let mut items = Vec::new();
-        for item in self.store().items(self.namespace, ..)? {
+        for item in self.store().items(self.namespace(), ..)? {
             let (epoch, id) = item?;
             items.push(SyncItem { epoch, id });
         }
@@ -664,12 +702,12 @@ impl Inner {
         }
         let local = LocalView {
             device: self.device.device_id(),
-            namespace: self.namespace,
+            namespace: self.namespace(),
             protocol: ProtocolVersion::CURRENT,
             epoch: state.maintenance_epoch(),
             fence: FenceStatus::from_state(&state, state.current_epoch(), ProtocolVersion::CURRENT),
         };
-        Ok((local, Arc::new(MemItems::new(self.namespace, items))))
+        Ok((local, Arc::new(MemItems::new(self.namespace(), items))))
     }
 
     fn host(&self) -> StoreHost<'_> {
@@ -713,7 +751,7 @@ impl Inner {
         };
         let e = state.identity_epoch();
         if e > self.identity_epoch.fetch_max(e, Ordering::SeqCst) {
-            m.identity_epoch_advanced(self.now(), self.namespace, e)
+            m.identity_epoch_advanced(self.now(), self.namespace(), e)
         } else {
             Vec::new()
         }
@@ -861,7 +899,7 @@ impl FactHost for StoreHost<'_> {
     fn admit(&mut self, fact: VerifiedFact) -> Result<bool, JournalError> {
         let Some(state) = self.state.as_mut() else {
             return Err(JournalError::NamespaceMismatch {
-                ours: self.inner.namespace,
+                ours: self.inner.namespace(),
                 theirs: fact.namespace(),
             });
         };
@@ -1135,6 +1173,12 @@ async fn serve_connection(inner: Arc<Inner>, conn: Connection) {
             endpoint::code(close_code::NOT_MEMBER),
             b"blocked by this device",
         );
+        return;
+    }
+    if conn.alpn() == crate::ceremony::MAINT_ALPN {
+        // Maintenance messages have their own admission rule (members, and the devices
+        // named in a key generation this device accepted).
+        crate::ceremony::serve(Node { inner }, conn).await;
         return;
     }
     if !inner.members().contains(&peer) {

@@ -1,0 +1,184 @@
+//! `tend authority create --member ...` and `tend snapshot propose` against running
+//! devices: key generation and the snapshot ceremony over the network between real
+//! `tend run` processes on loopback.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn tend(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tend"))
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env_remove("TEND_HOME")
+        .output()
+        .expect("the tend binary runs")
+}
+
+fn ok_json(home: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = tend(home, &all);
+    assert!(
+        out.status.success(),
+        "tend {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("--json prints JSON")
+}
+
+/// Starts `tend run --json` and returns it with its start line.
+fn start(home: &Path, listen: &str, extra: &[&str]) -> (Child, serde_json::Value) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tend"))
+        .arg("--home")
+        .arg(home)
+        .args([
+            "--json",
+            "run",
+            "--listen",
+            listen,
+            "--sync-interval",
+            "0.5",
+        ])
+        .args(extra)
+        .env_remove("TEND_HOME")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tend run starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("start line");
+    let info: serde_json::Value = serde_json::from_str(&line).expect("one JSON line at start");
+    (child, info)
+}
+
+fn terminate(mut child: Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            assert!(s.success(), "tend run exited with {s}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tend run did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A free UDP port on loopback (so every device can be given the others' addresses).
+fn free_addr() -> String {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr").to_string()
+}
+
+#[test]
+fn authority_create_and_snapshot_propose_run_over_the_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let homes: Vec<_> = (0..3).map(|i| dir.path().join(format!("d{i}"))).collect();
+    let ids: Vec<String> = homes
+        .iter()
+        .map(|h| {
+            ok_json(h, &["init"])["device_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
+    let mut children = Vec::new();
+    for i in 0..3 {
+        let mut extra = Vec::new();
+        for j in (0..3).filter(|j| *j != i) {
+            extra.push("--peer".to_string());
+            extra.push(format!("{}@{}", ids[j], addrs[j]));
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let (child, info) = start(&homes[i], &addrs[i], &extra);
+        assert_eq!(info["device_id"], ids[i].as_str());
+        children.push(child);
+    }
+    let created = ok_json(
+        &homes[0],
+        &[
+            "authority",
+            "create",
+            "--threshold",
+            "2",
+            "--member",
+            &ids[1],
+            "--member",
+            &ids[2],
+        ],
+    );
+    assert_eq!(created["threshold"], 2);
+    assert_eq!(created["members"].as_array().unwrap().len(), 3);
+    let ns = created["namespace"].as_str().unwrap().to_string();
+    // Every member adopts the authority's journal; each holds only its own share.
+    for h in &homes {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = ok_json(h, &["journal", "status"]);
+            if s["current_namespace"] == ns.as_str() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{} never joined", h.display());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(std::fs::read_dir(h.join("frost")).unwrap().count(), 1);
+    }
+    // A member proposes; the ceremony runs over the network.
+    let done = ok_json(&homes[1], &["snapshot", "propose"]);
+    let epoch = done["epoch"].as_u64().unwrap();
+    assert!(epoch >= 1);
+    // Without a device running in another member's home, --member-home is refused when
+    // this one runs.
+    let out = tend(
+        &homes[0],
+        &["snapshot", "propose", "--member-home", "/nonexistent"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // Wait until the completion has reached everyone (same journal digest), then stop.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let digests: Vec<serde_json::Value> = homes
+            .iter()
+            .map(|h| {
+                let s = ok_json(h, &["journal", "status"]);
+                s["namespaces"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|n| n["namespace"] == ns.as_str())
+                    .map(|n| n["digest"].clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        if digests.windows(2).all(|w| w[0] == w[1]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no convergence: {digests:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for c in children {
+        terminate(c);
+    }
+    // Offline, every member shows the verified snapshot.
+    for h in &homes {
+        let s = ok_json(h, &["snapshot", "status"]);
+        assert_eq!(s["latest"]["epoch"].as_u64(), Some(epoch), "{s}");
+    }
+}

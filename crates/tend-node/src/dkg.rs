@@ -1,0 +1,668 @@
+//! Distributed key generation over the network: the admin's node runs a FROST DKG among
+//! the named members over `tend/maint/1`, each member saves its own share in its own home,
+//! and the admin writes the membership change.
+//!
+//! Flow: the admin sends every other member `DkgInvite` (the session: authority, next
+//! identity epoch, sorted members, threshold; and where each member listens) and waits
+//! until all accepted; then `DkgStart`. Each member then broadcasts its round-1 package to
+//! every other member directly, and sends each member its private round-2 package
+//! directly, over the authenticated, encrypted iroh connection to that member (shares never
+//! pass through the admin). A member that finishes saves its share (0600) and reports the
+//! group key it derived (`DkgFinished`). The admin writes the `MembershipChange` only if
+//! every member derived the same group key as itself: a member that sent different round-1
+//! packages to different members (equivocation) makes the group keys differ and the run
+//! fails. The admin then sends each member `DkgJoin` with the authority's facts and the
+//! signed change; the member checks that the change names the session's members,
+//! threshold, identity epoch and its own share's group key, stores the facts and adopts the
+//! authority's journal. Only then does the admin store the change itself, so no signer
+//! lags behind the new identity epoch.
+//!
+//! Authorisation of an invitation (the member's side): the inviter must be named in the
+//! session and so must this device, no other run may be open, and either the inviter is
+//! the admin of this device's current journal (a re-deal: the session must be for this
+//! authority and the next identity epoch), or this device is not yet part of a
+//! multi-device authority (its journal has no membership yet, or it is the only member)
+//! and the inviter is one of its configured peers (the `peers` setting, which `--peer`
+//! fills). Round messages are taken only for the accepted session, from the authenticated
+//! connection of a device named in it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_bytes::ByteBuf;
+use tend_core::authority::{AuthorityFact, MembershipChange};
+use tend_core::{
+    AuthorityId, DeviceId, GroupKey, Hash32, JournalNamespace, MaintenanceFact, Payload,
+    UnsignedFact, VerifiedFact,
+};
+use tend_crypto::dkg::{DkgMessage, DkgOutput, DkgParticipant, DkgSession};
+use tend_crypto::KeyShare;
+use tend_store::StoreError;
+
+use crate::ceremony::{blocking, lock, send, MaintMessage, MaintReply, SendError};
+use crate::discovery::PeerAddr;
+use crate::fleet::AuthorityCreated;
+use crate::node::Node;
+
+/// How long a member keeps an accepted key generation that has not finished.
+const MEMBER_RUN_TTL: Duration = Duration::from_secs(120);
+/// Round messages buffered per member before `DkgStart` arrives.
+const MAX_EARLY_PER_MEMBER: usize = 4;
+
+/// Why a key generation over the network failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DkgNetError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+    #[error("this device is not the admin of its authority")]
+    NotAdmin,
+    #[error("invalid authority shape: {0}")]
+    Shape(String),
+    #[error("member {0} has no known address (give it with --peer)")]
+    NoAddress(DeviceId),
+    #[error("another key generation is running on this device")]
+    Busy,
+    #[error("member {member} refused the key generation: {reason}")]
+    Refused { member: DeviceId, reason: String },
+    #[error("member {member} is unreachable: {source}")]
+    Unreachable {
+        member: DeviceId,
+        #[source]
+        source: SendError,
+    },
+    #[error("key generation failed: {0}")]
+    Failed(String),
+    #[error("key generation timed out after {0} s (are all members running?)")]
+    TimedOut(u64),
+    #[error(
+        "members derived different group keys (a round-1 broadcast was not the same for everyone)"
+    )]
+    GroupKeyMismatch,
+    #[error("the membership change was rejected: {0}")]
+    Rejected(String),
+}
+
+/// One key generation this device takes part in.
+pub(crate) struct DkgRun {
+    session: DkgSession,
+    id: Hash32,
+    admin: DeviceId,
+    addrs: HashMap<DeviceId, SocketAddr>,
+    participant: Option<DkgParticipant>,
+    /// Round messages that arrived before `DkgStart`.
+    early: Vec<DkgMessage>,
+    share: Option<KeyShare>,
+    /// Group keys the members reported (on the admin).
+    finished: BTreeMap<DeviceId, GroupKey>,
+    failed: Option<String>,
+    deadline: Instant,
+}
+
+impl DkgRun {
+    /// Where member `d` listens, as the admin announced.
+    pub(crate) fn address_of(&self, d: &DeviceId) -> Option<SocketAddr> {
+        self.addrs.get(d).copied()
+    }
+
+    /// Whether `d` is named in the session.
+    pub(crate) fn names(&self, d: &DeviceId) -> bool {
+        self.session.members.contains(d)
+    }
+}
+
+/// Whether `peer` is in this device's configured peers (the `peers` setting, `--peer`).
+pub(crate) fn is_configured_peer(node: &Node, peer: &DeviceId) -> bool {
+    crate::discovery::load_peers(node.device().store())
+        .map(|ps| ps.iter().any(|p| p.device == *peer))
+        .unwrap_or(false)
+}
+
+/// Drops a member-side run past its deadline.
+pub(crate) fn expire(node: &Node) {
+    let mut run = lock(&node.maint().dkg);
+    if run.as_ref().is_some_and(|r| r.deadline <= Instant::now()) {
+        tracing::info!("key generation expired");
+        *run = None;
+    }
+}
+
+/// Carries out a participant's outputs: messages to members (round 1 to every other
+/// member, round 2 to its one recipient), the share saved in the home, the group key
+/// reported to the admin.
+fn apply_outputs(node: &Node, outputs: Vec<DkgOutput>) {
+    let me = node.device_id();
+    for o in outputs {
+        match o {
+            DkgOutput::Send(msg) => {
+                let members = match lock(&node.maint().dkg).as_ref() {
+                    Some(r) => r.session.members.clone(),
+                    None => return,
+                };
+                let targets: Vec<DeviceId> = match msg.to {
+                    Some(d) => vec![d],
+                    None => members.into_iter().filter(|d| *d != me).collect(),
+                };
+                let wire = MaintMessage::Dkg(ByteBuf::from(msg.to_bytes()));
+                for t in targets {
+                    spawn_send(node, t, wire.clone());
+                }
+            }
+            DkgOutput::Finished(share) => {
+                let saved = blocking(|| share.save(node.device().home()));
+                let mut guard = lock(&node.maint().dkg);
+                let Some(run) = guard.as_mut() else { return };
+                match saved {
+                    Ok(path) => {
+                        tracing::info!("key share saved in {}", path.display());
+                        let report = MaintMessage::DkgFinished {
+                            session: run.id,
+                            group_key: share.group_key(),
+                        };
+                        let admin = run.admin;
+                        run.share = Some(*share);
+                        drop(guard);
+                        if admin != me {
+                            spawn_send(node, admin, report);
+                        }
+                    }
+                    Err(e) => run.failed = Some(format!("cannot save the key share: {e}")),
+                }
+            }
+        }
+    }
+}
+
+/// Sends on its own task; a failure marks the run failed (the admin then reports it).
+fn spawn_send(node: &Node, to: DeviceId, msg: MaintMessage) {
+    let node = node.clone();
+    tokio::spawn(async move {
+        let failure = match send(&node, to, &msg).await {
+            Ok(MaintReply::Accepted) => None,
+            Ok(MaintReply::Refused { reason }) => Some(format!("{to} refused: {reason}")),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(f) = failure {
+            tracing::warn!("key generation message not delivered: {f}");
+            if let Some(run) = lock(&node.maint().dkg).as_mut() {
+                run.failed.get_or_insert(f);
+            }
+        }
+    });
+}
+
+/// Starts this device's participant (on `DkgStart`, or on the admin) and feeds it the
+/// round messages that arrived early.
+fn start_participant(node: &Node) -> Result<(), String> {
+    let mut rng = rand::rngs::OsRng;
+    let mut outputs = Vec::new();
+    {
+        let mut guard = lock(&node.maint().dkg);
+        let Some(run) = guard.as_mut() else {
+            return Err("no key generation is running".into());
+        };
+        if run.participant.is_some() {
+            return Ok(());
+        }
+        let (mut p, out) = DkgParticipant::start(run.session.clone(), node.device_id(), &mut rng)
+            .map_err(|e| e.to_string())?;
+        outputs.extend(out);
+        for m in std::mem::take(&mut run.early) {
+            match p.handle(m) {
+                Ok(o) => outputs.extend(o),
+                Err(e) => run.failed = Some(e.to_string()),
+            }
+        }
+        run.participant = Some(p);
+    }
+    apply_outputs(node, outputs);
+    Ok(())
+}
+
+/// Handles a key generation message from the authenticated `peer`.
+pub(crate) async fn receive(node: &Node, peer: DeviceId, msg: MaintMessage) -> MaintReply {
+    let reply = blocking(|| receive_sync(node, peer, msg));
+    if reply == MaintReply::Accepted {
+        node.maint().count_dkg_message();
+    }
+    reply
+}
+
+fn receive_sync(node: &Node, peer: DeviceId, msg: MaintMessage) -> MaintReply {
+    let me = node.device_id();
+    match msg {
+        MaintMessage::DkgInvite { session, addrs } => invite(node, peer, session, addrs),
+        MaintMessage::DkgStart { session } => {
+            {
+                let guard = lock(&node.maint().dkg);
+                match guard.as_ref() {
+                    Some(r) if r.id == session && r.admin == peer => {}
+                    _ => return MaintReply::refused("no such key generation from this admin"),
+                }
+            }
+            match start_participant(node) {
+                Ok(()) => MaintReply::Accepted,
+                Err(e) => MaintReply::refused(e),
+            }
+        }
+        MaintMessage::Dkg(bytes) => {
+            let m = match DkgMessage::from_bytes(&bytes) {
+                Ok(m) => m,
+                Err(e) => return MaintReply::refused(e.to_string()),
+            };
+            let outputs = {
+                let mut guard = lock(&node.maint().dkg);
+                let Some(run) = guard.as_mut() else {
+                    return MaintReply::refused("no key generation is running");
+                };
+                if m.session != run.id || m.from != peer || !run.names(&peer) || peer == me {
+                    return MaintReply::refused("not a message of the accepted key generation");
+                }
+                match run.participant.as_mut() {
+                    None => {
+                        if run.early.len() >= MAX_EARLY_PER_MEMBER * run.session.members.len() {
+                            return MaintReply::refused("too many early messages");
+                        }
+                        run.early.push(m);
+                        return MaintReply::Accepted;
+                    }
+                    Some(p) => match p.handle(m) {
+                        Ok(o) => o,
+                        Err(e) => {
+                            run.failed.get_or_insert(e.to_string());
+                            return MaintReply::refused(e.to_string());
+                        }
+                    },
+                }
+            };
+            apply_outputs(node, outputs);
+            MaintReply::Accepted
+        }
+        MaintMessage::DkgFinished { session, group_key } => {
+            let mut guard = lock(&node.maint().dkg);
+            match guard.as_mut() {
+                Some(r) if r.id == session && r.admin == me && r.names(&peer) => {
+                    r.finished.insert(peer, group_key);
+                    MaintReply::Accepted
+                }
+                _ => MaintReply::refused("no such key generation on this admin"),
+            }
+        }
+        MaintMessage::DkgJoin { session, facts } => join(node, peer, session, facts),
+        MaintMessage::DkgAbort { session } => {
+            let mut guard = lock(&node.maint().dkg);
+            if guard
+                .as_ref()
+                .is_some_and(|r| r.id == session && r.admin == peer)
+            {
+                *guard = None;
+                MaintReply::Accepted
+            } else {
+                MaintReply::refused("no such key generation from this admin")
+            }
+        }
+        MaintMessage::Ceremony(_) => MaintReply::refused("not a key generation message"),
+    }
+}
+
+/// The member's side of an invitation (the authorisation rule of this module's docs).
+fn invite(
+    node: &Node,
+    peer: DeviceId,
+    session: DkgSession,
+    addrs: Vec<(DeviceId, String)>,
+) -> MaintReply {
+    let me = node.device_id();
+    let id = session.id();
+    {
+        let guard = lock(&node.maint().dkg);
+        if let Some(r) = guard.as_ref() {
+            return if r.id == id && r.admin == peer {
+                MaintReply::Accepted
+            } else {
+                MaintReply::refused("another key generation is running")
+            };
+        }
+    }
+    if let Err(e) = session.validate() {
+        return MaintReply::refused(e.to_string());
+    }
+    if !session.members.contains(&me) {
+        return MaintReply::refused("this device is not named in the key generation");
+    }
+    if !session.members.contains(&peer) {
+        return MaintReply::refused("the inviting device is not named in the key generation");
+    }
+    let device = node.device();
+    let ns = device.namespace();
+    let state = match device.store().maintenance_state(ns) {
+        Ok(s) => s,
+        Err(e) => return MaintReply::refused(format!("cannot read the journal: {e}")),
+    };
+    let my_admin = state
+        .membership()
+        .is_some_and(|_| state.is_admin_at(&peer, state.current_epoch()));
+    let unattached = state
+        .membership()
+        .is_none_or(|m| m.members.len() == 1 && m.members.contains(&me));
+    if my_admin {
+        let ours = matches!(ns, JournalNamespace::Authority(a) if a.0 == session.context);
+        if !ours || session.identity_epoch != state.identity_epoch() + 1 {
+            return MaintReply::refused(
+                "a re-deal must be for this authority and its next identity epoch",
+            );
+        }
+    } else if !(unattached && is_configured_peer(node, &peer)) {
+        return MaintReply::refused(
+            "only this device's admin, or a configured peer while this device is in no \
+             multi-device authority, may start a key generation here",
+        );
+    }
+    let mut map = HashMap::new();
+    for (d, a) in addrs {
+        if !session.members.contains(&d) {
+            continue;
+        }
+        match a.parse::<SocketAddr>() {
+            Ok(a) => {
+                map.insert(d, a);
+            }
+            Err(_) => return MaintReply::refused(format!("bad address {a:?} for {d}")),
+        }
+    }
+    let mut guard = lock(&node.maint().dkg);
+    if guard.is_some() {
+        return MaintReply::refused("another key generation is running");
+    }
+    *guard = Some(DkgRun {
+        session,
+        id,
+        admin: peer,
+        addrs: map,
+        participant: None,
+        early: Vec::new(),
+        share: None,
+        finished: BTreeMap::new(),
+        failed: None,
+        deadline: Instant::now() + MEMBER_RUN_TTL,
+    });
+    tracing::info!("accepted key generation {id} from {peer}");
+    MaintReply::Accepted
+}
+
+/// The member's side of `DkgJoin`: check the membership change against the session and the
+/// saved share, store the authority's facts, adopt its journal.
+fn join(node: &Node, peer: DeviceId, session: Hash32, facts: Vec<ByteBuf>) -> MaintReply {
+    let (s, share, addrs) = {
+        let guard = lock(&node.maint().dkg);
+        match guard.as_ref() {
+            Some(r) if r.id == session && r.admin == peer => match &r.share {
+                Some(share) => (r.session.clone(), share.clone(), r.addrs.clone()),
+                None => return MaintReply::refused("this device has no share of the session yet"),
+            },
+            _ => return MaintReply::refused("no such key generation from this admin"),
+        }
+    };
+    let ns = JournalNamespace::Authority(AuthorityId(s.context));
+    let mut verified = Vec::with_capacity(facts.len());
+    for f in &facts {
+        match VerifiedFact::decode(f) {
+            Ok(v) if v.namespace() == ns => verified.push(v),
+            Ok(_) => return MaintReply::refused("a fact of another journal"),
+            Err(e) => return MaintReply::refused(format!("bad fact: {e}")),
+        }
+    }
+    let device = node.device();
+    if let Err(e) = device.store().insert_batch(&verified) {
+        return MaintReply::refused(format!("cannot store the authority's facts: {e}"));
+    }
+    let state = match device.store().maintenance_state(ns) {
+        Ok(s) => s,
+        Err(e) => return MaintReply::refused(format!("cannot read the journal: {e}")),
+    };
+    let ok = state.membership().is_some_and(|m| {
+        m.identity_epoch == s.identity_epoch
+            && m.threshold == s.threshold
+            && m.group_key == share.group_key()
+            && m.members.iter().eq(s.members.iter())
+    });
+    if !ok {
+        return MaintReply::refused("the membership change does not match the key generation");
+    }
+    if device.namespace() != ns {
+        if let Err(e) = device.adopt_namespace(ns) {
+            return MaintReply::refused(format!("cannot adopt the authority's journal: {e}"));
+        }
+        tracing::info!("joined authority {ns}");
+    }
+    // The other members are now sync peers.
+    for (d, a) in addrs {
+        if d != node.device_id() {
+            if let Err(e) = node.add_peer(PeerAddr { device: d, addr: a }) {
+                tracing::warn!("cannot remember peer {d}: {e}");
+            }
+        }
+    }
+    *lock(&node.maint().dkg) = None;
+    node.after_local_write();
+    let node = node.clone();
+    tokio::spawn(async move {
+        node.sync_now().await;
+    });
+    MaintReply::Accepted
+}
+
+impl Node {
+    /// Makes this device's authority a `threshold`-of-N authority of this device and
+    /// `members` by a DKG over the network (see the module docs). Every member must be
+    /// running and reachable at a known address; each saves its own share in its own home.
+    /// Returns what the admin wrote.
+    pub async fn create_authority(
+        &self,
+        threshold: u16,
+        members: &[DeviceId],
+        timeout: Duration,
+    ) -> Result<AuthorityCreated, DkgNetError> {
+        let me = self.device_id();
+        let device = self.device().clone();
+        let ns = device.namespace();
+        let state = blocking(|| device.store().maintenance_state(ns))?;
+        if !state.is_admin_at(&me, state.current_epoch()) {
+            return Err(DkgNetError::NotAdmin);
+        }
+        let mut all = members.to_vec();
+        all.push(me);
+        all.sort();
+        all.dedup();
+        let n = all.len();
+        if n < 2 || threshold < 2 || usize::from(threshold) > n {
+            return Err(DkgNetError::Shape(format!(
+                "{threshold}-of-{n}: an authority of several devices needs 2 <= threshold <= members"
+            )));
+        }
+        let JournalNamespace::Authority(AuthorityId(context)) = ns else {
+            return Err(DkgNetError::Shape(
+                "the current journal is not an authority".into(),
+            ));
+        };
+        let mut addrs = vec![(me, self.listen_addr().to_string())];
+        for m in all.iter().filter(|m| **m != me) {
+            let a = self.peer_address(m).ok_or(DkgNetError::NoAddress(*m))?;
+            addrs.push((*m, a.to_string()));
+        }
+        let session = DkgSession {
+            context,
+            identity_epoch: state.identity_epoch() + 1,
+            members: all.clone(),
+            threshold,
+        };
+        session
+            .validate()
+            .map_err(|e| DkgNetError::Shape(e.to_string()))?;
+        let id = session.id();
+        {
+            let mut guard = lock(&self.maint().dkg);
+            if guard.is_some() {
+                return Err(DkgNetError::Busy);
+            }
+            *guard = Some(DkgRun {
+                session: session.clone(),
+                id,
+                admin: me,
+                addrs: addrs
+                    .iter()
+                    .filter_map(|(d, a)| Some((*d, a.parse().ok()?)))
+                    .collect(),
+                participant: None,
+                early: Vec::new(),
+                share: None,
+                finished: BTreeMap::new(),
+                failed: None,
+                deadline: Instant::now() + timeout + MEMBER_RUN_TTL,
+            });
+        }
+        let others: Vec<DeviceId> = all.iter().copied().filter(|d| *d != me).collect();
+        let result = self
+            .run_as_admin(&session, id, &others, addrs, timeout)
+            .await;
+        if result.is_err() {
+            let abort = MaintMessage::DkgAbort { session: id };
+            for d in &others {
+                let _ = send(self, *d, &abort).await;
+            }
+        }
+        *lock(&self.maint().dkg) = None;
+        result
+    }
+
+    async fn run_as_admin(
+        &self,
+        session: &DkgSession,
+        id: Hash32,
+        others: &[DeviceId],
+        addrs: Vec<(DeviceId, String)>,
+        timeout: Duration,
+    ) -> Result<AuthorityCreated, DkgNetError> {
+        let started = Instant::now();
+        // Everyone accepts before anyone broadcasts, so no round message meets a member
+        // that does not know the session yet.
+        let invite = MaintMessage::DkgInvite {
+            session: session.clone(),
+            addrs,
+        };
+        self.tell_all(others, &invite).await?;
+        self.tell_all(others, &MaintMessage::DkgStart { session: id })
+            .await?;
+        start_participant(self).map_err(DkgNetError::Failed)?;
+        let group_key = loop {
+            {
+                let guard = lock(&self.maint().dkg);
+                let Some(run) = guard.as_ref() else {
+                    return Err(DkgNetError::Failed("the run was dropped".into()));
+                };
+                if let Some(f) = &run.failed {
+                    return Err(DkgNetError::Failed(f.clone()));
+                }
+                if let Some(share) = &run.share {
+                    if run.finished.len() == others.len() {
+                        let gk = share.group_key();
+                        if run.finished.values().any(|k| *k != gk) {
+                            return Err(DkgNetError::GroupKeyMismatch);
+                        }
+                        break gk;
+                    }
+                }
+            }
+            if started.elapsed() >= timeout {
+                return Err(DkgNetError::TimedOut(timeout.as_secs()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let device = self.device().clone();
+        let ns = device.namespace();
+        let (change, facts) = blocking(|| -> Result<_, DkgNetError> {
+            let state = device.store().maintenance_state(ns)?;
+            let change = UnsignedFact {
+                namespace: ns,
+                epoch: state.current_epoch(),
+                payload: Payload::Authority(AuthorityFact::MembershipChanged(MembershipChange {
+                    identity_epoch: session.identity_epoch,
+                    members: session.members.clone(),
+                    threshold: session.threshold,
+                    group_key,
+                })),
+            }
+            .sign(device.key().signing_key());
+            // What a member needs to admit the change: the genesis, earlier membership
+            // changes and admin replacements. Everything else comes by sync.
+            let mut facts = Vec::new();
+            for f in device.store().scan_maintenance(ns)? {
+                let f = f?
+                    .verify()
+                    .map_err(|e| DkgNetError::Failed(e.to_string()))?;
+                if matches!(
+                    f.payload(),
+                    Payload::Authority(_)
+                        | Payload::Maintenance(
+                            MaintenanceFact::AdminReplacement(_)
+                                | MaintenanceFact::CertifiedAdminReplacement(_)
+                        )
+                ) {
+                    facts.push(ByteBuf::from(f.bytes().to_vec()));
+                }
+            }
+            facts.push(ByteBuf::from(change.bytes().to_vec()));
+            Ok((change, facts))
+        })?;
+        let join = MaintMessage::DkgJoin { session: id, facts };
+        if let Err(e) = self.tell_all(others, &join).await {
+            // The change is valid and the shares exist: members that missed the join learn
+            // the change by sync once they adopt the journal; say so, but go on.
+            tracing::warn!("a member did not take the join: {e}");
+        }
+        let report = blocking(|| device.store().insert_batch(std::slice::from_ref(&change)))?;
+        if let Some(r) = report.rejected.first() {
+            return Err(DkgNetError::Rejected(r.error.to_string()));
+        }
+        self.after_local_write();
+        let node = self.clone();
+        tokio::spawn(async move {
+            node.sync_now().await;
+        });
+        Ok(AuthorityCreated {
+            namespace: ns.to_string(),
+            identity_epoch: session.identity_epoch,
+            threshold: session.threshold,
+            members: session.members.iter().map(ToString::to_string).collect(),
+            group_key: hex::encode(group_key.0),
+        })
+    }
+
+    /// Sends `msg` to every device in `to` at once; all must accept it.
+    async fn tell_all(&self, to: &[DeviceId], msg: &MaintMessage) -> Result<(), DkgNetError> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for d in to {
+            let node = self.clone();
+            let msg = msg.clone();
+            let d = *d;
+            tasks.spawn(async move { (d, send(&node, d, &msg).await) });
+        }
+        let mut first_err = None;
+        while let Some(r) = tasks.join_next().await {
+            let err = match r {
+                Ok((_, Ok(MaintReply::Accepted))) => None,
+                Ok((member, Ok(MaintReply::Refused { reason }))) => {
+                    Some(DkgNetError::Refused { member, reason })
+                }
+                Ok((member, Err(source))) => Some(DkgNetError::Unreachable { member, source }),
+                Err(e) => Some(DkgNetError::Failed(e.to_string())),
+            };
+            if first_err.is_none() {
+                first_err = err;
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}

@@ -1,1 +1,248 @@
-fn main() {}
+//! Export and restore of a large journal: wall time, peak memory (VmHWM) and archive size
+//! against the store size. Each phase runs in a child process so its peak memory is its
+//! own. Run with:
+//!
+//! ```text
+//! cargo bench -p tend-backup --bench backup            # 1M facts, half of them in the tail
+//! TEND_BENCH_FACTS=100000 cargo bench -p tend-backup --bench backup
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use ed25519_dalek::Signer;
+use tend_backup::{BackupError, Decryption, Encryption, ExportOptions, RestoreTarget};
+use tend_core::maintenance::{MaintenanceFact, SnapshotCompleted, SnapshotProposed, SnapshotV1};
+use tend_core::{Epoch, Hash32, Payload, UnsignedFact};
+use tend_node::fleet::StoreJournal;
+use tend_node::Device;
+use tend_store::{Store, StoreOptions};
+
+struct Home(Device);
+
+impl RestoreTarget for Home {
+    fn store(&self) -> &Store {
+        self.0.store()
+    }
+}
+
+fn vm_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // Child phases: `export STORE NS_HEX OUT KEYFILE` and `restore ARCHIVE KEYFILE HOME`.
+    if args.get(1).map(String::as_str) == Some("--phase") {
+        return phase(&args[2..]);
+    }
+    let n: u64 = std::env::var("TEND_BENCH_FACTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("source");
+    let t = Instant::now();
+    let device = Device::init(&home, &mut rand::rngs::OsRng).expect("init");
+    let half = n / 2;
+    add_facts(&device, half, 1..=50);
+    snapshot_1_of_1(&device, Epoch(51));
+    add_facts(&device, n - half, 51..=100);
+    let store_bytes = device.store().file_size().expect("size");
+    let ns = device.namespace();
+    drop(device);
+    println!(
+        "setup: {n} facts ({half} below the snapshot) in {:.1?}, store {:.1} MiB",
+        t.elapsed(),
+        store_bytes as f64 / 1048576.0
+    );
+
+    let id = tend_backup::age::x25519::Identity::generate();
+    let key = dir.path().join("key.txt");
+    {
+        use tend_backup::age::secrecy::ExposeSecret;
+        std::fs::write(&key, id.to_string().expose_secret()).expect("key");
+    }
+    let archive = dir.path().join("b.age");
+    let me = std::env::current_exe().expect("exe");
+    let run = |args: &[&str]| {
+        let out = Command::new(&me)
+            .arg("--phase")
+            .args(args)
+            .output()
+            .expect("child");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    };
+    let store_path = home.join("store.redb");
+    let ns_hex = hex::encode(ns.to_bytes());
+    run(&[
+        "export",
+        store_path.to_str().unwrap(),
+        &ns_hex,
+        archive.to_str().unwrap(),
+        &id.to_public().to_string(),
+    ]);
+    let archive_bytes = std::fs::metadata(&archive).expect("archive").len();
+    println!(
+        "archive {:.1} MiB = {:.1}% of the store ({:.1} MiB)",
+        archive_bytes as f64 / 1048576.0,
+        100.0 * archive_bytes as f64 / store_bytes as f64,
+        store_bytes as f64 / 1048576.0
+    );
+    let restored = dir.path().join("restored");
+    run(&[
+        "restore",
+        archive.to_str().unwrap(),
+        key.to_str().unwrap(),
+        restored.to_str().unwrap(),
+    ]);
+}
+
+fn phase(args: &[String]) {
+    let before = vm_hwm_kib();
+    let t = Instant::now();
+    match args[0].as_str() {
+        "export" => {
+            // A small page cache: what export itself holds is what is measured.
+            let opts = StoreOptions {
+                verify_integrity: false,
+                cache_size: Some(16 << 20),
+            };
+            let store = Store::open_with(&args[1], &opts).expect("open");
+            let ns = tend_core::JournalNamespace::from_bytes(&hex::decode(&args[2]).unwrap())
+                .expect("ns");
+            let enc = Encryption::recipients(&[args[4].as_str()]).expect("recipient");
+            let r = tend_backup::export_file(
+                &store,
+                ns,
+                Path::new(&args[3]),
+                &ExportOptions::new(&enc),
+            )
+            .expect("export");
+            println!(
+                "export: {:.2?}, peak RSS {:.1} MiB (at start {:.1} MiB); tail {} facts in {} chunks (largest {:.1} MiB), blob {:.1} MiB",
+                t.elapsed(),
+                vm_hwm_kib() as f64 / 1024.0,
+                before as f64 / 1024.0,
+                r.tail_facts,
+                r.tail_chunks,
+                r.largest_chunk_bytes as f64 / 1048576.0,
+                r.blob_bytes as f64 / 1048576.0
+            );
+        }
+        "restore" => {
+            let dec = Decryption::identity_file(Path::new(&args[2])).expect("key");
+            let home = PathBuf::from(&args[3]);
+            let r = tend_backup::restore_home(
+                Path::new(&args[1]),
+                &dec,
+                &home,
+                |dir, ns| {
+                    Device::init_joining(dir, ns, &mut rand::rngs::OsRng)
+                        .map(Home)
+                        .map_err(|e| BackupError::Target(e.to_string()))
+                },
+                None,
+            )
+            .expect("restore");
+            let size = std::fs::metadata(home.join("store.redb"))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            println!(
+                "restore: {:.2?}, peak RSS {:.1} MiB; {} tail facts replayed, restored store {:.1} MiB",
+                t.elapsed(),
+                vm_hwm_kib() as f64 / 1024.0,
+                r.tail_facts,
+                size as f64 / 1048576.0
+            );
+        }
+        other => panic!("unknown phase {other}"),
+    }
+}
+
+fn add_facts(device: &Device, n: u64, epochs: std::ops::RangeInclusive<u64>) {
+    let ns = device.namespace();
+    let key = device.key().signing_key();
+    let span = epochs.end() - epochs.start() + 1;
+    let mut batch = Vec::with_capacity(10_000);
+    for i in 0..n {
+        batch.push(
+            UnsignedFact {
+                namespace: ns,
+                epoch: Epoch(epochs.start() + i * span / n.max(1)),
+                payload: Payload::Application {
+                    kind: "bench".into(),
+                    data: format!("fact {i:010} with some application payload").into_bytes(),
+                },
+            }
+            .sign(key),
+        );
+        if batch.len() == 10_000 || i + 1 == n {
+            let r = device.store().insert_batch(&batch).expect("insert");
+            assert!(r.rejected.is_empty());
+            batch.clear();
+        }
+    }
+}
+
+/// A snapshot of a one-device authority, whose group key is the device key: the same
+/// facts the ceremony writes, without re-reading the journal once per message as the
+/// in-process fleet does (which dominates at 1M facts).
+fn snapshot_1_of_1(device: &Device, target: Epoch) {
+    let ns = device.namespace();
+    let view = StoreJournal::new(device.store(), ns).expect("view");
+    let blob = view.try_snapshot_blob(target).expect("blob");
+    let bytes = blob.encode();
+    let cid = device
+        .store()
+        .put_blob(tend_core::ids::CODEC_DAG_CBOR, &bytes)
+        .expect("blob");
+    let proposal_id = Hash32([42; 32]);
+    let digest = blob.prefix_digest();
+    device
+        .write(UnsignedFact {
+            namespace: ns,
+            epoch: target,
+            payload: Payload::Maintenance(MaintenanceFact::SnapshotProposed(SnapshotProposed {
+                proposal_id,
+                target_epoch: target,
+                digest,
+            })),
+        })
+        .expect("proposal");
+    let snapshot = SnapshotV1 {
+        epoch: target,
+        digest,
+        blob_cid: cid,
+    };
+    let sig = device
+        .key()
+        .signing_key()
+        .sign(&snapshot.signing_message(&ns, &proposal_id));
+    device
+        .write(UnsignedFact {
+            namespace: ns,
+            epoch: target,
+            payload: Payload::Maintenance(MaintenanceFact::SnapshotCompleted(SnapshotCompleted {
+                proposal_id,
+                snapshot,
+                threshold_signature: sig.to_bytes(),
+            })),
+        })
+        .expect("completion");
+    let state = device.store().maintenance_state(ns).expect("state");
+    assert_eq!(state.snapshot_epoch(), target, "the snapshot verifies");
+}

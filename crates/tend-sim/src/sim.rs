@@ -15,8 +15,7 @@ use tend_core::{
 };
 use tend_crypto::DkgSession;
 use tend_snapshot::{
-    CeremonyEvent, CeremonyInput, CeremonyMessage, CeremonyOutput, MessageBody, Recipient,
-    SignerKey, SnapshotEngine,
+    CeremonyEvent, CeremonyInput, CeremonyOutput, Recipient, SignerKey, SnapshotEngine,
 };
 use tend_sync::{
     FenceStatus, LocalView, ManagerAction, ManagerConfig, ManagerError, SessionConfig, SessionId,
@@ -39,13 +38,13 @@ pub struct SimConfig {
     /// its share (the fix for seed 173; off reproduces the split).
     pub dkg_persists_change: bool,
     /// Whether every DKG participant must be at the admin's `MaintenanceEpoch` (the fix
-    /// for seed 447; off reproduces the fallback).
+    /// for seed 447, 863 in the current random stream; off reproduces the fallback).
     pub dkg_binds_maintenance_epoch: bool,
     /// Whether devices drop facts a late-learned membership change makes inadmissible
     /// (the fix for seed 33; off reproduces the divergence).
     pub revalidate_on_membership_change: bool,
-    /// Whether a signer signs at most one digest per target epoch, durably (the fix for
-    /// seed 1447; off reproduces two snapshots at one epoch).
+    /// Whether a signer's votes (one digest per target epoch) survive a crash (the fix
+    /// for seed 1447; off keeps them in the engine's memory only).
     pub signers_lock_epoch: bool,
 }
 
@@ -533,23 +532,28 @@ impl Sim {
         }
     }
 
-    /// Feeds one ceremony input to device `d`; returns whether it sent a commitment.
-    fn feed(&mut self, d: usize, input: CeremonyInput) -> bool {
-        let mut committed = false;
+    /// Feeds one ceremony input to device `d` and carries out the outputs.
+    fn feed(&mut self, d: usize, input: CeremonyInput) {
         if !self.devices[d].online {
-            return committed;
+            return;
         }
         let now_ms = self.now_ms();
         let dev = &mut self.devices[d];
         let Some(engine) = dev.engine.as_mut() else {
-            return committed;
+            return;
         };
         let outputs = engine.handle(now_ms, &dev.core, input, &mut self.rng);
+        // A signer's votes (one digest per target epoch, the engine's fix for seed 1447,
+        // where a member signed two snapshots at one epoch and devices that pruned for
+        // the one the reducer did not pick lost facts) are persisted before anything it
+        // answers leaves, so a restart cannot make it vote twice either.
+        if self.cfg.signers_lock_epoch {
+            dev.core.durable.signed = engine.votes().clone();
+        }
         let inc = dev.inc;
         for o in outputs {
             match o {
                 CeremonyOutput::Send { to, message } => {
-                    committed |= matches!(message.body, MessageBody::Commit { .. });
                     let bytes = message.to_bytes();
                     let targets: Vec<usize> = match to {
                         Recipient::All => {
@@ -591,7 +595,6 @@ impl Sim {
             }
         }
         self.after(d);
-        committed
     }
 
     fn deliver(&mut self, m: Delivery) {
@@ -604,35 +607,13 @@ impl Sim {
         match m.msg {
             Msg::Ceremony => {
                 let from = self.ids[m.from];
-                // A signer signs at most one digest per target epoch, and remembers it
-                // durably before its commitment leaves (like a Raft vote). Without this,
-                // a signer that learns a fact between two concurrent proposals for the
-                // same epoch signs both, two different snapshots complete at one epoch,
-                // and devices that pruned for the one the reducer does not pick lose
-                // facts (found by the simulator, seed 1447).
-                let request = match CeremonyMessage::from_bytes(&m.bytes) {
-                    Ok(CeremonyMessage {
-                        body: MessageBody::SignRequest { proposal, .. },
-                        ..
-                    }) => Some((proposal.target_epoch, proposal.digest)),
-                    _ => None,
-                };
-                if let Some((target, digest)) = request.filter(|_| self.cfg.signers_lock_epoch) {
-                    let signed = &self.devices[to].core.durable.signed;
-                    if signed.get(&target).is_some_and(|d| *d != digest) {
-                        return;
-                    }
-                }
-                let commits = self.feed(
+                self.feed(
                     to,
                     CeremonyInput::Message {
                         from,
                         bytes: m.bytes,
                     },
                 );
-                if let (Some((target, digest)), true) = (request, commits) {
-                    self.devices[to].core.durable.signed.insert(target, digest);
-                }
             }
             Msg::Sync {
                 from_sid,
@@ -938,7 +919,7 @@ impl Sim {
         // missed a snapshot writes the change below it, and the members that completed
         // the snapshot re-verify its completion against the new key, fail, and fall back
         // to the older snapshot while having pruned for the newer one (found by the
-        // simulator, seed 447).
+        // simulator, seed 447; seed 863 in the current random stream).
         let epoch = self.devices[a].core.state.maintenance_epoch();
         if self.cfg.dkg_binds_maintenance_epoch
             && next
@@ -1213,6 +1194,7 @@ impl Device {
     /// A fresh snapshot engine with every durable key installed.
     fn start_engine(&mut self) {
         let mut e = SnapshotEngine::new(self.core.me);
+        e.restore_votes(self.core.durable.signed.clone());
         let mut rng = StdRng::seed_from_u64(0);
         for k in self.core.durable.keys.values() {
             e.handle(

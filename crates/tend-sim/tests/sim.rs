@@ -93,8 +93,12 @@ fn fails_without_fix_and_passes_with_it(seed: u64, turn_off: impl Fn(&mut SimCon
 }
 
 #[test]
-fn regression_seed_1447_signers_sign_one_digest_per_epoch() {
-    fails_without_fix_and_passes_with_it(1447, |c| c.signers_lock_epoch = false);
+fn regression_seeds_that_found_engine_bugs_pass() {
+    // 234 and 247 found the blob/digest base mismatch, 1447 a member signing two digests
+    // for one epoch; both are fixed in tend-snapshot, whose own regression tests are in
+    // crates/tend-snapshot/tests/ceremony.rs.
+    let failed = failures([234, 247, 1447].map(|s| SimConfig::small(s, CI_STEPS)));
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
 #[test]
@@ -103,15 +107,6 @@ fn regression_seed_72_dkg_persists_the_membership_change_with_the_share() {
 }
 
 #[test]
-fn regression_seed_447_dkg_binds_the_maintenance_epoch() {
-    fails_without_fix_and_passes_with_it(447, |c| c.dkg_binds_maintenance_epoch = false);
-}
-
-#[test]
-fn regression_seeds_234_247_second_snapshot_blob_hydrates() {
-    // Found the blob/digest base mismatch fixed in tend-snapshot (a target must lie above
-    // the last completion fact); the engine's own regression test is in
-    // crates/tend-snapshot/tests/ceremony.rs.
-    let failed = failures([234, 247].map(|s| SimConfig::small(s, CI_STEPS)));
-    assert!(failed.is_empty(), "{}", failed.join("\n"));
+fn regression_seed_863_dkg_binds_the_maintenance_epoch() {
+    fails_without_fix_and_passes_with_it(863, |c| c.dkg_binds_maintenance_epoch = false);
 }

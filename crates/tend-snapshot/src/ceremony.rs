@@ -143,6 +143,9 @@ pub enum Refusal {
     NotMember,
     /// The signing package is inconsistent with our commitment.
     BadPackage,
+    /// We already signed another digest for this target epoch: a member signs at most
+    /// one snapshot per epoch, so two snapshots can never complete at one epoch.
+    AlreadySigned { digest: Hash32 },
 }
 
 /// Why a ceremony ended without a snapshot.
@@ -337,6 +340,8 @@ pub struct SnapshotEngine {
     coordinating: BTreeMap<Hash32, Coordinator>,
     signing: BTreeMap<Hash32, SignerSession>,
     retries: Vec<PendingRetry>,
+    /// The digest committed to for each target epoch (this member's vote).
+    votes: BTreeMap<Epoch, Hash32>,
 }
 
 impl std::fmt::Debug for SnapshotEngine {
@@ -386,6 +391,7 @@ impl SnapshotEngine {
             coordinating: BTreeMap::new(),
             signing: BTreeMap::new(),
             retries: Vec::new(),
+            votes: BTreeMap::new(),
         }
     }
 
@@ -400,6 +406,18 @@ impl SnapshotEngine {
     }
 
     /// Whether any session (coordinating, signing or awaiting retry) is open.
+    /// The digest this member committed to per target epoch. A node persists them before
+    /// sending the engine's outputs and restores them with [`SnapshotEngine::restore_votes`]
+    /// after a restart, so a crash cannot make it sign a second digest for an epoch.
+    pub fn votes(&self) -> &BTreeMap<Epoch, Hash32> {
+        &self.votes
+    }
+
+    /// Restores votes persisted by [`SnapshotEngine::votes`] (after a restart).
+    pub fn restore_votes(&mut self, votes: impl IntoIterator<Item = (Epoch, Hash32)>) {
+        self.votes.extend(votes);
+    }
+
     pub fn is_idle(&self) -> bool {
         self.coordinating.is_empty() && self.signing.is_empty() && self.retries.is_empty()
     }
@@ -792,6 +810,16 @@ impl SnapshotEngine {
                 if SnapshotBlob::cid_of(&blob) != blob_cid {
                     return reply(Refusal::BlobMismatch, out);
                 }
+                // One vote per target epoch. Without it a member that learns a fact
+                // between two concurrent proposals for the same epoch signs both, two
+                // snapshots complete at one epoch, and devices that pruned for the one
+                // the reducer does not pick lose facts (found by tend-sim, seed 1447).
+                let target = proposal.target_epoch;
+                if let Some(voted) = self.votes.get(&target).filter(|v| **v != digest) {
+                    return reply(Refusal::AlreadySigned { digest: *voted }, out);
+                }
+                self.votes.retain(|e, _| *e > ours.snapshot_epoch);
+                self.votes.insert(target, digest);
                 let snapshot = SnapshotV1 {
                     epoch: proposal.target_epoch,
                     digest,

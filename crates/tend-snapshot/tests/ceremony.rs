@@ -486,3 +486,46 @@ fn a_target_at_or_below_the_last_completion_is_stale_and_one_above_hydrates() {
     fresh.apply_tail(&tail).unwrap();
     assert_eq!(fresh.state_digest(), full.state_digest());
 }
+
+/// Regression (tend-sim seed 1447): a member signs at most one digest per target epoch.
+/// Device 1 commits to proposal A at E; then it learns a fact below E and is asked to
+/// sign proposal B at the same E, whose digest now matches its own. Before the fix it
+/// committed to both, so two different snapshots could complete at one epoch.
+#[test]
+fn a_member_signs_at_most_one_digest_per_target_epoch() {
+    let mut auth = authority(3, 3, 77);
+    let e = with_history(&mut auth);
+    auth.set_online(2, false);
+    auth.propose(0, e, 60_000);
+    auth.run_until_quiet();
+    let d1 = auth.device_ids()[1];
+    auth.take_events();
+
+    let extra = UnsignedFact {
+        namespace: auth.namespace(),
+        epoch: Epoch(e.0 - 1),
+        payload: Payload::Application {
+            kind: "note".into(),
+            data: b"learned between the proposals".to_vec(),
+        },
+    }
+    .sign(auth.device_key(2).signing_key());
+    auth.set_online(2, true);
+    auth.insert_fact(1, extra.clone()).unwrap();
+    auth.insert_fact(2, extra).unwrap();
+    auth.propose(2, e, 60_000);
+    auth.run_until_quiet();
+    let events = auth.take_events();
+    assert!(
+        events.iter().any(|(d, ev)| *d == d1
+            && matches!(
+                ev,
+                CeremonyEvent::Refused {
+                    reason: Refusal::AlreadySigned { .. },
+                    ..
+                }
+            )),
+        "device 1 must refuse a second digest for epoch {e}: {events:?}"
+    );
+    assert_eq!(auth.state(1).latest_snapshot, None);
+}

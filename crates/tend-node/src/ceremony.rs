@@ -37,6 +37,9 @@ use crate::endpoint::{self, close_code, FrameError};
 use crate::fleet::StoreJournal;
 use crate::node::Node;
 
+/// Setting holding the engine's snapshot votes (target epoch -> proposal signed).
+const VOTES: &str = "snapshot_votes";
+
 /// ALPN of the maintenance protocol (snapshot ceremonies, key generation), version 1.
 pub const MAINT_ALPN: &[u8] = b"tend/maint/1";
 /// Largest message frame accepted (a join message carries the authority's facts).
@@ -188,6 +191,8 @@ struct Waiter {
 /// connections, the key generation it takes part in, and counters.
 pub struct Maint {
     engine: Mutex<SnapshotEngine>,
+    /// How many votes are saved in the store; `None` until they were loaded.
+    persisted_votes: Mutex<Option<usize>>,
     /// The (identity epoch, group key) whose key the engine holds.
     installed: Mutex<Option<(u64, GroupKey)>>,
     waiters: Mutex<HashMap<Hash32, Waiter>>,
@@ -226,6 +231,7 @@ impl Maint {
     pub(crate) fn new(me: DeviceId) -> Self {
         Self {
             engine: Mutex::new(SnapshotEngine::new(me)),
+            persisted_votes: Mutex::new(None),
             installed: Mutex::new(None),
             waiters: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
@@ -291,10 +297,26 @@ impl Maint {
         let mut rng = rand::rngs::OsRng;
         let mut out = Vec::new();
         let mut engine = lock(&self.engine);
+        let mut persisted = lock(&self.persisted_votes);
+        if persisted.is_none() {
+            // A member signs at most one digest per target epoch, across restarts too:
+            // otherwise two snapshots could complete at one epoch (found by tend-sim).
+            let votes: Vec<(Epoch, Hash32)> =
+                device.store().get_setting(VOTES)?.unwrap_or_default();
+            engine.restore_votes(votes);
+            *persisted = Some(engine.votes().len());
+        }
         if let Some(key) = self.key_to_install(node, view.state()) {
             out.extend(engine.handle(now, &view, CeremonyInput::InstallKey(key), &mut rng));
         }
         out.extend(engine.handle(now, &view, input, &mut rng));
+        if *persisted != Some(engine.votes().len()) {
+            // Persisted before any reply carrying the vote leaves this device.
+            let votes: Vec<(Epoch, Hash32)> =
+                engine.votes().iter().map(|(e, h)| (*e, *h)).collect();
+            device.store().put_setting(VOTES, &votes)?;
+            *persisted = Some(votes.len());
+        }
         Ok(out)
     }
 

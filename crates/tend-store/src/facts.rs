@@ -63,6 +63,9 @@ pub struct InsertReport {
     pub duplicates: u64,
     /// Facts refused by admission, in `(namespace, epoch, id)` order; none of them was written.
     pub rejected: Vec<Rejected>,
+    /// Held facts deleted because a membership change in this batch shows their author was
+    /// not a member at their epoch.
+    pub dropped: u64,
 }
 
 /// Per-namespace figures.
@@ -83,6 +86,10 @@ pub struct NamespaceStats {
 /// Whether a payload changes the maintenance state (and so lives in the maintenance table).
 pub(crate) fn is_maintenance(p: &Payload) -> bool {
     !matches!(p, Payload::Application { .. } | Payload::Unknown { .. })
+}
+
+fn is_membership_change(p: &Payload) -> bool {
+    matches!(p, Payload::Authority(AuthorityFact::MembershipChanged(_)))
 }
 
 fn is_genesis(p: &Payload) -> bool {
@@ -261,6 +268,46 @@ impl Iterator for ItemIter<'_> {
 }
 
 impl Store {
+    /// Deletes held facts above `since` whose author is not a member at their epoch under
+    /// `state`: a membership change that arrives after facts it governs (a partition) would
+    /// otherwise leave them on this replica only, and replicas would never converge (found
+    /// by tend-sim). They were never valid in the journal that every replica converges to.
+    fn drop_inadmissible(
+        &self,
+        t: &mut WriteTables<'_>,
+        rec: &mut NsRecord,
+        state: &tend_core::MaintenanceState,
+        since: Epoch,
+    ) -> Result<u64, StoreError> {
+        let (start, end) = codec::epoch_range(rec.no, since.next(), None);
+        let mut doomed = Vec::new();
+        {
+            let mut resolver = AuthorResolver::new(&t.author_by_no);
+            let range = match &end {
+                Some(end) => t.facts.range::<&FactKey>(&start..end),
+                None => t.facts.range::<&FactKey>(&start..),
+            }
+            .map_err(|e| self.err(e))?;
+            for item in range {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                let key = *k.value();
+                let (_, epoch, id) = codec::split_key(&key);
+                let sv = codec::decode_value(v.value())
+                    .ok_or_else(|| self.corrupt(format!("fact {id} has a malformed record")))?;
+                let author = resolver.get(self, sv.author_no)?;
+                if !state.is_member_at(&author, epoch) {
+                    doomed.push(key);
+                }
+            }
+        }
+        for key in &doomed {
+            t.facts.remove(key).map_err(|e| self.err(e))?;
+            t.maint.remove(key).map_err(|e| self.err(e))?;
+        }
+        rec.count = rec.count.saturating_sub(doomed.len() as u64);
+        Ok(doomed.len() as u64)
+    }
+
     /// Stores a batch of verified facts in one transaction.
     ///
     /// Facts already stored count as duplicates. New facts are admitted per namespace, an
@@ -320,6 +367,8 @@ impl Store {
                     None => self.reduce_in(&t.maint, &t.author_by_no, ns, &rec)?,
                 };
                 let mut last_maint = last_key(self, &t.maint, rec.no)?;
+                // The lowest epoch of a membership change admitted in this batch.
+                let mut membership_changed: Option<Epoch> = None;
                 for f in group {
                     let key = codec::fact_key(rec.no, f.epoch(), &f.id());
                     let maint = is_maintenance(f.payload());
@@ -376,6 +425,10 @@ impl Store {
                     report.inserted += 1;
                     rec.count += 1;
                     rec.max_epoch = rec.max_epoch.max(f.epoch().0);
+                    if is_membership_change(f.payload()) {
+                        membership_changed =
+                            Some(membership_changed.map_or(f.epoch(), |e| e.min(f.epoch())));
+                    }
                     if maint {
                         t.maint
                             .insert(&key, value.as_slice())
@@ -389,6 +442,13 @@ impl Store {
                         }
                     } else {
                         state.observe_epoch(f.epoch());
+                    }
+                }
+                if let Some(since) = membership_changed {
+                    let dropped = self.drop_inadmissible(&mut t, &mut rec, &state, since)?;
+                    if dropped > 0 {
+                        report.dropped += dropped;
+                        state = self.reduce_in(&t.maint, &t.author_by_no, ns, &rec)?;
                     }
                 }
                 t.namespaces

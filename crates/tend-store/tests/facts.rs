@@ -268,3 +268,55 @@ fn settings_are_typed() {
     assert!(s.delete_setting("cache").unwrap());
     assert!(s.get_setting::<u64>("cache").unwrap().is_none());
 }
+
+#[test]
+fn a_membership_change_learned_late_drops_the_facts_it_makes_invalid() {
+    // Found by tend-sim: a device partitioned from the admin admits facts of a member the
+    // admin removed at a lower epoch; once it learns the removal, it must hold what every
+    // other replica holds.
+    let (admin, b, c) = (key(1), key(2), key(3));
+    let (ns, genesis) = authority(&admin);
+    let add = membership(ns, &admin, 1, 1, &[&admin, &b, &c]);
+    let remove_b = membership(ns, &admin, 3, 2, &[&admin, &c]);
+    let b_early = app(ns, 2, &b, b"b at 2, a member then");
+    let b_late = app(ns, 5, &b, b"b at 5, removed at 3");
+    let c_late = app(ns, 5, &c, b"c at 5");
+
+    // The partitioned replica: b's late fact arrives before the removal.
+    let (_d1, late) = {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::create(dir.path().join("s.redb")).unwrap();
+        (dir, s)
+    };
+    late.insert_batch(&[genesis.clone(), add.clone(), b_early.clone()])
+        .unwrap();
+    let r = late
+        .insert_batch(&[b_late.clone(), c_late.clone()])
+        .unwrap();
+    assert_eq!((r.inserted, r.rejected.len()), (2, 0));
+    let r = late.insert_batch(std::slice::from_ref(&remove_b)).unwrap();
+    assert_eq!((r.inserted, r.dropped), (1, 1));
+    assert!(!late.contains(ns, b_late.epoch(), &b_late.id()).unwrap());
+    assert!(late.contains(ns, b_early.epoch(), &b_early.id()).unwrap());
+    assert!(late.contains(ns, c_late.epoch(), &c_late.id()).unwrap());
+
+    // A replica that learned everything in order holds the same journal and state.
+    let (_d2, ordered) = {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::create(dir.path().join("s.redb")).unwrap();
+        (dir, s)
+    };
+    let r = ordered
+        .insert_batch(&[genesis, add, b_early, remove_b, b_late, c_late])
+        .unwrap();
+    assert_eq!(r.rejected.len(), 1);
+    assert_eq!(
+        late.journal_digest(ns).unwrap(),
+        ordered.journal_digest(ns).unwrap()
+    );
+    assert_eq!(
+        late.maintenance_state(ns).unwrap(),
+        ordered.maintenance_state(ns).unwrap()
+    );
+    assert_eq!(late.stats(ns).unwrap(), ordered.stats(ns).unwrap());
+}

@@ -40,7 +40,8 @@ fn vm_hwm_kib() -> u64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    // Child phases: `export STORE NS_HEX OUT KEYFILE` and `restore ARCHIVE KEYFILE HOME`.
+    // Child phases: `export STORE NS_HEX OUT RECIPIENT`, `verify ARCHIVE KEYFILE` and
+    // `restore ARCHIVE KEYFILE HOME`.
     if args.get(1).map(String::as_str) == Some("--phase") {
         return phase(&args[2..]);
     }
@@ -102,6 +103,7 @@ fn main() {
         100.0 * archive_bytes as f64 / store_bytes as f64,
         store_bytes as f64 / 1048576.0
     );
+    run(&["verify", archive.to_str().unwrap(), key.to_str().unwrap()]);
     let restored = dir.path().join("restored");
     run(&[
         "restore",
@@ -141,6 +143,16 @@ fn phase(args: &[String]) {
                 r.tail_chunks,
                 r.largest_chunk_bytes as f64 / 1048576.0,
                 r.blob_bytes as f64 / 1048576.0
+            );
+        }
+        "verify" => {
+            let dec = Decryption::identity_file(Path::new(&args[2])).expect("key");
+            let r = tend_backup::verify_file(Path::new(&args[1]), &dec, None).expect("verify");
+            println!(
+                "verify: {:.2?}, peak RSS {:.1} MiB; {} tail facts checked",
+                t.elapsed(),
+                vm_hwm_kib() as f64 / 1024.0,
+                r.tail_facts
             );
         }
         "restore" => {

@@ -11,6 +11,9 @@ use tend_crypto::device::DeviceKey;
 /// ALPN of the tend sync protocol, version 1.
 pub const SYNC_ALPN: &[u8] = b"tend/sync/1";
 
+/// ALPN of the blob transfer protocol, version 1 (see `crate::blobs`).
+pub const BLOB_ALPN: &[u8] = b"tend/blob/1";
+
 /// Bytes of the frame length prefix (u32, big endian).
 pub const FRAME_HEADER: usize = 4;
 
@@ -67,6 +70,7 @@ pub async fn bind(key: &DeviceKey, listen: SocketAddr) -> Result<Endpoint, Endpo
         .alpns(vec![
             SYNC_ALPN.to_vec(),
             crate::ceremony::MAINT_ALPN.to_vec(),
+            BLOB_ALPN.to_vec(),
         ])
         .bind()
         .await

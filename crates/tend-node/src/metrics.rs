@@ -44,6 +44,12 @@ pub struct Metrics {
     pub handshake_refusals: Family<Labels, Counter>,
     /// Current selection score per peer.
     pub peer_score: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// Blobs fetched from peers, verified and stored.
+    pub blobs_fetched: Counter,
+    /// Blob bytes fetched from peers.
+    pub blob_bytes_received: Counter,
+    /// Blobs refused from peers, by reason (`mismatch`, `oversized`, `malformed`).
+    pub blobs_rejected: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -76,6 +82,9 @@ impl Metrics {
             facts_rejected: Family::default(),
             handshake_refusals: Family::default(),
             peer_score: Family::default(),
+            blobs_fetched: Counter::default(),
+            blob_bytes_received: Counter::default(),
+            blobs_rejected: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -134,6 +143,21 @@ impl Metrics {
             "Peer selection score in [0, 1]",
             m.peer_score.clone(),
         );
+        registry.register(
+            "blobs_fetched",
+            "Blobs fetched from peers and stored",
+            m.blobs_fetched.clone(),
+        );
+        registry.register(
+            "blob_bytes_received",
+            "Blob bytes fetched from peers",
+            m.blob_bytes_received.clone(),
+        );
+        registry.register(
+            "blobs_rejected",
+            "Blobs refused from peers, by reason",
+            m.blobs_rejected.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -147,6 +171,13 @@ impl Metrics {
     /// Counts a handshake refusal.
     pub fn refuse(&self, reason: &str) {
         self.handshake_refusals
+            .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .inc();
+    }
+
+    /// Counts a refused blob.
+    pub fn reject_blob(&self, reason: &str) {
+        self.blobs_rejected
             .get_or_create(&vec![("reason".to_string(), reason.to_string())])
             .inc();
     }

@@ -26,8 +26,9 @@ use tend_core::{
 use tend_store::{Store, StoreError};
 use tend_sync::{
     AbortReason, FactHost, FailReason, FenceStatus, LocalView, ManagerAction, ManagerConfig,
-    ManagerError, MemItems, MessageError, Outcome, PeerConfig, PeerManager, PeerStatus, SessionId,
-    SessionManager, SessionResult, SessionStats, SharedItems, SyncItem,
+    ManagerError, MemItems, MessageError, Outcome, PeerConfig, PeerManager, PeerStatus,
+    RefuseReason, SessionId, SessionManager, SessionResult, SessionStats, SharedItems, SyncItem,
+    SyncMessage,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -36,6 +37,7 @@ use crate::device::{Device, DeviceError, JournalStatus};
 use crate::discovery::{self, AddressSource, PeerAddr, StaticPeers};
 use crate::endpoint::{self, close_code, FrameError};
 use crate::metrics::Metrics;
+use crate::upgrade;
 
 /// How a node runs.
 #[derive(Clone, Debug)]
@@ -60,6 +62,11 @@ pub struct NodeConfig {
     pub manager: ManagerConfig,
     /// Peer selection.
     pub peer: PeerConfig,
+    /// Largest blob this device serves or fetches.
+    pub max_blob_bytes: u64,
+    /// Drive upgrades: advertise `DeviceMetadata` at start, and after rounds that brought
+    /// facts or blobs run the upgrade pipeline when an install command is configured.
+    pub upgrades: bool,
     /// A rendezvous server to publish this device's address to and resolve members from.
     pub rendezvous: Option<discovery::rendezvous::RendezvousConfig>,
 }
@@ -86,6 +93,8 @@ impl Default for NodeConfig {
                 max_sessions_per_peer: 2,
                 ..PeerConfig::default()
             },
+            max_blob_bytes: crate::blobs::DEFAULT_MAX_BLOB_BYTES,
+            upgrades: true,
             rendezvous: None,
         }
     }
@@ -231,6 +240,17 @@ struct Inner {
     epochs: Mutex<HashMap<FactId, Epoch>>,
     /// The identity epoch sessions were last told about.
     identity_epoch: AtomicU64,
+    /// Each peer's GC floor (latest verified snapshot epoch) as of its last handshake:
+    /// the next session reconciles only items at or above the higher of both floors.
+    peer_floors: Mutex<HashMap<DeviceId, Epoch>>,
+    /// Initiated sessions whose `Accept` (carrying the peer's floor) has not arrived.
+    awaiting_accept: Mutex<HashMap<SessionId, DeviceId>>,
+    /// Whether an upgrade pipeline run is in progress (one at a time).
+    applying: Arc<AtomicBool>,
+    /// Facts stored from sessions either way; rounds compare it with `facts_seen` to know
+    /// whether anything arrived since the last one (responder sessions included).
+    facts_stored: AtomicU64,
+    facts_seen: AtomicU64,
     next_wake: Mutex<Option<Duration>>,
     wake: Notify,
     round: tokio::sync::Mutex<()>,
@@ -313,6 +333,11 @@ impl Node {
             sources: Mutex::new(sources),
             epochs: Mutex::new(HashMap::new()),
             identity_epoch: AtomicU64::new(state.identity_epoch()),
+            peer_floors: Mutex::new(HashMap::new()),
+            awaiting_accept: Mutex::new(HashMap::new()),
+            applying: Arc::new(AtomicBool::new(false)),
+            facts_stored: AtomicU64::new(0),
+            facts_seen: AtomicU64::new(0),
             next_wake: Mutex::new(None),
             wake: Notify::new(),
             round: tokio::sync::Mutex::new(()),
@@ -323,6 +348,12 @@ impl Node {
             device,
         });
         let node = Node { inner };
+        if config.upgrades {
+            // Peers and the admin's readiness check read the running version from here.
+            if let Err(e) = blocking(|| upgrade::advertise(&node.inner.device)) {
+                tracing::warn!("cannot advertise device metadata: {e}");
+            }
+        }
         if let Some(r) = &config.rendezvous {
             discovery::rendezvous::attach(&node, r.clone());
         }
@@ -503,8 +534,158 @@ impl Node {
                 report.sessions.push(outcome);
             }
         }
+        let fetched = self.fetch_missing_blobs(&report).await;
+        let stored = inner.facts_stored.load(Ordering::SeqCst);
+        let arrived = inner.facts_seen.swap(stored, Ordering::SeqCst) != stored;
+        if arrived || fetched > 0 {
+            self.after_new_data();
+        }
         inner.update_score_gauges();
         report
+    }
+
+    /// Fetches blobs the reduced state references and the store lacks from the peers of
+    /// a round (those whose session completed first). Returns how many were stored.
+    async fn fetch_missing_blobs(&self, round: &RoundReport) -> u64 {
+        let inner = &self.inner;
+        let mut wanted = match inner
+            .state()
+            .and_then(|st| crate::blobs::wanted(inner.store(), &st))
+        {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!("cannot list missing blobs: {e}");
+                return 0;
+            }
+        };
+        let mut sessions: Vec<&PeerOutcome> = round.sessions.iter().collect();
+        sessions.sort_by_key(|s| !s.ok);
+        let mut fetched = 0;
+        for s in sessions {
+            if wanted.is_empty() {
+                break;
+            }
+            let (Ok(device), Ok(addr)) = (s.peer.parse::<DeviceId>(), s.addr.parse()) else {
+                continue;
+            };
+            let report = self.fetch_blobs(PeerAddr { device, addr }, &wanted).await;
+            fetched += report.fetched.len() as u64;
+            wanted.retain(|w| !report.fetched.contains(&w.cid));
+        }
+        fetched
+    }
+
+    /// Fetches `wanted` blobs from `peer`, verifying each against its CID before storing
+    /// it; a peer that sends bytes not matching the CID is demoted like a misbehaving
+    /// sync peer.
+    pub async fn fetch_blobs(
+        &self,
+        peer: PeerAddr,
+        wanted: &[crate::blobs::Wanted],
+    ) -> crate::blobs::FetchReport {
+        let inner = &self.inner;
+        let report = crate::blobs::fetch(
+            &inner.endpoint,
+            &inner.device,
+            &inner.metrics,
+            peer,
+            wanted,
+            inner.config.max_blob_bytes,
+            inner.config.connect_timeout,
+        )
+        .await;
+        if let Some(why) = &report.misbehaviour {
+            tracing::warn!("peer {} sent a bad blob: {why}", peer.device);
+            let mut book = lock(&inner.peers);
+            book.manager.add(peer.device, 1.0);
+            book.manager.session_started(&peer.device);
+            book.manager.session_ended(
+                &peer.device,
+                &SessionResult::Failed(FailReason::Unexpected("blob not matching its CID")),
+            );
+        }
+        report
+    }
+
+    /// After a round brought facts or blobs: tells sessions about new epochs, advertises
+    /// a changed running version, and runs the upgrade pipeline off the async threads
+    /// when an install command is configured (one run at a time).
+    fn after_new_data(&self) {
+        let inner = &self.inner;
+        if !inner.config.upgrades {
+            return;
+        }
+        let command = match upgrade::install_command(&inner.device) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("cannot read the install command: {e}");
+                None
+            }
+        };
+        let Some(command) = command else {
+            if let Err(e) = blocking(|| upgrade::advertise(&inner.device)) {
+                tracing::warn!("cannot advertise device metadata: {e}");
+            }
+            return;
+        };
+        if inner.applying.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let device = node.inner.device.clone();
+            let mut installer = upgrade::CommandInstaller {
+                command,
+                home: device.home().to_owned(),
+                timeout: Duration::from_secs(300),
+            };
+            match upgrade::apply(
+                &device,
+                device.store(),
+                &mut installer,
+                &upgrade::ApplyOptions::default(),
+            ) {
+                Ok(r) if r.has_failures() => tracing::warn!("upgrade pipeline: {r:?}"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("upgrade pipeline failed: {e}"),
+            }
+            node.inner.after_local_write();
+            node.inner.applying.store(false, Ordering::SeqCst);
+        });
+    }
+
+    /// Whether an upgrade pipeline run is in progress.
+    pub fn upgrade_running(&self) -> bool {
+        self.inner.applying.load(Ordering::SeqCst)
+    }
+
+    /// `tend gc` while the node runs: prunes what the latest verified snapshot covers
+    /// (or, with `dry_run`, reports it). Compaction needs exclusive access to the store,
+    /// so it is left to `tend gc` on a stopped device.
+    pub fn gc(&self, dry_run: bool) -> Result<crate::device::GcReport, NodeError> {
+        let device = &self.inner.device;
+        if !dry_run && device.gc_policy()? == crate::device::GcPolicy::Archive {
+            return Err(NodeError::Device(DeviceError::ArchiveDevice));
+        }
+        let ns = device.namespace();
+        let store = device.store();
+        let size = store.file_size()?;
+        let report = blocking(|| {
+            if dry_run {
+                store.prune_dry_run(ns)
+            } else {
+                store.prune(ns)
+            }
+        })?;
+        Ok(crate::device::GcReport {
+            dry_run,
+            floor: report.floor.0,
+            facts_pruned: report.facts,
+            fact_bytes: report.fact_bytes,
+            blobs_pruned: report.blobs,
+            store_bytes_before: size,
+            store_bytes_after: size,
+        })
     }
 
     /// Syncs with one given peer now (adding it if unknown).
@@ -547,7 +728,7 @@ impl Node {
 pub fn run_blocking(
     home: &Path,
     config: NodeConfig,
-    on_start: impl FnOnce(&StartInfo),
+    on_start: impl FnOnce(&Node),
 ) -> Result<(), NodeError> {
     let device = Device::open(home)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -556,7 +737,7 @@ pub fn run_blocking(
         .map_err(NodeError::Runtime)?;
     rt.block_on(async move {
         let node = Node::start(device, config).await?;
-        on_start(&node.start_info());
+        on_start(&node);
         wait_for_signal().await;
         node.shutdown().await;
         Ok(())
@@ -687,10 +868,23 @@ impl Inner {
     }
 
     /// The handshake view and the item snapshot a new session reconciles against.
-    fn session_inputs(&self) -> Result<(LocalView, SharedItems), StoreError> {
+    /// Items are those at or above the higher of our GC floor (latest verified snapshot)
+    /// and the peer's, when known: below it the snapshot covers the facts, and a pruned
+    /// device no longer has them.
+    fn session_inputs(
+        &self,
+        peer_floor: Option<Epoch>,
+    ) -> Result<(LocalView, SharedItems), StoreError> {
         let state = self.state()?;
+        let floor = state
+            .snapshot_epoch()
+            .max(peer_floor.unwrap_or(Epoch::ZERO));
+        let running = upgrade::running_version(&self.device, &state).unwrap_or_else(|e| {
+            tracing::warn!("cannot read the running version: {e}");
+            ProtocolVersion::CURRENT
+        });
         let mut items = Vec::new();
-        for item in self.store().items(self.namespace(), ..)? {
+        for item in self.store().items(self.namespace(), floor..)? {
             let (epoch, id) = item?;
             items.push(SyncItem { epoch, id });
         }
@@ -703,9 +897,9 @@ impl Inner {
         let local = LocalView {
             device: self.device.device_id(),
             namespace: self.namespace(),
-            protocol: ProtocolVersion::CURRENT,
+            protocol: running,
             epoch: state.maintenance_epoch(),
-            fence: FenceStatus::from_state(&state, state.current_epoch(), ProtocolVersion::CURRENT),
+            fence: FenceStatus::from_state(&state, state.current_epoch(), running),
         };
         Ok((local, Arc::new(MemItems::new(self.namespace(), items))))
     }
@@ -725,6 +919,8 @@ impl Inner {
         if !host.pending.is_empty() {
             match self.store().insert_batch(&host.pending) {
                 Ok(report) => {
+                    self.facts_stored
+                        .fetch_add(report.inserted, Ordering::SeqCst);
                     let mut epochs = lock(&self.epochs);
                     for f in &host.pending {
                         epochs.insert(f.id(), f.epoch());
@@ -767,6 +963,15 @@ impl Inner {
 
     /// A frame arrived for session `sid`.
     fn handle(&self, sid: SessionId, bytes: &[u8]) {
+        let initiated = lock(&self.awaiting_accept).remove(&sid);
+        if let Some(peer) = initiated {
+            // The first answer of an initiated session: note the peer's GC floor.
+            if let Ok(SyncMessage::Accept(a)) =
+                SyncMessage::decode(bytes, self.config.manager.session.max_message_bytes)
+            {
+                lock(&self.peer_floors).insert(peer, a.epoch.snapshot_epoch);
+            }
+        }
         let now = self.now();
         let actions = {
             let mut m = lock(&self.manager);
@@ -1022,6 +1227,16 @@ fn describe(result: &SessionResult) -> String {
                 if *by_peer { " by peer" } else { "" }
             )
         }
+        SessionResult::Refused {
+            by_peer: true,
+            reason:
+                tend_sync::RefuseReason::PeerFenceNotSatisfied {
+                    fence, required, ..
+                },
+        } => format!(
+            "refused by the peer: version {required} is mandatory from epoch {fence} and this \
+             device runs an older one; upgrade it to sync again"
+        ),
         SessionResult::Refused { reason, .. } => format!("refused: {reason}"),
         SessionResult::Failed(reason) => format!("failed: {reason}"),
     }
@@ -1029,6 +1244,26 @@ fn describe(result: &SessionResult) -> String {
 
 /// Syncs with one peer, retrying at once when an identity epoch change aborted it.
 async fn sync_peer(inner: Arc<Inner>, peer: PeerAddr) -> PeerOutcome {
+    // DESIGN rule 7: a device past a fence its running version does not meet starts no
+    // session; the refusal names the package and the versions.
+    let refusal = inner.state().ok().and_then(|st| {
+        let running = upgrade::running_version(&inner.device, &st).ok()?;
+        st.fence_check(st.current_epoch(), running).err()
+    });
+    if let Some(r) = refusal {
+        return PeerOutcome {
+            peer: peer.device.to_string(),
+            addr: peer.addr.to_string(),
+            result: r.to_string(),
+            ok: false,
+            attempts: 0,
+            facts_sent: 0,
+            facts_received: 0,
+            facts_accepted: 0,
+            facts_rejected: 0,
+            duration_ms: 0,
+        };
+    }
     let mut attempts = 0;
     loop {
         attempts += 1;
@@ -1110,10 +1345,12 @@ async fn initiate(inner: &Arc<Inner>, peer: PeerAddr) -> Result<Outcome, String>
     let now = inner.now();
     let opened = {
         let mut m = lock(&inner.manager);
-        match inner.session_inputs() {
+        let known_floor = lock(&inner.peer_floors).get(&peer.device).copied();
+        match inner.session_inputs(known_floor) {
             Ok((local, items)) => match m.open(now, peer.device, local, items) {
                 Ok((sid, actions)) => {
                     lock(&inner.routes).insert(sid, tx.clone());
+                    lock(&inner.awaiting_accept).insert(sid, peer.device);
                     Ok((sid, actions))
                 }
                 Err(e) => Err(e.to_string()),
@@ -1189,6 +1426,10 @@ async fn serve_connection(inner: Arc<Inner>, conn: Connection) {
         );
         return;
     }
+    if conn.alpn() == endpoint::BLOB_ALPN {
+        crate::blobs::serve(inner.device.clone(), conn, inner.config.max_blob_bytes).await;
+        return;
+    }
     while let Ok((send, recv)) = conn.accept_bi().await {
         let inner = inner.clone();
         let conn = conn.clone();
@@ -1223,12 +1464,39 @@ async fn respond(
         }
         _ => return,
     };
+    let mut hello_floor = None;
+    if let Ok(SyncMessage::Hello(h)) = SyncMessage::decode(&hello, limit) {
+        hello_floor = Some(h.epoch.snapshot_epoch);
+        lock(&inner.peer_floors).insert(peer, h.epoch.snapshot_epoch);
+        // DESIGN rule 7: a peer that has not seen the activation cannot refuse itself, so
+        // its announced version is checked here, past the fence at our epoch.
+        if let Err(refusal) = inner
+            .state()
+            .map(|st| st.fence_check_peer(st.current_epoch(), h.protocol))
+            .unwrap_or(Ok(()))
+        {
+            inner.metrics.refuse("fence");
+            let reason = RefuseReason::PeerFenceNotSatisfied {
+                fence: refusal.fence,
+                required: refusal.required,
+                local_epoch: refusal.local_epoch,
+            };
+            let _ = endpoint::write_frame(&mut send, &SyncMessage::Refuse(reason).encode()).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+            conn.close(
+                endpoint::code(close_code::DONE),
+                refusal.to_string().as_bytes(),
+            );
+            return;
+        }
+    }
     let (tx, rx) = mpsc::unbounded_channel();
     let now = inner.now();
     let accepted = {
         let mut m = lock(&inner.manager);
         let mut host = inner.host();
-        match inner.session_inputs() {
+        match inner.session_inputs(hello_floor) {
             Ok((local, items)) => match m.accept(now, peer, &hello, local, items, &mut host) {
                 Ok((sid, actions)) => {
                     lock(&inner.routes).insert(sid, tx.clone());

@@ -695,10 +695,35 @@ pub fn advertise(device: &Device) -> Result<bool, UpgradeError> {
         supported_versions: supported,
         upgrade_policy: policy(device)?,
     };
-    if state.device_metadata.get(&device.device_id()) == Some(&meta) {
+    let me = device.device_id();
+    if state.device_metadata.get(&me) == Some(&meta) {
         return Ok(false);
     }
-    device.append(Payload::Maintenance(MaintenanceFact::DeviceMetadata(meta)))?;
+    // The reducer keeps a device's last metadata in `(epoch, id)` order, so the new fact
+    // must sort after the previous one: at the same epoch the ids would decide.
+    let mut previous = None;
+    for stored in device.store().scan_maintenance(device.namespace())? {
+        let stored = stored?;
+        if let Ok(f) = stored.verify() {
+            if f.author() == me
+                && matches!(
+                    f.payload(),
+                    Payload::Maintenance(MaintenanceFact::DeviceMetadata(_))
+                )
+            {
+                previous = Some(f.epoch());
+            }
+        }
+    }
+    let epoch = match previous {
+        Some(p) if p >= state.current_epoch() => p.next(),
+        _ => state.current_epoch(),
+    };
+    device.write(UnsignedFact {
+        namespace: device.namespace(),
+        epoch,
+        payload: Payload::Maintenance(MaintenanceFact::DeviceMetadata(meta)),
+    })?;
     Ok(true)
 }
 

@@ -13,6 +13,8 @@ fn with_socket(peers: Vec<tend_node::PeerAddr>) -> NodeConfig {
     NodeConfig {
         control_socket: true,
         sync_interval: std::time::Duration::from_secs(3600),
+        // Fact counts below are exact: no `DeviceMetadata` advertised at start.
+        upgrades: false,
         ..config(peers)
     }
 }

@@ -250,6 +250,12 @@ pub struct Session {
     answers: u64,
     /// Responder: the ids listed in its latest answer, which `WantIndexed` refers to.
     last_listed: Vec<FactId>,
+    /// The item snapshot, kept to find which of our items lie below the peer's floor.
+    items: SharedItems,
+    /// Our items below the peer's GC floor (its latest verified snapshot, learnt from its
+    /// `Hello` or `Accept`): never sent, the peer's snapshot covers them (or it would
+    /// answer `Late`).
+    below_peer_floor: HashSet<FactId>,
     /// A batch loaded but held back by the rate limit.
     staged: Option<Vec<Vec<u8>>>,
     recon_done: bool,
@@ -339,7 +345,7 @@ impl Session {
                 session: local.namespace,
             });
         }
-        let recon = Reconciler::new(items, config.frame_size_limit)?;
+        let recon = Reconciler::new(items.clone(), config.frame_size_limit)?;
         let first_deadline = now + config.idle_timeout;
         Ok(Self {
             role,
@@ -353,6 +359,8 @@ impl Session {
             wanted: HashSet::new(),
             answers: 0,
             last_listed: Vec::new(),
+            items,
+            below_peer_floor: HashSet::new(),
             staged: None,
             recon_done: false,
             done_sent: false,
@@ -447,6 +455,7 @@ impl Session {
             s.fail(now, FailReason::Handshake("device id"), &mut out);
             return Ok((s, out));
         }
+        s.learn_peer_floor(msg.epoch.snapshot_epoch);
         let refusal = if msg.namespace != local.namespace {
             Some(RefuseReason::UnknownNamespace(msg.namespace))
         } else if !host.is_authorized(local.namespace, &peer) {
@@ -597,6 +606,7 @@ impl Session {
                     return out;
                 }
                 self.phase = Phase::Running;
+                self.learn_peer_floor(a.epoch.snapshot_epoch);
                 self.on_answer(now, &a.reconcile, &mut out);
                 if !self.is_finished() && a.reconcile == [NEGENTROPY_V1] {
                     // The responder found every range equal and has closed its side.
@@ -746,7 +756,25 @@ impl Session {
         }
     }
 
+    /// Notes the peer's GC floor: items below it are never sent (items are sorted by
+    /// epoch, so only the prefix below the floor is scanned).
+    fn learn_peer_floor(&mut self, floor: tend_core::Epoch) {
+        let mut below = HashSet::new();
+        self.items.scan(0, self.items.len(), &mut |_, item| {
+            if item.epoch < floor {
+                below.insert(item.id);
+                true
+            } else {
+                false
+            }
+        });
+        self.below_peer_floor = below;
+    }
+
     fn enqueue(&mut self, id: FactId) {
+        if self.below_peer_floor.contains(&id) {
+            return;
+        }
         if self.queued.insert(id) {
             self.outbox.push_back(id);
         }

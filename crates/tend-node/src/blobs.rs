@@ -1,0 +1,347 @@
+//! Blob transfer between members over the `tend/blob/1` ALPN: which blobs the reduced
+//! state references but the store lacks, the server answering requests for them, and the
+//! client that fetches, verifies against the CID and stores them.
+//!
+//! Wire: one bi-stream per blob. The requester writes one frame holding the CID's bytes;
+//! the server answers with a 9-byte header frame (status, then the size as u64 big
+//! endian) and, when found, the content in frames of at most [`CHUNK_BYTES`] that add up
+//! to exactly that size. Frames are the sync protocol's (u32 big-endian length prefix).
+//! Both sides bound a blob by their `max_blob_bytes`; the receiver refuses a larger
+//! announcement before reading it, and stores nothing that does not hash to the CID.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use iroh::endpoint::{Connection, RecvStream, SendStream};
+use iroh::Endpoint;
+use tend_core::{ContentId, MaintenanceState};
+use tend_store::{Store, StoreError};
+
+use crate::device::Device;
+use crate::discovery::PeerAddr;
+use crate::endpoint::{self, close_code, FrameError, BLOB_ALPN};
+use crate::metrics::Metrics;
+use crate::upgrade::artifact_cid;
+
+/// The default largest blob a device serves or accepts.
+pub const DEFAULT_MAX_BLOB_BYTES: u64 = 64 << 20;
+/// Largest content frame.
+pub const CHUNK_BYTES: usize = 256 << 10;
+/// Longest request frame (a CID is 36 bytes).
+const MAX_REQUEST_BYTES: usize = 128;
+
+/// Response status codes (the first byte of the header frame).
+pub mod status {
+    /// The content follows.
+    pub const FOUND: u8 = 0;
+    /// The server does not hold the blob.
+    pub const MISSING: u8 = 1;
+    /// The blob is larger than the server serves.
+    pub const TOO_LARGE: u8 = 2;
+}
+
+/// Why fetching a blob from a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("cannot reach the peer: {0}")]
+    Connect(String),
+    #[error("blob stream failed: {0}")]
+    Stream(String),
+    #[error("the peer does not hold blob {0}")]
+    Missing(ContentId),
+    #[error("blob {cid} is {size} bytes, over the limit of {max}")]
+    TooLarge { cid: ContentId, size: u64, max: u64 },
+    #[error("blob {cid} announced as {announced} bytes, the journal says {expected}")]
+    WrongSize {
+        cid: ContentId,
+        announced: u64,
+        expected: u64,
+    },
+    #[error("the peer sent bytes that do not match blob {0}")]
+    Mismatch(ContentId),
+    #[error("the peer broke the blob protocol: {0}")]
+    Malformed(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl BlobError {
+    /// Whether the peer is to blame (demote and disconnect it).
+    pub fn is_misbehaviour(&self) -> bool {
+        matches!(
+            self,
+            BlobError::Mismatch(_) | BlobError::Malformed(_) | BlobError::WrongSize { .. }
+        )
+    }
+
+    /// The metrics label of a refused blob, if it is one.
+    fn reject_label(&self) -> Option<&'static str> {
+        match self {
+            BlobError::Mismatch(_) => Some("mismatch"),
+            BlobError::TooLarge { .. } | BlobError::WrongSize { .. } => Some("oversized"),
+            BlobError::Malformed(_) => Some("malformed"),
+            _ => None,
+        }
+    }
+}
+
+impl From<FrameError> for BlobError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Oversized { len, max } => {
+                BlobError::Malformed(format!("frame of {len} bytes over {max}"))
+            }
+            other => BlobError::Stream(other.to_string()),
+        }
+    }
+}
+
+/// A blob the device needs, with its size when the journal states it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    pub cid: ContentId,
+    pub size: Option<u64>,
+}
+
+/// Blobs the reduced state references that the store lacks: every published upgrade's
+/// artifact and the latest snapshot's blob, unless tombstoned.
+pub fn wanted(store: &Store, state: &MaintenanceState) -> Result<Vec<Wanted>, StoreError> {
+    let mut out = Vec::new();
+    let referenced = state
+        .upgrades
+        .values()
+        .map(|u| Wanted {
+            cid: artifact_cid(&u.metadata.artifact_hash),
+            size: Some(u.metadata.artifact_size),
+        })
+        .chain(state.latest_snapshot.as_ref().map(|s| Wanted {
+            cid: s.snapshot.blob_cid,
+            size: None,
+        }));
+    for w in referenced {
+        if !state.tombstones.contains_key(&w.cid) && !store.has_blob(&w.cid)? {
+            out.push(w);
+        }
+    }
+    Ok(out)
+}
+
+/// Writes one answer: the header, then the content in chunks.
+pub async fn write_response(
+    send: &mut SendStream,
+    status: u8,
+    size: u64,
+    content: &[u8],
+) -> Result<(), FrameError> {
+    let mut header = [0u8; 9];
+    header[0] = status;
+    header[1..].copy_from_slice(&size.to_be_bytes());
+    endpoint::write_frame(send, &header).await?;
+    for chunk in content.chunks(CHUNK_BYTES) {
+        endpoint::write_frame(send, chunk).await?;
+    }
+    Ok(())
+}
+
+/// Serves blob requests on a member's connection until the peer closes it.
+pub async fn serve(device: Arc<Device>, conn: Connection, max_blob_bytes: u64) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let device = device.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer(&device, send, recv, max_blob_bytes).await {
+                tracing::debug!("blob request failed: {e}");
+            }
+        });
+    }
+}
+
+async fn answer(
+    device: &Arc<Device>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    max: u64,
+) -> Result<(), FrameError> {
+    let request = endpoint::read_frame(&mut recv, MAX_REQUEST_BYTES).await?;
+    let Ok(cid) = ContentId::from_bytes(&request) else {
+        // Not a CID we could hold: say missing rather than guess.
+        write_response(&mut send, status::MISSING, 0, &[]).await?;
+        let _ = send.finish();
+        return Ok(());
+    };
+    let d = device.clone();
+    let blob = tokio::task::spawn_blocking(move || d.store().get_blob(&cid))
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .flatten();
+    match blob {
+        Some(bytes) if bytes.len() as u64 > max => {
+            write_response(&mut send, status::TOO_LARGE, bytes.len() as u64, &[]).await?
+        }
+        Some(bytes) => write_response(&mut send, status::FOUND, bytes.len() as u64, &bytes).await?,
+        None => write_response(&mut send, status::MISSING, 0, &[]).await?,
+    }
+    let _ = send.finish();
+    // Keep the stream until the peer has read everything.
+    let _ = tokio::time::timeout(Duration::from_secs(30), send.stopped()).await;
+    Ok(())
+}
+
+/// Requests one blob on an open connection and returns its verified content.
+pub async fn request(
+    conn: &Connection,
+    want: Wanted,
+    max_blob_bytes: u64,
+) -> Result<Vec<u8>, BlobError> {
+    let cid = want.cid;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| BlobError::Stream(e.to_string()))?;
+    endpoint::write_frame(&mut send, &cid.to_bytes()).await?;
+    let _ = send.finish();
+    let header = endpoint::read_frame(&mut recv, 9).await?;
+    let Ok(header) = <[u8; 9]>::try_from(header.as_slice()) else {
+        return Err(BlobError::Malformed("short header".into()));
+    };
+    let mut size_bytes = [0u8; 8];
+    size_bytes.copy_from_slice(&header[1..]);
+    let size = u64::from_be_bytes(size_bytes);
+    match header[0] {
+        status::FOUND => {}
+        status::MISSING => return Err(BlobError::Missing(cid)),
+        status::TOO_LARGE => {
+            return Err(BlobError::TooLarge {
+                cid,
+                size,
+                max: max_blob_bytes,
+            })
+        }
+        other => return Err(BlobError::Malformed(format!("unknown status {other}"))),
+    }
+    if let Some(expected) = want.size.filter(|e| *e != size) {
+        return Err(BlobError::WrongSize {
+            cid,
+            announced: size,
+            expected,
+        });
+    }
+    if size > max_blob_bytes {
+        return Err(BlobError::TooLarge {
+            cid,
+            size,
+            max: max_blob_bytes,
+        });
+    }
+    // `size` is bounded by `max_blob_bytes`, so the allocation is too.
+    let mut bytes = Vec::with_capacity(size as usize);
+    while (bytes.len() as u64) < size {
+        let chunk = endpoint::read_frame(&mut recv, CHUNK_BYTES).await?;
+        if chunk.is_empty() || bytes.len() as u64 + chunk.len() as u64 > size {
+            return Err(BlobError::Malformed("content frames do not add up".into()));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    if !cid.matches(&bytes) {
+        return Err(BlobError::Mismatch(cid));
+    }
+    Ok(bytes)
+}
+
+/// What fetching from one peer did.
+#[derive(Debug, Default)]
+pub struct FetchReport {
+    /// Blobs verified and stored.
+    pub fetched: Vec<ContentId>,
+    /// Blobs the peer did not hold (or would not serve).
+    pub missing: Vec<ContentId>,
+    /// Why the peer is to blame, if it is: the caller demotes it.
+    pub misbehaviour: Option<String>,
+    /// Why the exchange stopped otherwise (unreachable peer, broken stream).
+    pub error: Option<String>,
+}
+
+/// Fetches `wanted` from `peer` over one connection: each blob is verified against its
+/// CID and stored with the CID's codec. A peer that sends a blob not matching its CID is
+/// disconnected, and nothing more is asked of it.
+pub async fn fetch(
+    endpoint: &Endpoint,
+    device: &Arc<Device>,
+    metrics: &Metrics,
+    peer: PeerAddr,
+    wanted: &[Wanted],
+    max_blob_bytes: u64,
+    connect_timeout: Duration,
+) -> FetchReport {
+    let mut report = FetchReport::default();
+    if wanted.is_empty() {
+        return report;
+    }
+    let addr = match endpoint::endpoint_addr(peer.device, peer.addr) {
+        Ok(a) => a,
+        Err(e) => {
+            report.error = Some(e.to_string());
+            return report;
+        }
+    };
+    let conn = match tokio::time::timeout(connect_timeout, endpoint.connect(addr, BLOB_ALPN)).await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            report.error = Some(BlobError::Connect(e.to_string()).to_string());
+            return report;
+        }
+        Err(_) => {
+            report.error = Some(BlobError::Connect("timed out".into()).to_string());
+            return report;
+        }
+    };
+    for w in wanted {
+        match request(&conn, *w, max_blob_bytes).await {
+            Ok(bytes) => {
+                let d = device.clone();
+                let cid = w.cid;
+                let stored = tokio::task::spawn_blocking(move || {
+                    d.store()
+                        .put_blob(cid.codec(), &bytes)
+                        .map(|c| (c, bytes.len()))
+                })
+                .await;
+                match stored {
+                    Ok(Ok((c, len))) if c == cid => {
+                        metrics.blobs_fetched.inc();
+                        metrics.blob_bytes_received.inc_by(len as u64);
+                        report.fetched.push(cid);
+                    }
+                    Ok(Ok(_)) => {
+                        report.error = Some(format!("blob {cid} stored under another CID"))
+                    }
+                    Ok(Err(e)) => report.error = Some(e.to_string()),
+                    Err(e) => report.error = Some(e.to_string()),
+                }
+            }
+            Err(BlobError::Missing(cid)) => report.missing.push(cid),
+            Err(e) => {
+                if let Some(label) = e.reject_label() {
+                    metrics.reject_blob(label);
+                }
+                if e.is_misbehaviour() {
+                    conn.close(
+                        endpoint::code(close_code::MISBEHAVIOUR),
+                        e.to_string().as_bytes(),
+                    );
+                    report.misbehaviour = Some(e.to_string());
+                    return report;
+                }
+                if matches!(e, BlobError::TooLarge { .. }) {
+                    report.missing.push(w.cid);
+                    continue;
+                }
+                report.error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    conn.close(endpoint::code(close_code::DONE), b"done");
+    report
+}

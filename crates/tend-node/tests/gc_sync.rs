@@ -1,0 +1,210 @@
+//! GC-aware reconciliation between running devices: pruned and archive devices reconcile
+//! only the items at or above the GC floor both agree on, and a device that missed a newer
+//! snapshot learns it in the same session.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ed25519_dalek::Signer;
+use tend_core::maintenance::{MaintenanceFact, SnapshotCompleted, SnapshotV1};
+use tend_core::{Epoch, Hash32, Payload, UnsignedFact};
+use tend_node::fleet::StoreJournal;
+use tend_node::{GcPolicy, Node, NodeConfig};
+
+/// A snapshot at `epoch` completed by the admin (the test authority is 1-of-n with the
+/// admin's key as group key): blob stored on the admin, completion written at `epoch`.
+fn complete_snapshot(admin: &Node, epoch: Epoch, n: u8) {
+    let d = admin.device();
+    let ns = d.namespace();
+    let blob = StoreJournal::new(d.store(), ns)
+        .unwrap()
+        .try_snapshot_blob(epoch)
+        .unwrap();
+    let bytes = blob.encode();
+    let cid = d
+        .store()
+        .put_blob(tend_core::ids::CODEC_DAG_CBOR, &bytes)
+        .unwrap();
+    let snapshot = SnapshotV1 {
+        epoch,
+        digest: blob.prefix_digest(),
+        blob_cid: cid,
+    };
+    let proposal_id = Hash32::of(&[n]);
+    let sig = d
+        .key()
+        .signing_key()
+        .sign(&snapshot.signing_message(&ns, &proposal_id));
+    let at = d
+        .store()
+        .maintenance_state(ns)
+        .unwrap()
+        .current_epoch()
+        .max(epoch);
+    d.write(UnsignedFact {
+        namespace: ns,
+        epoch: at,
+        payload: Payload::Maintenance(MaintenanceFact::SnapshotCompleted(SnapshotCompleted {
+            proposal_id,
+            snapshot,
+            threshold_signature: sig.to_bytes(),
+        })),
+    })
+    .unwrap();
+    let st = d.store().maintenance_state(ns).unwrap();
+    assert_eq!(st.snapshot_epoch(), epoch, "the snapshot verified");
+}
+
+fn floor(n: &Node) -> Epoch {
+    let d = n.device();
+    d.store()
+        .maintenance_state(d.namespace())
+        .unwrap()
+        .snapshot_epoch()
+}
+
+/// Digest of the items at or above `from`.
+fn upper_digest(n: &Node, from: Epoch) -> Hash32 {
+    let d = n.device();
+    let mut h = blake3::Hasher::new();
+    for item in d.store().items(d.namespace(), from..).unwrap() {
+        let (e, id) = item.unwrap();
+        h.update(&e.0.to_be_bytes());
+        h.update(id.as_bytes());
+    }
+    Hash32(*h.finalize().as_bytes())
+}
+
+fn state_digest(n: &Node) -> Hash32 {
+    let d = n.device();
+    d.store()
+        .maintenance_state(d.namespace())
+        .unwrap()
+        .state_digest()
+}
+
+fn counter(n: &Node, name: &str) -> f64 {
+    metric(&n.metrics().render(), name).unwrap_or(0.0)
+}
+
+/// Every pair syncs once, both directions; every session must complete.
+async fn sync_pairs(nodes: &[&Node]) {
+    for a in nodes {
+        for b in nodes {
+            if a.device_id() != b.device_id() {
+                let out = a.sync_with(b.peer_addr()).await;
+                assert!(
+                    out.ok,
+                    "{} -> {}: {}",
+                    a.device_id(),
+                    b.device_id(),
+                    out.result
+                );
+            }
+        }
+    }
+}
+
+fn assert_agree(nodes: &[&Node]) {
+    let f = floor(nodes[0]);
+    for n in nodes {
+        assert_eq!(floor(n), f);
+        assert_eq!(upper_digest(n, f), upper_digest(nodes[0], f));
+        assert_eq!(state_digest(n), state_digest(nodes[0]));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_and_pruned_devices_reconcile_above_the_shared_floor() {
+    let mut fleet = Fleet::new(3, &[true; 3]);
+    fleet.device(2).set_gc_policy(GcPolicy::Archive).unwrap();
+    bulk_facts(fleet.device(0), "a", 30);
+    bulk_facts(fleet.device(1), "b", 30);
+    // Sessions only when the test asks, so every one of them is checked.
+    let cfg = NodeConfig {
+        sync_interval: Duration::from_secs(3600),
+        ..config(vec![])
+    };
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(Node::start(fleet.take(i), cfg.clone()).await.unwrap());
+    }
+    let (a, b, x) = (&nodes[0], &nodes[1], &nodes[2]);
+    let all = [a, b, x];
+    sync_pairs(&all).await;
+
+    // Snapshot at E1, then the two pruning devices collect garbage while running.
+    let e1 = a
+        .device()
+        .store()
+        .maintenance_state(a.device().namespace())
+        .unwrap()
+        .current_epoch()
+        .next();
+    complete_snapshot(a, e1, 1);
+    sync_pairs(&all).await;
+    for n in [a, b] {
+        let r = n.gc(false).unwrap();
+        assert_eq!(r.floor, e1.0);
+        assert!(r.facts_pruned >= 60, "{r:?}");
+    }
+    assert!(x.gc(false).is_err(), "an archive device never prunes");
+    for (i, n) in all.iter().enumerate() {
+        n.add_fact("note", format!("after-gc-{i}").as_bytes())
+            .unwrap();
+    }
+    sync_pairs(&all).await;
+    assert_agree(&all);
+    assert!(
+        fact_count(x) > fact_count(a),
+        "the archive keeps the pruned prefix"
+    );
+
+    // b misses the next snapshot: a snapshots at E2 with x, and prunes again.
+    for n in [a, x] {
+        n.add_fact("note", format!("before-e2-{}", n.device_id()).as_bytes())
+            .unwrap();
+    }
+    sync_pairs(&[a, x]).await;
+    sync_pairs(&[b, a]).await;
+    let e2 = a
+        .device()
+        .store()
+        .maintenance_state(a.device().namespace())
+        .unwrap()
+        .current_epoch()
+        .next();
+    complete_snapshot(a, e2, 2);
+    sync_pairs(&[a, x]).await;
+    a.gc(false).unwrap();
+    assert_eq!(floor(b), e1);
+    // b (floor E1) opens a session to a (floor E2): the completion reaches b in the same
+    // session, b sends nothing below E2, and the next session uses E2.
+    let out = b.sync_with(a.peer_addr()).await;
+    assert!(out.ok, "{}", out.result);
+    assert_eq!(floor(b), e2);
+    b.gc(false).unwrap();
+    for (i, n) in all.iter().enumerate() {
+        n.add_fact("note", format!("after-e2-{i}").as_bytes())
+            .unwrap();
+    }
+    sync_pairs(&all).await;
+    assert_agree(&all);
+
+    for n in all {
+        assert_eq!(counter(n, "tend_sessions_failed_total"), 0.0);
+        assert_eq!(
+            counter(n, "tend_facts_rejected_total{reason=\"late\"}"),
+            0.0,
+            "nothing below a floor was sent"
+        );
+        for p in n.peers() {
+            assert_eq!(p.trust, 1.0, "{} demoted", p.device_id);
+        }
+    }
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}

@@ -3,9 +3,12 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args as ClapArgs, Subcommand};
+use tend_backup::triggers::TriggerDecision;
+use tend_node::ceremony::SnapshotTrigger;
 use tend_node::control::Client;
 use tend_node::discovery::rendezvous::{RendezvousConfig, ServerConfig};
 use tend_node::{JournalStatus, NodeConfig, PeerAddr};
@@ -76,9 +79,22 @@ pub fn run(home: &Path, args: RunArgs, json: bool) -> CmdResult {
             .map(|server| rendezvous_config(server, sync_interval)),
         ..NodeConfig::default()
     };
-    tend_node::node::run_blocking(home, config, |info| {
+    tend_node::node::run_blocking(home, config, |node| {
+        // Automatic snapshots: the node asks on its timer (on the admin only) whether the
+        // journal passed a configured fact count, size or age (`tend snapshot triggers`).
+        node.set_snapshot_trigger(SnapshotTrigger(Arc::new(|store, ns, now_secs| {
+            match tend_backup::triggers::evaluate(store, ns, now_secs) {
+                Ok((TriggerDecision::Propose { target_epoch, .. }, _)) => Some(target_epoch),
+                Ok(_) => None,
+                Err(e) => {
+                    eprintln!("warning: snapshot triggers: {e}");
+                    None
+                }
+            }
+        })));
+        let info = node.start_info();
         if json {
-            println!("{}", serde_json::to_string(info).unwrap_or_default());
+            println!("{}", serde_json::to_string(&info).unwrap_or_default());
         } else {
             println!("device  {}", info.device_id);
             println!("listen  {}", info.listen_addr);

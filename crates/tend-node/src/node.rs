@@ -358,11 +358,12 @@ impl Node {
             discovery::rendezvous::attach(&node, r.clone());
         }
         node.inner.update_score_gauges();
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(accept_loop(node.inner.clone())));
-        tasks.push(tokio::spawn(timer_loop(node.inner.clone())));
-        tasks.push(tokio::spawn(round_loop(node.clone())));
-        tasks.push(tokio::spawn(crate::ceremony::timer_loop(node.clone())));
+        let mut tasks = vec![
+            tokio::spawn(accept_loop(node.inner.clone())),
+            tokio::spawn(timer_loop(node.inner.clone())),
+            tokio::spawn(round_loop(node.clone())),
+            tokio::spawn(crate::ceremony::timer_loop(node.clone())),
+        ];
         if let Some(addr) = config.metrics {
             let listener = crate::metrics::bind(addr)
                 .await

@@ -79,7 +79,7 @@ pub struct TriggersArgs {
 }
 
 /// A restored home: the new device and its store.
-struct Home(Device);
+pub(crate) struct Home(pub(crate) Device);
 
 impl RestoreTarget for Home {
     fn store(&self) -> &Store {

@@ -14,10 +14,15 @@ use std::time::{Duration, Instant};
 
 use clap::Args as ClapArgs;
 use serde::Serialize;
+use tend_backup::{BackupError, Decryption, Encryption, ExportOptions};
+use tend_core::upgrade::ReadinessPolicy;
 use tend_core::Epoch;
+use tend_core::ProtocolVersion;
 use tend_node::fleet::LocalFleet;
+use tend_node::upgrade;
 use tend_node::{Device, Node, NodeConfig};
 
+use crate::backup::Home;
 use crate::cli::CmdResult;
 use crate::output::Output;
 
@@ -50,8 +55,10 @@ struct DeviceRow {
     home: PathBuf,
     facts: u64,
     digest: String,
-    store_bytes_before_gc: u64,
-    store_bytes_after_gc: u64,
+    /// `None` for the restored device, which joined after GC.
+    store_bytes_before_gc: Option<u64>,
+    store_bytes_after_gc: Option<u64>,
+    store_bytes_now: u64,
 }
 
 #[derive(Serialize)]
@@ -81,6 +88,23 @@ struct Progress {
 }
 
 impl Progress {
+    /// Records a step whose work was done (asynchronously) since `start`.
+    fn record(&mut self, name: &str, detail: String, start: Instant) {
+        let millis = start.elapsed().as_millis();
+        if !self.quiet {
+            eprintln!(
+                "[{}/{}] {name} ... ok ({millis} ms) {detail}",
+                self.steps.len() + 1,
+                self.total
+            );
+        }
+        self.steps.push(StepRecord {
+            step: name.into(),
+            detail,
+            millis,
+        });
+    }
+
     fn step<T>(
         &mut self,
         name: &str,
@@ -164,6 +188,9 @@ fn node_config(listen: SocketAddr) -> NodeConfig {
     }
 }
 
+/// The install step devnet configures on every device: keep the verified artifact.
+const INSTALL_COMMAND: &str = "cp \"$1\" \"$TEND_HOME/installed-artifact\"";
+
 /// Any free loopback port.
 const ANY_PORT: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
@@ -240,12 +267,40 @@ async fn converge(nodes: &[Node], timeout: Duration) -> Result<(String, u32), Dy
     }
 }
 
+/// Runs sync rounds until `done` holds on every node (or the timeout passes).
+async fn wait_for(
+    nodes: &[Node],
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&Node) -> Result<bool, DynError>,
+) -> Result<u32, DynError> {
+    let start = Instant::now();
+    let mut rounds = 0;
+    loop {
+        let mut all = true;
+        for n in nodes {
+            all &= done(n)?;
+        }
+        if all {
+            return Ok(rounds);
+        }
+        if start.elapsed() > timeout {
+            return Err(format!("{what}: not reached after {rounds} rounds").into());
+        }
+        for n in nodes {
+            n.sync_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rounds += 1;
+    }
+}
+
 async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynError> {
     let homes = homes(dir, args.devices);
     let mut p = Progress {
         quiet: json,
         steps: Vec::new(),
-        total: 11,
+        total: 16,
     };
     let mut rng = rand::rngs::OsRng;
 
@@ -325,6 +380,50 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
             ),
         ))
     })?;
+
+    let version: ProtocolVersion = "1.1.0".parse()?;
+    let package = p.step("upgrade published", || {
+        for n in &nodes {
+            // A real install step: the command receives the verified artifact's path.
+            upgrade::set_install_command(n.device(), Some(INSTALL_COMMAND))?;
+        }
+        let artifact = b"tend devnet upgrade artifact 1.1.0".repeat(32);
+        let meta = upgrade::publish(nodes[0].device(), &artifact, version, None, 100)?;
+        let detail = format!(
+            "{} bytes as a blob, package {}",
+            artifact.len(),
+            &meta.package_id.to_string()[..16]
+        );
+        Ok((meta.package_id, detail))
+    })?;
+    let start = Instant::now();
+    let rounds = wait_for(&nodes, Duration::from_secs(60), "upgrade readiness", |n| {
+        let installed = n.device().home().join("installed-artifact").exists();
+        let ready = upgrade::status(n.device())?
+            .packages
+            .iter()
+            .any(|pk| pk.readiness.satisfied);
+        Ok(installed && ready)
+    })
+    .await?;
+    p.record(
+        "upgrade fetched, verified, installed, ready",
+        format!("every device fetched the artifact over the network, checked its BLAKE3 hash and ran the install command ({rounds} rounds)"),
+        start,
+    );
+    p.step("upgrade activated", || {
+        let a = upgrade::activate(nodes[0].device(), &package, ReadinessPolicy::All)?;
+        Ok(((), format!("version {} for every device", a.to_version)))
+    })?;
+    let rounds = wait_for(&nodes, Duration::from_secs(60), "upgrade activation", |n| {
+        let d = n.device();
+        let state = d.store().maintenance_state(d.namespace())?;
+        Ok(upgrade::running_version(d, &state)? == version)
+    })
+    .await?;
+    if !json {
+        eprintln!("      every device runs {version} ({rounds} rounds)");
+    }
 
     let old_admin = nodes[0].device_id();
     let new_admin = nodes[1].device_id();
@@ -434,18 +533,82 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
         ))
     })?;
 
+    // A backup of one device, restored into a new home: a new device of the authority,
+    // which the admin then adds (a re-deal among all four) so it can sync as a member.
+    let archive = dir.join("backup.age");
+    let restored_home = dir.join("device-restored");
+    let identity = tend_backup::age::x25519::Identity::generate();
+    let restored = p.step("backup and restore", || {
+        let source = &devices[1];
+        let encryption = Encryption::recipients(&[identity.to_public().to_string()])?;
+        let exported = tend_backup::export_file(
+            source.store(),
+            source.namespace(),
+            &archive,
+            &ExportOptions::new(&encryption),
+        )?;
+        let decryption = Decryption::Identities(vec![identity.clone()]);
+        let report = tend_backup::restore_home(
+            &archive,
+            &decryption,
+            &restored_home,
+            |tmp, ns| {
+                Device::init_joining(tmp, ns, &mut rand::rngs::OsRng)
+                    .map(Home)
+                    .map_err(|e| BackupError::Target(e.to_string()))
+            },
+            None,
+        )?;
+        let restored = Device::open(&restored_home)?;
+        let source_state = source.store().maintenance_state(source.namespace())?.state_digest();
+        if report.state_digest != source_state.to_string() {
+            return Err("the restored state differs from the source's".into());
+        }
+        let detail = format!(
+            "{} bytes of age-encrypted archive, {} tail facts; restored state digest equals the source's",
+            std::fs::metadata(&archive)?.len(),
+            exported.tail_facts
+        );
+        Ok((restored, detail))
+    })?;
+    let restored_id = restored.device_id();
+    // The admin (now device 1) first; the others and the restored device join the re-deal.
+    let mut order = devices.into_iter().map(Arc::new).collect::<Vec<_>>();
+    order.swap(0, 1);
+    order.push(Arc::new(restored));
+    let mut fleet = LocalFleet::new(order);
+    p.step("restored device admitted", || {
+        let c = fleet.create_authority(args.threshold, &mut rng)?;
+        Ok((
+            (),
+            format!(
+                "identity epoch {}, {}-of-{} members",
+                c.identity_epoch,
+                c.threshold,
+                c.members.len()
+            ),
+        ))
+    })?;
+    let mut devices: Vec<Device> = fleet
+        .into_devices()
+        .into_iter()
+        .map(|d| Arc::try_unwrap(d).map_err(|_| "a device is still shared"))
+        .collect::<Result<_, _>>()?;
+    devices.swap(0, 1);
+
     let nodes = start_nodes(devices, &listen).await?;
     let start = Instant::now();
     nodes[0].add_fact("devnet", b"after gc")?;
+    nodes[3].add_fact("devnet", b"from the restored device")?;
     let (digest, rounds) = converge(&nodes, Duration::from_secs(60)).await?;
     p.steps.push(StepRecord {
-        step: "restart and converge".into(),
+        step: "restart and converge (with the restored device)".into(),
         detail: format!("one digest {} after {rounds} rounds", &digest[..16]),
         millis: start.elapsed().as_millis(),
     });
     if !json {
         eprintln!(
-            "[{}/{}] restart and converge ... ok ({} ms) one digest {} after {rounds} rounds",
+            "[{}/{}] restart and converge (with the restored device) ... ok ({} ms) one digest {} after {rounds} rounds",
             p.steps.len(),
             p.total,
             start.elapsed().as_millis(),
@@ -454,7 +617,7 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
     }
 
     let mut rows = Vec::new();
-    for ((n, before), gc) in nodes.iter().zip(&before).zip(&reports) {
+    for (i, n) in nodes.iter().enumerate() {
         let status = n.device().status()?;
         let ns = status
             .namespaces
@@ -466,9 +629,16 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
             home: n.device().home().to_owned(),
             facts: ns.facts,
             digest: ns.digest.clone(),
-            store_bytes_before_gc: *before,
-            store_bytes_after_gc: gc.store_bytes_after,
+            store_bytes_before_gc: before.get(i).copied(),
+            store_bytes_after_gc: reports.get(i).map(|r| r.store_bytes_after),
+            store_bytes_now: status.store_bytes,
         });
+    }
+    if rows.iter().any(|r| r.digest != rows[0].digest) {
+        return Err("the fleet did not end on one digest".into());
+    }
+    if !rows.iter().any(|r| r.device_id == restored_id.to_string()) {
+        return Err("the restored device is missing from the fleet".into());
     }
     for n in &nodes {
         n.shutdown().await;
@@ -518,19 +688,22 @@ fn render(s: &Summary) -> String {
         s.namespace
     );
     out.push_str(&format!(
-        "{:<18} {:>7}  {:<18} {:>12} {:>12}\n",
-        "device", "facts", "digest", "store (B)", "after GC (B)"
+        "{:<18} {:>7}  {:<18} {:>12} {:>12} {:>12}\n",
+        "device", "facts", "digest", "before GC", "after GC", "now"
     ));
+    let bytes = |b: Option<u64>| b.map_or("-".to_string(), |b| b.to_string());
     for r in &s.devices {
         out.push_str(&format!(
-            "{:<18} {:>7}  {:<18} {:>12} {:>12}\n",
+            "{:<18} {:>7}  {:<18} {:>12} {:>12} {:>12}\n",
             &r.device_id[..16],
             r.facts,
             &r.digest[..16],
-            r.store_bytes_before_gc,
-            r.store_bytes_after_gc
+            bytes(r.store_bytes_before_gc),
+            bytes(r.store_bytes_after_gc),
+            r.store_bytes_now
         ));
     }
+    out.push_str("(store sizes in bytes; the last device was restored from a backup after GC)\n");
     out.push_str(&format!(
         "\nsync bytes: {} sent, {} received\n",
         s.sync_bytes_sent, s.sync_bytes_received

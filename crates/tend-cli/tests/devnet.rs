@@ -29,11 +29,31 @@ fn devnet_walks_the_lifecycle_and_verifies_every_step() {
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["verified"], true);
     let devices = summary["devices"].as_array().unwrap();
-    assert_eq!(devices.len(), 3);
-    // One journal digest across the fleet, and GC shrank every store.
+    // Three devices plus the one restored from a backup, all on one journal digest.
+    assert_eq!(devices.len(), 4);
     assert!(devices.iter().all(|d| d["digest"] == devices[0]["digest"]));
-    for d in devices {
+    // GC shrank every store that was collected (the restored device joined afterwards).
+    for d in &devices[..3] {
         assert!(d["store_bytes_after_gc"].as_u64() < d["store_bytes_before_gc"].as_u64());
+    }
+    assert!(devices[3]["store_bytes_after_gc"].is_null());
+    let steps: Vec<&str> = summary["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    for wanted in [
+        "authority (DKG)",
+        "snapshot ceremony",
+        "upgrade activated",
+        "admin replacement",
+        "backup and restore",
+    ] {
+        assert!(
+            steps.contains(&wanted),
+            "step {wanted} missing from {steps:?}"
+        );
     }
     assert!(summary["sync_bytes_sent"].as_u64().unwrap() > 0);
     // The homes are real and reopen offline.

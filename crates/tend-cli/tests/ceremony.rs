@@ -77,6 +77,30 @@ fn terminate(mut child: Child) {
     }
 }
 
+/// Waits until every home's journal `ns` has the same digest.
+fn wait_for_one_digest(homes: &[std::path::PathBuf], ns: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let digests: Vec<serde_json::Value> = homes
+            .iter()
+            .map(|h| {
+                ok_json(h, &["journal", "status"])["namespaces"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|n| n["namespace"] == ns)
+                    .map(|n| n["digest"].clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        if digests.windows(2).all(|w| w[0] == w[1]) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no common digest: {digests:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A free UDP port on loopback (so every device can be given the others' addresses).
 fn free_addr() -> String {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
@@ -138,7 +162,9 @@ fn authority_create_and_snapshot_propose_run_over_the_network() {
         }
         assert_eq!(std::fs::read_dir(h.join("frost")).unwrap().count(), 1);
     }
-    // A member proposes; the ceremony runs over the network.
+    // Once the members hold the same journal, a member proposes; the ceremony runs over
+    // the network.
+    wait_for_one_digest(&homes, &ns);
     let done = ok_json(&homes[1], &["snapshot", "propose"]);
     let epoch = done["epoch"].as_u64().unwrap();
     assert!(epoch >= 1);

@@ -715,6 +715,33 @@ impl Node {
         target: Option<Epoch>,
         timeout: Duration,
     ) -> Result<SnapshotCompleted, CeremonyError> {
+        // Members sign only a prefix they hold exactly as the proposer does. A fact written
+        // just before the proposal (a metadata advertisement, say) can still be in flight:
+        // members then refuse with a digest mismatch, and after another sync round a new
+        // proposal (at a new target, since a member votes once per target) succeeds.
+        const ATTEMPTS: usize = 3;
+        let mut attempt = 1;
+        loop {
+            self.sync_now().await;
+            match self.propose_once(target, timeout).await {
+                Err(CeremonyError::Aborted(why))
+                    if target.is_none() && attempt < ATTEMPTS && why.contains("DigestMismatch") =>
+                {
+                    attempt += 1;
+                    tracing::info!(
+                        "snapshot proposal refused ({why}); syncing and proposing again"
+                    );
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn propose_once(
+        &self,
+        target: Option<Epoch>,
+        timeout: Duration,
+    ) -> Result<SnapshotCompleted, CeremonyError> {
         let device = self.device();
         let target = match target {
             Some(t) => t,

@@ -13,6 +13,7 @@ pub mod endpoint;
 pub mod fleet;
 pub mod metrics;
 pub mod node;
+pub mod reissue;
 pub mod upgrade;
 
 pub use device::{

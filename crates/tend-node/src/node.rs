@@ -613,6 +613,17 @@ impl Node {
     /// when an install command is configured (one run at a time).
     fn after_new_data(&self) {
         let inner = &self.inner;
+        match blocking(|| crate::reissue::reissue_uncovered(&inner.device)) {
+            Ok(r) if !r.facts.is_empty() => {
+                tracing::info!(
+                    "re-issued {} facts not covered by the snapshot",
+                    r.facts.len()
+                );
+                inner.after_local_write();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("cannot re-issue uncovered facts: {e}"),
+        }
         if !inner.config.upgrades {
             return;
         }

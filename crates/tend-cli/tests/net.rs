@@ -93,7 +93,8 @@ fn run_serves_the_cli_over_its_control_socket_and_stops_on_sigterm() {
     assert!(added["id"].is_string());
     let status = ok_json(&home, &["journal", "status"]);
     assert_eq!(status["device_id"], id.as_str());
-    assert_eq!(status["namespaces"][0]["facts"], 2);
+    // The genesis, the device's metadata advertisement, and the new fact.
+    assert_eq!(status["namespaces"][0]["application_facts"], 1);
     assert_eq!(ok_json(&home, &["peers"]), serde_json::json!([]));
     let report = ok_json(&home, &["sync", "now"]);
     assert_eq!(report["sessions"], serde_json::json!([]));
@@ -105,7 +106,8 @@ fn run_serves_the_cli_over_its_control_socket_and_stops_on_sigterm() {
     );
     // Offline again: the same commands work on the store directly, or say why not.
     let status = ok_json(&home, &["journal", "status"]);
-    assert_eq!(status["namespaces"][0]["facts"], 2);
+    // The genesis, the device's metadata advertisement, and the new fact.
+    assert_eq!(status["namespaces"][0]["application_facts"], 1);
     let out = tend(&home, &["peers"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -41,6 +41,8 @@ fn quick(server: SocketAddr) -> RendezvousConfig {
 fn with_rendezvous(server: SocketAddr) -> NodeConfig {
     NodeConfig {
         rendezvous: Some(quick(server)),
+        // Exact fact counts below: no device-metadata advertisements.
+        upgrades: false,
         ..config(vec![])
     }
 }

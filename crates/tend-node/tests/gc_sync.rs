@@ -125,6 +125,8 @@ async fn archive_and_pruned_devices_reconcile_above_the_shared_floor() {
     // Sessions only when the test asks, so every one of them is checked.
     let cfg = NodeConfig {
         sync_interval: Duration::from_secs(3600),
+        // No metadata advertisements: every fact here is one the test wrote.
+        upgrades: false,
         ..config(vec![])
     };
     let mut nodes = Vec::new();

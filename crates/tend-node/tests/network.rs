@@ -8,8 +8,17 @@ use std::time::Duration;
 use common::*;
 use tend_core::authority::{AuthorityFact, MembershipChange};
 use tend_core::{GroupKey, Payload};
-use tend_node::{Node, NodeConfig};
+use tend_node::{Node, NodeConfig, PeerAddr};
 use tend_sync::{ManagerConfig, Rate, RateConfig};
+
+/// The common test config without device-metadata advertisements: these tests count
+/// facts exactly.
+fn quiet(peers: Vec<PeerAddr>) -> NodeConfig {
+    NodeConfig {
+        upgrades: false,
+        ..config(peers)
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_devices_with_disjoint_facts_converge() {
@@ -17,11 +26,11 @@ async fn three_devices_with_disjoint_facts_converge() {
     let mut fleet = Fleet::new(3, &[true, true, false]);
     bulk_facts(fleet.device(0), "a", 40);
     bulk_facts(fleet.device(1), "b", 60);
-    let a = Node::start(fleet.take(0), config(vec![])).await.unwrap();
-    let b = Node::start(fleet.take(1), config(vec![a.peer_addr()]))
+    let a = Node::start(fleet.take(0), quiet(vec![])).await.unwrap();
+    let b = Node::start(fleet.take(1), quiet(vec![a.peer_addr()]))
         .await
         .unwrap();
-    let c = Node::start(fleet.take(2), config(vec![a.peer_addr(), b.peer_addr()]))
+    let c = Node::start(fleet.take(2), quiet(vec![a.peer_addr(), b.peer_addr()]))
         .await
         .unwrap();
     a.add_peer(b.peer_addr()).unwrap();
@@ -63,7 +72,7 @@ async fn five_devices_converge_after_a_partition_heals() {
     let mut fleet = Fleet::new(5, &[true; 5]);
     let mut nodes = Vec::new();
     for i in 0..5 {
-        nodes.push(Node::start(fleet.take(i), config(vec![])).await.unwrap());
+        nodes.push(Node::start(fleet.take(i), quiet(vec![])).await.unwrap());
     }
     let addrs: Vec<_> = nodes.iter().map(|n| n.peer_addr()).collect();
     let left = [0usize, 1];
@@ -111,11 +120,11 @@ async fn five_devices_converge_after_a_partition_heals() {
 async fn offline_device_catches_up_on_10k_facts() {
     let mut fleet = Fleet::new(2, &[true, true]);
     bulk_facts(fleet.device(0), "bulk", 10_000);
-    let a = Node::start(fleet.take(0), config(vec![])).await.unwrap();
+    let a = Node::start(fleet.take(0), quiet(vec![])).await.unwrap();
     // The device that was offline starts and syncs once, on demand.
     let cfg = NodeConfig {
         sync_interval: Duration::from_secs(3600),
-        ..config(vec![])
+        ..quiet(vec![])
     };
     let b = Node::start(fleet.take(1), cfg).await.unwrap();
     let started = std::time::Instant::now();
@@ -154,14 +163,14 @@ async fn identity_epoch_advancing_mid_session_aborts_and_the_retry_succeeds() {
             },
             ..ManagerConfig::default()
         },
-        ..config(vec![])
+        ..quiet(vec![])
     };
     let a = Node::start(fleet.take(0), slow).await.unwrap();
     let b = Node::start(
         fleet.take(1),
         NodeConfig {
             sync_interval: Duration::from_secs(3600),
-            ..config(vec![])
+            ..quiet(vec![])
         },
     )
     .await
@@ -213,7 +222,7 @@ async fn metrics_endpoint_serves_counters_after_a_sync() {
     let with_metrics = |peers| NodeConfig {
         metrics: Some(loopback()),
         sync_interval: Duration::from_secs(3600),
-        ..config(peers)
+        ..quiet(peers)
     };
     let a = Node::start(fleet.take(0), with_metrics(vec![]))
         .await
@@ -263,10 +272,10 @@ async fn a_stopped_peer_is_unreachable_and_a_restarted_one_catches_up() {
     let home_b = fleet.home(1);
     let quick = NodeConfig {
         connect_timeout: Duration::from_secs(1),
-        ..config(vec![])
+        ..quiet(vec![])
     };
     let a = Node::start(fleet.take(0), quick).await.unwrap();
-    let b = Node::start(fleet.take(1), config(vec![a.peer_addr()]))
+    let b = Node::start(fleet.take(1), quiet(vec![a.peer_addr()]))
         .await
         .unwrap();
     a.add_peer(b.peer_addr()).unwrap();
@@ -294,7 +303,7 @@ async fn a_stopped_peer_is_unreachable_and_a_restarted_one_catches_up() {
                 device,
                 NodeConfig {
                     listen: b_addr.addr,
-                    ..config(vec![])
+                    ..quiet(vec![])
                 },
             )
             .await

@@ -242,3 +242,82 @@ fn sigkill_during_gc_leaves_a_store_that_opens_with_the_same_state() {
     // A final, uninterrupted GC completes.
     ok_json(&a, &["gc"]);
 }
+
+#[test]
+fn sigkill_during_restore_leaves_no_half_written_home() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    ok_json(&source, &["init"]);
+    for i in 0..40 {
+        ok_json(
+            &source,
+            &["fact", "add", "--kind", "n", "--data", &format!("{i}")],
+        );
+    }
+    let pass = dir.path().join("pass.txt");
+    std::fs::write(&pass, "correct horse battery staple\n").unwrap();
+    let archive = dir.path().join("backup.age");
+    let (pass_s, archive_s) = (pass.to_str().unwrap(), archive.to_str().unwrap());
+    ok_json(
+        &source,
+        &[
+            "backup",
+            "export",
+            "--out",
+            archive_s,
+            "--passphrase-file",
+            pass_s,
+        ],
+    );
+    let ns = ok_json(&source, &["journal", "status"])["current_namespace"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let want = digest_of(&source, &ns);
+
+    let target = dir.path().join("restored");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+    for _ in 0..6 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tend"))
+            .arg("--home")
+            .arg(&target)
+            .args([
+                "backup",
+                "restore",
+                "--in",
+                archive_s,
+                "--passphrase-file",
+                pass_s,
+            ])
+            .env_remove("TEND_HOME")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..1500)));
+        let _ = child.kill();
+        let _ = child.wait();
+        // Either nothing is there, or a complete home that holds the source's journal.
+        if target.exists() {
+            assert_eq!(
+                digest_of(&target, &ns),
+                want,
+                "a restored home must be whole"
+            );
+            std::fs::remove_dir_all(&target).unwrap();
+        }
+    }
+    // An uninterrupted restore completes afterwards, whatever the killed ones left aside.
+    ok_json(
+        &target,
+        &[
+            "backup",
+            "restore",
+            "--in",
+            archive_s,
+            "--passphrase-file",
+            pass_s,
+        ],
+    );
+    assert_eq!(digest_of(&target, &ns), want);
+}

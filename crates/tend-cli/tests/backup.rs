@@ -2,41 +2,19 @@
 //! with one-line errors and nothing written, the archive opened with standard tools, and
 //! `tend snapshot triggers`.
 
+mod common;
+
+use common::{fails_in_one_line, ok_json};
+
 use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
 use tend_backup::age::secrecy::ExposeSecret;
 
-fn tend(home: &Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_tend"))
-        .arg("--json")
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .env_remove("TEND_HOME")
-        .output()
-        .expect("the tend binary runs");
-    assert!(
-        out.status.success(),
-        "tend {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("--json prints JSON")
-}
-
-/// Runs a command that must fail; returns its one stderr line.
+/// A failing command: one line, starting with `error: `.
 fn tend_fails(home: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_tend"))
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .env_remove("TEND_HOME")
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "tend {args:?} should fail");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+    let err = fails_in_one_line(home, args);
     assert!(err.starts_with("error: "), "{err:?}");
     err
 }
@@ -49,21 +27,21 @@ fn s(p: &Path) -> &str {
 fn export_verify_restore_and_bad_input_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
-    tend(&src, &["init"]);
+    ok_json(&src, &["init"]);
     for i in 0..20 {
-        tend(
+        ok_json(
             &src,
             &["fact", "add", "--kind", "note", "--data", &format!("n{i}")],
         );
     }
-    tend(&src, &["snapshot", "propose"]);
+    ok_json(&src, &["snapshot", "propose"]);
     for i in 0..5 {
-        tend(
+        ok_json(
             &src,
             &["fact", "add", "--kind", "note", "--data", &format!("m{i}")],
         );
     }
-    tend(&src, &["gc"]);
+    ok_json(&src, &["gc"]);
 
     let id = tend_backup::age::x25519::Identity::generate();
     let id_file = dir.path().join("key.txt");
@@ -74,7 +52,7 @@ fn export_verify_restore_and_bad_input_through_the_cli() {
     .unwrap();
     let recipient = id.to_public().to_string();
     let archive = dir.path().join("b.age");
-    let out = tend(
+    let out = ok_json(
         &src,
         &[
             "backup",
@@ -88,7 +66,7 @@ fn export_verify_restore_and_bad_input_through_the_cli() {
     assert_eq!(out["report"]["tail_facts"], 7, "{out}");
     assert!(out["report"]["snapshot_epoch"].is_u64());
 
-    let v = tend(
+    let v = ok_json(
         &src,
         &[
             "backup",
@@ -102,7 +80,7 @@ fn export_verify_restore_and_bad_input_through_the_cli() {
     assert_eq!(v["tail_facts"], 7);
 
     let new = dir.path().join("new");
-    let r = tend(
+    let r = ok_json(
         &new,
         &[
             "backup",
@@ -113,8 +91,8 @@ fn export_verify_restore_and_bad_input_through_the_cli() {
             s(&id_file),
         ],
     );
-    let source_status = tend(&src, &["journal", "status"]);
-    let new_status = tend(&new, &["journal", "status"]);
+    let source_status = ok_json(&src, &["journal", "status"]);
+    let new_status = ok_json(&new, &["journal", "status"]);
     assert_ne!(r["device_id"], source_status["device_id"]);
     let digest = |st: &serde_json::Value| {
         st["namespaces"]
@@ -127,8 +105,8 @@ fn export_verify_restore_and_bad_input_through_the_cli() {
     };
     assert_eq!(digest(&new_status), digest(&source_status));
     assert_eq!(
-        tend(&new, &["snapshot", "status"])["latest"],
-        tend(&src, &["snapshot", "status"])["latest"]
+        ok_json(&new, &["snapshot", "status"])["latest"],
+        ok_json(&src, &["snapshot", "status"])["latest"]
     );
 
     // Bad input: one line, non-zero exit, nothing written.
@@ -207,7 +185,7 @@ fn export_verify_restore_and_bad_input_through_the_cli() {
     let pass = dir.path().join("pass");
     std::fs::write(&pass, "hunter2\n").unwrap();
     let parchive = dir.path().join("p.age");
-    tend(
+    ok_json(
         &src,
         &[
             "backup",
@@ -231,7 +209,7 @@ fn export_verify_restore_and_bad_input_through_the_cli() {
         ],
     );
     assert!(e.contains("wrong passphrase or key"), "{e}");
-    tend(
+    ok_json(
         &src,
         &[
             "backup",
@@ -278,15 +256,15 @@ fn export_verify_restore_and_bad_input_through_the_cli() {
 fn snapshot_triggers_are_set_and_shown() {
     let dir = tempfile::tempdir().unwrap();
     let h = dir.path().join("h");
-    tend(&h, &["init"]);
-    let t = tend(&h, &["snapshot", "triggers"]);
+    ok_json(&h, &["init"]);
+    let t = ok_json(&h, &["snapshot", "triggers"]);
     assert_eq!(t["facts"], 100_000);
-    let t = tend(
+    let t = ok_json(
         &h,
         &["snapshot", "triggers", "--facts", "10", "--age-secs", "0"],
     );
     assert_eq!(t["facts"], 10);
-    let st = tend(&h, &["snapshot", "status"]);
+    let st = ok_json(&h, &["snapshot", "status"]);
     assert_eq!(st["triggers"]["facts"], 10);
     assert_eq!(st["triggers"]["age_secs"], 0);
     assert_eq!(st["triggers"]["bytes"], 64 << 20);

@@ -2,80 +2,19 @@
 //! devices: key generation and the snapshot ceremony over the network between real
 //! `tend run` processes on loopback.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
+use common::{ok_json, start_run, tend, terminate};
+
+/// `tend run` on `listen` with quick sync rounds.
+fn start(home: &Path, listen: &str, extra: &[&str]) -> (std::process::Child, serde_json::Value) {
+    let mut args = vec!["--listen", listen, "--sync-interval", "0.5"];
+    args.extend_from_slice(extra);
+    start_run(home, &args)
+}
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn tend(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tend"))
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .env_remove("TEND_HOME")
-        .output()
-        .expect("the tend binary runs")
-}
-
-fn ok_json(home: &Path, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let out = tend(home, &all);
-    assert!(
-        out.status.success(),
-        "tend {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("--json prints JSON")
-}
-
-/// Starts `tend run --json` and returns it with its start line.
-fn start(home: &Path, listen: &str, extra: &[&str]) -> (Child, serde_json::Value) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tend"))
-        .arg("--home")
-        .arg(home)
-        .args([
-            "--json",
-            "run",
-            "--listen",
-            listen,
-            "--sync-interval",
-            "0.5",
-        ])
-        .args(extra)
-        .env_remove("TEND_HOME")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tend run starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("start line");
-    let info: serde_json::Value = serde_json::from_str(&line).expect("one JSON line at start");
-    (child, info)
-}
-
-fn terminate(mut child: Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            assert!(s.success(), "tend run exited with {s}");
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tend run did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// Waits until every home's journal `ns` has the same digest.
 fn wait_for_one_digest(homes: &[std::path::PathBuf], ns: &str) {

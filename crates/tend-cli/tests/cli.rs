@@ -1,29 +1,10 @@
 //! End-to-end tests of the `tend` binary: real processes, real homes, real store files.
 
-use std::path::Path;
+mod common;
+
+use common::{ok_json, tend};
+
 use std::process::{Command, Output};
-
-fn tend(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tend"))
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .env_remove("TEND_HOME")
-        .output()
-        .expect("the tend binary runs")
-}
-
-fn ok_json(home: &Path, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let out = tend(home, &all);
-    assert!(
-        out.status.success(),
-        "tend {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("--json prints JSON")
-}
 
 /// A failing command prints exactly one line on stderr and exits non-zero.
 fn assert_one_line_error(out: &Output) -> String {

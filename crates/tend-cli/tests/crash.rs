@@ -2,34 +2,15 @@
 //! points during sync, and `tend gc` killed mid-way; every restart must open the store, keep
 //! every acknowledged fact, and converge.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
+use common::{journal_digest, ok_json, start_run, tend};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-
-fn tend(home: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tend"))
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .env_remove("TEND_HOME")
-        .output()
-        .expect("the tend binary runs")
-}
-
-fn ok_json(home: &Path, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let out = tend(home, &all);
-    assert!(
-        out.status.success(),
-        "tend {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON")
-}
 
 /// A running `tend run` and the address it listens on.
 struct Running {
@@ -39,30 +20,11 @@ struct Running {
 }
 
 fn start(home: &Path, listen: &str, peers: &[String]) -> Running {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tend"));
-    cmd.arg("--home").arg(home).args([
-        "--json",
-        "run",
-        "--listen",
-        listen,
-        "--sync-interval",
-        "0.2",
-    ]);
+    let mut args = vec!["--listen", listen, "--sync-interval", "0.2"];
     for p in peers {
-        cmd.args(["--peer", p]);
+        args.extend(["--peer", p.as_str()]);
     }
-    let mut child = cmd
-        .env_remove("TEND_HOME")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tend run starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let info: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("tend run printed {line:?}: {e}"));
+    let (child, info) = start_run(home, &args);
     Running {
         child,
         listen: info["listen_addr"].as_str().unwrap().to_string(),
@@ -73,19 +35,6 @@ fn start(home: &Path, listen: &str, peers: &[String]) -> Running {
 fn kill(r: &mut Running) {
     r.child.kill().unwrap(); // SIGKILL: no shutdown, no flush, no socket cleanup.
     r.child.wait().unwrap();
-}
-
-fn digest_of(home: &Path, ns: &str) -> Option<String> {
-    let out = tend(home, &["--json", "journal", "status"]);
-    if !out.status.success() {
-        return None;
-    }
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    status["namespaces"]
-        .as_array()?
-        .iter()
-        .find(|n| n["namespace"] == ns)
-        .map(|n| n["digest"].as_str().unwrap_or_default().to_string())
 }
 
 fn listed_ids(home: &Path) -> Vec<String> {
@@ -161,7 +110,7 @@ fn sigkill_during_sync_loses_no_acknowledged_fact_and_the_fleet_converges() {
     // Converge: both digests equal, and every acknowledged fact on both devices.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (da, db) = (digest_of(&a, &ns), digest_of(&b, &ns));
+        let (da, db) = (journal_digest(&a, &ns), journal_digest(&b, &ns));
         if da.is_some() && da == db {
             break;
         }
@@ -176,7 +125,7 @@ fn sigkill_during_sync_loses_no_acknowledged_fact_and_the_fleet_converges() {
     // acknowledged fact.
     kill(&mut ra);
     kill(&mut rb);
-    assert_eq!(digest_of(&a, &ns), digest_of(&b, &ns));
+    assert_eq!(journal_digest(&a, &ns), journal_digest(&b, &ns));
     for home in [&a, &b] {
         let ids = listed_ids(home);
         for id in &acknowledged {
@@ -273,7 +222,7 @@ fn sigkill_during_restore_leaves_no_half_written_home() {
         .as_str()
         .unwrap()
         .to_string();
-    let want = digest_of(&source, &ns);
+    let want = journal_digest(&source, &ns);
 
     let target = dir.path().join("restored");
     let mut rng = rand::rngs::StdRng::seed_from_u64(13);
@@ -300,7 +249,7 @@ fn sigkill_during_restore_leaves_no_half_written_home() {
         // Either nothing is there, or a complete home that holds the source's journal.
         if target.exists() {
             assert_eq!(
-                digest_of(&target, &ns),
+                journal_digest(&target, &ns),
                 want,
                 "a restored home must be whole"
             );
@@ -319,5 +268,5 @@ fn sigkill_during_restore_leaves_no_half_written_home() {
             pass_s,
         ],
     );
-    assert_eq!(digest_of(&target, &ns), want);
+    assert_eq!(journal_digest(&target, &ns), want);
 }

@@ -1,55 +1,27 @@
 //! End-to-end: a 2-of-3 authority made from three homes, a threshold snapshot, and GC.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
-fn tend(home: &Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_tend"))
-        .arg("--json")
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .env_remove("TEND_HOME")
-        .output()
-        .expect("the tend binary runs");
-    assert!(
-        out.status.success(),
-        "tend {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("--json prints JSON")
-}
-
-fn tend_fails(home: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_tend"))
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .env_remove("TEND_HOME")
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "tend {args:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use common::{fails, ok_json};
 
 #[test]
 fn threshold_snapshot_then_gc_keeps_state_and_shrinks_the_journal() {
     let dir = tempfile::tempdir().unwrap();
     let [a, b, c] = ["a", "b", "c"].map(|d| dir.path().join(d));
     for h in [&a, &b, &c] {
-        tend(h, &["init"]);
+        ok_json(h, &["init"]);
     }
     for i in 0..30 {
-        tend(
+        ok_json(
             &a,
             &["fact", "add", "--kind", "note", "--data", &format!("{i}")],
         );
     }
     // Nothing may be pruned before a verified snapshot.
-    assert!(tend_fails(&a, &["gc"]).contains("no verified completed snapshot"));
+    assert!(fails(&a, &["gc"]).contains("no verified completed snapshot"));
 
     let (bs, cs) = (b.to_str().unwrap(), c.to_str().unwrap());
-    let created = tend(
+    let created = ok_json(
         &a,
         &[
             "authority",
@@ -64,13 +36,13 @@ fn threshold_snapshot_then_gc_keeps_state_and_shrinks_the_journal() {
     );
     assert_eq!(created["identity_epoch"], 1);
     assert_eq!(created["members"].as_array().unwrap().len(), 3);
-    let status = tend(&c, &["authority", "status"]);
+    let status = ok_json(&c, &["authority", "status"]);
     assert_eq!(status["namespace"], created["namespace"]);
     assert_eq!(status["threshold"], 2);
 
     // A member without its key share cannot take part: the ceremony needs 2 of 3 shares,
     // and the proposer has one.
-    let snap = tend(
+    let snap = ok_json(
         &a,
         &[
             "snapshot",
@@ -83,7 +55,7 @@ fn threshold_snapshot_then_gc_keeps_state_and_shrinks_the_journal() {
     );
     let epoch = snap["epoch"].as_u64().unwrap();
     for h in [&a, &b, &c] {
-        let s = tend(h, &["snapshot", "status"]);
+        let s = ok_json(h, &["snapshot", "status"]);
         assert_eq!(
             s["latest"]["epoch"], epoch,
             "every member has the verified snapshot"
@@ -91,17 +63,17 @@ fn threshold_snapshot_then_gc_keeps_state_and_shrinks_the_journal() {
         assert_eq!(s["latest"]["blob_stored"], true);
     }
 
-    let before = tend(&b, &["journal", "status"]);
-    let dry = tend(&b, &["gc", "--dry-run"]);
+    let before = ok_json(&b, &["journal", "status"]);
+    let dry = ok_json(&b, &["gc", "--dry-run"]);
     assert!(dry["facts_pruned"].as_u64().unwrap() >= 30);
     assert_eq!(
-        tend(&b, &["journal", "status"]),
+        ok_json(&b, &["journal", "status"]),
         before,
         "a dry run changes nothing"
     );
-    let gc = tend(&b, &["gc"]);
+    let gc = ok_json(&b, &["gc"]);
     assert_eq!(gc["facts_pruned"], dry["facts_pruned"]);
-    let after = tend(&b, &["journal", "status"]);
+    let after = ok_json(&b, &["journal", "status"]);
     let find = |s: &serde_json::Value| {
         s["namespaces"]
             .as_array()
@@ -119,9 +91,9 @@ fn threshold_snapshot_then_gc_keeps_state_and_shrinks_the_journal() {
 
     // The pruned device keeps writing, and a second snapshot completes although b no longer
     // holds the facts below the first one: the digest chains on the first snapshot.
-    tend(&b, &["fact", "add", "--kind", "note", "--data", "after gc"]);
+    ok_json(&b, &["fact", "add", "--kind", "note", "--data", "after gc"]);
     for i in 0..5 {
-        tend(
+        ok_json(
             &a,
             &[
                 "fact",
@@ -134,7 +106,7 @@ fn threshold_snapshot_then_gc_keeps_state_and_shrinks_the_journal() {
         );
     }
     let as_ = a.to_str().unwrap();
-    let second = tend(
+    let second = ok_json(
         &b,
         &[
             "snapshot",
@@ -148,23 +120,23 @@ fn threshold_snapshot_then_gc_keeps_state_and_shrinks_the_journal() {
     assert!(second["epoch"].as_u64().unwrap() > epoch);
     for h in [&a, &b, &c] {
         assert_eq!(
-            tend(h, &["snapshot", "status"])["latest"]["epoch"],
+            ok_json(h, &["snapshot", "status"])["latest"]["epoch"],
             second["epoch"]
         );
     }
     // An archive device refuses to prune.
-    tend(&c, &["gc", "--policy", "archive"]);
-    assert!(tend_fails(&c, &["gc"]).contains("archive"));
+    ok_json(&c, &["gc", "--policy", "archive"]);
+    assert!(fails(&c, &["gc"]).contains("archive"));
 }
 
 #[test]
 fn authority_create_rejects_bad_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let [a, b] = ["a", "b"].map(|d| dir.path().join(d));
-    tend(&a, &["init"]);
-    tend(&b, &["init"]);
+    ok_json(&a, &["init"]);
+    ok_json(&b, &["init"]);
     let bs = b.to_str().unwrap();
-    assert!(tend_fails(
+    assert!(fails(
         &a,
         &[
             "authority",
@@ -176,7 +148,7 @@ fn authority_create_rejects_bad_shapes() {
         ]
     )
     .contains("threshold"));
-    assert!(tend_fails(
+    assert!(fails(
         &a,
         &[
             "authority",
@@ -189,7 +161,7 @@ fn authority_create_rejects_bad_shapes() {
     )
     .contains("threshold"));
     let stranger = "ab".repeat(32);
-    assert!(tend_fails(
+    assert!(fails(
         &a,
         &[
             "authority",
@@ -204,5 +176,5 @@ fn authority_create_rejects_bad_shapes() {
     )
     .contains("--member-home"));
     // Nothing changed.
-    assert_eq!(tend(&a, &["authority", "status"])["identity_epoch"], 0);
+    assert_eq!(ok_json(&a, &["authority", "status"])["identity_epoch"], 0);
 }

@@ -1,0 +1,104 @@
+//! Helpers shared by the CLI tests: run the real `tend` binary against a home, read its
+//! `--json` output, and start and stop `tend run` processes.
+
+// Each test binary uses only some of these.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// `tend --home HOME ARGS...`, with `TEND_HOME` unset.
+pub fn tend(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tend"))
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env_remove("TEND_HOME")
+        .output()
+        .expect("the tend binary runs")
+}
+
+/// `tend --json --home HOME ARGS...`, which must succeed; its JSON output.
+pub fn ok_json(home: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = tend(home, &all);
+    assert!(
+        out.status.success(),
+        "tend {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("--json prints JSON")
+}
+
+/// `tend --home HOME ARGS...`, which must fail; its stderr.
+pub fn fails(home: &Path, args: &[&str]) -> String {
+    let out = tend(home, args);
+    assert!(!out.status.success(), "tend {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Like [`fails`], and the error is one line.
+pub fn fails_in_one_line(home: &Path, args: &[&str]) -> String {
+    let err = fails(home, args);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+    err
+}
+
+/// Starts `tend --json --home HOME run RUN_ARGS...` and returns it with its start line.
+pub fn start_run(home: &Path, run_args: &[&str]) -> (Child, serde_json::Value) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tend"))
+        .arg("--home")
+        .arg(home)
+        .args(["--json", "run"])
+        .args(run_args)
+        .env_remove("TEND_HOME")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tend run starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("start line");
+    let info: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("tend run printed {line:?}: {e}"));
+    (child, info)
+}
+
+/// Sends SIGTERM and waits (at most 10 s) for a clean exit.
+pub fn terminate(mut child: Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            assert!(s.success(), "tend exited with {s}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "tend did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The journal digest of namespace `ns` in `home` (through a running device's socket, or
+/// the store), or `None` if the command fails or the journal is unknown there.
+pub fn journal_digest(home: &Path, ns: &str) -> Option<String> {
+    let out = tend(home, &["--json", "journal", "status"]);
+    if !out.status.success() {
+        return None;
+    }
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    status["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|n| n["namespace"] == ns)
+        .and_then(|n| n["digest"].as_str())
+        .map(str::to_string)
+}

@@ -353,20 +353,11 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
 
     let start = Instant::now();
     let (digest, rounds) = converge(&nodes, Duration::from_secs(60)).await?;
-    p.steps.push(StepRecord {
-        step: "automatic sync".into(),
-        detail: format!("one digest {} after {rounds} rounds", &digest[..16]),
-        millis: start.elapsed().as_millis(),
-    });
-    if !json {
-        eprintln!(
-            "[{}/{}] automatic sync ... ok ({} ms) one digest {} after {rounds} rounds",
-            p.steps.len(),
-            p.total,
-            start.elapsed().as_millis(),
-            &digest[..16]
-        );
-    }
+    p.record(
+        "automatic sync",
+        format!("one digest {} after {rounds} rounds", &digest[..16]),
+        start,
+    );
 
     p.step("cache invalidation", || {
         let writer = nodes[nodes.len() - 1].device();
@@ -601,20 +592,11 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
     nodes[0].add_fact("devnet", b"after gc")?;
     nodes[3].add_fact("devnet", b"from the restored device")?;
     let (digest, rounds) = converge(&nodes, Duration::from_secs(60)).await?;
-    p.steps.push(StepRecord {
-        step: "restart and converge (with the restored device)".into(),
-        detail: format!("one digest {} after {rounds} rounds", &digest[..16]),
-        millis: start.elapsed().as_millis(),
-    });
-    if !json {
-        eprintln!(
-            "[{}/{}] restart and converge (with the restored device) ... ok ({} ms) one digest {} after {rounds} rounds",
-            p.steps.len(),
-            p.total,
-            start.elapsed().as_millis(),
-            &digest[..16]
-        );
-    }
+    p.record(
+        "restart and converge (with the restored device)",
+        format!("one digest {} after {rounds} rounds", &digest[..16]),
+        start,
+    );
 
     let mut rows = Vec::new();
     for (i, n) in nodes.iter().enumerate() {

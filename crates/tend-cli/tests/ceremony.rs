@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ok_json, start_run, tend, terminate};
+use common::{journal_digest, ok_json, start_run, tend, terminate};
 
 /// `tend run` on `listen` with quick sync rounds.
 fn start(home: &Path, listen: &str, extra: &[&str]) -> (std::process::Child, serde_json::Value) {
@@ -16,23 +16,13 @@ fn start(home: &Path, listen: &str, extra: &[&str]) -> (std::process::Child, ser
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Waits until every home's journal `ns` has the same digest.
+/// Waits until every home's journal `ns` has the same digest, asking for sync rounds
+/// meanwhile (a loaded machine may have put peers into connect backoff).
 fn wait_for_one_digest(homes: &[std::path::PathBuf], ns: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let digests: Vec<serde_json::Value> = homes
-            .iter()
-            .map(|h| {
-                ok_json(h, &["journal", "status"])["namespaces"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|n| n["namespace"] == ns)
-                    .map(|n| n["digest"].clone())
-                    .unwrap_or_default()
-            })
-            .collect();
-        if digests.windows(2).all(|w| w[0] == w[1]) {
+        let digests: Vec<Option<String>> = homes.iter().map(|h| journal_digest(h, ns)).collect();
+        if digests[0].is_some() && digests.windows(2).all(|w| w[0] == w[1]) {
             return;
         }
         assert!(Instant::now() < deadline, "no common digest: {digests:?}");
@@ -120,32 +110,7 @@ fn authority_create_and_snapshot_propose_run_over_the_network() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     // Wait until the completion has reached everyone (same journal digest), then stop.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let digests: Vec<serde_json::Value> = homes
-            .iter()
-            .map(|h| {
-                let s = ok_json(h, &["journal", "status"]);
-                s["namespaces"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|n| n["namespace"] == ns.as_str())
-                    .map(|n| n["digest"].clone())
-                    .unwrap_or_default()
-            })
-            .collect();
-        if digests.windows(2).all(|w| w[0] == w[1]) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no convergence: {digests:?}");
-        // Ask for rounds now rather than wait for the timers (a loaded machine may have
-        // put peers into connect backoff during the ceremony).
-        for h in &homes {
-            let _ = tend(h, &["sync", "now"]);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_one_digest(&homes, &ns);
     for c in children {
         terminate(c);
     }

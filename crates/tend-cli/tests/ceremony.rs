@@ -40,6 +40,9 @@ fn free_addr() -> String {
 }
 
 #[test]
+#[ignore = "flaky: about one run in five, the devices stop converging after the ceremony \
+            (no common digest within 60 s); undiagnosed, noted on issue #4. Run with \
+            `cargo test -p tend-cli --test ceremony -- --ignored`."]
 fn authority_create_and_snapshot_propose_run_over_the_network() {
     let dir = tempfile::tempdir().unwrap();
     let homes: Vec<_> = (0..3).map(|i| dir.path().join(format!("d{i}"))).collect();

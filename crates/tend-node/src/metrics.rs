@@ -50,6 +50,9 @@ pub struct Metrics {
     pub blob_bytes_received: Counter,
     /// Blobs refused from peers, by reason (`mismatch`, `oversized`, `malformed`).
     pub blobs_rejected: Family<Labels, Counter>,
+    /// Local-network announcements not used, by reason (see
+    /// [`crate::discovery::local::LocalError::reason`]).
+    pub announcements_refused: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -85,6 +88,7 @@ impl Metrics {
             blobs_fetched: Counter::default(),
             blob_bytes_received: Counter::default(),
             blobs_rejected: Family::default(),
+            announcements_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -157,6 +161,11 @@ impl Metrics {
             "blobs_rejected",
             "Blobs refused from peers, by reason",
             m.blobs_rejected.clone(),
+        );
+        registry.register(
+            "announcements_refused",
+            "Local-network announcements not used, by reason",
+            m.announcements_refused.clone(),
         );
         Metrics { registry, ..m }
     }

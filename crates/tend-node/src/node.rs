@@ -69,6 +69,8 @@ pub struct NodeConfig {
     pub upgrades: bool,
     /// A rendezvous server to publish this device's address to and resolve members from.
     pub rendezvous: Option<discovery::rendezvous::RendezvousConfig>,
+    /// Local-network discovery: announce on, and learn members from, a multicast group.
+    pub local_discovery: Option<discovery::local::LocalConfig>,
 }
 
 impl Default for NodeConfig {
@@ -96,6 +98,7 @@ impl Default for NodeConfig {
             max_blob_bytes: crate::blobs::DEFAULT_MAX_BLOB_BYTES,
             upgrades: true,
             rendezvous: None,
+            local_discovery: None,
         }
     }
 }
@@ -116,6 +119,8 @@ pub enum NodeError {
     },
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    #[error(transparent)]
+    LocalDiscovery(#[from] discovery::local::LocalError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -356,6 +361,9 @@ impl Node {
         }
         if let Some(r) = &config.rendezvous {
             discovery::rendezvous::attach(&node, r.clone());
+        }
+        if let Some(l) = &config.local_discovery {
+            discovery::local::attach(&node, l.clone())?;
         }
         node.inner.update_score_gauges();
         let mut tasks = vec![

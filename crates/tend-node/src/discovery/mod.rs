@@ -1,8 +1,9 @@
 //! Where peer addresses come from: a small trait, static peers (`--peer`), and the peers
 //! persisted in the store's `peers` setting, and the rendezvous service ([`rendezvous`],
-//! over the signed records of [`record`]). Further sources (local-network discovery) plug
-//! in as more [`AddressSource`]s.
+//! over the signed records of [`record`]), and local-network announcements of the same
+//! records ([`local`]).
 
+pub mod local;
 pub mod record;
 pub mod rendezvous;
 

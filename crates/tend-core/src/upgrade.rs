@@ -51,7 +51,7 @@ pub enum ReadinessPolicy {
 }
 
 /// Readiness of one package under a policy.
-#[derive(Clone, PartialEq, Eq, Debug, serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Readiness {
     /// Current members that published `UpgradeReady` for the package.
     pub ready: Vec<DeviceId>,

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tend_core::maintenance::{AdminReplacement, CertifiedAdminReplacement, MaintenanceFact};
 use tend_core::{DeviceId, Epoch, MaintenanceState, Payload, VerifiedFact};
 use tend_crypto::share::KeyShare;
@@ -167,7 +167,7 @@ fn threshold_sign(
 }
 
 /// One replacement that took effect.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReplacementSummary {
     pub old_admin: String,
     pub new_admin: String,
@@ -178,7 +178,7 @@ pub struct ReplacementSummary {
 }
 
 /// The admin and its replacements, as `tend admin status` shows them.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AdminStatus {
     pub current_epoch: u64,
     pub admin: Option<String>,

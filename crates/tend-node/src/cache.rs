@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tend_core::maintenance::{CacheInvalidated, MaintenanceFact};
 use tend_core::{Epoch, MaintenanceState, Payload, VerifiedFact};
 
@@ -92,7 +92,7 @@ fn check_keys(keys: &[String]) -> Result<(), DeviceError> {
 }
 
 /// What an invalidation did.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Invalidation {
     /// The `CacheInvalidated` fact, when published.
     pub fact_id: Option<String>,
@@ -168,7 +168,7 @@ pub fn invalidate_local(
 }
 
 /// The answer to "is an entry cached at `cached_at` under `key` still valid?".
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CacheCheck {
     pub key: String,
     pub cached_at: u64,

@@ -1,15 +1,28 @@
 //! The control socket: a Unix socket `control.sock` in the home (0600) speaking
 //! newline-delimited JSON, and the blocking [`Client`] the CLI uses to reach a running
-//! device.
+//! device. While a device runs it holds the store, so every CLI command that needs the
+//! store goes through here; [`ops`] holds the operations both paths share.
 //!
-//! Protocol version 1. A request is one line, at most [`MAX_REQUEST_BYTES`]:
-//! `{"v":1,"cmd":"status"}`, `{"v":1,"cmd":"peers"}`, `{"v":1,"cmd":"sync_now"}`,
-//! `{"v":1,"cmd":"add_fact","kind":"note","data":"text"}`,
-//! `{"v":1,"cmd":"snapshot_propose","epoch":12}` (a ceremony over the network; `epoch` and
-//! `timeout_secs` optional), `{"v":1,"cmd":"authority_create","threshold":2,"members":
-//! ["<device id>",...]}` (key generation over the network). Each gets one line back:
-//! `{"v":1,"ok":true,"result":...}` or `{"v":1,"ok":false,"error":"..."}`. A malformed
-//! request gets an error line; the connection stays usable.
+//! Protocol version 1. A request is one line of at most [`MAX_REQUEST_BYTES`], a JSON
+//! object with the version `v` and the command `cmd` (snake case of a [`Request`]
+//! variant) beside the variant's fields; [`parse_request`] reads it. Examples:
+//! `{"v":1,"cmd":"status"}`, `{"v":1,"cmd":"add_fact","kind":"note","data":"text"}`,
+//! `{"v":1,"cmd":"journal_list","from_epoch":0,"limit":100}`,
+//! `{"v":1,"cmd":"snapshot_propose","epoch":12}` (a ceremony over the network),
+//! `{"v":1,"cmd":"gc","dry_run":true}`,
+//! `{"v":1,"cmd":"upgrade_publish","artifact":"/abs/path","version":"1.2.0","cohort":100}`,
+//! `{"v":1,"cmd":"cache_check","key":"k","epoch":3}`. The commands: `status`, `peers`,
+//! `sync_now`, `add_fact`, `journal_list`, `authority_status`, `authority_create`,
+//! `snapshot_status`, `snapshot_propose`, `gc`, `set_gc_policy`, `get_setting`,
+//! `put_setting` (only the keys in [`PLUGIN_SETTINGS`]), `upgrade_status`,
+//! `upgrade_publish`, `upgrade_activate`, `upgrade_apply`, `upgrade_configure`,
+//! `admin_status`, `admin_replace`, `cache_invalidate`, `cache_check`.
+//!
+//! Each request gets one line back: `{"v":1,"ok":true,"result":...}`, the result being the
+//! same struct the CLI prints for that command on a stopped device, or
+//! `{"v":1,"ok":false,"error":"..."}`. A malformed request, an unknown command or another
+//! version gets an error line and the connection stays usable; a line longer than the
+//! limit gets an error line and the connection is closed (the rest is not read).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -21,8 +34,17 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 
-use crate::device::JournalStatus;
+use crate::admin::AdminStatus;
+use crate::cache::{CacheCheck, Invalidation};
+use crate::device::{
+    AuthorityStatus, FactSummary, GcPolicy, GcReport, JournalStatus, SnapshotStatus,
+};
 use crate::node::{Node, NodeStatus, PeerInfo, RoundReport};
+use crate::upgrade::{ApplyReport, UpgradeStatus};
+
+pub mod ops;
+
+use ops::{Activated, AdminReplaced, GcPolicySet, Published, UpgradeSettings};
 
 /// File name of the control socket in a home.
 pub const CONTROL_SOCKET: &str = "control.sock";
@@ -32,6 +54,53 @@ pub const CONTROL_VERSION: u32 = 1;
 pub const MAX_REQUEST_BYTES: usize = 512 * 1024;
 /// Longest response line the client reads.
 pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+/// Settings that `get_setting` and `put_setting` may touch: those of plug-ins the node
+/// stores but does not interpret (the snapshot triggers of `tend_backup::triggers`, whose
+/// types live above this crate). Any other key is refused, so the socket cannot rewrite
+/// the node's own state (peers, votes, upgrade outcomes).
+pub const PLUGIN_SETTINGS: &[&str] = &["snapshot_triggers"];
+/// How long the client waits for most answers.
+const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why a request line was refused before it reached the device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("request of more than {0} bytes is too long")]
+    TooLong(usize),
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error("malformed request: missing or non-integer version field \"v\"")]
+    MissingVersion,
+    #[error("control protocol version {0} is not supported (this device speaks 1)")]
+    Version(u64),
+}
+
+/// Reads one request line (without or with its trailing newline): at most
+/// [`MAX_REQUEST_BYTES`], a JSON object whose `v` is [`CONTROL_VERSION`], and a known
+/// command with its fields. Pure: the server and the fuzz target call only this.
+pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(RequestError::TooLong(MAX_REQUEST_BYTES));
+    }
+    // The version is checked before the command, so a newer client gets "version 2 is
+    // not supported" rather than a complaint about a command it knows and we do not.
+    let value: serde_json::Value =
+        serde_json::from_slice(line).map_err(|e| RequestError::Malformed(e.to_string()))?;
+    match value.get("v").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(CONTROL_VERSION) => {}
+        Some(v) => return Err(RequestError::Version(v)),
+        None => return Err(RequestError::MissingVersion),
+    }
+    // serde would also take a variant's index as the tag (`"cmd":7`): only names count.
+    if !value.get("cmd").is_some_and(serde_json::Value::is_string) {
+        return Err(RequestError::Malformed(
+            "the command \"cmd\" must be a string".into(),
+        ));
+    }
+    serde_json::from_value::<Envelope>(value)
+        .map(|e| e.request)
+        .map_err(|e| RequestError::Malformed(e.to_string()))
+}
 
 /// Why the control socket or a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +123,30 @@ pub enum ControlError {
     Version(u32),
     #[error("{0}")]
     Remote(String),
+}
+
+/// The line a client sends for `request` (without the newline).
+pub fn encode_request(request: &Request) -> Result<String, serde_json::Error> {
+    serde_json::to_string(&EnvelopeRef {
+        v: CONTROL_VERSION,
+        request,
+    })
+}
+
+/// The fuzz target's and the corpus test's check: [`parse_request`] must not panic, and
+/// a request that parses must come back unchanged from [`encode_request`] and another
+/// parse (what the client sends is what the device reads). Panics if it does not.
+pub fn check_request_line(line: &[u8]) -> Result<Request, RequestError> {
+    let request = parse_request(line)?;
+    let again = encode_request(&request)
+        .map_err(|e| RequestError::Malformed(e.to_string()))
+        .and_then(|l| parse_request(l.as_bytes()));
+    assert_eq!(
+        again.as_ref(),
+        Ok(&request),
+        "a parsed request does not survive encoding"
+    );
+    Ok(request)
 }
 
 /// A control request.
@@ -93,13 +186,157 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_secs: Option<u64>,
     },
+    /// Up to `limit` facts from `from_epoch` on, in `(epoch, id)` order.
+    JournalList {
+        /// Start at this epoch.
+        #[serde(default)]
+        from_epoch: u64,
+        /// At most this many facts.
+        limit: usize,
+    },
+    /// Members, threshold, group key, identity epoch and admin.
+    AuthorityStatus,
+    /// The latest verified snapshot, open proposals and the GC policy.
+    SnapshotStatus,
+    /// Prunes what the latest verified snapshot covers (or reports it, with `dry_run`).
+    /// The store is not compacted while the device runs.
+    Gc {
+        /// Report without pruning.
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// Sets the device's GC policy.
+    SetGcPolicy {
+        /// `prune` or `archive`.
+        policy: GcPolicy,
+    },
+    /// A plug-in setting (one of [`PLUGIN_SETTINGS`]); `null` when unset.
+    GetSetting {
+        /// The setting's key.
+        key: String,
+    },
+    /// Writes a plug-in setting (one of [`PLUGIN_SETTINGS`]).
+    PutSetting {
+        /// The setting's key.
+        key: String,
+        /// Its JSON value.
+        value: serde_json::Value,
+    },
+    /// Packages, readiness, this device's outcomes and fence status.
+    UpgradeStatus,
+    /// Publishes an upgrade package (admin only).
+    UpgradePublish {
+        /// Absolute path of the artifact file (the device reads it; it runs as the same
+        /// user, the socket being owner-only).
+        artifact: PathBuf,
+        /// The protocol version it brings, `MAJOR.MINOR.PATCH`.
+        version: String,
+        /// Hard-fork fence epoch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fence: Option<u64>,
+        /// Staged rollout percentage.
+        cohort: u8,
+    },
+    /// Activates a package (admin only).
+    UpgradeActivate {
+        /// The package id (hex).
+        package_id: String,
+        /// Activate once this many members are ready (default: every eligible one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min_ready: Option<u16>,
+    },
+    /// Runs the upgrade pipeline now.
+    UpgradeApply {
+        /// Install with this shell command instead of the configured one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        install_cmd: Option<String>,
+        /// Try refused or failed packages again.
+        #[serde(default)]
+        retry: bool,
+    },
+    /// Sets the install command, upgrade policy or install attempts (those given).
+    UpgradeConfigure {
+        /// The shell command that installs an artifact.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        install_cmd: Option<String>,
+        /// The upgrade policy.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy: Option<tend_core::maintenance::UpgradePolicy>,
+        /// Failed installs before the device stops trying (at least 1).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_attempts: Option<u32>,
+    },
+    /// The admin in charge and its replacements.
+    AdminStatus,
+    /// Hands the admin role to `new` from `at_epoch`.
+    AdminReplace {
+        /// The new admin's device id (hex).
+        new: String,
+        /// The epoch from which it is admin.
+        at_epoch: u64,
+        /// Threshold-signed by the authority (with this device's share alone).
+        #[serde(default)]
+        threshold: bool,
+        /// With `threshold`: the admin to replace (default: the current one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        old: Option<String>,
+    },
+    /// Invalidates cache keys.
+    CacheInvalidate {
+        /// The keys.
+        keys: Vec<String>,
+        /// The epoch floor (default: the current epoch).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        floor: Option<u64>,
+        /// Raise the floors on this device only, without publishing.
+        #[serde(default)]
+        local: bool,
+    },
+    /// Whether an entry cached at `epoch` under `key` is still valid.
+    CacheCheck {
+        /// The cache key.
+        key: String,
+        /// The epoch the entry was cached at.
+        epoch: u64,
+    },
 }
 
-#[derive(Serialize, Deserialize)]
+impl Request {
+    /// How long the client waits for the answer: ceremonies and installs take longer
+    /// than their own timeouts allow the device.
+    fn response_timeout(&self) -> Duration {
+        let margin = Duration::from_secs(30);
+        match self {
+            Request::SnapshotPropose { timeout_secs, .. } => {
+                timeout_secs.map_or(
+                    crate::ceremony::DEFAULT_CEREMONY_TIMEOUT,
+                    Duration::from_secs,
+                ) + margin
+            }
+            Request::AuthorityCreate { timeout_secs, .. } => {
+                Duration::from_secs(timeout_secs.unwrap_or(60)) + margin
+            }
+            Request::UpgradeApply { .. } => ops::INSTALL_TIMEOUT + margin,
+            _ => DEFAULT_RESPONSE_TIMEOUT,
+        }
+        .max(DEFAULT_RESPONSE_TIMEOUT)
+    }
+}
+
+#[derive(Deserialize)]
 struct Envelope {
+    // Read (and checked) by `parse_request` before the envelope is.
+    #[allow(dead_code)]
     v: u32,
     #[serde(flatten)]
     request: Request,
+}
+
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    v: u32,
+    #[serde(flatten)]
+    request: &'a Request,
 }
 
 /// A control response line.
@@ -195,39 +432,39 @@ async fn serve_client(node: Node, stream: UnixStream) {
     loop {
         let line = match read_line_limited(&mut reader, MAX_REQUEST_BYTES).await {
             Ok(Some(Ok(line))) => line,
-            Ok(Some(Err(too_long))) => {
-                let resp =
-                    Response::err(format!("request of more than {too_long} bytes is too long"));
+            Ok(Some(Err(max))) => {
+                // The rest of the line is still unread: answer, and hang up rather than
+                // parse its tail as requests.
+                let resp = Response::err(RequestError::TooLong(max).to_string());
                 let _ = write_response(&mut write, &resp).await;
                 return;
             }
             Ok(None) | Err(_) => return,
         };
-        if line.trim().is_empty() {
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let resp = answer(&node, &line).await;
+        let resp = match parse_request(&line) {
+            Ok(request) => answer(&node, request).await,
+            Err(e) => Response::err(e.to_string()),
+        };
         if write_response(&mut write, &resp).await.is_err() {
             return;
         }
     }
 }
 
-/// Reads one line of at most `max` bytes: `None` at end of input, `Some(Err(max))` when
-/// the line is longer (the rest is not read).
+/// Reads one line of at most `max` bytes (without its newline): `None` at end of input,
+/// `Some(Err(max))` when the line is longer (the rest is not read).
 async fn read_line_limited<R: tokio::io::AsyncBufRead + Unpin>(
     r: &mut R,
     max: usize,
-) -> std::io::Result<Option<Result<String, usize>>> {
+) -> std::io::Result<Option<Result<Vec<u8>, usize>>> {
     let mut buf = Vec::new();
     loop {
         let available = r.fill_buf().await?;
         if available.is_empty() {
-            return Ok(if buf.is_empty() {
-                None
-            } else {
-                Some(Ok(String::from_utf8_lossy(&buf).into_owned()))
-            });
+            return Ok(if buf.is_empty() { None } else { Some(Ok(buf)) });
         }
         let (chunk, done) = match available.iter().position(|b| *b == b'\n') {
             Some(i) => (&available[..i], Some(i + 1)),
@@ -240,7 +477,7 @@ async fn read_line_limited<R: tokio::io::AsyncBufRead + Unpin>(
             return Ok(Some(Err(max)));
         }
         if done.is_some() {
-            return Ok(Some(Ok(String::from_utf8_lossy(&buf).into_owned())));
+            return Ok(Some(Ok(buf)));
         }
     }
 }
@@ -255,25 +492,69 @@ async fn write_response(
     w.write_all(&line).await
 }
 
-async fn answer(node: &Node, line: &str) -> Response {
-    let value: serde_json::Value = match serde_json::from_str(line) {
-        Ok(v) => v,
-        Err(e) => return Response::err(format!("malformed request: {e}")),
-    };
-    match value.get("v").and_then(|v| v.as_u64()) {
-        Some(v) if v == u64::from(CONTROL_VERSION) => {}
-        Some(v) => {
-            return Response::err(format!(
-                "control protocol version {v} is not supported (this device speaks 1)"
-            ))
+/// One line for an error and its causes, as the CLI prints errors of a stopped device.
+fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
         }
-        None => return Response::err("malformed request: missing version field \"v\""),
+        source = cause.source();
     }
-    let req: Envelope = match serde_json::from_value(value) {
-        Ok(r) => r,
-        Err(e) => return Response::err(format!("malformed request: {e}")),
-    };
-    match req.request {
+    line
+}
+
+/// Runs `f` on the node off the async workers (store reads and writes block) and turns
+/// its outcome into a response.
+async fn on_node<T, E, F>(node: &Node, f: F) -> Response
+where
+    T: Serialize + Send + 'static,
+    E: std::error::Error + Send + 'static,
+    F: FnOnce(&Node) -> Result<T, E> + Send + 'static,
+{
+    let node = node.clone();
+    match tokio::task::spawn_blocking(move || f(&node)).await {
+        Ok(Ok(v)) => Response::ok(v),
+        Ok(Err(e)) => Response::err(error_line(&e)),
+        Err(e) => Response::err(format!("the request failed: {e}")),
+    }
+}
+
+/// Like [`on_node`] for a write: running sessions hear about it afterwards (a membership
+/// or epoch change aborts the sessions under the old identity epoch).
+async fn write_on_node<T, E, F>(node: &Node, f: F) -> Response
+where
+    T: Serialize + Send + 'static,
+    E: std::error::Error + Send + 'static,
+    F: FnOnce(&Node) -> Result<T, E> + Send + 'static,
+{
+    on_node(node, move |n| {
+        let r = f(n);
+        n.after_local_write();
+        r
+    })
+    .await
+}
+
+fn invalid(msg: String) -> ops::OpError {
+    ops::OpError::Invalid(msg)
+}
+
+fn plugin_setting(key: &str) -> Result<(), ops::OpError> {
+    if PLUGIN_SETTINGS.contains(&key) {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "setting {key:?} is not available through the control socket"
+        )))
+    }
+}
+
+async fn answer(node: &Node, request: Request) -> Response {
+    match request {
         Request::Status => match node.status() {
             Ok(s) => Response::ok(s),
             Err(e) => Response::err(e.to_string()),
@@ -326,6 +607,126 @@ async fn answer(node: &Node, line: &str) -> Response {
                 Err(e) => Response::err(e.to_string()),
             }
         }
+        Request::JournalList { from_epoch, limit } => {
+            on_node(node, move |n| {
+                n.device().list(tend_core::Epoch(from_epoch), limit)
+            })
+            .await
+        }
+        Request::AuthorityStatus => on_node(node, |n| n.device().authority_status()).await,
+        Request::SnapshotStatus => on_node(node, |n| n.device().snapshot_status()).await,
+        Request::Gc { dry_run } => write_on_node(node, move |n| n.gc(dry_run)).await,
+        Request::SetGcPolicy { policy } => {
+            on_node(node, move |n| ops::set_gc_policy(n.device(), policy)).await
+        }
+        Request::GetSetting { key } => {
+            on_node(node, move |n| {
+                plugin_setting(&key)?;
+                Ok::<_, ops::OpError>(n.device().store().get_setting::<serde_json::Value>(&key)?)
+            })
+            .await
+        }
+        Request::PutSetting { key, value } => {
+            on_node(node, move |n| {
+                plugin_setting(&key)?;
+                n.device().store().put_setting(&key, &value)?;
+                Ok::<_, ops::OpError>(value)
+            })
+            .await
+        }
+        Request::UpgradeStatus => on_node(node, |n| crate::upgrade::status(n.device())).await,
+        Request::UpgradePublish {
+            artifact,
+            version,
+            fence,
+            cohort,
+        } => {
+            write_on_node(node, move |n| {
+                // The device's working directory is not the client's.
+                if !artifact.is_absolute() {
+                    return Err(invalid(format!(
+                        "the artifact path {} is not absolute",
+                        artifact.display()
+                    )));
+                }
+                let version = version
+                    .parse()
+                    .map_err(|e| invalid(format!("bad version {version:?}: {e}")))?;
+                ops::upgrade_publish(n.device(), &artifact, version, fence, cohort)
+            })
+            .await
+        }
+        Request::UpgradeActivate {
+            package_id,
+            min_ready,
+        } => {
+            write_on_node(node, move |n| {
+                let id = package_id
+                    .parse()
+                    .map_err(|e| invalid(format!("bad package id {package_id:?}: {e}")))?;
+                ops::upgrade_activate(n.device(), &id, min_ready)
+            })
+            .await
+        }
+        Request::UpgradeApply { install_cmd, retry } => {
+            // The node runs the pipeline by itself after rounds that bring data; two runs
+            // at once could install twice.
+            if node.upgrade_running() {
+                return Response::err(
+                    "the device is running its upgrade pipeline right now; try again shortly",
+                );
+            }
+            write_on_node(node, move |n| {
+                ops::upgrade_apply(n.device(), install_cmd, retry)
+            })
+            .await
+        }
+        Request::UpgradeConfigure {
+            install_cmd,
+            policy,
+            max_attempts,
+        } => {
+            // Changing the policy advertises `DeviceMetadata`, a fact.
+            write_on_node(node, move |n| {
+                ops::upgrade_configure(
+                    n.device(),
+                    install_cmd.as_deref(),
+                    policy.as_ref(),
+                    max_attempts,
+                )
+            })
+            .await
+        }
+        Request::AdminStatus => on_node(node, |n| crate::admin::status(n.device())).await,
+        Request::AdminReplace {
+            new,
+            at_epoch,
+            threshold,
+            old,
+        } => {
+            write_on_node(node, move |n| {
+                let parse = |s: &str| {
+                    s.parse::<tend_core::DeviceId>()
+                        .map_err(|e| invalid(format!("bad device id {s:?}: {e}")))
+                };
+                let new = parse(&new)?;
+                let old = old.as_deref().map(parse).transpose()?;
+                ops::admin_replace(&[&**n.device()], new, at_epoch, threshold, old)
+            })
+            .await
+        }
+        Request::CacheInvalidate { keys, floor, local } => {
+            write_on_node(node, move |n| {
+                ops::cache_invalidate(n.device(), &keys, floor, local)
+            })
+            .await
+        }
+        Request::CacheCheck { key, epoch } => {
+            on_node(node, move |n| {
+                crate::cache::check(n.device(), &key, tend_core::Epoch(epoch))
+            })
+            .await
+        }
     }
 }
 
@@ -372,7 +773,7 @@ impl Client {
         };
         // A sync round may take a while; a wedged device should not hang the CLI forever.
         stream
-            .set_read_timeout(Some(Duration::from_secs(120)))
+            .set_read_timeout(Some(DEFAULT_RESPONSE_TIMEOUT))
             .map_err(io)?;
         Ok(Some(Client {
             reader: BufReader::new(stream),
@@ -410,11 +811,15 @@ impl Client {
 
     /// Sends a request; the result on success, [`ControlError::Remote`] otherwise.
     pub fn request(&mut self, request: Request) -> Result<serde_json::Value, ControlError> {
-        let line = serde_json::to_string(&Envelope {
-            v: CONTROL_VERSION,
-            request,
-        })
-        .map_err(|e| ControlError::BadResponse(e.to_string()))?;
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(request.response_timeout()))
+            .map_err(|source| ControlError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        let line =
+            encode_request(&request).map_err(|e| ControlError::BadResponse(e.to_string()))?;
         let resp = self.raw(&line)?;
         if resp.ok {
             Ok(resp.result.unwrap_or(serde_json::Value::Null))
@@ -484,5 +889,222 @@ impl Client {
             kind: kind.into(),
             data: data.into(),
         })
+    }
+
+    /// Up to `limit` facts from `from_epoch` on.
+    pub fn journal_list(
+        &mut self,
+        from_epoch: u64,
+        limit: usize,
+    ) -> Result<Vec<FactSummary>, ControlError> {
+        self.typed(Request::JournalList { from_epoch, limit })
+    }
+
+    /// The authority as the device sees it.
+    pub fn authority_status(&mut self) -> Result<AuthorityStatus, ControlError> {
+        self.typed(Request::AuthorityStatus)
+    }
+
+    /// Snapshots and the GC policy.
+    pub fn snapshot_status(&mut self) -> Result<SnapshotStatus, ControlError> {
+        self.typed(Request::SnapshotStatus)
+    }
+
+    /// Prunes (or with `dry_run` reports) what the latest verified snapshot covers.
+    pub fn gc(&mut self, dry_run: bool) -> Result<GcReport, ControlError> {
+        self.typed(Request::Gc { dry_run })
+    }
+
+    /// Sets the GC policy.
+    pub fn set_gc_policy(&mut self, policy: GcPolicy) -> Result<GcPolicySet, ControlError> {
+        self.typed(Request::SetGcPolicy { policy })
+    }
+
+    /// A plug-in setting (one of [`PLUGIN_SETTINGS`]), `None` when unset.
+    pub fn get_setting<T: serde::de::DeserializeOwned>(
+        &mut self,
+        key: &str,
+    ) -> Result<Option<T>, ControlError> {
+        self.typed(Request::GetSetting { key: key.into() })
+    }
+
+    /// Writes a plug-in setting (one of [`PLUGIN_SETTINGS`]).
+    pub fn put_setting<T: Serialize>(&mut self, key: &str, value: &T) -> Result<(), ControlError> {
+        let value =
+            serde_json::to_value(value).map_err(|e| ControlError::BadResponse(e.to_string()))?;
+        self.request(Request::PutSetting {
+            key: key.into(),
+            value,
+        })
+        .map(drop)
+    }
+
+    /// Packages, readiness and this device's outcomes.
+    pub fn upgrade_status(&mut self) -> Result<UpgradeStatus, ControlError> {
+        self.typed(Request::UpgradeStatus)
+    }
+
+    /// Publishes an upgrade package; `artifact` must be an absolute path.
+    pub fn upgrade_publish(
+        &mut self,
+        artifact: PathBuf,
+        version: String,
+        fence: Option<u64>,
+        cohort: u8,
+    ) -> Result<Published, ControlError> {
+        self.typed(Request::UpgradePublish {
+            artifact,
+            version,
+            fence,
+            cohort,
+        })
+    }
+
+    /// Activates a package.
+    pub fn upgrade_activate(
+        &mut self,
+        package_id: String,
+        min_ready: Option<u16>,
+    ) -> Result<Activated, ControlError> {
+        self.typed(Request::UpgradeActivate {
+            package_id,
+            min_ready,
+        })
+    }
+
+    /// Runs the upgrade pipeline on the running device.
+    pub fn upgrade_apply(
+        &mut self,
+        install_cmd: Option<String>,
+        retry: bool,
+    ) -> Result<ApplyReport, ControlError> {
+        self.typed(Request::UpgradeApply { install_cmd, retry })
+    }
+
+    /// Sets (some of) the upgrade settings and returns them all.
+    pub fn upgrade_configure(
+        &mut self,
+        install_cmd: Option<String>,
+        policy: Option<tend_core::maintenance::UpgradePolicy>,
+        max_attempts: Option<u32>,
+    ) -> Result<UpgradeSettings, ControlError> {
+        self.typed(Request::UpgradeConfigure {
+            install_cmd,
+            policy,
+            max_attempts,
+        })
+    }
+
+    /// The admin and its replacements.
+    pub fn admin_status(&mut self) -> Result<AdminStatus, ControlError> {
+        self.typed(Request::AdminStatus)
+    }
+
+    /// Hands the admin role over.
+    pub fn admin_replace(
+        &mut self,
+        new: String,
+        at_epoch: u64,
+        threshold: bool,
+        old: Option<String>,
+    ) -> Result<AdminReplaced, ControlError> {
+        self.typed(Request::AdminReplace {
+            new,
+            at_epoch,
+            threshold,
+            old,
+        })
+    }
+
+    /// Invalidates cache keys.
+    pub fn cache_invalidate(
+        &mut self,
+        keys: Vec<String>,
+        floor: Option<u64>,
+        local: bool,
+    ) -> Result<Invalidation, ControlError> {
+        self.typed(Request::CacheInvalidate { keys, floor, local })
+    }
+
+    /// Whether a cached entry is still valid.
+    pub fn cache_check(&mut self, key: String, epoch: u64) -> Result<CacheCheck, ControlError> {
+        self.typed(Request::CacheCheck { key, epoch })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_round_trips_through_its_line() {
+        let req = Request::UpgradeConfigure {
+            install_cmd: Some("true".into()),
+            policy: Some(tend_core::maintenance::UpgradePolicy::Manual),
+            max_attempts: None,
+        };
+        let line = encode_request(&req).unwrap();
+        assert!(
+            line.starts_with(r#"{"v":1,"cmd":"upgrade_configure""#),
+            "{line}"
+        );
+        assert_eq!(parse_request(line.as_bytes()), Ok(req));
+        // The newline the server strips may also be left on.
+        assert_eq!(
+            parse_request(b"{\"v\":1,\"cmd\":\"status\"}\n"),
+            Ok(Request::Status)
+        );
+    }
+
+    #[test]
+    fn the_version_is_checked_before_the_command() {
+        assert_eq!(
+            parse_request(br#"{"v":2,"cmd":"no_such_thing"}"#),
+            Err(RequestError::Version(2))
+        );
+        assert_eq!(
+            parse_request(br#"{"cmd":"status"}"#),
+            Err(RequestError::MissingVersion)
+        );
+        assert!(matches!(
+            parse_request(br#"{"v":1,"cmd":"no_such_thing"}"#),
+            Err(RequestError::Malformed(_))
+        ));
+        // A variant's index is not a command.
+        assert!(matches!(
+            parse_request(br#"{"v":1,"cmd":0}"#),
+            Err(RequestError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_line_over_the_limit_is_refused_before_it_is_read() {
+        let mut line = br#"{"v":1,"cmd":"add_fact","kind":"k","data":""#.to_vec();
+        line.resize(MAX_REQUEST_BYTES, b'a');
+        line.extend_from_slice(br#""}"#);
+        assert_eq!(
+            parse_request(&line),
+            Err(RequestError::TooLong(MAX_REQUEST_BYTES))
+        );
+        // At the limit exactly, the same request is fine.
+        let mut line = br#"{"v":1,"cmd":"add_fact","kind":"k","data":""#.to_vec();
+        line.resize(MAX_REQUEST_BYTES - 2, b'a');
+        line.extend_from_slice(br#""}"#);
+        assert!(matches!(parse_request(&line), Ok(Request::AddFact { .. })));
+    }
+
+    #[test]
+    fn ceremonies_and_installs_wait_longer_than_their_own_timeouts() {
+        let propose = Request::SnapshotPropose {
+            epoch: None,
+            timeout_secs: Some(600),
+        };
+        assert!(propose.response_timeout() > Duration::from_secs(600));
+        let apply = Request::UpgradeApply {
+            install_cmd: None,
+            retry: false,
+        };
+        assert!(apply.response_timeout() > ops::INSTALL_TIMEOUT);
+        assert_eq!(Request::Status.response_timeout(), DEFAULT_RESPONSE_TIMEOUT);
     }
 }

@@ -86,7 +86,7 @@ pub struct JournalStatus {
 }
 
 /// The authority this device writes to, as `tend authority status` shows it.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AuthorityStatus {
     pub namespace: String,
     pub identity_epoch: u64,
@@ -98,7 +98,7 @@ pub struct AuthorityStatus {
 }
 
 /// Snapshots and GC, as `tend snapshot status` shows them.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SnapshotStatus {
     pub namespace: String,
     pub current_epoch: u64,
@@ -109,7 +109,7 @@ pub struct SnapshotStatus {
 }
 
 /// A verified snapshot.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SnapshotSummary {
     pub epoch: u64,
     pub digest: String,
@@ -118,7 +118,7 @@ pub struct SnapshotSummary {
 }
 
 /// A proposal that has not completed.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ProposalSummary {
     pub proposal_id: String,
     pub target_epoch: u64,
@@ -135,7 +135,7 @@ pub enum GcPolicy {
 }
 
 /// What `tend gc` did.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct GcReport {
     pub dry_run: bool,
     pub floor: u64,

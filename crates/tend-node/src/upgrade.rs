@@ -88,7 +88,7 @@ pub enum LocalStatus {
 }
 
 /// Why a package is not taken on this device now.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(tag = "skip", rename_all = "snake_case")]
 pub enum Skip {
     /// This device already published `UpgradeReady` for it.
@@ -108,7 +108,7 @@ pub enum Skip {
 }
 
 /// Something the pipeline reports.
-#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum UpgradeEvent {
     /// The artifact is not stored here yet; the next run tries again.
@@ -536,7 +536,7 @@ pub struct ApplyOptions {
 }
 
 /// What the pipeline did with one package.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PackageRun {
     pub package_id: String,
     pub version: String,
@@ -545,7 +545,7 @@ pub struct PackageRun {
 }
 
 /// What one pipeline run did.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ApplyReport {
     pub device_id: String,
     pub packages: Vec<PackageRun>,
@@ -994,7 +994,7 @@ pub fn activate(
 }
 
 /// One package as `tend upgrade status` shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PackageStatus {
     pub package_id: String,
     pub version: String,
@@ -1012,7 +1012,7 @@ pub struct PackageStatus {
 }
 
 /// The upgrade view of this device, as `tend upgrade status` shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct UpgradeStatus {
     pub device_id: String,
     pub running_version: String,

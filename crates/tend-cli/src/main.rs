@@ -23,10 +23,20 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // clap's usage text spans lines; keep the one line that says what is wrong.
+            // clap's usage text spans lines; keep the first paragraph, which says what is
+            // wrong (a missing argument's name is on the lines after the first), as one line.
             let rendered = e.render().to_string();
-            let line = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{} (see tend --help)", line.trim_end());
+            let what: Vec<&str> = rendered
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            let line = if what.is_empty() {
+                "invalid arguments".to_string()
+            } else {
+                what.join(" ")
+            };
+            eprintln!("{line} (see tend --help)");
             return ExitCode::from(2);
         }
     };

@@ -1,7 +1,7 @@
 //! The networked commands: `tend run` (a device on its iroh endpoint), `tend peers`,
 //! `tend sync now`, and the control-socket path of commands that also work offline.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +10,7 @@ use clap::{Args as ClapArgs, Subcommand};
 use tend_backup::triggers::TriggerDecision;
 use tend_node::ceremony::SnapshotTrigger;
 use tend_node::control::Client;
+use tend_node::discovery::local::{LocalConfig, DEFAULT_GROUP};
 use tend_node::discovery::rendezvous::{RendezvousConfig, ServerConfig};
 use tend_node::{JournalStatus, NodeConfig, PeerAddr};
 
@@ -35,6 +36,14 @@ pub struct RunArgs {
     /// there every sync round and find the authority's members through it.
     #[arg(long)]
     pub rendezvous: Option<SocketAddr>,
+    /// Local-network discovery: announce this device and find the authority's members by
+    /// UDP multicast on the interface with this IPv4 address (e.g. 192.168.1.20, or
+    /// 127.0.0.1 for devices on this machine only).
+    #[arg(long, value_name = "INTERFACE_IP")]
+    pub local_discovery: Option<Ipv4Addr>,
+    /// The multicast group and port of local-network discovery.
+    #[arg(long, value_name = "IP:PORT", default_value_t = DEFAULT_GROUP, requires = "local_discovery")]
+    pub local_group: SocketAddrV4,
 }
 
 /// Options of `tend rendezvous`.
@@ -77,6 +86,9 @@ pub fn run(home: &Path, args: RunArgs, json: bool) -> CmdResult {
         rendezvous: args
             .rendezvous
             .map(|server| rendezvous_config(server, sync_interval)),
+        local_discovery: args
+            .local_discovery
+            .map(|interface| local_config(interface, args.local_group, sync_interval)),
         ..NodeConfig::default()
     };
     tend_node::node::run_blocking(home, config, |node| {
@@ -113,6 +125,18 @@ pub fn run(home: &Path, args: RunArgs, json: bool) -> CmdResult {
 fn rendezvous_config(server: SocketAddr, sync_interval: Duration) -> RendezvousConfig {
     let defaults = RendezvousConfig::new(server);
     RendezvousConfig {
+        interval: sync_interval.min(defaults.interval),
+        lifetime: (sync_interval * 10).clamp(Duration::from_secs(60), Duration::from_secs(3600)),
+        ..defaults
+    }
+}
+
+/// How `tend run` announces itself on the local network: like the rendezvous, once per
+/// sync round at most, with records that outlive a few lost datagrams.
+fn local_config(interface: Ipv4Addr, group: SocketAddrV4, sync_interval: Duration) -> LocalConfig {
+    let defaults = LocalConfig::new(interface);
+    LocalConfig {
+        group,
         interval: sync_interval.min(defaults.interval),
         lifetime: (sync_interval * 10).clamp(Duration::from_secs(60), Duration::from_secs(3600)),
         ..defaults

@@ -1,0 +1,112 @@
+//! End-to-end: `tend run --local-discovery 127.0.0.1` devices that were given no peer and
+//! no rendezvous find each other by multicast on the loopback interface and converge.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn current_digest(home: &Path) -> Option<String> {
+    let status = ok_json(home, &["journal", "status"]);
+    journal_digest(home, status["current_namespace"].as_str()?)
+}
+
+#[test]
+fn devices_given_no_peer_find_each_other_on_the_local_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    ok_json(&a, &["init"]);
+    ok_json(&b, &["init"]);
+    ok_json(
+        &a,
+        &[
+            "authority",
+            "create",
+            "--threshold",
+            "2",
+            "--member-home",
+            b.to_str().unwrap(),
+        ],
+    );
+    // A port of our own, so parallel tests never share the group.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let group = format!("239.255.77.77:{port}");
+    let run_args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--sync-interval",
+        "0.3",
+        "--local-discovery",
+        "127.0.0.1",
+        "--local-group",
+        &group,
+    ];
+    let (ra, ia) = start_run(&a, &run_args);
+    let (rb, ib) = start_run(&b, &run_args);
+    for i in 0..5 {
+        ok_json(
+            &a,
+            &["fact", "add", "--kind", "note", "--data", &format!("a{i}")],
+        );
+        ok_json(
+            &b,
+            &["fact", "add", "--kind", "note", "--data", &format!("b{i}")],
+        );
+    }
+    let start = Instant::now();
+    loop {
+        let (da, db) = (current_digest(&a), current_digest(&b));
+        if da.is_some() && da == db {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no convergence: {da:?} vs {db:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Each learned the other's address from its announcements (none was given).
+    let knows = |home: &Path, other: &serde_json::Value| {
+        ok_json(home, &["peers"]).as_array().is_some_and(|peers| {
+            peers
+                .iter()
+                .any(|p| p["device_id"] == other["device_id"] && p["addr"] == other["listen_addr"])
+        })
+    };
+    let start = Instant::now();
+    while !(knows(&a, &ib) && knows(&b, &ia)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the devices never learned each other's addresses"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    terminate(ra);
+    terminate(rb);
+}
+
+#[test]
+fn a_group_that_is_not_multicast_is_one_line_of_error() {
+    let dir = tempfile::tempdir().unwrap();
+    ok_json(dir.path(), &["init"]);
+    let err = fails_in_one_line(
+        dir.path(),
+        &[
+            "run",
+            "--local-discovery",
+            "127.0.0.1",
+            "--local-group",
+            "127.0.0.1:47177",
+        ],
+    );
+    assert!(err.contains("multicast"), "{err}");
+    // The group option alone means nothing: it is refused, not ignored.
+    let err = fails(dir.path(), &["run", "--local-group", "239.255.77.77:1"]);
+    assert!(err.contains("--local-discovery"), "{err}");
+}

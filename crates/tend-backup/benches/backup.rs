@@ -4,28 +4,24 @@
 //!
 //! ```text
 //! cargo bench -p tend-backup --bench backup            # 1M facts, half of them in the tail
-//! TEND_BENCH_FACTS=100000 cargo bench -p tend-backup --bench backup
+//! TEND_BENCH_FACTS=200000 cargo bench -p tend-backup --bench backup
+//! TEND_BENCH_RUNS=5 ...                                # runs per phase (default 3), medians
 //! ```
+//!
+//! Both the source (export) and the restore target are opened with
+//! `tend_backup::bounded_store_options()`, as the CLI does.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use ed25519_dalek::Signer;
-use tend_backup::{BackupError, Decryption, Encryption, ExportOptions, RestoreTarget};
+use tend_backup::{BackupError, Decryption, Encryption, ExportOptions};
 use tend_core::maintenance::{MaintenanceFact, SnapshotCompleted, SnapshotProposed, SnapshotV1};
 use tend_core::{Epoch, Hash32, Payload, UnsignedFact};
 use tend_node::fleet::StoreJournal;
 use tend_node::Device;
-use tend_store::{Store, StoreOptions};
-
-struct Home(Device);
-
-impl RestoreTarget for Home {
-    fn store(&self) -> &Store {
-        self.0.store()
-    }
-}
+use tend_store::Store;
 
 fn vm_hwm_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -74,7 +70,8 @@ fn main() {
     }
     let archive = dir.path().join("b.age");
     let me = std::env::current_exe().expect("exe");
-    let run = |args: &[&str]| {
+    // Each child prints its human line and a last `RESULT <seconds> <peak MiB>` line.
+    let run = |args: &[&str]| -> (f64, f64) {
         let out = Command::new(&me)
             .arg("--phase")
             .args(args)
@@ -85,32 +82,74 @@ fn main() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        print!("{}", String::from_utf8_lossy(&out.stdout));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        print!("{text}");
+        let result = text
+            .lines()
+            .find_map(|l| l.strip_prefix("RESULT "))
+            .expect("result line");
+        let mut v = result.split(' ').map(|x| x.parse::<f64>().expect("number"));
+        (v.next().expect("secs"), v.next().expect("peak"))
     };
+    let runs: usize = std::env::var("TEND_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     let store_path = home.join("store.redb");
     let ns_hex = hex::encode(ns.to_bytes());
-    run(&[
-        "export",
-        store_path.to_str().unwrap(),
-        &ns_hex,
-        archive.to_str().unwrap(),
-        &id.to_public().to_string(),
-    ]);
-    let archive_bytes = std::fs::metadata(&archive).expect("archive").len();
+    let (mut export, mut verify, mut restore) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        let _ = std::fs::remove_file(&archive);
+        export.push(run(&[
+            "export",
+            store_path.to_str().unwrap(),
+            &ns_hex,
+            archive.to_str().unwrap(),
+            &id.to_public().to_string(),
+        ]));
+        if i == 0 {
+            let archive_bytes = std::fs::metadata(&archive).expect("archive").len();
+            println!(
+                "archive {:.1} MiB = {:.1}% of the store ({:.1} MiB)",
+                archive_bytes as f64 / 1048576.0,
+                100.0 * archive_bytes as f64 / store_bytes as f64,
+                store_bytes as f64 / 1048576.0
+            );
+        }
+        verify.push(run(&[
+            "verify",
+            archive.to_str().unwrap(),
+            key.to_str().unwrap(),
+        ]));
+        let restored = dir.path().join(format!("restored-{i}"));
+        restore.push(run(&[
+            "restore",
+            archive.to_str().unwrap(),
+            key.to_str().unwrap(),
+            restored.to_str().unwrap(),
+        ]));
+        let _ = std::fs::remove_dir_all(&restored);
+    }
+    for (name, v) in [("export", export), ("verify", verify), ("restore", restore)] {
+        let med = |f: fn(&(f64, f64)) -> f64| {
+            let mut x: Vec<f64> = v.iter().map(f).collect();
+            x.sort_by(f64::total_cmp);
+            x[x.len() / 2]
+        };
+        println!(
+            "median of {runs}: {name} {:.2} s, peak RSS {:.1} MiB",
+            med(|r| r.0),
+            med(|r| r.1)
+        );
+    }
+}
+
+fn result_line(t: Instant) {
     println!(
-        "archive {:.1} MiB = {:.1}% of the store ({:.1} MiB)",
-        archive_bytes as f64 / 1048576.0,
-        100.0 * archive_bytes as f64 / store_bytes as f64,
-        store_bytes as f64 / 1048576.0
+        "RESULT {:.3} {:.1}",
+        t.elapsed().as_secs_f64(),
+        vm_hwm_kib() as f64 / 1024.0
     );
-    run(&["verify", archive.to_str().unwrap(), key.to_str().unwrap()]);
-    let restored = dir.path().join("restored");
-    run(&[
-        "restore",
-        archive.to_str().unwrap(),
-        key.to_str().unwrap(),
-        restored.to_str().unwrap(),
-    ]);
 }
 
 fn phase(args: &[String]) {
@@ -118,12 +157,9 @@ fn phase(args: &[String]) {
     let t = Instant::now();
     match args[0].as_str() {
         "export" => {
-            // A small page cache: what export itself holds is what is measured.
-            let opts = StoreOptions {
-                verify_integrity: false,
-                cache_size: Some(16 << 20),
-            };
-            let store = Store::open_with(&args[1], &opts).expect("open");
+            // As the CLI opens it: a bounded page cache.
+            let store =
+                Store::open_with(&args[1], &tend_backup::bounded_store_options()).expect("open");
             let ns = tend_core::JournalNamespace::from_bytes(&hex::decode(&args[2]).unwrap())
                 .expect("ns");
             let enc = Encryption::recipients(&[args[4].as_str()]).expect("recipient");
@@ -144,6 +180,7 @@ fn phase(args: &[String]) {
                 r.largest_chunk_bytes as f64 / 1048576.0,
                 r.blob_bytes as f64 / 1048576.0
             );
+            result_line(t);
         }
         "verify" => {
             let dec = Decryption::identity_file(Path::new(&args[2])).expect("key");
@@ -154,6 +191,7 @@ fn phase(args: &[String]) {
                 vm_hwm_kib() as f64 / 1024.0,
                 r.tail_facts
             );
+            result_line(t);
         }
         "restore" => {
             let dec = Decryption::identity_file(Path::new(&args[2])).expect("key");
@@ -162,10 +200,17 @@ fn phase(args: &[String]) {
                 Path::new(&args[1]),
                 &dec,
                 &home,
+                // As the CLI does: a new device, then its store with a bounded cache.
                 |dir, ns| {
-                    Device::init_joining(dir, ns, &mut rand::rngs::OsRng)
-                        .map(Home)
-                        .map_err(|e| BackupError::Target(e.to_string()))
+                    let path = Device::init_joining(dir, ns, &mut rand::rngs::OsRng)
+                        .map_err(|e| BackupError::Target(e.to_string()))?
+                        .store()
+                        .path()
+                        .to_owned();
+                    Ok(Store::open_with(
+                        &path,
+                        &tend_backup::bounded_store_options(),
+                    )?)
                 },
                 None,
             )
@@ -180,6 +225,7 @@ fn phase(args: &[String]) {
                 r.tail_facts,
                 size as f64 / 1048576.0
             );
+            result_line(t);
         }
         other => panic!("unknown phase {other}"),
     }

@@ -1,5 +1,8 @@
 //! Export: streams the latest snapshot and the journal tail after it into an encrypted
-//! archive, holding at most one tail chunk (plus the snapshot blob) in memory.
+//! archive, holding at most one tail chunk plus the snapshot blob in memory. The blob is
+//! held because the store keeps it as one value (it is read whole, checked in one pass
+//! without decoding its item list, and written from that buffer); nothing else export
+//! holds grows with the journal.
 
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
@@ -8,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use tend_core::journal::DigestBuilder;
 use tend_core::{Epoch, JournalNamespace, MaintenanceState};
-use tend_snapshot::SnapshotBlob;
+use tend_snapshot::blob::read_blob;
 use tend_store::{Store, StoreError};
 
 use crate::error::BackupError;
@@ -162,6 +165,7 @@ pub fn export<W: Write>(
     let mut manifest_snapshot = None;
     let from = match &snap {
         Some(s) => {
+            w.append(member::PREFIX, &s.prefix)?;
             w.append(member::ANCHOR, &s.anchor)?;
             w.append(member::BLOB, &s.blob)?;
             report.snapshot_epoch = Some(s.epoch.0);
@@ -256,6 +260,9 @@ pub fn export<W: Write>(
 /// What export needs of the latest snapshot.
 struct SnapshotParts {
     epoch: Epoch,
+    /// The blob's facts, framed (they come after its items inside it; a reader needs
+    /// them first to check the blob in one pass).
+    prefix: Vec<u8>,
     anchor: Vec<u8>,
     blob: Vec<u8>,
     blob_cid: String,
@@ -306,14 +313,21 @@ fn snapshot_parts(
     let blob = store
         .get_blob(&cid)?
         .ok_or_else(|| BackupError::BlobMissing(cid.to_string()))?;
-    // Decoding checks the blob once more (its facts verify, its state digest holds), so a
-    // damaged blob fails here rather than at restore time.
-    let decoded = SnapshotBlob::decode(&blob).map_err(tend_snapshot::HydrateError::from)?;
-    let (covered_facts, maintenance_facts) =
-        (decoded.items.len() as u64, decoded.facts.len() as u64);
-    drop(decoded);
+    // One pass over the blob checks it once more (its structure, its facts verify, its
+    // state digest holds; `get_blob` checked the CID), so a damaged blob fails here rather
+    // than at restore time, and yields the facts for the prefix member. The item list is
+    // only counted, never decoded into memory. (That each fact is among the items needs
+    // the facts ahead; the reader checks it.)
+    let summary = read_blob(blob.as_slice(), None).map_err(tend_snapshot::HydrateError::from)?;
+    let mut prefix = Vec::new();
+    for f in &summary.facts {
+        frame(&mut prefix, f.bytes());
+    }
+    let (covered_facts, maintenance_facts) = (summary.items, summary.facts.len() as u64);
+    drop(summary);
     Ok(Some(SnapshotParts {
         epoch: e,
+        prefix,
         anchor,
         blob,
         blob_cid: cid.to_string(),

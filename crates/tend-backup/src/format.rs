@@ -5,6 +5,8 @@
 //!
 //! ```text
 //! tend-backup/HEADER.json              format, version, journal, whether a snapshot follows
+//! tend-backup/snapshot/prefix.facts    framed facts: the blob's own maintenance and authority
+//!                                      facts, ahead of it (version 2; only with a snapshot)
 //! tend-backup/snapshot/anchor.facts    framed facts: the state facts in [E, completion),
 //!                                      then the SnapshotCompleted fact (only with a snapshot)
 //! tend-backup/snapshot/blob.dagcbor    the snapshot blob, exactly as stored (only with one)
@@ -16,11 +18,18 @@
 //! ```
 //!
 //! A framed fact is a 4-byte big-endian length followed by the fact's canonical bytes.
+//!
+//! Version 2 added `prefix.facts`: the blob lists its facts after its (large) item list,
+//! and a reader that knows them ahead checks the blob in one pass without holding the
+//! items (`tend_snapshot::blob::read_blob`). Version 1 archives are still read, holding
+//! their blob in memory.
 
 use serde::{Deserialize, Serialize};
 
 /// The archive format this release writes and reads.
-pub const ARCHIVE_FORMAT_VERSION: u64 = 1;
+pub const ARCHIVE_FORMAT_VERSION: u64 = 2;
+/// The first version with `snapshot/prefix.facts`.
+pub(crate) const PREFIX_SINCE_VERSION: u64 = 2;
 /// The `format` field of the header and manifest.
 pub const ARCHIVE_FORMAT_NAME: &str = "tend-backup";
 /// Upper bound of a tail chunk's size: export never holds more of the tail in memory.
@@ -34,6 +43,8 @@ pub const FRAME_LEN: usize = 4;
 pub mod member {
     /// The leading header.
     pub const HEADER: &str = "tend-backup/HEADER.json";
+    /// The blob's maintenance and authority facts, ahead of the blob (version 2).
+    pub const PREFIX: &str = "tend-backup/snapshot/prefix.facts";
     /// The state facts from E up to the completion, and the completion.
     pub const ANCHOR: &str = "tend-backup/snapshot/anchor.facts";
     /// The snapshot blob.
@@ -50,10 +61,14 @@ pub mod member {
 }
 
 /// Caps on member sizes a reader accepts, so a hostile archive cannot make it allocate
-/// without bound (only the blob and the manifest are held in memory whole).
+/// without bound (the header and manifest are held whole, the facts of the prefix and the
+/// anchor are held decoded; the blob and the tail stream by).
 pub(crate) const MAX_HEADER_BYTES: u64 = 64 << 10;
 pub(crate) const MAX_ANCHOR_BYTES: u64 = 16 << 20;
-pub(crate) const MAX_BLOB_BYTES: u64 = 4 << 30;
+/// The blob's facts, framed: what `read_blob` accepts, plus the frames.
+pub(crate) const MAX_PREFIX_BYTES: u64 = tend_snapshot::blob::MAX_BLOB_FACT_BYTES + (4 << 20);
+/// A version 1 archive's blob is read whole.
+pub(crate) const MAX_V1_BLOB_BYTES: u64 = 4 << 30;
 pub(crate) const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
 /// The first member: enough to refuse a newer format before reading anything else.

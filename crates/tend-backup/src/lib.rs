@@ -27,3 +27,18 @@ pub use triggers::{
 
 /// The age crate, re-exported so callers build keys with the same version.
 pub use age;
+
+/// The redb page cache for a store that export scans or restore writes. Both touch every
+/// page of the journal once; with redb's default cache (1 GiB) each page read or written
+/// would stay in memory, so memory would grow with the store. Callers open the source and
+/// the restore target with [`bounded_store_options`].
+pub const STORE_CACHE_BYTES: usize = 16 << 20;
+
+/// Store options with a [`STORE_CACHE_BYTES`] page cache. The integrity check is left to
+/// the caller (a device opened normally first has run it).
+pub fn bounded_store_options() -> tend_store::StoreOptions {
+    tend_store::StoreOptions {
+        verify_integrity: false,
+        cache_size: Some(STORE_CACHE_BYTES),
+    }
+}

@@ -3,14 +3,23 @@
 //! that becomes the new home only when every check has passed.
 //!
 //! Verification order: the age layer (key, header MAC, every payload chunk); the header
-//! (format and version, before anything else is read); the anchor facts and the blob (the
-//! group key comes from the blob's own membership chain, which starts at a genesis that
-//! certifies the namespace; then the threshold signature, the CID, the prefix digest and
-//! the blob's state digest, via `tend_snapshot::hydrate`); every tail fact (signature,
-//! namespace, order, admission against the hydrated state); the manifest (every member's
-//! size and BLAKE3, counts, ranges, the tail digest); the end of the stream (so a
-//! truncated file fails); and last the restored store itself (its maintenance state and
-//! journal digest must equal what the replay computed and the manifest states).
+//! (format and version, before anything else is read); the prefix facts (the blob's own
+//! maintenance facts, carried ahead of it), the anchor facts and the blob (the group key
+//! comes from the prefix's membership chain, which starts at a genesis that certifies the
+//! namespace, followed through the anchor; then the threshold signature, and in one pass
+//! over the blob its structure, the prefix facts against its facts and items, the prefix
+//! digest, the state digest and the CID, via `tend_snapshot::hydrate::hydrate_stream`);
+//! every tail fact (signature, namespace, order, admission against the hydrated state);
+//! the manifest (every member's size and BLAKE3, counts, ranges, the tail digest); the end
+//! of the stream (so a truncated file fails); and last the restored store itself (its
+//! maintenance state and journal digest must equal what the replay computed and the
+//! manifest states).
+//!
+//! Memory: the blob's item list (40 bytes per covered fact) streams by and is never held;
+//! tail facts are verified and written in batches of at most [`BATCH_FACTS`] facts or
+//! [`BATCH_BYTES`] bytes. What grows with the archive is the blob's facts, the anchor,
+//! the manifest (one line per 4 MiB chunk) and, in a restore only, one copy of the blob on
+//! its way into the store, which keeps a blob as one value.
 
 use std::cell::Cell;
 use std::collections::HashSet;
@@ -24,17 +33,20 @@ use tend_core::ids::CODEC_DAG_CBOR;
 use tend_core::journal::DigestBuilder;
 use tend_core::maintenance::MaintenanceFact;
 use tend_core::{
-    AuthorityId, ContextId, DecodeError, Epoch, FactId, JournalNamespace, MaintenanceState,
+    reduce, AuthorityId, ContextId, DecodeError, Epoch, FactId, JournalNamespace, MaintenanceState,
     Payload, VerifiedFact, MAX_FACT_BYTES,
 };
-use tend_snapshot::{hydrate, HydrateError, Hydrated, SnapshotBlob};
+use tend_snapshot::blob::{read_blob, BlobError, SnapshotBlob};
+use tend_snapshot::hydrate::hydrate_stream;
+use tend_snapshot::HydrateError;
 use tend_store::Store;
 
 use crate::error::BackupError;
 use crate::export::{sibling, Progress};
 use crate::format::{
     member, Header, Manifest, MemberHash, ARCHIVE_FORMAT_NAME, ARCHIVE_FORMAT_VERSION, FRAME_LEN,
-    MAX_ANCHOR_BYTES, MAX_BLOB_BYTES, MAX_HEADER_BYTES, MAX_MANIFEST_BYTES,
+    MAX_ANCHOR_BYTES, MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, MAX_PREFIX_BYTES, MAX_V1_BLOB_BYTES,
+    PREFIX_SINCE_VERSION,
 };
 use crate::keys::Decryption;
 
@@ -230,15 +242,14 @@ fn read_archive<T: RestoreTarget>(
     let target = make_target.map(|make| make(ns)).transpose()?;
     let store = target.as_ref().map(|t| t.store());
 
+    // Version 2 carries the blob's facts ahead of it; version 1 did not.
+    let has_prefix = header.has_snapshot && header.version >= PREFIX_SINCE_VERSION;
+    let mut prefix: Option<Vec<VerifiedFact>> = None;
     let mut anchor: Option<Vec<VerifiedFact>> = None;
     let mut replay: Option<Replay> = if header.has_snapshot {
         None
     } else {
-        Some(Replay::new(
-            ns,
-            ReplayState::Plain(Box::new(MaintenanceState::new(ns))),
-            Epoch::ZERO,
-        ))
+        Some(Replay::new(ns, MaintenanceState::new(ns), Epoch::ZERO))
     };
     let mut manifest: Option<Manifest> = None;
     while let Some(mut entry) = next_entry(&mut entries)? {
@@ -248,13 +259,20 @@ fn read_archive<T: RestoreTarget>(
                 "member {name:?} follows the manifest"
             )));
         }
-        if name == member::ANCHOR && header.has_snapshot && anchor.is_none() && replay.is_none() {
-            let bytes = read.whole(&mut entry, &name, MAX_ANCHOR_BYTES)?;
-            anchor = Some(decode_frames(&bytes, &name, ns)?);
+        let before_blob = replay.is_none() && anchor.is_none();
+        if name == member::PREFIX && has_prefix && prefix.is_none() && before_blob {
+            prefix = Some(read.facts(&mut entry, &name, ns, MAX_PREFIX_BYTES)?);
+        } else if name == member::ANCHOR
+            && header.has_snapshot
+            && before_blob
+            && prefix.is_some() == has_prefix
+        {
+            anchor = Some(read.facts(&mut entry, &name, ns, MAX_ANCHOR_BYTES)?);
         } else if name == member::BLOB && anchor.is_some() && replay.is_none() {
-            let blob = read.whole(&mut entry, &name, MAX_BLOB_BYTES)?;
             let facts = anchor.take().unwrap_or_default();
-            let r = hydrate_snapshot(ns, &blob, facts, store)?;
+            let mut hashing = HashingReader::new(&mut entry);
+            let r = hydrate_snapshot(ns, &mut hashing, prefix.take(), facts, store)?;
+            read.push(&name, hashing.finish()?);
             replay = Some(r);
         } else if replay
             .as_ref()
@@ -371,6 +389,35 @@ impl ReadMembers {
         Ok(bytes)
     }
 
+    /// Reads a member of framed facts (at most `max` bytes) as it streams by, verifying
+    /// each, and records its hash.
+    fn facts(
+        &mut self,
+        entry: &mut impl Read,
+        name: &str,
+        ns: JournalNamespace,
+        max: u64,
+    ) -> Result<Vec<VerifiedFact>, BackupError> {
+        let mut hashing = HashingReader::new(entry.take(max + 1));
+        let mut out = Vec::new();
+        while let Some(fact) = read_frame(&mut hashing, name, out.len() as u64)? {
+            if fact.namespace() != ns {
+                return Err(BackupError::WrongNamespace {
+                    expected: ns,
+                    found: fact.namespace(),
+                });
+            }
+            out.push(fact);
+        }
+        if hashing.n > max {
+            return Err(BackupError::NotABackup(format!(
+                "member {name} is larger than {max} bytes"
+            )));
+        }
+        self.push(name, hashing.finish()?);
+        Ok(out)
+    }
+
     fn push(&mut self, name: &str, mut hash: MemberHash) {
         hash.name = name.into();
         self.members.push(hash);
@@ -399,28 +446,6 @@ fn next_entry<'a, R: Read>(
 fn entry_name<R: Read>(entry: &tar::Entry<'_, R>) -> Result<String, BackupError> {
     String::from_utf8(entry.path_bytes().into_owned())
         .map_err(|_| BackupError::NotABackup("a member name is not UTF-8".into()))
-}
-
-/// Decodes framed facts held in memory (the anchor member).
-fn decode_frames(
-    bytes: &[u8],
-    name: &str,
-    ns: JournalNamespace,
-) -> Result<Vec<VerifiedFact>, BackupError> {
-    let mut out = Vec::new();
-    let mut reader = bytes;
-    let mut index = 0;
-    while let Some(fact) = read_frame(&mut reader, name, index)? {
-        if fact.namespace() != ns {
-            return Err(BackupError::WrongNamespace {
-                expected: ns,
-                found: fact.namespace(),
-            });
-        }
-        out.push(fact);
-        index += 1;
-    }
-    Ok(out)
 }
 
 /// Reads one framed fact and verifies it; `None` at a clean end of the member.
@@ -509,11 +534,16 @@ fn decode_parallel(raw: &[Vec<u8>]) -> Result<Vec<VerifiedFact>, (usize, DecodeE
 }
 
 /// Verifies the snapshot and hydrates from it: the group key comes from the membership
-/// chain of the blob's own facts, followed through the anchor's state facts up to the
-/// completion; nothing in the archive's header or manifest is trusted for it.
+/// chain of the blob's own facts (`prefix`, carried ahead of the blob), followed through
+/// the anchor's state facts up to the completion; nothing in the archive's header or
+/// manifest is trusted for it. The blob is then read in one pass from `blob`; in a restore
+/// its facts go into the store in batches and its bytes are stored once every check passed.
+/// `prefix` is `None` for a version 1 archive: the blob is then read whole, and a first
+/// pass over it yields its facts.
 fn hydrate_snapshot(
     ns: JournalNamespace,
-    blob: &[u8],
+    blob: &mut impl Read,
+    prefix: Option<Vec<VerifiedFact>>,
     mut anchor: Vec<VerifiedFact>,
     store: Option<&Store>,
 ) -> Result<Replay, BackupError> {
@@ -529,21 +559,34 @@ fn hydrate_snapshot(
         }
     };
     let e = completed.snapshot.epoch;
-    if SnapshotBlob::cid_of(blob) != completed.snapshot.blob_cid {
-        return Err(HydrateError::CidMismatch.into());
-    }
-    let decoded = SnapshotBlob::decode(blob).map_err(HydrateError::from)?;
-    if decoded.namespace != ns {
-        return Err(HydrateError::NamespaceMismatch {
-            blob: decoded.namespace,
-            expected: ns,
+    let mut v1_blob = None;
+    let prefix = match prefix {
+        Some(p) => p,
+        None => {
+            let mut bytes = Vec::new();
+            blob.take(MAX_V1_BLOB_BYTES + 1)
+                .read_to_end(&mut bytes)
+                .map_err(damaged)?;
+            if bytes.len() as u64 > MAX_V1_BLOB_BYTES {
+                return Err(BackupError::NotABackup(format!(
+                    "member {} is larger than {MAX_V1_BLOB_BYTES} bytes",
+                    member::BLOB
+                )));
+            }
+            if SnapshotBlob::cid_of(&bytes) != completed.snapshot.blob_cid {
+                return Err(HydrateError::CidMismatch.into());
+            }
+            let facts = read_blob(bytes.as_slice(), None)
+                .map_err(snapshot_err)?
+                .facts;
+            v1_blob = Some(bytes);
+            facts
         }
-        .into());
-    }
+    };
     // The chain: the prefix's state (its genesis must certify `ns`, or the reducer keeps
-    // no membership at all), then the state facts between E and the completion.
-    let mut state = decoded.reduced_state();
-    drop(decoded);
+    // no membership at all), then the state facts between E and the completion. That the
+    // prefix is the blob's own facts is checked as the blob is read.
+    let mut state = reduce(ns, &prefix);
     let mut last: Option<(Epoch, FactId)> = None;
     for (i, f) in anchor
         .iter()
@@ -571,10 +614,32 @@ fn hydrate_snapshot(
         .membership_at(completion_fact.epoch())
         .map(|m| m.group_key)
         .ok_or(BackupError::NoGroupKey(completion_fact.epoch()))?;
-    let hydrated = hydrate(blob, &completed, ns, &group_key)?;
-    let maintenance_facts = hydrated.facts.len() as u64;
-    if let Some(store) = store {
-        for batch in hydrated.facts.chunks(BATCH_FACTS) {
+    drop(state);
+    // In a restore, the blob's bytes are kept on their way by for the store, which stores
+    // a blob as one value: the one copy a restore holds whole.
+    let mut copy = store.map(|_| Vec::new());
+    let (summary, state) = match &v1_blob {
+        Some(bytes) => hydrate_stream(
+            Tee::new(bytes.as_slice(), copy.as_mut()),
+            &completed,
+            ns,
+            &group_key,
+            Some(&prefix),
+        ),
+        None => hydrate_stream(
+            Tee::new(blob, copy.as_mut()),
+            &completed,
+            ns,
+            &group_key,
+            Some(&prefix),
+        ),
+    }
+    .map_err(snapshot_err)?;
+    drop(v1_blob);
+    drop(prefix);
+    let maintenance_facts = summary.facts.len() as u64;
+    if let (Some(store), Some(copy)) = (store, copy) {
+        for batch in summary.facts.chunks(BATCH_FACTS) {
             let report = store.insert_batch(batch)?;
             if let Some(r) = report.rejected.first() {
                 return Err(BackupError::RestoreMismatch(format!(
@@ -583,35 +648,62 @@ fn hydrate_snapshot(
                 )));
             }
         }
-        store.put_blob(CODEC_DAG_CBOR, blob)?;
+        store.put_blob(CODEC_DAG_CBOR, &copy)?;
     }
-    let mut replay = Replay::new(ns, ReplayState::Hydrated(Box::new(hydrated)), e);
+    let mut replay = Replay::new(ns, state, e);
     replay.expected_anchor = anchor.iter().map(|f| f.id()).collect();
     replay.expected_anchor.insert(completion_fact.id());
     replay.snapshot = Some(SnapshotInfo {
         epoch: e,
         completion: completion_fact,
         maintenance_facts,
+        covered_facts: summary.items,
     });
     Ok(replay)
+}
+
+/// A failure of the blob's source is damage under it (age, zstd, tar), not a bad snapshot.
+fn snapshot_err(e: impl Into<HydrateError>) -> BackupError {
+    match e.into() {
+        HydrateError::Blob(BlobError::Read(detail)) => BackupError::Damaged(detail),
+        e => BackupError::Snapshot(e),
+    }
+}
+
+/// Passes bytes through, keeping a copy when asked to.
+struct Tee<'c, R> {
+    inner: R,
+    copy: Option<&'c mut Vec<u8>>,
+}
+
+impl<'c, R: Read> Tee<'c, R> {
+    fn new(inner: R, copy: Option<&'c mut Vec<u8>>) -> Self {
+        Self { inner, copy }
+    }
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(copy) = self.copy.as_mut() {
+            copy.extend_from_slice(&buf[..n]);
+        }
+        Ok(n)
+    }
 }
 
 struct SnapshotInfo {
     epoch: Epoch,
     completion: VerifiedFact,
     maintenance_facts: u64,
-}
-
-enum ReplayState {
-    /// No snapshot: the tail is the whole journal.
-    Plain(Box<MaintenanceState>),
-    Hydrated(Box<Hydrated>),
+    covered_facts: u64,
 }
 
 /// The tail replay: checks each fact as it streams by and folds it into the state.
 struct Replay {
     ns: JournalNamespace,
-    state: ReplayState,
+    /// The hydrated state (or an empty one without a snapshot), then every tail fact.
+    state: Box<MaintenanceState>,
     from: Epoch,
     last: Option<(Epoch, FactId)>,
     digest: DigestBuilder,
@@ -627,10 +719,10 @@ struct Replay {
 }
 
 impl Replay {
-    fn new(ns: JournalNamespace, state: ReplayState, from: Epoch) -> Self {
+    fn new(ns: JournalNamespace, state: MaintenanceState, from: Epoch) -> Self {
         Self {
             ns,
-            state,
+            state: Box::new(state),
             from,
             last: None,
             digest: DigestBuilder::whole(ns),
@@ -646,10 +738,7 @@ impl Replay {
     }
 
     fn state(&self) -> &MaintenanceState {
-        match &self.state {
-            ReplayState::Plain(s) => s,
-            ReplayState::Hydrated(h) => &h.state,
-        }
+        &self.state
     }
 
     /// Streams the framed facts of one tail chunk.
@@ -722,12 +811,9 @@ impl Replay {
                 index,
                 source,
             })?;
-        match &mut self.state {
-            ReplayState::Plain(s) => s.apply(&f),
-            ReplayState::Hydrated(h) => {
-                h.apply(&f)?;
-            }
-        }
+        // Every tail fact is at or above the snapshot epoch (checked above), so none is
+        // covered by the snapshot or late: it applies to the state as it is.
+        self.state.apply(&f);
         self.last = Some(f.order_key());
         self.digest.push(f.epoch(), f.id());
         self.facts += 1;
@@ -828,10 +914,8 @@ fn check_manifest(
             {
                 return bad("its snapshot section differs from the verified snapshot");
             }
-            if let ReplayState::Hydrated(h) = &replay.state {
-                if ms.covered_facts != h.covered.len() as u64 {
-                    return bad("its covered fact count differs from the blob's");
-                }
+            if ms.covered_facts != s.covered_facts {
+                return bad("its covered fact count differs from the blob's");
             }
         }
         _ => return bad("it disagrees with the header on whether a snapshot is present"),

@@ -185,7 +185,7 @@ fn a_newer_format_is_refused() {
     *header = serde_json::to_vec(&h).unwrap();
     let e = refused_bytes(&f, "newer.age", &repack(&members, &f.enc, false), &f.dec);
     assert!(
-        matches!(e, BackupError::NewerFormat { found: 2, .. }),
+        matches!(e, BackupError::NewerFormat { found, .. } if found == tend_backup::ARCHIVE_FORMAT_VERSION + 1),
         "{e}"
     );
     assert!(e.to_string().contains("upgrade tend"));
@@ -260,7 +260,7 @@ fn a_snapshot_signed_by_another_authority_is_refused() {
     let theirs = unpack(&g.bytes, &g.dec);
     let mut members = unpack(&f.bytes, &f.dec);
     for (name, data) in members.iter_mut() {
-        if name == member::ANCHOR || name == member::BLOB {
+        if name == member::PREFIX || name == member::ANCHOR || name == member::BLOB {
             *data = theirs.iter().find(|(n, _)| n == name).unwrap().1.clone();
         }
     }
@@ -328,4 +328,76 @@ fn export_refuses_to_overwrite() {
     .unwrap_err();
     assert!(matches!(e, BackupError::OutputExists(_)), "{e}");
     assert_eq!(std::fs::read(&f.archive).unwrap(), f.bytes);
+}
+
+/// The archive with its header and manifest rewritten to `version` (`members` unpacked).
+fn with_version(members: &mut [(String, Vec<u8>)], version: u64) {
+    for (name, data) in members.iter_mut() {
+        if name == member::HEADER {
+            let mut h: tend_backup::Header = serde_json::from_slice(data).unwrap();
+            h.version = version;
+            *data = serde_json::to_vec(&h).unwrap();
+        } else if name == member::MANIFEST {
+            let mut m: tend_backup::Manifest = serde_json::from_slice(data).unwrap();
+            m.version = version;
+            *data = serde_json::to_vec(&m).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_version_1_archive_still_restores_and_a_prefix_must_match_the_blob() {
+    let f = fixture(30);
+    let ns = f.device.namespace();
+    // Version 1 had no prefix member: the blob's facts are found in the blob itself.
+    let mut v1 = unpack(&f.bytes, &f.dec);
+    v1.retain(|(n, _)| n != member::PREFIX);
+    with_version(&mut v1, 1);
+    let p = write(&f.root, "v1.age", &repack(&v1, &f.enc, false));
+    let home = f.root.join("from-v1");
+    let report = restore(&p, &f.dec, &home).unwrap();
+    let want = f
+        .device
+        .store()
+        .maintenance_state(ns)
+        .unwrap()
+        .state_digest();
+    assert_eq!(report.state_digest, want.to_string());
+    // The same layout under version 2 lacks its prefix.
+    let mut v2 = v1.clone();
+    with_version(&mut v2, 2);
+    let e = refused_bytes(&f, "noprefix.age", &repack(&v2, &f.enc, false), &f.dec);
+    assert!(matches!(e, BackupError::NotABackup(_)), "{e}");
+    // And a version 2 prefix must be the blob's facts: one dropped, or one added.
+    let members = unpack(&f.bytes, &f.dec);
+    let prefix = frames(&members.iter().find(|(n, _)| n == member::PREFIX).unwrap().1);
+    assert!(!prefix.is_empty(), "the genesis at least");
+    let mut dropped = members.clone();
+    for (n, d) in dropped.iter_mut() {
+        if n == member::PREFIX {
+            *d = framed(&prefix[..prefix.len() - 1]);
+        }
+    }
+    let e = refused_bytes(&f, "short.age", &repack(&dropped, &f.enc, false), &f.dec);
+    // Without its genesis the chain admits nothing.
+    assert!(
+        matches!(
+            e,
+            BackupError::Snapshot(_)
+                | BackupError::NoGroupKey(_)
+                | BackupError::Inadmissible { .. }
+        ),
+        "{e}"
+    );
+    let mut added = members.clone();
+    let anchor = frames(&members.iter().find(|(n, _)| n == member::ANCHOR).unwrap().1);
+    for (n, d) in added.iter_mut() {
+        if n == member::PREFIX {
+            let mut more = prefix.clone();
+            more.push(anchor[0].clone());
+            *d = framed(&more);
+        }
+    }
+    let e = refused_bytes(&f, "long.age", &repack(&added, &f.enc, false), &f.dec);
+    assert!(matches!(e, BackupError::Snapshot(_)), "{e}");
 }

@@ -98,14 +98,22 @@ pub fn run(home: &Path, cmd: BackupCommand, json: bool) -> CmdResult {
                 (None, false) => Encryption::recipients(&key.recipients)?,
                 (None, true) => return Err(BackupError::NoRecipients.into()),
             };
-            let device = Device::open(home)?;
+            // The device is opened (and its store checked) as usual, then its store is
+            // reopened with a bounded page cache: export reads every page once, and the
+            // default cache would keep them all.
+            let (path, ns) = {
+                let device = Device::open(home)?;
+                (device.store().path().to_owned(), device.namespace())
+            };
+            let store = Store::open_with(&path, &tend_backup::bounded_store_options())
+                .map_err(BackupError::from)?;
             let mut opts = ExportOptions::new(&encryption);
             opts.progress = progress;
             opts.created_at = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .ok()
                 .map(|d| d.as_secs());
-            let r = tend_backup::export_file(device.store(), device.namespace(), &out, &opts)?;
+            let r = tend_backup::export_file(&store, ns, &out, &opts)?;
             bar.finish();
             let human = format!(
                 "wrote {} ({} bytes)\n{}\n{} facts after the snapshot, in {} chunks",
@@ -147,9 +155,17 @@ pub fn run(home: &Path, cmd: BackupCommand, json: bool) -> CmdResult {
                 &decryption,
                 home,
                 |dir, ns| {
-                    Device::init_joining(dir, ns, &mut rand::rngs::OsRng)
-                        .map(Home)
-                        .map_err(|e| BackupError::Target(e.to_string()))
+                    // A new device key and an empty store; the restore writes through a
+                    // handle with a bounded page cache (it writes every page once).
+                    let path = Device::init_joining(dir, ns, &mut rand::rngs::OsRng)
+                        .map_err(|e| BackupError::Target(e.to_string()))?
+                        .store()
+                        .path()
+                        .to_owned();
+                    Ok(Store::open_with(
+                        &path,
+                        &tend_backup::bounded_store_options(),
+                    )?)
                 },
                 progress,
             )?;

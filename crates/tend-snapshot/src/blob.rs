@@ -17,13 +17,15 @@
 //! The blob is a pure function of the prefix's fact set, so every device that agrees on
 //! the prefix digest builds the same bytes and the same CID.
 
+use std::io::{self, Read};
+
 use serde_bytes::ByteBuf;
 use tend_core::encoding::{from_canonical, to_canonical};
 use tend_core::ids::CODEC_DAG_CBOR;
 use tend_core::journal::DigestBuilder;
 use tend_core::{
     reduce, AuthorityId, ContentId, Epoch, FactId, Hash32, Journal, JournalNamespace,
-    MaintenanceState, Payload, SnapshotBase, VerifiedFact,
+    MaintenanceState, Payload, SnapshotBase, VerifiedFact, MAX_FACT_BYTES,
 };
 
 /// The blob format this release writes and reads.
@@ -43,6 +45,9 @@ pub enum BlobError {
     BadFact(usize, String),
     #[error("the state digest in the blob does not match the state its facts reduce to")]
     StateDigest,
+    /// The source the blob was streamed from failed (not a fault of the blob's bytes).
+    #[error("reading the snapshot blob failed: {0}")]
+    Read(String),
 }
 
 /// A decoded snapshot blob.
@@ -265,4 +270,419 @@ fn peek_version(bytes: &[u8]) -> Option<u64> {
     serde_ipld_dagcbor::from_slice::<Peek>(bytes)
         .ok()
         .map(|p| p.0)
+}
+
+/// Upper bound of one small CBOR item of the blob (namespace, epoch, base, digest).
+const MAX_SMALL_ITEM_BYTES: usize = 4 << 10;
+/// Upper bound of the canonical bytes of all facts a blob may carry. Real blobs carry a
+/// few maintenance facts; the cap keeps a hostile blob from making a reader hold gigabytes.
+pub const MAX_BLOB_FACT_BYTES: u64 = 64 << 20;
+/// Item records read per `read` call: a multiple of 40 bytes near 64 KiB.
+const ITEM_BUF: usize = ITEM_LEN * 1638;
+
+/// What a one-pass read of a blob ([`read_blob`]) found: everything but the item list,
+/// which was checked (and hashed into the prefix digest) as it went by and is not kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobSummary {
+    pub namespace: JournalNamespace,
+    pub epoch: Epoch,
+    pub base: Option<SnapshotBase>,
+    /// Number of `(epoch, id)` items.
+    pub items: u64,
+    /// The highest item.
+    pub last_item: Option<(Epoch, FactId)>,
+    /// The prefix's maintenance and authority facts, ascending.
+    pub facts: Vec<VerifiedFact>,
+    pub state_digest: Hash32,
+    /// [`SnapshotBlob::prefix_digest`] of the items.
+    pub prefix_digest: Hash32,
+    /// [`SnapshotBlob::cid_of`] the bytes read.
+    pub cid: ContentId,
+    /// Bytes read.
+    pub bytes: u64,
+}
+
+impl BlobSummary {
+    /// The maintenance state of the prefix (as [`SnapshotBlob::reduced_state`]).
+    pub fn reduced_state(&self) -> MaintenanceState {
+        let mut state = reduce(self.namespace, &self.facts);
+        if let Some((e, _)) = self.last_item {
+            state.observe_epoch(e);
+        }
+        state
+    }
+}
+
+/// Reads and checks a canonical blob from `r` in one pass, holding a 64 KiB buffer and the
+/// blob's facts, never the item list: the checks of [`SnapshotBlob::decode`], with the
+/// prefix digest and the CID computed as the bytes go by. Reads `r` to its end (trailing
+/// bytes are an error).
+///
+/// The facts come after the items in the blob, so checking that each fact is among the
+/// items needs the facts ahead: pass them as `facts_ahead` (e.g. from an earlier pass or
+/// a copy carried before the blob) and the check is a merge of two ascending lists, and
+/// the blob's facts must then equal them byte for byte. With `None` the facts are
+/// collected and that one check is skipped: the caller must not trust the result beyond
+/// a structural check until it has read the blob again with them.
+pub fn read_blob(
+    r: impl Read,
+    facts_ahead: Option<&[VerifiedFact]>,
+) -> Result<BlobSummary, BlobError> {
+    let mut src = Source {
+        r,
+        hasher: blake3::Hasher::new(),
+        n: 0,
+    };
+    let (major, fields) = src.head()?;
+    if major != MAJOR_ARRAY {
+        return Err(malformed("not an array"));
+    }
+    let (major, version) = src.head()?;
+    if major != MAJOR_UINT {
+        return Err(malformed("the version is not an unsigned integer"));
+    }
+    // The version before the shape, so a newer format gets a clear error.
+    if version != SNAPSHOT_BLOB_VERSION {
+        return Err(BlobError::UnsupportedVersion(version));
+    }
+    if fields != 7 {
+        return Err(malformed("not an array of 7 fields"));
+    }
+    let namespace: JournalNamespace = src.small_item("namespace")?;
+    let epoch: Epoch = src.small_item("epoch")?;
+    let base: Option<SnapshotBase> = src.small_item("base")?;
+
+    // The items: checked, hashed into the prefix digest and merged against the facts
+    // given ahead, 64 KiB at a time.
+    let (major, len) = src.head()?;
+    if major != MAJOR_BYTES {
+        return Err(malformed("the item list is not a byte string"));
+    }
+    if len % ITEM_LEN as u64 != 0 {
+        return Err(malformed("item list length is not a multiple of 40"));
+    }
+    let floor = base.map_or(Epoch::ZERO, |b| b.epoch);
+    // Facts below the base were pruned from the item list, not from the state.
+    let mut ahead = facts_ahead
+        .unwrap_or(&[])
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.epoch() >= floor)
+        .peekable();
+    let mut digest = DigestBuilder::chained(namespace, epoch, base);
+    let mut last: Option<(Epoch, FactId)> = None;
+    let mut items = 0u64;
+    let mut left = len;
+    let mut buf = vec![0u8; ITEM_BUF.min(usize::try_from(len).unwrap_or(ITEM_BUF))];
+    while left > 0 {
+        let take = usize::try_from(left).map_or(ITEM_BUF, |l| l.min(ITEM_BUF));
+        let chunk = &mut buf[..take];
+        src.exact(chunk)?;
+        left -= take as u64;
+        for rec in chunk.chunks_exact(ITEM_LEN) {
+            let (e, id) = rec.split_at(8);
+            let e = Epoch(u64::from_be_bytes(
+                e.try_into().map_err(|_| BlobError::Unsorted)?,
+            ));
+            let id = FactId(id.try_into().map_err(|_| BlobError::Unsorted)?);
+            if e >= epoch || e < floor || last.is_some_and(|l| l >= (e, id)) {
+                return Err(BlobError::Unsorted);
+            }
+            while let Some((i, f)) = ahead.peek() {
+                match f.order_key().cmp(&(e, id)) {
+                    std::cmp::Ordering::Less => {
+                        return Err(BlobError::BadFact(*i, "fact is not in the prefix".into()))
+                    }
+                    std::cmp::Ordering::Equal => {
+                        ahead.next();
+                    }
+                    std::cmp::Ordering::Greater => break,
+                }
+            }
+            digest.push(e, id);
+            last = Some((e, id));
+            items += 1;
+        }
+    }
+    drop(buf);
+    if let Some((i, _)) = ahead.next() {
+        return Err(BlobError::BadFact(i, "fact is not in the prefix".into()));
+    }
+
+    let (major, count) = src.head()?;
+    if major != MAJOR_ARRAY {
+        return Err(malformed("the fact list is not an array"));
+    }
+    if let Some(ahead) = facts_ahead {
+        if count != ahead.len() as u64 {
+            return Err(malformed("its facts differ from the facts given ahead"));
+        }
+    }
+    let mut facts: Vec<VerifiedFact> = Vec::new();
+    let mut fact_bytes = 0u64;
+    for i in 0..count {
+        let i = usize::try_from(i).unwrap_or(usize::MAX);
+        let (major, len) = src.head()?;
+        if major != MAJOR_BYTES {
+            return Err(BlobError::BadFact(i, "not a byte string".into()));
+        }
+        fact_bytes = fact_bytes.saturating_add(len);
+        if len > MAX_FACT_BYTES as u64 || fact_bytes > MAX_BLOB_FACT_BYTES {
+            return Err(BlobError::BadFact(i, format!("{len} bytes is too large")));
+        }
+        let mut raw = vec![0u8; len as usize];
+        src.exact(&mut raw)?;
+        let f = VerifiedFact::decode(&raw).map_err(|e| BlobError::BadFact(i, e.to_string()))?;
+        if f.namespace() != namespace {
+            return Err(BlobError::BadFact(i, "fact of another namespace".into()));
+        }
+        if f.epoch() >= epoch {
+            return Err(BlobError::BadFact(i, "fact is not in the prefix".into()));
+        }
+        if facts.last().is_some_and(|l| l.order_key() >= f.order_key()) {
+            return Err(BlobError::BadFact(i, "facts are not ascending".into()));
+        }
+        if let Some(ahead) = facts_ahead {
+            if ahead.get(i).map(|a| a.bytes()) != Some(f.bytes()) {
+                return Err(BlobError::BadFact(
+                    i,
+                    "fact differs from the facts given ahead".into(),
+                ));
+            }
+        }
+        facts.push(f);
+    }
+    let state_digest: Hash32 = src.small_item("state digest")?;
+    if !src.at_end()? {
+        return Err(malformed("bytes follow the blob"));
+    }
+    let summary = BlobSummary {
+        namespace,
+        epoch,
+        base,
+        items,
+        last_item: last,
+        facts,
+        state_digest,
+        prefix_digest: digest.finish(),
+        cid: ContentId::from_blake3(CODEC_DAG_CBOR, &Hash32(*src.hasher.finalize().as_bytes())),
+        bytes: src.n,
+    };
+    let state = summary.reduced_state();
+    if state.state_digest() != state_digest {
+        return Err(BlobError::StateDigest);
+    }
+    if state.snapshot_base(epoch) != base {
+        return Err(malformed(
+            "the base snapshot is not the latest one its facts verify",
+        ));
+    }
+    Ok(summary)
+}
+
+const MAJOR_UINT: u8 = 0;
+const MAJOR_BYTES: u8 = 2;
+const MAJOR_ARRAY: u8 = 4;
+
+fn malformed(what: &str) -> BlobError {
+    BlobError::Malformed(what.into())
+}
+
+/// The blob's bytes as they are read: hashed for the CID, counted, and parsed as CBOR
+/// heads and small items, each with a bounded buffer.
+struct Source<R> {
+    r: R,
+    hasher: blake3::Hasher,
+    n: u64,
+}
+
+impl<R: Read> Source<R> {
+    /// Fills `buf`; the source ending first is a malformed (cut) blob, a failing source is
+    /// [`BlobError::Read`].
+    fn exact(&mut self, buf: &mut [u8]) -> Result<(), BlobError> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.r.read(&mut buf[got..]) {
+                Ok(0) => return Err(malformed("the blob ends early")),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(BlobError::Read(e.to_string().replace('\n', " "))),
+            }
+        }
+        self.hasher.update(buf);
+        self.n += buf.len() as u64;
+        Ok(())
+    }
+
+    fn at_end(&mut self) -> Result<bool, BlobError> {
+        let mut b = [0u8; 1];
+        loop {
+            match self.r.read(&mut b) {
+                Ok(0) => return Ok(true),
+                Ok(_) => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(BlobError::Read(e.to_string().replace('\n', " "))),
+            }
+        }
+    }
+
+    /// One CBOR head: major type and argument. Only the definite, minimally encoded forms
+    /// DAG-CBOR allows are accepted.
+    fn head(&mut self) -> Result<(u8, u64), BlobError> {
+        let mut raw = Vec::with_capacity(9);
+        self.head_into(&mut raw)
+    }
+
+    fn head_into(&mut self, raw: &mut Vec<u8>) -> Result<(u8, u64), BlobError> {
+        let mut b = [0u8; 1];
+        self.exact(&mut b)?;
+        raw.push(b[0]);
+        let (major, info) = (b[0] >> 5, b[0] & 0x1f);
+        let extra = match info {
+            0..=23 => 0,
+            24 => 1,
+            25 => 2,
+            26 => 4,
+            27 => 8,
+            _ => return Err(malformed("an indefinite or reserved CBOR length")),
+        };
+        if extra == 0 {
+            return Ok((major, u64::from(info)));
+        }
+        let mut arg = [0u8; 8];
+        self.exact(&mut arg[8 - extra..])?;
+        raw.extend_from_slice(&arg[8 - extra..]);
+        let value = u64::from_be_bytes(arg);
+        // Major type 7 with a length byte is a float or simple value, not a length.
+        let minimal = match extra {
+            1 => value >= 24,
+            2 => value > 0xff,
+            4 => value > 0xffff,
+            _ => value > 0xffff_ffff,
+        };
+        if major != 7 && !minimal {
+            return Err(malformed("a non-minimal CBOR length"));
+        }
+        Ok((major, value))
+    }
+
+    /// Reads one whole CBOR item of at most [`MAX_SMALL_ITEM_BYTES`] and decodes it
+    /// canonically.
+    fn small_item<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &mut self,
+        what: &str,
+    ) -> Result<T, BlobError> {
+        let mut raw = Vec::new();
+        self.raw_item(&mut raw, 0)?;
+        from_canonical(&raw).map_err(|e| BlobError::Malformed(format!("{what}: {e}")))
+    }
+
+    fn raw_item(&mut self, raw: &mut Vec<u8>, depth: u32) -> Result<(), BlobError> {
+        if depth > 16 {
+            return Err(malformed("CBOR nested too deeply"));
+        }
+        let (major, arg) = self.head_into(raw)?;
+        let too_large = || malformed("a field is larger than it may be");
+        match major {
+            2 | 3 => {
+                let len = usize::try_from(arg).map_err(|_| too_large())?;
+                if len > MAX_SMALL_ITEM_BYTES.saturating_sub(raw.len()) {
+                    return Err(too_large());
+                }
+                let start = raw.len();
+                raw.resize(start + len, 0);
+                self.exact(&mut raw[start..])?;
+            }
+            4 | 5 => {
+                let n = if major == 5 {
+                    arg.saturating_mul(2)
+                } else {
+                    arg
+                };
+                for _ in 0..n {
+                    self.raw_item(raw, depth + 1)?;
+                    if raw.len() > MAX_SMALL_ITEM_BYTES {
+                        return Err(too_large());
+                    }
+                }
+            }
+            6 => self.raw_item(raw, depth + 1)?,
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(n: u8) -> SnapshotBlob {
+        let items = (0..n)
+            .map(|i| (Epoch(u64::from(i / 3)), FactId([i; 32])))
+            .collect();
+        SnapshotBlob::from_parts(
+            JournalNamespace::Authority(AuthorityId([1; 32])),
+            Epoch(100),
+            items,
+            Vec::new(),
+        )
+    }
+
+    #[test]
+    fn the_one_pass_reader_agrees_with_decode() {
+        let b = blob(200);
+        let bytes = b.encode();
+        let s = read_blob(&bytes[..], Some(&[])).unwrap();
+        assert_eq!(s.cid, SnapshotBlob::cid_of(&bytes));
+        assert_eq!(s.prefix_digest, b.prefix_digest());
+        assert_eq!(s.items, 200);
+        assert_eq!(s.last_item, b.items.last().copied());
+        assert_eq!(s.state_digest, b.state_digest);
+        assert_eq!(s.bytes, bytes.len() as u64);
+        assert_eq!(
+            s.reduced_state().state_digest(),
+            b.reduced_state().state_digest()
+        );
+        // An empty prefix too.
+        let e = blob(0).encode();
+        assert_eq!(read_blob(&e[..], None).unwrap().items, 0);
+    }
+
+    #[test]
+    fn the_one_pass_reader_refuses_damage_without_panicking() {
+        let bytes = blob(50).encode();
+        for cut in 0..bytes.len() {
+            assert!(read_blob(&bytes[..cut], None).is_err(), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(read_blob(&longer[..], None).is_err());
+        for pos in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[pos] ^= 0x01;
+            // A flipped item byte may still read (it is the CID that catches it); the
+            // reader must agree with `decode` on everything else.
+            let streamed = read_blob(&b[..], None);
+            assert_eq!(
+                streamed.is_ok(),
+                SnapshotBlob::decode(&b).is_ok(),
+                "at {pos}"
+            );
+            if let Ok(s) = streamed {
+                assert_ne!(s.cid, SnapshotBlob::cid_of(&bytes));
+            }
+        }
+        // Items out of order.
+        let mut b = blob(50);
+        b.items.swap(3, 4);
+        assert_eq!(read_blob(&b.encode()[..], None), Err(BlobError::Unsorted));
+        // A newer version is named as such.
+        let mut v2 = bytes.clone();
+        v2[1] = 2;
+        assert_eq!(
+            read_blob(&v2[..], None),
+            Err(BlobError::UnsupportedVersion(2))
+        );
+    }
 }

@@ -1,12 +1,14 @@
 //! Hydration: turning a verified snapshot blob into the state of a fresh device, and the
 //! coverage rule for facts that arrive below the snapshot epoch (DESIGN rule 5).
 
+use std::io::Read;
+
 use tend_core::maintenance::SnapshotCompleted;
 use tend_core::{
     Epoch, FactId, GroupKey, Hash32, JournalError, JournalNamespace, MaintenanceState, VerifiedFact,
 };
 
-use crate::blob::{BlobError, SnapshotBlob};
+use crate::blob::{read_blob, BlobError, BlobSummary, SnapshotBlob};
 
 /// Why a snapshot cannot be hydrated from.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -101,6 +103,51 @@ pub fn hydrate(
         snapshot: completed.clone(),
         last_tail: None,
     })
+}
+
+/// [`hydrate`] from a blob streamed out of `blob` in one pass, holding its facts and a
+/// bounded buffer but never its item list (a restore's memory must not grow with the
+/// journal). The threshold signature is checked before anything is read; then, as the
+/// bytes go by, the blob's structure, its items against the prefix digest, its facts
+/// against its state digest and the bytes against the CID.
+///
+/// `facts_ahead` are the blob's facts if the caller has them before the blob (see
+/// [`read_blob`]): without them the check that every fact is among the items is skipped.
+/// The returned summary has no item list, so late facts cannot be classified with it
+/// (a restore needs no such classification: its tail is at or above the snapshot epoch).
+pub fn hydrate_stream(
+    blob: impl Read,
+    completed: &SnapshotCompleted,
+    namespace: JournalNamespace,
+    group_key: &GroupKey,
+    facts_ahead: Option<&[VerifiedFact]>,
+) -> Result<(BlobSummary, MaintenanceState), HydrateError> {
+    let snapshot = &completed.snapshot;
+    let msg = snapshot.signing_message(&namespace, &completed.proposal_id);
+    if !group_key.verify(&msg, &completed.threshold_signature) {
+        return Err(HydrateError::BadSignature);
+    }
+    let summary = read_blob(blob, facts_ahead)?;
+    if summary.cid != snapshot.blob_cid {
+        return Err(HydrateError::CidMismatch);
+    }
+    if summary.namespace != namespace {
+        return Err(HydrateError::NamespaceMismatch {
+            blob: summary.namespace,
+            expected: namespace,
+        });
+    }
+    if summary.epoch != snapshot.epoch {
+        return Err(HydrateError::EpochMismatch {
+            blob: summary.epoch,
+            snapshot: snapshot.epoch,
+        });
+    }
+    if summary.prefix_digest != snapshot.digest {
+        return Err(HydrateError::DigestMismatch);
+    }
+    let state = summary.reduced_state();
+    Ok((summary, state))
 }
 
 impl Hydrated {

@@ -171,8 +171,10 @@ pub fn run(args: Args) -> CmdResult {
         Command::Cache(cmd) => crate::upgrade::cache(&home, cmd),
         Command::Backup(cmd) => crate::backup::run(&home, cmd, args.json),
         Command::Journal(JournalCommand::List { from_epoch, limit }) => {
-            let device = Device::open(&home)?;
-            let facts = device.list(Epoch(from_epoch), limit)?;
+            let facts = match crate::target::Target::open(&home)? {
+                crate::target::Target::Running(mut c) => c.journal_list(from_epoch, limit)?,
+                crate::target::Target::Stopped(d) => d.list(Epoch(from_epoch), limit)?,
+            };
             let human = facts
                 .iter()
                 .map(|f| {

@@ -8,6 +8,7 @@ mod devnet;
 mod maint;
 mod net;
 mod output;
+mod target;
 mod upgrade;
 
 use std::process::ExitCode;

@@ -1,21 +1,25 @@
 //! `tend authority`, `tend snapshot` and `tend gc`: the authority and its snapshots.
 //!
-//! On a running device (`tend run`), key generation and snapshot ceremonies go through
-//! its control socket and run over the network with the other running members
-//! (`tend_node::ceremony`, `tend_node::dkg`). Without a running device they run among the
-//! member homes given with `--member-home`, in this process (`tend_node::fleet`).
+//! On a running device (`tend run`), every command goes through its control socket (the
+//! device holds the store); key generation and snapshot ceremonies then run over the
+//! network with the other running members (`tend_node::ceremony`, `tend_node::dkg`).
+//! Without a running device the store is opened here, and ceremonies run among the member
+//! homes given with `--member-home`, in this process (`tend_node::fleet`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::{Args as ClapArgs, Subcommand};
+use tend_backup::triggers::TRIGGERS_SETTING;
+use tend_backup::SnapshotTriggers;
 use tend_core::{DeviceId, Epoch};
-use tend_node::control::Client;
+use tend_node::control::{ops, Client};
 use tend_node::fleet::{AuthorityCreated, LocalFleet};
-use tend_node::{Device, GcPolicy};
+use tend_node::{AuthorityStatus, Device, GcPolicy, GcReport, SnapshotStatus};
 
 use crate::cli::CmdResult;
 use crate::output::Output;
+use crate::target::Target;
 
 #[derive(Subcommand, Debug)]
 pub enum AuthorityCommand {
@@ -58,7 +62,8 @@ pub struct MemberHomes {
     pub member_homes: Vec<PathBuf>,
 }
 
-/// `tend gc` options.
+/// `tend gc` options. On a running device, pruning happens at once but compaction (which
+/// needs the store to itself) waits for `tend gc` on the stopped device.
 #[derive(ClapArgs, Debug)]
 pub struct GcArgs {
     /// Report what would be pruned without pruning.
@@ -90,8 +95,11 @@ fn fleet(home: &Path, homes: &MemberHomes) -> Result<LocalFleet, Box<dyn std::er
 fn running(home: &Path, homes: &MemberHomes) -> Result<Option<Client>, Box<dyn std::error::Error>> {
     let client = Client::connect(home)?;
     if client.is_some() && !homes.member_homes.is_empty() {
-        return Err("the device is running: the ceremony runs over the network with the                     running members; drop --member-home"
-            .into());
+        return Err(
+            "the device is running: the ceremony runs over the network with the \
+                    running members; drop --member-home"
+                .into(),
+        );
     }
     Ok(client)
 }
@@ -143,21 +151,28 @@ pub fn authority(home: &Path, cmd: AuthorityCommand) -> CmdResult {
             Ok(created_output(created))
         }
         AuthorityCommand::Status => {
-            let s = Device::open(home)?.authority_status()?;
-            let human = format!(
-                "authority {}\nidentity epoch {}, current epoch {}\n{}-of-{}, admin {}\ngroup key {}\nmembers\n  {}",
-                s.namespace,
-                s.identity_epoch,
-                s.current_epoch,
-                s.threshold,
-                s.members.len(),
-                s.admin.as_deref().unwrap_or("-"),
-                s.group_key,
-                s.members.join("\n  ")
-            );
-            Ok(Output::new(s, human))
+            let s = match Target::open(home)? {
+                Target::Running(mut c) => c.authority_status()?,
+                Target::Stopped(d) => d.authority_status()?,
+            };
+            Ok(authority_status_output(s))
         }
     }
+}
+
+fn authority_status_output(s: AuthorityStatus) -> Output {
+    let human = format!(
+        "authority {}\nidentity epoch {}, current epoch {}\n{}-of-{}, admin {}\ngroup key {}\nmembers\n  {}",
+        s.namespace,
+        s.identity_epoch,
+        s.current_epoch,
+        s.threshold,
+        s.members.len(),
+        s.admin.as_deref().unwrap_or("-"),
+        s.group_key,
+        s.members.join("\n  ")
+    );
+    Output::new(s, human)
 }
 
 pub fn snapshot(home: &Path, cmd: SnapshotCommand) -> CmdResult {
@@ -191,48 +206,128 @@ pub fn snapshot(home: &Path, cmd: SnapshotCommand) -> CmdResult {
                 s.blob_cid.to_string(),
             ))
         }
-        SnapshotCommand::Status => {
-            let s = Device::open(home)?.snapshot_status()?;
-            let mut human = format!(
-                "current epoch {}\ngc policy {:?}\n",
-                s.current_epoch, s.gc_policy
-            );
-            match &s.latest {
-                Some(l) => human.push_str(&format!(
-                    "latest snapshot: epoch {}, digest {}, blob {}{}\n",
-                    l.epoch,
-                    l.digest,
-                    l.blob_cid,
-                    if l.blob_stored {
-                        ""
-                    } else {
-                        " (blob not stored here)"
-                    }
-                )),
-                None => human.push_str("no snapshot yet\n"),
+        SnapshotCommand::Status => match Target::open(home)? {
+            Target::Running(mut c) => {
+                let s = c.snapshot_status()?;
+                let t = c
+                    .get_setting::<SnapshotTriggers>(TRIGGERS_SETTING)?
+                    .unwrap_or_default();
+                let mut out = snapshot_status_output(s);
+                if let Some(obj) = out.json.as_object_mut() {
+                    obj.insert("triggers".into(), serde_json::to_value(t)?);
+                }
+                out.human = format!(
+                    "{}\nsnapshot triggers: {}",
+                    out.human.trim_end(),
+                    describe_triggers(&t)
+                );
+                Ok(out)
             }
-            for p in &s.open_proposals {
-                human.push_str(&format!(
-                    "open proposal {} for epoch {}\n",
-                    p.proposal_id, p.target_epoch
-                ));
+            Target::Stopped(d) => {
+                let out = snapshot_status_output(d.snapshot_status()?);
+                // `with_triggers` opens the store itself.
+                drop(d);
+                crate::backup::with_triggers(home, out)
             }
-            crate::backup::with_triggers(home, Output::new(s, human))
-        }
-        SnapshotCommand::Triggers(args) => crate::backup::triggers(home, args),
+        },
+        SnapshotCommand::Triggers(args) => match Client::connect(home)? {
+            Some(c) => triggers_via_socket(c, args),
+            None => crate::backup::triggers(home, args),
+        },
     }
 }
 
-pub fn gc(home: &Path, args: GcArgs) -> CmdResult {
-    let mut device = Device::open(home)?;
-    if let Some(policy) = args.policy {
-        device.set_gc_policy(policy)?;
-        return Ok(Output::new(
-            serde_json::json!({ "gc_policy": policy }),
-            format!("gc policy set to {policy:?}"),
+fn snapshot_status_output(s: SnapshotStatus) -> Output {
+    let mut human = format!(
+        "current epoch {}\ngc policy {:?}\n",
+        s.current_epoch, s.gc_policy
+    );
+    match &s.latest {
+        Some(l) => human.push_str(&format!(
+            "latest snapshot: epoch {}, digest {}, blob {}{}\n",
+            l.epoch,
+            l.digest,
+            l.blob_cid,
+            if l.blob_stored {
+                ""
+            } else {
+                " (blob not stored here)"
+            }
+        )),
+        None => human.push_str("no snapshot yet\n"),
+    }
+    for p in &s.open_proposals {
+        human.push_str(&format!(
+            "open proposal {} for epoch {}\n",
+            p.proposal_id, p.target_epoch
         ));
     }
-    let r = device.gc(args.dry_run)?;
+    Output::new(s, human)
+}
+
+/// `tend snapshot triggers` on a running device: the same read, merge and write as
+/// `crate::backup::triggers` does on the store, through the socket.
+fn triggers_via_socket(mut c: Client, args: crate::backup::TriggersArgs) -> CmdResult {
+    let mut t = c
+        .get_setting::<SnapshotTriggers>(TRIGGERS_SETTING)?
+        .unwrap_or_default();
+    let changed = args.facts.is_some() || args.bytes.is_some() || args.age_secs.is_some();
+    if let Some(v) = args.facts {
+        t.facts = v;
+    }
+    if let Some(v) = args.bytes {
+        t.bytes = v;
+    }
+    if let Some(v) = args.age_secs {
+        t.age_secs = v;
+    }
+    if changed {
+        c.put_setting(TRIGGERS_SETTING, &t)?;
+    }
+    let human = format!(
+        "{}snapshot triggers: {}",
+        if changed { "set " } else { "" },
+        describe_triggers(&t)
+    );
+    Ok(Output::new(t, human))
+}
+
+/// The triggers as `crate::backup` words them on a stopped device (the tests compare
+/// both paths' text).
+fn describe_triggers(t: &SnapshotTriggers) -> String {
+    let show = |v: u64, unit: &str| {
+        if v == 0 {
+            "off".to_string()
+        } else {
+            format!("{v}{unit}")
+        }
+    };
+    format!(
+        "facts {}, bytes {}, age {}",
+        show(t.facts, ""),
+        show(t.bytes, ""),
+        show(t.age_secs, "s")
+    )
+}
+
+pub fn gc(home: &Path, args: GcArgs) -> CmdResult {
+    let target = Target::open(home)?;
+    if let Some(policy) = args.policy {
+        let set = match target {
+            Target::Running(mut c) => c.set_gc_policy(policy)?,
+            Target::Stopped(d) => ops::set_gc_policy(&d, policy)?,
+        };
+        let human = format!("gc policy set to {:?}", set.gc_policy);
+        return Ok(Output::new(set, human));
+    }
+    let r = match target {
+        Target::Running(mut c) => c.gc(args.dry_run)?,
+        Target::Stopped(mut d) => d.gc(args.dry_run)?,
+    };
+    Ok(gc_output(r))
+}
+
+fn gc_output(r: GcReport) -> Output {
     let human = format!(
         "{} {} facts ({} bytes) and {} blobs below epoch {}\nstore {} -> {} bytes",
         if r.dry_run { "would prune" } else { "pruned" },
@@ -243,5 +338,15 @@ pub fn gc(home: &Path, args: GcArgs) -> CmdResult {
         r.store_bytes_before,
         r.store_bytes_after
     );
-    Ok(Output::new(r, human))
+    Output::new(r, human)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The node lets the socket touch only the settings it lists; the triggers must be
+    /// among them or `tend snapshot triggers` fails on a running device.
+    #[test]
+    fn the_trigger_setting_is_reachable_through_the_socket() {
+        assert!(tend_node::control::PLUGIN_SETTINGS.contains(&super::TRIGGERS_SETTING));
+    }
 }

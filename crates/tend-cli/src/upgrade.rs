@@ -1,28 +1,29 @@
 //! `tend upgrade`, `tend admin` and `tend cache`: over-the-air upgrades, admin replacement
 //! and local cache invalidation.
 //!
-//! Like `tend authority` and `tend snapshot`, commands that need other members (spreading a
-//! package, gathering readiness, threshold-signing a replacement) run among the homes given
-//! with `--member-home`, in this process, until those exchanges travel over the network.
+//! On a running device every command goes through its control socket, and the package,
+//! readiness and replacement facts reach the other members by sync. On a stopped device
+//! the store is opened here, and commands that need other members (spreading a package,
+//! gathering readiness, threshold-signing a replacement) run among the homes given with
+//! `--member-home`, in this process.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Subcommand;
 use tend_core::maintenance::UpgradePolicy;
-use tend_core::upgrade::ReadinessPolicy;
 use tend_core::{DeviceId, Epoch, Hash32, ProtocolVersion};
+use tend_node::admin::AdminStatus;
+use tend_node::cache::{CacheCheck, Invalidation};
+use tend_node::control::ops::{self, Activated, AdminReplaced, Published, UpgradeSettings};
 use tend_node::fleet::LocalFleet;
-use tend_node::upgrade::{self, ApplyOptions, CommandInstaller, Skip, UpgradeEvent};
+use tend_node::upgrade::{self, ApplyReport, Skip, UpgradeEvent, UpgradeStatus};
 use tend_node::{admin, cache, Device};
 
 use crate::cli::CmdResult;
 use crate::maint::MemberHomes;
 use crate::output::Output;
-
-/// How long one install command may run before it counts as failed.
-const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
+use crate::target::Target;
 
 #[derive(Subcommand, Debug)]
 pub enum UpgradeCommand {
@@ -146,10 +147,10 @@ fn policy_text(p: &UpgradePolicy) -> String {
 
 /// This device and the member homes, for in-process exchanges; `None` without members.
 fn fleet(
-    home: &Path,
+    me: Device,
     homes: &MemberHomes,
 ) -> Result<(Arc<Device>, Option<LocalFleet>), Box<dyn std::error::Error>> {
-    let me = Arc::new(Device::open(home)?);
+    let me = Arc::new(me);
     if homes.member_homes.is_empty() {
         return Ok((me, None));
     }
@@ -158,6 +159,11 @@ fn fleet(
         devices.push(Arc::new(Device::open(h)?));
     }
     Ok((me, Some(LocalFleet::new(devices))))
+}
+
+/// The target, with `--member-home` refused on a running device.
+fn target(home: &Path, homes: &MemberHomes) -> Result<Target, Box<dyn std::error::Error>> {
+    Target::open(home)?.without_member_homes(&homes.member_homes)
 }
 
 fn short(id: &str) -> &str {
@@ -173,191 +179,187 @@ pub fn upgrade(home: &Path, cmd: UpgradeCommand) -> CmdResult {
             cohort,
             homes,
         } => {
-            let bytes = std::fs::read(&artifact)
-                .map_err(|e| format!("cannot read --artifact {}: {e}", artifact.display()))?;
-            let (me, fleet) = fleet(home, &homes)?;
-            let meta = upgrade::publish(&me, &bytes, version, fence.map(Epoch), cohort)?;
-            if let Some(f) = &fleet {
-                f.sync()?;
-            }
-            let json = serde_json::json!({
-                "package_id": meta.package_id.to_string(),
-                "version": meta.version.to_string(),
-                "artifact_hash": meta.artifact_hash.to_string(),
-                "artifact_size": meta.artifact_size,
-                "fence": meta.fence.map(|e| e.0),
-                "cohort_percent": meta.cohort_percent,
-            });
-            let human = format!(
-                "published package {}\nversion {}, {} bytes, hash {}\n{}, cohort {}%",
-                meta.package_id,
-                meta.version,
-                meta.artifact_size,
-                meta.artifact_hash,
-                meta.fence
-                    .map_or("soft upgrade (no fence)".into(), |f| format!(
-                        "hard fork, fence at epoch {f}"
-                    )),
-                meta.cohort_percent
-            );
-            Ok(Output::new(json, human))
+            let published = match target(home, &homes)? {
+                Target::Running(mut c) => {
+                    // The device reads the file from its own working directory.
+                    let artifact = std::fs::canonicalize(&artifact).map_err(|e| {
+                        format!("cannot read --artifact {}: {e}", artifact.display())
+                    })?;
+                    c.upgrade_publish(artifact, version.to_string(), fence, cohort)?
+                }
+                Target::Stopped(d) => {
+                    let (me, fleet) = fleet(*d, &homes)?;
+                    let p = ops::upgrade_publish(&me, &artifact, version, fence, cohort)?;
+                    if let Some(f) = &fleet {
+                        f.sync()?;
+                    }
+                    p
+                }
+            };
+            Ok(published_output(published))
         }
         UpgradeCommand::Status => {
-            let s = upgrade::status(&Device::open(home)?)?;
-            let mut human = format!(
-                "device {}\nrunning {}, policy {}, current epoch {}\ninstall command: {}\n",
-                s.device_id,
-                s.running_version,
-                policy_text(&s.policy),
-                s.current_epoch,
-                s.install_command.as_deref().unwrap_or("(none)"),
-            );
-            if let Some(r) = &s.fence_refusal {
-                human.push_str(&format!("FENCE: {r}\n"));
-            }
-            if s.packages.is_empty() {
-                human.push_str("no upgrade published\n");
-            }
-            for p in &s.packages {
-                human.push_str(&format!(
-                    "\npackage {} version {}{}\n  cohort {}% ({}), ready {}/{}, {}, artifact {}\n  here: {}\n",
-                    short(&p.package_id),
-                    p.version,
-                    p.fence.map_or(String::new(), |f| format!(", fence at epoch {f}")),
-                    p.cohort_percent,
-                    if p.in_cohort { "this device is in it" } else { "this device is not in it" },
-                    p.readiness.ready.len(),
-                    p.readiness.eligible.len(),
-                    if p.activated { "activated" } else { "not activated" },
-                    if p.artifact_stored { "stored" } else { "not stored here" },
-                    match &p.local {
-                        None => "nothing done yet".to_string(),
-                        Some(l) => serde_json::to_string(l).unwrap_or_default(),
-                    }
-                ));
-            }
-            Ok(Output::new(s, human))
+            let s = match Target::open(home)? {
+                Target::Running(mut c) => c.upgrade_status()?,
+                Target::Stopped(d) => upgrade::status(&d)?,
+            };
+            Ok(status_output(s))
         }
         UpgradeCommand::Activate {
             package_id,
             min_ready,
             homes,
         } => {
-            let (me, fleet) = fleet(home, &homes)?;
-            // Gather the members' readiness first, and hand them the activation after.
-            if let Some(f) = &fleet {
-                f.sync()?;
-            }
-            let policy = min_ready.map_or(ReadinessPolicy::All, ReadinessPolicy::AtLeast);
-            let a = upgrade::activate(&me, &package_id, policy)?;
-            if let Some(f) = &fleet {
-                f.sync()?;
-            }
-            let json = serde_json::json!({
-                "package_id": a.package_id.to_string(),
-                "to_version": a.to_version.to_string(),
-                "activation_fence": a.activation_fence.map(|e| e.0),
-            });
-            let human = format!(
-                "activated package {} (version {}){}",
-                a.package_id,
-                a.to_version,
-                a.activation_fence
-                    .map_or(String::new(), |f| format!(", fence at epoch {f}"))
-            );
-            Ok(Output::new(json, human))
+            let a = match target(home, &homes)? {
+                Target::Running(mut c) => c.upgrade_activate(package_id.to_string(), min_ready)?,
+                Target::Stopped(d) => {
+                    let (me, fleet) = fleet(*d, &homes)?;
+                    // Gather the members' readiness first, and hand them the activation
+                    // after.
+                    if let Some(f) = &fleet {
+                        f.sync()?;
+                    }
+                    let a = ops::upgrade_activate(&me, &package_id, min_ready)?;
+                    if let Some(f) = &fleet {
+                        f.sync()?;
+                    }
+                    a
+                }
+            };
+            Ok(activated_output(a))
         }
         UpgradeCommand::Apply { install_cmd, retry } => {
-            let device = Device::open(home)?;
-            let command = match install_cmd {
-                Some(c) => c,
-                None => upgrade::install_command(&device)?.ok_or(
-                    "no install command: pass --install-cmd or set one with \
-                     `tend upgrade configure --install-cmd`",
-                )?,
+            let report = match Target::open(home)? {
+                Target::Running(mut c) => c.upgrade_apply(install_cmd, retry)?,
+                Target::Stopped(d) => ops::upgrade_apply(&d, install_cmd, retry)?,
             };
-            let mut installer = CommandInstaller {
-                command,
-                home: home.to_owned(),
-                timeout: INSTALL_TIMEOUT,
-            };
-            let report = upgrade::apply(
-                &device,
-                device.store(),
-                &mut installer,
-                &ApplyOptions {
-                    explicit: true,
-                    retry,
-                },
-            )?;
-            let mut lines = Vec::new();
-            for p in &report.packages {
-                let what = match (&p.skipped, p.events.last()) {
-                    (Some(s), _) => skip_text(s),
-                    (None, Some(_)) => p
-                        .events
-                        .iter()
-                        .map(event_text)
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    (None, None) => "nothing to do".into(),
-                };
-                lines.push(format!(
-                    "package {} {}: {what}",
-                    short(&p.package_id),
-                    p.version
-                ));
-            }
-            if lines.is_empty() {
-                lines.push("no upgrade published".into());
-            }
-            if report.has_failures() {
-                // One line, and a non-zero exit: the operator asked for an upgrade that did
-                // not happen.
-                return Err(lines
-                    .into_iter()
-                    .filter(|l| l.contains("refused") || l.contains("install failed"))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-                    .into());
-            }
-            Ok(Output::new(report, lines.join("\n")))
+            apply_output(report)
         }
         UpgradeCommand::Configure {
             install_cmd,
             policy,
             max_attempts,
         } => {
-            let device = Device::open(home)?;
-            if let Some(c) = &install_cmd {
-                upgrade::set_install_command(&device, Some(c))?;
-            }
-            if let Some(n) = max_attempts {
-                if n == 0 {
-                    return Err("--max-attempts must be at least 1".into());
-                }
-                device.store().put_setting(upgrade::MAX_ATTEMPTS, &n)?;
-            }
-            if let Some(p) = &policy {
-                upgrade::set_policy(&device, p)?;
-            }
-            let policy = upgrade::policy(&device)?;
-            let json = serde_json::json!({
-                "install_command": upgrade::install_command(&device)?,
-                "policy": policy,
-                "max_attempts": upgrade::max_attempts(&device)?,
-            });
-            let human = format!(
-                "install command: {}\npolicy: {}\nmax attempts: {}",
-                upgrade::install_command(&device)?
-                    .as_deref()
-                    .unwrap_or("(none)"),
-                policy_text(&policy),
-                upgrade::max_attempts(&device)?
-            );
-            Ok(Output::new(json, human))
+            let settings = match Target::open(home)? {
+                Target::Running(mut c) => c.upgrade_configure(install_cmd, policy, max_attempts)?,
+                Target::Stopped(d) => ops::upgrade_configure(
+                    &d,
+                    install_cmd.as_deref(),
+                    policy.as_ref(),
+                    max_attempts,
+                )?,
+            };
+            Ok(settings_output(settings))
         }
     }
+}
+
+fn published_output(p: Published) -> Output {
+    let human = format!(
+        "published package {}\nversion {}, {} bytes, hash {}\n{}, cohort {}%",
+        p.package_id,
+        p.version,
+        p.artifact_size,
+        p.artifact_hash,
+        p.fence
+            .map_or("soft upgrade (no fence)".into(), |f| format!(
+                "hard fork, fence at epoch {f}"
+            )),
+        p.cohort_percent
+    );
+    Output::new(p, human)
+}
+
+fn status_output(s: UpgradeStatus) -> Output {
+    let mut human = format!(
+        "device {}\nrunning {}, policy {}, current epoch {}\ninstall command: {}\n",
+        s.device_id,
+        s.running_version,
+        policy_text(&s.policy),
+        s.current_epoch,
+        s.install_command.as_deref().unwrap_or("(none)"),
+    );
+    if let Some(r) = &s.fence_refusal {
+        human.push_str(&format!("FENCE: {r}\n"));
+    }
+    if s.packages.is_empty() {
+        human.push_str("no upgrade published\n");
+    }
+    for p in &s.packages {
+        human.push_str(&format!(
+            "\npackage {} version {}{}\n  cohort {}% ({}), ready {}/{}, {}, artifact {}\n  here: {}\n",
+            short(&p.package_id),
+            p.version,
+            p.fence.map_or(String::new(), |f| format!(", fence at epoch {f}")),
+            p.cohort_percent,
+            if p.in_cohort { "this device is in it" } else { "this device is not in it" },
+            p.readiness.ready.len(),
+            p.readiness.eligible.len(),
+            if p.activated { "activated" } else { "not activated" },
+            if p.artifact_stored { "stored" } else { "not stored here" },
+            match &p.local {
+                None => "nothing done yet".to_string(),
+                Some(l) => serde_json::to_string(l).unwrap_or_default(),
+            }
+        ));
+    }
+    Output::new(s, human)
+}
+
+fn activated_output(a: Activated) -> Output {
+    let human = format!(
+        "activated package {} (version {}){}",
+        a.package_id,
+        a.to_version,
+        a.activation_fence
+            .map_or(String::new(), |f| format!(", fence at epoch {f}"))
+    );
+    Output::new(a, human)
+}
+
+fn apply_output(report: ApplyReport) -> CmdResult {
+    let mut lines = Vec::new();
+    for p in &report.packages {
+        let what = match (&p.skipped, p.events.last()) {
+            (Some(s), _) => skip_text(s),
+            (None, Some(_)) => p
+                .events
+                .iter()
+                .map(event_text)
+                .collect::<Vec<_>>()
+                .join(", "),
+            (None, None) => "nothing to do".into(),
+        };
+        lines.push(format!(
+            "package {} {}: {what}",
+            short(&p.package_id),
+            p.version
+        ));
+    }
+    if lines.is_empty() {
+        lines.push("no upgrade published".into());
+    }
+    if report.has_failures() {
+        // One line, and a non-zero exit: the operator asked for an upgrade that did not
+        // happen.
+        return Err(lines
+            .into_iter()
+            .filter(|l| l.contains("refused") || l.contains("install failed"))
+            .collect::<Vec<_>>()
+            .join("; ")
+            .into());
+    }
+    Ok(Output::new(report, lines.join("\n")))
+}
+
+fn settings_output(s: UpgradeSettings) -> Output {
+    let human = format!(
+        "install command: {}\npolicy: {}\nmax attempts: {}",
+        s.install_command.as_deref().unwrap_or("(none)"),
+        policy_text(&s.policy),
+        s.max_attempts
+    );
+    Output::new(s, human)
 }
 
 fn skip_text(s: &Skip) -> String {
@@ -402,113 +404,125 @@ pub fn admin(home: &Path, cmd: AdminCommand) -> CmdResult {
             old,
             homes,
         } => {
-            let (me, fleet) = fleet(home, &homes)?;
-            let fact = if threshold {
-                let mut devices: Vec<&Device> = vec![&me];
-                if let Some(f) = &fleet {
-                    devices = f.devices().iter().map(|d| &**d).collect();
+            let r = match target(home, &homes)? {
+                // With --threshold, the running device's own share must reach the
+                // threshold: signing rounds with other members do not go over the
+                // network yet.
+                Target::Running(mut c) => c.admin_replace(
+                    new.to_string(),
+                    at_epoch,
+                    threshold,
+                    old.map(|o| o.to_string()),
+                )?,
+                Target::Stopped(d) => {
+                    let (me, fleet) = fleet(*d, &homes)?;
+                    let devices: Vec<&Device> = match &fleet {
+                        Some(f) => f.devices().iter().map(|d| &**d).collect(),
+                        None => vec![&me],
+                    };
+                    let r = ops::admin_replace(&devices, new, at_epoch, threshold, old)?;
+                    if let Some(f) = &fleet {
+                        f.sync()?;
+                    }
+                    r
                 }
-                admin::replace_with_threshold(
-                    &devices,
-                    old,
-                    new,
-                    Epoch(at_epoch),
-                    &mut rand::rngs::OsRng,
-                )?
-            } else {
-                admin::replace(&me, new, Epoch(at_epoch))?
             };
-            if let Some(f) = &fleet {
-                f.sync()?;
-            }
-            let json = serde_json::json!({
-                "fact_id": fact.id().to_string(),
-                "epoch": fact.epoch().0,
-                "new_admin": new.to_string(),
-                "activation_epoch": at_epoch,
-                "threshold_signed": threshold,
-            });
-            let human = format!(
-                "{new} becomes admin at epoch {at_epoch}{}",
-                if threshold {
-                    " (threshold-signed by the authority)"
-                } else {
-                    ""
-                }
-            );
-            Ok(Output::new(json, human))
+            Ok(replaced_output(r))
         }
         AdminCommand::Status => {
-            let s = admin::status(&Device::open(home)?)?;
-            let mut human = format!(
-                "admin {}\ncurrent epoch {}\n",
-                s.admin.as_deref().unwrap_or("-"),
-                s.current_epoch
-            );
-            for r in &s.replacements {
-                human.push_str(&format!(
-                    "{} -> {} at epoch {}{}{}\n",
-                    short(&r.old_admin),
-                    short(&r.new_admin),
-                    r.activation_epoch,
-                    if r.certified {
-                        ", threshold-signed"
-                    } else {
-                        ""
-                    },
-                    if r.in_effect { "" } else { " (scheduled)" },
-                ));
-            }
-            human.push_str(&format!(
-                "{} facts kept as evidence but ignored",
-                s.ignored_facts
-            ));
-            Ok(Output::new(s, human))
+            let s = match Target::open(home)? {
+                Target::Running(mut c) => c.admin_status()?,
+                Target::Stopped(d) => admin::status(&d)?,
+            };
+            Ok(admin_status_output(s))
         }
     }
 }
 
+fn replaced_output(r: AdminReplaced) -> Output {
+    let human = format!(
+        "{} becomes admin at epoch {}{}",
+        r.new_admin,
+        r.activation_epoch,
+        if r.threshold_signed {
+            " (threshold-signed by the authority)"
+        } else {
+            ""
+        }
+    );
+    Output::new(r, human)
+}
+
+fn admin_status_output(s: AdminStatus) -> Output {
+    let mut human = format!(
+        "admin {}\ncurrent epoch {}\n",
+        s.admin.as_deref().unwrap_or("-"),
+        s.current_epoch
+    );
+    for r in &s.replacements {
+        human.push_str(&format!(
+            "{} -> {} at epoch {}{}{}\n",
+            short(&r.old_admin),
+            short(&r.new_admin),
+            r.activation_epoch,
+            if r.certified {
+                ", threshold-signed"
+            } else {
+                ""
+            },
+            if r.in_effect { "" } else { " (scheduled)" },
+        ));
+    }
+    human.push_str(&format!(
+        "{} facts kept as evidence but ignored",
+        s.ignored_facts
+    ));
+    Output::new(s, human)
+}
+
 pub fn cache(home: &Path, cmd: CacheCommand) -> CmdResult {
-    let device = Device::open(home)?;
     match cmd {
         CacheCommand::Invalidate { keys, floor, local } => {
-            let inv = if local {
-                let floor = match floor {
-                    Some(f) => Epoch(f),
-                    None => device
-                        .store()
-                        .maintenance_state(device.namespace())?
-                        .current_epoch(),
-                };
-                cache::invalidate_local(&device, &keys, floor)?
-            } else {
-                cache::invalidate(&device, &keys, floor.map(Epoch))?.1
+            let inv = match Target::open(home)? {
+                Target::Running(mut c) => c.cache_invalidate(keys, floor, local)?,
+                Target::Stopped(d) => ops::cache_invalidate(&d, &keys, floor, local)?,
             };
-            let human = format!(
-                "{} {} key(s) at floor {}{}",
-                if local {
-                    "raised locally"
-                } else {
-                    "invalidated"
-                },
-                inv.floors.len(),
-                inv.epoch_floor,
-                inv.fact_id
-                    .as_deref()
-                    .map_or(String::new(), |id| format!(" (fact {})", short(id)))
-            );
-            Ok(Output::new(inv, human))
+            Ok(invalidation_output(inv, local))
         }
         CacheCommand::Check { key, epoch } => {
-            let c = cache::check(&device, &key, Epoch(epoch))?;
-            let human = format!(
-                "{}: {} (cached at epoch {}, floor {})",
-                c.key,
-                if c.valid { "valid" } else { "stale" },
-                c.cached_at,
-                c.floor.map_or("none".into(), |f| f.to_string())
-            );
-            Ok(Output::new(c, human))
+            let c = match Target::open(home)? {
+                Target::Running(mut c) => c.cache_check(key, epoch)?,
+                Target::Stopped(d) => cache::check(&d, &key, Epoch(epoch))?,
+            };
+            Ok(check_output(c))
         }
     }
+}
+
+fn invalidation_output(inv: Invalidation, local: bool) -> Output {
+    let human = format!(
+        "{} {} key(s) at floor {}{}",
+        if local {
+            "raised locally"
+        } else {
+            "invalidated"
+        },
+        inv.floors.len(),
+        inv.epoch_floor,
+        inv.fact_id
+            .as_deref()
+            .map_or(String::new(), |id| format!(" (fact {})", short(id)))
+    );
+    Output::new(inv, human)
+}
+
+fn check_output(c: CacheCheck) -> Output {
+    let human = format!(
+        "{}: {} (cached at epoch {}, floor {})",
+        c.key,
+        if c.valid { "valid" } else { "stale" },
+        c.cached_at,
+        c.floor.map_or("none".into(), |f| f.to_string())
+    );
+    Output::new(c, human)
 }

@@ -43,6 +43,9 @@ pub enum Command {
     #[command(subcommand)]
     Snapshot(crate::maint::SnapshotCommand),
     /// Prune what the latest verified snapshot covers, and compact the store.
+    ///
+    /// Compaction needs the store to itself: on a running device `tend gc` prunes through
+    /// its control socket and leaves compaction for the stopped device.
     Gc(crate::maint::GcArgs),
     /// Run the device: sync with peers over the network until SIGINT or SIGTERM.
     Run(crate::net::RunArgs),

@@ -801,6 +801,13 @@ impl Client {
         if n == 0 {
             return Err(ControlError::BadResponse("connection closed".into()));
         }
+        if n as u64 == MAX_RESPONSE_BYTES as u64 && buf.last() != Some(&b'\n') {
+            // The rest of the line is still in the socket: this connection is spent.
+            return Err(ControlError::BadResponse(format!(
+                "the answer is longer than {} MiB (ask for less, e.g. a smaller --limit)",
+                MAX_RESPONSE_BYTES >> 20
+            )));
+        }
         let resp: Response =
             serde_json::from_slice(&buf).map_err(|e| ControlError::BadResponse(e.to_string()))?;
         if resp.v != CONTROL_VERSION {

@@ -46,6 +46,13 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
     let dir = tempfile::tempdir().expect("tempdir");
+    // TEND_BENCH_KEEP=1 keeps the directory (source store, key, archive) for profiling a
+    // phase by hand: `backup-<hash> --phase export|verify|restore ...`.
+    let dir_path = dir.path().to_owned();
+    let dir = Kept(
+        std::env::var_os("TEND_BENCH_KEEP").is_none().then_some(dir),
+        dir_path,
+    );
     let home = dir.path().join("source");
     let t = Instant::now();
     let device = Device::init(&home, &mut rand::rngs::OsRng).expect("init");
@@ -72,6 +79,9 @@ fn main() {
     let me = std::env::current_exe().expect("exe");
     // Each child prints its human line and a last `RESULT <seconds> <peak MiB>` line.
     let run = |args: &[&str]| -> (f64, f64) {
+        if std::env::var_os("TEND_BENCH_KEEP").is_some() {
+            eprintln!("phase: --phase {}", args.join(" "));
+        }
         let out = Command::new(&me)
             .arg("--phase")
             .args(args)
@@ -141,6 +151,24 @@ fn main() {
             med(|r| r.0),
             med(|r| r.1)
         );
+    }
+}
+
+/// The bench directory, removed at the end unless kept.
+struct Kept(Option<tempfile::TempDir>, PathBuf);
+
+impl Kept {
+    fn path(&self) -> &Path {
+        &self.1
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        match self.0.take() {
+            Some(d) => drop(d),
+            None => eprintln!("kept {}", self.1.display()),
+        }
     }
 }
 

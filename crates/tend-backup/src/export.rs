@@ -1,8 +1,8 @@
 //! Export: streams the latest snapshot and the journal tail after it into an encrypted
-//! archive, holding at most one tail chunk plus the snapshot blob in memory. The blob is
-//! held because the store keeps it as one value (it is read whole, checked in one pass
-//! without decoding its item list, and written from that buffer); nothing else export
-//! holds grows with the journal.
+//! archive. It holds the snapshot blob once, as the store lends it (the store keeps a blob
+//! as one value): it is checked in one pass without decoding its item list and written
+//! from there, and released before the tail is read. The tail then goes out from one
+//! store scan in chunks, one at a time. Nothing else it holds grows with the journal.
 
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use tend_core::journal::DigestBuilder;
-use tend_core::{Epoch, JournalNamespace, MaintenanceState};
+use tend_core::{ContentId, Epoch, JournalNamespace, MaintenanceState};
 use tend_snapshot::blob::read_blob;
 use tend_store::{Store, StoreError};
 
@@ -165,20 +165,21 @@ pub fn export<W: Write>(
     let mut manifest_snapshot = None;
     let from = match &snap {
         Some(s) => {
-            w.append(member::PREFIX, &s.prefix)?;
-            w.append(member::ANCHOR, &s.anchor)?;
-            w.append(member::BLOB, &s.blob)?;
+            let counts = store
+                .with_blob(&s.cid, |blob| write_snapshot(&mut w, s, blob))?
+                .ok_or_else(|| BackupError::BlobMissing(s.blob_cid.clone()))??;
+            let (covered_facts, maintenance_facts, blob_bytes) = counts;
             report.snapshot_epoch = Some(s.epoch.0);
-            report.blob_bytes = s.blob.len() as u64;
-            report.maintenance_facts = s.maintenance_facts;
+            report.blob_bytes = blob_bytes;
+            report.maintenance_facts = maintenance_facts;
             manifest_snapshot = Some(ManifestSnapshot {
                 epoch: s.epoch.0,
                 blob_cid: s.blob_cid.clone(),
                 digest: s.digest.clone(),
                 completion_id: s.completion_id.clone(),
                 completion_epoch: s.completion_epoch,
-                covered_facts: s.covered_facts,
-                maintenance_facts: s.maintenance_facts,
+                covered_facts,
+                maintenance_facts,
             });
             s.epoch
         }
@@ -257,20 +258,39 @@ pub fn export<W: Write>(
     Ok((report, counting.inner))
 }
 
-/// What export needs of the latest snapshot.
+/// What export needs of the latest snapshot (the blob is read while it is written).
 struct SnapshotParts {
     epoch: Epoch,
-    /// The blob's facts, framed (they come after its items inside it; a reader needs
-    /// them first to check the blob in one pass).
-    prefix: Vec<u8>,
     anchor: Vec<u8>,
-    blob: Vec<u8>,
+    cid: ContentId,
     blob_cid: String,
     digest: String,
     completion_id: String,
     completion_epoch: u64,
-    covered_facts: u64,
-    maintenance_facts: u64,
+}
+
+/// Writes the prefix, anchor and blob members from the blob the store lends; returns the
+/// blob's item count, fact count and size.
+fn write_snapshot<W: Write>(
+    w: &mut TarWriter<W>,
+    s: &SnapshotParts,
+    blob: &[u8],
+) -> Result<(u64, u64, u64), BackupError> {
+    // One pass over the blob checks it once more (its structure, its facts verify, its
+    // state digest holds; the store checked the CID), so a damaged blob fails here rather
+    // than at restore time, and yields its facts for the prefix member: they come after
+    // the items inside the blob, and a reader needs them first to check the blob in one
+    // pass. The item list is only counted, never decoded into memory. (That each fact is
+    // among the items needs the facts ahead; the reader checks it.)
+    let summary = read_blob(blob, None).map_err(tend_snapshot::HydrateError::from)?;
+    let mut prefix = Vec::new();
+    for f in &summary.facts {
+        frame(&mut prefix, f.bytes());
+    }
+    w.append(member::PREFIX, &prefix)?;
+    w.append(member::ANCHOR, &s.anchor)?;
+    w.append(member::BLOB, blob)?;
+    Ok((summary.items, summary.facts.len() as u64, blob.len() as u64))
 }
 
 fn snapshot_parts(
@@ -310,32 +330,18 @@ fn snapshot_parts(
         frame(&mut anchor, f.bytes());
     }
     let cid = latest.snapshot.blob_cid;
-    let blob = store
-        .get_blob(&cid)?
-        .ok_or_else(|| BackupError::BlobMissing(cid.to_string()))?;
-    // One pass over the blob checks it once more (its structure, its facts verify, its
-    // state digest holds; `get_blob` checked the CID), so a damaged blob fails here rather
-    // than at restore time, and yields the facts for the prefix member. The item list is
-    // only counted, never decoded into memory. (That each fact is among the items needs
-    // the facts ahead; the reader checks it.)
-    let summary = read_blob(blob.as_slice(), None).map_err(tend_snapshot::HydrateError::from)?;
-    let mut prefix = Vec::new();
-    for f in &summary.facts {
-        frame(&mut prefix, f.bytes());
+    // Missing is found before anything is written, not half way through the archive.
+    if !store.has_blob(&cid)? {
+        return Err(BackupError::BlobMissing(cid.to_string()));
     }
-    let (covered_facts, maintenance_facts) = (summary.items, summary.facts.len() as u64);
-    drop(summary);
     Ok(Some(SnapshotParts {
         epoch: e,
-        prefix,
         anchor,
-        blob,
+        cid,
         blob_cid: cid.to_string(),
         digest: latest.snapshot.digest.to_string(),
         completion_id: completion.id.to_string(),
         completion_epoch: completion.epoch.0,
-        covered_facts,
-        maintenance_facts,
     }))
 }
 

@@ -69,6 +69,9 @@ pub(crate) const MAX_ANCHOR_BYTES: u64 = 16 << 20;
 pub(crate) const MAX_PREFIX_BYTES: u64 = tend_snapshot::blob::MAX_BLOB_FACT_BYTES + (4 << 20);
 /// A version 1 archive's blob is read whole.
 pub(crate) const MAX_V1_BLOB_BYTES: u64 = 4 << 30;
+/// The largest blob a restore reserves room for in the store (redb's value limit is
+/// below 4 GiB; a snapshot of 10^8 facts is 4 GB).
+pub(crate) const MAX_BLOB_BYTES: u64 = 3 << 30;
 pub(crate) const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
 /// The first member: enough to refuse a newer format before reading anything else.

@@ -29,7 +29,6 @@ use std::path::Path;
 use std::rc::Rc;
 
 use serde::Serialize;
-use tend_core::ids::CODEC_DAG_CBOR;
 use tend_core::journal::DigestBuilder;
 use tend_core::maintenance::MaintenanceFact;
 use tend_core::{
@@ -45,8 +44,8 @@ use crate::error::BackupError;
 use crate::export::{sibling, Progress};
 use crate::format::{
     member, Header, Manifest, MemberHash, ARCHIVE_FORMAT_NAME, ARCHIVE_FORMAT_VERSION, FRAME_LEN,
-    MAX_ANCHOR_BYTES, MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, MAX_PREFIX_BYTES, MAX_V1_BLOB_BYTES,
-    PREFIX_SINCE_VERSION,
+    MAX_ANCHOR_BYTES, MAX_BLOB_BYTES, MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, MAX_PREFIX_BYTES,
+    MAX_V1_BLOB_BYTES, PREFIX_SINCE_VERSION,
 };
 use crate::keys::Decryption;
 
@@ -270,8 +269,9 @@ fn read_archive<T: RestoreTarget>(
             anchor = Some(read.facts(&mut entry, &name, ns, MAX_ANCHOR_BYTES)?);
         } else if name == member::BLOB && anchor.is_some() && replay.is_none() {
             let facts = anchor.take().unwrap_or_default();
+            let size = entry.size();
             let mut hashing = HashingReader::new(&mut entry);
-            let r = hydrate_snapshot(ns, &mut hashing, prefix.take(), facts, store)?;
+            let r = hydrate_snapshot(ns, &mut hashing, size, prefix.take(), facts, store)?;
             read.push(&name, hashing.finish()?);
             replay = Some(r);
         } else if replay
@@ -536,13 +536,15 @@ fn decode_parallel(raw: &[Vec<u8>]) -> Result<Vec<VerifiedFact>, (usize, DecodeE
 /// Verifies the snapshot and hydrates from it: the group key comes from the membership
 /// chain of the blob's own facts (`prefix`, carried ahead of the blob), followed through
 /// the anchor's state facts up to the completion; nothing in the archive's header or
-/// manifest is trusted for it. The blob is then read in one pass from `blob`; in a restore
-/// its facts go into the store in batches and its bytes are stored once every check passed.
+/// manifest is trusted for it. The blob (of `size` bytes, as its tar header says) is then
+/// read in one pass from `blob`; in a restore it streams straight into the store's value
+/// for it, committed once every check of the blob passed, and its facts follow in batches.
 /// `prefix` is `None` for a version 1 archive: the blob is then read whole, and a first
 /// pass over it yields its facts.
 fn hydrate_snapshot(
     ns: JournalNamespace,
     blob: &mut impl Read,
+    size: u64,
     prefix: Option<Vec<VerifiedFact>>,
     mut anchor: Vec<VerifiedFact>,
     store: Option<&Store>,
@@ -615,30 +617,61 @@ fn hydrate_snapshot(
         .map(|m| m.group_key)
         .ok_or(BackupError::NoGroupKey(completion_fact.epoch()))?;
     drop(state);
-    // In a restore, the blob's bytes are kept on their way by for the store, which stores
-    // a blob as one value: the one copy a restore holds whole.
-    let mut copy = store.map(|_| Vec::new());
-    let (summary, state) = match &v1_blob {
-        Some(bytes) => hydrate_stream(
-            Tee::new(bytes.as_slice(), copy.as_mut()),
-            &completed,
-            ns,
-            &group_key,
-            Some(&prefix),
-        ),
-        None => hydrate_stream(
-            Tee::new(blob, copy.as_mut()),
-            &completed,
-            ns,
-            &group_key,
-            Some(&prefix),
-        ),
+    // The signature first: a forged completion must not make a restore reserve the space
+    // its blob claims.
+    let msg = completed
+        .snapshot
+        .signing_message(&ns, &completed.proposal_id);
+    if !group_key.verify(&msg, &completed.threshold_signature) {
+        return Err(HydrateError::BadSignature.into());
     }
-    .map_err(snapshot_err)?;
+    let size = match &v1_blob {
+        Some(bytes) => bytes.len() as u64,
+        None => size,
+    };
+    let source: &mut dyn Read = match &v1_blob {
+        Some(bytes) => &mut bytes.as_slice(),
+        None => blob,
+    };
+    let check = |copy: Option<&mut [u8]>| {
+        let mut tee = Tee {
+            inner: source,
+            copy,
+            at: 0,
+        };
+        let r = hydrate_stream(&mut tee, &completed, ns, &group_key, Some(&prefix))
+            .map_err(snapshot_err)?;
+        if tee.copy.is_some_and(|c| c.len() != tee.at) {
+            return Err(BackupError::NotABackup(format!(
+                "member {} is shorter than its header says",
+                member::BLOB
+            )));
+        }
+        Ok(r)
+    };
+    let (summary, state) = match store {
+        None => check(None)?,
+        Some(store) => {
+            if size > MAX_BLOB_BYTES {
+                return Err(BackupError::NotABackup(format!(
+                    "member {} is larger than {MAX_BLOB_BYTES} bytes",
+                    member::BLOB
+                )));
+            }
+            // The store keeps a blob as one value: the blob streams into it, the one copy
+            // a restore holds whole, and is committed only if every check passed.
+            let mut out = None;
+            store.put_blob_with(&completed.snapshot.blob_cid, size as usize, |value| {
+                out = Some(check(Some(value))?);
+                Ok::<(), BackupError>(())
+            })??;
+            out.ok_or_else(|| BackupError::Target("the blob was not read".into()))?
+        }
+    };
     drop(v1_blob);
     drop(prefix);
     let maintenance_facts = summary.facts.len() as u64;
-    if let (Some(store), Some(copy)) = (store, copy) {
+    if let Some(store) = store {
         for batch in summary.facts.chunks(BATCH_FACTS) {
             let report = store.insert_batch(batch)?;
             if let Some(r) = report.rejected.first() {
@@ -648,7 +681,6 @@ fn hydrate_snapshot(
                 )));
             }
         }
-        store.put_blob(CODEC_DAG_CBOR, &copy)?;
     }
     let mut replay = Replay::new(ns, state, e);
     replay.expected_anchor = anchor.iter().map(|f| f.id()).collect();
@@ -670,23 +702,23 @@ fn snapshot_err(e: impl Into<HydrateError>) -> BackupError {
     }
 }
 
-/// Passes bytes through, keeping a copy when asked to.
+/// Passes bytes through, copying them into `copy` (the store's value for the blob) when
+/// given.
 struct Tee<'c, R> {
     inner: R,
-    copy: Option<&'c mut Vec<u8>>,
-}
-
-impl<'c, R: Read> Tee<'c, R> {
-    fn new(inner: R, copy: Option<&'c mut Vec<u8>>) -> Self {
-        Self { inner, copy }
-    }
+    copy: Option<&'c mut [u8]>,
+    at: usize,
 }
 
 impl<R: Read> Read for Tee<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         if let Some(copy) = self.copy.as_mut() {
-            copy.extend_from_slice(&buf[..n]);
+            let dst = copy
+                .get_mut(self.at..self.at + n)
+                .ok_or_else(|| io::Error::other("the blob is longer than its tar header says"))?;
+            dst.copy_from_slice(&buf[..n]);
+            self.at += n;
         }
         Ok(n)
     }

@@ -232,3 +232,47 @@ fn a_restored_device_joins_sync_and_converges_with_the_fleet() {
         .collect();
     assert!(states.windows(2).all(|w| w[0] == w[1]));
 }
+
+/// The store calls restore and export rely on to hold a blob once: a streamed write
+/// commits only verified bytes, and a lent read sees exactly what was stored.
+#[test]
+fn the_store_streams_a_blob_in_and_lends_it_out() {
+    use tend_core::ids::CODEC_DAG_CBOR;
+    use tend_core::ContentId;
+    let dir = tempfile::tempdir().unwrap();
+    let store = tend_store::Store::create(dir.path().join("s.redb")).unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let cid = ContentId::of(CODEC_DAG_CBOR, &data);
+    // The filler fails: nothing is stored.
+    let r = store
+        .put_blob_with(&cid, data.len(), |_| Err("the archive broke"))
+        .unwrap();
+    assert_eq!(r, Err("the archive broke"));
+    assert!(!store.has_blob(&cid).unwrap());
+    // Bytes that do not hash to the CID: refused, nothing stored.
+    let e = store.put_blob_with(&cid, data.len(), |v| {
+        v.copy_from_slice(&data);
+        v[7] ^= 1;
+        Ok::<(), ()>(())
+    });
+    assert!(
+        matches!(e, Err(tend_store::StoreError::BlobCorrupt { .. })),
+        "{e:?}"
+    );
+    assert!(!store.has_blob(&cid).unwrap());
+    // The right bytes are stored and lent back as they are.
+    store
+        .put_blob_with(&cid, data.len(), |v| {
+            v.copy_from_slice(&data);
+            Ok::<(), ()>(())
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.get_blob(&cid).unwrap().unwrap(), data);
+    assert_eq!(
+        store.with_blob(&cid, |b| b.to_vec()).unwrap().unwrap(),
+        data
+    );
+    let other = ContentId::of(CODEC_DAG_CBOR, b"other");
+    assert!(store.with_blob(&other, |_| ()).unwrap().is_none());
+}

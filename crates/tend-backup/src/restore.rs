@@ -200,7 +200,40 @@ fn read_archive<T: RestoreTarget>(
         total: total_bytes,
     };
     let plain = decryption.open(counted)?;
-    let zstd = zstd::stream::read::Decoder::new(plain).map_err(damaged)?;
+    read_plain(plain, make_target, &read_bytes)
+}
+
+/// Checks a decrypted archive (the zstd-compressed tar inside the age layer) completely
+/// without writing anything, as [`verify`] does after decryption; `archive_bytes` in the
+/// report counts the decrypted bytes. This is the pure entry point the `backup_reader`
+/// fuzz target drives: any input gives a report or a typed error, never a panic, and
+/// nothing a hostile length claims is allocated ahead of the bytes that back it.
+pub fn verify_plain(plain: impl Read) -> Result<RestoreReport, BackupError> {
+    let read_bytes = Rc::new(Cell::new(0u64));
+    let counted = CountingReader {
+        inner: plain,
+        n: read_bytes.clone(),
+        next_report: 0,
+        progress: None,
+        total: 0,
+    };
+    let make = None::<fn(JournalNamespace) -> Result<Store, BackupError>>;
+    read_plain(counted, make, &read_bytes).map(|(_, r)| r)
+}
+
+/// Window of a zstd frame a reader accepts: export writes level 3 (a 2 MiB window at
+/// most); 2^24 leaves room for an archive recompressed with `zstd -19`, and keeps a hostile
+/// frame header from making the decoder reserve up to 2^27 bytes (zstd's default limit).
+const ZSTD_WINDOW_LOG_MAX: u32 = 24;
+
+/// Everything under the age layer; `read_bytes` counts the bytes read from the source.
+fn read_plain<T: RestoreTarget>(
+    plain: impl Read,
+    make_target: Option<impl FnOnce(JournalNamespace) -> Result<T, BackupError>>,
+    read_bytes: &Rc<Cell<u64>>,
+) -> Result<(Option<T>, RestoreReport), BackupError> {
+    let mut zstd = zstd::stream::read::Decoder::new(plain).map_err(damaged)?;
+    zstd.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(damaged)?;
     let mut archive = tar::Archive::new(zstd);
     let mut entries = archive.entries().map_err(damaged)?;
     let mut read = ReadMembers::default();

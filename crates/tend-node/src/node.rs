@@ -20,8 +20,8 @@ use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::Endpoint;
 use serde::{Deserialize, Serialize};
 use tend_core::{
-    DeviceId, Epoch, FactId, JournalError, JournalNamespace, MaintenanceState, Payload,
-    ProtocolVersion, VerifiedFact,
+    ContentId, DeviceId, Epoch, FactId, JournalError, JournalNamespace, MaintenanceFact,
+    MaintenanceState, Payload, ProtocolVersion, VerifiedFact,
 };
 use tend_store::{Store, StoreError};
 use tend_sync::{
@@ -250,6 +250,12 @@ struct Inner {
     peer_floors: Mutex<HashMap<DeviceId, Epoch>>,
     /// Initiated sessions whose `Accept` (carrying the peer's floor) has not arrived.
     awaiting_accept: Mutex<HashMap<SessionId, DeviceId>>,
+    /// Blobs of snapshot completions held back because this device has not seen the
+    /// snapshot's state facts (see [`StoreHost::admit`]); the next round fetches them.
+    held_snapshots: Mutex<HashSet<ContentId>>,
+    /// Blobs of held-back completions that no peer holds: their completion is admitted
+    /// without them rather than never.
+    unavailable_snapshots: Mutex<HashSet<ContentId>>,
     /// Whether an upgrade pipeline run is in progress (one at a time).
     applying: Arc<AtomicBool>,
     /// Facts stored from sessions either way; rounds compare it with `facts_seen` to know
@@ -340,6 +346,8 @@ impl Node {
             identity_epoch: AtomicU64::new(state.identity_epoch()),
             peer_floors: Mutex::new(HashMap::new()),
             awaiting_accept: Mutex::new(HashMap::new()),
+            held_snapshots: Mutex::new(HashSet::new()),
+            unavailable_snapshots: Mutex::new(HashSet::new()),
             applying: Arc::new(AtomicBool::new(false)),
             facts_stored: AtomicU64::new(0),
             facts_seen: AtomicU64::new(0),
@@ -567,9 +575,22 @@ impl Node {
                 return 0;
             }
         };
+        // Blobs of completions held back until their state facts can come with them.
+        let held: Vec<ContentId> = lock(&inner.held_snapshots).iter().copied().collect();
+        for cid in &held {
+            if !wanted.iter().any(|w| w.cid == *cid) {
+                wanted.push(crate::blobs::Wanted {
+                    cid: *cid,
+                    size: None,
+                });
+            }
+        }
         let mut sessions: Vec<&PeerOutcome> = round.sessions.iter().collect();
         sessions.sort_by_key(|s| !s.ok);
         let mut fetched = 0;
+        // Per held blob: how many peers said they do not hold it.
+        let mut missing: HashMap<ContentId, usize> = HashMap::new();
+        let mut asked = 0;
         for s in sessions {
             if wanted.is_empty() {
                 break;
@@ -578,8 +599,25 @@ impl Node {
                 continue;
             };
             let report = self.fetch_blobs(PeerAddr { device, addr }, &wanted).await;
+            asked += 1;
+            for cid in &report.missing {
+                *missing.entry(*cid).or_default() += 1;
+            }
             fetched += report.fetched.len() as u64;
             wanted.retain(|w| !report.fetched.contains(&w.cid));
+        }
+        let mut held_set = lock(&inner.held_snapshots);
+        for cid in held {
+            if !wanted.iter().any(|w| w.cid == cid) {
+                // Fetched: the completion is taken with its state facts next session.
+                held_set.remove(&cid);
+            } else if asked > 0 && missing.get(&cid) == Some(&asked) {
+                // Every peer asked lacks it (tombstoned or lost): admit the completion
+                // alone rather than never learn the snapshot.
+                tracing::warn!("no peer holds snapshot blob {cid}: taking its completion alone");
+                held_set.remove(&cid);
+                lock(&inner.unavailable_snapshots).insert(cid);
+            }
         }
         fetched
     }
@@ -592,28 +630,7 @@ impl Node {
         peer: PeerAddr,
         wanted: &[crate::blobs::Wanted],
     ) -> crate::blobs::FetchReport {
-        let inner = &self.inner;
-        let report = crate::blobs::fetch(
-            &inner.endpoint,
-            &inner.device,
-            &inner.metrics,
-            peer,
-            wanted,
-            inner.config.max_blob_bytes,
-            inner.config.connect_timeout,
-        )
-        .await;
-        if let Some(why) = &report.misbehaviour {
-            tracing::warn!("peer {} sent a bad blob: {why}", peer.device);
-            let mut book = lock(&inner.peers);
-            book.manager.add(peer.device, 1.0);
-            book.manager.session_started(&peer.device);
-            book.manager.session_ended(
-                &peer.device,
-                &SessionResult::Failed(FailReason::Unexpected("blob not matching its CID")),
-            );
-        }
-        report
+        fetch_blobs(&self.inner, peer, wanted).await
     }
 
     /// After a round brought facts or blobs: tells sessions about new epochs, advertises
@@ -1122,21 +1139,66 @@ impl FactHost for StoreHost<'_> {
     }
 
     fn admit(&mut self, fact: VerifiedFact) -> Result<bool, JournalError> {
+        if self.state.is_none() {
+            return Err(JournalError::NamespaceMismatch {
+                ours: self.inner.namespace(),
+                theirs: fact.namespace(),
+            });
+        }
+        if self.holds(&fact) {
+            return Ok(false);
+        }
+        if let Some(cid) = self.advances_snapshot(&fact) {
+            // Once a completion at E is admitted, every fact below E is `Late` here and
+            // sessions reconcile only from E on, so state facts below E that this device
+            // missed (it did not take part in the ceremony) would never arrive: its
+            // reduced state would differ from the signers' for good. The snapshot's blob
+            // carries every maintenance and authority fact below E; they go in first, in
+            // the same batch (DESIGN rule 5, as the simulator's `settle` hydrates them).
+            match self.inner.snapshot_state_facts(fact.namespace(), cid) {
+                SnapshotFacts::Facts(facts) => {
+                    for f in facts {
+                        if !self.holds(&f) {
+                            // Inadmissible ones are not ours to store; the rest go in.
+                            let _ = self.push_checked(f);
+                        }
+                    }
+                }
+                SnapshotFacts::Unavailable => {}
+                SnapshotFacts::Wait => return Ok(false),
+            }
+        }
+        self.push_checked(fact)?;
+        Ok(true)
+    }
+
+    fn is_authorized(&self, _namespace: JournalNamespace, peer: &DeviceId) -> bool {
+        self.state
+            .as_ref()
+            .and_then(|s| s.membership())
+            .is_some_and(|m| m.members.contains(peer))
+    }
+}
+
+impl StoreHost<'_> {
+    /// Whether the fact is already stored or buffered.
+    fn holds(&self, fact: &VerifiedFact) -> bool {
+        self.pending_ids.contains(&fact.id())
+            || self
+                .inner
+                .store()
+                .contains(fact.namespace(), fact.epoch(), &fact.id())
+                .unwrap_or(false)
+    }
+
+    /// Checks a fact against the running state copy and buffers it.
+    fn push_checked(&mut self, fact: VerifiedFact) -> Result<(), JournalError> {
         let Some(state) = self.state.as_mut() else {
             return Err(JournalError::NamespaceMismatch {
                 ours: self.inner.namespace(),
                 theirs: fact.namespace(),
             });
         };
-        if self.pending_ids.contains(&fact.id())
-            || self
-                .inner
-                .store()
-                .contains(fact.namespace(), fact.epoch(), &fact.id())
-                .unwrap_or(false)
-        {
-            return Ok(false);
-        }
         state.check_admission(&fact)?;
         if matches!(fact.payload(), Payload::Application { .. }) {
             state.observe_epoch(fact.epoch());
@@ -1146,14 +1208,58 @@ impl FactHost for StoreHost<'_> {
         }
         self.pending_ids.insert(fact.id());
         self.pending.push(fact);
-        Ok(true)
+        Ok(())
     }
 
-    fn is_authorized(&self, _namespace: JournalNamespace, peer: &DeviceId) -> bool {
-        self.state
+    /// The blob of a snapshot completion newer than the latest one this device knows.
+    fn advances_snapshot(&self, fact: &VerifiedFact) -> Option<ContentId> {
+        let Payload::Maintenance(MaintenanceFact::SnapshotCompleted(c)) = fact.payload() else {
+            return None;
+        };
+        let state = self.state.as_ref()?;
+        let newer = state
+            .latest_snapshot
             .as_ref()
-            .and_then(|s| s.membership())
-            .is_some_and(|m| m.members.contains(peer))
+            .is_none_or(|l| l.snapshot.epoch < c.snapshot.epoch);
+        newer.then_some(c.snapshot.blob_cid)
+    }
+}
+
+/// What a held-back snapshot completion may be admitted with.
+enum SnapshotFacts {
+    /// The blob's maintenance and authority facts, ascending.
+    Facts(Vec<VerifiedFact>),
+    /// No peer holds the blob: admit the completion alone.
+    Unavailable,
+    /// The blob is being fetched: hold the completion back (the peer offers it again).
+    Wait,
+}
+
+impl Inner {
+    /// The state facts of the snapshot whose blob is `cid`, if the blob is stored; else
+    /// notes it for the next round to fetch.
+    fn snapshot_state_facts(&self, ns: JournalNamespace, cid: ContentId) -> SnapshotFacts {
+        if lock(&self.unavailable_snapshots).contains(&cid) {
+            return SnapshotFacts::Unavailable;
+        }
+        match self.store().get_blob(&cid) {
+            Ok(Some(bytes)) => match tend_snapshot::SnapshotBlob::decode(&bytes) {
+                Ok(blob) if blob.namespace == ns => SnapshotFacts::Facts(blob.facts),
+                Ok(_) => SnapshotFacts::Unavailable,
+                Err(e) => {
+                    tracing::warn!("stored snapshot blob {cid} does not decode: {e}");
+                    SnapshotFacts::Unavailable
+                }
+            },
+            Ok(None) => {
+                lock(&self.held_snapshots).insert(cid);
+                SnapshotFacts::Wait
+            }
+            Err(e) => {
+                tracing::warn!("cannot read snapshot blob {cid}: {e}");
+                SnapshotFacts::Wait
+            }
+        }
     }
 }
 
@@ -1262,7 +1368,75 @@ fn describe(result: &SessionResult) -> String {
     }
 }
 
-/// Syncs with one peer, retrying at once when an identity epoch change aborted it.
+/// Fetches `wanted` blobs from `peer`, verifying each against its CID before storing it;
+/// a peer that sends bytes not matching the CID is demoted like a misbehaving sync peer.
+async fn fetch_blobs(
+    inner: &Inner,
+    peer: PeerAddr,
+    wanted: &[crate::blobs::Wanted],
+) -> crate::blobs::FetchReport {
+    let report = crate::blobs::fetch(
+        &inner.endpoint,
+        &inner.device,
+        &inner.metrics,
+        peer,
+        wanted,
+        inner.config.max_blob_bytes,
+        inner.config.connect_timeout,
+    )
+    .await;
+    if let Some(why) = &report.misbehaviour {
+        tracing::warn!("peer {} sent a bad blob: {why}", peer.device);
+        let mut book = lock(&inner.peers);
+        book.manager.add(peer.device, 1.0);
+        book.manager.session_started(&peer.device);
+        book.manager.session_ended(
+            &peer.device,
+            &SessionResult::Failed(FailReason::Unexpected("blob not matching its CID")),
+        );
+    }
+    report
+}
+
+/// After a session with `peer` in which a snapshot completion was held back for want of
+/// its blob: fetches the blob from that peer, which holds the completion and so, unless
+/// it was lost or tombstoned, the blob. Returns whether another session would now take
+/// the completion (the blob arrived, or the peer lacks it and the completion goes alone).
+async fn fetch_held_snapshots(inner: &Inner, peer: PeerAddr) -> bool {
+    let held: Vec<crate::blobs::Wanted> = lock(&inner.held_snapshots)
+        .iter()
+        .filter(|cid| !inner.store().has_blob(cid).unwrap_or(false))
+        .map(|cid| crate::blobs::Wanted {
+            cid: *cid,
+            size: None,
+        })
+        .collect();
+    if held.is_empty() {
+        return false;
+    }
+    let report = fetch_blobs(inner, peer, &held).await;
+    let mut changed = false;
+    let mut set = lock(&inner.held_snapshots);
+    for cid in &report.fetched {
+        changed |= set.remove(cid);
+    }
+    for cid in &report.missing {
+        if set.remove(cid) {
+            tracing::warn!(
+                "peer {} offered a snapshot completion without its blob {cid}: taking the \
+                 completion alone",
+                peer.device
+            );
+            lock(&inner.unavailable_snapshots).insert(*cid);
+            changed = true;
+        }
+    }
+    changed
+}
+
+/// Syncs with one peer, retrying at once when an identity epoch change aborted it, and
+/// once more when the session held back a snapshot completion whose blob this device
+/// then fetched from the peer (so a device behind a snapshot catches up in one call).
 async fn sync_peer(inner: Arc<Inner>, peer: PeerAddr) -> PeerOutcome {
     // DESIGN rule 7: a device past a fence its running version does not meet starts no
     // session; the refusal names the package and the versions.
@@ -1285,6 +1459,7 @@ async fn sync_peer(inner: Arc<Inner>, peer: PeerAddr) -> PeerOutcome {
         };
     }
     let mut attempts = 0;
+    let mut fetched_held = false;
     loop {
         attempts += 1;
         let (outcome, err) = match initiate(&inner, peer).await {
@@ -1293,6 +1468,11 @@ async fn sync_peer(inner: Arc<Inner>, peer: PeerAddr) -> PeerOutcome {
         };
         let retry = outcome.as_ref().is_some_and(|o| o.result.should_retry());
         if retry && attempts <= inner.config.epoch_retries {
+            continue;
+        }
+        let completed = outcome.as_ref().is_some_and(|o| o.result.is_success());
+        if completed && !fetched_held && fetch_held_snapshots(&inner, peer).await {
+            fetched_held = true;
             continue;
         }
         let mut out = PeerOutcome {

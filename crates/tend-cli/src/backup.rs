@@ -150,6 +150,7 @@ pub fn run(home: &Path, cmd: BackupCommand, json: bool) -> CmdResult {
         }
         BackupCommand::Restore { input, key } => {
             let decryption = decryption(&key)?;
+            let device_id = std::cell::Cell::new(None);
             let r = tend_backup::restore_home(
                 &input,
                 &decryption,
@@ -157,11 +158,11 @@ pub fn run(home: &Path, cmd: BackupCommand, json: bool) -> CmdResult {
                 |dir, ns| {
                     // A new device key and an empty store; the restore writes through a
                     // handle with a bounded page cache (it writes every page once).
-                    let path = Device::init_joining(dir, ns, &mut rand::rngs::OsRng)
-                        .map_err(|e| BackupError::Target(e.to_string()))?
-                        .store()
-                        .path()
-                        .to_owned();
+                    let device = Device::init_joining(dir, ns, &mut rand::rngs::OsRng)
+                        .map_err(|e| BackupError::Target(e.to_string()))?;
+                    device_id.set(Some(device.device_id().to_string()));
+                    let path = device.store().path().to_owned();
+                    drop(device);
                     Ok(Store::open_with(
                         &path,
                         &tend_backup::bounded_store_options(),
@@ -170,8 +171,12 @@ pub fn run(home: &Path, cmd: BackupCommand, json: bool) -> CmdResult {
                 progress,
             )?;
             bar.finish();
-            let device = Device::open(home)?;
-            let id = device.device_id().to_string();
+            // The id is taken when the device is made, not by opening the new home again:
+            // opening checks every page of the store, which costs memory and time a
+            // restore has already spent.
+            let id = device_id
+                .take()
+                .ok_or_else(|| BackupError::Target("no device was created".into()))?;
             let human = format!(
                 "restored {} into {}\nnew device {id}\n{} tail facts, {} maintenance facts from the snapshot\n\
                  the restored device is a new device of the authority: it syncs as a member once \

@@ -60,10 +60,13 @@ const TRIGGER_EVERY: Duration = Duration::from_secs(10);
 pub enum MaintMessage {
     /// A snapshot ceremony message (the bytes of a `CeremonyMessage`).
     Ceremony(ByteBuf),
-    /// Admin to a member: take part in this key generation; where the members listen.
+    /// Admin to a member: take part in this key generation; where the members listen; and
+    /// the admin's maintenance epoch (identity and snapshot epoch), which a member of the
+    /// admin's journal must be at too (ARCHITECTURE section 10).
     DkgInvite {
         session: DkgSession,
         addrs: Vec<(DeviceId, String)>,
+        maintenance_epoch: tend_core::MaintenanceEpoch,
     },
     /// Admin to a member: every member accepted, start round 1.
     DkgStart { session: Hash32 },

@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 use serde_bytes::ByteBuf;
 use tend_core::authority::{AuthorityFact, MembershipChange};
 use tend_core::{
-    AuthorityId, DeviceId, GroupKey, Hash32, JournalNamespace, MaintenanceFact, Payload,
-    UnsignedFact, VerifiedFact,
+    AuthorityId, DeviceId, GroupKey, Hash32, JournalNamespace, MaintenanceEpoch, MaintenanceFact,
+    Payload, UnsignedFact, VerifiedFact,
 };
 use tend_crypto::dkg::{DkgMessage, DkgOutput, DkgParticipant, DkgSession};
 use tend_crypto::KeyShare;
@@ -49,6 +49,17 @@ use crate::node::Node;
 const MEMBER_RUN_TTL: Duration = Duration::from_secs(120);
 /// Round messages buffered per member before `DkgStart` arrives.
 const MAX_EARLY_PER_MEMBER: usize = 4;
+/// How a member's refusal for being at another maintenance epoch than the admin begins
+/// (the admin syncs and invites once more when it sees it).
+pub(crate) const EPOCH_MISMATCH: &str = "maintenance epoch mismatch";
+
+/// A maintenance epoch as the messages show it.
+pub(crate) fn show_epoch(e: MaintenanceEpoch) -> String {
+    format!(
+        "identity epoch {}, snapshot epoch {}",
+        e.identity_epoch, e.snapshot_epoch.0
+    )
+}
 
 /// Why a key generation over the network failed.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +94,11 @@ pub enum DkgNetError {
     GroupKeyMismatch,
     #[error("the membership change was rejected: {0}")]
     Rejected(String),
+    #[error(
+        "this device's maintenance epoch moved during the key generation (from {from} to \
+         {to}): a snapshot or membership change completed meanwhile; run it again"
+    )]
+    EpochMoved { from: String, to: String },
 }
 
 /// One key generation this device takes part in.
@@ -233,7 +249,11 @@ pub(crate) async fn receive(node: &Node, peer: DeviceId, msg: MaintMessage) -> M
 fn receive_sync(node: &Node, peer: DeviceId, msg: MaintMessage) -> MaintReply {
     let me = node.device_id();
     match msg {
-        MaintMessage::DkgInvite { session, addrs } => invite(node, peer, session, addrs),
+        MaintMessage::DkgInvite {
+            session,
+            addrs,
+            maintenance_epoch,
+        } => invite(node, peer, session, addrs, maintenance_epoch),
         MaintMessage::DkgStart { session } => {
             {
                 let guard = lock(&node.maint().dkg);
@@ -313,6 +333,7 @@ fn invite(
     peer: DeviceId,
     session: DkgSession,
     addrs: Vec<(DeviceId, String)>,
+    admin_epoch: MaintenanceEpoch,
 ) -> MaintReply {
     let me = node.device_id();
     let id = session.id();
@@ -353,6 +374,19 @@ fn invite(
             return MaintReply::refused(
                 "a re-deal must be for this authority and its next identity epoch",
             );
+        }
+        // Key generation is a maintenance session: every participant must be at the
+        // admin's maintenance epoch, snapshot epoch included. An admin that missed a
+        // snapshot would write the membership change below it, and members that completed
+        // the snapshot would fail to re-verify it under the new key and fall back
+        // (found by the simulator, seeds 447 and 863).
+        let mine = state.maintenance_epoch();
+        if mine != admin_epoch {
+            return MaintReply::refused(format!(
+                "{EPOCH_MISMATCH}: this device is at {}, the admin at {}: sync first",
+                show_epoch(mine),
+                show_epoch(admin_epoch)
+            ));
         }
     } else if !(unattached && is_configured_peer(node, &peer)) {
         return MaintReply::refused(
@@ -459,7 +493,35 @@ impl Node {
     /// `members` by a DKG over the network (see the module docs). Every member must be
     /// running and reachable at a known address; each saves its own share in its own home.
     /// Returns what the admin wrote.
+    ///
+    /// Every member of this journal must be at this device's maintenance epoch, so it
+    /// syncs first; a member that still refuses for being at another epoch (a snapshot
+    /// completed meanwhile) gets one more sync round and invitation.
     pub async fn create_authority(
+        &self,
+        threshold: u16,
+        members: &[DeviceId],
+        timeout: Duration,
+    ) -> Result<AuthorityCreated, DkgNetError> {
+        let mut retried = false;
+        loop {
+            self.sync_now().await;
+            match self
+                .create_authority_once(threshold, members, timeout)
+                .await
+            {
+                Err(DkgNetError::Refused { member, reason })
+                    if !retried && reason.starts_with(EPOCH_MISMATCH) =>
+                {
+                    tracing::info!("{member} refused the key generation ({reason}); syncing again");
+                    retried = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn create_authority_once(
         &self,
         threshold: u16,
         members: &[DeviceId],
@@ -525,7 +587,14 @@ impl Node {
         }
         let others: Vec<DeviceId> = all.iter().copied().filter(|d| *d != me).collect();
         let result = self
-            .run_as_admin(&session, id, &others, addrs, timeout)
+            .run_as_admin(
+                &session,
+                id,
+                &others,
+                addrs,
+                state.maintenance_epoch(),
+                timeout,
+            )
             .await;
         if result.is_err() {
             let abort = MaintMessage::DkgAbort { session: id };
@@ -543,6 +612,7 @@ impl Node {
         id: Hash32,
         others: &[DeviceId],
         addrs: Vec<(DeviceId, String)>,
+        epoch: MaintenanceEpoch,
         timeout: Duration,
     ) -> Result<AuthorityCreated, DkgNetError> {
         let started = Instant::now();
@@ -551,6 +621,7 @@ impl Node {
         let invite = MaintMessage::DkgInvite {
             session: session.clone(),
             addrs,
+            maintenance_epoch: epoch,
         };
         self.tell_all(others, &invite).await?;
         self.tell_all(others, &MaintMessage::DkgStart { session: id })
@@ -584,6 +655,14 @@ impl Node {
         let ns = device.namespace();
         let (change, facts) = blocking(|| -> Result<_, DkgNetError> {
             let state = device.store().maintenance_state(ns)?;
+            // The members checked the epoch at the invitation; a snapshot that completed
+            // since would put the change on the wrong side of it for some of them.
+            if state.maintenance_epoch() != epoch {
+                return Err(DkgNetError::EpochMoved {
+                    from: show_epoch(epoch),
+                    to: show_epoch(state.maintenance_epoch()),
+                });
+            }
             let change = UnsignedFact {
                 namespace: ns,
                 epoch: state.current_epoch(),

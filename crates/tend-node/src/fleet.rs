@@ -11,7 +11,10 @@ use std::sync::Arc;
 use rand::{CryptoRng, RngCore};
 use tend_core::authority::{AuthorityFact, MembershipChange};
 use tend_core::maintenance::SnapshotCompleted;
-use tend_core::{DeviceId, Epoch, GroupKey, Hash32, JournalNamespace, MaintenanceState, Payload};
+use tend_core::{
+    DeviceId, Epoch, GroupKey, Hash32, JournalNamespace, MaintenanceEpoch, MaintenanceState,
+    Payload,
+};
 use tend_crypto::dkg::{run_in_memory, DkgSession};
 use tend_crypto::share::KeyShare;
 use tend_snapshot::{
@@ -171,6 +174,22 @@ impl LocalFleet {
         if members.len() != n {
             return Err(FleetError::Shape("the same device was given twice".into()));
         }
+        // Key generation runs at one maintenance epoch (ARCHITECTURE section 10): every
+        // device already in the admin's journal must be at the admin's, snapshot epoch
+        // included, or the change could land below a snapshot some of them completed.
+        // Copying the journal between the devices first settles any difference.
+        let mut state = state;
+        if self.epoch_laggard(namespace, &state)?.is_some() {
+            self.sync()?;
+            state = self.devices[0].store().maintenance_state(namespace)?;
+            if let Some((d, theirs)) = self.epoch_laggard(namespace, &state)? {
+                return Err(FleetError::Dkg(format!(
+                    "device {d} is at {}, the admin at {}: sync first",
+                    crate::dkg::show_epoch(theirs),
+                    crate::dkg::show_epoch(state.maintenance_epoch())
+                )));
+            }
+        }
         let identity_epoch = state.identity_epoch() + 1;
         let mut context = [0u8; 32];
         context.copy_from_slice(&namespace.to_bytes()[1..]);
@@ -211,6 +230,25 @@ impl LocalFleet {
             members: members.iter().map(ToString::to_string).collect(),
             group_key: hex::encode(group_key.0),
         })
+    }
+
+    /// A device of the admin's journal at another maintenance epoch than the admin's
+    /// `state`, with its epoch.
+    fn epoch_laggard(
+        &self,
+        namespace: JournalNamespace,
+        state: &MaintenanceState,
+    ) -> Result<Option<(DeviceId, MaintenanceEpoch)>, FleetError> {
+        for d in &self.devices[1..] {
+            if d.namespace() != namespace {
+                continue;
+            }
+            let theirs = d.store().maintenance_state(namespace)?.maintenance_epoch();
+            if theirs != state.maintenance_epoch() {
+                return Ok(Some((d.device_id(), theirs)));
+            }
+        }
+        Ok(None)
     }
 
     /// Copies every fact and blob of the admin's namespace between all devices (set union).

@@ -217,6 +217,7 @@ async fn a_non_members_ceremony_and_dkg_messages_are_refused_and_counted() {
             threshold: 2,
         },
         addrs: vec![],
+        maintenance_epoch: Default::default(),
     };
     let dkg = MaintMessage::Dkg(ByteBuf::from(vec![1, 2, 3]));
     let taken_before = a.maint_stats().dkg_messages;

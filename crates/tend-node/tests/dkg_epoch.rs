@@ -169,3 +169,61 @@ async fn an_admin_behind_a_snapshot_syncs_before_key_generation_and_lagging_memb
         n.shutdown().await;
     }
 }
+
+/// The same rule in the in-process fleet (`--member-home`, devnet): a re-deal by an admin
+/// that missed a snapshot first brings every device to one maintenance epoch.
+#[test]
+fn the_in_process_fleet_brings_everyone_to_one_epoch_before_a_re_deal() {
+    use rand::SeedableRng;
+    use std::sync::Arc;
+    use tend_core::Epoch;
+    use tend_node::fleet::LocalFleet;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let devices: Vec<Arc<Device>> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Arc::new(Device::init(&dir.path().join(n), &mut rng).expect("init")))
+        .collect();
+    let mut all = LocalFleet::new(devices.clone());
+    all.create_authority(2, &mut rng).expect("authority");
+    // The admin (a) is left out of a snapshot by b and c.
+    let (a, b) = (&devices[0], &devices[1]);
+    let mut bc = LocalFleet::new(vec![b.clone(), devices[2].clone()]);
+    let target = Epoch(b.snapshot_status().expect("status").current_epoch + 1);
+    let done = bc.snapshot(0, target, &mut rng).expect("snapshot");
+    let ns = a.namespace();
+    let epoch_of = |d: &Device| {
+        d.store()
+            .maintenance_state(ns)
+            .expect("state")
+            .maintenance_epoch()
+    };
+    assert!(epoch_of(a).snapshot_epoch < done.snapshot.epoch);
+
+    let created = all.create_authority(2, &mut rng).expect("re-deal");
+    assert_eq!(created.identity_epoch, 2);
+    for d in &devices {
+        let st = d.store().maintenance_state(ns).expect("state");
+        assert_eq!(st.identity_epoch(), 2, "{} took the change", d.device_id());
+        assert_eq!(
+            st.snapshot_epoch(),
+            done.snapshot.epoch,
+            "kept the snapshot"
+        );
+        let mut at = None;
+        for f in d.store().scan_maintenance(ns).expect("scan") {
+            let f = f.expect("fact").verify().expect("verify");
+            if let Payload::Authority(AuthorityFact::MembershipChanged(c)) = f.payload() {
+                if c.identity_epoch == 2 {
+                    at = Some(f.epoch());
+                }
+            }
+        }
+        let at = at.expect("the re-deal's change");
+        assert!(
+            at >= done.snapshot.epoch,
+            "change at {at:?} below the snapshot"
+        );
+    }
+}

@@ -3,33 +3,14 @@
 
 mod common;
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-
-fn current_digest(home: &Path) -> Option<String> {
-    let status = ok_json(home, &["journal", "status"]);
-    journal_digest(home, status["current_namespace"].as_str()?)
-}
 
 #[test]
 fn devices_given_no_peer_find_each_other_on_the_local_network() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    ok_json(&a, &["init"]);
-    ok_json(&b, &["init"]);
-    ok_json(
-        &a,
-        &[
-            "authority",
-            "create",
-            "--threshold",
-            "2",
-            "--member-home",
-            b.to_str().unwrap(),
-        ],
-    );
+    let (a, b) = two_device_authority(dir.path());
     // A port of our own, so parallel tests never share the group.
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
@@ -59,34 +40,13 @@ fn devices_given_no_peer_find_each_other_on_the_local_network() {
             &["fact", "add", "--kind", "note", "--data", &format!("b{i}")],
         );
     }
-    let start = Instant::now();
-    loop {
-        let (da, db) = (current_digest(&a), current_digest(&b));
-        if da.is_some() && da == db {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no convergence: {da:?} vs {db:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_one_digest(&[&a, &b], Duration::from_secs(30));
     // Each learned the other's address from its announcements (none was given).
-    let knows = |home: &Path, other: &serde_json::Value| {
-        ok_json(home, &["peers"]).as_array().is_some_and(|peers| {
-            peers
-                .iter()
-                .any(|p| p["device_id"] == other["device_id"] && p["addr"] == other["listen_addr"])
-        })
-    };
-    let start = Instant::now();
-    while !(knows(&a, &ib) && knows(&b, &ia)) {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "the devices never learned each other's addresses"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(
+        "the devices learn each other's addresses",
+        Duration::from_secs(15),
+        || knows_address(&a, &ib) && knows_address(&b, &ia),
+    );
     terminate(ra);
     terminate(rb);
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use tend_core::maintenance::UpgradePolicy;
@@ -22,14 +22,6 @@ const V11: ProtocolVersion = ProtocolVersion {
 };
 
 const COPY: &str = r#"cp "$1" "$TEND_HOME/installed""#;
-
-async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Starts nodes for every device of `fleet`, each knowing every other.
 async fn start_all(fleet: &mut Fleet, n: usize, cfg: NodeConfig) -> Vec<Node> {

@@ -47,22 +47,6 @@ fn with_rendezvous(server: SocketAddr) -> NodeConfig {
     }
 }
 
-fn addr_of(node: &Node, device: &tend_core::DeviceId) -> Option<String> {
-    let id = device.to_string();
-    node.peers()
-        .into_iter()
-        .find(|p| p.device_id == id)
-        .and_then(|p| p.addr)
-}
-
-async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_devices_that_know_only_the_rendezvous_find_each_other_and_converge() {
     let (server, _srv) = server().await;

@@ -5,7 +5,7 @@
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use ed25519_dalek::SigningKey;
@@ -33,14 +33,6 @@ fn with_local(group: SocketAddrV4) -> NodeConfig {
         upgrades: false,
         ..config(vec![])
     }
-}
-
-fn addr_of(node: &Node, device: &tend_core::DeviceId) -> Option<String> {
-    let id = device.to_string();
-    node.peers()
-        .into_iter()
-        .find(|p| p.device_id == id)
-        .and_then(|p| p.addr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,14 +78,12 @@ async fn devices_with_no_peers_find_each_other_on_the_local_network_and_converge
     for (i, n) in nodes.iter().enumerate() {
         for (j, m) in nodes.iter().enumerate() {
             if i != j {
-                let start = Instant::now();
-                while addr_of(n, &m.device_id()) != Some(m.listen_addr().to_string()) {
-                    assert!(
-                        start.elapsed() < Duration::from_secs(10),
-                        "device {i} never learned device {j}'s address"
-                    );
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                wait_until(
+                    "every member learns every other",
+                    Duration::from_secs(10),
+                    || addr_of(n, &m.device_id()) == Some(m.listen_addr().to_string()),
+                )
+                .await;
             }
         }
         assert_eq!(addr_of(n, &outsider_id), None);

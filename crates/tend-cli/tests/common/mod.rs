@@ -102,3 +102,62 @@ pub fn journal_digest(home: &Path, ns: &str) -> Option<String> {
         .and_then(|n| n["digest"].as_str())
         .map(str::to_string)
 }
+
+/// The digest of the journal `home` currently writes to, or `None` if unknown there.
+pub fn current_digest(home: &Path) -> Option<String> {
+    let status = ok_json(home, &["journal", "status"]);
+    journal_digest(home, status["current_namespace"].as_str()?)
+}
+
+/// Waits (at most `timeout`) until every home shows the same current journal digest.
+pub fn wait_for_one_digest(homes: &[&Path], timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        let digests: Vec<Option<String>> = homes.iter().map(|h| current_digest(h)).collect();
+        if digests[0].is_some() && digests.windows(2).all(|w| w[0] == w[1]) {
+            return;
+        }
+        assert!(start.elapsed() < timeout, "no convergence: {digests:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Whether `home`'s peer list has the device of a `tend run` start line (`other`) at the
+/// address it listens on.
+pub fn knows_address(home: &Path, other: &serde_json::Value) -> bool {
+    ok_json(home, &["peers"]).as_array().is_some_and(|peers| {
+        peers
+            .iter()
+            .any(|p| p["device_id"] == other["device_id"] && p["addr"] == other["listen_addr"])
+    })
+}
+
+/// Two fresh homes `a` and `b` under `dir` made into a 2-of-2 authority (key generation
+/// among the stopped homes).
+pub fn two_device_authority(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    ok_json(&a, &["init"]);
+    ok_json(&b, &["init"]);
+    let member = b.to_str().expect("utf-8 temp path");
+    ok_json(
+        &a,
+        &[
+            "authority",
+            "create",
+            "--threshold",
+            "2",
+            "--member-home",
+            member,
+        ],
+    );
+    (a, b)
+}
+
+/// Polls `f` every 200 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -164,6 +164,14 @@ impl AddressRecord {
         Ok(())
     }
 
+    /// The address peers dial: the record's first.
+    pub fn peer_addr(&self) -> Option<super::PeerAddr> {
+        self.addrs.first().map(|a| super::PeerAddr {
+            device: self.device_id,
+            addr: *a,
+        })
+    }
+
     /// What a client does with an answer to "where is `expected`?": the record must be
     /// `expected`'s and verify now.
     pub fn verify_for(

@@ -512,12 +512,7 @@ impl AddressSource for RendezvousSource {
             .records
             .values()
             .filter(|r| r.expires_at > now)
-            .filter_map(|r| {
-                r.addrs.first().map(|a| PeerAddr {
-                    device: r.device_id,
-                    addr: *a,
-                })
-            })
+            .filter_map(AddressRecord::peer_addr)
             .collect()
     }
 }

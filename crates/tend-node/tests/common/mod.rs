@@ -186,3 +186,21 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
         (k == name_and_labels).then(|| v.parse().ok()).flatten()
     })
 }
+
+/// Polls `f` every 50 ms until it holds; panics naming `what` after `timeout`.
+pub async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The address `node` has for `device`, as `tend peers` shows it.
+pub fn addr_of(node: &Node, device: &DeviceId) -> Option<String> {
+    let id = device.to_string();
+    node.peers()
+        .into_iter()
+        .find(|p| p.device_id == id)
+        .and_then(|p| p.addr)
+}

@@ -100,9 +100,10 @@ fn authority_create_and_snapshot_propose_run_over_the_network() {
         assert_eq!(info["device_id"], ids[i].as_str());
         children.push(child);
     }
-    let created = ok_json(
+    let out = tend(
         &homes[0],
         &[
+            "--json",
             "authority",
             "create",
             "--threshold",
@@ -113,6 +114,15 @@ fn authority_create_and_snapshot_propose_run_over_the_network() {
             &ids[2],
         ],
     );
+    // With --json an error is printed on stdout.
+    assert!(
+        out.status.success(),
+        "authority create failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(created["threshold"], 2);
     assert_eq!(created["members"].as_array().unwrap().len(), 3);
     let ns = created["namespace"].as_str().unwrap().to_string();

@@ -1,18 +1,18 @@
 //! Export: streams the latest snapshot and the journal tail after it into an encrypted
-//! archive. It holds the snapshot blob once, as the store lends it (the store keeps a blob
-//! as one value): it is checked in one pass without decoding its item list and written
-//! from there, and released before the tail is read. The tail then goes out from one
-//! store scan in chunks, one at a time. Nothing else it holds grows with the journal.
+//! archive. It never holds the snapshot blob whole: the store lends a reader over its chunks,
+//! and the blob is checked in one pass without decoding its item list, then read again as it
+//! is written. The tail then goes out from one store scan in chunks, one at a time.
+//! Nothing else it holds grows with the journal.
 
 use std::fs::OpenOptions;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use tend_core::journal::DigestBuilder;
 use tend_core::{ContentId, Epoch, JournalNamespace, MaintenanceState};
 use tend_snapshot::blob::read_blob;
-use tend_store::{Store, StoreError};
+use tend_store::{BlobReader, Store, StoreError};
 
 use crate::error::BackupError;
 use crate::format::{
@@ -274,7 +274,7 @@ struct SnapshotParts {
 fn write_snapshot<W: Write>(
     w: &mut TarWriter<W>,
     s: &SnapshotParts,
-    blob: &[u8],
+    blob: &mut BlobReader,
 ) -> Result<(u64, u64, u64), BackupError> {
     // One pass over the blob checks it once more (its structure, its facts verify, its
     // state digest holds; the store checked the CID), so a damaged blob fails here rather
@@ -282,15 +282,18 @@ fn write_snapshot<W: Write>(
     // the items inside the blob, and a reader needs them first to check the blob in one
     // pass. The item list is only counted, never decoded into memory. (That each fact is
     // among the items needs the facts ahead; the reader checks it.)
-    let summary = read_blob(blob, None).map_err(tend_snapshot::HydrateError::from)?;
+    let summary = read_blob(&mut *blob, None).map_err(tend_snapshot::HydrateError::from)?;
     let mut prefix = Vec::new();
     for f in &summary.facts {
         frame(&mut prefix, f.bytes());
     }
     w.append(member::PREFIX, &prefix)?;
     w.append(member::ANCHOR, &s.anchor)?;
-    w.append(member::BLOB, blob)?;
-    Ok((summary.items, summary.facts.len() as u64, blob.len() as u64))
+    // The second pass, in the same read transaction, straight into the archive.
+    blob.rewind();
+    let len = blob.len();
+    w.append_reader(member::BLOB, len, blob)?;
+    Ok((summary.items, summary.facts.len() as u64, len))
 }
 
 fn snapshot_parts(
@@ -368,6 +371,54 @@ impl<W: Write> TarWriter<W> {
             blake3: blake3::hash(data).to_hex().to_string(),
         });
         Ok(())
+    }
+}
+
+impl<W: Write> TarWriter<W> {
+    /// Appends a regular-file member of `size` bytes read from `data`, hashing it as it goes.
+    fn append_reader(&mut self, name: &str, size: u64, data: impl Read) -> Result<(), BackupError> {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(size);
+        h.set_mode(0o600);
+        h.set_mtime(self.mtime);
+        let mut src = HashingReader {
+            inner: data.take(size),
+            hasher: blake3::Hasher::new(),
+            n: 0,
+        };
+        self.tar
+            .append_data(&mut h, name, &mut src)
+            .map_err(damaged_out)?;
+        if src.n != size {
+            // tar would have written a member shorter than its header: the archive is broken.
+            return Err(damaged_out(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("member {name}: {} of {size} bytes could be read", src.n),
+            )));
+        }
+        self.members.push(MemberHash {
+            name: name.into(),
+            size,
+            blake3: src.hasher.finalize().to_hex().to_string(),
+        });
+        Ok(())
+    }
+}
+
+/// Hashes and counts what passes through.
+struct HashingReader<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+    n: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.n += n as u64;
+        Ok(n)
     }
 }
 

@@ -24,7 +24,7 @@
 use std::cell::Cell;
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Write};
 use std::path::Path;
 use std::rc::Rc;
 
@@ -38,7 +38,7 @@ use tend_core::{
 use tend_snapshot::blob::{read_blob, BlobError, SnapshotBlob};
 use tend_snapshot::hydrate::hydrate_stream;
 use tend_snapshot::HydrateError;
-use tend_store::Store;
+use tend_store::{BlobWriter, Store};
 
 use crate::error::BackupError;
 use crate::export::{sibling, Progress};
@@ -666,15 +666,16 @@ fn hydrate_snapshot(
         Some(bytes) => &mut bytes.as_slice(),
         None => blob,
     };
-    let check = |copy: Option<&mut [u8]>| {
+    let check = |copy: Option<&mut BlobWriter<'_>>| {
         let mut tee = Tee {
             inner: source,
             copy,
             at: 0,
+            size,
         };
         let r = hydrate_stream(&mut tee, &completed, ns, &group_key, Some(&prefix))
             .map_err(snapshot_err)?;
-        if tee.copy.is_some_and(|c| c.len() != tee.at) {
+        if tee.copy.is_some() && tee.at != size {
             return Err(BackupError::NotABackup(format!(
                 "member {} is shorter than its header says",
                 member::BLOB
@@ -691,11 +692,11 @@ fn hydrate_snapshot(
                     member::BLOB
                 )));
             }
-            // The store keeps a blob as one value: the blob streams into it, the one copy
-            // a restore holds whole, and is committed only if every check passed.
+            // The blob streams into the store chunk by chunk as it is checked, never held
+            // whole, and is committed only if every check passed.
             let mut out = None;
-            store.put_blob_with(&completed.snapshot.blob_cid, size as usize, |value| {
-                out = Some(check(Some(value))?);
+            store.put_blob_with(&completed.snapshot.blob_cid, size as usize, |writer| {
+                out = Some(check(Some(writer))?);
                 Ok::<(), BackupError>(())
             })??;
             out.ok_or_else(|| BackupError::Target("the blob was not read".into()))?
@@ -735,23 +736,29 @@ fn snapshot_err(e: impl Into<HydrateError>) -> BackupError {
     }
 }
 
-/// Passes bytes through, copying them into `copy` (the store's value for the blob) when
+/// Passes bytes through, copying them into `copy` (the store's writer for the blob) when
 /// given.
-struct Tee<'c, R> {
+struct Tee<'c, 's, R> {
     inner: R,
-    copy: Option<&'c mut [u8]>,
-    at: usize,
+    copy: Option<&'c mut BlobWriter<'s>>,
+    at: u64,
+    /// The member's size from its tar header.
+    size: u64,
 }
 
-impl<R: Read> Read for Tee<'_, R> {
+impl<R: Read> Read for Tee<'_, '_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         if let Some(copy) = self.copy.as_mut() {
-            let dst = copy
-                .get_mut(self.at..self.at + n)
-                .ok_or_else(|| io::Error::other("the blob is longer than its tar header says"))?;
-            dst.copy_from_slice(&buf[..n]);
-            self.at += n;
+            if self.at + n as u64 > self.size {
+                return Err(io::Error::other(
+                    "the blob is longer than its tar header says",
+                ));
+            }
+            // A store failure surfaces here as an I/O error; the writer keeps the store's
+            // own error, which `put_blob_with` returns in its place.
+            copy.write_all(&buf[..n])?;
+            self.at += n as u64;
         }
         Ok(n)
     }

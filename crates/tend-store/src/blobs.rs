@@ -1,119 +1,258 @@
-//! The content-addressed blob table: blobs keyed by their CID, checked against it on read.
+//! The content-addressed blob store: blobs keyed by their CID, kept in fixed-size chunks and
+//! checked against the CID on every read.
+//!
+//! Layout (store format 2):
+//! - `blob_index`: CID bytes -> `(length, chunk size)`. A blob exists exactly when its index
+//!   entry does; the entry is written in the same transaction as the chunks, last.
+//! - `blob_chunks`: `(CID bytes, chunk number)` -> at most [`BLOB_CHUNK_BYTES`] bytes. Every
+//!   chunk but the last is full.
+//!
+//! Why chunks: redb keeps a value in one page whose size is rounded up to a power of two, read
+//! and written whole. A 19 MiB snapshot blob kept as one value is a 32 MiB page, held in
+//! memory by anything that touches it (export, restore, the integrity check on open) and
+//! wasting 13 MiB on disk. In chunks, a read or a write holds one chunk at a time.
 
-use redb::ReadableTable;
-use tend_core::ids::{CODEC_DAG_CBOR, CODEC_RAW};
+use std::io::{self, Read, Write};
+use std::sync::MutexGuard;
+
+use redb::{ReadOnlyTable, ReadableTable, Table, WriteTransaction};
+use tend_core::ids::{Hash32, CODEC_DAG_CBOR, CODEC_RAW};
 use tend_core::ContentId;
 
 use crate::error::StoreError;
-use crate::store::{Store, BLOBS};
+use crate::store::{Store, WriterCache, BLOB_CHUNKS, BLOB_INDEX};
+
+/// Bytes per blob chunk: 256 KiB less 256 bytes of room for redb's leaf header and the key
+/// (about 53 bytes), so a chunk fills a 256 KiB page exactly instead of spilling into the next
+/// power of two (a 512 KiB page). 256 KiB rather than 1 MiB: a reader or writer holds one chunk
+/// page at a time, the last chunk of a blob wastes less than one chunk on disk, and it matches
+/// the content frames of `tend/blob/1` (at most 256 KiB); the cost, one 41-byte key and one
+/// B-tree entry per chunk, is 0.02% of the blob. The size is recorded in each blob's index
+/// entry, so a later release may change it without migrating stored blobs.
+pub const BLOB_CHUNK_BYTES: usize = 256 * 1024 - 256;
+
+/// The key of chunk `n` of the blob whose CID bytes are `cid`.
+type ChunkKey<'a> = (&'a [u8], u32);
+
+fn check_codec(store: &Store, codec: u64) -> Result<(), StoreError> {
+    if codec != CODEC_RAW && codec != CODEC_DAG_CBOR {
+        return Err(StoreError::UnsupportedCodec {
+            path: store.path.clone(),
+            codec,
+        });
+    }
+    Ok(())
+}
+
+/// Whether the BLAKE3 digest of a blob's bytes is the one its CID names.
+fn cid_matches(cid: &ContentId, hasher: &blake3::Hasher) -> bool {
+    ContentId::from_blake3(cid.codec(), &Hash32::from(hasher.finalize())) == *cid
+}
+
+/// How many chunks of `chunk` bytes a blob of `len` bytes has, if that is representable.
+fn chunk_count(len: u64, chunk: u32) -> Option<u32> {
+    if chunk == 0 {
+        return None;
+    }
+    u32::try_from(len.div_ceil(u64::from(chunk))).ok()
+}
+
+/// Removes blob `key` (index entry and every chunk) inside `tx`; returns its length if it
+/// was stored.
+pub(crate) fn remove_blob_in(
+    store: &Store,
+    tx: &WriteTransaction,
+    key: &[u8],
+) -> Result<Option<u64>, StoreError> {
+    let mut index = tx.open_table(BLOB_INDEX).map_err(|e| store.err(e))?;
+    let Some((len, _)) = index
+        .remove(key)
+        .map_err(|e| store.err(e))?
+        .map(|g| g.value())
+    else {
+        return Ok(None);
+    };
+    let mut chunks = tx.open_table(BLOB_CHUNKS).map_err(|e| store.err(e))?;
+    // Every chunk number, not only the ones the length implies: a damaged index entry must
+    // not leave chunks behind.
+    chunks
+        .retain_in::<ChunkKey, _>((key, 0)..=(key, u32::MAX), |_, _| false)
+        .map_err(|e| store.err(e))?;
+    Ok(Some(len))
+}
+
+/// Writes `bytes` as blob `key` into `tx` in one go (the index entry last). Used by the
+/// format 1 migration, which holds each old blob in its own value anyway.
+pub(crate) fn insert_blob_in(
+    store: &Store,
+    index: &mut Table<&'static [u8], (u64, u32)>,
+    chunks: &mut Table<ChunkKey<'static>, &'static [u8]>,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<(), StoreError> {
+    for (n, chunk) in bytes.chunks(BLOB_CHUNK_BYTES).enumerate() {
+        let n = u32::try_from(n).map_err(|_| store.corrupt("a blob has too many chunks"))?;
+        chunks.insert((key, n), chunk).map_err(|e| store.err(e))?;
+    }
+    index
+        .insert(key, (bytes.len() as u64, BLOB_CHUNK_BYTES as u32))
+        .map_err(|e| store.err(e))?;
+    Ok(())
+}
 
 impl Store {
     /// Stores `bytes` under their CID (codec [`CODEC_RAW`] or [`CODEC_DAG_CBOR`]) and returns
     /// it. Storing the same content twice is a no-op.
     pub fn put_blob(&self, codec: u64, bytes: &[u8]) -> Result<ContentId, StoreError> {
-        if codec != CODEC_RAW && codec != CODEC_DAG_CBOR {
-            return Err(StoreError::UnsupportedCodec {
-                path: self.path.clone(),
-                codec,
-            });
-        }
+        check_codec(self, codec)?;
         let cid = ContentId::of(codec, bytes);
-        let key = cid.to_bytes();
-        let _writer = self.lock_writer();
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut t = tx.open_table(BLOBS).map_err(|e| self.err(e))?;
-            if t.get(key.as_slice()).map_err(|e| self.err(e))?.is_none() {
-                t.insert(key.as_slice(), bytes).map_err(|e| self.err(e))?;
-            }
-        }
-        tx.commit().map_err(|e| self.err(e))?;
+        let mut w = self.blob_writer(&cid, bytes.len() as u64)?;
+        // On failure the writer keeps the original error, which commit() returns.
+        let _ = w.write_bytes(bytes);
+        w.commit()?;
         Ok(cid)
     }
 
-    /// The content of a blob, verified against its CID.
+    /// The content of a blob, verified against its CID. Holds the whole blob: prefer
+    /// [`Store::blob_reader`] for large ones.
     pub fn get_blob(&self, cid: &ContentId) -> Result<Option<Vec<u8>>, StoreError> {
-        let rtx = self.read_txn()?;
-        let t = self.open_ro(&rtx, BLOBS)?;
-        let Some(v) = t.get(cid.to_bytes().as_slice()).map_err(|e| self.err(e))? else {
+        let Some(mut r) = self.blob_reader(cid)? else {
             return Ok(None);
         };
-        let bytes = v.value().to_vec();
-        if !cid.matches(&bytes) {
-            return Err(StoreError::BlobCorrupt {
-                path: self.path.clone(),
-                cid: *cid,
-            });
-        }
+        // The length comes from the store; cap the up-front reservation so a damaged index
+        // entry cannot make us allocate more than a chunk before any byte is read.
+        let mut bytes = Vec::with_capacity(r.len().min(BLOB_CHUNK_BYTES as u64) as usize);
+        r.read_to_end(&mut bytes).map_err(|e| r.store_error(e))?;
         Ok(Some(bytes))
     }
 
-    /// Lends the content of a blob, verified against its CID, to `f` without copying it
-    /// (a snapshot blob can be tens of MiB; [`Store::get_blob`] would hold it twice).
+    /// A reader over the content of blob `cid`, one chunk at a time, within one read
+    /// transaction (so a concurrent delete does not cut it short). The bytes are hashed as
+    /// they are read, and the last chunk is checked against the CID before any of it is
+    /// handed out: a reader that reaches the end has read exactly the stored blob, or gets
+    /// an error ([`StoreError::BlobCorrupt`] inside an [`io::Error`] of kind `InvalidData`).
+    pub fn blob_reader(&self, cid: &ContentId) -> Result<Option<BlobReader>, StoreError> {
+        let rtx = self.read_txn()?;
+        let index = self.open_ro(&rtx, BLOB_INDEX)?;
+        let key = cid.to_bytes();
+        let Some((len, chunk)) = index
+            .get(key.as_slice())
+            .map_err(|e| self.err(e))?
+            .map(|g| g.value())
+        else {
+            return Ok(None);
+        };
+        if chunk_count(len, chunk).is_none() {
+            return Err(self.corrupt(format!(
+                "blob {cid}: index entry of {len} bytes in chunks of {chunk}"
+            )));
+        }
+        let chunks = self.open_ro(&rtx, BLOB_CHUNKS)?;
+        Ok(Some(BlobReader {
+            path: self.path.clone(),
+            cid: *cid,
+            key,
+            len,
+            chunk_bytes: chunk,
+            chunks,
+            current: None,
+            at: 0,
+            next_chunk: 0,
+            loaded: 0,
+            hasher: blake3::Hasher::new(),
+            verified: false,
+            corrupt: false,
+        }))
+    }
+
+    /// Lends a reader over blob `cid` to `f` (see [`Store::blob_reader`]): the blob is never
+    /// held whole, so memory does not grow with it. If the reader found the blob damaged while
+    /// `f` ran, the result is [`StoreError::BlobCorrupt`] whatever `f` returned.
     pub fn with_blob<T>(
         &self,
         cid: &ContentId,
-        f: impl FnOnce(&[u8]) -> T,
+        f: impl FnOnce(&mut BlobReader) -> T,
     ) -> Result<Option<T>, StoreError> {
-        let rtx = self.read_txn()?;
-        let t = self.open_ro(&rtx, BLOBS)?;
-        let Some(v) = t.get(cid.to_bytes().as_slice()).map_err(|e| self.err(e))? else {
+        let Some(mut r) = self.blob_reader(cid)? else {
             return Ok(None);
         };
-        if !cid.matches(v.value()) {
+        let out = f(&mut r);
+        if r.corrupt {
             return Err(StoreError::BlobCorrupt {
                 path: self.path.clone(),
                 cid: *cid,
             });
         }
-        Ok(Some(f(v.value())))
+        Ok(Some(out))
     }
 
-    /// Stores the blob `cid` of exactly `len` bytes, which `fill` writes straight into the
-    /// reserved value (so a streamed blob is held once, in the page it is written to, not
-    /// also in a buffer of the caller's). The transaction commits only if `fill` succeeds
-    /// and the bytes hash to `cid`; otherwise nothing is stored. `fill`'s own error comes
-    /// back as the inner `Err`.
+    /// A writer for blob `cid` of exactly `len` bytes, in one write transaction that
+    /// [`BlobWriter::commit`] commits only if exactly `len` bytes were written and they hash
+    /// to `cid`. Until then nothing is visible, and dropping the writer (or a crash) leaves no
+    /// trace of the blob. Other writes to the store wait until the writer is committed or
+    /// dropped.
+    pub fn blob_writer(&self, cid: &ContentId, len: u64) -> Result<BlobWriter<'_>, StoreError> {
+        check_codec(self, cid.codec())?;
+        if chunk_count(len, BLOB_CHUNK_BYTES as u32).is_none() {
+            return Err(StoreError::BlobMismatch {
+                path: self.path.clone(),
+                cid: Box::new(*cid),
+                detail: format!("{len} bytes is more than a blob can hold"),
+            });
+        }
+        let guard = self.lock_writer();
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let key = cid.to_bytes();
+        let exists = tx
+            .open_table(BLOB_INDEX)
+            .map_err(|e| self.err(e))?
+            .get(key.as_slice())
+            .map_err(|e| self.err(e))?
+            .is_some();
+        Ok(BlobWriter {
+            store: self,
+            _guard: guard,
+            tx,
+            cid: *cid,
+            key,
+            len,
+            exists,
+            buf: Vec::new(),
+            next_chunk: 0,
+            written: 0,
+            hasher: blake3::Hasher::new(),
+            failed: None,
+        })
+    }
+
+    /// Stores blob `cid` of exactly `len` bytes, which `fill` writes into a [`BlobWriter`]
+    /// (so a streamed blob is never held whole). Commits only if `fill` succeeds, it wrote
+    /// exactly `len` bytes and they hash to `cid`; otherwise nothing is stored. `fill`'s own
+    /// error comes back as the inner `Err`, unless the store failed underneath it, which is
+    /// the outer one.
     pub fn put_blob_with<E>(
         &self,
         cid: &ContentId,
         len: usize,
-        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+        fill: impl FnOnce(&mut BlobWriter<'_>) -> Result<(), E>,
     ) -> Result<Result<(), E>, StoreError> {
-        let codec = cid.codec();
-        if codec != CODEC_RAW && codec != CODEC_DAG_CBOR {
-            return Err(StoreError::UnsupportedCodec {
-                path: self.path.clone(),
-                codec,
-            });
+        let mut w = self.blob_writer(cid, len as u64)?;
+        let filled = fill(&mut w);
+        if let Some(e) = w.failed.take() {
+            return Err(e);
         }
-        let key = cid.to_bytes();
-        let _writer = self.lock_writer();
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut t = tx.open_table(BLOBS).map_err(|e| self.err(e))?;
-            let mut value = t
-                .insert_reserve(key.as_slice(), len)
-                .map_err(|e| self.err(e))?;
-            if let Err(e) = fill(value.as_mut()) {
-                // Dropping the transaction without a commit aborts it.
-                return Ok(Err(e));
-            }
-            if !cid.matches(value.as_mut()) {
-                return Err(StoreError::BlobCorrupt {
-                    path: self.path.clone(),
-                    cid: *cid,
-                });
-            }
+        if let Err(e) = filled {
+            // Dropping the writer drops its transaction uncommitted, which aborts it.
+            return Ok(Err(e));
         }
-        tx.commit().map_err(|e| self.err(e))?;
+        w.commit()?;
         Ok(Ok(()))
     }
 
     /// Whether a blob is stored (without reading or checking it).
     pub fn has_blob(&self, cid: &ContentId) -> Result<bool, StoreError> {
         let rtx = self.read_txn()?;
-        let t = self.open_ro(&rtx, BLOBS)?;
+        let t = self.open_ro(&rtx, BLOB_INDEX)?;
         let found = t
             .get(cid.to_bytes().as_slice())
             .map_err(|e| self.err(e))?
@@ -121,18 +260,12 @@ impl Store {
         Ok(found)
     }
 
-    /// Deletes a blob; returns whether it was stored.
+    /// Deletes a blob (its index entry and every chunk, in one transaction); returns whether
+    /// it was stored.
     pub fn delete_blob(&self, cid: &ContentId) -> Result<bool, StoreError> {
         let _writer = self.lock_writer();
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        let removed = {
-            let mut t = tx.open_table(BLOBS).map_err(|e| self.err(e))?;
-            let removed = t
-                .remove(cid.to_bytes().as_slice())
-                .map_err(|e| self.err(e))?
-                .is_some();
-            removed
-        };
+        let removed = remove_blob_in(self, &tx, &cid.to_bytes())?.is_some();
         tx.commit().map_err(|e| self.err(e))?;
         Ok(removed)
     }
@@ -140,14 +273,332 @@ impl Store {
     /// Every stored blob with its size in bytes, in CID byte order.
     pub fn blobs(&self) -> Result<Vec<(ContentId, u64)>, StoreError> {
         let rtx = self.read_txn()?;
-        let t = self.open_ro(&rtx, BLOBS)?;
+        let t = self.open_ro(&rtx, BLOB_INDEX)?;
         let mut out = Vec::new();
         for item in t.iter().map_err(|e| self.err(e))? {
             let (k, v) = item.map_err(|e| self.err(e))?;
             let cid = ContentId::from_bytes(k.value())
                 .map_err(|e| self.corrupt(format!("malformed blob key: {e}")))?;
-            out.push((cid, v.value().len() as u64));
+            out.push((cid, v.value().0));
         }
         Ok(out)
+    }
+}
+
+/// Reads a stored blob chunk by chunk (see [`Store::blob_reader`]). Holds one chunk (a redb
+/// page) at a time and keeps its read transaction open until dropped.
+pub struct BlobReader {
+    path: std::path::PathBuf,
+    cid: ContentId,
+    key: Vec<u8>,
+    len: u64,
+    chunk_bytes: u32,
+    chunks: ReadOnlyTable<ChunkKey<'static>, &'static [u8]>,
+    /// The chunk being handed out; `at` is the position in it.
+    current: Option<redb::AccessGuard<'static, &'static [u8]>>,
+    at: usize,
+    next_chunk: u32,
+    /// Bytes of the blob loaded (and hashed) so far.
+    loaded: u64,
+    hasher: blake3::Hasher,
+    verified: bool,
+    /// Set once the blob was found damaged; every later read fails too.
+    corrupt: bool,
+}
+
+impl std::fmt::Debug for BlobReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobReader")
+            .field("cid", &self.cid)
+            .field("len", &self.len)
+            .field("loaded", &self.loaded)
+            .finish()
+    }
+}
+
+impl BlobReader {
+    /// The blob's length in bytes, as stored.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the blob is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The blob's CID.
+    pub fn cid(&self) -> &ContentId {
+        &self.cid
+    }
+
+    /// Starts over from the first byte, in the same read transaction (for callers that pass
+    /// over a blob twice without holding it, such as backup export).
+    pub fn rewind(&mut self) {
+        self.current = None;
+        self.at = 0;
+        self.next_chunk = 0;
+        self.loaded = 0;
+        self.hasher = blake3::Hasher::new();
+        self.verified = false;
+    }
+
+    /// Turns an error of this reader back into the store error it carries.
+    fn store_error(&self, e: io::Error) -> StoreError {
+        let kind = e.kind();
+        match e.into_inner().map(|inner| inner.downcast::<StoreError>()) {
+            Some(Ok(err)) => *err,
+            Some(Err(other)) => StoreError::Io {
+                path: self.path.clone(),
+                source: io::Error::new(kind, other),
+            },
+            None => StoreError::Io {
+                path: self.path.clone(),
+                source: kind.into(),
+            },
+        }
+    }
+
+    fn corrupt_error(&self) -> StoreError {
+        StoreError::BlobCorrupt {
+            path: self.path.clone(),
+            cid: self.cid,
+        }
+    }
+
+    fn fail(&mut self, e: StoreError) -> io::Error {
+        if matches!(
+            e,
+            StoreError::BlobCorrupt { .. } | StoreError::Corrupt { .. }
+        ) {
+            self.corrupt = true;
+        }
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+
+    /// Loads the next chunk, checking its length, and the CID once the last one is in.
+    fn load_next(&mut self) -> Result<(), StoreError> {
+        let chunk = u64::from(self.chunk_bytes);
+        let want = (self.len - self.loaded).min(chunk);
+        let guard = self
+            .chunks
+            .get((self.key.as_slice(), self.next_chunk))
+            .map_err(|e| StoreError::db(&self.path, e))?
+            .ok_or_else(|| self.corrupt_error())?;
+        if guard.value().len() as u64 != want {
+            return Err(self.corrupt_error());
+        }
+        self.hasher.update(guard.value());
+        self.loaded += want;
+        self.next_chunk += 1;
+        self.current = Some(guard);
+        self.at = 0;
+        self.verify_if_complete()
+    }
+
+    fn verify_if_complete(&mut self) -> Result<(), StoreError> {
+        if self.loaded == self.len && !self.verified {
+            if !cid_matches(&self.cid, &self.hasher) {
+                self.current = None;
+                return Err(self.corrupt_error());
+            }
+            self.verified = true;
+        }
+        Ok(())
+    }
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.corrupt {
+            return Err(self.fail(self.corrupt_error()));
+        }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let exhausted = match &self.current {
+            Some(c) => self.at >= c.value().len(),
+            None => true,
+        };
+        if exhausted {
+            self.current = None;
+            let step = if self.loaded < self.len {
+                self.load_next()
+            } else {
+                // An empty blob has no chunk: its CID is checked here.
+                self.verify_if_complete()
+            };
+            if let Err(e) = step {
+                return Err(self.fail(e));
+            }
+        }
+        let Some(c) = &self.current else {
+            return Ok(0);
+        };
+        let src = &c.value()[self.at..];
+        let n = src.len().min(buf.len());
+        buf[..n].copy_from_slice(&src[..n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Writes a blob chunk by chunk in one write transaction (see [`Store::blob_writer`]): holds
+/// at most one chunk of the caller's bytes, hashes them as they go by, and makes the blob
+/// visible only in [`BlobWriter::commit`].
+pub struct BlobWriter<'s> {
+    store: &'s Store,
+    /// Serialises writers, as every other write of the store does.
+    _guard: MutexGuard<'s, WriterCache>,
+    tx: WriteTransaction,
+    cid: ContentId,
+    key: Vec<u8>,
+    len: u64,
+    /// Already stored: the bytes are only checked, nothing is written.
+    exists: bool,
+    /// The partial chunk not yet inserted.
+    buf: Vec<u8>,
+    next_chunk: u32,
+    written: u64,
+    hasher: blake3::Hasher,
+    /// The first failure; the writer refuses everything after it and cannot commit.
+    failed: Option<StoreError>,
+}
+
+impl std::fmt::Debug for BlobWriter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobWriter")
+            .field("cid", &self.cid)
+            .field("len", &self.len)
+            .field("written", &self.written)
+            .finish()
+    }
+}
+
+impl BlobWriter<'_> {
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// The blob's CID.
+    pub fn cid(&self) -> &ContentId {
+        &self.cid
+    }
+
+    fn mismatch(&self, detail: String) -> StoreError {
+        StoreError::BlobMismatch {
+            path: self.store.path.clone(),
+            cid: Box::new(self.cid),
+            detail,
+        }
+    }
+
+    /// Appends `bytes` to the blob. After an error the writer is spent: every later call
+    /// fails and [`BlobWriter::commit`] returns the first error.
+    pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        if let Some(e) = &self.failed {
+            // The original error stays for commit(); this is a summary of it.
+            return Err(self.mismatch(format!("an earlier write failed: {e}")));
+        }
+        match self.write_inner(bytes) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let summary = self.mismatch(format!("the write failed: {e}"));
+                self.failed = Some(e);
+                Err(summary)
+            }
+        }
+    }
+
+    fn write_inner(&mut self, mut bytes: &[u8]) -> Result<(), StoreError> {
+        if self.written + bytes.len() as u64 > self.len {
+            return Err(self.mismatch(format!(
+                "more than the {} bytes announced were written",
+                self.len
+            )));
+        }
+        self.hasher.update(bytes);
+        self.written += bytes.len() as u64;
+        if self.exists {
+            return Ok(());
+        }
+        while !bytes.is_empty() {
+            if self.buf.is_empty() && bytes.len() >= BLOB_CHUNK_BYTES {
+                // A whole chunk in the caller's buffer: insert it without copying it first.
+                let (chunk, rest) = bytes.split_at(BLOB_CHUNK_BYTES);
+                self.insert_chunk(chunk)?;
+                bytes = rest;
+                continue;
+            }
+            if self.buf.capacity() == 0 {
+                self.buf.reserve_exact(BLOB_CHUNK_BYTES);
+            }
+            let take = (BLOB_CHUNK_BYTES - self.buf.len()).min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.buf.len() == BLOB_CHUNK_BYTES {
+                let chunk = std::mem::take(&mut self.buf);
+                self.insert_chunk(&chunk)?;
+                self.buf = chunk;
+                self.buf.clear();
+            }
+        }
+        Ok(())
+    }
+
+    fn insert_chunk(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        let store = self.store;
+        // Opened per chunk: a table borrows the transaction, which this writer owns.
+        let mut t: Table<ChunkKey, &[u8]> =
+            self.tx.open_table(BLOB_CHUNKS).map_err(|e| store.err(e))?;
+        t.insert((self.key.as_slice(), self.next_chunk), chunk)
+            .map_err(|e| store.err(e))?;
+        self.next_chunk += 1;
+        Ok(())
+    }
+
+    /// Makes the blob visible: commits the chunks and the index entry together, if exactly
+    /// the announced length was written and the bytes hash to the CID. Otherwise the
+    /// transaction is aborted and nothing is stored.
+    pub fn commit(mut self) -> Result<(), StoreError> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        if self.written != self.len {
+            return Err(self.mismatch(format!(
+                "{} bytes were written, {} announced",
+                self.written, self.len
+            )));
+        }
+        if !cid_matches(&self.cid, &self.hasher) {
+            return Err(self.mismatch("the bytes do not hash to the content id".into()));
+        }
+        if self.exists {
+            return Ok(());
+        }
+        if !self.buf.is_empty() {
+            let chunk = std::mem::take(&mut self.buf);
+            self.insert_chunk(&chunk)?;
+        }
+        let store = self.store;
+        self.tx
+            .open_table(BLOB_INDEX)
+            .map_err(|e| store.err(e))?
+            .insert(self.key.as_slice(), (self.len, BLOB_CHUNK_BYTES as u32))
+            .map_err(|e| store.err(e))?;
+        let BlobWriter { tx, _guard, .. } = self;
+        tx.commit().map_err(|e| store.err(e))
+    }
+}
+
+impl Write for BlobWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_bytes(buf).map_err(io::Error::other)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }

@@ -64,6 +64,16 @@ pub enum StoreError {
     #[error("blob {cid} in store {path} does not match its content id (disk corruption?)")]
     BlobCorrupt { path: PathBuf, cid: ContentId },
 
+    /// The bytes streamed into a blob writer are not the blob announced (wrong length, or
+    /// they do not hash to its content id). Nothing was stored.
+    #[error("blob {cid} was not stored in {path}: {detail}")]
+    BlobMismatch {
+        path: PathBuf,
+        // Boxed: a CID is large, and inline it would make every `Result` of the store larger.
+        cid: Box<ContentId>,
+        detail: String,
+    },
+
     /// A stored maintenance fact no longer verifies.
     #[error("a stored fact in store {path} no longer verifies: {source}")]
     FactCorrupt {
@@ -116,6 +126,7 @@ impl StoreError {
             Self::Locked { .. } => "locked",
             Self::NoSnapshot { .. } => "no_snapshot",
             Self::Setting { .. } => "setting",
+            Self::BlobMismatch { .. } => "blob_mismatch",
             Self::UnsupportedCodec { .. } => "codec",
             Self::Database { .. } => "database",
             Self::Io { .. } => "io",

@@ -6,7 +6,7 @@ use tend_core::{Epoch, JournalNamespace};
 
 use crate::codec::{self, FactKey};
 use crate::error::StoreError;
-use crate::store::{Store, BLOBS, FACTS, NAMESPACES};
+use crate::store::{Store, BLOB_INDEX, FACTS, NAMESPACES};
 
 /// What [`Store::prune`] removed (or, for a dry run, would remove).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,7 +65,6 @@ impl Store {
         {
             let mut namespaces = tx.open_table(NAMESPACES).map_err(|e| self.err(e))?;
             let mut facts = tx.open_table(FACTS).map_err(|e| self.err(e))?;
-            let mut blobs = tx.open_table(BLOBS).map_err(|e| self.err(e))?;
             if let Some(mut rec) = self.ns_record(&namespaces, &ns)? {
                 let start = codec::epoch_start(rec.no, Epoch::ZERO);
                 let end = codec::epoch_start(rec.no, floor);
@@ -87,19 +86,25 @@ impl Store {
                         .map_err(|e| self.err(e))?;
                 }
             }
-            for cid in state.prunable_blobs() {
-                let key = cid.to_bytes();
-                let len = match blobs.get(key.as_slice()).map_err(|e| self.err(e))? {
-                    Some(v) => v.value().len() as u64,
-                    None => continue,
-                };
+            let _ = facts.len();
+        }
+        for cid in state.prunable_blobs() {
+            let key = cid.to_bytes();
+            let len = if dry_run {
+                let index = tx.open_table(BLOB_INDEX).map_err(|e| self.err(e))?;
+                let len = index
+                    .get(key.as_slice())
+                    .map_err(|e| self.err(e))?
+                    .map(|g| g.value().0);
+                len
+            } else {
+                // The index entry and every chunk go in this transaction.
+                crate::blobs::remove_blob_in(self, &tx, &key)?
+            };
+            if let Some(len) = len {
                 report.blobs += 1;
                 report.blob_bytes += len;
-                if !dry_run {
-                    blobs.remove(key.as_slice()).map_err(|e| self.err(e))?;
-                }
             }
-            let _ = facts.len();
         }
         if dry_run {
             tx.abort().map_err(|e| self.err(e))?;

@@ -1,6 +1,6 @@
 //! The durable journal and blob store of tend, on redb.
 //!
-//! One file holds the journals of any number of namespaces, a content-addressed blob table,
+//! One file holds the journals of any number of namespaces, content-addressed blobs (in chunks),
 //! local settings and a `meta` table with the store's magic marker and format version.
 //!
 //! - Facts are indexed by `(namespace, epoch, id)` (compact keys and values, see the `codec` module),
@@ -25,6 +25,7 @@ pub mod settings;
 pub mod state;
 pub mod store;
 
+pub use blobs::{BlobReader, BlobWriter, BLOB_CHUNK_BYTES};
 pub use error::StoreError;
 pub use facts::{FactIter, InsertReport, ItemIter, NamespaceStats, Rejected, StoredFact};
 pub use gc::{CompactReport, PruneReport};

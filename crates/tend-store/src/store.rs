@@ -24,8 +24,12 @@ use crate::codec::FactKey;
 use crate::error::StoreError;
 use crate::overlay::OverlayBackend;
 
-/// The store format this release writes and reads.
-pub const STORE_FORMAT_VERSION: u32 = 1;
+/// The store format this release writes and reads. Format 2 keeps blobs in chunks
+/// (`blob_index` and `blob_chunks`, see the `blobs` module); format 1 kept each blob as one
+/// value in `blobs` and is migrated when opened.
+pub const STORE_FORMAT_VERSION: u32 = 2;
+/// The oldest format [`Store::open`] migrates; older ones are refused.
+const OLDEST_MIGRATED_FORMAT: u32 = 1;
 /// The marker stored under `magic` in the `meta` table.
 pub const STORE_MAGIC: &[u8] = b"tend-store";
 
@@ -44,7 +48,14 @@ pub(crate) const AUTHOR_BY_NO: TableDefinition<u32, &[u8; 32]> =
 pub(crate) const FACTS: TableDefinition<&FactKey, &[u8]> = TableDefinition::new("facts");
 pub(crate) const MAINT: TableDefinition<&FactKey, &[u8]> =
     TableDefinition::new("maintenance_facts");
-pub(crate) const BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blobs");
+/// Format 1's blob table (CID bytes -> the whole blob), read only by the migration.
+pub(crate) const BLOBS_V1: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blobs");
+/// CID bytes -> (length, chunk size).
+pub(crate) const BLOB_INDEX: TableDefinition<&[u8], (u64, u32)> =
+    TableDefinition::new("blob_index");
+/// (CID bytes, chunk number) -> chunk bytes.
+pub(crate) const BLOB_CHUNKS: TableDefinition<(&[u8], u32), &[u8]> =
+    TableDefinition::new("blob_chunks");
 
 pub(crate) const NS_RECORD_LEN: usize = 20;
 
@@ -188,7 +199,10 @@ impl Store {
                 .map_err(|e| StoreError::db(path, e))?;
             tx.open_table(FACTS).map_err(|e| StoreError::db(path, e))?;
             tx.open_table(MAINT).map_err(|e| StoreError::db(path, e))?;
-            tx.open_table(BLOBS).map_err(|e| StoreError::db(path, e))?;
+            tx.open_table(BLOB_INDEX)
+                .map_err(|e| StoreError::db(path, e))?;
+            tx.open_table(BLOB_CHUNKS)
+                .map_err(|e| StoreError::db(path, e))?;
         }
         tx.commit().map_err(|e| StoreError::db(path, e))?;
         Ok(Store {
@@ -210,13 +224,14 @@ impl Store {
     /// [`Store::open`] with options.
     pub fn open_with(path: impl AsRef<Path>, opts: &StoreOptions) -> Result<Store, StoreError> {
         let path = path.as_ref().to_owned();
-        if let Err(e) = inspect(&path, opts.verify_integrity) {
+        let version = match inspect(&path, opts.verify_integrity) {
+            Ok(v) => v,
             // A file another process is writing may look inconsistent; say so instead.
-            if matches!(e, StoreError::Corrupt { .. }) && is_locked(&path) {
+            Err(e) if matches!(e, StoreError::Corrupt { .. }) && is_locked(&path) => {
                 return Err(StoreError::Locked { path });
             }
-            return Err(e);
-        }
+            Err(e) => return Err(e),
+        };
         let db = builder(opts)
             .open(&path)
             .map_err(|e| StoreError::db(&path, e))?;
@@ -226,8 +241,39 @@ impl Store {
             writer: Mutex::new(WriterCache::default()),
             states: Mutex::new(HashMap::new()),
         };
+        if version < STORE_FORMAT_VERSION {
+            store.migrate_v1()?;
+        }
         store.load_writer_cache()?;
         Ok(store)
+    }
+
+    /// Format 1 -> 2: moves every blob from its single value into chunks, deletes the old
+    /// table and records the new version, all in one transaction (a crash leaves a format 1
+    /// store, migrated again on the next open). Each old blob is read once, as format 1 read
+    /// it (one page); a damaged one is copied as it is, so the store still opens and the
+    /// damage is reported when the blob is read, as before.
+    fn migrate_v1(&self) -> Result<(), StoreError> {
+        let _writer = self.lock_writer();
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let old = tx.open_table(BLOBS_V1).map_err(|e| self.err(e))?;
+            let mut index = tx.open_table(BLOB_INDEX).map_err(|e| self.err(e))?;
+            let mut chunks = tx.open_table(BLOB_CHUNKS).map_err(|e| self.err(e))?;
+            for item in old.iter().map_err(|e| self.err(e))? {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                crate::blobs::insert_blob_in(self, &mut index, &mut chunks, k.value(), v.value())?;
+            }
+        }
+        tx.delete_table(BLOBS_V1).map_err(|e| self.err(e))?;
+        tx.open_table(META)
+            .map_err(|e| self.err(e))?
+            .insert(
+                "format_version",
+                STORE_FORMAT_VERSION.to_be_bytes().as_slice(),
+            )
+            .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
     }
 
     fn load_writer_cache(&self) -> Result<(), StoreError> {
@@ -325,8 +371,9 @@ fn is_locked(path: &Path) -> bool {
     )
 }
 
-/// Checks, without modifying the file, that `path` is a healthy tend store this release reads.
-fn inspect(path: &Path, verify_integrity: bool) -> Result<(), StoreError> {
+/// Checks, without modifying the file, that `path` is a healthy tend store this release reads
+/// (or migrates); returns its format version.
+fn inspect(path: &Path, verify_integrity: bool) -> Result<u32, StoreError> {
     let not_a_store = |reason: &str| StoreError::NotAStore {
         path: path.to_owned(),
         reason: reason.into(),
@@ -390,7 +437,7 @@ fn inspect(path: &Path, verify_integrity: bool) -> Result<(), StoreError> {
     checked
 }
 
-fn check_meta(path: &Path, db: &Database) -> Result<(), StoreError> {
+fn check_meta(path: &Path, db: &Database) -> Result<u32, StoreError> {
     let not_a_store = |reason: &str| StoreError::NotAStore {
         path: path.to_owned(),
         reason: reason.into(),
@@ -423,14 +470,14 @@ fn check_meta(path: &Path, db: &Database) -> Result<(), StoreError> {
             supported: STORE_FORMAT_VERSION,
         });
     }
-    if version < STORE_FORMAT_VERSION {
+    if version < OLDEST_MIGRATED_FORMAT {
         return Err(StoreError::UnsupportedFormat {
             path: path.to_owned(),
             found: version,
             supported: STORE_FORMAT_VERSION,
         });
     }
-    Ok(())
+    Ok(version)
 }
 
 /// Space used by one table of the store (from redb's table statistics).
@@ -471,7 +518,8 @@ impl Store {
         }
         usage!(FACTS, "facts");
         usage!(MAINT, "maintenance_facts");
-        usage!(BLOBS, "blobs");
+        usage!(BLOB_INDEX, "blob_index");
+        usage!(BLOB_CHUNKS, "blob_chunks");
         usage!(NAMESPACES, "namespaces");
         usage!(AUTHORS, "authors");
         usage!(AUTHOR_BY_NO, "author_numbers");

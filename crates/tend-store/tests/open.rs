@@ -124,7 +124,7 @@ fn newer_format_is_refused_untouched() {
             err,
             StoreError::NewerFormat {
                 found: 99,
-                supported: 1,
+                supported: 2,
                 ..
             }
         ),

@@ -72,10 +72,14 @@ pub enum MaintMessage {
     DkgStart { session: Hash32 },
     /// A DKG round message (the bytes of a `DkgMessage`).
     Dkg(ByteBuf),
-    /// Member to admin: my share is saved; this is the group key I derived.
+    /// Member to admin: my share is saved; this is the group key I derived; and my
+    /// maintenance epoch.
     DkgFinished {
         session: Hash32,
         group_key: GroupKey,
+        /// The member's maintenance epoch in the admin's journal when it finished, if it
+        /// is a member of that journal already (a re-deal).
+        maintenance_epoch: Option<tend_core::MaintenanceEpoch>,
     },
     /// Admin to a member: the authority's facts, ending with the membership change.
     DkgJoin {

@@ -11,7 +11,10 @@
 //! group key it derived (`DkgFinished`). The admin writes the `MembershipChange` only if
 //! every member derived the same group key as itself: a member that sent different round-1
 //! packages to different members (equivocation) makes the group keys differ and the run
-//! fails. The admin then sends each member `DkgJoin` with the authority's facts and the
+//! fails; so does a run in which a member of this journal reported another maintenance
+//! epoch than the admin's (every participant must be at it, and `DkgInvite` carries it
+//! for the members to check; ARCHITECTURE section 10).
+//! The admin then sends each member `DkgJoin` with the authority's facts and the
 //! signed change; the member checks that the change names the session's members,
 //! threshold, identity epoch and its own share's group key, stores the facts and adopts the
 //! authority's journal. Only then does the admin store the change itself, so no signer
@@ -99,6 +102,27 @@ pub enum DkgNetError {
          {to}): a snapshot or membership change completed meanwhile; run it again"
     )]
     EpochMoved { from: String, to: String },
+    #[error(
+        "member {member} finished the key generation at {theirs}, this device is at {ours}: \
+         sync and run it again"
+    )]
+    MemberEpochMoved {
+        member: DeviceId,
+        theirs: String,
+        ours: String,
+    },
+}
+
+impl DkgNetError {
+    /// Whether the run failed because a participant was at another maintenance epoch
+    /// (worth another sync round and one more run).
+    fn is_epoch_mismatch(&self) -> bool {
+        match self {
+            Self::Refused { reason, .. } => reason.starts_with(EPOCH_MISMATCH),
+            Self::EpochMoved { .. } | Self::MemberEpochMoved { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 /// One key generation this device takes part in.
@@ -113,6 +137,8 @@ pub(crate) struct DkgRun {
     share: Option<KeyShare>,
     /// Group keys the members reported (on the admin).
     finished: BTreeMap<DeviceId, GroupKey>,
+    /// Maintenance epochs the members reported with their group key (on the admin).
+    finished_epochs: BTreeMap<DeviceId, Option<MaintenanceEpoch>>,
     failed: Option<String>,
     deadline: Instant,
 }
@@ -168,6 +194,7 @@ fn apply_outputs(node: &Node, outputs: Vec<DkgOutput>) {
             }
             DkgOutput::Finished(share) => {
                 let saved = blocking(|| share.save(node.device().home()));
+                let epoch = own_epoch_in(node, share.session().context);
                 let mut guard = lock(&node.maint().dkg);
                 let Some(run) = guard.as_mut() else { return };
                 match saved {
@@ -176,6 +203,7 @@ fn apply_outputs(node: &Node, outputs: Vec<DkgOutput>) {
                         let report = MaintMessage::DkgFinished {
                             session: run.id,
                             group_key: share.group_key(),
+                            maintenance_epoch: epoch,
                         };
                         let admin = run.admin;
                         run.share = Some(*share);
@@ -187,6 +215,23 @@ fn apply_outputs(node: &Node, outputs: Vec<DkgOutput>) {
                     Err(e) => run.failed = Some(format!("cannot save the key share: {e}")),
                 }
             }
+        }
+    }
+}
+
+/// This device's maintenance epoch in the authority journal `context`, if that is its
+/// current journal (a member being re-dealt); `None` for a device joining anew.
+fn own_epoch_in(node: &Node, context: [u8; 32]) -> Option<MaintenanceEpoch> {
+    let device = node.device();
+    let ns = device.namespace();
+    if ns != JournalNamespace::Authority(AuthorityId(context)) {
+        return None;
+    }
+    match blocking(|| device.store().maintenance_state(ns)) {
+        Ok(s) => Some(s.maintenance_epoch()),
+        Err(e) => {
+            tracing::warn!("cannot read the maintenance epoch: {e}");
+            None
         }
     }
 }
@@ -300,11 +345,16 @@ fn receive_sync(node: &Node, peer: DeviceId, msg: MaintMessage) -> MaintReply {
             apply_outputs(node, outputs);
             MaintReply::Accepted
         }
-        MaintMessage::DkgFinished { session, group_key } => {
+        MaintMessage::DkgFinished {
+            session,
+            group_key,
+            maintenance_epoch,
+        } => {
             let mut guard = lock(&node.maint().dkg);
             match guard.as_mut() {
                 Some(r) if r.id == session && r.admin == me && r.names(&peer) => {
                     r.finished.insert(peer, group_key);
+                    r.finished_epochs.insert(peer, maintenance_epoch);
                     MaintReply::Accepted
                 }
                 _ => MaintReply::refused("no such key generation on this admin"),
@@ -419,6 +469,7 @@ fn invite(
         early: Vec::new(),
         share: None,
         finished: BTreeMap::new(),
+        finished_epochs: BTreeMap::new(),
         failed: None,
         deadline: Instant::now() + MEMBER_RUN_TTL,
     });
@@ -495,8 +546,8 @@ impl Node {
     /// Returns what the admin wrote.
     ///
     /// Every member of this journal must be at this device's maintenance epoch, so it
-    /// syncs first; a member that still refuses for being at another epoch (a snapshot
-    /// completed meanwhile) gets one more sync round and invitation.
+    /// syncs first; a run that fails because a participant is (or, when it finished, was)
+    /// at another epoch (a snapshot completed meanwhile) gets one more sync round and run.
     pub async fn create_authority(
         &self,
         threshold: u16,
@@ -510,10 +561,10 @@ impl Node {
                 .create_authority_once(threshold, members, timeout)
                 .await
             {
-                Err(DkgNetError::Refused { member, reason })
-                    if !retried && reason.starts_with(EPOCH_MISMATCH) =>
-                {
-                    tracing::info!("{member} refused the key generation ({reason}); syncing again");
+                Err(e) if !retried && e.is_epoch_mismatch() => {
+                    tracing::info!(
+                        "key generation at another maintenance epoch ({e}); syncing again"
+                    );
                     retried = true;
                 }
                 other => return other,
@@ -581,6 +632,7 @@ impl Node {
                 early: Vec::new(),
                 share: None,
                 finished: BTreeMap::new(),
+                finished_epochs: BTreeMap::new(),
                 failed: None,
                 deadline: Instant::now() + timeout + MEMBER_RUN_TTL,
             });
@@ -641,6 +693,18 @@ impl Node {
                         let gk = share.group_key();
                         if run.finished.values().any(|k| *k != gk) {
                             return Err(DkgNetError::GroupKeyMismatch);
+                        }
+                        // A member of this journal whose epoch moved since it accepted (a
+                        // snapshot completed without this device) would see the change
+                        // below it.
+                        for (m, e) in &run.finished_epochs {
+                            if let Some(e) = e.filter(|e| *e != epoch) {
+                                return Err(DkgNetError::MemberEpochMoved {
+                                    member: *m,
+                                    theirs: show_epoch(e),
+                                    ours: show_epoch(epoch),
+                                });
+                            }
                         }
                         break gk;
                     }

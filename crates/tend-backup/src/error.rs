@@ -117,6 +117,11 @@ pub enum BackupError {
     #[error("the blob {0} of the latest snapshot is not stored on this device; sync with a member that has it, then export again")]
     BlobMissing(String),
 
+    /// The journal changed during the export in a way one archive cannot hold, each of
+    /// the times it was tried (a running device completed a snapshot meanwhile).
+    #[error("the journal changed during the export ({0}); try again")]
+    Concurrent(String),
+
     /// The restored journal does not reproduce what the archive certifies.
     #[error("the restored journal does not match the archive: {0}")]
     RestoreMismatch(String),
@@ -155,6 +160,7 @@ impl BackupError {
             Self::WrongNamespace { .. } => "namespace",
             Self::EmptyJournal(_) => "empty_journal",
             Self::BlobMissing(_) => "blob_missing",
+            Self::Concurrent(_) => "concurrent",
             Self::RestoreMismatch(_) => "restore_mismatch",
             Self::Target(_) => "target",
             Self::Store(_) => "store",

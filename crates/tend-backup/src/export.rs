@@ -3,14 +3,22 @@
 //! and the blob is checked in one pass without decoding its item list, then read again as it
 //! is written. The tail then goes out from one store scan in chunks, one at a time.
 //! Nothing else it holds grows with the journal.
+//!
+//! A running device keeps writing while it exports (sync, `tend fact add`). The store
+//! gives no read view spanning calls: the snapshot part (latest completion, anchor) is
+//! read in one read transaction, the tail in another taken later, and export checks while
+//! the tail streams that the two still fit (see [`export`]); if not, [`export_file`]
+//! starts over.
 
+use std::collections::HashSet;
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tend_core::journal::DigestBuilder;
-use tend_core::{ContentId, Epoch, JournalNamespace, MaintenanceState};
+use tend_core::maintenance::MaintenanceFact;
+use tend_core::{ContentId, Epoch, FactId, JournalNamespace, MaintenanceState, Payload};
 use tend_snapshot::blob::read_blob;
 use tend_store::{BlobReader, Store, StoreError};
 
@@ -54,7 +62,7 @@ impl<'a> ExportOptions<'a> {
 }
 
 /// What an export wrote.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportReport {
     pub namespace: String,
     /// The snapshot epoch E, if the journal had a completed snapshot.
@@ -70,10 +78,34 @@ pub struct ExportReport {
     pub archive_bytes: u64,
 }
 
+/// How many times [`export_file`] writes the archive when the journal keeps changing
+/// under it in a way one archive cannot hold ([`BackupError::Concurrent`]: a newer
+/// snapshot completed, or an anchor fact was dropped, between export's reads). Each is
+/// rare (a snapshot ceremony, a retroactive membership change); three in a row mean the
+/// device is busy with maintenance, and the user is told to try again.
+pub const EXPORT_ATTEMPTS: u32 = 3;
+
 /// Exports journal `ns` of `store` to `path`, which must not exist. The archive is
 /// written next to it under a temporary name and renamed at the end, so a failure
-/// leaves no file at `path`.
+/// leaves no file at `path`. The store may be written meanwhile (a running device):
+/// an export that [`export`] finds inconsistent is discarded and written again, up to
+/// [`EXPORT_ATTEMPTS`] times.
 pub fn export_file(
+    store: &Store,
+    ns: JournalNamespace,
+    path: &Path,
+    opts: &ExportOptions<'_>,
+) -> Result<ExportReport, BackupError> {
+    let mut attempt = 1;
+    loop {
+        match export_file_once(store, ns, path, opts) {
+            Err(BackupError::Concurrent(_)) if attempt < EXPORT_ATTEMPTS => attempt += 1,
+            r => return r,
+        }
+    }
+}
+
+fn export_file_once(
     store: &Store,
     ns: JournalNamespace,
     path: &Path,
@@ -121,6 +153,19 @@ pub(crate) fn sibling(path: &Path, what: &str) -> PathBuf {
 /// With a completed snapshot the archive holds its completion, the blob and the facts at
 /// and above its epoch E; without one, the whole journal. Facts are streamed from one
 /// store scan in `(epoch, id)` order into chunks of at most `opts.chunk_bytes`.
+///
+/// The store may be written meanwhile. The snapshot part (the latest completion S and
+/// the anchor) comes from one read transaction, the blob from another (it is immutable:
+/// addressed by its CID), and the tail from one scan, a single later read transaction.
+/// The manifest's counts and digest are computed from the facts as they are written, so
+/// they match the archive whatever happened. What a reader also checks across the two
+/// views is checked here as the tail streams: every anchor fact is in the tail (a
+/// membership change may have dropped one meanwhile), and the tail holds no completion
+/// of a snapshot newer than S (otherwise the replayed journal's latest snapshot would not
+/// be S). Facts that merely arrived meanwhile are in the tail, admitted by the store
+/// against the same state a reader rebuilds, which is what a stopped device's export at
+/// that moment would write. Either failed check gives [`BackupError::Concurrent`] and a
+/// partial archive in `out`: [`export_file`] discards it and starts over.
 pub fn export<W: Write>(
     store: &Store,
     ns: JournalNamespace,
@@ -163,11 +208,14 @@ pub fn export<W: Write>(
         archive_bytes: 0,
     };
     let mut manifest_snapshot = None;
+    let mut anchor_ids = HashSet::new();
     let from = match &snap {
         Some(s) => {
-            let counts = store
-                .with_blob(&s.cid, |blob| write_snapshot(&mut w, s, blob))?
-                .ok_or_else(|| BackupError::BlobMissing(s.blob_cid.clone()))??;
+            let counts = match store.with_blob(&s.cid, |blob| write_snapshot(&mut w, s, blob))? {
+                Some(counts) => counts?,
+                None => return Err(blob_gone(store, ns, s)?),
+            };
+            anchor_ids.clone_from(&s.anchor_ids);
             let (covered_facts, maintenance_facts, blob_bytes) = counts;
             report.snapshot_epoch = Some(s.epoch.0);
             report.blob_bytes = blob_bytes;
@@ -185,6 +233,7 @@ pub fn export<W: Write>(
         }
         None => Epoch::ZERO,
     };
+    let snap_epoch = snap.as_ref().map(|s| s.epoch);
     drop(snap);
 
     // The total is only for the progress bar: a keys-only scan, cheap next to the export.
@@ -192,11 +241,22 @@ pub fn export<W: Write>(
         Some(_) => store.items(ns, from..)?.count() as u64,
         None => 0,
     };
+    // The scan's read transaction starts here; the completions looked up after it
+    // include every one it can see (the maintenance table only grows, but for a
+    // membership change dropping facts, which the anchor check covers).
+    let tail = store.scan(ns, from..)?;
+    let newer = newer_completions(store, ns, snap_epoch)?;
     let mut digest = DigestBuilder::whole(ns);
     let mut chunk: Vec<u8> = Vec::with_capacity(chunk_bytes);
     let (mut min_epoch, mut max_epoch) = (None, None);
-    for stored in store.scan(ns, from..)? {
+    for stored in tail {
         let stored = stored?;
+        if newer.contains(&stored.id) {
+            return Err(BackupError::Concurrent(
+                "a newer snapshot completed while the archive was written".into(),
+            ));
+        }
+        anchor_ids.remove(&stored.id);
         if chunk.len() + FRAME_LEN + stored.bytes().len() > chunk_bytes {
             w.append(&member::tail(report.tail_chunks), &chunk)?;
             report.largest_chunk_bytes = report.largest_chunk_bytes.max(chunk.len() as u64);
@@ -223,6 +283,12 @@ pub fn export<W: Write>(
         report.tail_chunks += 1;
     }
     drop(chunk);
+    if !anchor_ids.is_empty() {
+        return Err(BackupError::Concurrent(
+            "a membership change dropped facts of the snapshot's anchor while the archive was written"
+                .into(),
+        ));
+    }
 
     let manifest = Manifest {
         format: ARCHIVE_FORMAT_NAME.into(),
@@ -262,6 +328,10 @@ pub fn export<W: Write>(
 struct SnapshotParts {
     epoch: Epoch,
     anchor: Vec<u8>,
+    /// The anchor's fact ids (the completion's included): the tail must hold them all.
+    anchor_ids: HashSet<FactId>,
+    /// The completion's fact id.
+    completion: FactId,
     cid: ContentId,
     blob_cid: String,
     digest: String,
@@ -329,23 +399,86 @@ fn snapshot_parts(
         })
     })?;
     let mut anchor = Vec::new();
+    let mut anchor_ids = HashSet::new();
     for f in state_facts.iter().chain(std::iter::once(&completion)) {
         frame(&mut anchor, f.bytes());
+        anchor_ids.insert(f.id);
     }
     let cid = latest.snapshot.blob_cid;
-    // Missing is found before anything is written, not half way through the archive.
-    if !store.has_blob(&cid)? {
-        return Err(BackupError::BlobMissing(cid.to_string()));
-    }
-    Ok(Some(SnapshotParts {
+    let parts = SnapshotParts {
         epoch: e,
         anchor,
+        anchor_ids,
+        completion: completion.id,
         cid,
         blob_cid: cid.to_string(),
         digest: latest.snapshot.digest.to_string(),
         completion_id: completion.id.to_string(),
         completion_epoch: completion.epoch.0,
-    }))
+    };
+    // Missing is found before anything is written, not half way through the archive.
+    if !store.has_blob(&cid)? {
+        return Err(blob_gone(store, ns, &parts)?);
+    }
+    Ok(Some(parts))
+}
+
+/// The error for a snapshot blob the store does not hold: [`BackupError::Concurrent`] if
+/// the snapshot is no longer the latest (GC removed the blob of a superseded snapshot
+/// while a running device exported), [`BackupError::BlobMissing`] otherwise.
+fn blob_gone(
+    store: &Store,
+    ns: JournalNamespace,
+    s: &SnapshotParts,
+) -> Result<BackupError, BackupError> {
+    let latest = store
+        .maintenance_state(ns)?
+        .latest_snapshot
+        .map(|l| l.fact_id);
+    Ok(if latest == Some(s.completion) {
+        BackupError::BlobMissing(s.blob_cid.clone())
+    } else {
+        BackupError::Concurrent(
+            "a newer snapshot completed and its predecessor was collected".into(),
+        )
+    })
+}
+
+/// The ids of stored completions of a snapshot newer than `than` (any, without one) that
+/// the reducer takes (not among the facts it ignores, e.g. a bad threshold signature).
+/// If the tail holds one, a reader replaying it would end on another latest snapshot
+/// than the archive's. Only facts at or above `than` are decoded: a completion the
+/// store admitted after the archive's snapshot is at or above its epoch, older ones are
+/// late; they are the few maintenance facts since the latest snapshot.
+fn newer_completions(
+    store: &Store,
+    ns: JournalNamespace,
+    than: Option<Epoch>,
+) -> Result<HashSet<FactId>, BackupError> {
+    let floor = than.unwrap_or(Epoch::ZERO);
+    let mut out = HashSet::new();
+    for stored in store.scan_maintenance(ns)? {
+        let stored = stored?;
+        if stored.epoch < floor {
+            continue;
+        }
+        let fact = stored.verify().map_err(|source| {
+            BackupError::Store(StoreError::FactCorrupt {
+                path: store.path().to_owned(),
+                source,
+            })
+        })?;
+        if let Payload::Maintenance(MaintenanceFact::SnapshotCompleted(c)) = fact.payload() {
+            if than.is_none_or(|e| c.snapshot.epoch > e) {
+                out.insert(stored.id);
+            }
+        }
+    }
+    if !out.is_empty() {
+        let ignored = store.maintenance_state(ns)?.ignored;
+        out.retain(|id| !ignored.contains(id));
+    }
+    Ok(out)
 }
 
 struct TarWriter<W: Write> {

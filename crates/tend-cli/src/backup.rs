@@ -1,13 +1,20 @@
 //! `tend backup export|verify|restore` (encrypted archives of the device's journal) and
 //! `tend snapshot triggers` (when the device proposes a snapshot by itself).
+//!
+//! Export on a running device goes through its control socket (`backup_export`): the
+//! device writes the archive from its open store with [`exporter`], which `tend run`
+//! installs, and the CLI prints the same summary as when it exports a stopped device's
+//! store itself.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use clap::{Args as ClapArgs, Subcommand};
 use tend_backup::{
-    BackupError, Decryption, Encryption, ExportOptions, Progress, RestoreTarget, SnapshotTriggers,
+    BackupError, Decryption, Encryption, ExportOptions, ExportReport, Progress, RestoreTarget,
+    SnapshotTriggers,
 };
+use tend_node::control::{BackupExporter, Client, ExportRequest};
 use tend_node::Device;
 use tend_store::Store;
 
@@ -93,11 +100,14 @@ pub fn run(home: &Path, cmd: BackupCommand, json: bool) -> CmdResult {
     let progress: Option<&dyn Fn(Progress)> = bar.0.as_ref().map(|_| &progress as _);
     match cmd {
         BackupCommand::Export { out, key } => {
-            let encryption = match (&key.passphrase_file, key.recipients.is_empty()) {
-                (Some(p), _) => Encryption::passphrase_file(p)?,
-                (None, false) => Encryption::recipients(&key.recipients)?,
-                (None, true) => return Err(BackupError::NoRecipients.into()),
-            };
+            if key.passphrase_file.is_none() && key.recipients.is_empty() {
+                return Err(BackupError::NoRecipients.into());
+            }
+            // A running device holds the store: it writes the archive itself.
+            if let Some(client) = Client::connect(home)? {
+                return export_via_socket(client, &out, key);
+            }
+            let encryption = encryption(key.passphrase_file.as_deref(), &key.recipients)?;
             // The device is opened (and its store checked) as usual, then its store is
             // reopened with a bounded page cache: export reads every page once, and the
             // default cache would keep them all.
@@ -107,29 +117,9 @@ pub fn run(home: &Path, cmd: BackupCommand, json: bool) -> CmdResult {
             };
             let store = Store::open_with(&path, &tend_backup::bounded_store_options())
                 .map_err(BackupError::from)?;
-            let mut opts = ExportOptions::new(&encryption);
-            opts.progress = progress;
-            opts.created_at = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()
-                .map(|d| d.as_secs());
-            let r = tend_backup::export_file(&store, ns, &out, &opts)?;
+            let r = export_store(&store, ns, &out, &encryption, progress)?;
             bar.finish();
-            let human = format!(
-                "wrote {} ({} bytes)\n{}\n{} facts after the snapshot, in {} chunks",
-                out.display(),
-                r.archive_bytes,
-                match r.snapshot_epoch {
-                    Some(e) => format!("snapshot at epoch {e} ({} byte blob)", r.blob_bytes),
-                    None => "no snapshot yet: the whole journal is in the archive".into(),
-                },
-                r.tail_facts,
-                r.tail_chunks
-            );
-            Ok(Output::new(
-                serde_json::json!({ "out": out, "report": r }),
-                human,
-            ))
+            Ok(export_output(&out, &r))
         }
         BackupCommand::Verify { input, key } => {
             let decryption = decryption(&key)?;
@@ -192,6 +182,87 @@ pub fn run(home: &Path, cmd: BackupCommand, json: bool) -> CmdResult {
             ))
         }
     }
+}
+
+/// The encryption of an export: a passphrase file, else the recipients.
+fn encryption(
+    passphrase_file: Option<&Path>,
+    recipients: &[String],
+) -> Result<Encryption, BackupError> {
+    match (passphrase_file, recipients.is_empty()) {
+        (Some(p), _) => Encryption::passphrase_file(p),
+        (None, false) => Encryption::recipients(recipients),
+        (None, true) => Err(BackupError::NoRecipients),
+    }
+}
+
+/// Exports journal `ns` of `store` to `out`, as both paths do.
+fn export_store(
+    store: &Store,
+    ns: tend_core::JournalNamespace,
+    out: &Path,
+    encryption: &Encryption,
+    progress: Option<&dyn Fn(Progress)>,
+) -> Result<ExportReport, BackupError> {
+    let mut opts = ExportOptions::new(encryption);
+    opts.progress = progress;
+    opts.created_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs());
+    tend_backup::export_file(store, ns, out, &opts)
+}
+
+/// What `tend backup export` prints, `out` as the user gave it.
+fn export_output(out: &Path, r: &ExportReport) -> Output {
+    let human = format!(
+        "wrote {} ({} bytes)\n{}\n{} facts after the snapshot, in {} chunks",
+        out.display(),
+        r.archive_bytes,
+        match r.snapshot_epoch {
+            Some(e) => format!("snapshot at epoch {e} ({} byte blob)", r.blob_bytes),
+            None => "no snapshot yet: the whole journal is in the archive".into(),
+        },
+        r.tail_facts,
+        r.tail_chunks
+    );
+    Output::new(serde_json::json!({ "out": out, "report": r }), human)
+}
+
+/// `tend backup export` on a running device: the device writes the archive (no progress
+/// bar: it has no terminal). Paths are made absolute here, since the device's working
+/// directory is not ours; the passphrase goes as its file's path, which the device reads.
+fn export_via_socket(mut client: Client, out: &Path, key: EncryptArgs) -> CmdResult {
+    let absolute = |p: &Path| {
+        std::path::absolute(p).map_err(|e| BackupError::Io {
+            path: p.to_owned(),
+            source: e,
+        })
+    };
+    let passphrase_file = key.passphrase_file.as_deref().map(absolute).transpose()?;
+    let report = client.backup_export(absolute(out)?, passphrase_file, key.recipients)?;
+    let r: ExportReport = serde_json::from_value(report)
+        .map_err(|e| format!("the running device answered with an unreadable report: {e}"))?;
+    Ok(export_output(out, &r))
+}
+
+/// The exporter `tend run` installs for `backup_export`: the same export as a stopped
+/// device's, from the running device's open store (a running device cannot reopen it
+/// with a bounded page cache; its own cache holds what export reads), with no progress.
+pub fn exporter() -> BackupExporter {
+    BackupExporter(std::sync::Arc::new(
+        |device: &Device, req: &ExportRequest| {
+            let encryption = encryption(req.passphrase_file.as_deref(), &req.recipients)?;
+            let r = export_store(
+                device.store(),
+                device.namespace(),
+                &req.out,
+                &encryption,
+                None,
+            )?;
+            Ok(serde_json::to_value(r)?)
+        },
+    ))
 }
 
 fn decryption(key: &DecryptArgs) -> Result<Decryption, BackupError> {

@@ -104,6 +104,9 @@ pub fn run(home: &Path, args: RunArgs, json: bool) -> CmdResult {
                 }
             }
         })));
+        // `tend backup export` while the device runs: the node writes the archive from
+        // its open store (`backup_export` on the control socket).
+        node.set_backup_exporter(crate::backup::exporter());
         let info = node.start_info();
         if json {
             println!("{}", serde_json::to_string(&info).unwrap_or_default());

@@ -11,12 +11,22 @@
 //! `{"v":1,"cmd":"snapshot_propose","epoch":12}` (a ceremony over the network),
 //! `{"v":1,"cmd":"gc","dry_run":true}`,
 //! `{"v":1,"cmd":"upgrade_publish","artifact":"/abs/path","version":"1.2.0","cohort":100}`,
-//! `{"v":1,"cmd":"cache_check","key":"k","epoch":3}`. The commands: `status`, `peers`,
+//! `{"v":1,"cmd":"cache_check","key":"k","epoch":3}`,
+//! `{"v":1,"cmd":"backup_export","out":"/abs/b.age","recipients":["age1..."]}`. The commands: `status`, `peers`,
 //! `sync_now`, `add_fact`, `journal_list`, `authority_status`, `authority_create`,
 //! `snapshot_status`, `snapshot_propose`, `gc`, `set_gc_policy`, `get_setting`,
 //! `put_setting` (only the keys in [`PLUGIN_SETTINGS`]), `upgrade_status`,
 //! `upgrade_publish`, `upgrade_activate`, `upgrade_apply`, `upgrade_configure`,
-//! `admin_status`, `admin_replace`, `cache_invalidate`, `cache_check`.
+//! `admin_status`, `admin_replace`, `cache_invalidate`, `cache_check`, `backup_export`.
+//!
+//! `backup_export` writes an encrypted archive of the journal while the device keeps
+//! syncing: the node runs the [`BackupExporter`] that `tend run` installs (tend-node
+//! does not depend on tend-backup) on a blocking thread, over its open store. Paths are
+//! absolute (the device's working directory is not the client's) and the device opens
+//! them itself: it runs as the same user, the socket being owner-only. The passphrase
+//! travels as the path of its file, never as text, so it is not in any request line (or
+//! a log of one). A node without an exporter answers that it was started without backup
+//! support. There is no progress over the socket; the answer is the export's report.
 //!
 //! Each request gets one line back: `{"v":1,"ok":true,"result":...}`, the result being the
 //! same struct the CLI prints for that command on a stopped device, or
@@ -27,6 +37,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -37,7 +48,7 @@ use tokio::task::JoinHandle;
 use crate::admin::AdminStatus;
 use crate::cache::{CacheCheck, Invalidation};
 use crate::device::{
-    AuthorityStatus, FactSummary, GcPolicy, GcReport, JournalStatus, SnapshotStatus,
+    AuthorityStatus, Device, FactSummary, GcPolicy, GcReport, JournalStatus, SnapshotStatus,
 };
 use crate::node::{Node, NodeStatus, PeerInfo, RoundReport};
 use crate::upgrade::{ApplyReport, UpgradeStatus};
@@ -61,6 +72,46 @@ pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 pub const PLUGIN_SETTINGS: &[&str] = &["snapshot_triggers"];
 /// How long the client waits for most answers.
 const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the client waits for a backup export: it streams the whole journal (about
+/// 1.5 s per million facts on the benchmark machine), so a long wait means a very large
+/// journal or a slow disk, not a wedged device.
+const EXPORT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The answer to `backup_export` on a node without a [`BackupExporter`].
+pub const NO_BACKUP_SUPPORT: &str =
+    "this device was started without backup support (`tend run` provides it)";
+
+/// What `backup_export` asks of the [`BackupExporter`]: the request's fields, its paths
+/// checked to be absolute.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportRequest {
+    /// The archive to write (must not exist).
+    pub out: PathBuf,
+    /// A file holding the passphrase, which the device reads.
+    pub passphrase_file: Option<PathBuf>,
+    /// age public keys whose identities may open the archive.
+    pub recipients: Vec<String>,
+}
+
+/// The error a [`BackupExporter`] returns; the client gets it as one line with its causes.
+pub type ExportFailure = Box<dyn std::error::Error + Send + Sync>;
+
+/// Writes a backup archive of the running device's journal, from the device's open store,
+/// and returns the export's report as JSON. `tend run` installs tend-backup's export
+/// (tend-node does not depend on tend-backup); the node calls it on a blocking thread,
+/// so sync goes on meanwhile.
+#[derive(Clone)]
+pub struct BackupExporter(
+    #[allow(clippy::type_complexity)]
+    pub  Arc<
+        dyn Fn(&Device, &ExportRequest) -> Result<serde_json::Value, ExportFailure> + Send + Sync,
+    >,
+);
+
+impl std::fmt::Debug for BackupExporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackupExporter")
+    }
+}
 
 /// Why a request line was refused before it reached the device.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -299,6 +350,20 @@ pub enum Request {
         /// The epoch the entry was cached at.
         epoch: u64,
     },
+    /// Writes an encrypted backup archive of the journal (with the plug-in `tend run`
+    /// installs); the answer is the export's report.
+    BackupExport {
+        /// Absolute path of the archive to write (must not exist); the device writes it
+        /// under a temporary name and renames it at the end.
+        out: PathBuf,
+        /// Absolute path of a file holding the passphrase: the device reads it, so the
+        /// passphrase itself never crosses the socket.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        passphrase_file: Option<PathBuf>,
+        /// age public keys (age1...) whose identities may open the archive.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        recipients: Vec<String>,
+    },
 }
 
 impl Request {
@@ -317,6 +382,7 @@ impl Request {
                 Duration::from_secs(timeout_secs.unwrap_or(60)) + margin
             }
             Request::UpgradeApply { .. } => ops::INSTALL_TIMEOUT + margin,
+            Request::BackupExport { .. } => EXPORT_RESPONSE_TIMEOUT,
             _ => DEFAULT_RESPONSE_TIMEOUT,
         }
         .max(DEFAULT_RESPONSE_TIMEOUT)
@@ -727,6 +793,33 @@ async fn answer(node: &Node, request: Request) -> Response {
             })
             .await
         }
+        Request::BackupExport {
+            out,
+            passphrase_file,
+            recipients,
+        } => {
+            let Some(exporter) = node.backup_exporter() else {
+                return Response::err(NO_BACKUP_SUPPORT);
+            };
+            // The device's working directory is not the client's.
+            for p in std::iter::once(&out).chain(passphrase_file.as_ref()) {
+                if !p.is_absolute() {
+                    return Response::err(format!("the path {} is not absolute", p.display()));
+                }
+            }
+            let request = ExportRequest {
+                out,
+                passphrase_file,
+                recipients,
+            };
+            // A read of the whole journal: off the async workers, so sessions go on.
+            let node = node.clone();
+            match tokio::task::spawn_blocking(move || (exporter.0)(node.device(), &request)).await {
+                Ok(Ok(report)) => Response::ok(report),
+                Ok(Err(e)) => Response::err(error_line(&*e)),
+                Err(e) => Response::err(format!("the export failed: {e}")),
+            }
+        }
     }
 }
 
@@ -1037,6 +1130,21 @@ impl Client {
     pub fn cache_check(&mut self, key: String, epoch: u64) -> Result<CacheCheck, ControlError> {
         self.typed(Request::CacheCheck { key, epoch })
     }
+
+    /// Has the running device write a backup archive to `out` (absolute, as is
+    /// `passphrase_file`); the export's report, as the device's exporter gives it.
+    pub fn backup_export(
+        &mut self,
+        out: PathBuf,
+        passphrase_file: Option<PathBuf>,
+        recipients: Vec<String>,
+    ) -> Result<serde_json::Value, ControlError> {
+        self.request(Request::BackupExport {
+            out,
+            passphrase_file,
+            recipients,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -1113,5 +1221,24 @@ mod tests {
         };
         assert!(apply.response_timeout() > ops::INSTALL_TIMEOUT);
         assert_eq!(Request::Status.response_timeout(), DEFAULT_RESPONSE_TIMEOUT);
+        let export = Request::BackupExport {
+            out: "/b.age".into(),
+            passphrase_file: None,
+            recipients: vec![],
+        };
+        assert!(export.response_timeout() > Duration::from_secs(600));
+    }
+
+    #[test]
+    fn a_backup_export_carries_the_passphrase_file_path() {
+        let line = br#"{"v":1,"cmd":"backup_export","out":"/x/b.age","passphrase_file":"/x/pass"}"#;
+        assert_eq!(
+            parse_request(line),
+            Ok(Request::BackupExport {
+                out: "/x/b.age".into(),
+                passphrase_file: Some("/x/pass".into()),
+                recipients: vec![],
+            })
+        );
     }
 }

@@ -269,6 +269,8 @@ struct Inner {
     closing: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     control_path: Mutex<Option<PathBuf>>,
+    /// The `backup_export` plug-in, if `tend run` installed one.
+    backup_exporter: Mutex<Option<crate::control::BackupExporter>>,
 }
 
 /// Locks a mutex, recovering from poisoning: every critical section leaves the data
@@ -358,6 +360,7 @@ impl Node {
             closing: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
             control_path: Mutex::new(None),
+            backup_exporter: Mutex::new(None),
             device,
         });
         let node = Node { inner };
@@ -689,6 +692,17 @@ impl Node {
             node.inner.after_local_write();
             node.inner.applying.store(false, Ordering::SeqCst);
         });
+    }
+
+    /// Installs the exporter `backup_export` requests run (tend-node does not depend on
+    /// tend-backup; `tend run` provides it).
+    pub fn set_backup_exporter(&self, exporter: crate::control::BackupExporter) {
+        *lock(&self.inner.backup_exporter) = Some(exporter);
+    }
+
+    /// The installed backup exporter, if any.
+    pub fn backup_exporter(&self) -> Option<crate::control::BackupExporter> {
+        lock(&self.inner.backup_exporter).clone()
     }
 
     /// Whether an upgrade pipeline run is in progress.

@@ -38,10 +38,11 @@ fn kind(r: &Request) -> &'static str {
         Request::AdminReplace { .. } => "admin_replace",
         Request::CacheInvalidate { .. } => "cache_invalidate",
         Request::CacheCheck { .. } => "cache_check",
+        Request::BackupExport { .. } => "backup_export",
     }
 }
 
-const ALL_KINDS: [&str; 22] = [
+const ALL_KINDS: [&str; 23] = [
     "status",
     "peers",
     "sync_now",
@@ -64,6 +65,7 @@ const ALL_KINDS: [&str; 22] = [
     "admin_replace",
     "cache_invalidate",
     "cache_check",
+    "backup_export",
 ];
 
 #[test]

@@ -129,3 +129,61 @@ async fn an_answer_over_the_client_limit_is_refused_with_a_reason() {
     assert_eq!(fine.unwrap().len(), 10);
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_export_needs_the_plug_in_and_absolute_paths() {
+    use std::sync::{Arc, Mutex};
+    use tend_node::control::{BackupExporter, ExportRequest, NO_BACKUP_SUPPORT};
+
+    let mut fleet = Fleet::new(1, &[true]);
+    let home = fleet.home(0);
+    let node = Node::start(fleet.take(0), with_socket()).await.unwrap();
+    let export = |out: &str, pass: Option<&str>| {
+        let h = home.clone();
+        let (out, pass) = (out.into(), pass.map(Into::into));
+        blocking(move || {
+            Client::connect(&h)
+                .unwrap()
+                .unwrap()
+                .backup_export(out, pass, vec!["age1x".into()])
+        })
+    };
+    // Without the plug-in (`tend run` installs it), a clear refusal.
+    match export("/x/b.age", None).await {
+        Err(ControlError::Remote(why)) => assert_eq!(why, NO_BACKUP_SUPPORT),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    node.set_backup_exporter(BackupExporter(Arc::new(move |device, req| {
+        s.lock().unwrap().push(req.clone());
+        if req.out.ends_with("fail.age") {
+            return Err("cannot write it".into());
+        }
+        Ok(serde_json::json!({ "device": device.device_id().to_string() }))
+    })));
+    // The device's working directory is not the client's: relative paths are refused
+    // before the exporter runs.
+    for (out, pass) in [("b.age", None), ("/x/b.age", Some("pass"))] {
+        match export(out, pass).await {
+            Err(ControlError::Remote(why)) => assert!(why.contains("not absolute"), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    assert!(seen.lock().unwrap().is_empty());
+    let r = export("/x/b.age", Some("/x/pass")).await.unwrap();
+    assert_eq!(r["device"], node.device_id().to_string());
+    match export("/x/fail.age", None).await {
+        Err(ControlError::Remote(why)) => assert_eq!(why, "cannot write it"),
+        other => panic!("expected the exporter's error, got {other:?}"),
+    }
+    assert_eq!(
+        seen.lock().unwrap()[0],
+        ExportRequest {
+            out: "/x/b.age".into(),
+            passphrase_file: Some("/x/pass".into()),
+            recipients: vec!["age1x".into()],
+        }
+    );
+    node.shutdown().await;
+}

@@ -96,9 +96,21 @@ pub fn export_file(
     path: &Path,
     opts: &ExportOptions<'_>,
 ) -> Result<ExportReport, BackupError> {
+    export_file_between(store, ns, path, opts, &mut || {})
+}
+
+/// [`export_file`], running `before_tail` in each attempt between the snapshot part and
+/// the tail scan (where tests put a concurrent write).
+fn export_file_between(
+    store: &Store,
+    ns: JournalNamespace,
+    path: &Path,
+    opts: &ExportOptions<'_>,
+    before_tail: &mut dyn FnMut(),
+) -> Result<ExportReport, BackupError> {
     let mut attempt = 1;
     loop {
-        match export_file_once(store, ns, path, opts) {
+        match export_file_once(store, ns, path, opts, before_tail) {
             Err(BackupError::Concurrent(_)) if attempt < EXPORT_ATTEMPTS => attempt += 1,
             r => return r,
         }
@@ -110,6 +122,7 @@ fn export_file_once(
     ns: JournalNamespace,
     path: &Path,
     opts: &ExportOptions<'_>,
+    before_tail: &mut dyn FnMut(),
 ) -> Result<ExportReport, BackupError> {
     if path.exists() {
         return Err(BackupError::OutputExists(path.to_owned()));
@@ -121,7 +134,7 @@ fn export_file_once(
         .open(&tmp)
         .map_err(|e| BackupError::io(&tmp, e))?;
     let result = (|| {
-        let (report, out) = export(store, ns, BufWriter::new(file), opts)?;
+        let (report, out) = export_between(store, ns, BufWriter::new(file), opts, before_tail)?;
         let file = out
             .into_inner()
             .map_err(|e| BackupError::io(&tmp, e.into_error()))?;
@@ -171,6 +184,18 @@ pub fn export<W: Write>(
     ns: JournalNamespace,
     out: W,
     opts: &ExportOptions<'_>,
+) -> Result<(ExportReport, W), BackupError> {
+    export_between(store, ns, out, opts, &mut || {})
+}
+
+/// [`export`], running `before_tail` after the snapshot part is written and before the
+/// tail scan starts.
+fn export_between<W: Write>(
+    store: &Store,
+    ns: JournalNamespace,
+    out: W,
+    opts: &ExportOptions<'_>,
+    before_tail: &mut dyn FnMut(),
 ) -> Result<(ExportReport, W), BackupError> {
     if store.stats(ns)?.is_none() {
         return Err(BackupError::EmptyJournal(ns));
@@ -241,6 +266,7 @@ pub fn export<W: Write>(
         Some(_) => store.items(ns, from..)?.count() as u64,
         None => 0,
     };
+    before_tail();
     // The scan's read transaction starts here; the completions looked up after it
     // include every one it can see (the maintenance table only grows, but for a
     // membership change dropping facts, which the anchor check covers).
@@ -580,5 +606,150 @@ impl<W: Write> Write for CountingWriter<W> {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tend_core::{UnsignedFact, VerifiedFact};
+    use tend_node::fleet::LocalFleet;
+    use tend_node::Device;
+
+    fn add_notes(d: &Device, n: usize, epoch: u64) {
+        let facts: Vec<_> = (0..n)
+            .map(|i| {
+                UnsignedFact {
+                    namespace: d.namespace(),
+                    epoch: Epoch(epoch),
+                    payload: Payload::Application {
+                        kind: "note".into(),
+                        data: format!("{epoch}-{i}").into_bytes(),
+                    },
+                }
+                .sign(d.key().signing_key())
+            })
+            .collect();
+        assert!(d.store().insert_batch(&facts).unwrap().rejected.is_empty());
+    }
+
+    fn snapshot(d: Device, target: u64) -> Device {
+        let mut fleet = LocalFleet::new(vec![Arc::new(d)]);
+        fleet
+            .snapshot(0, Epoch(target), &mut rand::rngs::OsRng)
+            .expect("snapshot ceremony");
+        let d = fleet.into_devices().pop().unwrap();
+        Arc::try_unwrap(d).ok().expect("no other handle")
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &to.join(e.file_name()));
+            } else {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
+
+    /// A home `a` with a snapshot at 3 and facts after it, and what a running device
+    /// of it would store next: a snapshot at 6 (its facts and blob, made on a copy).
+    fn home_and_a_newer_snapshot(dir: &Path) -> (PathBuf, Vec<VerifiedFact>, Vec<u8>) {
+        let a = dir.join("a");
+        let d = Device::init(&a, &mut rand::rngs::OsRng).unwrap();
+        add_notes(&d, 50, 1);
+        let d = snapshot(d, 3);
+        add_notes(&d, 50, 4);
+        drop(d);
+        let b = dir.join("b");
+        copy_dir(&a, &b);
+        let later = snapshot(Device::open(&b).unwrap(), 6);
+        let ns = later.namespace();
+        // The copy's facts the original lacks.
+        let original = Device::open(&a).unwrap();
+        let mut new_facts = Vec::new();
+        for f in later.store().scan(ns, ..).unwrap() {
+            let f = f.unwrap();
+            if !original.store().contains(ns, f.epoch, &f.id).unwrap() {
+                new_facts.push(f.verify().unwrap());
+            }
+        }
+        let latest = later
+            .store()
+            .maintenance_state(ns)
+            .unwrap()
+            .latest_snapshot
+            .unwrap();
+        assert_eq!(latest.snapshot.epoch, Epoch(6));
+        let blob = later
+            .store()
+            .get_blob(&latest.snapshot.blob_cid)
+            .unwrap()
+            .unwrap();
+        (a, new_facts, blob)
+    }
+
+    #[test]
+    fn a_snapshot_completed_during_the_export_is_caught_and_the_export_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, new_facts, blob) = home_and_a_newer_snapshot(dir.path());
+        let d = Device::open(&a).unwrap();
+        let ns = d.namespace();
+        let store = d.store();
+        let (enc, dec) = {
+            let id = age::x25519::Identity::generate();
+            (
+                Encryption::Recipients(vec![id.to_public()]),
+                crate::Decryption::Identities(vec![id]),
+            )
+        };
+        let opts = ExportOptions::new(&enc);
+        // The newer snapshot lands after export read the snapshot at 3 and before it
+        // scans the tail, as sync would bring it to a running device.
+        let mut landed = false;
+        let mut land = || {
+            if !landed {
+                landed = true;
+                store
+                    .put_blob(tend_core::ids::CODEC_DAG_CBOR, &blob)
+                    .unwrap();
+                assert!(store.insert_batch(&new_facts).unwrap().rejected.is_empty());
+            }
+        };
+        let one = export_between(store, ns, Vec::new(), &opts, &mut land);
+        assert!(
+            matches!(one, Err(BackupError::Concurrent(_))),
+            "{:?}",
+            one.map(|(r, _)| r)
+        );
+        drop(d);
+
+        // Again from the start on a fresh copy, through export_file: the second attempt
+        // takes the snapshot at 6, and the archive verifies.
+        let dir2 = tempfile::tempdir().unwrap();
+        let (a, new_facts, blob) = home_and_a_newer_snapshot(dir2.path());
+        let d = Device::open(&a).unwrap();
+        let (ns, store) = (d.namespace(), d.store());
+        let mut landed = false;
+        let mut land = || {
+            if !landed {
+                landed = true;
+                store
+                    .put_blob(tend_core::ids::CODEC_DAG_CBOR, &blob)
+                    .unwrap();
+                assert!(store.insert_batch(&new_facts).unwrap().rejected.is_empty());
+            }
+        };
+        let out = dir2.path().join("b.age");
+        let report = export_file_between(store, ns, &out, &opts, &mut land).unwrap();
+        // (Without the check, this archive of the snapshot at 3 with the completion at 6
+        // in its tail is refused: its replayed journal ends on another snapshot.)
+        let v = crate::verify_file(&out, &dec, None).unwrap();
+        assert_eq!(report.snapshot_epoch, Some(6));
+        assert_eq!(v.snapshot_epoch, Some(6));
+        assert_eq!(v.tail_facts, report.tail_facts);
     }
 }

@@ -139,10 +139,7 @@ fn export_file_once(
             .into_inner()
             .map_err(|e| BackupError::io(&tmp, e.into_error()))?;
         file.sync_all().map_err(|e| BackupError::io(&tmp, e))?;
-        if path.exists() {
-            return Err(BackupError::OutputExists(path.to_owned()));
-        }
-        std::fs::rename(&tmp, path).map_err(|e| BackupError::io(path, e))?;
+        publish(&tmp, path)?;
         Ok(report)
     })();
     if result.is_err() {
@@ -151,13 +148,38 @@ fn export_file_once(
     result
 }
 
-/// A path next to `path` that shares its directory (so a rename is atomic).
+/// Gives the finished archive `tmp` its name `path` unless something took that name
+/// meanwhile (another export, possibly in the same running device): a hard link fails if
+/// `path` exists, where a rename would replace it. Where hard links are not supported,
+/// a check and a rename, which leaves a short window.
+fn publish(tmp: &Path, path: &Path) -> Result<(), BackupError> {
+    match std::fs::hard_link(tmp, path) {
+        Ok(()) => {
+            let _ = std::fs::remove_file(tmp);
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            Err(BackupError::OutputExists(path.to_owned()))
+        }
+        Err(_) => {
+            if path.exists() {
+                return Err(BackupError::OutputExists(path.to_owned()));
+            }
+            std::fs::rename(tmp, path).map_err(|e| BackupError::io(path, e))
+        }
+    }
+}
+
+/// A path next to `path` that shares its directory (so a rename is atomic). Unique per
+/// call within the process too: a running device may export twice at once.
 pub(crate) fn sibling(path: &Path, what: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "tend-backup".into());
-    path.with_file_name(format!(".{name}.{what}-{}", std::process::id()))
+    path.with_file_name(format!(".{name}.{what}-{}-{n}", std::process::id()))
 }
 
 /// Exports journal `ns` of `store` into `out` and returns `out` when the archive is

@@ -431,3 +431,71 @@ fn bad_export_input_through_the_socket_is_one_line_and_leaves_no_file() {
     assert_eq!(entries(&out_dir), vec!["b.age".to_string()]);
     device.stop();
 }
+
+#[test]
+fn two_exports_at_once_on_one_device_never_share_or_replace_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = home_with_snapshot(dir.path(), 20_000);
+    let (_, id_file, recipient) = age_key(dir.path());
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let device = Running::start(&h);
+    let export_all = |outs: Vec<PathBuf>| {
+        let threads: Vec<_> = outs
+            .into_iter()
+            .map(|out| {
+                let (h, recipient) = (h.clone(), recipient.clone());
+                std::thread::spawn(move || {
+                    common::tend(
+                        &h,
+                        &[
+                            "backup",
+                            "export",
+                            "--out",
+                            s(&out),
+                            "--recipient",
+                            &recipient,
+                        ],
+                    )
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect::<Vec<_>>()
+    };
+    // Two archives at once: both written, both whole.
+    let (a, b) = (out_dir.join("a.age"), out_dir.join("b.age"));
+    for o in export_all(vec![a.clone(), b.clone()]) {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    for archive in [&a, &b] {
+        ok_json(
+            &h,
+            &[
+                "backup",
+                "verify",
+                "--in",
+                s(archive),
+                "--identity",
+                s(&id_file),
+            ],
+        );
+    }
+    // Two at once to one name: one archive, the other export refused, no leftovers.
+    let c = out_dir.join("c.age");
+    let outs = export_all(vec![c.clone(), c.clone()]);
+    let ok = outs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(ok, 1, "exactly one export takes the name");
+    let refused = outs.iter().find(|o| !o.status.success()).unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert_eq!(entries(&out_dir), ["a.age", "b.age", "c.age"]);
+    ok_json(
+        &h,
+        &["backup", "verify", "--in", s(&c), "--identity", s(&id_file)],
+    );
+    device.stop();
+}

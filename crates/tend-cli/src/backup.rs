@@ -24,6 +24,8 @@ use crate::output::Output;
 #[derive(Subcommand, Debug)]
 pub enum BackupCommand {
     /// Write an encrypted archive of the latest snapshot and the journal after it.
+    ///
+    /// On a running device the device writes it, and keeps syncing meanwhile.
     Export {
         /// The archive to write (must not exist).
         #[arg(long, value_name = "FILE")]

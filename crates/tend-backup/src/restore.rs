@@ -17,9 +17,8 @@
 //!
 //! Memory: the blob's item list (40 bytes per covered fact) streams by and is never held;
 //! tail facts are verified and written in batches of at most [`BATCH_FACTS`] facts or
-//! [`BATCH_BYTES`] bytes. What grows with the archive is the blob's facts, the anchor,
-//! the manifest (one line per 4 MiB chunk) and, in a restore only, one copy of the blob on
-//! its way into the store, which keeps a blob as one value.
+//! [`BATCH_BYTES`] bytes. The blob streams into the store chunk by chunk. What grows with
+//! the archive is the blob's facts, the anchor and the manifest (one line per 4 MiB chunk).
 
 use std::cell::Cell;
 use std::collections::HashSet;

@@ -547,25 +547,27 @@ impl Node {
     ///
     /// Every member of this journal must be at this device's maintenance epoch, so it
     /// syncs first; a run that fails because a participant is (or, when it finished, was)
-    /// at another epoch (a snapshot completed meanwhile) gets one more sync round and run.
+    /// at another epoch (a snapshot completed meanwhile) syncs and runs again until
+    /// `timeout` has passed. More than one round may be needed: a member that lacks a
+    /// snapshot's blob holds the completion back until its own next round fetched the blob.
     pub async fn create_authority(
         &self,
         threshold: u16,
         members: &[DeviceId],
         timeout: Duration,
     ) -> Result<AuthorityCreated, DkgNetError> {
-        let mut retried = false;
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             self.sync_now().await;
             match self
                 .create_authority_once(threshold, members, timeout)
                 .await
             {
-                Err(e) if !retried && e.is_epoch_mismatch() => {
+                Err(e) if e.is_epoch_mismatch() && tokio::time::Instant::now() < deadline => {
                     tracing::info!(
                         "key generation at another maintenance epoch ({e}); syncing again"
                     );
-                    retried = true;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 other => return other,
             }

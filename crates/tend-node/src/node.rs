@@ -961,6 +961,7 @@ impl Inner {
             state: self.state().ok(),
             pending: Vec::new(),
             pending_ids: HashSet::new(),
+            adopted: None,
         }
     }
 
@@ -980,6 +981,9 @@ impl Inner {
                     for r in &report.rejected {
                         self.metrics.reject(r.error.reason(), 1);
                     }
+                    if let Some((epoch, covered)) = &host.adopted {
+                        self.retract_uncovered(*epoch, covered);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!("cannot store received facts: {e}");
@@ -988,6 +992,32 @@ impl Inner {
             }
         }
         self.check_epoch(m)
+    }
+
+    /// Once the snapshot at `epoch` is this device's latest, drops the maintenance facts
+    /// below it that its blob does not list (see
+    /// [`tend_store::Store::retract_uncovered_maintenance`]).
+    fn retract_uncovered(&self, epoch: Epoch, covered: &HashSet<FactId>) {
+        let adopted = self
+            .state()
+            .ok()
+            .and_then(|s| s.latest_snapshot.map(|l| l.snapshot.epoch))
+            == Some(epoch);
+        if !adopted {
+            return;
+        }
+        match self
+            .store()
+            .retract_uncovered_maintenance(self.namespace(), epoch, covered)
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                "dropped {n} maintenance facts below snapshot {epoch} that it does not cover"
+            ),
+            Err(e) => {
+                tracing::warn!("cannot drop facts the snapshot at {epoch} does not cover: {e}")
+            }
+        }
     }
 
     /// Tells the manager when the store's identity epoch moved past the one sessions run
@@ -1138,6 +1168,9 @@ struct StoreHost<'a> {
     state: Option<MaintenanceState>,
     pending: Vec<VerifiedFact>,
     pending_ids: HashSet<FactId>,
+    /// A snapshot adopted in this batch with its blob: its epoch and the ids of the
+    /// maintenance and authority facts below it, which are all that may stay there.
+    adopted: Option<(Epoch, HashSet<FactId>)>,
 }
 
 impl FactHost for StoreHost<'_> {
@@ -1171,6 +1204,12 @@ impl FactHost for StoreHost<'_> {
             // the same batch (DESIGN rule 5, as the simulator's `settle` hydrates them).
             match self.inner.snapshot_state_facts(fact.namespace(), cid) {
                 SnapshotFacts::Facts(facts) => {
+                    if let Payload::Maintenance(MaintenanceFact::SnapshotCompleted(c)) =
+                        fact.payload()
+                    {
+                        let covered = facts.iter().map(VerifiedFact::id).collect();
+                        self.adopted = Some((c.snapshot.epoch, covered));
+                    }
                     for f in facts {
                         if !self.holds(&f) {
                             // Inadmissible ones are not ours to store; the rest go in.

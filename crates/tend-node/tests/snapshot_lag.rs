@@ -4,6 +4,9 @@
 //! that was behind when the snapshot completed took the completion, after which every
 //! fact below the snapshot was `Late` for it and below every session's floor, so the
 //! device metadata and proposal it had missed never arrived and digests never agreed.
+//! And the other way round: a state fact the cut-off member wrote below the snapshot, which
+//! every other replica refuses as `Late`, must go from its journal once it adopts the
+//! snapshot, or its journal and state would differ from everyone else's for good.
 
 mod common;
 
@@ -60,8 +63,7 @@ async fn a_member_that_missed_a_snapshot_gets_the_state_facts_below_it() {
         .expect("key generation over the network");
     let refs: Vec<&Node> = nodes.iter().collect();
     // Members advertise their metadata once they have joined; let that settle first, so
-    // device 2 holds nothing the others lack when it is cut off (an uncovered fact of its
-    // own below the snapshot is another matter: maintenance facts are not re-issued).
+    // device 2 holds nothing the others lack when it is cut off but what it writes then.
     for n in &nodes {
         wait_for("everyone's metadata", Duration::from_secs(20), || {
             state(n).device_metadata.len() == 3
@@ -81,14 +83,23 @@ async fn a_member_that_missed_a_snapshot_gets_the_state_facts_below_it() {
             },
         )))
         .expect("append");
+    // Meanwhile device 2 writes a state fact of its own that the snapshot will not cover.
+    let stray = nodes[2]
+        .append(Payload::Maintenance(MaintenanceFact::CacheInvalidated(
+            CacheInvalidated {
+                keys: vec!["stray".into()],
+                epoch_floor: state(&nodes[2]).current_epoch(),
+            },
+        )))
+        .expect("append");
     converge(&refs[..2], Duration::from_secs(20)).await;
     let done = nodes[1]
         .propose_snapshot(None, Duration::from_secs(20))
         .await
         .expect("ceremony between the two connected members");
     assert!(
-        missed.epoch() < done.snapshot.epoch,
-        "the fact lies below the snapshot"
+        missed.epoch() < done.snapshot.epoch && stray.epoch() < done.snapshot.epoch,
+        "both facts lie below the snapshot"
     );
     converge(&refs[..2], Duration::from_secs(20)).await;
     assert!(
@@ -136,6 +147,14 @@ async fn a_member_that_missed_a_snapshot_gets_the_state_facts_below_it() {
         .store()
         .contains(missed.namespace(), missed.epoch(), &missed.id())
         .unwrap());
+    // The stray fact was never part of the journal the others agreed on: it is gone.
+    for n in &nodes {
+        assert!(!n
+            .device()
+            .store()
+            .contains(stray.namespace(), stray.epoch(), &stray.id())
+            .unwrap());
+    }
     assert_eq!(
         state(&nodes[2]).state_digest(),
         state(&nodes[1]).state_digest()

@@ -1,7 +1,7 @@
 //! The journal index: batch admission of verified facts, ordered scans, lookups, digests and
 //! per-namespace statistics.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::{Bound, RangeBounds};
 
 use redb::{ReadOnlyTable, ReadableTable, ReadableTableMetadata, Table};
@@ -464,6 +464,69 @@ impl Store {
             states.insert(ns, s);
         }
         Ok(report)
+    }
+
+    /// Deletes the maintenance and authority facts of `ns` below `below` that are not in
+    /// `covered`, and reduces the state again; returns how many went.
+    ///
+    /// Called when a snapshot at `below` is adopted with its blob, whose facts are every
+    /// maintenance and authority fact below its epoch (`covered`). A fact below the
+    /// snapshot that it does not list was written or learned while this device was cut off
+    /// from the signers: every other replica refuses it as `Late`, so keeping it here would
+    /// leave this replica's journal and reduced state different from all the others for
+    /// good (found by tend-sim, whose `settle` drops it the same way). Application facts
+    /// are not touched: rule 5 re-issues the author's own, and GC prunes the rest.
+    pub fn retract_uncovered_maintenance(
+        &self,
+        ns: JournalNamespace,
+        below: Epoch,
+        covered: &HashSet<FactId>,
+    ) -> Result<u64, StoreError> {
+        let _writer = self.lock_writer();
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let dropped;
+        let state;
+        {
+            let mut facts = tx.open_table(FACTS).map_err(|e| self.err(e))?;
+            let mut maint = tx.open_table(MAINT).map_err(|e| self.err(e))?;
+            let mut namespaces = tx.open_table(NAMESPACES).map_err(|e| self.err(e))?;
+            let author_by_no = tx.open_table(AUTHOR_BY_NO).map_err(|e| self.err(e))?;
+            let Some(mut rec) = self.ns_record(&namespaces, &ns)? else {
+                return Ok(0);
+            };
+            let (start, end) = codec::epoch_range(rec.no, Epoch::ZERO, Some(below));
+            let end = end.ok_or_else(|| self.corrupt("no end key below an epoch"))?;
+            let mut doomed = Vec::new();
+            for item in maint
+                .range::<&FactKey>(&start..&end)
+                .map_err(|e| self.err(e))?
+            {
+                let (k, _) = item.map_err(|e| self.err(e))?;
+                let key = *k.value();
+                let (_, _, id) = codec::split_key(&key);
+                if !covered.contains(&id) {
+                    doomed.push(key);
+                }
+            }
+            if doomed.is_empty() {
+                return Ok(0);
+            }
+            for key in &doomed {
+                maint.remove(key).map_err(|e| self.err(e))?;
+                // Pruned facts live on in the maintenance table only.
+                if facts.remove(key).map_err(|e| self.err(e))?.is_some() {
+                    rec.count = rec.count.saturating_sub(1);
+                }
+            }
+            namespaces
+                .insert(&ns.to_bytes(), &rec.to_bytes())
+                .map_err(|e| self.err(e))?;
+            state = self.reduce_in(&maint, &author_by_no, ns, &rec)?;
+            dropped = doomed.len() as u64;
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        self.lock_states().insert(ns, state);
+        Ok(dropped)
     }
 
     /// Streams the facts of `ns` with epochs in `epochs`, in `(epoch, id)` order. Each item is

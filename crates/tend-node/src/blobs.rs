@@ -9,6 +9,7 @@
 //! Both sides bound a blob by their `max_blob_bytes`; the receiver refuses a larger
 //! announcement before reading it, and stores nothing that does not hash to the CID.
 
+use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -168,17 +169,55 @@ async fn answer(
         let _ = send.finish();
         return Ok(());
     };
+    // The blob goes out chunk by chunk as the store reads it, so serving a large snapshot
+    // blob holds two frames, not the blob.
+    let (size_tx, size_rx) = tokio::sync::oneshot::channel::<Option<u64>>();
+    let (chunk_tx, mut chunk_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
     let d = device.clone();
-    let blob = tokio::task::spawn_blocking(move || d.store().get_blob(&cid))
-        .await
-        .ok()
-        .and_then(|r| r.ok())
-        .flatten();
-    match blob {
-        Some(bytes) if bytes.len() as u64 > max => {
-            write_response(&mut send, status::TOO_LARGE, bytes.len() as u64, &[]).await?
+    tokio::task::spawn_blocking(move || {
+        let Some(mut reader) = d.store().blob_reader(&cid).ok().flatten() else {
+            let _ = size_tx.send(None);
+            return;
+        };
+        let len = reader.len();
+        if size_tx.send(Some(len)).is_err() || len > max {
+            return;
         }
-        Some(bytes) => write_response(&mut send, status::FOUND, bytes.len() as u64, &bytes).await?,
+        loop {
+            let mut frame = Vec::with_capacity(CHUNK_BYTES);
+            match (&mut reader)
+                .take(CHUNK_BYTES as u64)
+                .read_to_end(&mut frame)
+            {
+                Ok(0) => return,
+                Ok(_) => {
+                    if chunk_tx.blocking_send(frame).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    // Dropping the sender cuts the answer short; the peer checks the CID.
+                    tracing::warn!("cannot read blob {cid} to serve it: {e}");
+                    return;
+                }
+            }
+        }
+    });
+    match size_rx.await.ok().flatten() {
+        Some(size) if size > max => write_response(&mut send, status::TOO_LARGE, size, &[]).await?,
+        Some(size) => {
+            write_response(&mut send, status::FOUND, size, &[]).await?;
+            let mut sent = 0u64;
+            while let Some(frame) = chunk_rx.recv().await {
+                sent += frame.len() as u64;
+                endpoint::write_frame(&mut send, &frame).await?;
+            }
+            if sent != size {
+                // Reset rather than finish, so the peer sees a broken answer at once.
+                let _ = send.reset(0u32.into());
+                return Ok(());
+            }
+        }
         None => write_response(&mut send, status::MISSING, 0, &[]).await?,
     }
     let _ = send.finish();

@@ -103,6 +103,7 @@ impl Reconciler {
         if self.neg.is_initiator() {
             return Err(ReconcileError::Role("the initiator cannot respond"));
         }
+        check_v1(msg)?;
         Ok(self.neg.reconcile(msg)?)
     }
 
@@ -111,6 +112,7 @@ impl Reconciler {
         if !self.neg.is_initiator() {
             return Err(ReconcileError::Role("the responder has no have/need ids"));
         }
+        check_v1(msg)?;
         let (mut have, mut need): (Vec<Id>, Vec<Id>) = (Vec::new(), Vec::new());
         let next = self.neg.reconcile_with_ids(msg, &mut have, &mut need)?;
         let conv = |v: Vec<Id>| v.into_iter().map(|id| FactId(id.to_bytes())).collect();
@@ -122,10 +124,36 @@ impl Reconciler {
     }
 }
 
+/// Refuses a v1 message that does not parse to its end (other versions are left to the
+/// downgrade rules).
+fn check_v1(msg: &[u8]) -> Result<(), ReconcileError> {
+    if msg.first() == Some(&NEGENTROPY_V1) && !is_well_formed_v1(msg) {
+        return Err(ReconcileError::Protocol(
+            "the message ends inside a range or is malformed".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The ids listed in the `IdList` ranges of a negentropy v1 message, in message order, or
 /// `None` if the message does not parse. A responder's answer lists the ids of small
 /// differing ranges; wants can then name entries of it by position instead of by id.
 pub fn id_list_entries(msg: &[u8]) -> Option<Vec<FactId>> {
+    let mut ids = Vec::new();
+    walk_v1(msg, &mut |id| ids.push(id))?;
+    Some(ids)
+}
+
+/// Whether a negentropy v1 message parses to its end: every number complete, bounds of at
+/// most 32 id bytes, known modes, whole fingerprints and id lists. The reference
+/// implementations refuse a message that ends inside a number; negentropy 0.5.3 reads the
+/// missing number as 0 (a skip) and answers it, so we check first.
+fn is_well_formed_v1(msg: &[u8]) -> bool {
+    walk_v1(msg, &mut |_| {}).is_some()
+}
+
+/// Parses a v1 message range by range, calling `on_id` for every id of an `IdList`.
+fn walk_v1(msg: &[u8], on_id: &mut dyn FnMut(FactId)) -> Option<()> {
     fn varint(b: &mut &[u8]) -> Option<u64> {
         let mut v: u64 = 0;
         loop {
@@ -149,7 +177,6 @@ pub fn id_list_entries(msg: &[u8]) -> Option<Vec<FactId>> {
     if version != NEGENTROPY_V1 {
         return None;
     }
-    let mut ids = Vec::new();
     while !b.is_empty() {
         varint(&mut b)?; // bound timestamp
         let len = usize::try_from(varint(&mut b)?).ok()?;
@@ -169,13 +196,13 @@ pub fn id_list_entries(msg: &[u8]) -> Option<Vec<FactId>> {
                 }
                 for _ in 0..n {
                     let id: [u8; 32] = skip(&mut b, 32)?.try_into().ok()?;
-                    ids.push(FactId(id));
+                    on_id(FactId(id));
                 }
             }
             _ => return None,
         }
     }
-    Some(ids)
+    Some(())
 }
 
 #[cfg(test)]
@@ -284,6 +311,15 @@ mod tests {
         assert!(r.respond(&[0x61, 0x00, 0x00, 0x07]).is_err());
         assert!(r.respond(&[0x61, 0x00, 0x00, 0x01, 0xaa]).is_err());
         assert!(r.respond(&[0x01]).is_err());
+        // A message that ends inside a number is refused, as the reference does (the
+        // crate alone would read the missing number as a skip and answer).
+        for truncated in [
+            &[0x61, 0x80][..],
+            &[0x61, 0x00, 0x00],
+            &[0x61, 0x00, 0x00, 0x02, 0x00, 0xff],
+        ] {
+            assert!(r.respond(truncated).is_err(), "{truncated:02x?}");
+        }
         // Downgrade answer to an unknown version of the v1 family.
         assert_eq!(r.respond(&[0x62, 0x00]).unwrap(), vec![NEGENTROPY_V1]);
     }

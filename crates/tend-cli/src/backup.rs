@@ -318,28 +318,38 @@ pub fn triggers(home: &Path, args: TriggersArgs) -> CmdResult {
     let device = Device::open(home)?;
     let store = device.store();
     let mut t = tend_backup::triggers::load_triggers(store)?;
-    let changed = args.facts.is_some() || args.bytes.is_some() || args.age_secs.is_some();
-    if let Some(v) = args.facts {
-        t.facts = v;
-    }
-    if let Some(v) = args.bytes {
-        t.bytes = v;
-    }
-    if let Some(v) = args.age_secs {
-        t.age_secs = v;
-    }
+    let changed = merge_triggers(&mut t, &args);
     if changed {
         tend_backup::triggers::save_triggers(store, &t)?;
     }
+    Ok(triggers_output(t, changed))
+}
+
+/// Puts the limits given in `args` into `t`; whether any was given.
+pub(crate) fn merge_triggers(t: &mut SnapshotTriggers, args: &TriggersArgs) -> bool {
+    for (given, field) in [
+        (args.facts, &mut t.facts),
+        (args.bytes, &mut t.bytes),
+        (args.age_secs, &mut t.age_secs),
+    ] {
+        if let Some(v) = given {
+            *field = v;
+        }
+    }
+    args.facts.is_some() || args.bytes.is_some() || args.age_secs.is_some()
+}
+
+/// What `tend snapshot triggers` prints, whether the device runs or not.
+pub(crate) fn triggers_output(t: SnapshotTriggers, changed: bool) -> Output {
     let human = format!(
         "{}snapshot triggers: {}",
         if changed { "set " } else { "" },
-        describe(&t)
+        describe_triggers(&t)
     );
-    Ok(Output::new(t, human))
+    Output::new(t, human)
 }
 
-fn describe(t: &SnapshotTriggers) -> String {
+fn describe_triggers(t: &SnapshotTriggers) -> String {
     let show = |v: u64, unit: &str| {
         if v == 0 {
             "off".to_string()
@@ -356,16 +366,20 @@ fn describe(t: &SnapshotTriggers) -> String {
 }
 
 /// Adds the device's snapshot triggers to `tend snapshot status` output.
-pub fn with_triggers(home: &Path, mut out: Output) -> CmdResult {
+pub fn with_triggers(home: &Path, out: Output) -> CmdResult {
     let device = Device::open(home)?;
-    let t = tend_backup::triggers::load_triggers(device.store())?;
+    add_triggers(out, tend_backup::triggers::load_triggers(device.store())?)
+}
+
+/// Adds snapshot triggers `t` to `tend snapshot status` output.
+pub(crate) fn add_triggers(mut out: Output, t: SnapshotTriggers) -> CmdResult {
     if let Some(obj) = out.json.as_object_mut() {
         obj.insert("triggers".into(), serde_json::to_value(t)?);
     }
     out.human = format!(
         "{}\nsnapshot triggers: {}",
         out.human.trim_end(),
-        describe(&t)
+        describe_triggers(&t)
     );
     Ok(out)
 }

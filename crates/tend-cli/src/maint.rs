@@ -212,16 +212,7 @@ pub fn snapshot(home: &Path, cmd: SnapshotCommand) -> CmdResult {
                 let t = c
                     .get_setting::<SnapshotTriggers>(TRIGGERS_SETTING)?
                     .unwrap_or_default();
-                let mut out = snapshot_status_output(s);
-                if let Some(obj) = out.json.as_object_mut() {
-                    obj.insert("triggers".into(), serde_json::to_value(t)?);
-                }
-                out.human = format!(
-                    "{}\nsnapshot triggers: {}",
-                    out.human.trim_end(),
-                    describe_triggers(&t)
-                );
-                Ok(out)
+                crate::backup::add_triggers(snapshot_status_output(s), t)
             }
             Target::Stopped(d) => {
                 let out = snapshot_status_output(d.snapshot_status()?);
@@ -271,43 +262,11 @@ fn triggers_via_socket(mut c: Client, args: crate::backup::TriggersArgs) -> CmdR
     let mut t = c
         .get_setting::<SnapshotTriggers>(TRIGGERS_SETTING)?
         .unwrap_or_default();
-    let changed = args.facts.is_some() || args.bytes.is_some() || args.age_secs.is_some();
-    if let Some(v) = args.facts {
-        t.facts = v;
-    }
-    if let Some(v) = args.bytes {
-        t.bytes = v;
-    }
-    if let Some(v) = args.age_secs {
-        t.age_secs = v;
-    }
+    let changed = crate::backup::merge_triggers(&mut t, &args);
     if changed {
         c.put_setting(TRIGGERS_SETTING, &t)?;
     }
-    let human = format!(
-        "{}snapshot triggers: {}",
-        if changed { "set " } else { "" },
-        describe_triggers(&t)
-    );
-    Ok(Output::new(t, human))
-}
-
-/// The triggers as `crate::backup` words them on a stopped device (the tests compare
-/// both paths' text).
-fn describe_triggers(t: &SnapshotTriggers) -> String {
-    let show = |v: u64, unit: &str| {
-        if v == 0 {
-            "off".to_string()
-        } else {
-            format!("{v}{unit}")
-        }
-    };
-    format!(
-        "facts {}, bytes {}, age {}",
-        show(t.facts, ""),
-        show(t.bytes, ""),
-        show(t.age_secs, "s")
-    )
+    Ok(crate::backup::triggers_output(t, changed))
 }
 
 pub fn gc(home: &Path, args: GcArgs) -> CmdResult {

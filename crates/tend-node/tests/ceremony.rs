@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_bytes::ByteBuf;
@@ -43,14 +43,6 @@ fn state(node: &Node) -> MaintenanceState {
     d.store().maintenance_state(d.namespace()).expect("state")
 }
 
-async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Creates a 2-of-3 authority of the three nodes over the network and waits until every
 /// node has the membership.
 async fn authority(nodes: &[Node]) {
@@ -64,7 +56,7 @@ async fn authority(nodes: &[Node]) {
     assert_eq!(created.identity_epoch, 1);
     let ns = nodes[0].device().namespace();
     for n in nodes {
-        wait_for("membership everywhere", Duration::from_secs(10), || {
+        wait_until("membership everywhere", Duration::from_secs(10), || {
             n.device().namespace() == ns
                 && state(n)
                     .membership()
@@ -103,7 +95,7 @@ async fn dkg_over_the_network_then_a_snapshot_ceremony_completes_everywhere() {
         .await
         .expect("ceremony over the network");
     for n in &nodes {
-        wait_for("the snapshot everywhere", Duration::from_secs(15), || {
+        wait_until("the snapshot everywhere", Duration::from_secs(15), || {
             state(n)
                 .latest_snapshot
                 .as_ref()
@@ -153,7 +145,7 @@ async fn an_identity_epoch_advance_mid_ceremony_aborts_and_the_retry_completes()
             .propose_snapshot(None, Duration::from_secs(20))
             .await
     });
-    wait_for("the first proposal", Duration::from_secs(5), || {
+    wait_until("the first proposal", Duration::from_secs(5), || {
         !a.open_ceremonies().is_empty()
     })
     .await;
@@ -172,7 +164,7 @@ async fn an_identity_epoch_advance_mid_ceremony_aborts_and_the_retry_completes()
         .expect("the retry completes under the new key");
     assert_ne!(done.proposal_id, first, "completed by a retried proposal");
     for n in [a, b] {
-        wait_for("the snapshot on a and b", Duration::from_secs(15), || {
+        wait_until("the snapshot on a and b", Duration::from_secs(15), || {
             let s = state(n);
             s.identity_epoch() == 2
                 && s.latest_snapshot

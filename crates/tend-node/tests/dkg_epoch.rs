@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use tend_core::authority::AuthorityFact;
@@ -16,14 +16,6 @@ use tend_node::{Device, Node, NodeConfig};
 fn state(node: &Node) -> MaintenanceState {
     let d = node.device();
     d.store().maintenance_state(d.namespace()).expect("state")
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn set_blocked(a: &Node, b: &Node, blocked: bool) {
@@ -81,7 +73,7 @@ async fn an_admin_behind_a_snapshot_syncs_before_key_generation_and_lagging_memb
         .expect("key generation over the network");
     let ns = nodes[0].device().namespace();
     for n in &nodes {
-        wait_for("membership everywhere", Duration::from_secs(10), || {
+        wait_until("membership everywhere", Duration::from_secs(10), || {
             n.device().namespace() == ns
                 && state(n).membership().is_some_and(|m| m.identity_epoch == 1)
         })
@@ -138,7 +130,7 @@ async fn an_admin_behind_a_snapshot_syncs_before_key_generation_and_lagging_memb
         n.sync_now().await;
     }
     for n in &nodes {
-        wait_for(
+        wait_until(
             "identity epoch 2 everywhere",
             Duration::from_secs(10),
             || state(n).identity_epoch() == 2,

@@ -22,14 +22,6 @@ fn state(node: &Node) -> MaintenanceState {
     d.store().maintenance_state(d.namespace()).expect("state")
 }
 
-async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn cut(a: &Node, b: &Node) {
     a.block_peer(b.device_id());
     b.block_peer(a.device_id());
@@ -65,7 +57,7 @@ async fn a_member_that_missed_a_snapshot_gets_the_state_facts_below_it() {
     // Members advertise their metadata once they have joined; let that settle first, so
     // device 2 holds nothing the others lack when it is cut off but what it writes then.
     for n in &nodes {
-        wait_for("everyone's metadata", Duration::from_secs(20), || {
+        wait_until("everyone's metadata", Duration::from_secs(20), || {
             state(n).device_metadata.len() == 3
         })
         .await;
@@ -114,7 +106,7 @@ async fn a_member_that_missed_a_snapshot_gets_the_state_facts_below_it() {
     // Healed, device 2 learns the snapshot and, with it, the state fact below it.
     heal(&nodes[0], &nodes[2]);
     heal(&nodes[1], &nodes[2]);
-    wait_for("the snapshot on device 2", Duration::from_secs(20), || {
+    wait_until("the snapshot on device 2", Duration::from_secs(20), || {
         state(&nodes[2])
             .latest_snapshot
             .as_ref()

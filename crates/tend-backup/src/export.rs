@@ -563,11 +563,7 @@ impl<W: Write> TarWriter<W> {
         h.set_size(size);
         h.set_mode(0o600);
         h.set_mtime(self.mtime);
-        let mut src = HashingReader {
-            inner: data.take(size),
-            hasher: blake3::Hasher::new(),
-            n: 0,
-        };
+        let mut src = HashingReader::new(data.take(size));
         self.tar
             .append_data(&mut h, name, &mut src)
             .map_err(damaged_out)?;
@@ -578,20 +574,43 @@ impl<W: Write> TarWriter<W> {
                 format!("member {name}: {} of {size} bytes could be read", src.n),
             )));
         }
-        self.members.push(MemberHash {
-            name: name.into(),
-            size,
-            blake3: src.hasher.finalize().to_hex().to_string(),
-        });
+        self.members.push(src.member(name));
         Ok(())
     }
 }
 
-/// Hashes and counts what passes through.
-struct HashingReader<R> {
+/// Hashes and counts what passes through: a member as export writes it or a reader
+/// reads it.
+pub(crate) struct HashingReader<R> {
     inner: R,
     hasher: blake3::Hasher,
-    n: u64,
+    /// Bytes read so far.
+    pub(crate) n: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub(crate) fn new(inner: R) -> Self {
+        Self {
+            inner,
+            hasher: blake3::Hasher::new(),
+            n: 0,
+        }
+    }
+
+    /// The manifest entry of what was read so far, under `name`.
+    pub(crate) fn member(&self, name: &str) -> MemberHash {
+        MemberHash {
+            name: name.into(),
+            size: self.n,
+            blake3: self.hasher.finalize().to_hex().to_string(),
+        }
+    }
+
+    /// Drains what the consumer left unread, then returns the entry (unnamed).
+    pub(crate) fn finish(mut self) -> io::Result<MemberHash> {
+        io::copy(&mut self, &mut io::sink())?;
+        Ok(self.member(""))
+    }
 }
 
 impl<R: Read> Read for HashingReader<R> {

@@ -40,7 +40,7 @@ use tend_snapshot::HydrateError;
 use tend_store::{BlobWriter, Store};
 
 use crate::error::BackupError;
-use crate::export::{sibling, Progress};
+use crate::export::{sibling, HashingReader, Progress};
 use crate::format::{
     member, Header, Manifest, MemberHash, ARCHIVE_FORMAT_NAME, ARCHIVE_FORMAT_VERSION, FRAME_LEN,
     MAX_ANCHOR_BYTES, MAX_BLOB_BYTES, MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, MAX_PREFIX_BYTES,
@@ -304,7 +304,7 @@ fn read_plain<T: RestoreTarget>(
             let size = entry.size();
             let mut hashing = HashingReader::new(&mut entry);
             let r = hydrate_snapshot(ns, &mut hashing, size, prefix.take(), facts, store)?;
-            read.push(&name, hashing.finish()?);
+            read.push(&name, hashing.finish().map_err(damaged)?);
             replay = Some(r);
         } else if replay
             .as_ref()
@@ -313,7 +313,7 @@ fn read_plain<T: RestoreTarget>(
             if let Some(r) = replay.as_mut() {
                 let mut hashing = HashingReader::new(&mut entry);
                 r.read_chunk(&mut hashing, &name, store)?;
-                read.push(&name, hashing.finish()?);
+                read.push(&name, hashing.finish().map_err(damaged)?);
                 r.chunks += 1;
             }
         } else if name == member::MANIFEST && replay.is_some() {
@@ -446,7 +446,7 @@ impl ReadMembers {
                 "member {name} is larger than {max} bytes"
             )));
         }
-        self.push(name, hashing.finish()?);
+        self.push(name, hashing.finish().map_err(damaged)?);
         Ok(out)
     }
 
@@ -1027,42 +1027,6 @@ fn damaged(e: io::Error) -> BackupError {
     // age reports a payload chunk that fails authentication as InvalidData and a cut
     // file as UnexpectedEof; zstd and tar errors are io::Errors too.
     BackupError::Damaged(e.to_string().replace('\n', " "))
-}
-
-/// Hashes a member while it streams by.
-struct HashingReader<R> {
-    inner: R,
-    hasher: blake3::Hasher,
-    n: u64,
-}
-
-impl<R: Read> HashingReader<R> {
-    fn new(inner: R) -> Self {
-        Self {
-            inner,
-            hasher: blake3::Hasher::new(),
-            n: 0,
-        }
-    }
-
-    /// Drains what the consumer left unread, then returns the member's size and hash.
-    fn finish(mut self) -> Result<MemberHash, BackupError> {
-        io::copy(&mut self, &mut io::sink()).map_err(damaged)?;
-        Ok(MemberHash {
-            name: String::new(),
-            size: self.n,
-            blake3: self.hasher.finalize().to_hex().to_string(),
-        })
-    }
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.n += n as u64;
-        Ok(n)
-    }
 }
 
 /// Counts archive bytes read and reports progress.

@@ -39,17 +39,7 @@ pub fn print(out: &Output, json: bool) {
 
 /// One line on stderr: the error and its causes, joined by ": " (JSON under `--json`).
 pub fn print_error(e: &(dyn Error + 'static), json: bool) {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = cause.source();
-    }
-    let line = line.replace('\n', " ");
+    let line = tend_node::control::error_line(e).replace('\n', " ");
     if json {
         eprintln!("{}", serde_json::json!({ "error": line }));
     } else {

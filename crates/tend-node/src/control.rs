@@ -558,8 +558,9 @@ async fn write_response(
     w.write_all(&line).await
 }
 
-/// One line for an error and its causes, as the CLI prints errors of a stopped device.
-fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
+/// One line for an error and its causes, joined by ": " (a cause already in the text is
+/// not repeated): how the device answers errors, and how the CLI prints its own.
+pub fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
     let mut line = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use common::*;
 use rand::{Rng, SeedableRng};
-use tend_backup::format::{member, Manifest, MemberHash, FRAME_LEN};
+use tend_backup::format::{member, Manifest, FRAME_LEN};
 use tend_backup::{export_file, verify_plain, ExportOptions, Header};
 
 fn corpus_dir() -> PathBuf {
@@ -138,22 +138,7 @@ fn members(plain: &[u8]) -> Vec<(String, Vec<u8>)> {
 fn pack(members: &[(String, Vec<u8>)], keep_manifest: bool, sizes: &[(&str, u64)]) -> Vec<u8> {
     let mut members = members.to_vec();
     if !keep_manifest {
-        let hashes: Vec<MemberHash> = members
-            .iter()
-            .filter(|(n, _)| n != member::MANIFEST)
-            .map(|(n, d)| MemberHash {
-                name: n.clone(),
-                size: d.len() as u64,
-                blake3: blake3::hash(d).to_hex().to_string(),
-            })
-            .collect();
-        for (n, d) in members.iter_mut() {
-            if n == member::MANIFEST {
-                let mut m: Manifest = serde_json::from_slice(d).expect("manifest");
-                m.members = hashes.clone();
-                *d = serde_json::to_vec(&m).expect("json");
-            }
-        }
+        restate_manifest(&mut members);
     }
     let mut tar = tar::Builder::new(Vec::new());
     for (n, d) in &members {

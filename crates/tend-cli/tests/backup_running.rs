@@ -19,6 +19,33 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `backup export --out OUT --recipient RECIPIENT`.
+fn export_args<'a>(out: &'a Path, recipient: &'a str) -> [&'a str; 6] {
+    [
+        "backup",
+        "export",
+        "--out",
+        s(out),
+        "--recipient",
+        recipient,
+    ]
+}
+
+/// `tend backup verify --in ARCHIVE --identity IDENTITY` on `home`, as JSON.
+fn verify(home: &Path, archive: &Path, identity: &Path) -> serde_json::Value {
+    ok_json(
+        home,
+        &[
+            "backup",
+            "verify",
+            "--in",
+            s(archive),
+            "--identity",
+            s(identity),
+        ],
+    )
+}
+
 /// A `tend run` process, killed if a test panics before stopping it.
 struct Running(Option<Child>);
 
@@ -174,17 +201,7 @@ fn export_from_a_running_device_while_facts_are_added() {
     for k in 0..3 {
         let before = added.load(Ordering::SeqCst);
         let out = dir.path().join(format!("live{k}.age"));
-        let r = ok_json(
-            &src,
-            &[
-                "backup",
-                "export",
-                "--out",
-                s(&out),
-                "--recipient",
-                &recipient,
-            ],
-        );
+        let r = ok_json(&src, &export_args(&out, &recipient));
         assert_eq!(r["out"], s(&out));
         archives.push((
             out,
@@ -202,17 +219,7 @@ fn export_from_a_running_device_while_facts_are_added() {
         // Everything up to the export's start is in it, and no more than was ever added.
         let tail = report["tail_facts"].as_u64().unwrap();
         assert!(tail >= 30_000 + added_before, "{report}");
-        let v = ok_json(
-            &src,
-            &[
-                "backup",
-                "verify",
-                "--in",
-                s(archive),
-                "--identity",
-                s(&id_file),
-            ],
-        );
+        let v = verify(&src, archive, &id_file);
         assert_eq!(v["tail_facts"], report["tail_facts"]);
         let m = manifest(archive, &id);
         assert_eq!(m["tail"]["facts"], report["tail_facts"]);
@@ -246,17 +253,7 @@ fn export_from_a_running_device_while_facts_are_added() {
     let latest = &ok_json(&new, &["snapshot", "status"])["latest"];
     assert_eq!(latest["digest"], m["snapshot"]["digest"]);
     assert_eq!(latest["epoch"], m["snapshot"]["epoch"]);
-    let v = ok_json(
-        &src,
-        &[
-            "backup",
-            "verify",
-            "--in",
-            s(archive),
-            "--identity",
-            s(&id_file),
-        ],
-    );
+    let v = verify(&src, archive, &id_file);
     assert_eq!(r["report"]["state_digest"], v["state_digest"]);
 }
 
@@ -363,30 +360,10 @@ fn bad_export_input_through_the_socket_is_one_line_and_leaves_no_file() {
     let out = out_dir.join("b.age");
     let device = Running::start(&h);
 
-    let e = fails_in_one_line(
-        &h,
-        &[
-            "backup",
-            "export",
-            "--out",
-            s(&out),
-            "--recipient",
-            "age1nope",
-        ],
-    );
+    let e = fails_in_one_line(&h, &export_args(&out, "age1nope"));
     assert!(e.starts_with("error: invalid recipient"), "{e}");
     let missing_dir = out_dir.join("no-such-dir").join("b.age");
-    let e = fails_in_one_line(
-        &h,
-        &[
-            "backup",
-            "export",
-            "--out",
-            s(&missing_dir),
-            "--recipient",
-            &recipient,
-        ],
-    );
+    let e = fails_in_one_line(&h, &export_args(&missing_dir, &recipient));
     assert!(e.contains("no-such-dir"), "{e}");
     let e = fails_in_one_line(
         &h,
@@ -403,29 +380,9 @@ fn bad_export_input_through_the_socket_is_one_line_and_leaves_no_file() {
     assert_eq!(entries(&out_dir), Vec::<String>::new());
 
     // A good one still works on the same device, and an existing file is not replaced.
-    ok_json(
-        &h,
-        &[
-            "backup",
-            "export",
-            "--out",
-            s(&out),
-            "--recipient",
-            &recipient,
-        ],
-    );
+    ok_json(&h, &export_args(&out, &recipient));
     let before = std::fs::read(&out).unwrap();
-    let e = fails_in_one_line(
-        &h,
-        &[
-            "backup",
-            "export",
-            "--out",
-            s(&out),
-            "--recipient",
-            &recipient,
-        ],
-    );
+    let e = fails_in_one_line(&h, &export_args(&out, &recipient));
     assert!(e.contains("already exists"), "{e}");
     assert_eq!(std::fs::read(&out).unwrap(), before);
     assert_eq!(entries(&out_dir), vec!["b.age".to_string()]);
@@ -445,19 +402,7 @@ fn two_exports_at_once_on_one_device_never_share_or_replace_a_file() {
             .into_iter()
             .map(|out| {
                 let (h, recipient) = (h.clone(), recipient.clone());
-                std::thread::spawn(move || {
-                    common::tend(
-                        &h,
-                        &[
-                            "backup",
-                            "export",
-                            "--out",
-                            s(&out),
-                            "--recipient",
-                            &recipient,
-                        ],
-                    )
-                })
+                std::thread::spawn(move || common::tend(&h, &export_args(&out, &recipient)))
             })
             .collect();
         threads
@@ -471,17 +416,7 @@ fn two_exports_at_once_on_one_device_never_share_or_replace_a_file() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     for archive in [&a, &b] {
-        ok_json(
-            &h,
-            &[
-                "backup",
-                "verify",
-                "--in",
-                s(archive),
-                "--identity",
-                s(&id_file),
-            ],
-        );
+        verify(&h, archive, &id_file);
     }
     // Two at once to one name: one archive, the other export refused, no leftovers.
     let c = out_dir.join("c.age");
@@ -493,9 +428,6 @@ fn two_exports_at_once_on_one_device_never_share_or_replace_a_file() {
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert_eq!(entries(&out_dir), ["a.age", "b.age", "c.age"]);
-    ok_json(
-        &h,
-        &["backup", "verify", "--in", s(&c), "--identity", s(&id_file)],
-    );
+    verify(&h, &c, &id_file);
     device.stop();
 }

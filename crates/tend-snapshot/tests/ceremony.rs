@@ -3,7 +3,7 @@
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tend_core::maintenance::{CacheInvalidated, SnapshotCompleted};
-use tend_core::{Epoch, MaintenanceFact, Payload, UnsignedFact};
+use tend_core::{Epoch, GroupKey, MaintenanceFact, Payload, UnsignedFact};
 use tend_snapshot::*;
 
 fn authority(n: usize, t: u16, seed: u64) -> InProcessAuthority {
@@ -39,6 +39,26 @@ fn check_accepted(auth: &InProcessAuthority, c: &SnapshotCompleted) {
             &c.threshold_signature
         ));
     }
+}
+
+/// Hydrates a fresh state from `c`'s blob, checked under `group_key`, plus device 0's
+/// facts from the snapshot's epoch on, and checks that it is device 0's state.
+fn hydrates_to_device_0(
+    auth: &InProcessAuthority,
+    c: &SnapshotCompleted,
+    group_key: &GroupKey,
+) -> Hydrated {
+    let blob = auth.blob(&c.snapshot.blob_cid).unwrap().to_vec();
+    let mut fresh = hydrate(&blob, c, auth.namespace(), group_key).expect("the blob hydrates");
+    let tail: Vec<_> = auth
+        .journal(0)
+        .iter()
+        .filter(|f| f.epoch() >= c.snapshot.epoch)
+        .cloned()
+        .collect();
+    fresh.apply_tail(&tail).unwrap();
+    assert_eq!(fresh.state_digest(), auth.state(0).state_digest());
+    fresh
 }
 
 #[test]
@@ -301,16 +321,7 @@ fn hydrating_from_the_blob_plus_tail_gives_the_same_state() {
         .unwrap()
         .epoch();
     let group_key = full.membership_at(completion_epoch).unwrap().group_key;
-    let blob = auth.blob(&c.snapshot.blob_cid).unwrap().to_vec();
-    let mut fresh = hydrate(&blob, &c, ns, &group_key).unwrap();
-    let tail: Vec<_> = auth
-        .journal(0)
-        .iter()
-        .filter(|f| f.epoch() >= e)
-        .cloned()
-        .collect();
-    fresh.apply_tail(&tail).unwrap();
-    assert_eq!(fresh.state_digest(), full.state_digest());
+    let mut fresh = hydrates_to_device_0(&auth, &c, &group_key);
     assert_eq!(fresh.state, full);
 
     // Coverage: every prefix fact is covered; a new fact below E is late.
@@ -342,7 +353,7 @@ fn hydrating_from_the_blob_plus_tail_gives_the_same_state() {
     ));
 
     // A tampered blob is caught by its CID; a blob of a different snapshot too.
-    let mut tampered = blob.clone();
+    let mut tampered = auth.blob(&c.snapshot.blob_cid).unwrap().to_vec();
     let last = tampered.len() - 1;
     tampered[last] ^= 1;
     assert_eq!(
@@ -390,7 +401,6 @@ fn a_second_snapshot_chains_on_the_first_and_hydrates() {
     check_accepted(&auth, &second);
 
     // The second digest covers only facts from E1 on, chained on the first snapshot.
-    let ns = auth.namespace();
     let base = tend_core::SnapshotBase {
         epoch: e1,
         digest: first.snapshot.digest,
@@ -420,15 +430,7 @@ fn a_second_snapshot_chains_on_the_first_and_hydrates() {
         .unwrap()
         .epoch();
     let group_key = full.membership_at(completion_epoch).unwrap().group_key;
-    let mut fresh = hydrate(&blob_bytes, &second, ns, &group_key).unwrap();
-    let tail: Vec<_> = auth
-        .journal(0)
-        .iter()
-        .filter(|f| f.epoch() >= e2)
-        .cloned()
-        .collect();
-    fresh.apply_tail(&tail).unwrap();
-    assert_eq!(fresh.state_digest(), full.state_digest());
+    hydrates_to_device_0(&auth, &second, &group_key);
 }
 
 /// Regression (tend-sim seeds 234 and 247): when the first completion fact lies above the
@@ -473,18 +475,8 @@ fn a_target_at_or_below_the_last_completion_is_stale_and_one_above_hydrates() {
 
     let e2 = completed_at.next();
     let second = auth.run_snapshot(e2).unwrap();
-    let blob_bytes = auth.blob(&second.snapshot.blob_cid).unwrap().to_vec();
-    let full = auth.state(0);
-    let group_key = full.membership().unwrap().group_key;
-    let mut fresh = hydrate(&blob_bytes, &second, ns, &group_key).expect("the blob hydrates");
-    let tail: Vec<_> = auth
-        .journal(0)
-        .iter()
-        .filter(|f| f.epoch() >= e2)
-        .cloned()
-        .collect();
-    fresh.apply_tail(&tail).unwrap();
-    assert_eq!(fresh.state_digest(), full.state_digest());
+    let group_key = auth.state(0).membership().unwrap().group_key;
+    hydrates_to_device_0(&auth, &second, &group_key);
 }
 
 /// Regression (tend-sim seed 1447): a member signs at most one digest per target epoch.

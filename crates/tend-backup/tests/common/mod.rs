@@ -161,27 +161,33 @@ pub fn unpack(bytes: &[u8], dec: &Decryption) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// Rewrites the manifest's member list to the members' real names, sizes and hashes, as
+/// a forger who can build an archive would.
+pub fn restate_manifest(members: &mut [(String, Vec<u8>)]) {
+    let hashes: Vec<MemberHash> = members
+        .iter()
+        .filter(|(n, _)| n != member::MANIFEST)
+        .map(|(n, d)| MemberHash {
+            name: n.clone(),
+            size: d.len() as u64,
+            blake3: blake3::hash(d).to_hex().to_string(),
+        })
+        .collect();
+    for (n, d) in members.iter_mut() {
+        if n == member::MANIFEST {
+            let mut m: Manifest = serde_json::from_slice(d).expect("manifest");
+            m.members = hashes.clone();
+            *d = serde_json::to_vec(&m).expect("json");
+        }
+    }
+}
+
 /// Packs members into an archive, rewriting the manifest's member list honestly (as an
 /// attacker who can encrypt to the recipient could), unless `keep_manifest`.
 pub fn repack(members: &[(String, Vec<u8>)], enc: &Encryption, keep_manifest: bool) -> Vec<u8> {
     let mut members = members.to_vec();
     if !keep_manifest {
-        let hashes: Vec<MemberHash> = members
-            .iter()
-            .filter(|(n, _)| n != member::MANIFEST)
-            .map(|(n, d)| MemberHash {
-                name: n.clone(),
-                size: d.len() as u64,
-                blake3: blake3::hash(d).to_hex().to_string(),
-            })
-            .collect();
-        for (n, d) in members.iter_mut() {
-            if n == member::MANIFEST {
-                let mut m: Manifest = serde_json::from_slice(d).expect("manifest");
-                m.members = hashes.clone();
-                *d = serde_json::to_vec(&m).expect("json");
-            }
-        }
+        restate_manifest(&mut members);
     }
     let recipients = match enc {
         Encryption::Recipients(r) => r,

@@ -422,7 +422,9 @@ fn messages_match_those_of_the_javascript_implementation() {
 //
 // Recording needs the reference harness built from test/cpp/harness.cpp (it links
 // OpenSSL's SHA-256); the recorder also checks that every pairing of the random
-// configurations found the whole difference in one session. The version goes into the file's header:
+// configurations found the whole difference in one session. The item sets come from
+// `random_sets` and the transcript keeps their digest, so a change of generator shows.
+// The reference's version goes into the file's header:
 //   TEND_NEGENTROPY_REFERENCE=/path/to/harness TEND_NEGENTROPY_REFERENCE_VERSION='...' \
 //     cargo test -p tend-sync --test interop -- --ignored record_reference_transcripts
 // ---------------------------------------------------------------------------------------

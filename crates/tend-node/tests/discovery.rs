@@ -73,22 +73,7 @@ async fn three_devices_that_know_only_the_rendezvous_find_each_other_and_converg
     converge(&refs, Duration::from_secs(20)).await;
     // genesis + membership change + 10 + 20 + 30
     assert_eq!(fact_count(&nodes[0]), 62);
-    for (i, n) in nodes.iter().enumerate() {
-        for (j, m) in nodes.iter().enumerate() {
-            if i != j {
-                wait_until(
-                    "every member learns every other",
-                    Duration::from_secs(5),
-                    || addr_of(n, &m.device_id()) == Some(m.listen_addr().to_string()),
-                )
-                .await;
-            }
-        }
-        assert_eq!(addr_of(n, &outsider_id), None);
-        // Learned addresses are remembered for the next start.
-        let stored = tend_node::discovery::load_peers(n.device().store()).unwrap();
-        assert_eq!(stored.len(), 2, "{stored:?}");
-    }
+    members_learn_each_other(&nodes, &outsider_id, Duration::from_secs(5)).await;
     // The outsider's record is on the server all the same: it was simply never asked for.
     let client = Client::new(server, Duration::from_secs(2));
     let rec = client.fetch(outsider_id).await.unwrap().unwrap();

@@ -204,3 +204,28 @@ pub fn addr_of(node: &Node, device: &DeviceId) -> Option<String> {
         .find(|p| p.device_id == id)
         .and_then(|p| p.addr)
 }
+
+/// Every node learns every other's listen address within `timeout`, never the outsider's,
+/// and keeps what it learned for its next start. Returns what each node keeps.
+pub async fn members_learn_each_other(
+    nodes: &[Node],
+    outsider: &DeviceId,
+    timeout: Duration,
+) -> Vec<Vec<PeerAddr>> {
+    let mut kept = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for (j, m) in nodes.iter().enumerate() {
+            if i != j {
+                wait_until("every member learns every other", timeout, || {
+                    addr_of(n, &m.device_id()) == Some(m.listen_addr().to_string())
+                })
+                .await;
+            }
+        }
+        assert_eq!(addr_of(n, outsider), None);
+        let stored = tend_node::discovery::load_peers(n.device().store()).unwrap();
+        assert_eq!(stored.len(), nodes.len() - 1, "{stored:?}");
+        kept.push(stored);
+    }
+    kept
+}

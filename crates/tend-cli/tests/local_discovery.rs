@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 
 #[test]
@@ -28,27 +26,7 @@ fn devices_given_no_peer_find_each_other_on_the_local_network() {
         "--local-group",
         &group,
     ];
-    let (ra, ia) = start_run(&a, &run_args);
-    let (rb, ib) = start_run(&b, &run_args);
-    for i in 0..5 {
-        ok_json(
-            &a,
-            &["fact", "add", "--kind", "note", "--data", &format!("a{i}")],
-        );
-        ok_json(
-            &b,
-            &["fact", "add", "--kind", "note", "--data", &format!("b{i}")],
-        );
-    }
-    wait_for_one_digest(&[&a, &b], Duration::from_secs(30));
-    // Each learned the other's address from its announcements (none was given).
-    wait_until(
-        "the devices learn each other's addresses",
-        Duration::from_secs(15),
-        || knows_address(&a, &ib) && knows_address(&b, &ia),
-    );
-    terminate(ra);
-    terminate(rb);
+    discover_each_other_and_converge(&a, &b, &run_args);
 }
 
 #[test]

@@ -4,14 +4,9 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
-use common::{
-    fails, knows_address, ok_json, start_run, terminate, two_device_authority, wait_for_one_digest,
-    wait_until,
-};
+use common::{discover_each_other_and_converge, fails, ok_json, terminate, two_device_authority};
 
 /// `tend ARGS...` for the commands that need no home (`tend rendezvous`).
 fn tend_without_home(args: &[&str]) -> Command {
@@ -47,41 +42,18 @@ fn devices_that_know_only_a_rendezvous_service_find_each_other() {
     ]));
     let addr = info["listen_addr"].as_str().unwrap().to_string();
     assert!(addr.starts_with("127.0.0.1:"), "{addr}");
-    let run = |home: &Path| {
-        start_run(
-            home,
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--sync-interval",
-                "0.3",
-                "--rendezvous",
-                &addr,
-            ],
-        )
-    };
-    let (ra, ia) = run(&a);
-    let (rb, ib) = run(&b);
-    for i in 0..5 {
-        ok_json(
-            &a,
-            &["fact", "add", "--kind", "note", "--data", &format!("a{i}")],
-        );
-        ok_json(
-            &b,
-            &["fact", "add", "--kind", "note", "--data", &format!("b{i}")],
-        );
-    }
-    wait_for_one_digest(&[&a, &b], Duration::from_secs(30));
-    // Each learns the other's address from the service (none was given); a peer that
-    // only dialled in has no address, so wait for the lookup itself.
-    wait_until(
-        "the devices learn each other's addresses",
-        Duration::from_secs(15),
-        || knows_address(&a, &ib) && knows_address(&b, &ia),
+    discover_each_other_and_converge(
+        &a,
+        &b,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--sync-interval",
+            "0.3",
+            "--rendezvous",
+            &addr,
+        ],
     );
-    terminate(ra);
-    terminate(rb);
     terminate(server);
 }
 

@@ -132,6 +132,37 @@ pub fn knows_address(home: &Path, other: &serde_json::Value) -> bool {
     })
 }
 
+/// Runs `a` and `b` with `run_args` and no peer given, adds facts on both, and waits until
+/// they converge and each has learned the other's address (from discovery: a peer that
+/// only dialled in shows no address).
+pub fn discover_each_other_and_converge(a: &Path, b: &Path, run_args: &[&str]) {
+    let (ra, ia) = start_run(a, run_args);
+    let (rb, ib) = start_run(b, run_args);
+    for i in 0..5 {
+        for (home, name) in [(a, "a"), (b, "b")] {
+            ok_json(
+                home,
+                &[
+                    "fact",
+                    "add",
+                    "--kind",
+                    "note",
+                    "--data",
+                    &format!("{name}{i}"),
+                ],
+            );
+        }
+    }
+    wait_for_one_digest(&[a, b], Duration::from_secs(30));
+    wait_until(
+        "the devices learn each other's addresses",
+        Duration::from_secs(15),
+        || knows_address(a, &ib) && knows_address(b, &ia),
+    );
+    terminate(ra);
+    terminate(rb);
+}
+
 /// Two fresh homes `a` and `b` under `dir` made into a 2-of-2 authority (key generation
 /// among the stopped homes).
 pub fn two_device_authority(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fails_in_one_line, ok_json};
+use common::{backup_args, fails_in_one_line, ok_json};
 
 use std::io::Read;
 use std::path::Path;
@@ -54,42 +54,21 @@ fn export_verify_restore_and_bad_input_through_the_cli() {
     let archive = dir.path().join("b.age");
     let out = ok_json(
         &src,
-        &[
-            "backup",
-            "export",
-            "--out",
-            s(&archive),
-            "--recipient",
-            &recipient,
-        ],
+        &backup_args("export", &archive, "--recipient", &recipient),
     );
     assert_eq!(out["report"]["tail_facts"], 7, "{out}");
     assert!(out["report"]["snapshot_epoch"].is_u64());
 
     let v = ok_json(
         &src,
-        &[
-            "backup",
-            "verify",
-            "--in",
-            s(&archive),
-            "--identity",
-            s(&id_file),
-        ],
+        &backup_args("verify", &archive, "--identity", s(&id_file)),
     );
     assert_eq!(v["tail_facts"], 7);
 
     let new = dir.path().join("new");
     let r = ok_json(
         &new,
-        &[
-            "backup",
-            "restore",
-            "--in",
-            s(&archive),
-            "--identity",
-            s(&id_file),
-        ],
+        &backup_args("restore", &archive, "--identity", s(&id_file)),
     );
     let source_status = ok_json(&src, &["journal", "status"]);
     let new_status = ok_json(&new, &["journal", "status"]);
@@ -113,14 +92,7 @@ fn export_verify_restore_and_bad_input_through_the_cli() {
     let other = dir.path().join("other");
     let e = tend_fails(
         &new,
-        &[
-            "backup",
-            "restore",
-            "--in",
-            s(&archive),
-            "--identity",
-            s(&id_file),
-        ],
+        &backup_args("restore", &archive, "--identity", s(&id_file)),
     );
     assert!(e.contains("not empty"), "{e}");
     let wrong = dir.path().join("wrong.txt");
@@ -128,14 +100,7 @@ fn export_verify_restore_and_bad_input_through_the_cli() {
     std::fs::write(&wrong, wrong_id.to_string().expose_secret()).unwrap();
     let e = tend_fails(
         &other,
-        &[
-            "backup",
-            "restore",
-            "--in",
-            s(&archive),
-            "--identity",
-            s(&wrong),
-        ],
+        &backup_args("restore", &archive, "--identity", s(&wrong)),
     );
     assert!(e.contains("wrong passphrase or key"), "{e}");
     assert!(!other.exists());
@@ -145,39 +110,18 @@ fn export_verify_restore_and_bad_input_through_the_cli() {
     std::fs::write(&cut_file, &cut).unwrap();
     let e = tend_fails(
         &other,
-        &[
-            "backup",
-            "restore",
-            "--in",
-            s(&cut_file),
-            "--identity",
-            s(&id_file),
-        ],
+        &backup_args("restore", &cut_file, "--identity", s(&id_file)),
     );
     assert!(e.contains("damaged or truncated"), "{e}");
     assert!(!other.exists());
     let e = tend_fails(
         &src,
-        &[
-            "backup",
-            "export",
-            "--out",
-            s(&archive),
-            "--recipient",
-            &recipient,
-        ],
+        &backup_args("export", &archive, "--recipient", &recipient),
     );
     assert!(e.contains("already exists"), "{e}");
     let e = tend_fails(
         &src,
-        &[
-            "backup",
-            "export",
-            "--out",
-            s(&dir.path().join("x")),
-            "--recipient",
-            "age1nope",
-        ],
+        &backup_args("export", &dir.path().join("x"), "--recipient", "age1nope"),
     );
     assert!(e.contains("invalid recipient"), "{e}");
 
@@ -187,38 +131,22 @@ fn export_verify_restore_and_bad_input_through_the_cli() {
     let parchive = dir.path().join("p.age");
     ok_json(
         &src,
-        &[
-            "backup",
-            "export",
-            "--out",
-            s(&parchive),
-            "--passphrase-file",
-            s(&pass),
-        ],
+        &backup_args("export", &parchive, "--passphrase-file", s(&pass)),
     );
     std::fs::write(dir.path().join("badpass"), "hunter3\n").unwrap();
     let e = tend_fails(
         &src,
-        &[
-            "backup",
+        &backup_args(
             "verify",
-            "--in",
-            s(&parchive),
+            &parchive,
             "--passphrase-file",
             s(&dir.path().join("badpass")),
-        ],
+        ),
     );
     assert!(e.contains("wrong passphrase or key"), "{e}");
     ok_json(
         &src,
-        &[
-            "backup",
-            "verify",
-            "--in",
-            s(&parchive),
-            "--passphrase-file",
-            s(&pass),
-        ],
+        &backup_args("verify", &parchive, "--passphrase-file", s(&pass)),
     );
 
     // Standard tools open the archive: age (here the age crate, as `age -d` would), then

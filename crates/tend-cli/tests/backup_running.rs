@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fails_in_one_line, ok_json, start_run, terminate};
+use common::{backup_args, fails_in_one_line, ok_json, start_run, terminate};
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -19,30 +19,11 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// `backup export --out OUT --recipient RECIPIENT`.
-fn export_args<'a>(out: &'a Path, recipient: &'a str) -> [&'a str; 6] {
-    [
-        "backup",
-        "export",
-        "--out",
-        s(out),
-        "--recipient",
-        recipient,
-    ]
-}
-
 /// `tend backup verify --in ARCHIVE --identity IDENTITY` on `home`, as JSON.
 fn verify(home: &Path, archive: &Path, identity: &Path) -> serde_json::Value {
     ok_json(
         home,
-        &[
-            "backup",
-            "verify",
-            "--in",
-            s(archive),
-            "--identity",
-            s(identity),
-        ],
+        &backup_args("verify", archive, "--identity", s(identity)),
     )
 }
 
@@ -201,7 +182,10 @@ fn export_from_a_running_device_while_facts_are_added() {
     for k in 0..3 {
         let before = added.load(Ordering::SeqCst);
         let out = dir.path().join(format!("live{k}.age"));
-        let r = ok_json(&src, &export_args(&out, &recipient));
+        let r = ok_json(
+            &src,
+            &backup_args("export", &out, "--recipient", &recipient),
+        );
         assert_eq!(r["out"], s(&out));
         archives.push((
             out,
@@ -239,14 +223,7 @@ fn export_from_a_running_device_while_facts_are_added() {
     let new = dir.path().join("new");
     let r = ok_json(
         &new,
-        &[
-            "backup",
-            "restore",
-            "--in",
-            s(archive),
-            "--identity",
-            s(&id_file),
-        ],
+        &backup_args("restore", archive, "--identity", s(&id_file)),
     );
     assert_eq!(r["report"]["tail_facts"], report["tail_facts"]);
     assert_eq!(journal_digest(&new), m["tail"]["digest"]);
@@ -360,10 +337,13 @@ fn bad_export_input_through_the_socket_is_one_line_and_leaves_no_file() {
     let out = out_dir.join("b.age");
     let device = Running::start(&h);
 
-    let e = fails_in_one_line(&h, &export_args(&out, "age1nope"));
+    let e = fails_in_one_line(&h, &backup_args("export", &out, "--recipient", "age1nope"));
     assert!(e.starts_with("error: invalid recipient"), "{e}");
     let missing_dir = out_dir.join("no-such-dir").join("b.age");
-    let e = fails_in_one_line(&h, &export_args(&missing_dir, &recipient));
+    let e = fails_in_one_line(
+        &h,
+        &backup_args("export", &missing_dir, "--recipient", &recipient),
+    );
     assert!(e.contains("no-such-dir"), "{e}");
     let e = fails_in_one_line(
         &h,
@@ -380,9 +360,9 @@ fn bad_export_input_through_the_socket_is_one_line_and_leaves_no_file() {
     assert_eq!(entries(&out_dir), Vec::<String>::new());
 
     // A good one still works on the same device, and an existing file is not replaced.
-    ok_json(&h, &export_args(&out, &recipient));
+    ok_json(&h, &backup_args("export", &out, "--recipient", &recipient));
     let before = std::fs::read(&out).unwrap();
-    let e = fails_in_one_line(&h, &export_args(&out, &recipient));
+    let e = fails_in_one_line(&h, &backup_args("export", &out, "--recipient", &recipient));
     assert!(e.contains("already exists"), "{e}");
     assert_eq!(std::fs::read(&out).unwrap(), before);
     assert_eq!(entries(&out_dir), vec!["b.age".to_string()]);
@@ -402,7 +382,9 @@ fn two_exports_at_once_on_one_device_never_share_or_replace_a_file() {
             .into_iter()
             .map(|out| {
                 let (h, recipient) = (h.clone(), recipient.clone());
-                std::thread::spawn(move || common::tend(&h, &export_args(&out, &recipient)))
+                std::thread::spawn(move || {
+                    common::tend(&h, &backup_args("export", &out, "--recipient", &recipient))
+                })
             })
             .collect();
         threads

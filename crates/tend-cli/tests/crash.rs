@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{journal_digest, ok_json, start_run, tend};
+use common::{backup_args, journal_digest, ok_json, start_run, tend};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -206,17 +206,10 @@ fn sigkill_during_restore_leaves_no_half_written_home() {
     let pass = dir.path().join("pass.txt");
     std::fs::write(&pass, "correct horse battery staple\n").unwrap();
     let archive = dir.path().join("backup.age");
-    let (pass_s, archive_s) = (pass.to_str().unwrap(), archive.to_str().unwrap());
+    let pass_s = pass.to_str().unwrap();
     ok_json(
         &source,
-        &[
-            "backup",
-            "export",
-            "--out",
-            archive_s,
-            "--passphrase-file",
-            pass_s,
-        ],
+        &backup_args("export", &archive, "--passphrase-file", pass_s),
     );
     let ns = ok_json(&source, &["journal", "status"])["current_namespace"]
         .as_str()
@@ -230,14 +223,12 @@ fn sigkill_during_restore_leaves_no_half_written_home() {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tend"))
             .arg("--home")
             .arg(&target)
-            .args([
-                "backup",
+            .args(backup_args(
                 "restore",
-                "--in",
-                archive_s,
+                &archive,
                 "--passphrase-file",
                 pass_s,
-            ])
+            ))
             .env_remove("TEND_HOME")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -259,14 +250,7 @@ fn sigkill_during_restore_leaves_no_half_written_home() {
     // An uninterrupted restore completes afterwards, whatever the killed ones left aside.
     ok_json(
         &target,
-        &[
-            "backup",
-            "restore",
-            "--in",
-            archive_s,
-            "--passphrase-file",
-            pass_s,
-        ],
+        &backup_args("restore", &archive, "--passphrase-file", pass_s),
     );
     assert_eq!(journal_digest(&target, &ns), want);
 }

@@ -163,6 +163,19 @@ pub fn discover_each_other_and_converge(a: &Path, b: &Path, run_args: &[&str]) {
     terminate(rb);
 }
 
+/// `backup VERB --out PATH` (export) or `backup VERB --in PATH` (verify, restore), then
+/// one key option: `backup_args("verify", &archive, "--identity", id)`.
+pub fn backup_args<'a>(
+    verb: &'a str,
+    path: &'a Path,
+    key_option: &'a str,
+    key: &'a str,
+) -> [&'a str; 6] {
+    let io = if verb == "export" { "--out" } else { "--in" };
+    let path = path.to_str().expect("test paths are UTF-8");
+    ["backup", verb, io, path, key_option, key]
+}
+
 /// Two fresh homes `a` and `b` under `dir` made into a 2-of-2 authority (key generation
 /// among the stopped homes).
 pub fn two_device_authority(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ops::{Bound, RangeBounds};
 
-use redb::{ReadOnlyTable, ReadableTable, ReadableTableMetadata, Table};
+use redb::{ReadOnlyTable, ReadableTable, ReadableTableMetadata, Table, TableDefinition};
 use tend_core::journal::DigestBuilder;
 use tend_core::{
     AuthorityFact, DecodeError, DeviceId, Epoch, FactId, Hash32, JournalError, JournalNamespace,
@@ -536,49 +536,40 @@ impl Store {
         ns: JournalNamespace,
         epochs: impl RangeBounds<Epoch>,
     ) -> Result<FactIter<'_>, StoreError> {
-        let rtx = self.read_txn()?;
-        let namespaces = self.open_ro(&rtx, NAMESPACES)?;
-        let Some(rec) = self.ns_record(&namespaces, &ns)? else {
-            return Ok(FactIter {
-                store: self,
-                ns,
-                range: None,
-                authors: None,
-                memo: HashMap::new(),
-            });
-        };
-        let facts = self.open_ro(&rtx, FACTS)?;
-        let range = open_owned_range(self, &facts, rec.no, &epochs)?;
-        Ok(FactIter {
-            store: self,
-            ns,
-            range: Some(range),
-            authors: Some(self.open_ro(&rtx, AUTHOR_BY_NO)?),
-            memo: HashMap::new(),
-        })
+        self.scan_table(FACTS, ns, &epochs)
     }
 
     /// Streams the maintenance and authority facts of `ns` in `(epoch, id)` order, including
     /// those whose epoch is below a pruned floor (they are kept for reduction).
     pub fn scan_maintenance(&self, ns: JournalNamespace) -> Result<FactIter<'_>, StoreError> {
+        self.scan_table(MAINT, ns, &(..))
+    }
+
+    fn scan_table(
+        &self,
+        table: TableDefinition<&'static FactKey, &'static [u8]>,
+        ns: JournalNamespace,
+        epochs: &impl RangeBounds<Epoch>,
+    ) -> Result<FactIter<'_>, StoreError> {
         let rtx = self.read_txn()?;
         let namespaces = self.open_ro(&rtx, NAMESPACES)?;
-        let Some(rec) = self.ns_record(&namespaces, &ns)? else {
-            return Ok(FactIter {
-                store: self,
-                ns,
-                range: None,
-                authors: None,
-                memo: HashMap::new(),
-            });
+        let (range, authors) = match self.ns_record(&namespaces, &ns)? {
+            Some(rec) => (
+                Some(open_owned_range(
+                    self,
+                    &self.open_ro(&rtx, table)?,
+                    rec.no,
+                    epochs,
+                )?),
+                Some(self.open_ro(&rtx, AUTHOR_BY_NO)?),
+            ),
+            None => (None, None),
         };
-        let maint = self.open_ro(&rtx, MAINT)?;
-        let range = open_owned_range(self, &maint, rec.no, &(..))?;
         Ok(FactIter {
             store: self,
             ns,
-            range: Some(range),
-            authors: Some(self.open_ro(&rtx, AUTHOR_BY_NO)?),
+            range,
+            authors,
             memo: HashMap::new(),
         })
     }

@@ -40,7 +40,7 @@ fn main() {
     };
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
     let path = dir.path().join("gc.redb");
-    let mut store = Store::create(&path).expect("store");
+    let store = Store::create(&path).expect("store");
     store
         .insert_batch(&[sign(0, Payload::Authority(AuthorityFact::Genesis(genesis)))])
         .expect("genesis");

@@ -138,7 +138,7 @@ fn benches(c: &mut Criterion) {
     // One filled store for the read benchmarks and the size figures.
     let dir = bench_dir();
     let path = dir.path().join("s.redb");
-    let mut store = fill(&path);
+    let store = fill(&path);
     let len = store.file_size().unwrap();
     let blocks = blocks_on_disk(&path);
     let n = (n_total + 1) as f64;

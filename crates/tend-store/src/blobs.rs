@@ -201,7 +201,7 @@ impl Store {
             });
         }
         let guard = self.lock_writer();
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_write().map_err(|e| self.err(e))?;
         let key = cid.to_bytes();
         let exists = tx
             .open_table(BLOB_INDEX)
@@ -264,7 +264,7 @@ impl Store {
     /// it was stored.
     pub fn delete_blob(&self, cid: &ContentId) -> Result<bool, StoreError> {
         let _writer = self.lock_writer();
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_write().map_err(|e| self.err(e))?;
         let removed = remove_blob_in(self, &tx, &cid.to_bytes())?.is_some();
         tx.commit().map_err(|e| self.err(e))?;
         Ok(removed)

@@ -51,6 +51,11 @@ pub enum StoreError {
     #[error("store {path} is already open in another process")]
     Locked { path: PathBuf },
 
+    /// Compaction needs the store to itself, and a transaction or iterator was alive. Nothing
+    /// was changed; compaction can be tried again later.
+    #[error("store {path} is busy (a transaction is in progress); compaction was not done")]
+    Busy { path: PathBuf },
+
     /// Pruning needs a verified `SnapshotCompleted` in the namespace (DESIGN rule 4).
     #[error(
         "cannot prune {namespace} in store {path}: the journal has no verified completed snapshot"
@@ -124,6 +129,7 @@ impl StoreError {
             Self::UnsupportedFormat { .. } => "unsupported_format",
             Self::Corrupt { .. } | Self::BlobCorrupt { .. } | Self::FactCorrupt { .. } => "corrupt",
             Self::Locked { .. } => "locked",
+            Self::Busy { .. } => "busy",
             Self::NoSnapshot { .. } => "no_snapshot",
             Self::Setting { .. } => "setting",
             Self::BlobMismatch { .. } => "blob_mismatch",

@@ -330,7 +330,7 @@ impl Store {
         report.duplicates += (before - sorted.len()) as u64;
 
         let mut writer = self.lock_writer();
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_write().map_err(|e| self.err(e))?;
         let mut new_authors: HashMap<DeviceId, u32> = HashMap::new();
         let mut new_states = Vec::new();
         {
@@ -483,7 +483,7 @@ impl Store {
         covered: &HashSet<FactId>,
     ) -> Result<u64, StoreError> {
         let _writer = self.lock_writer();
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_write().map_err(|e| self.err(e))?;
         let dropped;
         let state;
         {

@@ -1,6 +1,8 @@
 //! Garbage collection (DESIGN rule 4): pruning facts below the latest verified snapshot and
 //! tombstoned blobs, and compacting the file.
 
+use std::sync::TryLockError;
+
 use redb::{ReadableTable, ReadableTableMetadata};
 use tend_core::{Epoch, JournalNamespace};
 
@@ -61,7 +63,7 @@ impl Store {
             blob_bytes: 0,
             dry_run,
         };
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_write().map_err(|e| self.err(e))?;
         {
             let mut namespaces = tx.open_table(NAMESPACES).map_err(|e| self.err(e))?;
             let mut facts = tx.open_table(FACTS).map_err(|e| self.err(e))?;
@@ -114,14 +116,36 @@ impl Store {
         Ok(report)
     }
 
-    /// Compacts the file, returning freed space to the file system. Needs exclusive access:
-    /// no iterator of this store may be alive.
-    pub fn compact(&mut self) -> Result<CompactReport, StoreError> {
+    /// Compacts the file, returning freed space to the file system. It needs the store to
+    /// itself: while any transaction or iterator of this store is alive (a running device's
+    /// sync session may hold one for a moment) it changes nothing and returns
+    /// [`StoreError::Busy`], so try again later. No transaction begins while it runs.
+    pub fn compact(&self) -> Result<CompactReport, StoreError> {
         let bytes_before = self.file_size()?;
-        while self.db.compact().map_err(|e| self.err(e))? {}
+        // Never wait for the lock: a thread holding it to begin a transaction may itself be
+        // waiting for a write transaction whose owner needs the lock again.
+        let mut db = match self.db.try_write() {
+            Ok(db) => db,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return Err(self.busy()),
+        };
+        loop {
+            match db.compact() {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(redb::CompactionError::TransactionInProgress) => return Err(self.busy()),
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+        drop(db);
         Ok(CompactReport {
             bytes_before,
             bytes_after: self.file_size()?,
         })
+    }
+    fn busy(&self) -> StoreError {
+        StoreError::Busy {
+            path: self.path.clone(),
+        }
     }
 }

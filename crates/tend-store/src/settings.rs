@@ -35,7 +35,7 @@ impl Store {
             detail: format!("cannot encode value: {e}"),
         })?;
         let _writer = self.lock_writer();
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_write().map_err(|e| self.err(e))?;
         tx.open_table(SETTINGS)
             .map_err(|e| self.err(e))?
             .insert(key, bytes.as_slice())
@@ -46,7 +46,7 @@ impl Store {
     /// Removes `key`; returns whether it was set.
     pub fn delete_setting(&self, key: &str) -> Result<bool, StoreError> {
         let _writer = self.lock_writer();
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_write().map_err(|e| self.err(e))?;
         let removed = tx
             .open_table(SETTINGS)
             .map_err(|e| self.err(e))?

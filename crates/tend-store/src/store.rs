@@ -12,7 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
 use redb::{
     Builder, Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
@@ -128,7 +128,9 @@ pub(crate) struct WriterCache {
 /// serialised internally, reads run concurrently with them.
 pub struct Store {
     pub(crate) path: PathBuf,
-    pub(crate) db: Database,
+    /// Transactions begin under the read lock; `compact` takes the write lock, so none
+    /// begins while it runs.
+    pub(crate) db: RwLock<Database>,
     pub(crate) writer: Mutex<WriterCache>,
     /// Reduced maintenance state per namespace, as of the latest commit.
     pub(crate) states: Mutex<HashMap<JournalNamespace, MaintenanceState>>,
@@ -207,7 +209,7 @@ impl Store {
         tx.commit().map_err(|e| StoreError::db(path, e))?;
         Ok(Store {
             path: path.to_owned(),
-            db,
+            db: RwLock::new(db),
             writer: Mutex::new(WriterCache::default()),
             states: Mutex::new(HashMap::new()),
         })
@@ -237,7 +239,7 @@ impl Store {
             .map_err(|e| StoreError::db(&path, e))?;
         let store = Store {
             path,
-            db,
+            db: RwLock::new(db),
             writer: Mutex::new(WriterCache::default()),
             states: Mutex::new(HashMap::new()),
         };
@@ -255,7 +257,7 @@ impl Store {
     /// damage is reported when the blob is read, as before.
     fn migrate_v1(&self) -> Result<(), StoreError> {
         let _writer = self.lock_writer();
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_write().map_err(|e| self.err(e))?;
         {
             let old = tx.open_table(BLOBS_V1).map_err(|e| self.err(e))?;
             let mut index = tx.open_table(BLOB_INDEX).map_err(|e| self.err(e))?;
@@ -310,8 +312,13 @@ impl Store {
         StoreError::corrupt(&self.path, detail)
     }
 
+    /// The database, for beginning a transaction (never held longer than that).
+    pub(crate) fn db(&self) -> RwLockReadGuard<'_, Database> {
+        self.db.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub(crate) fn read_txn(&self) -> Result<ReadTransaction, StoreError> {
-        self.db.begin_read().map_err(|e| self.err(e))
+        self.db().begin_read().map_err(|e| self.err(e))
     }
 
     pub(crate) fn open_ro<K: redb::Key + 'static, V: redb::Value + 'static>(

@@ -210,7 +210,7 @@ fn a_crash_in_the_middle_of_a_blob_write_leaves_no_partial_blob() {
 #[test]
 fn deleting_a_blob_removes_every_chunk_and_compaction_returns_the_space() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Store::create(dir.path().join("s.redb")).unwrap();
+    let s = Store::create(dir.path().join("s.redb")).unwrap();
     let small = s.put_blob(CODEC_RAW, &pattern(100, 1)).unwrap();
     let big = s.put_blob(CODEC_RAW, &pattern(8 << 20, 2)).unwrap();
     let next = s.put_blob(CODEC_RAW, &pattern(C + 1, 3)).unwrap();
@@ -238,7 +238,7 @@ fn deleting_a_blob_removes_every_chunk_and_compaction_returns_the_space() {
 fn a_large_blob_takes_pages_of_about_its_size() {
     // One value of 19 MiB was one 32 MiB page; in chunks, each fills its 256 KiB page.
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Store::create(dir.path().join("s.redb")).unwrap();
+    let s = Store::create(dir.path().join("s.redb")).unwrap();
     let len = 19 * 1024 * 1024 + 12_345;
     s.put_blob(CODEC_DAG_CBOR, &pattern(len, 9)).unwrap();
     let u = s
@@ -262,7 +262,7 @@ fn a_large_blob_takes_pages_of_about_its_size() {
 #[test]
 fn pruning_a_tombstoned_blob_removes_its_chunks() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Store::create(dir.path().join("s.redb")).unwrap();
+    let s = Store::create(dir.path().join("s.redb")).unwrap();
     let k = key(1);
     let (ns, genesis) = authority(&k);
     let old = s.put_blob(CODEC_RAW, &pattern(4 << 20, 1)).unwrap();

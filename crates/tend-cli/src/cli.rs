@@ -44,8 +44,8 @@ pub enum Command {
     Snapshot(crate::maint::SnapshotCommand),
     /// Prune what the latest verified snapshot covers, and compact the store.
     ///
-    /// Compaction needs the store to itself: on a running device `tend gc` prunes through
-    /// its control socket and leaves compaction for the stopped device.
+    /// On a running device `tend gc` works through its control socket; compaction there
+    /// waits for a moment when no sync session holds the store.
     Gc(crate::maint::GcArgs),
     /// Run the device: sync with peers over the network until SIGINT or SIGTERM.
     Run(crate::net::RunArgs),

@@ -62,8 +62,8 @@ pub struct MemberHomes {
     pub member_homes: Vec<PathBuf>,
 }
 
-/// `tend gc` options. On a running device, pruning happens at once but compaction (which
-/// needs the store to itself) waits for `tend gc` on the stopped device.
+/// `tend gc` options. On a running device, compaction waits until no sync session holds
+/// the store (at most two seconds) and is skipped, with a note, if one still does.
 #[derive(ClapArgs, Debug)]
 pub struct GcArgs {
     /// Report what would be pruned without pruning.
@@ -281,13 +281,13 @@ pub fn gc(home: &Path, args: GcArgs) -> CmdResult {
     }
     let r = match target {
         Target::Running(mut c) => c.gc(args.dry_run)?,
-        Target::Stopped(mut d) => d.gc(args.dry_run)?,
+        Target::Stopped(d) => d.gc(args.dry_run)?,
     };
     Ok(gc_output(r))
 }
 
 fn gc_output(r: GcReport) -> Output {
-    let human = format!(
+    let mut human = format!(
         "{} {} facts ({} bytes) and {} blobs below epoch {}\nstore {} -> {} bytes",
         if r.dry_run { "would prune" } else { "pruned" },
         r.facts_pruned,
@@ -297,6 +297,9 @@ fn gc_output(r: GcReport) -> Output {
         r.store_bytes_before,
         r.store_bytes_after
     );
+    if !r.dry_run && !r.compacted {
+        human += " (not compacted: the store stayed busy; run `tend gc` again)";
+    }
     Output::new(r, human)
 }
 

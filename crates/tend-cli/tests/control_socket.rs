@@ -207,11 +207,11 @@ fn store_commands_go_through_the_socket_and_print_what_the_stopped_device_prints
     assert_eq!(upgrade["packages"][0]["package_id"], package.as_str());
     assert_eq!(upgrade["packages"][0]["activated"], true);
 
-    // gc on the running device prunes what the dry run announced (compaction waits for
-    // a stopped device).
+    // gc on the running device prunes what the dry run announced, and compacts.
     let device = Running::start(&home);
     let gc = ok_json(&home, &["gc"]);
     assert_eq!(gc["dry_run"], false);
+    assert_eq!(gc["compacted"], true);
     assert_eq!(gc["facts_pruned"], dry["facts_pruned"]);
     assert_eq!(gc["floor"], dry["floor"]);
     let listed = ok_json(&home, &["journal", "list"]);

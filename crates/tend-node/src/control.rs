@@ -249,8 +249,8 @@ pub enum Request {
     AuthorityStatus,
     /// The latest verified snapshot, open proposals and the GC policy.
     SnapshotStatus,
-    /// Prunes what the latest verified snapshot covers (or reports it, with `dry_run`).
-    /// The store is not compacted while the device runs.
+    /// Prunes what the latest verified snapshot covers (or reports it, with `dry_run`),
+    /// then compacts the store once no sync session holds it (see `GcReport::compacted`).
     Gc {
         /// Report without pruning.
         #[serde(default)]

@@ -144,6 +144,9 @@ pub struct GcReport {
     pub blobs_pruned: u64,
     pub store_bytes_before: u64,
     pub store_bytes_after: u64,
+    /// Whether the file was compacted: not on a dry run, nor on a running device whose
+    /// store stayed busy (the next `tend gc` compacts it).
+    pub compacted: bool,
 }
 
 /// One fact, as `tend journal list` shows it.
@@ -417,7 +420,7 @@ impl Device {
 
     /// Prunes what the latest verified snapshot covers (DESIGN rule 4) and compacts the
     /// file; with `dry_run`, only reports what would go.
-    pub fn gc(&mut self, dry_run: bool) -> Result<GcReport, DeviceError> {
+    pub fn gc(&self, dry_run: bool) -> Result<GcReport, DeviceError> {
         if !dry_run && self.gc_policy()? == GcPolicy::Archive {
             return Err(DeviceError::ArchiveDevice);
         }
@@ -440,6 +443,7 @@ impl Device {
             blobs_pruned: report.blobs,
             store_bytes_before: before,
             store_bytes_after: after,
+            compacted: !dry_run,
         })
     }
 

@@ -23,7 +23,7 @@ use tend_core::{
     ContentId, DeviceId, Epoch, FactId, JournalError, JournalNamespace, MaintenanceFact,
     MaintenanceState, Payload, ProtocolVersion, VerifiedFact,
 };
-use tend_store::{Store, StoreError};
+use tend_store::{CompactReport, Store, StoreError};
 use tend_sync::{
     AbortReason, FactHost, FailReason, FenceStatus, LocalView, ManagerAction, ManagerConfig,
     ManagerError, MemItems, MessageError, Outcome, PeerConfig, PeerManager, PeerStatus,
@@ -720,13 +720,13 @@ impl Node {
         }
         let ns = device.namespace();
         let store = device.store();
-        let size = store.file_size()?;
-        let report = blocking(|| {
+        let before = store.file_size()?;
+        let (report, compacted) = blocking(|| {
             if dry_run {
-                store.prune_dry_run(ns)
-            } else {
-                store.prune(ns)
+                return Ok((store.prune_dry_run(ns)?, None));
             }
+            let report = store.prune(ns)?;
+            Ok::<_, StoreError>((report, compact_when_idle(store)?))
         })?;
         Ok(crate::device::GcReport {
             dry_run,
@@ -734,8 +734,9 @@ impl Node {
             facts_pruned: report.facts,
             fact_bytes: report.fact_bytes,
             blobs_pruned: report.blobs,
-            store_bytes_before: size,
-            store_bytes_after: size,
+            store_bytes_before: before,
+            store_bytes_after: compacted.as_ref().map_or(before, |c| c.bytes_after),
+            compacted: compacted.is_some(),
         })
     }
 
@@ -1321,6 +1322,20 @@ impl Inner {
 
 /// Runs `f`, which writes to the store (redb commits wait for the disk), telling a
 /// multi-threaded runtime that this worker blocks so other tasks move elsewhere.
+/// Compacts the store once no transaction of it is alive, trying for up to two seconds
+/// (sync sessions hold a read snapshot only while they reconcile); `None` if it stayed busy.
+/// Sessions wait while the compaction runs, under a second for a 200 MB store.
+fn compact_when_idle(store: &Store) -> Result<Option<CompactReport>, StoreError> {
+    for _ in 0..40 {
+        match store.compact() {
+            Ok(report) => return Ok(Some(report)),
+            Err(StoreError::Busy { .. }) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
 fn blocking<R>(f: impl FnOnce() -> R) -> R {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {

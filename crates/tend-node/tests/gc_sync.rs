@@ -151,8 +151,17 @@ async fn archive_and_pruned_devices_reconcile_above_the_shared_floor() {
         let r = n.gc(false).unwrap();
         assert_eq!(r.floor, e1.0);
         assert!(r.facts_pruned >= 60, "{r:?}");
+        // The running device compacts too: nothing holds its store between sessions.
+        assert!(r.compacted, "{r:?}");
+        assert_eq!(r.store_bytes_after, n.device().store().file_size().unwrap());
     }
     assert!(x.gc(false).is_err(), "an archive device never prunes");
+    // While something holds a's store (an iterator here, as a session's snapshot would),
+    // gc leaves compaction for a later call and says so.
+    let live = a.device().store().scan(a.device().namespace(), ..).unwrap();
+    assert!(!a.gc(false).unwrap().compacted);
+    drop(live);
+    assert!(a.gc(false).unwrap().compacted);
     for (i, n) in all.iter().enumerate() {
         n.add_fact("note", format!("after-gc-{i}").as_bytes())
             .unwrap();

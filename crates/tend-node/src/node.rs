@@ -1320,8 +1320,6 @@ impl Inner {
     }
 }
 
-/// Runs `f`, which writes to the store (redb commits wait for the disk), telling a
-/// multi-threaded runtime that this worker blocks so other tasks move elsewhere.
 /// Compacts the store once no transaction of it is alive, trying for up to two seconds
 /// (sync sessions hold a read snapshot only while they reconcile); `None` if it stayed busy.
 /// Sessions wait while the compaction runs, under a second for a 200 MB store.
@@ -1336,6 +1334,8 @@ fn compact_when_idle(store: &Store) -> Result<Option<CompactReport>, StoreError>
     Ok(None)
 }
 
+/// Runs `f`, which writes to the store (redb commits wait for the disk), telling a
+/// multi-threaded runtime that this worker blocks so other tasks move elsewhere.
 fn blocking<R>(f: impl FnOnce() -> R) -> R {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {

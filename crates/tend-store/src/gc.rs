@@ -143,6 +143,7 @@ impl Store {
             bytes_after: self.file_size()?,
         })
     }
+
     fn busy(&self) -> StoreError {
         StoreError::Busy {
             path: self.path.clone(),

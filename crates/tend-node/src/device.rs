@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
+use std::time::Duration;
 
 use rand::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
@@ -14,7 +15,7 @@ use tend_core::authority::{AuthorityFact, AuthorityGenesis, GroupKey};
 use tend_core::{DeviceId, Epoch, Hash32, JournalNamespace, Payload, UnsignedFact, VerifiedFact};
 use tend_crypto::device::DeviceKey;
 use tend_crypto::secret_file::KeyFileError;
-use tend_store::{Store, StoreError};
+use tend_store::{CompactReport, Store, StoreError};
 
 /// File name of the store inside a home directory.
 pub const STORE_FILE: &str = "store.redb";
@@ -419,21 +420,18 @@ impl Device {
     }
 
     /// Prunes what the latest verified snapshot covers (DESIGN rule 4) and compacts the
-    /// file; with `dry_run`, only reports what would go.
+    /// file; with `dry_run`, only reports what would go. On a running device compaction
+    /// waits for a moment when no sync session holds the store (see [`compact_when_idle`]).
     pub fn gc(&self, dry_run: bool) -> Result<GcReport, DeviceError> {
         if !dry_run && self.gc_policy()? == GcPolicy::Archive {
             return Err(DeviceError::ArchiveDevice);
         }
         let before = self.store.file_size()?;
-        let report = if dry_run {
-            self.store.prune_dry_run(self.namespace())?
+        let (report, compacted) = if dry_run {
+            (self.store.prune_dry_run(self.namespace())?, None)
         } else {
-            self.store.prune(self.namespace())?
-        };
-        let after = if dry_run {
-            before
-        } else {
-            self.store.compact()?.bytes_after
+            let report = self.store.prune(self.namespace())?;
+            (report, compact_when_idle(&self.store)?)
         };
         Ok(GcReport {
             dry_run,
@@ -442,8 +440,8 @@ impl Device {
             fact_bytes: report.fact_bytes,
             blobs_pruned: report.blobs,
             store_bytes_before: before,
-            store_bytes_after: after,
-            compacted: !dry_run,
+            store_bytes_after: compacted.as_ref().map_or(before, |c| c.bytes_after),
+            compacted: compacted.is_some(),
         })
     }
 
@@ -460,6 +458,21 @@ impl Device {
         }
         Ok(out)
     }
+}
+
+/// Compacts the store once no transaction of it is alive, trying for up to two seconds
+/// (a running device's sync sessions hold a read snapshot only while they reconcile);
+/// `None` if it stayed busy. Sessions wait while the compaction runs, under a second for a
+/// 200 MB store.
+fn compact_when_idle(store: &Store) -> Result<Option<CompactReport>, StoreError> {
+    for _ in 0..40 {
+        match store.compact() {
+            Ok(report) => return Ok(Some(report)),
+            Err(StoreError::Busy { .. }) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 fn summarise(f: &VerifiedFact) -> FactSummary {

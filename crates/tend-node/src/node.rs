@@ -23,7 +23,7 @@ use tend_core::{
     ContentId, DeviceId, Epoch, FactId, JournalError, JournalNamespace, MaintenanceFact,
     MaintenanceState, Payload, ProtocolVersion, VerifiedFact,
 };
-use tend_store::{CompactReport, Store, StoreError};
+use tend_store::{Store, StoreError};
 use tend_sync::{
     AbortReason, FactHost, FailReason, FenceStatus, LocalView, ManagerAction, ManagerConfig,
     ManagerError, MemItems, MessageError, Outcome, PeerConfig, PeerManager, PeerStatus,
@@ -710,34 +710,9 @@ impl Node {
         self.inner.applying.load(Ordering::SeqCst)
     }
 
-    /// `tend gc` while the node runs: prunes what the latest verified snapshot covers
-    /// (or, with `dry_run`, reports it). Compaction needs exclusive access to the store,
-    /// so it is left to `tend gc` on a stopped device.
+    /// `tend gc` while the node runs: [`Device::gc`] off the async workers.
     pub fn gc(&self, dry_run: bool) -> Result<crate::device::GcReport, NodeError> {
-        let device = &self.inner.device;
-        if !dry_run && device.gc_policy()? == crate::device::GcPolicy::Archive {
-            return Err(NodeError::Device(DeviceError::ArchiveDevice));
-        }
-        let ns = device.namespace();
-        let store = device.store();
-        let before = store.file_size()?;
-        let (report, compacted) = blocking(|| {
-            if dry_run {
-                return Ok((store.prune_dry_run(ns)?, None));
-            }
-            let report = store.prune(ns)?;
-            Ok::<_, StoreError>((report, compact_when_idle(store)?))
-        })?;
-        Ok(crate::device::GcReport {
-            dry_run,
-            floor: report.floor.0,
-            facts_pruned: report.facts,
-            fact_bytes: report.fact_bytes,
-            blobs_pruned: report.blobs,
-            store_bytes_before: before,
-            store_bytes_after: compacted.as_ref().map_or(before, |c| c.bytes_after),
-            compacted: compacted.is_some(),
-        })
+        Ok(blocking(|| self.inner.device.gc(dry_run))?)
     }
 
     /// Syncs with one given peer now (adding it if unknown).
@@ -1318,20 +1293,6 @@ impl Inner {
             }
         }
     }
-}
-
-/// Compacts the store once no transaction of it is alive, trying for up to two seconds
-/// (sync sessions hold a read snapshot only while they reconcile); `None` if it stayed busy.
-/// Sessions wait while the compaction runs, under a second for a 200 MB store.
-fn compact_when_idle(store: &Store) -> Result<Option<CompactReport>, StoreError> {
-    for _ in 0..40 {
-        match store.compact() {
-            Ok(report) => return Ok(Some(report)),
-            Err(StoreError::Busy { .. }) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(None)
 }
 
 /// Runs `f`, which writes to the store (redb commits wait for the disk), telling a

@@ -12,6 +12,7 @@ use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::{de, Deserialize, Deserializer};
 use serde_bytes::{ByteBuf, Bytes};
 
+use crate::app::DataOp;
 use crate::authority::{AuthorityFact, AuthorityGenesis, MembershipChange};
 use crate::encoding::{from_canonical, to_canonical};
 use crate::error::DecodeError;
@@ -35,6 +36,8 @@ pub enum Payload {
         kind: String,
         data: Vec<u8>,
     },
+    /// Collections, log trims and the replicated cache (`crate::app`).
+    Data(DataOp),
     /// A kind from a newer release: kept, hashed and forwarded unchanged.
     Unknown {
         tag: u64,
@@ -44,6 +47,10 @@ pub enum Payload {
 
 mod tag {
     pub const APPLICATION: u64 = 1;
+    pub const PUT: u64 = 2;
+    pub const DELETE: u64 = 3;
+    pub const TRIM: u64 = 4;
+    pub const CACHE_PUT: u64 = 5;
     pub const SNAPSHOT_PROPOSED: u64 = 16;
     pub const SNAPSHOT_COMPLETED: u64 = 17;
     pub const CACHE_INVALIDATED: u64 = 18;
@@ -67,6 +74,12 @@ impl Payload {
                 (tag::APPLICATION, to_canonical(&(kind, Bytes::new(data))))
             }
             Payload::Unknown { tag, raw } => (*tag, raw.clone()),
+            Payload::Data(d) => match d {
+                DataOp::Put(x) => (tag::PUT, to_canonical(x)),
+                DataOp::Delete(x) => (tag::DELETE, to_canonical(x)),
+                DataOp::Trim(x) => (tag::TRIM, to_canonical(x)),
+                DataOp::CachePut(x) => (tag::CACHE_PUT, to_canonical(x)),
+            },
             Payload::Authority(AuthorityFact::Genesis(g)) => {
                 (tag::AUTHORITY_GENESIS, to_canonical(g))
             }
@@ -102,6 +115,10 @@ impl Payload {
                     data: data.into_vec(),
                 }
             }
+            tag::PUT => Payload::Data(DataOp::Put(from_canonical(body)?)),
+            tag::DELETE => Payload::Data(DataOp::Delete(from_canonical(body)?)),
+            tag::TRIM => Payload::Data(DataOp::Trim(from_canonical(body)?)),
+            tag::CACHE_PUT => Payload::Data(DataOp::CachePut(from_canonical(body)?)),
             tag::SNAPSHOT_PROPOSED => m(M::SnapshotProposed(from_canonical(body)?)),
             tag::SNAPSHOT_COMPLETED => m(M::SnapshotCompleted(from_canonical(body)?)),
             tag::CACHE_INVALIDATED => m(M::CacheInvalidated(from_canonical(body)?)),
@@ -137,6 +154,10 @@ impl Payload {
         match self {
             Payload::Application { kind, .. } => format!("app:{kind}"),
             Payload::Unknown { tag, .. } => format!("unknown:{tag}"),
+            Payload::Data(DataOp::Put(p)) => format!("put:{}", p.collection),
+            Payload::Data(DataOp::Delete(d)) => format!("delete:{}", d.collection),
+            Payload::Data(DataOp::Trim(t)) => format!("trim:{}", t.log),
+            Payload::Data(DataOp::CachePut(_)) => "cache-put".into(),
             Payload::Authority(AuthorityFact::Genesis(_)) => "authority-genesis".into(),
             Payload::Authority(AuthorityFact::MembershipChanged(_)) => "membership-changed".into(),
             Payload::Maintenance(m) => match m {

@@ -1,10 +1,11 @@
-//! The pure core of tend: ids, epochs, signed facts, the journal semilattice, and the
-//! maintenance reducer.
+//! The pure core of tend: ids, epochs, signed facts, the journal semilattice, the
+//! maintenance reducer and the application state.
 //!
 //! Nothing here does I/O, reads a clock or draws randomness: time and randomness come in as
 //! arguments, so every rule can be tested deterministically.
 
 pub mod admin;
+pub mod app;
 pub mod authority;
 pub mod encoding;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod maintenance;
 pub mod reduce;
 pub mod upgrade;
 
+pub use app::{AppState, DataOp};
 pub use authority::{AuthorityFact, AuthorityGenesis, GroupKey, MembershipChange};
 pub use error::{DecodeError, JournalError};
 pub use fact::{Fact, Payload, UnsignedFact, VerifiedFact, FACT_FORMAT_VERSION, MAX_FACT_BYTES};

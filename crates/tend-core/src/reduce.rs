@@ -171,7 +171,7 @@ impl MaintenanceState {
                 }
                 self.apply_maintenance(f, m);
             }
-            Payload::Application { .. } | Payload::Unknown { .. } => {}
+            Payload::Application { .. } | Payload::Data(_) | Payload::Unknown { .. } => {}
         }
     }
 

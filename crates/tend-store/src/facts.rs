@@ -85,7 +85,7 @@ pub struct NamespaceStats {
 
 /// Whether a payload changes the maintenance state (and so lives in the maintenance table).
 pub(crate) fn is_maintenance(p: &Payload) -> bool {
-    !matches!(p, Payload::Application { .. } | Payload::Unknown { .. })
+    !tend_core::app::is_data(p)
 }
 
 fn is_membership_change(p: &Payload) -> bool {

@@ -1,0 +1,535 @@
+//! Application state: collections, logs, large values and the replicated cache, as a pure,
+//! order-independent fold of the journal's data facts (DESIGN section 8).
+//!
+//! # The merge rule
+//!
+//! A key (of a collection, or of the cache) is a multi-value register in the manner of
+//! automerge and the MV-register of the CRDT papers: every `Put` and `Delete` names the
+//! facts it supersedes, which are the heads of that key its author saw when it wrote. The
+//! heads of a key are the writes that no other write of the key supersedes. So:
+//! - a device reads its own latest write (the new write supersedes every head it had, even
+//!   within one epoch);
+//! - writes made without seeing each other are both heads, and every replica agrees on
+//!   them, whatever the order of arrival: a write that arrives after one that supersedes it
+//!   is never a head, and a write's own supersedes list applies whether or not it is a head;
+//! - of the heads, puts win over deletes (add-wins, as in an OR-map), and of several puts
+//!   the one with the greatest `(epoch, fact id)` is the value everyone reads; the others are
+//!   reported as conflicts. No clock decides anything.
+//!
+//! A log is the set of its entries (today's `Payload::Application { kind, .. }` is an append
+//! to log `kind`), ordered by `(epoch, fact id)`; that pair, printed as
+//! [`LogCursor`], is an entry's stable cursor. `Trim { log, before }` drops every entry
+//! below the cursor; the highest trim wins.
+//!
+//! # What stays live
+//!
+//! [`AppState::live_facts`] lists the facts the state needs: the put heads of every
+//! collection key, the put heads of cache keys that their floor has not invalidated, the
+//! untrimmed log entries, and every data fact of a kind this release does not know. Facts
+//! outside it (superseded or deleted values, trimmed entries, stale cache entries, deletes
+//! and trims themselves) change no visible value once the facts they name are gone, so a
+//! snapshot need not carry them and GC may drop them. Dropping facts that are not live
+//! never changes which facts are live, so the live set of pruned and archive replicas
+//! agree, and a snapshot built on either carries the same bytes.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::fact::{Payload, VerifiedFact};
+use crate::ids::{ContentId, DeviceId, Epoch, FactId, Hash32};
+
+/// Longest collection, log or cache-key name, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Longest key in a collection, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Values up to this size travel inside the fact; larger ones are blobs named by CID.
+pub const INLINE_VALUE_MAX: usize = 16 * 1024;
+/// Most heads one write may supersede (more means a runaway conflict; the writer merges
+/// them in a first write).
+pub const MAX_SUPERSEDES: usize = 256;
+
+/// A value: inline bytes, or a blob in the blob store (fetched over `tend/blob/1`).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Value {
+    Inline(ByteBuf),
+    Blob { cid: ContentId, len: u64 },
+}
+
+impl Value {
+    /// The blob a value names, if it is large.
+    pub fn blob(&self) -> Option<ContentId> {
+        match self {
+            Value::Blob { cid, .. } => Some(*cid),
+            Value::Inline(_) => None,
+        }
+    }
+
+    /// The value's length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Value::Inline(b) => b.len() as u64,
+            Value::Blob { len, .. } => *len,
+        }
+    }
+
+    /// Whether the value is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `put(collection, key, value)`, superseding the heads its author saw.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Put {
+    pub collection: String,
+    pub key: String,
+    pub value: Value,
+    pub supersedes: Vec<FactId>,
+}
+
+/// `delete(collection, key)`, superseding the heads its author saw.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delete {
+    pub collection: String,
+    pub key: String,
+    pub supersedes: Vec<FactId>,
+}
+
+/// `trim(log, before)`: entries below the cursor are gone.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trim {
+    pub log: String,
+    pub before: LogCursor,
+}
+
+/// A replicated cache entry: valid while its fact's epoch (the epoch it was computed at)
+/// is above the key's floor from `CacheInvalidated` facts.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CachePut {
+    pub key: String,
+    pub value: ByteBuf,
+    pub supersedes: Vec<FactId>,
+}
+
+/// The data operations (payload tags 2 to 5).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum DataOp {
+    Put(Put),
+    Delete(Delete),
+    Trim(Trim),
+    CachePut(CachePut),
+}
+
+/// Why a name, key or value may not be written.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DataError {
+    #[error("{what} must not be empty")]
+    Empty { what: &'static str },
+    #[error("{what} is {len} bytes, the limit is {max}")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("{what} must not contain control characters")]
+    ControlCharacter { what: &'static str },
+    #[error("a write supersedes {0} heads, the limit is {MAX_SUPERSEDES}")]
+    TooManySupersedes(usize),
+    #[error("an inline value is {0} bytes, the limit is {INLINE_VALUE_MAX}: store it as a blob")]
+    InlineTooLarge(usize),
+    #[error("not a log cursor (expected EPOCH-FACTID, e.g. 3-9f2c...): {0}")]
+    BadCursor(String),
+}
+
+/// Checks a collection, log or cache-key name.
+pub fn check_name(what: &'static str, name: &str) -> Result<(), DataError> {
+    check_text(what, name, MAX_NAME_BYTES)
+}
+
+/// Checks a key of a collection.
+pub fn check_key(key: &str) -> Result<(), DataError> {
+    check_text("key", key, MAX_KEY_BYTES)
+}
+
+fn check_text(what: &'static str, s: &str, max: usize) -> Result<(), DataError> {
+    if s.is_empty() {
+        return Err(DataError::Empty { what });
+    }
+    if s.len() > max {
+        return Err(DataError::TooLong {
+            what,
+            len: s.len(),
+            max,
+        });
+    }
+    if s.chars().any(char::is_control) {
+        return Err(DataError::ControlCharacter { what });
+    }
+    Ok(())
+}
+
+impl DataOp {
+    /// Checks the limits a writer must respect (readers fold whatever verified).
+    pub fn check(&self) -> Result<(), DataError> {
+        let supersedes = match self {
+            DataOp::Put(p) => {
+                check_name("collection name", &p.collection)?;
+                check_key(&p.key)?;
+                if let Value::Inline(b) = &p.value {
+                    if b.len() > INLINE_VALUE_MAX {
+                        return Err(DataError::InlineTooLarge(b.len()));
+                    }
+                }
+                p.supersedes.len()
+            }
+            DataOp::Delete(d) => {
+                check_name("collection name", &d.collection)?;
+                check_key(&d.key)?;
+                d.supersedes.len()
+            }
+            DataOp::Trim(t) => {
+                check_name("log name", &t.log)?;
+                0
+            }
+            DataOp::CachePut(c) => {
+                check_name("cache key", &c.key)?;
+                if c.value.len() > INLINE_VALUE_MAX {
+                    return Err(DataError::InlineTooLarge(c.value.len()));
+                }
+                c.supersedes.len()
+            }
+        };
+        if supersedes > MAX_SUPERSEDES {
+            return Err(DataError::TooManySupersedes(supersedes));
+        }
+        Ok(())
+    }
+}
+
+/// A log entry's stable cursor: its `(epoch, fact id)`, printed `EPOCH-HEXID`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub struct LogCursor {
+    pub epoch: Epoch,
+    pub id: FactId,
+}
+
+impl LogCursor {
+    /// The cursor of a fact.
+    pub fn of(f: &VerifiedFact) -> Self {
+        let (epoch, id) = f.order_key();
+        Self { epoch, id }
+    }
+}
+
+impl fmt::Display for LogCursor {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}-{}", self.epoch.0, hex::encode(self.id.0))
+    }
+}
+
+impl FromStr for LogCursor {
+    type Err = DataError;
+
+    /// ```
+    /// use tend_core::app::LogCursor;
+    /// let c: LogCursor = format!("7-{}", "ab".repeat(32)).parse().unwrap();
+    /// assert_eq!(c.epoch.0, 7);
+    /// assert!("7-xyz".parse::<LogCursor>().is_err());
+    /// ```
+    fn from_str(s: &str) -> Result<Self, DataError> {
+        let bad = || DataError::BadCursor(s.chars().take(100).collect());
+        let (epoch, id) = s.split_once('-').ok_or_else(bad)?;
+        let epoch = epoch.parse::<u64>().map_err(|_| bad())?;
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(id, &mut bytes).map_err(|_| bad())?;
+        Ok(Self {
+            epoch: Epoch(epoch),
+            id: FactId(bytes),
+        })
+    }
+}
+
+/// Which map a register lives in.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub enum Space {
+    Collection,
+    Cache,
+}
+
+/// One head of a register.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Head {
+    pub author: DeviceId,
+    /// A delete head (a put head otherwise).
+    pub deleted: bool,
+}
+
+/// The writes of one key.
+#[derive(Clone, Default, Debug)]
+struct Register {
+    /// Writes no other write of the key supersedes, by `(epoch, id)`.
+    heads: BTreeMap<(Epoch, FactId), Head>,
+    /// Every fact id some write of the key supersedes.
+    superseded: HashSet<FactId>,
+}
+
+impl Register {
+    fn apply(&mut self, at: (Epoch, FactId), head: Head, supersedes: &[FactId]) {
+        for s in supersedes {
+            self.superseded.insert(*s);
+        }
+        self.heads
+            .retain(|(_, id), _| !self.superseded.contains(id));
+        if !self.superseded.contains(&at.1) {
+            self.heads.insert(at, head);
+        }
+    }
+
+    /// Put heads, greatest `(epoch, id)` first: the winner, then the conflicts.
+    fn put_heads(&self) -> impl Iterator<Item = (&(Epoch, FactId), &Head)> {
+        self.heads.iter().rev().filter(|(_, h)| !h.deleted)
+    }
+}
+
+/// What a key reads as.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Entry {
+    /// The winning put: `(epoch, fact id)` and its author.
+    pub winner: (Epoch, FactId),
+    pub author: DeviceId,
+    /// The other put heads (concurrent writes that lost), greatest first.
+    pub conflicts: Vec<(Epoch, FactId)>,
+}
+
+impl Entry {
+    /// Every head of the key (what a new write supersedes).
+    pub fn heads(&self) -> Vec<FactId> {
+        std::iter::once(self.winner.1)
+            .chain(self.conflicts.iter().map(|c| c.1))
+            .collect()
+    }
+}
+
+#[derive(Clone, Default, Debug)]
+struct Log {
+    entries: BTreeSet<LogCursor>,
+    trimmed_before: Option<LogCursor>,
+}
+
+/// The application state of a journal: an index of fact ids (values are read from the facts
+/// they name). See the module documentation for the rules.
+#[derive(Clone, Default, Debug)]
+pub struct AppState {
+    registers: BTreeMap<(Space, String, String), Register>,
+    logs: BTreeMap<String, Log>,
+    /// Data facts of kinds this release does not know: always live.
+    unknown: BTreeSet<(Epoch, FactId)>,
+}
+
+/// Whether a payload is application data (the only facts [`AppState`] folds).
+pub fn is_data(p: &Payload) -> bool {
+    matches!(
+        p,
+        Payload::Application { .. } | Payload::Data(_) | Payload::Unknown { .. }
+    )
+}
+
+impl AppState {
+    /// The state of `facts`, in any order, with duplicates.
+    pub fn of<'a>(facts: impl IntoIterator<Item = &'a VerifiedFact>) -> Self {
+        let mut s = Self::default();
+        for f in facts {
+            s.apply(f);
+        }
+        s
+    }
+
+    /// Folds one fact (facts of other kinds are ignored). Commutative and idempotent.
+    pub fn apply(&mut self, f: &VerifiedFact) {
+        let at = f.order_key();
+        let author = f.author();
+        let mut reg = |space, coll: &str, key: &str, deleted, sup: &[FactId]| {
+            self.registers
+                .entry((space, coll.to_owned(), key.to_owned()))
+                .or_default()
+                .apply(at, Head { author, deleted }, sup);
+        };
+        match f.payload() {
+            Payload::Data(DataOp::Put(p)) => reg(
+                Space::Collection,
+                &p.collection,
+                &p.key,
+                false,
+                &p.supersedes,
+            ),
+            Payload::Data(DataOp::Delete(d)) => reg(
+                Space::Collection,
+                &d.collection,
+                &d.key,
+                true,
+                &d.supersedes,
+            ),
+            Payload::Data(DataOp::CachePut(c)) => {
+                reg(Space::Cache, "", &c.key, false, &c.supersedes)
+            }
+            Payload::Data(DataOp::Trim(t)) => {
+                let log = self.logs.entry(t.log.clone()).or_default();
+                if log.trimmed_before.is_none_or(|b| b < t.before) {
+                    log.trimmed_before = Some(t.before);
+                    log.entries = log.entries.split_off(&t.before);
+                }
+            }
+            Payload::Application { kind, .. } => {
+                let log = self.logs.entry(kind.clone()).or_default();
+                let cursor = LogCursor::of(f);
+                if log.trimmed_before.is_none_or(|b| cursor >= b) {
+                    log.entries.insert(cursor);
+                }
+            }
+            Payload::Unknown { .. } => {
+                self.unknown.insert(at);
+            }
+            Payload::Maintenance(_) | Payload::Authority(_) => {}
+        }
+    }
+
+    /// What `collection`/`key` reads as, or `None` when absent or deleted.
+    pub fn get(&self, collection: &str, key: &str) -> Option<Entry> {
+        self.entry(Space::Collection, collection, key)
+    }
+
+    /// The cache entry of `key`, valid or not (see [`AppState::cache_valid`]).
+    pub fn cache_get(&self, key: &str) -> Option<Entry> {
+        self.entry(Space::Cache, "", key)
+    }
+
+    fn entry(&self, space: Space, coll: &str, key: &str) -> Option<Entry> {
+        let reg = self
+            .registers
+            .get(&(space, coll.to_owned(), key.to_owned()))?;
+        let mut puts = reg.put_heads();
+        let (winner, head) = puts.next()?;
+        Some(Entry {
+            winner: *winner,
+            author: head.author,
+            conflicts: puts.map(|(k, _)| *k).collect(),
+        })
+    }
+
+    /// Every head of a key, deletes included: what a new write of it must supersede.
+    pub fn heads(&self, space: Space, collection: &str, key: &str) -> Vec<FactId> {
+        self.registers
+            .get(&(space, collection.to_owned(), key.to_owned()))
+            .map(|r| r.heads.keys().map(|(_, id)| *id).collect())
+            .unwrap_or_default()
+    }
+
+    /// The live keys of a collection in key order, from `after` (exclusive), with `prefix`.
+    pub fn scan<'a>(
+        &'a self,
+        collection: &'a str,
+        prefix: &'a str,
+        after: Option<&'a str>,
+    ) -> impl Iterator<Item = (&'a str, Entry)> + 'a {
+        let start = (Space::Collection, collection.to_owned(), String::new());
+        self.registers
+            .range(start..)
+            .take_while(move |((s, c, _), _)| *s == Space::Collection && c == collection)
+            .filter(move |((_, _, k), _)| k.starts_with(prefix))
+            .filter(move |((_, _, k), _)| after.is_none_or(|a| k.as_str() > a))
+            .filter_map(move |((_, c, k), _)| {
+                self.entry(Space::Collection, c, k).map(|e| (k.as_str(), e))
+            })
+    }
+
+    /// The collections with at least one live key.
+    pub fn collections(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for ((s, c, _), r) in &self.registers {
+            if *s == Space::Collection
+                && r.put_heads().next().is_some()
+                && out.last() != Some(&c.as_str())
+            {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// Live keys in all collections.
+    pub fn live_keys(&self) -> usize {
+        self.registers
+            .iter()
+            .filter(|((s, _, _), r)| *s == Space::Collection && r.put_heads().next().is_some())
+            .count()
+    }
+
+    /// The untrimmed entries of `log` after `after` (exclusive), ascending.
+    pub fn log_entries<'a>(
+        &'a self,
+        log: &str,
+        after: Option<LogCursor>,
+    ) -> impl Iterator<Item = LogCursor> + 'a {
+        let entries = self.logs.get(log).map(|l| &l.entries);
+        entries.into_iter().flat_map(move |e| match after {
+            Some(a) => e
+                .range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+                .copied()
+                .collect::<Vec<_>>(),
+            None => e.iter().copied().collect(),
+        })
+    }
+
+    /// The logs and their untrimmed entry counts.
+    pub fn logs(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.logs.iter().map(|(n, l)| (n.as_str(), l.entries.len()))
+    }
+
+    /// Untrimmed log entries in all logs.
+    pub fn log_len(&self) -> usize {
+        self.logs.values().map(|l| l.entries.len()).sum()
+    }
+
+    /// Whether the cache entry written at `computed_at` under `key` is valid under `floors`
+    /// (DESIGN rule 6: its epoch must exceed the key's floor).
+    pub fn cache_valid(floors: &BTreeMap<String, Epoch>, key: &str, computed_at: Epoch) -> bool {
+        floors.get(key).is_none_or(|floor| computed_at > *floor)
+    }
+
+    /// The facts the state needs, ascending (see the module documentation). `floors` are
+    /// the cache floors of the same journal (`MaintenanceState::cache_floors`).
+    pub fn live_facts(&self, floors: &BTreeMap<String, Epoch>) -> BTreeSet<(Epoch, FactId)> {
+        let mut live = self.unknown.clone();
+        for ((space, _, key), reg) in &self.registers {
+            for (at, _) in reg.put_heads() {
+                if *space == Space::Collection || Self::cache_valid(floors, key, at.0) {
+                    live.insert(*at);
+                }
+            }
+        }
+        for log in self.logs.values() {
+            live.extend(log.entries.iter().map(|c| (c.epoch, c.id)));
+        }
+        live
+    }
+
+    /// A digest of the visible state: every live fact (by id, which hashes its content) in
+    /// order. Two replicas with the same digest read the same values, conflicts and logs.
+    pub fn digest(&self, floors: &BTreeMap<String, Epoch>) -> Hash32 {
+        let mut h = blake3::Hasher::new();
+        h.update(b"tend-app-state-v1");
+        for (e, id) in self.live_facts(floors) {
+            h.update(&e.0.to_be_bytes());
+            h.update(&id.0);
+        }
+        Hash32(*h.finalize().as_bytes())
+    }
+}

@@ -7,7 +7,8 @@
 //! - a JavaScript port of the reference Negentropy.js (`@nostr-dev-kit/sync` on npm), live:
 //!   both directions over random item sets, message traces, frame size limits. It is
 //!   installed with npm into the target directory on first use; without node or npm those
-//!   tests print a note and pass.
+//!   tests print a note and pass, unless the environment variable `CI` is set (`.ci/run`
+//!   runs with `CI=true` and installs node): then they fail.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
@@ -25,41 +26,62 @@ fn ours() -> Vec<String> {
     vec![env!("CARGO_BIN_EXE_tend-negentropy").to_string()]
 }
 
-/// The directory holding the JS harness with its dependencies, or `None` (with a note)
-/// when node or npm is not available.
-fn js_dir() -> Option<&'static PathBuf> {
-    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+/// Whether the environment variable `CI` is set (to anything but empty, `0` or `false`).
+/// There the JavaScript interop tests fail when node or npm is missing instead of skipping:
+/// a test that passes without running tests nothing.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+}
+
+/// The directory holding the JS harness with its dependencies, or why it could not be made
+/// (node or npm missing, or the install failed).
+fn js_dir() -> Result<&'static PathBuf, &'static str> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("negentropy-js");
         let node = Command::new("node").arg("--version").output();
         if !node.is_ok_and(|o| o.status.success()) {
-            eprintln!("note: node is not installed; skipping the JavaScript interop tests");
-            return None;
+            return Err("node is not installed".into());
         }
         let lib = dir.join("node_modules/@nostr-dev-kit/sync/dist/index.js");
         if !lib.exists() {
-            std::fs::create_dir_all(&dir).ok()?;
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             let status = Command::new("npm")
                 .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
                 .arg(&dir)
                 .arg(JS_PACKAGE)
                 .status();
             if !status.is_ok_and(|s| s.success()) || !lib.exists() {
-                eprintln!(
-                    "note: npm install {JS_PACKAGE} failed; skipping the JavaScript interop tests"
-                );
-                return None;
+                return Err(format!("npm install {JS_PACKAGE} failed"));
             }
         }
         let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/harness.mjs");
-        std::fs::copy(src, dir.join("harness.mjs")).ok()?;
-        Some(dir)
+        std::fs::copy(&src, dir.join("harness.mjs"))
+            .map_err(|e| format!("{}: {e}", src.display()))?;
+        Ok(dir)
     })
     .as_ref()
+    .map_err(String::as_str)
 }
 
+/// The command running the JS harness. Without it: a panic when [`in_ci`], else a note
+/// and `None`, and the calling test returns early.
 fn js() -> Option<Vec<String>> {
-    js_dir().map(|d| vec!["node".into(), d.join("harness.mjs").display().to_string()])
+    match js_dir() {
+        Ok(d) => Some(vec![
+            "node".into(),
+            d.join("harness.mjs").display().to_string(),
+        ]),
+        Err(why) if in_ci() => {
+            panic!("{why}; CI is set, so the JavaScript interop tests must run, not skip")
+        }
+        Err(why) => {
+            eprintln!(
+                "note: {why}; skipping the JavaScript interop tests (they fail when CI is set)"
+            );
+            None
+        }
+    }
 }
 
 struct Harness {

@@ -175,11 +175,21 @@ fn publish(tmp: &Path, path: &Path) -> Result<(), BackupError> {
 pub(crate) fn sibling(path: &Path, what: &str) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_file_name(format!(
+        "{}{}-{n}",
+        sibling_prefix(path, what),
+        std::process::id()
+    ))
+}
+
+/// What the names [`sibling`] makes for `path` begin with: `.NAME.WHAT-`, followed by
+/// `PID-N`.
+pub(crate) fn sibling_prefix(path: &Path, what: &str) -> String {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "tend-backup".into());
-    path.with_file_name(format!(".{name}.{what}-{}-{n}", std::process::id()))
+    format!(".{name}.{what}-")
 }
 
 /// Exports journal `ns` of `store` into `out` and returns `out` when the archive is

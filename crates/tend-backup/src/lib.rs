@@ -21,7 +21,8 @@ pub use export::{export, export_file, ExportOptions, ExportReport, Progress};
 pub use format::{Header, Manifest, ARCHIVE_FORMAT_VERSION, TAIL_CHUNK_BYTES};
 pub use keys::{Decryption, Encryption};
 pub use restore::{
-    restore, restore_home, verify, verify_file, verify_plain, RestoreReport, RestoreTarget,
+    remove_stale_restores, restore, restore_home, verify, verify_file, verify_plain, RestoreReport,
+    RestoreTarget,
 };
 pub use triggers::{
     decide, evaluate, JournalStats, SnapshotTriggers, TriggerDecision, TriggerReason,

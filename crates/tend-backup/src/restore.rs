@@ -24,7 +24,7 @@ use std::cell::Cell;
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use serde::Serialize;
@@ -40,7 +40,7 @@ use tend_snapshot::HydrateError;
 use tend_store::{BlobWriter, Store};
 
 use crate::error::BackupError;
-use crate::export::{sibling, HashingReader, Progress};
+use crate::export::{sibling, sibling_prefix, HashingReader, Progress};
 use crate::format::{
     member, Header, Manifest, MemberHash, ARCHIVE_FORMAT_NAME, ARCHIVE_FORMAT_VERSION, FRAME_LEN,
     MAX_ANCHOR_BYTES, MAX_BLOB_BYTES, MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, MAX_PREFIX_BYTES,
@@ -126,7 +126,9 @@ pub fn restore<T: RestoreTarget>(
 /// temporary directory next to it, which `init` turns into a home for the archive's
 /// journal (a new device key and an empty store); it is renamed to `new_home` only after
 /// every check has passed and the target was dropped, and removed on any failure, so a
-/// failed restore leaves nothing behind.
+/// failed restore leaves nothing behind. A restore that was killed cannot remove its
+/// directory: this one first removes those of earlier restores into `new_home` whose
+/// process is gone ([`remove_stale_restores`]).
 pub fn restore_home<T: RestoreTarget>(
     archive: &Path,
     decryption: &Decryption,
@@ -134,6 +136,7 @@ pub fn restore_home<T: RestoreTarget>(
     init: impl FnOnce(&Path, JournalNamespace) -> Result<T, BackupError>,
     progress: Option<&dyn Fn(Progress)>,
 ) -> Result<RestoreReport, BackupError> {
+    remove_stale_restores(new_home);
     check_new_home(new_home)?;
     let (file, len) = open_archive(archive)?;
     let tmp = sibling(new_home, "restore");
@@ -154,6 +157,68 @@ pub fn restore_home<T: RestoreTarget>(
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Removes what restores into `home` left behind when they were killed: the directories
+/// `.NAME.restore-PID-N` beside `home` (NAME is `home`'s file name; each holds a fresh
+/// device key and part of a store) whose process PID no longer exists. Returns the
+/// directories removed.
+///
+/// Nothing else is touched: not a name that does not match the pattern exactly, not a
+/// file or a symbolic link, not the directory of a live process (a restore still running,
+/// or one whose PID was reused, which is left for a later call), and nothing at all where
+/// it cannot tell whether a process exists (no `/proc`, so not Linux). A process in
+/// another PID namespace writing beside `home` would look gone. Best effort: what cannot
+/// be read or removed is skipped.
+pub fn remove_stale_restores(home: &Path) -> Vec<PathBuf> {
+    let prefix = sibling_prefix(home, "restore");
+    // The directory `sibling` puts them in.
+    let dir = match home.with_file_name(&prefix).parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix.as_str()))
+            .and_then(restore_pid)
+        else {
+            continue;
+        };
+        // `DirEntry::file_type` does not follow a symbolic link.
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) || !process_is_gone(pid) {
+            continue;
+        }
+        let path = entry.path();
+        if std::fs::remove_dir_all(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
+/// The PID in the `PID-N` that ends a restore directory's name (both decimal numbers).
+fn restore_pid(rest: &str) -> Option<u32> {
+    let (pid, n) = rest.split_once('-')?;
+    let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !number(pid) || !number(n) {
+        return None;
+    }
+    n.parse::<u64>().ok()?;
+    pid.parse().ok().filter(|&pid| pid != 0)
+}
+
+/// Whether no process `pid` exists, as far as this can tell: only where `/proc` lists
+/// processes; elsewhere, and for this process, never.
+fn process_is_gone(pid: u32) -> bool {
+    pid != std::process::id()
+        && Path::new("/proc/self").exists()
+        && !Path::new("/proc").join(pid.to_string()).exists()
 }
 
 fn check_new_home(home: &Path) -> Result<(), BackupError> {

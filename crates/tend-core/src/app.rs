@@ -354,15 +354,19 @@ impl AppState {
 
     /// Folds one fact (facts of other kinds are ignored). Commutative and idempotent.
     pub fn apply(&mut self, f: &VerifiedFact) {
-        let at = f.order_key();
-        let author = f.author();
+        self.apply_parts(f.order_key(), f.author(), f.payload());
+    }
+
+    /// [`AppState::apply`] from a fact's parts (for a store that verified the fact before it
+    /// stored it and reads back only its payload).
+    pub fn apply_parts(&mut self, at: (Epoch, FactId), author: DeviceId, payload: &Payload) {
         let mut reg = |space, coll: &str, key: &str, deleted, sup: &[FactId]| {
             self.registers
                 .entry((space, coll.to_owned(), key.to_owned()))
                 .or_default()
                 .apply(at, Head { author, deleted }, sup);
         };
-        match f.payload() {
+        match payload {
             Payload::Data(DataOp::Put(p)) => reg(
                 Space::Collection,
                 &p.collection,
@@ -389,7 +393,10 @@ impl AppState {
             }
             Payload::Application { kind, .. } => {
                 let log = self.logs.entry(kind.clone()).or_default();
-                let cursor = LogCursor::of(f);
+                let cursor = LogCursor {
+                    epoch: at.0,
+                    id: at.1,
+                };
                 if log.trimmed_before.is_none_or(|b| cursor >= b) {
                     log.entries.insert(cursor);
                 }
@@ -426,9 +433,17 @@ impl AppState {
 
     /// Every head of a key, deletes included: what a new write of it must supersede.
     pub fn heads(&self, space: Space, collection: &str, key: &str) -> Vec<FactId> {
+        self.head_keys(space, collection, key)
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect()
+    }
+
+    /// [`AppState::heads`] with their epochs, ascending.
+    pub fn head_keys(&self, space: Space, collection: &str, key: &str) -> Vec<(Epoch, FactId)> {
         self.registers
             .get(&(space, collection.to_owned(), key.to_owned()))
-            .map(|r| r.heads.keys().map(|(_, id)| *id).collect())
+            .map(|r| r.heads.keys().copied().collect())
             .unwrap_or_default()
     }
 
@@ -519,6 +534,16 @@ impl AppState {
             live.extend(log.entries.iter().map(|c| (c.epoch, c.id)));
         }
         live
+    }
+
+    /// The put heads of every collection key: the facts whose values can be read (and so
+    /// whose blobs must stay), ascending.
+    pub fn value_heads(&self) -> BTreeSet<(Epoch, FactId)> {
+        self.registers
+            .iter()
+            .filter(|((space, _, _), _)| *space == Space::Collection)
+            .flat_map(|(_, reg)| reg.put_heads().map(|(at, _)| *at))
+            .collect()
     }
 
     /// A digest of the visible state: every live fact (by id, which hashes its content) in

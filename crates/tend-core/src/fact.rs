@@ -148,6 +148,23 @@ impl Payload {
         })
     }
 
+    /// Whether the author re-issues this payload at its current epoch when it lands below a
+    /// snapshot that does not cover it (DESIGN rule 5): application data, and the
+    /// maintenance facts that state a standing condition of their author (a cache floor,
+    /// its metadata, its readiness for an upgrade). Proposals, completions and admin
+    /// operations belong to their moment and lapse instead.
+    pub fn is_reissuable(&self) -> bool {
+        use MaintenanceFact as M;
+        matches!(
+            self,
+            Payload::Application { .. }
+                | Payload::Data(_)
+                | Payload::Maintenance(
+                    M::DeviceMetadata(_) | M::UpgradeReady(_) | M::CacheInvalidated(_)
+                )
+        )
+    }
+
     /// A short name of the payload kind, for listings.
     pub fn kind_name(&self) -> String {
         use MaintenanceFact as M;
@@ -241,6 +258,16 @@ fn signing_message(
         Bytes::new(body),
     )));
     msg
+}
+
+/// The author and payload of canonical fact bytes, without checking the signature: only for
+/// bytes that were verified before they were stored (a store that checks every fact it reads
+/// against its id). Anything that crosses a trust boundary goes through
+/// [`VerifiedFact::decode`].
+pub fn read_stored_payload(bytes: &[u8]) -> Result<(DeviceId, Payload), DecodeError> {
+    let (_, _, _, author, tag, body, _): WireTuple =
+        serde_ipld_dagcbor::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    Ok((author, Payload::from_tag_body(tag, &body)?))
 }
 
 /// A signed fact. It may not verify: only [`VerifiedFact`] is trusted.

@@ -350,6 +350,9 @@ pub enum Request {
         /// The epoch the entry was cached at.
         epoch: u64,
     },
+    /// An application data operation (collections, logs, the replicated cache):
+    /// `{"v":1,"cmd":"data","op":"put","collection":"c","key":"k","value":"<base64>"}`.
+    Data(crate::data::DataRequest),
     /// Writes an encrypted backup archive of the journal (with the plug-in `tend run`
     /// installs); the answer is the export's report.
     BackupExport {
@@ -794,6 +797,13 @@ async fn answer(node: &Node, request: Request) -> Response {
             })
             .await
         }
+        Request::Data(request) => {
+            if request.is_write() {
+                write_on_node(node, move |n| crate::data::run(n.device(), request)).await
+            } else {
+                on_node(node, move |n| crate::data::run(n.device(), request)).await
+            }
+        }
         Request::BackupExport {
             out,
             passphrase_file,
@@ -937,6 +947,14 @@ impl Client {
     ) -> Result<T, ControlError> {
         serde_json::from_value(self.request(request)?)
             .map_err(|e| ControlError::BadResponse(e.to_string()))
+    }
+
+    /// Runs an application data operation on the running device.
+    pub fn data(
+        &mut self,
+        request: crate::data::DataRequest,
+    ) -> Result<crate::data::DataResponse, ControlError> {
+        self.typed(Request::Data(request))
     }
 
     /// The device's status.

@@ -69,7 +69,8 @@ impl<'a> StoreJournal<'a> {
             .store
             .items(self.namespace, from..upto)?
             .collect::<Result<Vec<_>, _>>()?;
-        let mut facts = Vec::new();
+        // The state facts, and the live application facts: the blob carries the state.
+        let mut facts = self.store.live_facts_below(self.namespace, upto)?;
         for stored in self.store.scan_maintenance(self.namespace)? {
             let stored = stored?;
             if stored.epoch >= upto {
@@ -80,6 +81,7 @@ impl<'a> StoreJournal<'a> {
                 source,
             })?);
         }
+        facts.sort_unstable_by_key(tend_core::VerifiedFact::order_key);
         Ok(SnapshotBlob::from_parts(self.namespace, upto, items, facts))
     }
 }

@@ -6,6 +6,7 @@ pub mod blobs;
 pub mod cache;
 pub mod ceremony;
 pub mod control;
+pub mod data;
 pub mod device;
 pub mod discovery;
 pub mod dkg;

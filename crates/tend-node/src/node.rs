@@ -986,10 +986,27 @@ impl Inner {
             .store()
             .retract_uncovered_maintenance(self.namespace(), epoch, covered)
         {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                "dropped {n} maintenance facts below snapshot {epoch} that it does not cover"
-            ),
+            Ok(dropped) if dropped.is_empty() => {}
+            Ok(dropped) => {
+                tracing::info!(
+                    "dropped {} maintenance facts below snapshot {epoch} that it does not cover",
+                    dropped.len()
+                );
+                // Nothing valid may be lost: this device's own standing facts (a cache
+                // floor, its metadata, its readiness) are written again at the current
+                // epoch, as every author's duty (DESIGN rule 5).
+                let me = self.device.device_id();
+                for stored in dropped {
+                    let Ok((author, payload)) = stored.author_payload() else {
+                        continue;
+                    };
+                    if author == me && payload.is_reissuable() {
+                        if let Err(e) = self.device.append(payload) {
+                            tracing::warn!("cannot re-issue a retracted maintenance fact: {e}");
+                        }
+                    }
+                }
+            }
             Err(e) => {
                 tracing::warn!("cannot drop facts the snapshot at {epoch} does not cover: {e}")
             }
@@ -1229,7 +1246,7 @@ impl StoreHost<'_> {
             });
         };
         state.check_admission(&fact)?;
-        if matches!(fact.payload(), Payload::Application { .. }) {
+        if tend_core::app::is_data(fact.payload()) {
             state.observe_epoch(fact.epoch());
         } else {
             // A membership change earlier in the batch governs later facts.

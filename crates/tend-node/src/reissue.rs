@@ -6,7 +6,8 @@
 //! payload would be lost. The snapshot blob lists every covered `(epoch, id)` from its
 //! base on; facts below the base were settled by the previous snapshot.
 
-use tend_core::{Epoch, Payload, VerifiedFact};
+use tend_core::app::is_data;
+use tend_core::{Epoch, VerifiedFact};
 use tend_snapshot::SnapshotBlob;
 use tend_store::StoreError;
 
@@ -50,6 +51,7 @@ pub fn reissue_uncovered(device: &Device) -> Result<Reissued, DeviceError> {
     let from = blob.base.map_or(Epoch::ZERO, |b| b.epoch);
     let me = device.device_id();
     let mut uncovered = Vec::new();
+    let mut retract = Vec::new();
     for stored in store.scan(ns, from..epoch)? {
         let stored = stored?;
         if blob.items.binary_search(&(stored.epoch, stored.id)).is_ok() {
@@ -59,9 +61,13 @@ pub fn reissue_uncovered(device: &Device) -> Result<Reissued, DeviceError> {
             path: store.path().to_owned(),
             source,
         })?;
-        // Only the author may re-issue, and only payloads that are not bound to their
-        // epoch: maintenance facts belong to a moment (a proposal, a vote) and lapse.
-        if fact.author() == me && matches!(fact.payload(), Payload::Application { .. }) {
+        if !is_data(fact.payload()) {
+            // Maintenance facts were settled when the snapshot was adopted.
+            continue;
+        }
+        retract.push(fact.order_key());
+        // Only the author may re-issue (the others' authors do it for theirs).
+        if fact.author() == me && fact.payload().is_reissuable() {
             uncovered.push(fact.payload().clone());
         }
     }
@@ -69,6 +75,10 @@ pub fn reissue_uncovered(device: &Device) -> Result<Reissued, DeviceError> {
     for payload in uncovered {
         facts.push(device.append(payload)?);
     }
+    // The originals are `Late` everywhere else: kept here they would be live here only
+    // (a value or a log entry twice). Re-issued first, so a crash between the two steps
+    // can repeat a payload but never lose one.
+    store.retract_data(ns, &retract)?;
     store.put_setting(SETTLED, &epoch.0)?;
     Ok(Reissued {
         snapshot_epoch: Some(epoch),

@@ -20,6 +20,7 @@ fn kind(r: &Request) -> &'static str {
         Request::Peers => "peers",
         Request::SyncNow => "sync_now",
         Request::AddFact { .. } => "add_fact",
+        Request::Data(_) => "data",
         Request::SnapshotPropose { .. } => "snapshot_propose",
         Request::AuthorityCreate { .. } => "authority_create",
         Request::JournalList { .. } => "journal_list",
@@ -42,7 +43,8 @@ fn kind(r: &Request) -> &'static str {
     }
 }
 
-const ALL_KINDS: [&str; 23] = [
+const ALL_KINDS: [&str; 24] = [
+    "data",
     "status",
     "peers",
     "sync_now",

@@ -9,8 +9,7 @@ use ed25519_dalek::SigningKey;
 use tend_core::journal::{journal_digest, DigestBuilder};
 use tend_core::{
     reduce, AuthorityFact, ContentId, DeviceId, Epoch, FactId, Hash32, JournalError,
-    JournalNamespace, MaintenanceFact, MaintenanceState, Payload, ProtocolVersion, UnsignedFact,
-    VerifiedFact,
+    JournalNamespace, MaintenanceState, Payload, ProtocolVersion, UnsignedFact, VerifiedFact,
 };
 use tend_snapshot::{LocalJournal, SignerKey, SnapshotBlob};
 use tend_sync::{FactHost, FenceStatus, MemItems, SharedItems, SyncItem};
@@ -22,13 +21,7 @@ pub type Key = (Epoch, FactId);
 /// 5). Admin operations and snapshot facts are not: a late admin operation is redone by
 /// the admin's own logic, a late proposal or completion is meaningless.
 pub fn is_reissuable(p: &Payload) -> bool {
-    matches!(
-        p,
-        Payload::Application { .. }
-            | Payload::Maintenance(MaintenanceFact::DeviceMetadata(_))
-            | Payload::Maintenance(MaintenanceFact::UpgradeReady(_))
-            | Payload::Maintenance(MaintenanceFact::CacheInvalidated(_))
-    )
+    p.is_reissuable()
 }
 
 /// Whether a fact can change the maintenance state (kept by pruning).
@@ -437,11 +430,19 @@ impl Core {
         // Dropping a late membership change can unseat authors.
         out.quarantined.extend(self.revalidate());
         if !self.archive {
+            // What the application state needs below e stays (DESIGN rule 4).
+            let live = tend_snapshot::blob::live_facts(
+                self.namespace,
+                self.durable
+                    .facts
+                    .range(..(e, FactId([0; 32])))
+                    .map(|(_, f)| f),
+            );
             let prune: Vec<Key> = self
                 .durable
                 .facts
                 .range(..(e, FactId([0; 32])))
-                .filter(|(_, f)| !is_state_fact(f))
+                .filter(|(k, f)| !is_state_fact(f) && !live.contains(k))
                 .map(|(k, _)| *k)
                 .collect();
             for k in prune {
@@ -491,12 +492,12 @@ impl LocalJournal for Core {
             .into_iter()
             .take_while(|(e, _)| *e < upto)
             .collect();
-        let facts: Vec<VerifiedFact> = self
+        let prefix: Vec<&VerifiedFact> = self
             .all()
             .take_while(|((e, _), _)| *e < upto)
-            .filter(|(_, f)| is_state_fact(f))
-            .map(|(_, f)| f.clone())
+            .map(|(_, f)| f)
             .collect();
+        let facts = tend_snapshot::blob::blob_facts(self.namespace, prefix);
         SnapshotBlob::from_parts(self.namespace, upto, items, facts)
     }
 }

@@ -9,14 +9,19 @@
 //!   recompute the signed digest and tell whether a late fact is covered. Facts below the
 //!   base were covered by the earlier snapshot and may be pruned everywhere. One byte string
 //!   instead of a million small arrays keeps encoding and decoding linear and cheap.
-//! - `facts` holds the canonical bytes of the prefix's maintenance and authority facts, in
-//!   `(epoch, id)` order: all that reduction needs (application facts do not change the
-//!   maintenance state).
+//! - `facts` holds the canonical bytes, in `(epoch, id)` order, of the prefix's maintenance
+//!   and authority facts (all that reduction needs) and, from version 2 on, of its live
+//!   application facts (`tend_core::app`: current values and their conflicts, untrimmed log
+//!   entries, valid cache entries), the signed originals. Live facts below the base are
+//!   carried again: they were live in the earlier snapshot and still are, so a device
+//!   hydrated from this blob alone reads every live value. The CID names these bytes and the
+//!   threshold signature names the CID, so the members certify the application state.
 //! - `state_digest` is [`MaintenanceState::state_digest`] of the prefix.
 //!
 //! The blob is a pure function of the prefix's fact set, so every device that agrees on
 //! the prefix digest builds the same bytes and the same CID.
 
+use std::collections::BTreeSet;
 use std::io::{self, Read};
 
 use serde_bytes::ByteBuf;
@@ -24,18 +29,23 @@ use tend_core::encoding::{from_canonical, to_canonical};
 use tend_core::ids::CODEC_DAG_CBOR;
 use tend_core::journal::DigestBuilder;
 use tend_core::{
-    reduce, AuthorityId, ContentId, Epoch, FactId, Hash32, Journal, JournalNamespace,
+    reduce, AppState, AuthorityId, ContentId, Epoch, FactId, Hash32, Journal, JournalNamespace,
     MaintenanceState, Payload, SnapshotBase, VerifiedFact, MAX_FACT_BYTES,
 };
 
-/// The blob format this release writes and reads.
-pub const SNAPSHOT_BLOB_VERSION: u64 = 1;
+/// The blob format this release writes (it also reads version 1, which carried no
+/// application facts).
+pub const SNAPSHOT_BLOB_VERSION: u64 = 2;
+
+fn readable(version: u64) -> bool {
+    version == 1 || version == SNAPSHOT_BLOB_VERSION
+}
 const ITEM_LEN: usize = 40;
 
 /// Why bytes are not a valid snapshot blob.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BlobError {
-    #[error("snapshot blob format version {0} is not supported (this release reads 1)")]
+    #[error("snapshot blob format version {0} is not supported (this release reads 1 and 2)")]
     UnsupportedVersion(u64),
     #[error("malformed snapshot blob: {0}")]
     Malformed(String),
@@ -53,6 +63,8 @@ pub enum BlobError {
 /// A decoded snapshot blob.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotBlob {
+    /// The format version (what [`SnapshotBlob::encode`] writes back).
+    pub version: u64,
     pub namespace: JournalNamespace,
     /// The snapshot epoch E: the blob covers `{ f : f.epoch < E }`.
     pub epoch: Epoch,
@@ -60,7 +72,8 @@ pub struct SnapshotBlob {
     pub base: Option<SnapshotBase>,
     /// Every `(epoch, id)` of the prefix from the base's epoch on, strictly ascending.
     pub items: Vec<(Epoch, FactId)>,
-    /// The prefix's maintenance and authority facts, ascending.
+    /// The prefix's maintenance and authority facts and its live application facts,
+    /// ascending.
     pub facts: Vec<VerifiedFact>,
     /// [`MaintenanceState::state_digest`] of [`SnapshotBlob::reduced_state`].
     pub state_digest: Hash32,
@@ -71,24 +84,44 @@ pub fn is_state_fact(f: &VerifiedFact) -> bool {
     matches!(f.payload(), Payload::Maintenance(_) | Payload::Authority(_))
 }
 
+/// The live application facts of a prefix (`AppState::live_facts` under the prefix's own
+/// cache floors): what a snapshot carries and GC keeps below its epoch.
+pub fn live_facts<'a>(
+    namespace: JournalNamespace,
+    prefix: impl IntoIterator<Item = &'a VerifiedFact> + Clone,
+) -> BTreeSet<(Epoch, FactId)> {
+    let floors = reduce(
+        namespace,
+        prefix.clone().into_iter().filter(|f| is_state_fact(f)),
+    )
+    .cache_floors;
+    AppState::of(prefix).live_facts(&floors)
+}
+
+/// The facts a snapshot blob of `prefix` carries: its state facts and its live application
+/// facts, ascending if `prefix` is.
+pub fn blob_facts(namespace: JournalNamespace, prefix: Vec<&VerifiedFact>) -> Vec<VerifiedFact> {
+    let live = live_facts(namespace, prefix.iter().copied());
+    prefix
+        .into_iter()
+        .filter(|f| is_state_fact(f) || live.contains(&f.order_key()))
+        .cloned()
+        .collect()
+}
+
 impl SnapshotBlob {
     /// The blob of `journal`'s prefix below `epoch`.
     pub fn from_journal(journal: &Journal, epoch: Epoch) -> Self {
-        let prefix = journal.iter().take_while(|f| f.epoch() < epoch);
-        let mut items = Vec::new();
-        let mut facts = Vec::new();
-        for f in prefix {
-            items.push(f.order_key());
-            if is_state_fact(f) {
-                facts.push(f.clone());
-            }
-        }
+        let prefix: Vec<&VerifiedFact> = journal.iter().take_while(|f| f.epoch() < epoch).collect();
+        let items = prefix.iter().map(|f| f.order_key()).collect();
+        let facts = blob_facts(journal.namespace(), prefix);
         Self::from_parts(journal.namespace(), epoch, items, facts)
     }
 
     /// A blob from its parts: `items` strictly ascending and below `epoch` (items below the
-    /// base snapshot, if given, are dropped), `facts` every state fact below `epoch`,
-    /// ascending. The base and the state digest are derived here.
+    /// base snapshot, if given, are dropped), `facts` every state fact and every live
+    /// application fact below `epoch` (see the module documentation), ascending. The base
+    /// and the state digest are derived here.
     pub fn from_parts(
         namespace: JournalNamespace,
         epoch: Epoch,
@@ -100,6 +133,7 @@ impl SnapshotBlob {
             items.retain(|(e, _)| *e >= b.epoch);
         }
         let mut blob = Self {
+            version: SNAPSHOT_BLOB_VERSION,
             namespace,
             epoch,
             base,
@@ -144,7 +178,7 @@ impl SnapshotBlob {
             .map(|f| serde_bytes::Bytes::new(f.bytes()))
             .collect();
         to_canonical(&(
-            SNAPSHOT_BLOB_VERSION,
+            self.version,
             &self.namespace,
             self.epoch,
             self.base,
@@ -173,10 +207,10 @@ impl SnapshotBlob {
             Hash32,
         );
         // Peek at the version first so a newer format gets a clear error.
-        if let Some(v) = peek_version(bytes).filter(|v| *v != SNAPSHOT_BLOB_VERSION) {
+        if let Some(v) = peek_version(bytes).filter(|v| !readable(*v)) {
             return Err(BlobError::UnsupportedVersion(v));
         }
-        let (_, namespace, epoch, base, packed, raw_facts, state_digest): Wire =
+        let (version, namespace, epoch, base, packed, raw_facts, state_digest): Wire =
             from_canonical(bytes).map_err(|e| BlobError::Malformed(e.to_string()))?;
         if packed.len() % ITEM_LEN != 0 {
             return Err(BlobError::Malformed(
@@ -216,6 +250,7 @@ impl SnapshotBlob {
             facts.push(f);
         }
         let blob = Self {
+            version,
             namespace,
             epoch,
             base,
@@ -274,9 +309,10 @@ fn peek_version(bytes: &[u8]) -> Option<u64> {
 
 /// Upper bound of one small CBOR item of the blob (namespace, epoch, base, digest).
 const MAX_SMALL_ITEM_BYTES: usize = 4 << 10;
-/// Upper bound of the canonical bytes of all facts a blob may carry. Real blobs carry a
-/// few maintenance facts; the cap keeps a hostile blob from making a reader hold gigabytes.
-pub const MAX_BLOB_FACT_BYTES: u64 = 64 << 20;
+/// Upper bound of the canonical bytes of all facts a blob may carry: the maintenance facts
+/// and the live application facts (a million live records of ~200 bytes is 200 MiB). The
+/// cap keeps a hostile blob from making a reader hold gigabytes.
+pub const MAX_BLOB_FACT_BYTES: u64 = 1 << 30;
 /// Item records read per `read` call: a multiple of 40 bytes near 64 KiB.
 const ITEM_BUF: usize = ITEM_LEN * 1638;
 
@@ -291,7 +327,7 @@ pub struct BlobSummary {
     pub items: u64,
     /// The highest item.
     pub last_item: Option<(Epoch, FactId)>,
-    /// The prefix's maintenance and authority facts, ascending.
+    /// The prefix's maintenance and authority facts and live application facts, ascending.
     pub facts: Vec<VerifiedFact>,
     pub state_digest: Hash32,
     /// [`SnapshotBlob::prefix_digest`] of the items.
@@ -342,7 +378,7 @@ pub fn read_blob(
         return Err(malformed("the version is not an unsigned integer"));
     }
     // The version before the shape, so a newer format gets a clear error.
-    if version != SNAPSHOT_BLOB_VERSION {
+    if !readable(version) {
         return Err(BlobError::UnsupportedVersion(version));
     }
     if fields != 7 {

@@ -333,6 +333,8 @@ impl Store {
         let tx = self.db().begin_write().map_err(|e| self.err(e))?;
         let mut new_authors: HashMap<DeviceId, u32> = HashMap::new();
         let mut new_states = Vec::new();
+        let mut new_data: Vec<&VerifiedFact> = Vec::new();
+        let mut data_dropped = Vec::new();
         {
             let mut t = WriteTables {
                 facts: tx.open_table(FACTS).map_err(|e| self.err(e))?,
@@ -442,11 +444,13 @@ impl Store {
                         }
                     } else {
                         state.observe_epoch(f.epoch());
+                        new_data.push(f);
                     }
                 }
                 if let Some(since) = membership_changed {
                     let dropped = self.drop_inadmissible(&mut t, &mut rec, &state, since)?;
                     if dropped > 0 {
+                        data_dropped.push(ns);
                         report.dropped += dropped;
                         state = self.reduce_in(&t.maint, &t.author_by_no, ns, &rec)?;
                     }
@@ -462,6 +466,13 @@ impl Store {
         let mut states = self.lock_states();
         for (ns, s) in new_states {
             states.insert(ns, s);
+        }
+        drop(states);
+        for group in new_data.chunk_by(|a, b| a.namespace() == b.namespace()) {
+            self.app_admitted(group[0].namespace(), group);
+        }
+        for ns in data_dropped {
+            self.app_forget(ns);
         }
         Ok(report)
     }
@@ -481,7 +492,7 @@ impl Store {
         ns: JournalNamespace,
         below: Epoch,
         covered: &HashSet<FactId>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Vec<StoredFact>, StoreError> {
         let _writer = self.lock_writer();
         let tx = self.db().begin_write().map_err(|e| self.err(e))?;
         let dropped;
@@ -492,26 +503,27 @@ impl Store {
             let mut namespaces = tx.open_table(NAMESPACES).map_err(|e| self.err(e))?;
             let author_by_no = tx.open_table(AUTHOR_BY_NO).map_err(|e| self.err(e))?;
             let Some(mut rec) = self.ns_record(&namespaces, &ns)? else {
-                return Ok(0);
+                return Ok(Vec::new());
             };
             let (start, end) = codec::epoch_range(rec.no, Epoch::ZERO, Some(below));
             let end = end.ok_or_else(|| self.corrupt("no end key below an epoch"))?;
             let mut doomed = Vec::new();
+            let mut resolver = AuthorResolver::new(&author_by_no);
             for item in maint
                 .range::<&FactKey>(&start..&end)
                 .map_err(|e| self.err(e))?
             {
-                let (k, _) = item.map_err(|e| self.err(e))?;
+                let (k, v) = item.map_err(|e| self.err(e))?;
                 let key = *k.value();
                 let (_, _, id) = codec::split_key(&key);
                 if !covered.contains(&id) {
-                    doomed.push(key);
+                    doomed.push((key, resolver.load(self, ns, &key, v.value())?));
                 }
             }
             if doomed.is_empty() {
-                return Ok(0);
+                return Ok(Vec::new());
             }
-            for key in &doomed {
+            for (key, _) in &doomed {
                 maint.remove(key).map_err(|e| self.err(e))?;
                 // Pruned facts live on in the maintenance table only.
                 if facts.remove(key).map_err(|e| self.err(e))?.is_some() {
@@ -522,10 +534,49 @@ impl Store {
                 .insert(&ns.to_bytes(), &rec.to_bytes())
                 .map_err(|e| self.err(e))?;
             state = self.reduce_in(&maint, &author_by_no, ns, &rec)?;
-            dropped = doomed.len() as u64;
+            dropped = doomed.into_iter().map(|(_, f)| f).collect();
         }
         tx.commit().map_err(|e| self.err(e))?;
         self.lock_states().insert(ns, state);
+        Ok(dropped)
+    }
+
+    /// Deletes the given application facts of `ns` (maintenance facts are left alone) in one
+    /// transaction; returns how many went. For a device settling a snapshot: its facts
+    /// below the snapshot that the snapshot does not cover are `Late` everywhere else, and
+    /// their authors re-issue them, so keeping the originals would leave this replica's
+    /// state different from the others' for good.
+    pub fn retract_data(
+        &self,
+        ns: JournalNamespace,
+        keys: &[(Epoch, FactId)],
+    ) -> Result<u64, StoreError> {
+        let _writer = self.lock_writer();
+        let tx = self.db().begin_write().map_err(|e| self.err(e))?;
+        let mut dropped = 0;
+        {
+            let mut facts = tx.open_table(FACTS).map_err(|e| self.err(e))?;
+            let maint = tx.open_table(MAINT).map_err(|e| self.err(e))?;
+            let mut namespaces = tx.open_table(NAMESPACES).map_err(|e| self.err(e))?;
+            let Some(mut rec) = self.ns_record(&namespaces, &ns)? else {
+                return Ok(0);
+            };
+            for (epoch, id) in keys {
+                let key = codec::fact_key(rec.no, *epoch, id);
+                if maint.get(&key).map_err(|e| self.err(e))?.is_some() {
+                    continue;
+                }
+                if facts.remove(&key).map_err(|e| self.err(e))?.is_some() {
+                    dropped += 1;
+                }
+            }
+            rec.count = rec.count.saturating_sub(dropped);
+            namespaces
+                .insert(&ns.to_bytes(), &rec.to_bytes())
+                .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        self.app_forget(ns);
         Ok(dropped)
     }
 

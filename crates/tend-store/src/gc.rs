@@ -4,7 +4,9 @@
 use std::sync::TryLockError;
 
 use redb::{ReadableTable, ReadableTableMetadata};
-use tend_core::{Epoch, JournalNamespace};
+use std::collections::HashSet;
+
+use tend_core::{ContentId, DataOp, Epoch, JournalNamespace, Payload};
 
 use crate::codec::{self, FactKey};
 use crate::error::StoreError;
@@ -19,10 +21,36 @@ pub struct PruneReport {
     pub facts: u64,
     /// Stored bytes of those facts (keys and values, before page overhead).
     pub fact_bytes: u64,
+    /// Application facts below the floor that stay because the state still needs them
+    /// (current values and their conflicts, untrimmed log entries, valid cache entries).
+    pub live_kept: u64,
     pub blobs: u64,
     pub blob_bytes: u64,
     /// Whether nothing was actually deleted.
     pub dry_run: bool,
+}
+
+impl Store {
+    /// The blobs that readable values of `ns` name.
+    fn value_blobs(&self, ns: JournalNamespace) -> Result<HashSet<ContentId>, StoreError> {
+        let mut out = HashSet::new();
+        for (epoch, id) in self.app_state(ns)?.value_heads() {
+            let Some(stored) = self.get(ns, epoch, &id)? else {
+                continue;
+            };
+            let (_, payload) =
+                stored
+                    .author_payload()
+                    .map_err(|source| StoreError::FactCorrupt {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+            if let Payload::Data(DataOp::Put(p)) = payload {
+                out.extend(p.value.blob());
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// File sizes around [`Store::compact`].
@@ -54,11 +82,16 @@ impl Store {
             path: self.path.clone(),
             namespace: ns,
         })?;
+        // What the state needs below the floor stays (DESIGN rule 4: the reduced state,
+        // application state included, is the same before and after).
+        let live = self.live_below(ns, floor)?;
+        let kept_blobs = self.value_blobs(ns)?;
         let mut report = PruneReport {
             namespace: ns,
             floor,
             facts: 0,
             fact_bytes: 0,
+            live_kept: 0,
             blobs: 0,
             blob_bytes: 0,
             dry_run,
@@ -74,13 +107,21 @@ impl Store {
                     .range::<&FactKey>(&start..&end)
                     .map_err(|e| self.err(e))?
                 {
-                    let (_, v) = item.map_err(|e| self.err(e))?;
+                    let (k, v) = item.map_err(|e| self.err(e))?;
+                    let (_, epoch, id) = codec::split_key(k.value());
+                    if live.contains(&(epoch, id)) {
+                        report.live_kept += 1;
+                        continue;
+                    }
                     report.facts += 1;
                     report.fact_bytes += (codec::KEY_LEN + v.value().len()) as u64;
                 }
                 if !dry_run && report.facts > 0 {
                     facts
-                        .retain_in::<&FactKey, _>(&start..&end, |_, _| false)
+                        .retain_in::<&FactKey, _>(&start..&end, |k, _| {
+                            let (_, epoch, id) = codec::split_key(k);
+                            live.contains(&(epoch, id))
+                        })
                         .map_err(|e| self.err(e))?;
                     rec.count = rec.count.saturating_sub(report.facts);
                     namespaces
@@ -91,6 +132,10 @@ impl Store {
             let _ = facts.len();
         }
         for cid in state.prunable_blobs() {
+            if kept_blobs.contains(&cid) {
+                // Tombstoned by one write, still the value of another key.
+                continue;
+            }
             let key = cid.to_bytes();
             let len = if dry_run {
                 let index = tx.open_table(BLOB_INDEX).map_err(|e| self.err(e))?;
@@ -112,6 +157,8 @@ impl Store {
             tx.abort().map_err(|e| self.err(e))?;
         } else {
             tx.commit().map_err(|e| self.err(e))?;
+            // The cached state is still right, but holds what the pruned facts superseded.
+            self.app_forget(ns);
         }
         Ok(report)
     }

@@ -12,9 +12,13 @@
 //! - Maintenance and authority facts are also kept in a table of their own that pruning never
 //!   touches, so [`Store::maintenance_state`] reduces only them and is the same before and
 //!   after [`Store::prune`] (DESIGN rule 4).
+//! - [`Store::app_state`] is the application state (`tend_core::app`) of the stored facts,
+//!   cached and kept current by every insert; [`Store::live_below`] is what a snapshot
+//!   carries and GC keeps.
 //! - [`Store::open`] never modifies a file that is not a healthy tend store of a format it
 //!   reads (see the `store` module).
 
+pub mod app;
 pub mod blobs;
 mod codec;
 pub mod error;

@@ -134,6 +134,8 @@ pub struct Store {
     pub(crate) writer: Mutex<WriterCache>,
     /// Reduced maintenance state per namespace, as of the latest commit.
     pub(crate) states: Mutex<HashMap<JournalNamespace, MaintenanceState>>,
+    /// Application state per namespace, as of the latest commit (folded on first use).
+    pub(crate) app_states: Mutex<HashMap<JournalNamespace, std::sync::Arc<tend_core::AppState>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -212,6 +214,7 @@ impl Store {
             db: RwLock::new(db),
             writer: Mutex::new(WriterCache::default()),
             states: Mutex::new(HashMap::new()),
+            app_states: Mutex::new(HashMap::new()),
         })
     }
 
@@ -242,6 +245,7 @@ impl Store {
             db: RwLock::new(db),
             writer: Mutex::new(WriterCache::default()),
             states: Mutex::new(HashMap::new()),
+            app_states: Mutex::new(HashMap::new()),
         };
         if version < STORE_FORMAT_VERSION {
             store.migrate_v1()?;
@@ -332,6 +336,12 @@ impl Store {
     pub(crate) fn lock_writer(&self) -> MutexGuard<'_, WriterCache> {
         // The cache is only changed after a commit, so a panic elsewhere leaves it valid.
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn lock_app_states(
+        &self,
+    ) -> MutexGuard<'_, HashMap<JournalNamespace, std::sync::Arc<tend_core::AppState>>> {
+        self.app_states.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn lock_states(

@@ -1,0 +1,133 @@
+//! The application state of a namespace ([`tend_core::app`]) read from the facts table: the
+//! whole journal's (cached in memory like the maintenance state, kept up to date by
+//! [`Store::insert_batch`]) and a prefix's (what a snapshot carries and GC keeps).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use tend_core::app::is_data;
+use tend_core::fact::read_stored_payload;
+use tend_core::{
+    reduce, AppState, DecodeError, DeviceId, Epoch, FactId, JournalNamespace, MaintenanceState,
+    Payload, VerifiedFact,
+};
+
+use crate::error::StoreError;
+use crate::facts::StoredFact;
+use crate::store::Store;
+
+impl StoredFact {
+    /// The author and payload, read without checking the signature again (it was checked
+    /// before the fact was stored, and the bytes were checked against the id when read).
+    pub fn author_payload(&self) -> Result<(DeviceId, Payload), DecodeError> {
+        read_stored_payload(self.bytes())
+    }
+}
+
+impl Store {
+    /// The application state of `ns`'s journal as stored. Cached; the first call after
+    /// opening folds every stored fact of the namespace once.
+    pub fn app_state(&self, ns: JournalNamespace) -> Result<Arc<AppState>, StoreError> {
+        if let Some(s) = self.lock_app_states().get(&ns) {
+            return Ok(s.clone());
+        }
+        let state = Arc::new(self.fold_app(ns, ..)?);
+        Ok(self
+            .lock_app_states()
+            .entry(ns)
+            .or_insert_with(|| state)
+            .clone())
+    }
+
+    fn fold_app(
+        &self,
+        ns: JournalNamespace,
+        epochs: impl std::ops::RangeBounds<Epoch>,
+    ) -> Result<AppState, StoreError> {
+        let mut state = AppState::default();
+        for stored in self.scan(ns, epochs)? {
+            let stored = stored?;
+            let (author, payload) =
+                stored
+                    .author_payload()
+                    .map_err(|source| StoreError::FactCorrupt {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+            if is_data(&payload) {
+                state.apply_parts((stored.epoch, stored.id), author, &payload);
+            }
+        }
+        Ok(state)
+    }
+
+    /// The maintenance state of the prefix `{ f : f.epoch < below }` alone.
+    pub fn prefix_maintenance_state(
+        &self,
+        ns: JournalNamespace,
+        below: Epoch,
+    ) -> Result<MaintenanceState, StoreError> {
+        let mut facts = Vec::new();
+        for stored in self.scan_maintenance(ns)? {
+            let stored = stored?;
+            if stored.epoch >= below {
+                break;
+            }
+            facts.push(self.verify(&stored)?);
+        }
+        Ok(reduce(ns, &facts))
+    }
+
+    /// The `(epoch, id)` of the data facts below `below` that the prefix's application state
+    /// needs (`AppState::live_facts` under the prefix's own cache floors): what a snapshot
+    /// at `below` carries, and all that GC keeps below it. Facts pruned earlier were not
+    /// live, and dropping them changes no fact's liveness, so pruned and archive replicas
+    /// compute the same set.
+    pub fn live_below(
+        &self,
+        ns: JournalNamespace,
+        below: Epoch,
+    ) -> Result<BTreeSet<(Epoch, FactId)>, StoreError> {
+        let floors = self.prefix_maintenance_state(ns, below)?.cache_floors;
+        Ok(self.fold_app(ns, ..below)?.live_facts(&floors))
+    }
+
+    /// The live data facts below `below` ([`Store::live_below`]), ascending.
+    pub fn live_facts_below(
+        &self,
+        ns: JournalNamespace,
+        below: Epoch,
+    ) -> Result<Vec<VerifiedFact>, StoreError> {
+        let live = self.live_below(ns, below)?;
+        let mut out = Vec::with_capacity(live.len());
+        for (epoch, id) in live {
+            if let Some(stored) = self.get(ns, epoch, &id)? {
+                out.push(self.verify(&stored)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies newly committed data facts to the cached application state, if cached.
+    pub(crate) fn app_admitted(&self, ns: JournalNamespace, facts: &[&VerifiedFact]) {
+        if let Some(state) = self.lock_app_states().get_mut(&ns) {
+            let state = Arc::make_mut(state);
+            for f in facts {
+                state.apply(f);
+            }
+        }
+    }
+
+    /// Forgets the cached application state of `ns` (facts were removed); the next read
+    /// folds the journal again.
+    pub(crate) fn app_forget(&self, ns: JournalNamespace) {
+        self.lock_app_states().remove(&ns);
+    }
+
+    fn verify(&self, stored: &StoredFact) -> Result<VerifiedFact, StoreError> {
+        stored.verify().map_err(|source| StoreError::FactCorrupt {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}

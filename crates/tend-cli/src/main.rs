@@ -4,6 +4,7 @@
 
 mod backup;
 mod cli;
+mod data;
 mod devnet;
 mod maint;
 mod net;

@@ -6,6 +6,8 @@ use std::error::Error;
 pub struct Output {
     pub json: serde_json::Value,
     pub human: String,
+    /// Bytes to write to stdout exactly as they are instead of `human` (`tend get`).
+    pub raw: Option<Vec<u8>>,
 }
 
 impl Output {
@@ -16,6 +18,15 @@ impl Output {
         Self {
             json,
             human: human.into(),
+            raw: None,
+        }
+    }
+
+    /// Output whose text form is `raw`, byte for byte (values need not be UTF-8).
+    pub fn raw(json: impl serde::Serialize, raw: Vec<u8>) -> Self {
+        Self {
+            raw: Some(raw),
+            ..Self::new(json, "")
         }
     }
 }
@@ -25,6 +36,11 @@ pub fn print(out: &Output, json: bool) {
     use std::io::Write;
     // A command that printed as it went (`tend run`) has nothing left to say.
     if out.json.is_null() && out.human.is_empty() {
+        return;
+    }
+    if let (Some(raw), false) = (&out.raw, json) {
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout.write_all(raw).and_then(|()| stdout.flush());
         return;
     }
     let text = if json {

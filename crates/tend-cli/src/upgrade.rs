@@ -104,6 +104,10 @@ pub enum AdminCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum CacheCommand {
+    /// Write a replicated cache entry, computed at the current epoch.
+    Put { key: String, value: String },
+    /// Read a cache entry: valid, stale (its epoch is not above the key's floor) or absent.
+    Get { key: String },
     /// Invalidate cache keys: entries cached at or below the floor are stale.
     Invalidate {
         #[arg(long = "key", value_name = "KEY", required = true)]
@@ -482,6 +486,8 @@ fn admin_status_output(s: AdminStatus) -> Output {
 
 pub fn cache(home: &Path, cmd: CacheCommand) -> CmdResult {
     match cmd {
+        CacheCommand::Put { key, value } => crate::data::cache_put(home, key, value),
+        CacheCommand::Get { key } => crate::data::cache_get(home, key),
         CacheCommand::Invalidate { keys, floor, local } => {
             let inv = match Target::open(home)? {
                 Target::Running(mut c) => c.cache_invalidate(keys, floor, local)?,

@@ -34,6 +34,10 @@ impl FactHost for RawHost {
     fn admit(&mut self, _fact: VerifiedFact) -> Result<bool, JournalError> {
         Ok(true)
     }
+    /// It only initiates, so no Hello ever asks; it would let no one in.
+    fn is_authorized(&self, _ns: tend_core::JournalNamespace, _peer: &tend_core::DeviceId) -> bool {
+        false
+    }
 }
 
 async fn connect(key: &DeviceKey, to: PeerAddr) -> (iroh::Endpoint, Connection) {

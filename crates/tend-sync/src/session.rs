@@ -38,9 +38,29 @@ use crate::message::{
 use crate::rate::{Admit, RateLimits};
 use crate::reconcile::{id_list_entries, ReconcileError, Reconciler, NEGENTROPY_V1};
 
-/// What a session needs from the device's store: fact bytes to send and admission of
-/// facts received. The node implements it over tend-store and passes
+/// What a session needs from the device's store: fact bytes to send, admission of facts
+/// received, and who may sync at all. The node implements it over tend-store and passes
 /// `MaintenanceState::check_admission` as the admission rule.
+///
+/// Every method is required: in particular there is no default for
+/// [`FactHost::is_authorized`], so a host cannot let any key in by leaving it out.
+///
+/// ```compile_fail,E0046
+/// use tend_core::{FactId, JournalError, JournalNamespace, VerifiedFact};
+/// use tend_sync::FactHost;
+///
+/// struct Host;
+///
+/// // Does not compile: `is_authorized` is missing.
+/// impl FactHost for Host {
+///     fn load_fact(&self, _: JournalNamespace, _: &FactId) -> Option<Vec<u8>> {
+///         None
+///     }
+///     fn admit(&mut self, _: VerifiedFact) -> Result<bool, JournalError> {
+///         Ok(false)
+///     }
+/// }
+/// ```
 pub trait FactHost {
     /// The canonical bytes of a fact of `namespace`, if it is still stored.
     fn load_fact(&self, namespace: JournalNamespace, id: &FactId) -> Option<Vec<u8>>;
@@ -49,10 +69,10 @@ pub trait FactHost {
     /// `Ok(false)` if it was already there.
     fn admit(&mut self, fact: VerifiedFact) -> Result<bool, JournalError>;
 
-    /// Whether `peer` may open a session on `namespace` (a member of the authority).
-    fn is_authorized(&self, _namespace: JournalNamespace, _peer: &DeviceId) -> bool {
-        true
-    }
+    /// Whether `peer` may open a session on `namespace` (a member of the authority). A
+    /// responder refuses a Hello from a peer this is false for with
+    /// `RefuseReason::NotAuthorized`, before it reconciles or admits anything.
+    fn is_authorized(&self, namespace: JournalNamespace, peer: &DeviceId) -> bool;
 }
 
 /// Tunables of a session.

@@ -589,8 +589,14 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
 
     let nodes = start_nodes(devices, &listen).await?;
     let start = Instant::now();
+    // The original devices keep their places; the restored one comes after them, whatever
+    // the number of devices.
+    let restored_node = nodes
+        .iter()
+        .find(|n| n.device_id() == restored_id)
+        .ok_or("the restored device is missing from the fleet")?;
     nodes[0].add_fact("devnet", b"after gc")?;
-    nodes[3].add_fact("devnet", b"from the restored device")?;
+    restored_node.add_fact("devnet", b"from the restored device")?;
     let (digest, rounds) = converge(&nodes, Duration::from_secs(60)).await?;
     p.record(
         "restart and converge (with the restored device)",

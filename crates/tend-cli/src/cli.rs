@@ -151,11 +151,14 @@ pub fn run(args: Args) -> CmdResult {
             );
             for ns in &status.namespaces {
                 human.push_str(&format!(
-                    "\n{}\n  facts {} (application {}, maintenance {}), epochs {}..{}, current epoch {}\n  identity epoch {}, snapshot epoch {}\n  digest {}\n",
+                    "\n{}\n  facts {} in the journal index: application {}, maintenance and authority {}\n  maintenance state reduced from {} maintenance and authority facts: {} in the index, {} pruned from it\n  epochs {}..{}, current epoch {}\n  identity epoch {}, snapshot epoch {}\n  digest {}\n",
                     ns.namespace,
                     ns.facts,
                     ns.application_facts,
                     ns.maintenance_facts,
+                    ns.state_facts,
+                    ns.maintenance_facts,
+                    ns.state_facts_pruned,
                     ns.min_epoch.map_or("-".into(), |e| e.to_string()),
                     ns.max_epoch.map_or("-".into(), |e| e.to_string()),
                     ns.current_epoch,

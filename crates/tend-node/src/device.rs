@@ -5,6 +5,7 @@
 //! key, so the device can write facts at once; `tend authority create` replaces it with a
 //! threshold authority.
 
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::Duration;
@@ -12,7 +13,9 @@ use std::time::Duration;
 use rand::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
 use tend_core::authority::{AuthorityFact, AuthorityGenesis, GroupKey};
-use tend_core::{DeviceId, Epoch, Hash32, JournalNamespace, Payload, UnsignedFact, VerifiedFact};
+use tend_core::{
+    DeviceId, Epoch, FactId, Hash32, JournalNamespace, Payload, UnsignedFact, VerifiedFact,
+};
 use tend_crypto::device::DeviceKey;
 use tend_crypto::secret_file::KeyFileError;
 use tend_store::{CompactReport, Store, StoreError};
@@ -63,12 +66,20 @@ pub struct Device {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NamespaceStatus {
     pub namespace: String,
-    /// Facts in the journal index (pruned facts are not counted).
+    /// Facts in the journal index (pruned facts are not counted):
+    /// `application_facts + maintenance_facts`.
     pub facts: u64,
-    /// Application facts among them.
+    /// Application facts in the journal index.
     pub application_facts: u64,
-    /// Maintenance and authority facts, kept for reduction even when pruned.
+    /// Maintenance and authority facts in the journal index.
     pub maintenance_facts: u64,
+    /// Maintenance and authority facts the reduced maintenance state is folded from: those
+    /// in the journal index and those pruned from it, which the store keeps for reduction
+    /// (`maintenance_facts + state_facts_pruned`).
+    pub state_facts: u64,
+    /// Maintenance and authority facts pruned from the journal index and kept only for
+    /// reduction.
+    pub state_facts_pruned: u64,
     pub min_epoch: Option<u64>,
     pub max_epoch: Option<u64>,
     pub current_epoch: u64,
@@ -142,6 +153,9 @@ pub struct GcReport {
     pub floor: u64,
     pub facts_pruned: u64,
     pub fact_bytes: u64,
+    /// Application facts below the floor kept because the state still needs them.
+    #[serde(default)]
+    pub live_kept: u64,
     pub blobs_pruned: u64,
     pub store_bytes_before: u64,
     pub store_bytes_after: u64,
@@ -331,19 +345,17 @@ impl Device {
                 continue;
             };
             let state = self.store.maintenance_state(ns)?;
-            // Maintenance facts below a pruned floor are no longer in the index.
-            let floor = state.gc_floor().unwrap_or_default();
-            let mut indexed_maintenance = 0;
-            for f in self.store.scan_maintenance(ns)? {
-                if f?.epoch >= floor {
-                    indexed_maintenance += 1;
-                }
-            }
+            let (state_facts, indexed_maintenance) = self.indexed_maintenance(ns, &stats)?;
+            // Both counts are of one moment only on a stopped device; a running one may
+            // admit facts in between, so the parts are bounded by the whole.
+            let facts = stats.facts.max(indexed_maintenance);
             namespaces.push(NamespaceStatus {
                 namespace: ns.to_string(),
-                facts: stats.facts,
-                application_facts: stats.facts.saturating_sub(indexed_maintenance),
-                maintenance_facts: stats.maintenance_facts,
+                facts,
+                application_facts: facts - indexed_maintenance,
+                maintenance_facts: indexed_maintenance,
+                state_facts,
+                state_facts_pruned: state_facts.saturating_sub(indexed_maintenance),
                 min_epoch: stats.min_epoch.map(|e| e.0),
                 max_epoch: stats.max_epoch.map(|e| e.0),
                 current_epoch: state.current_epoch().0,
@@ -358,6 +370,37 @@ impl Device {
             store_bytes: self.store.file_size()?,
             namespaces,
         })
+    }
+
+    /// The maintenance and authority facts of `ns` the reduced state is folded from, and how
+    /// many of them are still in the journal index. Pruning removed those below the floor
+    /// of the last GC, which need not be the current snapshot's epoch (a snapshot completed
+    /// since, or no GC yet), so each one is looked up in the index: one key-only scan per
+    /// epoch that has maintenance facts.
+    fn indexed_maintenance(
+        &self,
+        ns: JournalNamespace,
+        stats: &tend_store::NamespaceStats,
+    ) -> Result<(u64, u64), DeviceError> {
+        let mut by_epoch: BTreeMap<Epoch, HashSet<FactId>> = BTreeMap::new();
+        let mut all = 0;
+        for f in self.store.scan_maintenance(ns)? {
+            let f = f?;
+            all += 1;
+            by_epoch.entry(f.epoch).or_default().insert(f.id);
+        }
+        let (Some(lo), Some(hi)) = (stats.min_epoch, stats.max_epoch) else {
+            return Ok((all, 0));
+        };
+        let mut indexed = 0;
+        for (epoch, ids) in by_epoch.range(lo..=hi) {
+            for item in self.store.items(ns, *epoch..=*epoch)? {
+                if ids.contains(&item?.1) {
+                    indexed += 1;
+                }
+            }
+        }
+        Ok((all, indexed))
     }
 
     /// The journal digest of the current namespace.
@@ -437,6 +480,7 @@ impl Device {
             dry_run,
             floor: report.floor.0,
             facts_pruned: report.facts,
+            live_kept: report.live_kept,
             fact_bytes: report.fact_bytes,
             blobs_pruned: report.blobs,
             store_bytes_before: before,

@@ -288,12 +288,13 @@ pub fn gc(home: &Path, args: GcArgs) -> CmdResult {
 
 fn gc_output(r: GcReport) -> Output {
     let mut human = format!(
-        "{} {} facts ({} bytes) and {} blobs below epoch {}\nstore {} -> {} bytes",
+        "{} {} facts ({} bytes) and {} blobs below epoch {}; kept {} live application facts\nstore {} -> {} bytes",
         if r.dry_run { "would prune" } else { "pruned" },
         r.facts_pruned,
         r.fact_bytes,
         r.blobs_pruned,
         r.floor,
+        r.live_kept,
         r.store_bytes_before,
         r.store_bytes_after
     );

@@ -54,11 +54,103 @@ struct DeviceRow {
     device_id: String,
     home: PathBuf,
     facts: u64,
+    /// Live keys in all collections.
+    live_keys: u64,
+    /// Untrimmed log entries in all logs.
+    log_entries: u64,
     digest: String,
     /// `None` for the restored device, which joined after GC.
     store_bytes_before_gc: Option<u64>,
     store_bytes_after_gc: Option<u64>,
     store_bytes_now: u64,
+}
+
+/// Size of the large value the devnet writes (a blob, above the inline limit).
+const LARGE_VALUE_BYTES: usize = 40_000;
+
+/// Puts (with overwrites), a key every device writes concurrently, a delete and, on the
+/// first device, a large value that is overwritten once (its blob is tombstoned).
+fn write_application_data(n: &Node, i: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let d = n.device();
+    for k in 0..5 {
+        let key = format!("device-{i}-key-{k}");
+        d.put("devnet", &key, format!("first {i}.{k}").as_bytes())?;
+        d.put("devnet", &key, format!("second {i}.{k}").as_bytes())?;
+    }
+    d.delete("devnet", &format!("device-{i}-key-4"))?;
+    d.put(
+        "devnet",
+        "shared",
+        format!("written by device {i}").as_bytes(),
+    )?;
+    if i == 0 {
+        let large: Vec<u8> = (0..LARGE_VALUE_BYTES).map(|b| (b % 251) as u8).collect();
+        d.put("devnet", "large", b"an old large value, soon tombstoned")?;
+        d.put("devnet", "large-old", &large[..LARGE_VALUE_BYTES - 1])?;
+        d.put("devnet", "large-old", b"overwritten")?;
+        d.put("devnet", "large", &large)?;
+    }
+    Ok(())
+}
+
+/// The maintenance and the application state digests of a device.
+fn state_digests(
+    d: &Device,
+) -> Result<(tend_core::Hash32, tend_core::Hash32), Box<dyn std::error::Error>> {
+    let ns = d.namespace();
+    let state = d.store().maintenance_state(ns)?;
+    let app = d.store().app_state(ns)?.digest(&state.cache_floors);
+    Ok((state.state_digest(), app))
+}
+
+/// Waits until every device reads every live value of the `devnet` collection with the
+/// same bytes (large values included: their blobs travel after the facts).
+async fn same_values_everywhere(
+    nodes: &[Node],
+    timeout: Duration,
+) -> Result<String, Box<dyn std::error::Error>> {
+    use tend_node::data::{run, DataRequest, DataResponse};
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut reads = Vec::new();
+        let mut error = None;
+        for n in nodes {
+            let req = DataRequest::Scan {
+                collection: "devnet".into(),
+                prefix: String::new(),
+                after: None,
+                limit: tend_node::data::MAX_LIMIT,
+            };
+            match run(n.device(), req) {
+                Ok(DataResponse::Scan(rows)) => reads.push(
+                    rows.into_iter()
+                        .map(|r| (r.key, r.value.0, r.version.id, r.conflicts.len()))
+                        .collect::<Vec<_>>(),
+                ),
+                Ok(_) => error = Some("a scan answered another kind of result".to_string()),
+                Err(e) => error = Some(e.to_string()),
+            }
+        }
+        if error.is_none() && reads.iter().all(|r| *r == reads[0]) {
+            let conflicts: usize = reads[0].iter().map(|r| r.3).sum();
+            let bytes: usize = reads[0].iter().map(|r| r.1.len()).sum();
+            return Ok(format!(
+                "{} keys ({bytes} bytes, {conflicts} concurrent writes kept as conflicts) on {} devices",
+                reads[0].len(),
+                nodes.len()
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the devices do not read the same values: {}",
+                error.unwrap_or_else(|| "their values differ".into())
+            )
+            .into());
+        }
+        for n in nodes {
+            n.sync_now().await;
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -300,7 +392,7 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
     let mut p = Progress {
         quiet: json,
         steps: Vec::new(),
-        total: 16,
+        total: 17,
     };
     let mut rng = rand::rngs::OsRng;
 
@@ -344,10 +436,16 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
             for j in 0..args.facts {
                 n.add_fact("devnet", format!("device {i} fact {j}").as_bytes())?;
             }
+            write_application_data(n, i)?;
         }
         Ok((
             (),
-            format!("{} on each of {} devices", args.facts, nodes.len()),
+            format!(
+                "{} log entries on each of {} devices, and puts, overwrites, concurrent puts, \
+                 a delete and a {LARGE_VALUE_BYTES}-byte value",
+                args.facts,
+                nodes.len()
+            ),
         ))
     })?;
 
@@ -494,12 +592,7 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
         .collect::<Result<_, _>>()?;
     let states_before: Vec<_> = nodes
         .iter()
-        .map(|n| {
-            n.device()
-                .store()
-                .maintenance_state(n.device().namespace())
-                .map(|s| s.state_digest())
-        })
+        .map(|n| state_digests(n.device()))
         .collect::<Result<_, _>>()?;
 
     let devices = stop_nodes(nodes, &homes).await?;
@@ -510,17 +603,27 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
             reports.push(d.gc(false)?);
         }
         for (d, before) in devices.iter().zip(&states_before) {
-            let after = d.store().maintenance_state(d.namespace())?.state_digest();
-            if after != *before {
+            let after = state_digests(d)?;
+            if after.0 != before.0 {
                 return Err(
-                    format!("device {}: reduced state changed by GC", d.device_id()).into(),
+                    format!("device {}: maintenance state changed by GC", d.device_id()).into(),
+                );
+            }
+            if after.1 != before.1 {
+                return Err(
+                    format!("device {}: application state changed by GC", d.device_id()).into(),
                 );
             }
         }
         let pruned: u64 = reports.iter().map(|r| r.facts_pruned).sum();
+        let kept: u64 = reports.iter().map(|r| r.live_kept).sum();
+        let blobs: u64 = reports.iter().map(|r| r.blobs_pruned).sum();
         Ok((
             reports,
-            format!("{pruned} facts pruned, reduced state unchanged"),
+            format!(
+                "{pruned} superseded or maintenance facts and {blobs} blobs reclaimed, \
+                 {kept} live application facts kept; maintenance and application state unchanged"
+            ),
         ))
     })?;
 
@@ -554,6 +657,9 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
         let source_state = source.store().maintenance_state(source.namespace())?.state_digest();
         if report.state_digest != source_state.to_string() {
             return Err("the restored state differs from the source's".into());
+        }
+        if state_digests(&restored)?.1 != state_digests(source)?.1 {
+            return Err("the restored application state differs from the source's".into());
         }
         let detail = format!(
             "{} bytes of age-encrypted archive, {} tail facts; restored state digest equals the source's",
@@ -612,10 +718,13 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
             .iter()
             .find(|s| s.namespace == created.namespace)
             .ok_or("the authority journal is missing")?;
+        let app = n.device().store().app_state(n.device().namespace())?;
         rows.push(DeviceRow {
             device_id: n.device_id().to_string(),
             home: n.device().home().to_owned(),
             facts: ns.facts,
+            live_keys: app.live_keys() as u64,
+            log_entries: app.log_len() as u64,
             digest: ns.digest.clone(),
             store_bytes_before_gc: before.get(i).copied(),
             store_bytes_after_gc: reports.get(i).map(|r| r.store_bytes_after),
@@ -625,6 +734,9 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
     if rows.iter().any(|r| r.digest != rows[0].digest) {
         return Err("the fleet did not end on one digest".into());
     }
+    let start = Instant::now();
+    let values = same_values_everywhere(&nodes, Duration::from_secs(60)).await?;
+    p.record("every live value reads the same everywhere", values, start);
     if !rows.iter().any(|r| r.device_id == restored_id.to_string()) {
         return Err("the restored device is missing from the fleet".into());
     }
@@ -676,15 +788,17 @@ fn render(s: &Summary) -> String {
         s.namespace
     );
     out.push_str(&format!(
-        "{:<18} {:>7}  {:<18} {:>12} {:>12} {:>12}\n",
-        "device", "facts", "digest", "before GC", "after GC", "now"
+        "{:<18} {:>7} {:>5} {:>7}  {:<18} {:>12} {:>12} {:>12}\n",
+        "device", "facts", "keys", "log", "digest", "before GC", "after GC", "now"
     ));
     let bytes = |b: Option<u64>| b.map_or("-".to_string(), |b| b.to_string());
     for r in &s.devices {
         out.push_str(&format!(
-            "{:<18} {:>7}  {:<18} {:>12} {:>12} {:>12}\n",
+            "{:<18} {:>7} {:>5} {:>7}  {:<18} {:>12} {:>12} {:>12}\n",
             &r.device_id[..16],
             r.facts,
+            r.live_keys,
+            r.log_entries,
             &r.digest[..16],
             bytes(r.store_bytes_before_gc),
             bytes(r.store_bytes_after_gc),

@@ -47,7 +47,7 @@ fn devnet(dir: &Path, devices: usize, threshold: u16, facts: usize) -> serde_jso
         .iter()
         .map(|s| s["step"].as_str().unwrap())
         .collect();
-    assert_eq!(steps.len(), 16, "{steps:?}");
+    assert_eq!(steps.len(), 17, "{steps:?}");
     assert_eq!(
         steps.last(),
         Some(&"restart and converge (with the restored device)")

@@ -181,12 +181,13 @@ fn store_commands_go_through_the_socket_and_print_what_the_stopped_device_prints
     let refused_running = fails_in_one_line(&home, &replace);
 
     let running = readings(&home);
-    // The snapshot left facts to prune.
+    // The snapshot left facts to prune, and live application facts to keep.
     let dry = &running[6].0;
     assert!(
-        dry["facts_pruned"].as_u64().is_some_and(|n| n >= 5),
+        dry["facts_pruned"].as_u64().is_some_and(|n| n >= 2),
         "{dry}"
     );
+    assert!(dry["live_kept"].as_u64().is_some_and(|n| n >= 5), "{dry}");
     device.stop();
     assert!(!home.join("control.sock").exists());
 

@@ -41,6 +41,8 @@ fn prune_keeps_the_reduced_state_and_drops_tombstoned_blobs() {
     facts.push(cache_invalidated(ns, 3, &k, "users", 3));
     facts.push(tombstone(ns, 4, &k, old_blob));
     facts.push(tombstone(ns, 11, &k, new_blob));
+    // The app log is trimmed below epoch 8, so its entries there are no longer live.
+    facts.push(trim_notes(ns, 7, &k, 8));
     s.insert_batch(&facts).unwrap();
     let digest = s.prefix_digest(ns, Epoch(8)).unwrap();
     s.insert_batch(&[snapshot_completed(ns, &k, 8, 8, digest)])
@@ -54,10 +56,12 @@ fn prune_keeps_the_reduced_state_and_drops_tombstoned_blobs() {
 
     let dry = s.prune_dry_run(ns).unwrap();
     assert!(dry.dry_run);
-    // Genesis (epoch 0), app facts at epochs 1..=7, the invalidation and the tombstone.
-    assert_eq!(dry.facts, 1 + 700 + 2);
+    // Genesis (epoch 0), the trimmed entries at epochs 1..=7, the invalidation, the
+    // tombstone and the trim itself.
+    assert_eq!(dry.facts, 1 + 700 + 2 + 1);
+    assert_eq!(dry.live_kept, 0);
     assert_eq!((dry.blobs, dry.blob_bytes), (1, 5000));
-    assert_eq!(s.stats(ns).unwrap().unwrap().facts, 1005);
+    assert_eq!(s.stats(ns).unwrap().unwrap().facts, 1006);
 
     let r = s.prune(ns).unwrap();
     assert_eq!(
@@ -72,7 +76,7 @@ fn prune_keeps_the_reduced_state_and_drops_tombstoned_blobs() {
     // Same reduced state, also after reopening (recomputed from disk).
     assert_eq!(s.maintenance_state(ns).unwrap(), state);
     let st = s.stats(ns).unwrap().unwrap();
-    assert_eq!(st.facts, 1005 - dry.facts);
+    assert_eq!(st.facts, 1006 - dry.facts);
     assert_eq!(st.min_epoch, Some(Epoch(8)));
     assert_eq!(st.maintenance_facts, 5);
     assert_eq!(
@@ -119,6 +123,9 @@ fn prune_and_compact_shrink_a_100k_fact_store() {
         }
     }
     let target = 1 + n / 1000;
+    // Every entry is trimmed, so none is live below the snapshot.
+    s.insert_batch(&[trim_notes(ns, target - 1, &k, target)])
+        .unwrap();
     let digest = s.prefix_digest(ns, Epoch(target)).unwrap();
     s.insert_batch(&[snapshot_completed(ns, &k, target, target, digest)])
         .unwrap();
@@ -126,7 +133,7 @@ fn prune_and_compact_shrink_a_100k_fact_store() {
     let before = s.file_size().unwrap();
     eprintln!("{:#?}", s.table_usage().unwrap()[0]);
     let r = s.prune(ns).unwrap();
-    assert_eq!(r.facts, n + 1);
+    assert_eq!(r.facts, n + 2);
     // While an iterator is alive (as a running device's sync session may hold one),
     // compaction changes nothing and says the store is busy.
     let live = s.scan(ns, ..).unwrap();
@@ -147,4 +154,78 @@ fn prune_and_compact_shrink_a_100k_fact_store() {
     let s = Store::open(&path).unwrap();
     assert_eq!(s.maintenance_state(ns).unwrap(), state);
     assert_eq!(s.stats(ns).unwrap().unwrap().facts, 1);
+}
+
+fn put(
+    ns: tend_core::JournalNamespace,
+    epoch: u64,
+    k: &ed25519_dalek::SigningKey,
+    key: &str,
+    value: tend_core::app::Value,
+    supersedes: Vec<tend_core::FactId>,
+) -> tend_core::VerifiedFact {
+    tend_core::UnsignedFact {
+        namespace: ns,
+        epoch: Epoch(epoch),
+        payload: tend_core::Payload::Data(tend_core::DataOp::Put(tend_core::app::Put {
+            collection: "c".into(),
+            key: key.into(),
+            value,
+            supersedes,
+        })),
+    }
+    .sign(k)
+}
+
+/// DESIGN rule 4 for application data: pruning keeps every live value (and the blob it
+/// names, even if another write tombstoned the same content), drops what was superseded,
+/// and the application state reads the same before, after and after reopening.
+#[test]
+fn prune_keeps_live_values_and_their_blobs() {
+    use tend_core::app::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let s = Store::create(&path).unwrap();
+    let k = key(1);
+    let (ns, genesis) = authority(&k);
+    let shared = s.put_blob(0x55, &[7u8; 20_000]).unwrap();
+    let inline = |b: &[u8]| Value::Inline(serde_bytes::ByteBuf::from(b.to_vec()));
+    let blob = Value::Blob {
+        cid: shared,
+        len: 20_000,
+    };
+    let a1 = put(ns, 1, &k, "a", inline(b"1"), vec![]);
+    let a2 = put(ns, 2, &k, "a", inline(b"2"), vec![a1.id()]);
+    // Two keys hold the same large content; one is overwritten (its blob tombstoned).
+    let b1 = put(ns, 2, &k, "b", blob.clone(), vec![]);
+    let c1 = put(ns, 2, &k, "c", blob, vec![]);
+    let c2 = put(ns, 3, &k, "c", inline(b"small"), vec![c1.id()]);
+    let facts = vec![
+        genesis,
+        a1.clone(),
+        a2.clone(),
+        b1.clone(),
+        c1.clone(),
+        c2.clone(),
+        tombstone(ns, 3, &k, shared),
+    ];
+    s.insert_batch(&facts).unwrap();
+    let digest = s.prefix_digest(ns, Epoch(5)).unwrap();
+    s.insert_batch(&[snapshot_completed(ns, &k, 5, 5, digest)])
+        .unwrap();
+    let floors = s.maintenance_state(ns).unwrap().cache_floors;
+    let before = s.app_state(ns).unwrap().digest(&floors);
+    let r = s.prune(ns).unwrap();
+    assert_eq!(r.live_kept, 3, "a2, b1 and c2 stay: {r:?}");
+    assert_eq!(r.blobs, 0, "b still names the tombstoned content");
+    assert!(s.has_blob(&shared).unwrap());
+    for gone in [&a1, &c1] {
+        assert!(!s.contains(ns, gone.epoch(), &gone.id()).unwrap());
+    }
+    assert_eq!(s.app_state(ns).unwrap().digest(&floors), before);
+    let e = s.app_state(ns).unwrap().get("c", "a").unwrap();
+    assert_eq!(e.winner, a2.order_key());
+    drop(s);
+    let s = Store::open(&path).unwrap();
+    assert_eq!(s.app_state(ns).unwrap().digest(&floors), before);
 }

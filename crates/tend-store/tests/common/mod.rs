@@ -78,6 +78,28 @@ pub fn app(ns: JournalNamespace, epoch: u64, k: &SigningKey, data: &[u8]) -> Ver
     .sign(k)
 }
 
+/// `trim("note", before (before_epoch, 0))`: every entry of the `app` log below that epoch
+/// goes (a trim written at `epoch`).
+pub fn trim_notes(
+    ns: JournalNamespace,
+    epoch: u64,
+    k: &SigningKey,
+    before_epoch: u64,
+) -> VerifiedFact {
+    UnsignedFact {
+        namespace: ns,
+        epoch: Epoch(epoch),
+        payload: Payload::Data(tend_core::DataOp::Trim(tend_core::app::Trim {
+            log: "note".into(),
+            before: tend_core::app::LogCursor {
+                epoch: Epoch(before_epoch),
+                id: tend_core::FactId([0; 32]),
+            },
+        })),
+    }
+    .sign(k)
+}
+
 pub fn maint(ns: JournalNamespace, epoch: u64, k: &SigningKey, m: MaintenanceFact) -> VerifiedFact {
     UnsignedFact {
         namespace: ns,

@@ -714,11 +714,16 @@ mod tests {
         b.items.swap(3, 4);
         assert_eq!(read_blob(&b.encode()[..], None), Err(BlobError::Unsorted));
         // A newer version is named as such.
-        let mut v2 = bytes.clone();
-        v2[1] = 2;
+        let mut v3 = bytes.clone();
+        v3[1] = 3;
         assert_eq!(
-            read_blob(&v2[..], None),
-            Err(BlobError::UnsupportedVersion(2))
+            read_blob(&v3[..], None),
+            Err(BlobError::UnsupportedVersion(3))
         );
+        // Format 1 (no application facts) still reads.
+        let mut v1 = blob(50);
+        v1.version = 1;
+        assert!(read_blob(&v1.encode()[..], None).is_ok());
+        assert_eq!(SnapshotBlob::decode(&v1.encode()).unwrap(), v1);
     }
 }

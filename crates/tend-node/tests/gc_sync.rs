@@ -227,3 +227,90 @@ async fn archive_and_pruned_devices_reconcile_above_the_shared_floor() {
         n.shutdown().await;
     }
 }
+
+/// What `get` reads on a device, if anything.
+fn read(n: &Node, collection: &str, key: &str) -> Option<Vec<u8>> {
+    use tend_node::data::{run, DataRequest, DataResponse};
+    let req = DataRequest::Get {
+        collection: collection.into(),
+        key: key.into(),
+    };
+    match run(n.device(), req) {
+        Ok(DataResponse::Value(Some(v))) => Some(v.value.0),
+        _ => None,
+    }
+}
+
+/// The done-when of the application-state issue, over the network: a member that joins
+/// after a snapshot and GC (it never saw the facts below the snapshot, which reconcile
+/// no more) reads every live value, the large one included, and the same application
+/// state as the device that wrote them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joining_after_gc_reads_every_live_value() {
+    let mut fleet = Fleet::new(2, &[true, false]);
+    let cfg = NodeConfig {
+        sync_interval: Duration::from_secs(3600),
+        upgrades: false,
+        ..config(vec![])
+    };
+    let a = Node::start(fleet.take(0), cfg.clone()).await.unwrap();
+    let d = a.device();
+    d.put("notes", "a", b"0").unwrap();
+    d.put("notes", "a", b"1").unwrap();
+    d.put("notes", "gone", b"x").unwrap();
+    d.delete("notes", "gone").unwrap();
+    let large: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+    d.put("notes", "large", &large).unwrap();
+    a.add_fact("todo", b"buy milk").unwrap();
+    let e = d
+        .store()
+        .maintenance_state(d.namespace())
+        .unwrap()
+        .current_epoch()
+        .next();
+    complete_snapshot(&a, e, 1);
+    let r = a.gc(false).unwrap();
+    assert!(
+        r.facts_pruned >= 3,
+        "a=0 and the put and delete of gone: {r:?}"
+    );
+    assert_eq!(read(&a, "notes", "a").as_deref(), Some(&b"1"[..]));
+
+    let b = Node::start(
+        fleet.take(1),
+        NodeConfig {
+            peers: vec![a.peer_addr()],
+            ..cfg
+        },
+    )
+    .await
+    .unwrap();
+    a.add_peer(b.peer_addr()).unwrap();
+    let app_digest = |n: &Node| {
+        let d = n.device();
+        let floors = d
+            .store()
+            .maintenance_state(d.namespace())
+            .unwrap()
+            .cache_floors;
+        d.store().app_state(d.namespace()).unwrap().digest(&floors)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while read(&b, "notes", "large").as_deref() != Some(&large[..]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b never read the large value (a: {:?}, floor {:?})",
+            read(&b, "notes", "a"),
+            floor(&b)
+        );
+        b.sync_now().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(floor(&b), e);
+    assert_eq!(read(&b, "notes", "a").as_deref(), Some(&b"1"[..]));
+    assert_eq!(read(&b, "notes", "gone"), None);
+    assert_eq!(app_digest(&b), app_digest(&a));
+    for n in [&a, &b] {
+        n.shutdown().await;
+    }
+}

@@ -335,7 +335,9 @@ impl Store {
         let mut new_states = Vec::new();
         let mut new_data: Vec<&VerifiedFact> = Vec::new();
         let mut data_dropped = Vec::new();
+        let last_change;
         {
+            let mut changes = crate::changes::ChangeWriter::open(self, &tx)?;
             let mut t = WriteTables {
                 facts: tx.open_table(FACTS).map_err(|e| self.err(e))?,
                 maint: tx.open_table(MAINT).map_err(|e| self.err(e))?,
@@ -425,6 +427,7 @@ impl Store {
                         continue;
                     }
                     report.inserted += 1;
+                    changes.push(self, &key)?;
                     rec.count += 1;
                     rec.max_epoch = rec.max_epoch.max(f.epoch().0);
                     if is_membership_change(f.payload()) {
@@ -460,6 +463,7 @@ impl Store {
                     .map_err(|e| self.err(e))?;
                 new_states.push((ns, state));
             }
+            last_change = changes.last_appended();
         }
         tx.commit().map_err(|e| self.err(e))?;
         writer.authors.extend(new_authors);
@@ -474,6 +478,11 @@ impl Store {
         for ns in data_dropped {
             self.app_forget(ns);
         }
+        // Still under the writer lock, so listeners hear of commits in sequence order.
+        if let Some(last) = last_change {
+            self.notify_changes(last);
+        }
+        drop(writer);
         Ok(report)
     }
 

@@ -15,11 +15,14 @@
 //! - [`Store::app_state`] is the application state (`tend_core::app`) of the stored facts,
 //!   cached and kept current by every insert; [`Store::live_below`] is what a snapshot
 //!   carries and GC keeps.
+//! - [`Store::changes_since`] is the changes feed: every admitted fact in admission order
+//!   under a sequence number that survives restarts (see the `changes` module).
 //! - [`Store::open`] never modifies a file that is not a healthy tend store of a format it
 //!   reads (see the `store` module).
 
 pub mod app;
 pub mod blobs;
+pub mod changes;
 mod codec;
 pub mod error;
 pub mod facts;
@@ -30,6 +33,7 @@ pub mod state;
 pub mod store;
 
 pub use blobs::{BlobReader, BlobWriter, BLOB_CHUNK_BYTES};
+pub use changes::Change;
 pub use error::StoreError;
 pub use facts::{FactIter, InsertReport, ItemIter, NamespaceStats, Rejected, StoredFact};
 pub use gc::{CompactReport, PruneReport};

@@ -24,10 +24,13 @@ use crate::codec::FactKey;
 use crate::error::StoreError;
 use crate::overlay::OverlayBackend;
 
-/// The store format this release writes and reads. Format 2 keeps blobs in chunks
-/// (`blob_index` and `blob_chunks`, see the `blobs` module); format 1 kept each blob as one
-/// value in `blobs` and is migrated when opened.
-pub const STORE_FORMAT_VERSION: u32 = 2;
+/// The store format this release writes and reads. Format 3 adds the changes feed
+/// (`changes`, see the `changes` module); format 2 keeps blobs in chunks (`blob_index` and
+/// `blob_chunks`, see the `blobs` module); format 1 kept each blob as one value in `blobs`.
+/// Older formats are migrated when opened, one step per transaction. A release that knows
+/// only format 2 refuses a format 3 store (newer format) instead of admitting facts the
+/// feed would miss.
+pub const STORE_FORMAT_VERSION: u32 = 3;
 /// The oldest format [`Store::open`] migrates; older ones are refused.
 const OLDEST_MIGRATED_FORMAT: u32 = 1;
 /// The marker stored under `magic` in the `meta` table.
@@ -136,6 +139,8 @@ pub struct Store {
     pub(crate) states: Mutex<HashMap<JournalNamespace, MaintenanceState>>,
     /// Application state per namespace, as of the latest commit (folded on first use).
     pub(crate) app_states: Mutex<HashMap<JournalNamespace, std::sync::Arc<tend_core::AppState>>>,
+    /// Told the last sequence number after each commit that appended changes.
+    pub(crate) change_listeners: Mutex<Vec<crate::changes::ChangeListener>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -207,6 +212,8 @@ impl Store {
                 .map_err(|e| StoreError::db(path, e))?;
             tx.open_table(BLOB_CHUNKS)
                 .map_err(|e| StoreError::db(path, e))?;
+            tx.open_table(crate::changes::CHANGES)
+                .map_err(|e| StoreError::db(path, e))?;
         }
         tx.commit().map_err(|e| StoreError::db(path, e))?;
         Ok(Store {
@@ -215,6 +222,7 @@ impl Store {
             writer: Mutex::new(WriterCache::default()),
             states: Mutex::new(HashMap::new()),
             app_states: Mutex::new(HashMap::new()),
+            change_listeners: Mutex::new(Vec::new()),
         })
     }
 
@@ -246,16 +254,20 @@ impl Store {
             writer: Mutex::new(WriterCache::default()),
             states: Mutex::new(HashMap::new()),
             app_states: Mutex::new(HashMap::new()),
+            change_listeners: Mutex::new(Vec::new()),
         };
-        if version < STORE_FORMAT_VERSION {
+        if version < 2 {
             store.migrate_v1()?;
+        }
+        if version < 3 {
+            store.migrate_v2()?;
         }
         store.load_writer_cache()?;
         Ok(store)
     }
 
     /// Format 1 -> 2: moves every blob from its single value into chunks, deletes the old
-    /// table and records the new version, all in one transaction (a crash leaves a format 1
+    /// table and records format 2, all in one transaction (a crash leaves a format 1
     /// store, migrated again on the next open). Each old blob is read once, as format 1 read
     /// it (one page); a damaged one is copied as it is, so the store still opens and the
     /// damage is reported when the blob is read, as before.
@@ -274,10 +286,7 @@ impl Store {
         tx.delete_table(BLOBS_V1).map_err(|e| self.err(e))?;
         tx.open_table(META)
             .map_err(|e| self.err(e))?
-            .insert(
-                "format_version",
-                STORE_FORMAT_VERSION.to_be_bytes().as_slice(),
-            )
+            .insert("format_version", 2u32.to_be_bytes().as_slice())
             .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))
     }
@@ -541,6 +550,7 @@ impl Store {
         usage!(AUTHORS, "authors");
         usage!(AUTHOR_BY_NO, "author_numbers");
         usage!(SETTINGS, "settings");
+        usage!(crate::changes::CHANGES, "changes");
         Ok(out)
     }
 }

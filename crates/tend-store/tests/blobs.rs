@@ -416,7 +416,7 @@ fn a_format_1_store_is_migrated_on_open_and_serves_its_blobs() {
         // Writable in the new layout.
         s.put_blob(CODEC_RAW, &pattern(C + 1, 4)).unwrap();
     }
-    assert_eq!(format_version(&p), 2);
+    assert_eq!(format_version(&p), tend_store::STORE_FORMAT_VERSION);
     {
         // The old table is gone.
         let db = redb::Database::open(&p).unwrap();

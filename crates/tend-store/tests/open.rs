@@ -124,7 +124,7 @@ fn newer_format_is_refused_untouched() {
             err,
             StoreError::NewerFormat {
                 found: 99,
-                supported: 2,
+                supported: tend_store::STORE_FORMAT_VERSION,
                 ..
             }
         ),

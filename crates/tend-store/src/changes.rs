@@ -1,0 +1,215 @@
+//! The changes feed: every fact the store admitted, in admission order, under a cursor that
+//! survives restarts.
+//!
+//! The `changes` table maps a sequence number (u64, from 1, no gaps) to the fact's index key
+//! (namespace number, epoch, fact id). [`Store::insert_batch`] appends one entry per fact
+//! it admits, in the same write transaction, in the order it admits them (within a batch:
+//! an authority genesis first, then `(epoch, id)` order), so a cursor means "everything the
+//! device admitted up to here" and a reader resuming after it misses nothing and sees
+//! nothing twice.
+//!
+//! Entries are never rewritten. Pruning, retraction and dropped inadmissible facts remove
+//! facts but leave their entries: a reader looks the fact up and skips an entry whose fact
+//! is gone ([`Store::changes_since`] reports such entries; [`Store::get`] answers `None`
+//! for them). The table grows by about 60 bytes per admitted fact and is not compacted yet.
+//!
+//! Listeners registered with [`Store::on_change`] are called after every commit that
+//! appended entries, with the last sequence number, so a running device can wake its
+//! subscribers without polling.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use redb::{ReadableTable, Table, TableDefinition};
+use tend_core::{Epoch, FactId, JournalNamespace};
+
+use crate::codec::{self, FactKey};
+use crate::error::StoreError;
+use crate::store::{Store, FACTS, MAINT, NS_BY_NO};
+
+/// Sequence number -> the admitted fact's index key.
+pub(crate) const CHANGES: TableDefinition<u64, &FactKey> = TableDefinition::new("changes");
+
+/// A callback told the last sequence number after a commit that appended changes.
+pub(crate) type ChangeListener = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// One entry of the changes feed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The cursor of this entry: the sequence number, from 1.
+    pub seq: u64,
+    pub namespace: JournalNamespace,
+    pub epoch: Epoch,
+    pub id: FactId,
+}
+
+/// Appends entries to the changes table inside a write transaction.
+pub(crate) struct ChangeWriter<'txn> {
+    table: Table<'txn, u64, &'static FactKey>,
+    next: u64,
+    appended: bool,
+}
+
+impl<'txn> ChangeWriter<'txn> {
+    pub(crate) fn open(
+        store: &Store,
+        tx: &'txn redb::WriteTransaction,
+    ) -> Result<Self, StoreError> {
+        let table = tx.open_table(CHANGES).map_err(|e| store.err(e))?;
+        let next = match table.last().map_err(|e| store.err(e))? {
+            Some((k, _)) => k
+                .value()
+                .checked_add(1)
+                .ok_or_else(|| store.corrupt("the changes feed is full"))?,
+            None => 1,
+        };
+        Ok(Self {
+            table,
+            next,
+            appended: false,
+        })
+    }
+
+    pub(crate) fn push(&mut self, store: &Store, key: &FactKey) -> Result<(), StoreError> {
+        self.table
+            .insert(self.next, key)
+            .map_err(|e| store.err(e))?;
+        self.next += 1;
+        self.appended = true;
+        Ok(())
+    }
+
+    /// The last sequence number written, if this writer wrote any.
+    pub(crate) fn last_appended(&self) -> Option<u64> {
+        self.appended.then(|| self.next - 1)
+    }
+}
+
+impl Store {
+    /// Up to `limit` entries of the changes feed after cursor `after` (0: from the start),
+    /// in admission order. An entry's fact may since have been pruned or retracted: readers
+    /// skip entries whose fact [`Store::get`] no longer finds.
+    pub fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
+        let rtx = self.read_txn()?;
+        let changes = self.open_ro(&rtx, CHANGES)?;
+        let ns_by_no = self.open_ro(&rtx, NS_BY_NO)?;
+        let mut namespaces: HashMap<u32, JournalNamespace> = HashMap::new();
+        let mut out = Vec::new();
+        let Some(start) = after.checked_add(1) else {
+            return Ok(out);
+        };
+        for item in changes.range(start..).map_err(|e| self.err(e))?.take(limit) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let (no, epoch, id) = codec::split_key(v.value());
+            let namespace = match namespaces.get(&no) {
+                Some(ns) => *ns,
+                None => {
+                    let bytes = ns_by_no.get(no).map_err(|e| self.err(e))?.ok_or_else(|| {
+                        self.corrupt(format!("the changes feed names namespace number {no}"))
+                    })?;
+                    let ns = JournalNamespace::from_bytes(bytes.value())
+                        .ok_or_else(|| self.corrupt("malformed namespace record"))?;
+                    namespaces.insert(no, ns);
+                    ns
+                }
+            };
+            out.push(Change {
+                seq: k.value(),
+                namespace,
+                epoch,
+                id,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The cursor of the newest entry of the changes feed (0 when it is empty).
+    pub fn last_change(&self) -> Result<u64, StoreError> {
+        let rtx = self.read_txn()?;
+        let changes = self.open_ro(&rtx, CHANGES)?;
+        let last = changes.last().map_err(|e| self.err(e))?;
+        Ok(last.map_or(0, |(k, _)| k.value()))
+    }
+
+    /// Registers a callback told the last sequence number after every commit that appended
+    /// changes. It runs on the writing thread while the store's writer lock is held (so
+    /// calls come in sequence order): it must be quick and must not write to the store.
+    pub fn on_change(&self, listener: impl Fn(u64) + Send + Sync + 'static) {
+        self.change_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(listener));
+    }
+
+    pub(crate) fn notify_changes(&self, last: u64) {
+        let listeners = self
+            .change_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for l in listeners {
+            l(last);
+        }
+    }
+
+    /// Format 2 -> 3: creates the changes feed and fills it with every fact the store holds
+    /// (the journal index and the maintenance facts kept below a pruned floor), in index
+    /// order, since their admission order is not known; records format 3. One transaction:
+    /// a crash leaves format 2, migrated again on the next open.
+    pub(crate) fn migrate_v2(&self) -> Result<(), StoreError> {
+        let _writer = self.lock_writer();
+        let tx = self.db().begin_write().map_err(|e| self.err(e))?;
+        // A format 2 store has no changes table, unless a test or a tool put one there.
+        tx.delete_table(CHANGES).map_err(|e| self.err(e))?;
+        {
+            let facts = tx.open_table(FACTS).map_err(|e| self.err(e))?;
+            let maint = tx.open_table(MAINT).map_err(|e| self.err(e))?;
+            let mut writer = ChangeWriter::open(self, &tx)?;
+            let mut a = facts.iter().map_err(|e| self.err(e))?;
+            let mut b = maint.iter().map_err(|e| self.err(e))?;
+            let mut next_a = self.next_key(&mut a)?;
+            let mut next_b = self.next_key(&mut b)?;
+            loop {
+                let key = match (next_a, next_b) {
+                    (None, None) => break,
+                    (Some(x), Some(y)) if x == y => {
+                        next_a = self.next_key(&mut a)?;
+                        next_b = self.next_key(&mut b)?;
+                        x
+                    }
+                    (Some(x), Some(y)) if x < y => {
+                        next_a = self.next_key(&mut a)?;
+                        x
+                    }
+                    (Some(x), None) => {
+                        next_a = self.next_key(&mut a)?;
+                        x
+                    }
+                    (_, Some(y)) => {
+                        next_b = self.next_key(&mut b)?;
+                        y
+                    }
+                };
+                writer.push(self, &key)?;
+            }
+        }
+        tx.open_table(crate::store::META)
+            .map_err(|e| self.err(e))?
+            .insert("format_version", 3u32.to_be_bytes().as_slice())
+            .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+}
+
+impl Store {
+    fn next_key(
+        &self,
+        it: &mut redb::Range<'_, &'static FactKey, &'static [u8]>,
+    ) -> Result<Option<FactKey>, StoreError> {
+        match it.next() {
+            None => Ok(None),
+            Some(Ok((k, _))) => Ok(Some(*k.value())),
+            Some(Err(e)) => Err(self.err(e)),
+        }
+    }
+}

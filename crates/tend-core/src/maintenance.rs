@@ -45,6 +45,40 @@ pub struct SnapshotCompleted {
     pub threshold_signature: [u8; 64],
 }
 
+impl SnapshotCompleted {
+    /// Checks the threshold signature against the authority's group key (of the
+    /// membership at the completion fact's epoch) and, if it verifies, certifies the blob
+    /// the snapshot names: every fact read from bytes that hash to that CID was vouched for
+    /// by T members, so it need not be verified one Ed25519 signature at a time.
+    pub fn certify(
+        &self,
+        namespace: &crate::ids::JournalNamespace,
+        group_key: &crate::authority::GroupKey,
+    ) -> Option<CertifiedBlob> {
+        let msg = self.snapshot.signing_message(namespace, &self.proposal_id);
+        group_key
+            .verify(&msg, &self.threshold_signature)
+            .then_some(CertifiedBlob {
+                cid: self.snapshot.blob_cid,
+            })
+    }
+}
+
+/// A snapshot blob CID whose completion's threshold signature verified
+/// ([`SnapshotCompleted::certify`]). Bytes that hash to it hold facts the members
+/// certified: see [`crate::VerifiedFact::decode_certified`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct CertifiedBlob {
+    cid: ContentId,
+}
+
+impl CertifiedBlob {
+    /// The certified blob's CID.
+    pub fn cid(&self) -> ContentId {
+        self.cid
+    }
+}
+
 /// Cache entries under `keys` are invalid unless the current epoch exceeds `epoch_floor`.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::Endpoint;
 use serde::{Deserialize, Serialize};
+use tend_core::maintenance::CertifiedBlob;
 use tend_core::{
     ContentId, DeviceId, Epoch, FactId, JournalError, JournalNamespace, MaintenanceFact,
     MaintenanceState, Payload, ProtocolVersion, VerifiedFact,
@@ -1150,6 +1151,7 @@ fn refuse_label(r: &tend_sync::RefuseReason) -> &'static str {
         R::FenceNotSatisfied { .. } => "fence",
         R::PeerFenceNotSatisfied { .. } => "peer_fence",
         R::Busy => "busy",
+        R::RateLimited { .. } => "rate_limited",
     }
 }
 
@@ -1188,14 +1190,14 @@ impl FactHost for StoreHost<'_> {
         if self.holds(&fact) {
             return Ok(false);
         }
-        if let Some(cid) = self.advances_snapshot(&fact) {
+        if let Some(certified) = self.advances_snapshot(&fact) {
             // Once a completion at E is admitted, every fact below E is `Late` here and
             // sessions reconcile only from E on, so state facts below E that this device
             // missed (it did not take part in the ceremony) would never arrive: its
             // reduced state would differ from the signers' for good. The snapshot's blob
             // carries every maintenance and authority fact below E; they go in first, in
             // the same batch (DESIGN rule 5, as the simulator's `settle` hydrates them).
-            match self.inner.snapshot_state_facts(fact.namespace(), cid) {
+            match self.inner.snapshot_state_facts(fact.namespace(), certified) {
                 SnapshotFacts::Facts(facts) => {
                     if let Payload::Maintenance(MaintenanceFact::SnapshotCompleted(c)) =
                         fact.payload()
@@ -1257,8 +1259,10 @@ impl StoreHost<'_> {
         Ok(())
     }
 
-    /// The blob of a snapshot completion newer than the latest one this device knows.
-    fn advances_snapshot(&self, fact: &VerifiedFact) -> Option<ContentId> {
+    /// The blob of a snapshot completion newer than the latest one this device knows, if
+    /// its threshold signature verifies (one that does not is ignored by reduction, and
+    /// goes in alone).
+    fn advances_snapshot(&self, fact: &VerifiedFact) -> Option<CertifiedBlob> {
         let Payload::Maintenance(MaintenanceFact::SnapshotCompleted(c)) = fact.payload() else {
             return None;
         };
@@ -1267,7 +1271,10 @@ impl StoreHost<'_> {
             .latest_snapshot
             .as_ref()
             .is_none_or(|l| l.snapshot.epoch < c.snapshot.epoch);
-        newer.then_some(c.snapshot.blob_cid)
+        let group_key = state.membership_at(fact.epoch())?.group_key;
+        newer
+            .then(|| c.certify(&fact.namespace(), &group_key))
+            .flatten()
     }
 }
 
@@ -1284,22 +1291,30 @@ enum SnapshotFacts {
 impl Inner {
     /// The state facts of the snapshot whose blob is `cid`, if the blob is stored; else
     /// notes it for the next round to fetch.
-    fn snapshot_state_facts(&self, ns: JournalNamespace, cid: ContentId) -> SnapshotFacts {
+    fn snapshot_state_facts(
+        &self,
+        ns: JournalNamespace,
+        certified: CertifiedBlob,
+    ) -> SnapshotFacts {
+        let cid = certified.cid();
         if lock(&self.unavailable_snapshots).contains(&cid) {
             return SnapshotFacts::Unavailable;
         }
         // Read in one pass, keeping the facts but not the item list (40 bytes per covered
         // fact). The stored blob matched the CID the signed completion names, so its facts
-        // are the prefix's without checking them against the items.
+        // are the prefix's without checking them against the items, and the threshold
+        // signature stands for each author's.
         match self.store().blob_reader(&cid) {
-            Ok(Some(reader)) => match tend_snapshot::blob::read_blob(reader, None) {
-                Ok(blob) if blob.namespace == ns => SnapshotFacts::Facts(blob.facts),
-                Ok(_) => SnapshotFacts::Unavailable,
-                Err(e) => {
-                    tracing::warn!("stored snapshot blob {cid} does not decode: {e}");
-                    SnapshotFacts::Unavailable
+            Ok(Some(reader)) => {
+                match tend_snapshot::blob::read_certified_blob(reader, &certified) {
+                    Ok(blob) if blob.namespace == ns => SnapshotFacts::Facts(blob.facts),
+                    Ok(_) => SnapshotFacts::Unavailable,
+                    Err(e) => {
+                        tracing::warn!("stored snapshot blob {cid} does not decode: {e}");
+                        SnapshotFacts::Unavailable
+                    }
                 }
-            },
+            }
             Ok(None) => {
                 lock(&self.held_snapshots).insert(cid);
                 SnapshotFacts::Wait

@@ -28,6 +28,7 @@ use serde_bytes::ByteBuf;
 use tend_core::encoding::{from_canonical, to_canonical};
 use tend_core::ids::CODEC_DAG_CBOR;
 use tend_core::journal::DigestBuilder;
+use tend_core::maintenance::CertifiedBlob;
 use tend_core::{
     reduce, AppState, AuthorityId, ContentId, Epoch, FactId, Hash32, Journal, JournalNamespace,
     MaintenanceState, Payload, SnapshotBase, VerifiedFact, MAX_FACT_BYTES,
@@ -55,6 +56,8 @@ pub enum BlobError {
     BadFact(usize, String),
     #[error("the state digest in the blob does not match the state its facts reduce to")]
     StateDigest,
+    #[error("the blob does not hash to the CID its verified snapshot names")]
+    NotCertified,
     /// The source the blob was streamed from failed (not a fault of the blob's bytes).
     #[error("reading the snapshot blob failed: {0}")]
     Read(String),
@@ -364,6 +367,23 @@ pub fn read_blob(
     r: impl Read,
     facts_ahead: Option<&[VerifiedFact]>,
 ) -> Result<BlobSummary, BlobError> {
+    read_blob_inner(r, facts_ahead, None)
+}
+
+/// [`read_blob`] of a blob whose completion verified ([`CertifiedBlob`]): the facts are
+/// decoded without checking each author's signature (the members' threshold signature
+/// vouches for them), and the result is an error unless the bytes hash to the certified
+/// CID, so no fact decoded that way escapes from bytes that are not the certified blob.
+/// Several times faster than one Ed25519 verification per fact.
+pub fn read_certified_blob(r: impl Read, blob: &CertifiedBlob) -> Result<BlobSummary, BlobError> {
+    read_blob_inner(r, None, Some(blob))
+}
+
+fn read_blob_inner(
+    r: impl Read,
+    facts_ahead: Option<&[VerifiedFact]>,
+    certified: Option<&CertifiedBlob>,
+) -> Result<BlobSummary, BlobError> {
     let mut src = Source {
         r,
         hasher: blake3::Hasher::new(),
@@ -468,7 +488,11 @@ pub fn read_blob(
         }
         let mut raw = vec![0u8; len as usize];
         src.exact(&mut raw)?;
-        let f = VerifiedFact::decode(&raw).map_err(|e| BlobError::BadFact(i, e.to_string()))?;
+        let f = match certified {
+            Some(c) => VerifiedFact::decode_certified(&raw, c),
+            None => VerifiedFact::decode(&raw),
+        }
+        .map_err(|e| BlobError::BadFact(i, e.to_string()))?;
         if f.namespace() != namespace {
             return Err(BlobError::BadFact(i, "fact of another namespace".into()));
         }
@@ -504,6 +528,9 @@ pub fn read_blob(
         cid: ContentId::from_blake3(CODEC_DAG_CBOR, &Hash32(*src.hasher.finalize().as_bytes())),
         bytes: src.n,
     };
+    if certified.is_some_and(|c| c.cid() != summary.cid) {
+        return Err(BlobError::NotCertified);
+    }
     let state = summary.reduced_state();
     if state.state_digest() != state_digest {
         return Err(BlobError::StateDigest);
@@ -652,6 +679,70 @@ impl<R: Read> Source<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A blob holding a live application fact, and its completion signed by `key` as the
+    /// group key.
+    fn certified_fixture(
+        key: &ed25519_dalek::SigningKey,
+    ) -> (
+        Vec<u8>,
+        tend_core::maintenance::SnapshotCompleted,
+        tend_core::GroupKey,
+    ) {
+        use ed25519_dalek::Signer;
+        let ns = JournalNamespace::Authority(AuthorityId([1; 32]));
+        let fact = tend_core::UnsignedFact {
+            namespace: ns,
+            epoch: Epoch(1),
+            payload: tend_core::Payload::Application {
+                kind: "log".into(),
+                data: b"entry".to_vec(),
+            },
+        }
+        .sign(key);
+        let blob = SnapshotBlob::from_parts(ns, Epoch(2), vec![fact.order_key()], vec![fact]);
+        let bytes = blob.encode();
+        let snapshot = tend_core::maintenance::SnapshotV1 {
+            epoch: Epoch(2),
+            digest: blob.prefix_digest(),
+            blob_cid: SnapshotBlob::cid_of(&bytes),
+        };
+        let proposal_id = Hash32([3; 32]);
+        let sig = key.sign(&snapshot.signing_message(&ns, &proposal_id));
+        let completed = tend_core::maintenance::SnapshotCompleted {
+            proposal_id,
+            snapshot,
+            threshold_signature: sig.to_bytes(),
+        };
+        (
+            bytes,
+            completed,
+            tend_core::GroupKey(key.verifying_key().to_bytes()),
+        )
+    }
+
+    #[test]
+    fn a_certified_read_trusts_the_threshold_signature_and_nothing_else() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let (bytes, completed, group_key) = certified_fixture(&key);
+        let ns = JournalNamespace::Authority(AuthorityId([1; 32]));
+        // A completion under another key certifies nothing.
+        let stranger = tend_core::GroupKey([9; 32]);
+        assert!(completed.certify(&ns, &stranger).is_none());
+        let certified = completed.certify(&ns, &group_key).expect("verifies");
+        let read = read_certified_blob(&bytes[..], &certified).unwrap();
+        assert_eq!(read.facts, read_blob(&bytes[..], None).unwrap().facts);
+        // Other bytes (here: the same blob with one fact byte changed, so its signature no
+        // longer verifies) are refused as not the certified blob, never handed out.
+        let mut other = bytes.clone();
+        let at = other.len() - 40;
+        other[at] ^= 1;
+        assert!(read_blob(&other[..], None).is_err());
+        assert!(matches!(
+            read_certified_blob(&other[..], &certified),
+            Err(BlobError::NotCertified | BlobError::BadFact(..) | BlobError::Malformed(_))
+        ));
+    }
 
     fn blob(n: u8) -> SnapshotBlob {
         let items = (0..n)

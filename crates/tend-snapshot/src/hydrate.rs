@@ -8,7 +8,7 @@ use tend_core::{
     Epoch, FactId, GroupKey, Hash32, JournalError, JournalNamespace, MaintenanceState, VerifiedFact,
 };
 
-use crate::blob::{read_blob, BlobError, BlobSummary, SnapshotBlob};
+use crate::blob::{read_blob, read_certified_blob, BlobError, BlobSummary, SnapshotBlob};
 
 /// Why a snapshot cannot be hydrated from.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -123,11 +123,13 @@ pub fn hydrate_stream(
     facts_ahead: Option<&[VerifiedFact]>,
 ) -> Result<(BlobSummary, MaintenanceState), HydrateError> {
     let snapshot = &completed.snapshot;
-    let msg = snapshot.signing_message(&namespace, &completed.proposal_id);
-    if !group_key.verify(&msg, &completed.threshold_signature) {
-        return Err(HydrateError::BadSignature);
-    }
-    let summary = read_blob(blob, facts_ahead)?;
+    let certified = completed
+        .certify(&namespace, group_key)
+        .ok_or(HydrateError::BadSignature)?;
+    let summary = match facts_ahead {
+        Some(ahead) => read_blob(blob, Some(ahead))?,
+        None => read_certified_blob(blob, &certified)?,
+    };
     if summary.cid != snapshot.blob_cid {
         return Err(HydrateError::CidMismatch);
     }

@@ -1,0 +1,321 @@
+//! Application state at a million facts (issue 14's benchmarks): 1M puts over 10k keys,
+//! then a snapshot and GC (store size against the live data), get latency and scan
+//! throughput; and hydration of a snapshot that carries 1M live records (time and peak
+//! memory). One process, a real device home and redb store, durable commits.
+//!
+//! `cargo bench -p tend-node --bench app_state` (release profile). `TEND_BENCH_FACTS=100000`
+//! scales both phases down by 10 for a smoke run.
+
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::{Signer, SigningKey};
+use serde_bytes::ByteBuf;
+use tend_core::app::{Put, Value};
+use tend_core::maintenance::{MaintenanceFact, SnapshotCompleted, SnapshotV1};
+use tend_core::VerifiedFact;
+use tend_core::{DataOp, Epoch, FactId, Hash32, JournalNamespace, Payload, UnsignedFact};
+use tend_node::data::{run, DataRequest, DataResponse};
+use tend_node::fleet::StoreJournal;
+use tend_node::Device;
+use tend_snapshot::SnapshotBlob;
+use tend_store::Store;
+
+const KEYS: usize = 10_000;
+const VALUE_BYTES: usize = 100;
+const EPOCHS: u64 = 10;
+
+fn n_facts() -> usize {
+    std::env::var("TEND_BENCH_FACTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+/// Peak resident memory since the last reset, in MiB (Linux).
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Signs `n` facts on two threads (not timed by the caller's figures).
+fn sign_all(
+    key: &SigningKey,
+    n: usize,
+    make: impl Fn(usize) -> UnsignedFact + Sync,
+) -> Vec<VerifiedFact> {
+    let half = n / 2;
+    std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            (0..half)
+                .map(&make)
+                .map(|u| u.sign(key))
+                .collect::<Vec<_>>()
+        });
+        let mut b: Vec<_> = (half..n).map(&make).map(|u| u.sign(key)).collect();
+        let mut a = a.join().expect("signing thread");
+        a.append(&mut b);
+        a
+    })
+}
+
+fn insert(store: &Store, facts: &[VerifiedFact]) -> Duration {
+    let t = Instant::now();
+    for chunk in facts.chunks(10_000) {
+        let r = store.insert_batch(chunk).expect("insert");
+        assert!(r.rejected.is_empty(), "{:?}", r.rejected.first());
+    }
+    t.elapsed()
+}
+
+/// A snapshot at `epoch` completed with the one-device authority's key; returns the blob
+/// bytes and how long building them took.
+fn snapshot(d: &Device, epoch: Epoch) -> (Vec<u8>, Duration) {
+    let ns = d.namespace();
+    let t = Instant::now();
+    let blob = StoreJournal::new(d.store(), ns)
+        .and_then(|j| j.try_snapshot_blob(epoch))
+        .expect("blob");
+    let bytes = blob.encode();
+    let built = t.elapsed();
+    let cid = d
+        .store()
+        .put_blob(tend_core::ids::CODEC_DAG_CBOR, &bytes)
+        .expect("store blob");
+    let snapshot = SnapshotV1 {
+        epoch,
+        digest: blob.prefix_digest(),
+        blob_cid: cid,
+    };
+    let proposal_id = Hash32::of(&epoch.0.to_be_bytes());
+    let sig = d
+        .key()
+        .signing_key()
+        .sign(&snapshot.signing_message(&ns, &proposal_id));
+    d.write(UnsignedFact {
+        namespace: ns,
+        epoch,
+        payload: Payload::Maintenance(MaintenanceFact::SnapshotCompleted(SnapshotCompleted {
+            proposal_id,
+            snapshot,
+            threshold_signature: sig.to_bytes(),
+        })),
+    })
+    .expect("completion");
+    assert_eq!(
+        d.store().maintenance_state(ns).unwrap().snapshot_epoch(),
+        epoch
+    );
+    (bytes, built)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn puts_then_gc(n: usize) {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let d = Device::init(&dir.path().join("a"), &mut rand::thread_rng()).expect("init");
+    let ns: JournalNamespace = d.namespace();
+    let key = d.key().signing_key().clone();
+    let per_epoch = n.div_ceil(EPOCHS as usize);
+    // Put i writes key i % KEYS; it supersedes the previous put of that key.
+    let t = Instant::now();
+    let mut facts: Vec<VerifiedFact> = Vec::with_capacity(n);
+    let mut heads: Vec<Option<FactId>> = vec![None; KEYS];
+    // Sequential: each put names the previous one, so signing is serial per key; sign a
+    // round of KEYS puts on two threads at a time.
+    for round in 0..n.div_ceil(KEYS) {
+        let base = round * KEYS;
+        let count = KEYS.min(n - base);
+        let made = sign_all(&key, count, |k| {
+            let i = base + k;
+            let mut value = vec![0u8; VALUE_BYTES];
+            value[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            UnsignedFact {
+                namespace: ns,
+                epoch: Epoch(1 + (i / per_epoch) as u64),
+                payload: Payload::Data(DataOp::Put(Put {
+                    collection: "bench".into(),
+                    key: format!("key-{k:05}"),
+                    value: Value::Inline(ByteBuf::from(value)),
+                    supersedes: heads[k].into_iter().collect(),
+                })),
+            }
+        });
+        for (k, f) in made.iter().enumerate() {
+            heads[k] = Some(f.id());
+        }
+        facts.extend(made);
+    }
+    eprintln!("signed {n} puts in {:.1?} (not a figure)", t.elapsed());
+    let took = insert(d.store(), &facts);
+    println!(
+        "insert {n} puts over {KEYS} keys, batches of 10k: {:.2?} ({:.0} facts/s)",
+        took,
+        n as f64 / took.as_secs_f64()
+    );
+    let live_bytes: usize = facts[n.saturating_sub(KEYS)..]
+        .iter()
+        .map(|f| f.bytes().len())
+        .sum();
+    drop(facts);
+
+    let (blob, built) = snapshot(&d, Epoch(EPOCHS + 1));
+    println!(
+        "snapshot blob over {n} items with {KEYS} live records: {:.2?} to build, {} bytes",
+        built,
+        blob.len()
+    );
+    let before = d.store().file_size().unwrap();
+    let t = Instant::now();
+    let gc = d.gc(false).expect("gc");
+    println!(
+        "gc: {:.2?}, pruned {} facts, kept {} live; store {} -> {} bytes; live data {} bytes: store/live = {:.2}",
+        t.elapsed(),
+        gc.facts_pruned,
+        gc.live_kept,
+        before,
+        gc.store_bytes_after,
+        live_bytes,
+        gc.store_bytes_after as f64 / live_bytes as f64
+    );
+
+    eprintln!("compacted: {}", gc.compacted);
+    for t in d.store().table_usage().unwrap() {
+        eprintln!("{t:?}");
+    }
+    // Reads on a freshly opened store: the first folds the state once.
+    let home = d.home().to_owned();
+    drop(d);
+    let d = Device::open(&home).expect("open");
+    let get = |k: usize| DataRequest::Get {
+        collection: "bench".into(),
+        key: format!("key-{k:05}"),
+    };
+    let t = Instant::now();
+    run(&d, get(0)).expect("first get");
+    println!(
+        "first get after open (folds the state): {:.2?}",
+        t.elapsed()
+    );
+    let mut lat = Vec::new();
+    for i in 0..10_000usize {
+        let t = Instant::now();
+        let r = run(&d, get(i * 7919 % KEYS)).expect("get");
+        lat.push(t.elapsed());
+        assert!(matches!(r, DataResponse::Value(Some(_))));
+    }
+    println!("get: median {:.1?} over 10k random keys", median(lat));
+    let t = Instant::now();
+    let mut after = None;
+    let mut rows = 0;
+    loop {
+        let r = run(
+            &d,
+            DataRequest::Scan {
+                collection: "bench".into(),
+                prefix: String::new(),
+                after: after.clone(),
+                limit: 1000,
+            },
+        )
+        .expect("scan");
+        let DataResponse::Scan(page) = r else {
+            unreachable!()
+        };
+        if page.is_empty() {
+            break;
+        }
+        rows += page.len();
+        after = page.last().map(|v| v.key.clone());
+    }
+    let took = t.elapsed();
+    println!(
+        "scan: {rows} keys with values in pages of 1000: {:.2?} ({:.0} keys/s)",
+        took,
+        rows as f64 / took.as_secs_f64()
+    );
+}
+
+fn hydrate_live_records(n: usize) {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let d = Device::init(&dir.path().join("a"), &mut rand::thread_rng()).expect("init");
+    let ns = d.namespace();
+    let key = d.key().signing_key().clone();
+    let per_epoch = n.div_ceil(EPOCHS as usize);
+    let facts = sign_all(&key, n, |i| UnsignedFact {
+        namespace: ns,
+        epoch: Epoch(1 + (i / per_epoch) as u64),
+        payload: Payload::Application {
+            kind: "events".into(),
+            data: (i as u64).to_be_bytes().repeat(8),
+        },
+    });
+    insert(d.store(), &facts);
+    drop(facts);
+    let (blob, _) = snapshot(&d, Epoch(EPOCHS + 1));
+    let maintenance: Vec<VerifiedFact> = d
+        .store()
+        .scan_maintenance(ns)
+        .unwrap()
+        .map(|f| f.unwrap().verify().unwrap())
+        .collect();
+    let blob_cid = SnapshotBlob::cid_of(&blob);
+    drop(d);
+
+    // A fresh device of the same authority hydrates: the blob (fetched, stored by CID),
+    // then its facts in batches, as a joining member's session admits them.
+    reset_peak_rss();
+    let rss_before = peak_rss_mib();
+    let t = Instant::now();
+    let store = Store::create(dir.path().join("b.redb")).expect("create");
+    store
+        .put_blob(tend_core::ids::CODEC_DAG_CBOR, &blob)
+        .expect("blob");
+    drop(blob);
+    let reader = store.blob_reader(&blob_cid).unwrap().expect("stored");
+    let completion = maintenance.iter().rev().find_map(|f| match f.payload() {
+        Payload::Maintenance(MaintenanceFact::SnapshotCompleted(c)) => Some(c.clone()),
+        _ => None,
+    });
+    let group_key = tend_core::GroupKey(key.verifying_key().to_bytes());
+    let certified = completion
+        .expect("completion")
+        .certify(&ns, &group_key)
+        .expect("verifies");
+    let summary = tend_snapshot::blob::read_certified_blob(reader, &certified).expect("read blob");
+    let live = summary.facts.len();
+    for chunk in summary.facts.chunks(10_000) {
+        store.insert_batch(chunk).expect("insert");
+    }
+    store.insert_batch(&maintenance).expect("completion");
+    let took = t.elapsed();
+    let st = store.maintenance_state(ns).unwrap();
+    assert_eq!(st.snapshot_epoch(), Epoch(EPOCHS + 1));
+    assert_eq!(store.app_state(ns).unwrap().log_len(), n);
+    println!(
+        "hydrate a snapshot carrying {live} live records: {:.2?} ({:.0} records/s), peak RSS {:.0} MiB (process before: {:.0} MiB)",
+        took,
+        n as f64 / took.as_secs_f64(),
+        peak_rss_mib(),
+        rss_before
+    );
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing useful: keep
+    // that run tiny so the suite stays fast.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let n = if smoke { 20_000 } else { n_facts() };
+    puts_then_gc(n);
+    hydrate_live_records(n);
+}

@@ -160,6 +160,7 @@ async fn identity_epoch_advancing_mid_session_aborts_and_the_retry_succeeds() {
                     bytes_per_sec: None,
                 },
                 global: Rate::UNLIMITED,
+                ..RateConfig::UNLIMITED
             },
             ..ManagerConfig::default()
         },

@@ -16,10 +16,12 @@
 //! difference, so it pushes what the peer lacks and asks for what it lacks, by bit position
 //! in the responder's id lists (`WantIndexed`, ~1 bit per id) or by id. Facts travel in
 //! batches bounded by count and bytes, paced by governor-based rate limits on a clock the
-//! caller drives. Every incoming fact is decoded and verified and then admitted through the
+//! caller drives; incoming sessions, messages and bytes are limited per peer and globally
+//! too. Every incoming fact is decoded and verified and then admitted through the
 //! caller's [`FactHost`]; invalid ones are counted by reason, and past a threshold the
 //! session fails as misbehaviour after keeping the valid facts of the same batch. An
-//! identity-epoch advance aborts sessions with a retryable outcome. The [`SessionManager`]
+//! identity-epoch advance aborts sessions with a retryable outcome; a fence that becomes
+//! unsatisfied mid-session aborts them with a reason the peer can show. The [`SessionManager`]
 //! owns sessions and enforces global and per-peer limits; the [`PeerManager`] scores peers
 //! (0.5 trust + 0.3 success rate + 0.2 (1 - load)) and picks them deterministically.
 
@@ -38,7 +40,10 @@ pub use message::{
     SYNC_WIRE_VERSION,
 };
 pub use peer::{PeerConfig, PeerManager, PeerMetadata, PeerStatus};
-pub use rate::{Admit, Rate, RateConfig, RateLimits};
+pub use rate::{
+    Admit, Direction, InboundRate, InboundTicket, Kind, Limited, Rate, RateConfig, RateLimits,
+    Scope,
+};
 pub use reconcile::{InitiatorStep, ReconcileError, Reconciler, NEGENTROPY_V1};
 pub use session::{
     Action, FactHost, FailReason, LocalView, Outcome, Role, Session, SessionConfig, SessionError,

@@ -1,6 +1,8 @@
 //! The session manager: owns running sessions, enforces the global and per-peer session
-//! limits, routes messages and timers to them, aborts them when the identity epoch
-//! advances, and releases each session's resources when it ends.
+//! limits and rate limits (sessions a peer may open, frames it may send, fact batches we
+//! send), routes messages and timers to them, aborts them when the identity epoch
+//! advances or a fence becomes unsatisfied, and releases each session's resources when it
+//! ends.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -8,8 +10,8 @@ use std::time::Duration;
 use tend_core::{DeviceId, JournalNamespace};
 
 use crate::items::SharedItems;
-use crate::message::{RefuseReason, SyncMessage};
-use crate::rate::{RateConfig, RateLimits};
+use crate::message::{AbortReason, RefuseReason, SyncMessage};
+use crate::rate::{Admit, InboundTicket, Limited, RateConfig, RateLimits};
 use crate::session::{Action, FactHost, LocalView, Outcome, Session, SessionConfig, SessionError};
 
 /// A session's handle, unique within one manager.
@@ -66,6 +68,13 @@ pub enum ManagerError {
     AtCapacity {
         active: usize,
         with_peer: usize,
+        refusal: Vec<u8>,
+    },
+    /// The peer opens sessions faster than the incoming session limit allows. `refusal`
+    /// is the encoded `Refuse(RateLimited)` to send back before closing the stream.
+    #[error("the peer opens sessions too fast; it may try again in {retry_after_ms} ms")]
+    RateLimited {
+        retry_after_ms: u64,
         refusal: Vec<u8>,
     },
     #[error(transparent)]
@@ -177,6 +186,16 @@ impl SessionManager {
         items: SharedItems,
         host: &mut dyn FactHost,
     ) -> Result<(SessionId, Vec<ManagerAction>), ManagerError> {
+        // Every attempt counts against the session rate, refused or not.
+        if let Admit::RetryAt(t) = self.rate.admit_session(peer, now) {
+            let retry_after_ms = u64::try_from(t.saturating_sub(now).as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            return Err(ManagerError::RateLimited {
+                retry_after_ms,
+                refusal: SyncMessage::Refuse(RefuseReason::RateLimited { retry_after_ms }).encode(),
+            });
+        }
         if !self.has_room_for(&peer) {
             return Err(self.capacity_error(&peer));
         }
@@ -223,6 +242,49 @@ impl SessionManager {
         let peer = session.peer();
         let actions = session.handle(now, bytes, host, Some(&mut self.rate));
         self.translate(id, peer, actions, &mut out);
+        out
+    }
+
+    /// Asks to read one frame of `bytes` bytes that `peer` sent on any session, under the
+    /// incoming message and byte limits ([`RateLimits::admit_incoming`]): on `RetryAt`,
+    /// stop reading from the peer and offer the frame again then with the same ticket.
+    pub fn admit_incoming(
+        &mut self,
+        peer: DeviceId,
+        bytes: usize,
+        now: Duration,
+        ticket: &mut InboundTicket,
+    ) -> Admit {
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        self.rate.admit_incoming(peer, bytes, now, ticket)
+    }
+
+    /// How often each rate limit held something back since the last call (for metrics).
+    pub fn take_limited(&mut self) -> Vec<(Limited, u64)> {
+        self.rate.take_limited()
+    }
+
+    /// Aborts every open session for which `reason_for` gives a reason, telling the peer
+    /// (an activated fence that this device or the peer no longer satisfies, say).
+    pub fn abort_where(
+        &mut self,
+        now: Duration,
+        mut reason_for: impl FnMut(&Session) -> Option<AbortReason>,
+    ) -> Vec<ManagerAction> {
+        let mut out = Vec::new();
+        let doomed: Vec<(SessionId, AbortReason)> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| !s.is_finished())
+            .filter_map(|(id, s)| reason_for(s).map(|r| (*id, r)))
+            .collect();
+        for (id, reason) in doomed {
+            if let Some(session) = self.sessions.get_mut(&id) {
+                let peer = session.peer();
+                let actions = session.abort(now, reason);
+                self.translate(id, peer, actions, &mut out);
+            }
+        }
         out
     }
 

@@ -84,6 +84,10 @@ pub enum RefuseReason {
     /// The responder has no session slot free.
     #[error("refused: busy, too many sessions")]
     Busy,
+    /// The initiator opened sessions faster than the responder's limit allows; it may try
+    /// again after this many milliseconds.
+    #[error("refused: too many sessions from this device, try again in {retry_after_ms} ms")]
+    RateLimited { retry_after_ms: u64 },
 }
 
 /// Why a running session was aborted by one side.
@@ -95,6 +99,23 @@ pub enum AbortReason {
     /// The sender gave up on the session (misbehaviour, timeout, shutdown).
     #[error("session closed by the peer")]
     Closed,
+    /// The sender learnt mid-session of an activated fence that it does not satisfy
+    /// itself: it runs a version older than `required` at `local_epoch` >= `fence`
+    /// (DESIGN rule 7, checked after every batch, not only at the handshake).
+    #[error("the sending device is at epoch {local_epoch}, past the activation fence at epoch {fence}, and does not run version {required}")]
+    FenceNotSatisfied {
+        fence: Epoch,
+        required: ProtocolVersion,
+        local_epoch: Epoch,
+    },
+    /// The sender (a responder) is at `local_epoch`, past an activated fence that
+    /// requires `required`, and the receiver announced an older version at the handshake.
+    #[error("this device's version is older than {required}, mandatory from epoch {fence} (the peer is at epoch {local_epoch})")]
+    PeerFenceNotSatisfied {
+        fence: Epoch,
+        required: ProtocolVersion,
+        local_epoch: Epoch,
+    },
 }
 
 /// The initiator's opening message.
@@ -186,6 +207,8 @@ type WireHello = (
 type WireAccept = (WireVersion, DeviceId, WireEpoch, WireFence, ByteBuf);
 /// `(code, fence, required, local_epoch, namespace-or-empty)`.
 type WireRefuse = (u8, u64, WireVersion, u64, ByteBuf);
+/// An abort for a fence: `(code 2 or 3, fence, required, local_epoch)`.
+type WireFenceAbort = (u8, u64, WireVersion, u64);
 
 fn v_out(v: ProtocolVersion) -> WireVersion {
     (v.major, v.minor, v.patch)
@@ -228,6 +251,26 @@ fn f_in(f: WireFence) -> Result<FenceStatus, MessageError> {
     }
 }
 
+/// The body of an abort: `(code, from, to)` for codes 0 and 1, and
+/// `(code, fence, required, local_epoch)` for the fence codes 2 (the sender) and 3 (the
+/// receiver).
+fn abort_out(r: &AbortReason) -> Vec<u8> {
+    match r {
+        AbortReason::EpochAdvanced { from, to } => to_canonical(&(0u8, *from, *to)),
+        AbortReason::Closed => to_canonical(&(1u8, 0u64, 0u64)),
+        AbortReason::FenceNotSatisfied {
+            fence,
+            required,
+            local_epoch,
+        } => to_canonical::<WireFenceAbort>(&(2, fence.0, v_out(*required), local_epoch.0)),
+        AbortReason::PeerFenceNotSatisfied {
+            fence,
+            required,
+            local_epoch,
+        } => to_canonical::<WireFenceAbort>(&(3, fence.0, v_out(*required), local_epoch.0)),
+    }
+}
+
 fn refuse_out(r: &RefuseReason) -> WireRefuse {
     let none = ByteBuf::new();
     match r {
@@ -252,6 +295,8 @@ fn refuse_out(r: &RefuseReason) -> WireRefuse {
             local_epoch,
         } => (4, fence.0, v_out(*required), local_epoch.0, none),
         RefuseReason::Busy => (5, 0, (0, 0, 0), 0, none),
+        // The wait travels in the fence slot.
+        RefuseReason::RateLimited { retry_after_ms } => (6, *retry_after_ms, (0, 0, 0), 0, none),
     }
 }
 
@@ -294,6 +339,11 @@ fn refuse_in(w: WireRefuse) -> Result<RefuseReason, MessageError> {
         3 => fenced(false),
         4 => fenced(true),
         5 if plain => Ok(RefuseReason::Busy),
+        6 if version == (0, 0, 0) && local == 0 && extra.is_empty() => {
+            Ok(RefuseReason::RateLimited {
+                retry_after_ms: fence,
+            })
+        }
         _ => Err(MessageError::Field("refusal")),
     }
 }
@@ -353,13 +403,7 @@ impl SyncMessage {
                 (tag::FACTS, to_canonical(&v))
             }
             SyncMessage::Done => (tag::DONE, to_canonical(&())),
-            SyncMessage::Abort(r) => {
-                let w: (u8, u64, u64) = match r {
-                    AbortReason::EpochAdvanced { from, to } => (0, *from, *to),
-                    AbortReason::Closed => (1, 0, 0),
-                };
-                (tag::ABORT, to_canonical(&w))
-            }
+            SyncMessage::Abort(r) => (tag::ABORT, abort_out(r)),
         };
         to_canonical(&(SYNC_WIRE_VERSION, t, serde_bytes::Bytes::new(&body)))
     }
@@ -426,10 +470,28 @@ impl SyncMessage {
                 from_canonical::<()>(&body)?;
                 SyncMessage::Done
             }
-            tag::ABORT => match from_canonical::<(u8, u64, u64)>(&body)? {
-                (0, from, to) => SyncMessage::Abort(AbortReason::EpochAdvanced { from, to }),
-                (1, 0, 0) => SyncMessage::Abort(AbortReason::Closed),
-                _ => return Err(MessageError::Field("abort reason")),
+            tag::ABORT => match from_canonical::<(u8, u64, u64)>(&body) {
+                Ok((0, from, to)) => SyncMessage::Abort(AbortReason::EpochAdvanced { from, to }),
+                Ok((1, 0, 0)) => SyncMessage::Abort(AbortReason::Closed),
+                Ok(_) => return Err(MessageError::Field("abort reason")),
+                Err(_) => {
+                    let (code, fence, required, local) = from_canonical::<WireFenceAbort>(&body)?;
+                    let (fence, required, local_epoch) =
+                        (Epoch(fence), v_in(required), Epoch(local));
+                    SyncMessage::Abort(match code {
+                        2 => AbortReason::FenceNotSatisfied {
+                            fence,
+                            required,
+                            local_epoch,
+                        },
+                        3 => AbortReason::PeerFenceNotSatisfied {
+                            fence,
+                            required,
+                            local_epoch,
+                        },
+                        _ => return Err(MessageError::Field("abort reason")),
+                    })
+                }
             },
             other => return Err(MessageError::UnknownTag(other)),
         })
@@ -500,6 +562,19 @@ mod tests {
             SyncMessage::Done,
             SyncMessage::Abort(AbortReason::EpochAdvanced { from: 1, to: 2 }),
             SyncMessage::Abort(AbortReason::Closed),
+            SyncMessage::Abort(AbortReason::FenceNotSatisfied {
+                fence: Epoch(9),
+                required: v,
+                local_epoch: Epoch(11),
+            }),
+            SyncMessage::Abort(AbortReason::PeerFenceNotSatisfied {
+                fence: Epoch(9),
+                required: v,
+                local_epoch: Epoch(9),
+            }),
+            SyncMessage::Refuse(RefuseReason::RateLimited {
+                retry_after_ms: 250,
+            }),
         ]
     }
 

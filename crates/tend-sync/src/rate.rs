@@ -1,11 +1,20 @@
-//! Per-peer and global rate limits (facts/s and bytes/s) on the facts a device sends,
+//! Rate limits on what a device sends and accepts, per peer and for the whole device,
 //! built on `governor` with a clock the caller drives.
 //!
+//! Outgoing: facts/s and bytes/s of the fact batches a device sends ([`Rate`]).
+//! Incoming: sync sessions a peer may open per second, and messages/s and bytes/s of the
+//! frames a device reads from peers ([`InboundRate`]). Each limit exists per peer and
+//! globally (over all peers); `None` means unlimited, and the burst of every limit is one
+//! second's worth.
+//!
 //! Time is whatever the caller passes as `now` (a `Duration` since its own origin); the
-//! limiter never reads a clock, so runs are deterministic. Limits are checked in the order
-//! peer facts, peer bytes, global facts, global bytes; when a later one refuses, the
-//! earlier ones have already been charged, which errs on the slow side and never lets more
-//! through than any limit allows.
+//! limiter never reads a clock, so runs are deterministic. Outgoing limits are checked in
+//! the order peer facts, peer bytes, global facts, global bytes; when a later one refuses,
+//! the earlier ones have already been charged, which errs on the slow side and never lets
+//! more through than any limit allows. Incoming messages carry an [`InboundTicket`] so a
+//! frame held back and offered again is not charged twice by the limits it already passed.
+//! Every refusal is counted by [`Limited`] until the caller takes the counts
+//! ([`RateLimits::take_limited`]) for its metrics.
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
@@ -23,8 +32,8 @@ type Limiter = RateLimiter<
     governor::middleware::NoOpMiddleware<governor::nanos::Nanos>,
 >;
 
-/// Facts per second and bytes per second; `None` means unlimited. The burst of each limit
-/// is one second's worth.
+/// Outgoing limits: facts per second and bytes per second of the fact batches sent;
+/// `None` means unlimited. The burst of each limit is one second's worth.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Rate {
     pub facts_per_sec: Option<NonZeroU32>,
@@ -39,11 +48,152 @@ impl Rate {
     };
 }
 
-/// Configuration of [`RateLimits`].
+/// Incoming limits: sync sessions opened per second, and messages and bytes per second of
+/// the frames read; `None` means unlimited. The burst of each limit is one second's worth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct InboundRate {
+    pub sessions_per_sec: Option<NonZeroU32>,
+    pub messages_per_sec: Option<NonZeroU32>,
+    pub bytes_per_sec: Option<NonZeroU32>,
+}
+
+impl InboundRate {
+    /// No limit at all.
+    pub const UNLIMITED: InboundRate = InboundRate {
+        sessions_per_sec: None,
+        messages_per_sec: None,
+        bytes_per_sec: None,
+    };
+}
+
+/// Configuration of [`RateLimits`]. The default is unlimited (what a test or a simulation
+/// wants unless it studies limits); a running device uses [`RateConfig::device_default`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RateConfig {
+    /// Outgoing fact batches to one peer.
     pub per_peer: Rate,
+    /// Outgoing fact batches to all peers together.
     pub global: Rate,
+    /// Sessions, messages and bytes one peer may send us.
+    pub inbound_per_peer: InboundRate,
+    /// Sessions, messages and bytes all peers together may send us.
+    pub inbound_global: InboundRate,
+}
+
+const fn nz(n: u32) -> Option<NonZeroU32> {
+    NonZeroU32::new(n)
+}
+
+impl RateConfig {
+    /// No limit at all.
+    pub const UNLIMITED: RateConfig = RateConfig {
+        per_peer: Rate::UNLIMITED,
+        global: Rate::UNLIMITED,
+        inbound_per_peer: InboundRate::UNLIMITED,
+        inbound_global: InboundRate::UNLIMITED,
+    };
+
+    /// The limits a running device (`tend run`) starts with. An honest device never
+    /// reaches them: it opens one session per peer per round (every 10 s) plus a few
+    /// retries, and a session moves a fact batch of up to 512 facts / 256 KiB per message.
+    /// A flooding peer is held to the per-peer figures, so it can take at most a quarter
+    /// (sessions, bytes) to a fifth (messages) of the device's global budget.
+    ///
+    /// | limit | per peer | global |
+    /// | --- | ---: | ---: |
+    /// | facts sent / s | 20,000 | 50,000 |
+    /// | bytes sent / s | 8 MiB | 32 MiB |
+    /// | sessions accepted / s | 4 | 16 |
+    /// | messages read / s | 1,000 | 5,000 |
+    /// | bytes read / s | 8 MiB | 32 MiB |
+    pub const fn device_default() -> RateConfig {
+        RateConfig {
+            per_peer: Rate {
+                facts_per_sec: nz(20_000),
+                bytes_per_sec: nz(8 << 20),
+            },
+            global: Rate {
+                facts_per_sec: nz(50_000),
+                bytes_per_sec: nz(32 << 20),
+            },
+            inbound_per_peer: InboundRate {
+                sessions_per_sec: nz(4),
+                messages_per_sec: nz(1_000),
+                bytes_per_sec: nz(8 << 20),
+            },
+            inbound_global: InboundRate {
+                sessions_per_sec: nz(16),
+                messages_per_sec: nz(5_000),
+                bytes_per_sec: nz(32 << 20),
+            },
+        }
+    }
+}
+
+/// Which way the limited traffic went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    /// What this device sends.
+    Outgoing,
+    /// What peers send this device.
+    Incoming,
+}
+
+/// Whether the limit is one peer's or the device's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    Peer,
+    Global,
+}
+
+/// What the limit counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Facts,
+    Bytes,
+    Sessions,
+    Messages,
+}
+
+/// The limit that held something back: a fact batch (outgoing), a frame (incoming
+/// messages or bytes) or a session (refused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Limited {
+    pub direction: Direction,
+    pub scope: Scope,
+    pub kind: Kind,
+}
+
+impl Limited {
+    /// `out` or `in`.
+    pub fn direction_label(&self) -> &'static str {
+        match self.direction {
+            Direction::Outgoing => "out",
+            Direction::Incoming => "in",
+        }
+    }
+
+    /// `peer` or `global`.
+    pub fn scope_label(&self) -> &'static str {
+        match self.scope {
+            Scope::Peer => "peer",
+            Scope::Global => "global",
+        }
+    }
+
+    /// `facts`, `bytes`, `sessions` or `messages`.
+    pub fn kind_label(&self) -> &'static str {
+        match self.kind {
+            Kind::Facts => "facts",
+            Kind::Bytes => "bytes",
+            Kind::Sessions => "sessions",
+            Kind::Messages => "messages",
+        }
+    }
+}
+
+fn limiter(n: Option<NonZeroU32>, clock: &FakeRelativeClock) -> Option<Limiter> {
+    n.map(|n| RateLimiter::direct_with_clock(Quota::per_second(n), clock.clone()))
 }
 
 struct Pair {
@@ -53,32 +203,58 @@ struct Pair {
 
 impl Pair {
     fn new(rate: Rate, clock: &FakeRelativeClock) -> Self {
-        let mk = |n: Option<NonZeroU32>| {
-            n.map(|n| RateLimiter::direct_with_clock(Quota::per_second(n), clock.clone()))
-        };
         Self {
-            facts: mk(rate.facts_per_sec),
-            bytes: mk(rate.bytes_per_sec),
+            facts: limiter(rate.facts_per_sec, clock),
+            bytes: limiter(rate.bytes_per_sec, clock),
         }
     }
 }
 
-/// The decision for one batch.
+struct Inbound {
+    sessions: Option<Limiter>,
+    messages: Option<Limiter>,
+    bytes: Option<Limiter>,
+}
+
+impl Inbound {
+    fn new(rate: InboundRate, clock: &FakeRelativeClock) -> Self {
+        Self {
+            sessions: limiter(rate.sessions_per_sec, clock),
+            messages: limiter(rate.messages_per_sec, clock),
+            bytes: limiter(rate.bytes_per_sec, clock),
+        }
+    }
+}
+
+/// The decision for one batch, frame or session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admit {
-    /// Send now; the budget has been charged.
+    /// Go ahead now; the budget has been charged.
     Now,
     /// Try again at this time (same time base as `now`).
     RetryAt(Duration),
 }
 
-/// Rate limits per peer and for the whole device.
+/// Progress of one incoming frame through the limits: those it passed are not charged
+/// again when the frame is offered once more. Use a new ticket for each frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundTicket {
+    /// Limits (in checking order) already charged for this frame.
+    passed: usize,
+    /// Whether the frame was already counted as held back.
+    counted: bool,
+}
+
+/// Rate limits per peer and for the whole device, both ways.
 pub struct RateLimits {
     config: RateConfig,
     clock: FakeRelativeClock,
     clock_at: Duration,
     global: Pair,
     peers: BTreeMap<DeviceId, Pair>,
+    inbound_global: Inbound,
+    inbound_peers: BTreeMap<DeviceId, Inbound>,
+    limited: BTreeMap<Limited, u64>,
 }
 
 impl std::fmt::Debug for RateLimits {
@@ -86,8 +262,25 @@ impl std::fmt::Debug for RateLimits {
         f.debug_struct("RateLimits")
             .field("config", &self.config)
             .field("peers", &self.peers.len())
+            .field("inbound_peers", &self.inbound_peers.len())
             .finish()
     }
+}
+
+/// Charges `n` to `limiter`. A charge larger than the burst is charged at the burst (it
+/// could never pass otherwise). `Err` is the wait before it can pass.
+fn charge(limiter: &Limiter, n: u32, clock: &FakeRelativeClock) -> Result<(), Duration> {
+    let Some(n) = NonZeroU32::new(n) else {
+        return Ok(());
+    };
+    let outcome = match limiter.check_n(n) {
+        Ok(r) => r,
+        Err(governor::InsufficientCapacity(cap)) => match NonZeroU32::new(cap) {
+            Some(cap) => limiter.check_n(cap).unwrap_or(Ok(())),
+            None => Ok(()),
+        },
+    };
+    outcome.map_err(|not_until| not_until.wait_time_from(clock.now()))
 }
 
 impl RateLimits {
@@ -95,12 +288,16 @@ impl RateLimits {
     pub fn new(config: RateConfig) -> Self {
         let clock = FakeRelativeClock::default();
         let global = Pair::new(config.global, &clock);
+        let inbound_global = Inbound::new(config.inbound_global, &clock);
         Self {
             config,
             clock,
             clock_at: Duration::ZERO,
             global,
             peers: BTreeMap::new(),
+            inbound_global,
+            inbound_peers: BTreeMap::new(),
+            limited: BTreeMap::new(),
         }
     }
 
@@ -135,6 +332,10 @@ impl RateLimits {
         }
     }
 
+    fn count(&mut self, limited: Limited) {
+        *self.limited.entry(limited).or_insert(0) += 1;
+    }
+
     /// Asks to send `facts` facts totalling `bytes` bytes to `peer` at `now`. Batches
     /// larger than a limit's burst are charged at the burst (they could never pass
     /// otherwise); callers keep batches under [`RateLimits::max_batch`].
@@ -147,34 +348,145 @@ impl RateLimits {
             .entry(peer)
             .or_insert_with(|| Pair::new(per_peer, &clock));
         let checks = [
-            (&pair.facts, facts),
-            (&pair.bytes, bytes),
-            (&self.global.facts, facts),
-            (&self.global.bytes, bytes),
+            (&pair.facts, facts, Scope::Peer, Kind::Facts),
+            (&pair.bytes, bytes, Scope::Peer, Kind::Bytes),
+            (&self.global.facts, facts, Scope::Global, Kind::Facts),
+            (&self.global.bytes, bytes, Scope::Global, Kind::Bytes),
         ];
-        for (limiter, n) in checks {
-            let (Some(limiter), Some(n)) = (limiter, NonZeroU32::new(n)) else {
+        let mut refused = None;
+        for (limiter, n, scope, kind) in checks {
+            let Some(limiter) = limiter else {
                 continue;
             };
-            let outcome = match limiter.check_n(n) {
-                Ok(r) => r,
-                // Larger than the burst: charge a full burst instead.
-                Err(governor::InsufficientCapacity(cap)) => match NonZeroU32::new(cap) {
-                    Some(cap) => limiter.check_n(cap).unwrap_or(Ok(())),
-                    None => Ok(()),
-                },
-            };
-            if let Err(not_until) = outcome {
-                let wait = not_until.wait_time_from(clock.now());
-                return Admit::RetryAt(now + wait.max(Duration::from_millis(1)));
+            if let Err(wait) = charge(limiter, n, &clock) {
+                refused = Some((wait, scope, kind));
+                break;
             }
         }
-        Admit::Now
+        match refused {
+            None => Admit::Now,
+            Some((wait, scope, kind)) => {
+                self.count(Limited {
+                    direction: Direction::Outgoing,
+                    scope,
+                    kind,
+                });
+                Admit::RetryAt(now + wait.max(Duration::from_millis(1)))
+            }
+        }
+    }
+
+    /// Asks to accept a new session that `peer` opens at `now`: the peer's and the global
+    /// session limits. A refused session is not charged to the limits it did not reach.
+    pub fn admit_session(&mut self, peer: DeviceId, now: Duration) -> Admit {
+        self.set_time(now);
+        let clock = self.clock.clone();
+        let rate = self.config.inbound_per_peer;
+        let mine = self
+            .inbound_peers
+            .entry(peer)
+            .or_insert_with(|| Inbound::new(rate, &clock));
+        let checks = [
+            (&mine.sessions, Scope::Peer),
+            (&self.inbound_global.sessions, Scope::Global),
+        ];
+        let mut refused = None;
+        for (limiter, scope) in checks {
+            let Some(limiter) = limiter else {
+                continue;
+            };
+            if let Err(wait) = charge(limiter, 1, &clock) {
+                refused = Some((wait, scope));
+                break;
+            }
+        }
+        match refused {
+            None => Admit::Now,
+            Some((wait, scope)) => {
+                self.count(Limited {
+                    direction: Direction::Incoming,
+                    scope,
+                    kind: Kind::Sessions,
+                });
+                Admit::RetryAt(now + wait.max(Duration::from_millis(1)))
+            }
+        }
+    }
+
+    /// Asks to read one frame of `bytes` bytes from `peer` at `now`: the peer's and the
+    /// global message and byte limits. On `RetryAt`, offer the same frame again with the
+    /// same `ticket` at that time (the caller stops reading from the peer meanwhile, which
+    /// slows the sender down through the transport's flow control). Each held-back frame
+    /// is counted once, by the first limit that held it.
+    pub fn admit_incoming(
+        &mut self,
+        peer: DeviceId,
+        bytes: u32,
+        now: Duration,
+        ticket: &mut InboundTicket,
+    ) -> Admit {
+        self.set_time(now);
+        let clock = self.clock.clone();
+        let rate = self.config.inbound_per_peer;
+        let mine = self
+            .inbound_peers
+            .entry(peer)
+            .or_insert_with(|| Inbound::new(rate, &clock));
+        let checks = [
+            (&mine.messages, 1, Scope::Peer, Kind::Messages),
+            (&mine.bytes, bytes, Scope::Peer, Kind::Bytes),
+            (
+                &self.inbound_global.messages,
+                1,
+                Scope::Global,
+                Kind::Messages,
+            ),
+            (
+                &self.inbound_global.bytes,
+                bytes,
+                Scope::Global,
+                Kind::Bytes,
+            ),
+        ];
+        let mut refused = None;
+        for (i, (limiter, n, scope, kind)) in checks.into_iter().enumerate() {
+            if i < ticket.passed {
+                continue;
+            }
+            if let Some(limiter) = limiter {
+                if let Err(wait) = charge(limiter, n, &clock) {
+                    refused = Some((wait, scope, kind));
+                    break;
+                }
+            }
+            ticket.passed = i + 1;
+        }
+        match refused {
+            None => Admit::Now,
+            Some((wait, scope, kind)) => {
+                if !ticket.counted {
+                    ticket.counted = true;
+                    self.count(Limited {
+                        direction: Direction::Incoming,
+                        scope,
+                        kind,
+                    });
+                }
+                Admit::RetryAt(now + wait.max(Duration::from_millis(1)))
+            }
+        }
+    }
+
+    /// The number of times each limit held something back since the last call, and
+    /// resets them (for the caller's metrics).
+    pub fn take_limited(&mut self) -> Vec<(Limited, u64)> {
+        std::mem::take(&mut self.limited).into_iter().collect()
     }
 
     /// Forgets a peer's budget (when it is removed).
     pub fn forget(&mut self, peer: &DeviceId) {
         self.peers.remove(peer);
+        self.inbound_peers.remove(peer);
     }
 }
 
@@ -189,6 +501,8 @@ mod tests {
     #[test]
     fn per_peer_and_global_limits_follow_the_injected_clock() {
         let mut r = RateLimits::new(RateConfig {
+            inbound_per_peer: InboundRate::UNLIMITED,
+            inbound_global: InboundRate::UNLIMITED,
             per_peer: Rate {
                 facts_per_sec: nz(100),
                 bytes_per_sec: None,
@@ -221,5 +535,110 @@ mod tests {
                 Admit::Now
             );
         }
+    }
+
+    #[test]
+    fn incoming_sessions_are_limited_per_peer_and_globally_and_counted() {
+        let mut r = RateLimits::new(RateConfig {
+            inbound_per_peer: InboundRate {
+                sessions_per_sec: nz(2),
+                ..InboundRate::UNLIMITED
+            },
+            inbound_global: InboundRate {
+                sessions_per_sec: nz(3),
+                ..InboundRate::UNLIMITED
+            },
+            ..RateConfig::UNLIMITED
+        });
+        let (a, b) = (DeviceId([1; 32]), DeviceId([2; 32]));
+        let t0 = Duration::from_secs(1);
+        assert_eq!(r.admit_session(a, t0), Admit::Now);
+        assert_eq!(r.admit_session(a, t0), Admit::Now);
+        // a's burst is spent; b still gets the last global slot, then nobody does.
+        assert!(matches!(r.admit_session(a, t0), Admit::RetryAt(t) if t > t0));
+        assert_eq!(r.admit_session(b, t0), Admit::Now);
+        assert!(matches!(r.admit_session(b, t0), Admit::RetryAt(_)));
+        let limited = r.take_limited();
+        let count = |scope| {
+            limited
+                .iter()
+                .find(|(l, _)| l.scope == scope && l.kind == Kind::Sessions)
+                .map_or(0, |(_, n)| *n)
+        };
+        assert_eq!((count(Scope::Peer), count(Scope::Global)), (1, 1));
+        assert!(r.take_limited().is_empty(), "taking the counts resets them");
+        // A second later both budgets have refilled.
+        assert_eq!(r.admit_session(a, t0 + Duration::from_secs(1)), Admit::Now);
+    }
+
+    #[test]
+    fn an_incoming_frame_held_back_is_charged_once_per_limit_and_counted_once() {
+        let mut r = RateLimits::new(RateConfig {
+            inbound_per_peer: InboundRate {
+                bytes_per_sec: nz(1000),
+                ..InboundRate::UNLIMITED
+            },
+            inbound_global: InboundRate {
+                bytes_per_sec: nz(900),
+                ..InboundRate::UNLIMITED
+            },
+            ..RateConfig::UNLIMITED
+        });
+        let a = DeviceId([1; 32]);
+        let t0 = Duration::from_secs(1);
+        let mut first = InboundTicket::default();
+        assert_eq!(r.admit_incoming(a, 500, t0, &mut first), Admit::Now);
+        // The peer has 500 bytes left, the device 400: held back by the global limit.
+        let mut second = InboundTicket::default();
+        let Admit::RetryAt(t1) = r.admit_incoming(a, 500, t0, &mut second) else {
+            panic!("the global byte limit holds the frame back");
+        };
+        assert!(t1 > t0);
+        // Offered again early: still held, and not counted twice. At t1 (0.11 s on) it
+        // passes: the peer's budget, refilled by 111 bytes only, was charged at the first
+        // offer and is not charged again.
+        assert!(t1 < t0 + Duration::from_millis(200), "{t1:?}");
+        assert!(matches!(
+            r.admit_incoming(a, 500, t0, &mut second),
+            Admit::RetryAt(_)
+        ));
+        assert_eq!(r.admit_incoming(a, 500, t1, &mut second), Admit::Now);
+        let limited = r.take_limited();
+        assert_eq!(
+            limited,
+            vec![(
+                Limited {
+                    direction: Direction::Incoming,
+                    scope: Scope::Global,
+                    kind: Kind::Bytes
+                },
+                1
+            )]
+        );
+    }
+
+    #[test]
+    fn the_device_default_limits_everything_and_default_is_unlimited() {
+        let d = RateConfig::device_default();
+        for n in [
+            d.per_peer.facts_per_sec,
+            d.per_peer.bytes_per_sec,
+            d.global.facts_per_sec,
+            d.global.bytes_per_sec,
+            d.inbound_per_peer.sessions_per_sec,
+            d.inbound_per_peer.messages_per_sec,
+            d.inbound_per_peer.bytes_per_sec,
+            d.inbound_global.sessions_per_sec,
+            d.inbound_global.messages_per_sec,
+            d.inbound_global.bytes_per_sec,
+        ] {
+            assert!(n.is_some());
+        }
+        // A whole message (1 MiB) fits every byte burst.
+        assert!(
+            d.inbound_per_peer.bytes_per_sec.unwrap().get() as usize
+                > crate::message::DEFAULT_MAX_MESSAGE_BYTES
+        );
+        assert_eq!(RateConfig::default(), RateConfig::UNLIMITED);
     }
 }

@@ -256,6 +256,8 @@ enum Phase {
 pub struct Session {
     role: Role,
     peer: DeviceId,
+    /// The version the peer announced in its `Hello` or `Accept`.
+    peer_protocol: Option<ProtocolVersion>,
     local: LocalView,
     config: SessionConfig,
     phase: Phase,
@@ -370,6 +372,7 @@ impl Session {
         Ok(Self {
             role,
             peer,
+            peer_protocol: None,
             local,
             config,
             phase: Phase::Running,
@@ -476,6 +479,7 @@ impl Session {
             return Ok((s, out));
         }
         s.learn_peer_floor(msg.epoch.snapshot_epoch);
+        s.peer_protocol = Some(msg.protocol);
         let refusal = if msg.namespace != local.namespace {
             Some(RefuseReason::UnknownNamespace(msg.namespace))
         } else if !host.is_authorized(local.namespace, &peer) {
@@ -557,6 +561,12 @@ impl Session {
         self.peer
     }
 
+    /// The version the peer announced at the handshake (`None` until its `Hello` or
+    /// `Accept` arrived).
+    pub fn peer_protocol(&self) -> Option<ProtocolVersion> {
+        self.peer_protocol
+    }
+
     /// The namespace being synchronised.
     pub fn namespace(&self) -> JournalNamespace {
         self.local.namespace
@@ -626,6 +636,7 @@ impl Session {
                     return out;
                 }
                 self.phase = Phase::Running;
+                self.peer_protocol = Some(a.protocol);
                 self.learn_peer_floor(a.epoch.snapshot_epoch);
                 self.on_answer(now, &a.reconcile, &mut out);
                 if !self.is_finished() && a.reconcile == [NEGENTROPY_V1] {
@@ -731,6 +742,21 @@ impl Session {
             },
             &mut out,
         );
+        out
+    }
+
+    /// Ends the session from our side for `reason`, telling the peer why (an activated
+    /// fence became unsatisfied mid-session, say). Does nothing once the session ended.
+    pub fn abort(&mut self, now: Duration, reason: AbortReason) -> Vec<Action> {
+        let mut out = Vec::new();
+        if !self.is_finished() {
+            self.send(&SyncMessage::Abort(reason), &mut out);
+            let result = SessionResult::Aborted {
+                by_peer: false,
+                reason,
+            };
+            self.finish(now, result, &mut out);
+        }
         out
     }
 

@@ -178,6 +178,7 @@ fn identity_epoch_advance_mid_session_aborts_and_the_retry_succeeds() {
                 bytes_per_sec: None,
             },
             global: Rate::UNLIMITED,
+            ..RateConfig::UNLIMITED
         },
         ..config()
     };
@@ -291,6 +292,7 @@ fn rate_limits_pace_the_transfer_on_the_injected_clock() {
                 facts_per_sec: None,
                 bytes_per_sec: NonZeroU32::new(1_000_000),
             },
+            ..RateConfig::UNLIMITED
         },
         session: SessionConfig {
             idle_timeout: Duration::from_secs(60),

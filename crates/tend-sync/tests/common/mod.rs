@@ -384,6 +384,18 @@ impl Sim {
         self.apply(d, actions);
     }
 
+    /// Device `d` aborts its open sessions for which `reason_for` gives a reason (an
+    /// input event, as a fence that became unsatisfied).
+    pub fn abort_where(
+        &mut self,
+        d: usize,
+        reason_for: impl FnMut(&tend_sync::Session) -> Option<tend_sync::AbortReason>,
+    ) {
+        let now = self.now;
+        let actions = self.devices[d].manager.abort_where(now, reason_for);
+        self.apply(d, actions);
+    }
+
     /// Device `a` opens a session to `b` if both have room.
     pub fn open(&mut self, a: usize, b: usize) -> Option<SessionId> {
         let peer = self.devices[b].id;
@@ -433,7 +445,10 @@ impl Sim {
                         }
                         self.apply(to, actions);
                     }
-                    Err(ManagerError::AtCapacity { refusal, .. }) => {
+                    Err(
+                        ManagerError::AtCapacity { refusal, .. }
+                        | ManagerError::RateLimited { refusal, .. },
+                    ) => {
                         // Answer on the initiator's stream, then forget it.
                         self.transmit(
                             to,

@@ -21,6 +21,19 @@ use tend_store::Store;
 use crate::cli::CmdResult;
 use crate::output::Output;
 
+/// Removes what restores into `home` that were killed left beside it (the
+/// `.NAME.restore-PID-N` directories of processes that no longer exist; see
+/// [`tend_backup::remove_stale_restores`]), with a note on stderr for each. `tend init`,
+/// `tend run` and `tend backup restore` do this first.
+pub fn remove_stale_restores(home: &Path) {
+    for dir in tend_backup::remove_stale_restores(home) {
+        eprintln!(
+            "note: removed {}, left by a restore that was killed",
+            dir.display()
+        );
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum BackupCommand {
     /// Write an encrypted archive of the latest snapshot and the journal after it.
@@ -142,6 +155,8 @@ pub fn run(home: &Path, cmd: BackupCommand, json: bool) -> CmdResult {
         }
         BackupCommand::Restore { input, key } => {
             let decryption = decryption(&key)?;
+            // `restore_home` does it too, silently.
+            remove_stale_restores(home);
             let device_id = std::cell::Cell::new(None);
             let r = tend_backup::restore_home(
                 &input,

@@ -114,6 +114,7 @@ pub fn run(args: Args) -> CmdResult {
     match args.command {
         Command::Devnet(devnet) => crate::devnet::run(devnet, args.json),
         Command::Init => {
+            crate::backup::remove_stale_restores(&home);
             let device = Device::init(&home, &mut rand::rngs::OsRng)?;
             let id = device.device_id().to_string();
             Ok(Output::new(

@@ -78,6 +78,7 @@ pub fn run(home: &Path, args: RunArgs, json: bool) -> CmdResult {
         return Err("--sync-interval must be a positive number of seconds".into());
     }
     let sync_interval = Duration::from_secs_f64(args.sync_interval);
+    crate::backup::remove_stale_restores(home);
     let config = NodeConfig {
         listen: args.listen,
         peers: args.peers,

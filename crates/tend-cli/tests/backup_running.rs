@@ -137,7 +137,6 @@ fn manifest(archive: &Path, id: &tend_backup::age::x25519::Identity) -> serde_js
     panic!("no manifest in {}", archive.display());
 }
 
-
 #[test]
 fn export_from_a_running_device_while_facts_are_added() {
     let dir = tempfile::tempdir().unwrap();

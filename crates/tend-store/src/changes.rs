@@ -8,10 +8,10 @@
 //! device admitted up to here" and a reader resuming after it misses nothing and sees
 //! nothing twice.
 //!
-//! Entries are never rewritten. Pruning, retraction and dropped inadmissible facts remove
-//! facts but leave their entries: a reader looks the fact up and skips an entry whose fact
-//! is gone ([`Store::changes_since`] reports such entries; [`Store::get`] answers `None`
-//! for them). The table grows by about 60 bytes per admitted fact and is not compacted yet.
+//! Entries are never rewritten. Pruning removes the entries of the facts it prunes (so the
+//! feed is bounded like the journal); retraction and dropped inadmissible facts leave
+//! theirs: a reader looks the fact up and skips an entry whose fact is gone
+//! ([`Store::changes_since`] reports such entries; [`Store::get`] answers `None` for them).
 //!
 //! Listeners registered with [`Store::on_change`] are called after every commit that
 //! appended entries, with the last sequence number, so a running device can wake its

@@ -127,6 +127,18 @@ impl Store {
                     namespaces
                         .insert(&ns.to_bytes(), &rec.to_bytes())
                         .map_err(|e| self.err(e))?;
+                    // The feed's entries of the pruned facts go too, so it stays bounded
+                    // like the journal: a reader resuming from an older cursor misses
+                    // nothing live (what it skips was superseded below the snapshot).
+                    let mut changes = tx
+                        .open_table(crate::changes::CHANGES)
+                        .map_err(|e| self.err(e))?;
+                    changes
+                        .retain(|_, k| {
+                            let (no, epoch, id) = codec::split_key(k);
+                            no != rec.no || epoch >= floor || live.contains(&(epoch, id))
+                        })
+                        .map_err(|e| self.err(e))?;
                 }
             }
             let _ = facts.len();

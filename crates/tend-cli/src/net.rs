@@ -44,6 +44,10 @@ pub struct RunArgs {
     /// The multicast group and port of local-network discovery.
     #[arg(long, value_name = "IP:PORT", default_value_t = DEFAULT_GROUP, requires = "local_discovery")]
     pub local_group: SocketAddrV4,
+    /// Serve the local HTTP API (docs/API.md) at http://ADDR/v1/; requests need the token
+    /// in HOME/api.token (made when absent).
+    #[arg(long, value_name = "IP:PORT")]
+    pub api: Option<SocketAddr>,
 }
 
 /// Options of `tend rendezvous`.
@@ -92,6 +96,15 @@ pub fn run(home: &Path, args: RunArgs, json: bool) -> CmdResult {
             .map(|interface| local_config(interface, args.local_group, sync_interval)),
         ..NodeConfig::default()
     };
+    // The API's port and token are taken before the node starts, so a taken port or a
+    // bad token file is an error at once.
+    let api = match args.api {
+        Some(addr) => Some((
+            tend_node::api::load_or_create_token(home)?,
+            tend_node::api::bind(addr)?,
+        )),
+        None => None,
+    };
     tend_node::node::run_blocking(home, config, |node| {
         // Automatic snapshots: the node asks on its timer (on the admin only) whether the
         // journal passed a configured fact count, size or age (`tend snapshot triggers`).
@@ -108,14 +121,34 @@ pub fn run(home: &Path, args: RunArgs, json: bool) -> CmdResult {
         // `tend backup export` while the device runs: the node writes the archive from
         // its open store (`backup_export` on the control socket).
         node.set_backup_exporter(crate::backup::exporter());
+        let api_addr =
+            api.and_then(
+                |(token, listener)| match tend_node::api::serve(node, listener, token) {
+                    Ok(addr) => Some(addr),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        None
+                    }
+                },
+            );
         let info = node.start_info();
         if json {
-            println!("{}", serde_json::to_string(&info).unwrap_or_default());
+            let mut v = serde_json::to_value(&info).unwrap_or_default();
+            if let (Some(o), Some(a)) = (v.as_object_mut(), api_addr) {
+                o.insert("api_addr".into(), a.to_string().into());
+            }
+            println!("{v}");
         } else {
             println!("device  {}", info.device_id);
             println!("listen  {}", info.listen_addr);
             if let Some(m) = &info.metrics_addr {
                 println!("metrics http://{m}/metrics");
+            }
+            if let Some(a) = api_addr {
+                println!(
+                    "api     http://{a}/v1/ (token in {})",
+                    home.join(tend_node::api::TOKEN_FILE).display()
+                );
             }
         }
     })?;

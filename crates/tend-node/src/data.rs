@@ -381,7 +381,7 @@ impl Device {
         let ns = self.namespace();
         let state = self.store().app_state(ns)?;
         if state.get(collection, key).is_none() {
-            return Err(DeviceError::InvalidInput(format!(
+            return Err(DeviceError::NotFound(format!(
                 "{collection}/{key} is absent: nothing to delete"
             )));
         }
@@ -409,7 +409,7 @@ impl Device {
         let value = match put.value {
             Value::Inline(b) => b.into_vec(),
             Value::Blob { cid, .. } => self.store().get_blob(&cid)?.ok_or_else(|| {
-                DeviceError::InvalidInput(format!(
+                DeviceError::Unavailable(format!(
                     "the value of {key} is blob {cid}, not yet fetched to this device \
                      (sync fetches it from a peer)"
                 ))

@@ -49,6 +49,13 @@ pub enum DeviceError {
     Rejected(String),
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// What the request names does not exist here (a key to delete that is absent).
+    #[error("{0}")]
+    NotFound(String),
+    /// What the request names exists but its bytes are not on this device yet (a large
+    /// value whose blob sync has not fetched).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("this is an archive device: it never prunes (change with `tend gc --policy prune`)")]
     ArchiveDevice,
 }

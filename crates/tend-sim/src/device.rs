@@ -8,7 +8,7 @@ use std::sync::Arc;
 use ed25519_dalek::SigningKey;
 use tend_core::journal::{journal_digest, DigestBuilder};
 use tend_core::{
-    reduce, AuthorityFact, ContentId, DeviceId, Epoch, FactId, Hash32, JournalError,
+    reduce, AppState, AuthorityFact, ContentId, DeviceId, Epoch, FactId, Hash32, JournalError,
     JournalNamespace, MaintenanceState, Payload, ProtocolVersion, UnsignedFact, VerifiedFact,
 };
 use tend_snapshot::{LocalJournal, SignerKey, SnapshotBlob};
@@ -58,6 +58,11 @@ pub struct Settled {
     pub pruned: Vec<Key>,
     /// Facts re-issued by this device.
     pub reissued: Vec<VerifiedFact>,
+    /// Covered application facts dropped because they are live in the device's own
+    /// prefix but not in the snapshot's (the device lacked what supersedes them).
+    pub stale: Vec<Key>,
+    /// Whether pruning changed the application state the device reads (a violation).
+    pub changed_app_state: bool,
     /// The completion fact the prune relied on.
     pub completion: Option<FactId>,
 }
@@ -84,6 +89,14 @@ pub struct Core {
     pub revalidate_on_change: bool,
     /// Facts dropped because a membership change learned later made them inadmissible.
     pub invalidated: Vec<VerifiedFact>,
+    /// Whether pruning keeps the application facts live in the prefix (the GC rule of
+    /// blob format 2; off prunes every application fact below the snapshot, the bug the
+    /// application-state invariant must catch).
+    pub gc_keeps_live: bool,
+    /// Whether settling drops the application facts below the snapshot that are live in
+    /// the device's own prefix but not in the snapshot's (the fix for seed 111; off, a
+    /// device that settled without some covered facts reads stale values forever).
+    pub drop_stale: bool,
     /// Facts that became durable since the simulator last looked (for the oracle).
     pub newly_durable: Vec<VerifiedFact>,
     /// Fact id -> epoch, over durable + buffer.
@@ -118,6 +131,8 @@ impl Core {
             crossed_fence: Vec::new(),
             revalidate_on_change: true,
             invalidated: Vec::new(),
+            gc_keeps_live: true,
+            drop_stale: true,
             newly_durable: vec![genesis.clone()],
             index: HashMap::new(),
         };
@@ -148,6 +163,12 @@ impl Core {
             (Some(_), None) => a.next(),
             (None, _) => b.next(),
         })
+    }
+
+    /// The application state of every fact held (durable or buffered): what the device
+    /// reads, and the heads a new write of a key supersedes.
+    pub fn app_state(&self) -> AppState {
+        AppState::of(self.all().map(|(_, f)| f))
     }
 
     /// Whether the device holds the fact (durable or buffered).
@@ -337,10 +358,12 @@ impl Core {
     }
 
     /// Applies the latest verified snapshot once its blob is at hand (DESIGN rules 4 and
-    /// 5): hydrates the prefix's state facts, drops facts below E that the snapshot does
-    /// not cover (re-issuing our own), drops facts whose author the resulting state no
-    /// longer admits, and, unless this is an archive device, prunes the covered
-    /// application facts.
+    /// 5): hydrates the prefix's state facts and live application facts, drops facts
+    /// below E that the snapshot does not cover (re-issuing our own), drops facts whose
+    /// author the resulting state no longer admits, drops application facts below E that
+    /// only look live because we lack what superseded them (the blob says what is live),
+    /// and, unless this is an archive device, prunes the covered application facts that
+    /// are not live in the prefix below E.
     ///
     /// The blob comes from storage (fetched after a session) or is rebuilt from our own
     /// journal when its CID matches, exactly as a signer checks it. With chained digests
@@ -429,26 +452,61 @@ impl Core {
         self.rebuild();
         // Dropping a late membership change can unseat authors.
         out.quarantined.extend(self.revalidate());
+        let below = ..(e, FactId([0; 32]));
+        if self.drop_stale {
+            // Below e the application state is the snapshot's: the blob lists the live
+            // application facts of the whole prefix. A device that settles from a fetched
+            // blob may lack covered facts (a delete, a newer put, a trim it never received,
+            // and no peer sends facts below the floor), so a fact live in its own partial
+            // prefix may be dead in the snapshot's. Such a fact goes, on archive devices
+            // too, or the device reads a deleted or overwritten value forever (found by
+            // the application-state invariant, seed 111). Repeated, since dropping a stale
+            // write can expose the one it superseded.
+            let certified: BTreeSet<Key> = blob
+                .facts
+                .iter()
+                .filter(|f| !is_state_fact(f))
+                .map(|f| f.order_key())
+                .collect();
+            loop {
+                let live = tend_snapshot::blob::live_facts(
+                    self.namespace,
+                    self.durable.facts.range(below).map(|(_, f)| f),
+                );
+                let stale: Vec<Key> = live.difference(&certified).copied().collect();
+                if stale.is_empty() {
+                    break;
+                }
+                for k in stale {
+                    self.durable.facts.remove(&k);
+                    out.stale.push(k);
+                }
+            }
+        }
         if !self.archive {
-            // What the application state needs below e stays (DESIGN rule 4).
+            // What the application state needs below e stays (DESIGN rule 4), so pruning
+            // changes no value the device reads.
+            let floors = &self.state.cache_floors;
+            let before = self.app_state().digest(floors);
             let live = tend_snapshot::blob::live_facts(
                 self.namespace,
-                self.durable
-                    .facts
-                    .range(..(e, FactId([0; 32])))
-                    .map(|(_, f)| f),
+                self.durable.facts.range(below).map(|(_, f)| f),
             );
             let prune: Vec<Key> = self
                 .durable
                 .facts
-                .range(..(e, FactId([0; 32])))
-                .filter(|(k, f)| !is_state_fact(f) && !live.contains(k))
+                .range(below)
+                .filter(|(k, f)| {
+                    let keep = self.gc_keeps_live && live.contains(k);
+                    !is_state_fact(f) && !keep
+                })
                 .map(|(k, _)| *k)
                 .collect();
             for k in prune {
                 self.durable.facts.remove(&k);
                 out.pruned.push(k);
             }
+            out.changed_app_state = self.app_state().digest(floors) != before;
         }
         self.durable.covered = covered;
         self.durable.settled = e;

@@ -1,14 +1,15 @@
 //! The invariants checked after the heal phase (see the crate docs for their exact
 //! definitions).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tend_core::maintenance::AdminReplacement;
 use tend_core::{
-    AuthorityFact, DeviceId, Epoch, MaintenanceFact, MaintenanceState, Payload, VerifiedFact,
+    AppState, AuthorityFact, DeviceId, Epoch, FactId, MaintenanceFact, MaintenanceState, Payload,
+    VerifiedFact,
 };
 
-use crate::device::{is_reissuable, is_state_fact};
+use crate::device::{is_reissuable, is_state_fact, Key};
 use crate::sim::Sim;
 
 /// The reference device (the one with the newest view) and the final members (indices).
@@ -104,22 +105,33 @@ pub fn check(sim: &mut Sim) {
     let rc = &sim.devices[r].core;
     let state = &rc.state;
     let e = state.snapshot_epoch();
+    // The journal as it truly is: below E the facts the snapshot covers, at or above E
+    // the facts every member holds (see `check_app_state`).
+    let covered: BTreeSet<Key> = u
+        .iter()
+        .flat_map(|d| sim.devices[*d].core.durable.covered.iter().copied())
+        .collect();
+    let prefix = covered_prefix(sim, &u, &covered, e);
+    let live_below = tend_snapshot::blob::live_facts(sim.namespace, prefix.values());
     // Pruning shape: below E an archive device holds only covered facts, a pruned one
-    // only covered state facts.
+    // only covered state facts and the application facts live in the prefix below E.
     for &d in &u {
         let c = &sim.devices[d].core;
-        for ((ep, id), f) in c.durable.facts.range(..(e, tend_core::FactId([0; 32]))) {
+        for ((ep, id), f) in c.durable.facts.range(..(e, FactId([0; 32]))) {
             if !c.durable.covered.contains(&(*ep, *id)) {
                 v.push(format!(
                     "device {d} holds fact {id} at epoch {ep}, below snapshot {e} and not covered"
                 ));
-            } else if !c.archive && !is_state_fact(f) {
+            } else if !c.archive && !is_state_fact(f) && !live_below.contains(&(*ep, *id)) {
                 v.push(format!(
-                    "non-archive device {d} kept application fact {id} below {e}"
+                    "non-archive device {d} kept application fact {id} ({}) below {e}, not live in the prefix",
+                    f.payload().kind_name()
                 ));
             }
         }
     }
+    let (app_violations, conflicts) = check_app_state(sim, r, &u, &prefix);
+    v.extend(app_violations);
     // No valid fact lost.
     let members: BTreeSet<DeviceId> = u.iter().map(|d| sim.devices[*d].core.me).collect();
     for (k, (f, holders)) in &sim.oracle.facts {
@@ -174,7 +186,102 @@ pub fn check(sim: &mut Sim) {
         state,
         &sim.replacements,
     ));
+    sim.stats.conflicts = conflicts;
     sim.violations.extend(v);
+}
+
+/// Every valid fact below `e` that the snapshot covers: each one some device ever held
+/// durably (the oracle) or a final member holds now (hydrated from a blob).
+fn covered_prefix(
+    sim: &Sim,
+    u: &[usize],
+    covered: &BTreeSet<Key>,
+    e: Epoch,
+) -> BTreeMap<Key, VerifiedFact> {
+    let state = &sim.devices[final_members(sim).0].core.state;
+    let valid = |f: &VerifiedFact| {
+        matches!(f.payload(), Payload::Authority(AuthorityFact::Genesis(_)))
+            || state.is_member_at(&f.author(), f.epoch())
+    };
+    let below = ..(e, FactId([0; 32]));
+    let held = u
+        .iter()
+        .flat_map(|d| sim.devices[*d].core.durable.facts.range(below));
+    sim.oracle
+        .facts
+        .range(below)
+        .map(|(k, (f, _))| (k, f))
+        .chain(held)
+        .filter(|(k, f)| covered.contains(k) && valid(f))
+        .map(|(k, f)| (*k, f.clone()))
+        .collect()
+}
+
+/// No live application value is lost, and every replica reads the state of the whole
+/// journal (issue 14 point 5).
+///
+/// The reference is the application state of the journal as it truly is after heal, built
+/// without trusting any device's pruning: below the snapshot epoch E, every valid fact the
+/// snapshot covers (`prefix`: the oracle saw every fact that was ever durable anywhere,
+/// pruned or not); at or above E, the reference device's facts (every member holds the same
+/// ones there, which `disagreement` checks). Facts below E that the snapshot does not cover
+/// are left out: they were answered `Late` and retracted, and their payloads re-issued at
+/// or above E (checked by "no valid fact lost"), so the re-issues stand in for them. Each
+/// member's own facts, pruned or not, must fold to the same state: the same digest of live
+/// facts under the agreed cache floors. A GC that drops a live fact leaves a member short
+/// of a fact the reference reads, and this fails, even when every device pruned alike.
+///
+/// Also returns the keys of the reference state that read with a conflict (a statistic).
+fn check_app_state(
+    sim: &Sim,
+    r: usize,
+    u: &[usize],
+    prefix: &BTreeMap<Key, VerifiedFact>,
+) -> (Vec<String>, u64) {
+    let rc = &sim.devices[r].core;
+    let e = rc.state.snapshot_epoch();
+    let floors = &rc.state.cache_floors;
+    let tail = rc.all().filter(|(k, _)| k.0 >= e).map(|(_, f)| f);
+    let reference = AppState::of(prefix.values().chain(tail));
+    let want = reference.live_facts(floors);
+    let conflicts = ["c0", "c1"]
+        .iter()
+        .flat_map(|c| reference.scan(c, "", None))
+        .filter(|(_, entry)| !entry.conflicts.is_empty())
+        .count() as u64;
+    let digest = reference.digest(floors);
+    let mut v = Vec::new();
+    for &d in u {
+        let c = &sim.devices[d].core;
+        let app = c.app_state();
+        if app.digest(floors) == digest {
+            continue;
+        }
+        let have = app.live_facts(floors);
+        let kind = |k: &Key| {
+            prefix
+                .get(k)
+                .or_else(|| rc.all().find(|(x, _)| *x == k).map(|(_, f)| f))
+                .or_else(|| c.all().find(|(x, _)| *x == k).map(|(_, f)| f))
+                .map_or("?".into(), |f| f.payload().kind_name())
+        };
+        let lost: Vec<&Key> = want.difference(&have).collect();
+        let extra: Vec<&Key> = have.difference(&want).collect();
+        let first = |ks: &[&Key]| {
+            ks.first().map_or(String::new(), |k| {
+                format!(", e.g. {} ({}) at epoch {}", k.1, kind(k), k.0 .0)
+            })
+        };
+        v.push(format!(
+            "application state of {} device {d} differs from the state of the whole journal (snapshot {e}): {} live facts missing{}, {} extra{}",
+            if c.archive { "archive" } else { "pruned" },
+            lost.len(),
+            first(&lost),
+            extra.len(),
+            first(&extra)
+        ));
+    }
+    (v, conflicts)
 }
 
 fn admin_of(initial: DeviceId, applied: &[AdminReplacement], epoch: Epoch) -> DeviceId {

@@ -5,7 +5,9 @@
 //! `SnapshotEngine`, from one `StdRng::seed_from_u64(seed)` and a simulated clock. The
 //! network drops, duplicates, delays and reorders messages and partitions devices;
 //! devices crash (losing their unflushed write buffer) and restart. The workload writes
-//! application facts, changes membership with real FROST DKGs, runs snapshot ceremonies,
+//! application facts (log appends, and puts, deletes and log trims over a small key space,
+//! each superseding the heads of its key the writer holds, so overwrites and concurrent
+//! writes are common), changes membership with real FROST DKGs, runs snapshot ceremonies,
 //! prunes, publishes and activates upgrades with fences, replaces the admin and lets a
 //! retired admin keep issuing operations. Then every fault ends, devices sync until the
 //! members agree, and [`invariants::check`] runs:
@@ -14,7 +16,16 @@
 //!   (held facts plus the items their settled snapshot covers, so pruned and archive
 //!   devices compare equal), the same `MaintenanceState::state_digest`, and settled the
 //!   same snapshot; below the snapshot epoch an archive device holds only covered facts
-//!   and a pruned device only covered maintenance/authority facts;
+//!   and a pruned device only covered maintenance/authority facts and the application
+//!   facts live in the prefix below E (computed over every covered fact, not over the
+//!   device's own);
+//! - **no live application value lost, every replica reads the whole journal's state**:
+//!   each member's `AppState` digest (under the agreed cache floors) equals that of the
+//!   journal as it truly is: below E every valid fact the snapshot covers (from the
+//!   oracle, pruned or not), at or above E the facts the members hold (uncovered facts
+//!   below E were retracted and re-issued, so their re-issues stand in for them); and,
+//!   when each prune happens, it leaves the pruning device's application state unchanged
+//!   (a value lost there and overwritten before the end is still caught);
 //! - **no valid fact lost**: every fact that was ever durable on a final member and whose
 //!   author is a member at its epoch is, at or above the snapshot epoch, held by every
 //!   member; below it, covered by the snapshot, or (answered `Late`) re-issued by its
@@ -35,8 +46,10 @@
 //! it: it gets the blob (rebuilt from its own journal when the CID matches, else fetched
 //! after a completed session), hydrates the prefix's state facts, drops facts below E that
 //! the snapshot does not cover (its own are re-issued at the current epoch, durably),
-//! drops facts a late-learned membership change makes inadmissible, and prunes covered
-//! application facts unless it is an archive device. Each fix the simulator led to has a
+//! drops facts a late-learned membership change makes inadmissible, drops application
+//! facts below E that are live only because it lacks the covered facts superseding them
+//! (the blob lists what is live), and prunes covered application facts that are not live
+//! in the prefix unless it is an archive device. Each fix the simulator led to has a
 //! switch in [`SimConfig`] (and `tend-sim --no-...`) so its seed can be replayed broken.
 //!
 //! Final members: the member (in its own view) with the newest view is the reference;

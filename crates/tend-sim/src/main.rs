@@ -20,6 +20,9 @@ fn main() -> ExitCode {
     let mut no_dkg_persist = false;
     let mut no_dkg_epoch = false;
     let mut no_vote_lock = false;
+    let mut no_stale_drop = false;
+    // Not a fix but the GC rule itself: off, pruning drops live application facts.
+    let mut no_gc_liveness = false;
     let mut i = 0;
     while i < args.len() {
         let val = args.get(i + 1).cloned().unwrap_or_default();
@@ -39,11 +42,14 @@ fn main() -> ExitCode {
                 Ok(n) => steps = n,
                 Err(_) => return usage(&format!("bad step count {val:?}")),
             },
-            "--no-revalidate" | "--no-dkg-persist" | "--no-dkg-epoch" | "--no-vote-lock" => {
+            "--no-revalidate" | "--no-dkg-persist" | "--no-dkg-epoch" | "--no-vote-lock"
+            | "--no-stale-drop" | "--no-gc-liveness" => {
                 match args[i].as_str() {
                     "--no-revalidate" => no_revalidate = true,
                     "--no-dkg-persist" => no_dkg_persist = true,
                     "--no-dkg-epoch" => no_dkg_epoch = true,
+                    "--no-stale-drop" => no_stale_drop = true,
+                    "--no-gc-liveness" => no_gc_liveness = true,
                     _ => no_vote_lock = true,
                 }
                 i += 1;
@@ -70,6 +76,8 @@ fn main() -> ExitCode {
         cfg.dkg_persists_change = !no_dkg_persist;
         cfg.dkg_binds_maintenance_epoch = !no_dkg_epoch;
         cfg.signers_lock_epoch = !no_vote_lock;
+        cfg.settle_drops_stale = !no_stale_drop;
+        cfg.gc_keeps_live_facts = !no_gc_liveness;
         let report = tend_sim::Sim::new(cfg).run();
         if verbose {
             println!("seed {seed}: {:#?}", report.stats);
@@ -86,6 +94,8 @@ fn main() -> ExitCode {
                 (no_dkg_persist, " --no-dkg-persist"),
                 (no_dkg_epoch, " --no-dkg-epoch"),
                 (no_vote_lock, " --no-vote-lock"),
+                (no_stale_drop, " --no-stale-drop"),
+                (no_gc_liveness, " --no-gc-liveness"),
             ] {
                 if on {
                     flags.push_str(name);
@@ -110,7 +120,7 @@ fn usage(err: &str) -> ExitCode {
         eprintln!("error: {err}");
     }
     eprintln!(
-        "usage: tend-sim [--seed N | --seeds A..B] [--steps S] [--no-revalidate] [--no-dkg-persist] [--no-dkg-epoch] [--no-vote-lock]\n       tend-sim --write-corpus DIR"
+        "usage: tend-sim [--seed N | --seeds A..B] [--steps S] [--no-revalidate] [--no-dkg-persist] [--no-dkg-epoch] [--no-vote-lock]\n                [--no-stale-drop] [--no-gc-liveness]\n       tend-sim --write-corpus DIR"
     );
     if err.is_empty() {
         ExitCode::SUCCESS

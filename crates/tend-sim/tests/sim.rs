@@ -48,6 +48,9 @@ fn the_workload_exercises_every_feature() {
         let s = Sim::new(SimConfig::small(seed, CI_STEPS)).run().stats;
         total.snapshots_completed += s.snapshots_completed;
         total.pruned += s.pruned;
+        total.data_writes += s.data_writes;
+        total.trims += s.trims;
+        total.conflicts += s.conflicts;
         total.quarantined += s.quarantined;
         total.reissued += s.reissued;
         total.crashes += s.crashes;
@@ -63,6 +66,9 @@ fn the_workload_exercises_every_feature() {
     for (name, n) in [
         ("snapshots", t.snapshots_completed),
         ("pruned facts", t.pruned),
+        ("data writes", t.data_writes),
+        ("log trims", t.trims),
+        ("keys read with a conflict", t.conflicts),
         ("late facts", t.quarantined),
         ("re-issued facts", t.reissued),
         ("crashes", t.crashes),
@@ -101,12 +107,45 @@ fn regression_seeds_that_found_engine_bugs_pass() {
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
+// The seeds below are those of the current random stream (the data workload changed it:
+// 72 became 1050 and 863 became 612).
 #[test]
-fn regression_seed_72_dkg_persists_the_membership_change_with_the_share() {
-    fails_without_fix_and_passes_with_it(72, |c| c.dkg_persists_change = false);
+fn regression_seed_1050_dkg_persists_the_membership_change_with_the_share() {
+    fails_without_fix_and_passes_with_it(1050, |c| c.dkg_persists_change = false);
 }
 
 #[test]
-fn regression_seed_863_dkg_binds_the_maintenance_epoch() {
-    fails_without_fix_and_passes_with_it(863, |c| c.dkg_binds_maintenance_epoch = false);
+fn regression_seed_612_dkg_binds_the_maintenance_epoch() {
+    fails_without_fix_and_passes_with_it(612, |c| c.dkg_binds_maintenance_epoch = false);
+}
+
+#[test]
+fn regression_seed_111_settling_drops_values_the_snapshot_superseded() {
+    // Device 2 settled snapshot 3 from a fetched blob without the covered delete of
+    // c1/k0, so the put the delete superseded was live in its own prefix and it kept
+    // reading the deleted value.
+    fails_without_fix_and_passes_with_it(111, |c| c.settle_drops_stale = false);
+}
+
+/// The application-state invariant catches a GC that loses live values: with pruning
+/// that ignores liveness (every application fact below the snapshot goes), the final
+/// state of the pruned devices lacks live facts of the whole journal, and each such prune
+/// is reported when it happens. (On other seeds the lost values are overwritten or
+/// trimmed before the end, and only the check at the prune reports them.)
+#[test]
+fn a_gc_that_drops_live_values_is_reported() {
+    for seed in [8, 12, 27] {
+        let mut broken = SimConfig::small(seed, CI_STEPS);
+        broken.gc_keeps_live_facts = false;
+        let v = Sim::new(broken).run().violations;
+        for (what, needle) in [
+            ("end state", "live facts missing"),
+            ("prune", "changed the application state it reads"),
+        ] {
+            assert!(
+                v.iter().any(|x| x.contains(needle)),
+                "seed {seed}: the {what} check did not report the lost values: {v:#?}"
+            );
+        }
+    }
 }

@@ -100,9 +100,14 @@ impl Store {
     ) -> Result<Vec<VerifiedFact>, StoreError> {
         let live = self.live_below(ns, below)?;
         let mut out = Vec::with_capacity(live.len());
-        for (epoch, id) in live {
-            if let Some(stored) = self.get(ns, epoch, &id)? {
-                out.push(self.verify(&stored)?);
+        // One ordered scan rather than a lookup per live fact.
+        for stored in self.scan(ns, ..below)? {
+            let stored = stored?;
+            if live.contains(&(stored.epoch, stored.id)) {
+                out.push(stored.trusted().map_err(|source| StoreError::FactCorrupt {
+                    path: self.path.clone(),
+                    source,
+                })?);
             }
         }
         Ok(out)

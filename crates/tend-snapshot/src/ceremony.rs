@@ -665,7 +665,7 @@ impl SnapshotEngine {
                     snapshot,
                     threshold_signature: key.sign(&message).to_bytes(),
                 };
-                self.finish(fact_epoch, namespace, completed, out);
+                self.finish(fact_epoch, state, completed, out);
                 return Some(proposal_id);
             }
             SignerKey::Frost(share) => share,
@@ -709,18 +709,36 @@ impl SnapshotEngine {
         Some(proposal_id)
     }
 
+    /// Writes the completion and, when it supersedes an earlier snapshot, a tombstone for
+    /// that snapshot's blob: GC reclaims it once a later snapshot covers the tombstone, so at
+    /// most the latest two snapshot blobs are kept.
     fn finish(
         &mut self,
         fact_epoch: Epoch,
-        namespace: JournalNamespace,
+        state: &MaintenanceState,
         completed: SnapshotCompleted,
         out: &mut Out,
     ) {
+        let namespace = state.namespace;
         out.out.push(CeremonyOutput::WriteFact(UnsignedFact {
             namespace,
             epoch: fact_epoch,
             payload: Payload::Maintenance(MaintenanceFact::SnapshotCompleted(completed.clone())),
         }));
+        let superseded = state
+            .latest_snapshot
+            .as_ref()
+            .map(|l| l.snapshot.blob_cid)
+            .filter(|cid| *cid != completed.snapshot.blob_cid);
+        if let Some(cid) = superseded {
+            out.out.push(CeremonyOutput::WriteFact(UnsignedFact {
+                namespace,
+                epoch: fact_epoch,
+                payload: Payload::Maintenance(MaintenanceFact::BlobTombstone(
+                    tend_core::maintenance::BlobTombstone { cid },
+                )),
+            }));
+        }
         out.event(CeremonyEvent::Completed(completed));
     }
 
@@ -969,7 +987,7 @@ impl SnapshotEngine {
                         };
                         let fact_epoch = state.current_epoch().max(c.proposal.target_epoch);
                         self.close(m.proposal_id, c.epoch, true, out);
-                        self.finish(fact_epoch, state.namespace, completed, out);
+                        self.finish(fact_epoch, state, completed, out);
                     }
                     Err(e) => {
                         let culprits = match e {

@@ -431,6 +431,18 @@ fn a_second_snapshot_chains_on_the_first_and_hydrates() {
         .epoch();
     let group_key = full.membership_at(completion_epoch).unwrap().group_key;
     hydrates_to_device_0(&auth, &second, &group_key);
+    // The first snapshot's blob is superseded: its tombstone lets GC reclaim it once a
+    // later snapshot covers the tombstone, so blob storage stays bounded.
+    for i in 0..3 {
+        assert!(auth
+            .state(i)
+            .tombstones
+            .contains_key(&first.snapshot.blob_cid));
+        assert!(!auth
+            .state(i)
+            .tombstones
+            .contains_key(&second.snapshot.blob_cid));
+    }
 }
 
 /// Regression (tend-sim seeds 234 and 247): when the first completion fact lies above the

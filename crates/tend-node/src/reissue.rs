@@ -6,8 +6,10 @@
 //! payload would be lost. The snapshot blob lists every covered `(epoch, id)` from its
 //! base on; facts below the base were settled by the previous snapshot.
 
+use std::collections::HashSet;
 use tend_core::app::is_data;
-use tend_core::{Epoch, VerifiedFact};
+
+use tend_core::{Epoch, FactId, VerifiedFact};
 use tend_snapshot::SnapshotBlob;
 use tend_store::StoreError;
 
@@ -29,6 +31,10 @@ pub struct Reissued {
 /// snapshot. Does nothing until the snapshot's blob is in the store (it says what is
 /// covered). Idempotent: a settled snapshot is remembered in the store's settings.
 pub fn reissue_uncovered(device: &Device) -> Result<Reissued, DeviceError> {
+    // The node calls this after rounds and before automatic GC, from different threads:
+    // one run at a time, so a payload is never re-issued twice.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let store = device.store();
     let ns = device.namespace();
     let state = store.maintenance_state(ns)?;
@@ -79,6 +85,26 @@ pub fn reissue_uncovered(device: &Device) -> Result<Reissued, DeviceError> {
     // (a value or a log entry twice). Re-issued first, so a crash between the two steps
     // can repeat a payload but never lose one.
     store.retract_data(ns, &retract)?;
+    // A covered fact this device holds may still look live here because it never received
+    // the write that superseded it (a delete, say: the snapshot carries no delete, and
+    // nothing below the snapshot is reconciled any more). The blob's application facts are
+    // the prefix's live set, certified by the members: what is live here below the
+    // snapshot but not carried by it goes. Dropping one can uncover an older write it
+    // superseded here, so until none is left (each round removes facts, so it ends).
+    // Found by tend-sim (seed 111).
+    if blob.version >= 2 {
+        let carried: HashSet<(Epoch, FactId)> = blob.facts.iter().map(|f| f.order_key()).collect();
+        loop {
+            let stale: Vec<_> = store
+                .live_below(ns, epoch)?
+                .into_iter()
+                .filter(|k| !carried.contains(k))
+                .collect();
+            if stale.is_empty() || store.retract_data(ns, &stale)? == 0 {
+                break;
+            }
+        }
+    }
     store.put_setting(SETTLED, &epoch.0)?;
     Ok(Reissued {
         snapshot_epoch: Some(epoch),

@@ -58,3 +58,105 @@ fn an_uncovered_fact_below_a_snapshot_is_reissued_by_its_author_and_reaches_the_
     // Covered facts are not re-issued: B and C have nothing to do.
     assert!(reissue_uncovered(b).unwrap().facts.is_empty());
 }
+
+/// Regression (tend-sim seed 111): a device that adopts a snapshot without a covered delete
+/// (the snapshot carries no delete, and nothing below it is reconciled any more) must not
+/// keep reading the value the delete removed. The blob's application facts are the live
+/// set below the snapshot; what is live here but not carried by it goes when the device
+/// settles the snapshot.
+#[test]
+fn a_value_deleted_below_a_snapshot_is_not_kept_by_a_device_that_missed_the_delete() {
+    use ed25519_dalek::Signer;
+    use tend_core::maintenance::{MaintenanceFact, SnapshotCompleted, SnapshotV1};
+    use tend_core::{Hash32, UnsignedFact};
+    use tend_node::data::{run, DataRequest, DataResponse};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let a = Device::init(&dir.path().join("a"), &mut rng).unwrap();
+    let ns = a.namespace();
+    a.put("notes", "k", b"doomed").unwrap();
+    a.put("notes", "kept", b"stays").unwrap();
+    // B holds A's journal so far (A's device key is the authority's group key).
+    let b = Device::init_joining(&dir.path().join("b"), ns, &mut rng).unwrap();
+    let held: Vec<_> = a
+        .store()
+        .scan(ns, ..)
+        .unwrap()
+        .map(|f| f.unwrap().verify().unwrap())
+        .chain(
+            a.store()
+                .scan_maintenance(ns)
+                .unwrap()
+                .map(|f| f.unwrap().verify().unwrap()),
+        )
+        .collect();
+    assert!(b.store().insert_batch(&held).unwrap().rejected.is_empty());
+
+    // A deletes the value and snapshots; B never receives the delete.
+    a.delete("notes", "k").unwrap();
+    let e = Epoch(a.snapshot_status().unwrap().current_epoch + 1);
+    let blob = tend_node::fleet::StoreJournal::new(a.store(), ns)
+        .unwrap()
+        .try_snapshot_blob(e)
+        .unwrap();
+    let bytes = blob.encode();
+    let cid = a
+        .store()
+        .put_blob(tend_core::ids::CODEC_DAG_CBOR, &bytes)
+        .unwrap();
+    let snapshot = SnapshotV1 {
+        epoch: e,
+        digest: blob.prefix_digest(),
+        blob_cid: cid,
+    };
+    let proposal_id = Hash32([1; 32]);
+    let sig = a
+        .key()
+        .signing_key()
+        .sign(&snapshot.signing_message(&ns, &proposal_id));
+    let completion = a
+        .write(UnsignedFact {
+            namespace: ns,
+            epoch: e,
+            payload: Payload::Maintenance(MaintenanceFact::SnapshotCompleted(SnapshotCompleted {
+                proposal_id,
+                snapshot,
+                threshold_signature: sig.to_bytes(),
+            })),
+        })
+        .unwrap();
+    // B adopts the snapshot as a session does: the blob, its facts, then the completion.
+    b.store()
+        .put_blob(tend_core::ids::CODEC_DAG_CBOR, &bytes)
+        .unwrap();
+    let mut batch = blob.facts.clone();
+    batch.push(completion);
+    b.store().insert_batch(&batch).unwrap();
+    let get = |d: &Device, key: &str| match run(
+        d,
+        DataRequest::Get {
+            collection: "notes".into(),
+            key: key.into(),
+        },
+    )
+    .unwrap()
+    {
+        DataResponse::Value(v) => v.map(|v| v.value.0),
+        _ => unreachable!(),
+    };
+    assert_eq!(
+        get(&b, "k").as_deref(),
+        Some(&b"doomed"[..]),
+        "stale before settling"
+    );
+
+    reissue_uncovered(&b).unwrap();
+    assert_eq!(get(&b, "k"), None, "the deleted value is gone");
+    assert_eq!(get(&b, "kept").as_deref(), Some(&b"stays"[..]));
+    let digest = |d: &Device| {
+        let floors = d.store().maintenance_state(ns).unwrap().cache_floors;
+        d.store().app_state(ns).unwrap().digest(&floors)
+    };
+    assert_eq!(digest(&b), digest(&a));
+}

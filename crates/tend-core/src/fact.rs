@@ -12,8 +12,8 @@ use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::{de, Deserialize, Deserializer};
 use serde_bytes::{ByteBuf, Bytes};
 
-use crate::app::DataOp;
 use crate::authority::{AuthorityFact, AuthorityGenesis, MembershipChange};
+use crate::data::DataOp;
 use crate::encoding::{from_canonical, to_canonical};
 use crate::error::DecodeError;
 use crate::ids::{DeviceId, Epoch, FactId, JournalNamespace};

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod app;
 pub mod authority;
+pub mod data;
 pub mod encoding;
 pub mod error;
 pub mod fact;

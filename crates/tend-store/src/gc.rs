@@ -24,6 +24,10 @@ pub struct PruneReport {
     /// Application facts below the floor that stay because the state still needs them
     /// (current values and their conflicts, untrimmed log entries, valid cache entries).
     pub live_kept: u64,
+    /// Of `facts`, the maintenance and authority facts (they leave the index but stay in
+    /// the maintenance table); the rest are application facts the state no longer needs
+    /// (superseded, deleted, trimmed, invalidated).
+    pub maintenance: u64,
     pub blobs: u64,
     pub blob_bytes: u64,
     /// Whether nothing was actually deleted.
@@ -92,6 +96,7 @@ impl Store {
             facts: 0,
             fact_bytes: 0,
             live_kept: 0,
+            maintenance: 0,
             blobs: 0,
             blob_bytes: 0,
             dry_run,
@@ -116,6 +121,20 @@ impl Store {
                     report.facts += 1;
                     report.fact_bytes += (codec::KEY_LEN + v.value().len()) as u64;
                 }
+                // The maintenance table is small: count its facts still in this range.
+                let maint = tx
+                    .open_table(crate::store::MAINT)
+                    .map_err(|e| self.err(e))?;
+                for item in maint
+                    .range::<&FactKey>(&start..&end)
+                    .map_err(|e| self.err(e))?
+                {
+                    let (k, _) = item.map_err(|e| self.err(e))?;
+                    if facts.get(k.value()).map_err(|e| self.err(e))?.is_some() {
+                        report.maintenance += 1;
+                    }
+                }
+                drop(maint);
                 if !dry_run && report.facts > 0 {
                     facts
                         .retain_in::<&FactKey, _>(&start..&end, |k, _| {

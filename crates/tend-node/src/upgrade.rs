@@ -990,6 +990,21 @@ pub fn activate(
         epoch,
         payload: Payload::Maintenance(MaintenanceFact::UpgradeActivated(activated.clone())),
     })?;
+    // The artifacts of older releases are superseded: tombstoned, GC reclaims them once a
+    // snapshot covers the tombstone, so blob storage stays bounded (a device that still
+    // needs an older release has long been fenced out or upgraded past it).
+    let current = device.store().maintenance_state(device.namespace())?;
+    for older in current.upgrades.values().filter(|o| {
+        o.metadata.version < activated.to_version && o.metadata.package_id != *package_id
+    }) {
+        let cid = artifact_cid(&older.metadata.artifact_hash);
+        if !current.tombstones.contains_key(&cid) && cid != artifact_cid(&u.metadata.artifact_hash)
+        {
+            device.append(Payload::Maintenance(MaintenanceFact::BlobTombstone(
+                tend_core::maintenance::BlobTombstone { cid },
+            )))?;
+        }
+    }
     Ok(activated)
 }
 

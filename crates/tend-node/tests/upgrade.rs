@@ -565,3 +565,30 @@ fn cache_floors_are_local_persisted_and_only_rise() {
     assert!(!check.valid);
     assert!(cache::check(&b, &key, Epoch(now.0 + 4)).unwrap().valid);
 }
+
+/// Activating a release tombstones the artifacts of older ones, so blob storage stays
+/// bounded: GC reclaims them once a snapshot covers the tombstone.
+#[test]
+fn activating_a_release_tombstones_older_artifacts() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = fleet(dir.path());
+    let admin = &fleet.devices()[0];
+    let v12 = ProtocolVersion {
+        major: 1,
+        minor: 2,
+        patch: 0,
+    };
+    let old = upgrade::publish(admin, b"tend 1.1.0", V11, None, 100).unwrap();
+    let new = upgrade::publish(admin, b"tend 1.2.0", v12, None, 100).unwrap();
+    fleet.sync().unwrap();
+    for d in fleet.devices() {
+        run(d, &mut copy_installer(d), false);
+    }
+    fleet.sync().unwrap();
+    upgrade::activate(admin, &new.package_id, ReadinessPolicy::All).unwrap();
+    let state = admin.store().maintenance_state(admin.namespace()).unwrap();
+    let old_cid = upgrade::artifact_cid(&old.artifact_hash);
+    let new_cid = upgrade::artifact_cid(&new.artifact_hash);
+    assert!(state.tombstones.contains_key(&old_cid), "the 1.1 artifact is superseded");
+    assert!(!state.tombstones.contains_key(&new_cid), "the 1.2 artifact stays");
+}

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use api_support::{request, Api};
-use common::{ok_json, start_run, tend, terminate, two_device_authority};
+use common::{fails_in_one_line, ok_json, start_run, tend, terminate, two_device_authority};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -216,6 +216,13 @@ fn values_round_trip_as_bytes_and_bad_requests_touch_nothing() {
         facts_before
     );
     assert!(facts_before.as_u64().unwrap() > cursor_before);
+
+    // A second device cannot take the same port: `tend run` fails at once, in one line.
+    let other = dir.path().join("b");
+    ok_json(&other, &["init"]);
+    let taken = api.addr.to_string();
+    let err = fails_in_one_line(&other, &["run", "--api", &taken]);
+    assert!(err.contains("cannot serve the HTTP API"), "{err}");
 
     terminate(run);
     // The token stays across restarts.

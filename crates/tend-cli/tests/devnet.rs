@@ -50,7 +50,7 @@ fn devnet(dir: &Path, devices: usize, threshold: u16, facts: usize) -> serde_jso
     assert_eq!(steps.len(), 17, "{steps:?}");
     assert_eq!(
         steps.last(),
-        Some(&"restart and converge (with the restored device)")
+        Some(&"every live value reads the same everywhere")
     );
     summary
 }

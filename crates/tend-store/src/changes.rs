@@ -25,7 +25,7 @@ use tend_core::{Epoch, FactId, JournalNamespace};
 
 use crate::codec::{self, FactKey};
 use crate::error::StoreError;
-use crate::store::{Store, FACTS, MAINT, NS_BY_NO};
+use crate::store::{Store, FACTS, MAINT, META, NS_BY_NO};
 
 /// Sequence number -> the admitted fact's index key.
 pub(crate) const CHANGES: TableDefinition<u64, &FactKey> = TableDefinition::new("changes");
@@ -43,9 +43,15 @@ pub struct Change {
     pub id: FactId,
 }
 
+/// The `meta` key of the feed's high-water mark: the greatest sequence number ever given.
+/// Pruning may remove the newest entries, and their numbers must never be given again (a
+/// client that saw one would skip the fact that reused it).
+const LAST_SEQ: &str = "changes_last";
+
 /// Appends entries to the changes table inside a write transaction.
 pub(crate) struct ChangeWriter<'txn> {
     table: Table<'txn, u64, &'static FactKey>,
+    meta: Table<'txn, &'static str, &'static [u8]>,
     next: u64,
     appended: bool,
 }
@@ -56,15 +62,14 @@ impl<'txn> ChangeWriter<'txn> {
         tx: &'txn redb::WriteTransaction,
     ) -> Result<Self, StoreError> {
         let table = tx.open_table(CHANGES).map_err(|e| store.err(e))?;
-        let next = match table.last().map_err(|e| store.err(e))? {
-            Some((k, _)) => k
-                .value()
-                .checked_add(1)
-                .ok_or_else(|| store.corrupt("the changes feed is full"))?,
-            None => 1,
-        };
+        let meta = tx.open_table(META).map_err(|e| store.err(e))?;
+        let last = high_water(store, &table, &meta)?;
+        let next = last
+            .checked_add(1)
+            .ok_or_else(|| store.corrupt("the changes feed is full"))?;
         Ok(Self {
             table,
+            meta,
             next,
             appended: false,
         })
@@ -79,10 +84,36 @@ impl<'txn> ChangeWriter<'txn> {
         Ok(())
     }
 
-    /// The last sequence number written, if this writer wrote any.
-    pub(crate) fn last_appended(&self) -> Option<u64> {
-        self.appended.then(|| self.next - 1)
+    /// Records the high-water mark; returns the last sequence number written, if any.
+    pub(crate) fn finish(mut self, store: &Store) -> Result<Option<u64>, StoreError> {
+        if !self.appended {
+            return Ok(None);
+        }
+        let last = self.next - 1;
+        self.meta
+            .insert(LAST_SEQ, last.to_be_bytes().as_slice())
+            .map_err(|e| store.err(e))?;
+        Ok(Some(last))
     }
+}
+
+/// The greatest sequence number ever given: the recorded mark or the newest entry.
+fn high_water(
+    store: &Store,
+    table: &impl ReadableTable<u64, &'static FactKey>,
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<u64, StoreError> {
+    let newest = table
+        .last()
+        .map_err(|e| store.err(e))?
+        .map_or(0, |(k, _)| k.value());
+    let recorded = match meta.get(LAST_SEQ).map_err(|e| store.err(e))? {
+        None => 0,
+        Some(v) => <[u8; 8]>::try_from(v.value())
+            .map(u64::from_be_bytes)
+            .map_err(|_| store.corrupt("the changes feed's mark is malformed"))?,
+    };
+    Ok(newest.max(recorded))
 }
 
 impl Store {
@@ -123,12 +154,13 @@ impl Store {
         Ok(out)
     }
 
-    /// The cursor of the newest entry of the changes feed (0 when it is empty).
+    /// The greatest cursor the changes feed has given (0 when none): the newest entry's,
+    /// or a greater one whose entry pruning removed. Never decreases.
     pub fn last_change(&self) -> Result<u64, StoreError> {
         let rtx = self.read_txn()?;
         let changes = self.open_ro(&rtx, CHANGES)?;
-        let last = changes.last().map_err(|e| self.err(e))?;
-        Ok(last.map_or(0, |(k, _)| k.value()))
+        let meta = self.open_ro(&rtx, META)?;
+        high_water(self, &changes, &meta)
     }
 
     /// Registers a callback told the last sequence number after every commit that appended
@@ -161,6 +193,10 @@ impl Store {
         let tx = self.db().begin_write().map_err(|e| self.err(e))?;
         // A format 2 store has no changes table, unless a test or a tool put one there.
         tx.delete_table(CHANGES).map_err(|e| self.err(e))?;
+        tx.open_table(META)
+            .map_err(|e| self.err(e))?
+            .remove(LAST_SEQ)
+            .map_err(|e| self.err(e))?;
         {
             let facts = tx.open_table(FACTS).map_err(|e| self.err(e))?;
             let maint = tx.open_table(MAINT).map_err(|e| self.err(e))?;
@@ -192,8 +228,9 @@ impl Store {
                 };
                 writer.push(self, &key)?;
             }
+            writer.finish(self)?;
         }
-        tx.open_table(crate::store::META)
+        tx.open_table(META)
             .map_err(|e| self.err(e))?
             .insert("format_version", 3u32.to_be_bytes().as_slice())
             .map_err(|e| self.err(e))?;

@@ -470,7 +470,7 @@ impl Store {
                     .map_err(|e| self.err(e))?;
                 new_states.push((ns, state));
             }
-            last_change = changes.last_appended();
+            last_change = changes.finish(self)?;
         }
         tx.commit().map_err(|e| self.err(e))?;
         writer.authors.extend(new_authors);

@@ -238,3 +238,38 @@ fn a_format_2_store_gets_a_feed_of_everything_it_holds() {
     let s = Store::open(&p).unwrap();
     assert_eq!(s.last_change().unwrap(), held.len() as u64 + 1);
 }
+
+#[test]
+fn a_cursor_is_never_given_twice_even_when_the_newest_entries_are_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.redb");
+    let k = key(1);
+    let (ns, genesis) = authority(&k);
+    {
+        let s = Store::create(&p).unwrap();
+        s.insert_batch(&[genesis, app(ns, 1, &k, b"a"), app(ns, 2, &k, b"b")])
+            .unwrap();
+        assert_eq!(s.last_change().unwrap(), 3);
+    }
+    // Entries go from the end of the feed (as pruning may remove them).
+    {
+        let db = redb::Database::open(&p).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(CHANGES).unwrap();
+            t.remove(3).unwrap();
+            t.remove(2).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let s = Store::open(&p).unwrap();
+    assert_eq!(s.last_change().unwrap(), 3, "the mark stays");
+    s.insert_batch(&[app(ns, 3, &k, b"c")]).unwrap();
+    let feed = s.changes_since(0, 10).unwrap();
+    assert_eq!(
+        feed.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        vec![1, 4],
+        "a reader that saw cursor 3 still sees the new fact"
+    );
+    assert_eq!(s.changes_since(3, 10).unwrap().len(), 1);
+}

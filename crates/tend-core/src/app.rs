@@ -16,9 +16,10 @@
 //!   the one with the greatest `(epoch, fact id)` is the value everyone reads; the others are
 //!   reported as conflicts. No clock decides anything.
 //!
-//! A log is the set of its entries (today's `Payload::Application { kind, .. }` is an append
-//! to log `kind`), ordered by `(epoch, fact id)`; that pair, printed as
-//! [`LogCursor`], is an entry's stable cursor. `Trim { log, before }` drops every entry
+//! A log is the set of its entries (`Append { log, seq, data }`, and the older
+//! `Payload::Application { kind, .. }` as an entry of log `kind` with `seq` 0), ordered by
+//! `(epoch, seq, fact id)`; that triple, printed as [`LogCursor`], is an entry's stable
+//! cursor. `seq` is a Lamport clock of the log, so appends keep their causal order. `Trim { log, before }` drops every entry
 //! below the cursor; the highest trim wins.
 //!
 //! # What stays live
@@ -39,10 +40,18 @@ use crate::fact::{Payload, VerifiedFact};
 use crate::ids::{DeviceId, Epoch, FactId, Hash32};
 
 impl LogCursor {
-    /// The cursor of a fact.
-    pub fn of(f: &VerifiedFact) -> Self {
-        let (epoch, id) = f.order_key();
-        Self { epoch, id }
+    /// The cursor of a log entry (`None` for a fact that is not one).
+    pub fn of(f: &VerifiedFact) -> Option<Self> {
+        Self::of_parts(f.order_key(), f.payload())
+    }
+
+    fn of_parts((epoch, id): (Epoch, FactId), payload: &Payload) -> Option<Self> {
+        let seq = match payload {
+            Payload::Application { .. } => 0,
+            Payload::Data(DataOp::Append(a)) => a.seq,
+            _ => return None,
+        };
+        Some(Self { epoch, seq, id })
     }
 }
 
@@ -111,6 +120,8 @@ impl Entry {
 struct Log {
     entries: BTreeSet<LogCursor>,
     trimmed_before: Option<LogCursor>,
+    /// The highest `seq` of any entry or trim seen (the Lamport clock of the log).
+    max_seq: u64,
 }
 
 /// The application state of a journal: an index of fact ids (values are read from the facts
@@ -175,17 +186,19 @@ impl AppState {
             }
             Payload::Data(DataOp::Trim(t)) => {
                 let log = self.logs.entry(t.log.clone()).or_default();
+                log.max_seq = log.max_seq.max(t.before.seq);
                 if log.trimmed_before.is_none_or(|b| b < t.before) {
                     log.trimmed_before = Some(t.before);
                     log.entries = log.entries.split_off(&t.before);
                 }
             }
-            Payload::Application { kind, .. } => {
-                let log = self.logs.entry(kind.clone()).or_default();
-                let cursor = LogCursor {
-                    epoch: at.0,
-                    id: at.1,
+            Payload::Application { kind: name, .. }
+            | Payload::Data(DataOp::Append(Append { log: name, .. })) => {
+                let log = self.logs.entry(name.clone()).or_default();
+                let Some(cursor) = LogCursor::of_parts(at, payload) else {
+                    return;
                 };
+                log.max_seq = log.max_seq.max(cursor.seq);
                 if log.trimmed_before.is_none_or(|b| cursor >= b) {
                     log.entries.insert(cursor);
                 }
@@ -290,6 +303,11 @@ impl AppState {
                 .collect::<Vec<_>>(),
             None => e.iter().copied().collect(),
         })
+    }
+
+    /// The `seq` a new entry of `log` takes: one more than any this state has seen.
+    pub fn next_seq(&self, log: &str) -> u64 {
+        self.logs.get(log).map_or(0, |l| l.max_seq) + 1
     }
 
     /// The logs and their untrimmed entry counts.

@@ -69,6 +69,17 @@ pub struct Delete {
     pub supersedes: Vec<FactId>,
 }
 
+/// An entry appended to a log. `seq` is a Lamport clock: one more than the highest `seq` the
+/// author has seen in the log, so a device's appends keep their order, and an append that
+/// saw another sorts after it (see [`LogCursor`]).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Append {
+    pub log: String,
+    pub seq: u64,
+    pub data: ByteBuf,
+}
+
 /// `trim(log, before)`: entries below the cursor are gone.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,13 +98,14 @@ pub struct CachePut {
     pub supersedes: Vec<FactId>,
 }
 
-/// The data operations (payload tags 2 to 5).
+/// The data operations (payload tags 2 to 6).
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum DataOp {
     Put(Put),
     Delete(Delete),
     Trim(Trim),
     CachePut(CachePut),
+    Append(Append),
 }
 
 /// Why a name, key or value may not be written.
@@ -113,7 +125,7 @@ pub enum DataError {
     TooManySupersedes(usize),
     #[error("an inline value is {0} bytes, the limit is {INLINE_VALUE_MAX}: store it as a blob")]
     InlineTooLarge(usize),
-    #[error("not a log cursor (expected EPOCH-FACTID, e.g. 3-9f2c...): {0}")]
+    #[error("not a log cursor (expected EPOCH-SEQ-FACTID, e.g. 3-12-9f2c...): {0}")]
     BadCursor(String),
 }
 
@@ -167,6 +179,13 @@ impl DataOp {
                 check_name("log name", &t.log)?;
                 0
             }
+            DataOp::Append(a) => {
+                check_name("log name", &a.log)?;
+                if a.data.len() > INLINE_VALUE_MAX {
+                    return Err(DataError::InlineTooLarge(a.data.len()));
+                }
+                0
+            }
             DataOp::CachePut(c) => {
                 check_name("cache key", &c.key)?;
                 if c.value.len() > INLINE_VALUE_MAX {
@@ -182,16 +201,27 @@ impl DataOp {
     }
 }
 
-/// A log entry's stable cursor: its `(epoch, fact id)`, printed `EPOCH-HEXID`.
+/// A log entry's stable cursor, and the order of a log: `(epoch, seq, fact id)`, printed
+/// `EPOCH-SEQ-HEXID`. Epochs only grow along causality and `seq` is a Lamport clock within
+/// the log, so an entry sorts after every entry its author had seen; concurrent entries
+/// sort by `seq`, then by id, the same on every device. Entries written as
+/// `Payload::Application` (tag 1, `tend fact add`) have `seq` 0.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
 pub struct LogCursor {
     pub epoch: Epoch,
+    pub seq: u64,
     pub id: FactId,
 }
 
 impl fmt::Display for LogCursor {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "{}-{}", self.epoch.0, hex::encode(self.id.0))
+        write!(
+            f,
+            "{}-{}-{}",
+            self.epoch.0,
+            self.seq,
+            hex::encode(self.id.0)
+        )
     }
 }
 
@@ -200,18 +230,23 @@ impl FromStr for LogCursor {
 
     /// ```
     /// use tend_core::app::LogCursor;
-    /// let c: LogCursor = format!("7-{}", "ab".repeat(32)).parse().unwrap();
-    /// assert_eq!(c.epoch.0, 7);
-    /// assert!("7-xyz".parse::<LogCursor>().is_err());
+    /// let c: LogCursor = format!("7-3-{}", "ab".repeat(32)).parse().unwrap();
+    /// assert_eq!((c.epoch.0, c.seq), (7, 3));
+    /// assert!("7-3-xyz".parse::<LogCursor>().is_err());
     /// ```
     fn from_str(s: &str) -> Result<Self, DataError> {
         let bad = || DataError::BadCursor(s.chars().take(100).collect());
-        let (epoch, id) = s.split_once('-').ok_or_else(bad)?;
+        let mut parts = s.splitn(3, '-');
+        let (Some(epoch), Some(seq), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(bad());
+        };
         let epoch = epoch.parse::<u64>().map_err(|_| bad())?;
+        let seq = seq.parse::<u64>().map_err(|_| bad())?;
         let mut bytes = [0u8; 32];
         hex::decode_to_slice(id, &mut bytes).map_err(|_| bad())?;
         Ok(Self {
             epoch: Epoch(epoch),
+            seq,
             id: FactId(bytes),
         })
     }

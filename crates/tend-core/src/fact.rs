@@ -51,6 +51,7 @@ mod tag {
     pub const DELETE: u64 = 3;
     pub const TRIM: u64 = 4;
     pub const CACHE_PUT: u64 = 5;
+    pub const APPEND: u64 = 6;
     pub const SNAPSHOT_PROPOSED: u64 = 16;
     pub const SNAPSHOT_COMPLETED: u64 = 17;
     pub const CACHE_INVALIDATED: u64 = 18;
@@ -79,6 +80,7 @@ impl Payload {
                 DataOp::Delete(x) => (tag::DELETE, to_canonical(x)),
                 DataOp::Trim(x) => (tag::TRIM, to_canonical(x)),
                 DataOp::CachePut(x) => (tag::CACHE_PUT, to_canonical(x)),
+                DataOp::Append(x) => (tag::APPEND, to_canonical(x)),
             },
             Payload::Authority(AuthorityFact::Genesis(g)) => {
                 (tag::AUTHORITY_GENESIS, to_canonical(g))
@@ -119,6 +121,7 @@ impl Payload {
             tag::DELETE => Payload::Data(DataOp::Delete(from_canonical(body)?)),
             tag::TRIM => Payload::Data(DataOp::Trim(from_canonical(body)?)),
             tag::CACHE_PUT => Payload::Data(DataOp::CachePut(from_canonical(body)?)),
+            tag::APPEND => Payload::Data(DataOp::Append(from_canonical(body)?)),
             tag::SNAPSHOT_PROPOSED => m(M::SnapshotProposed(from_canonical(body)?)),
             tag::SNAPSHOT_COMPLETED => m(M::SnapshotCompleted(from_canonical(body)?)),
             tag::CACHE_INVALIDATED => m(M::CacheInvalidated(from_canonical(body)?)),
@@ -175,6 +178,7 @@ impl Payload {
             Payload::Data(DataOp::Delete(d)) => format!("delete:{}", d.collection),
             Payload::Data(DataOp::Trim(t)) => format!("trim:{}", t.log),
             Payload::Data(DataOp::CachePut(_)) => "cache-put".into(),
+            Payload::Data(DataOp::Append(a)) => format!("append:{}", a.log),
             Payload::Authority(AuthorityFact::Genesis(_)) => "authority-genesis".into(),
             Payload::Authority(AuthorityFact::MembershipChanged(_)) => "membership-changed".into(),
             Payload::Maintenance(m) => match m {

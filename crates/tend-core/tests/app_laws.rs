@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use ed25519_dalek::SigningKey;
 use proptest::prelude::*;
 use serde_bytes::ByteBuf;
-use tend_core::app::{CachePut, Delete, LogCursor, Put, Space, Trim, Value};
+use tend_core::app::{Append, CachePut, Delete, LogCursor, Put, Space, Trim, Value};
 use tend_core::{AppState, ContextId, DataOp, Epoch, JournalNamespace, Payload, UnsignedFact};
 use tend_core::{FactId, VerifiedFact};
 
@@ -29,9 +29,11 @@ enum Step {
         dev: usize,
         key: u8,
     },
+    /// `legacy`: the older form (tag 1, `seq` 0) a previous release writes.
     Append {
         dev: usize,
         log: u8,
+        legacy: bool,
     },
     Trim {
         dev: usize,
@@ -55,7 +57,7 @@ fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         4 => (dev.clone(), 0u8..4, any::<u8>()).prop_map(|(dev, key, val)| Step::Put { dev, key, val }),
         1 => (dev.clone(), 0u8..4).prop_map(|(dev, key)| Step::Delete { dev, key }),
-        2 => (dev.clone(), 0u8..2).prop_map(|(dev, log)| Step::Append { dev, log }),
+        2 => (dev.clone(), 0u8..2, any::<bool>()).prop_map(|(dev, log, legacy)| Step::Append { dev, log, legacy }),
         1 => (dev.clone(), 0u8..2).prop_map(|(dev, log)| Step::Trim { dev, log }),
         1 => (dev.clone(), 0u8..2).prop_map(|(dev, key)| Step::Cache { dev, key }),
         3 => (dev.clone(), dev).prop_map(|(from, to)| Step::Sync { from, to }),
@@ -130,12 +132,29 @@ fn play(steps: &[Step]) -> Vec<VerifiedFact> {
                 }))));
                 assert_eq!(d.state.get("c", &k), None, "a delete reads as absent");
             }
-            Step::Append { dev, log } => {
+            Step::Append { dev, log, legacy } => {
                 let n = all.len() as u8;
-                all.push(devs[dev].write(Payload::Application {
-                    kind: format!("log{log}"),
-                    data: vec![n],
-                }));
+                let d = &mut devs[dev];
+                let name = format!("log{log}");
+                let payload = if legacy {
+                    Payload::Application {
+                        kind: name.clone(),
+                        data: vec![n],
+                    }
+                } else {
+                    Payload::Data(DataOp::Append(Append {
+                        seq: d.state.next_seq(&name),
+                        log: name.clone(),
+                        data: ByteBuf::from(vec![n]),
+                    }))
+                };
+                let f = d.write(payload);
+                if !legacy {
+                    // An ordered append sorts after everything its author had seen.
+                    let last = d.state.log_entries(&name, None).last();
+                    assert_eq!(last, LogCursor::of(&f));
+                }
+                all.push(f);
             }
             Step::Trim { dev, log } => {
                 let d = &mut devs[dev];
@@ -343,10 +362,22 @@ fn invalidated_cache_entries_are_not_live() {
 #[test]
 fn trim_is_order_independent() {
     let facts = play(&[
-        Step::Append { dev: 0, log: 0 },
-        Step::Append { dev: 0, log: 0 },
+        Step::Append {
+            dev: 0,
+            log: 0,
+            legacy: false,
+        },
+        Step::Append {
+            dev: 0,
+            log: 0,
+            legacy: false,
+        },
         Step::Trim { dev: 0, log: 0 },
-        Step::Append { dev: 0, log: 0 },
+        Step::Append {
+            dev: 0,
+            log: 0,
+            legacy: false,
+        },
     ]);
     let fwd = AppState::of(&facts);
     let rev = AppState::of(facts.iter().rev());
@@ -381,4 +412,30 @@ fn data_payloads_round_trip_and_old_releases_keep_them_as_unknown() {
     assert_eq!(tag, 2);
     let unknown = Payload::Unknown { tag, raw: body };
     assert_eq!(unknown.to_tag_body(), put.payload().to_tag_body());
+}
+
+/// Within one epoch (the common case: epochs move only at snapshots), a log reads in the
+/// order its entries were appended, whatever their fact ids.
+#[test]
+fn a_log_keeps_append_order_within_an_epoch() {
+    let steps: Vec<Step> = (0..20)
+        .map(|i| Step::Append {
+            dev: i % 2,
+            log: 0,
+            legacy: false,
+        })
+        .flat_map(|s| {
+            [
+                s,
+                Step::Sync { from: 0, to: 1 },
+                Step::Sync { from: 1, to: 0 },
+            ]
+        })
+        .collect();
+    let facts = play(&steps);
+    let read: Vec<_> = AppState::of(facts.iter().rev())
+        .log_entries("log0", None)
+        .collect();
+    let written: Vec<_> = facts.iter().filter_map(LogCursor::of).collect();
+    assert_eq!(read, written);
 }

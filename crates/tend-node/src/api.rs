@@ -642,12 +642,26 @@ fn change_event(device: &Device, c: &Change) -> Result<Option<ChangeEvent>, Http
             ev.log_cursor = Some(
                 LogCursor {
                     epoch: c.epoch,
+                    seq: 0,
                     id: c.id,
                 }
                 .to_string(),
             );
             ev.log = Some(kind);
             ev.data = Some(Bytes64(data));
+        }
+        Payload::Data(DataOp::Append(a)) => {
+            ev.op = "log_append";
+            ev.log_cursor = Some(
+                LogCursor {
+                    epoch: c.epoch,
+                    seq: a.seq,
+                    id: c.id,
+                }
+                .to_string(),
+            );
+            ev.log = Some(a.log);
+            ev.data = Some(Bytes64(a.data.into_vec()));
         }
         Payload::Data(DataOp::Put(p)) => {
             ev.op = "put";

@@ -222,7 +222,7 @@ pub fn run(device: &Device, request: DataRequest) -> Result<DataResponse, Device
             DataResponse::Written(Written {
                 id: f.id().to_string(),
                 epoch: f.epoch().0,
-                cursor: Some(LogCursor::of(&f).to_string()),
+                cursor: LogCursor::of(&f).map(|c| c.to_string()),
                 blob: None,
             })
         }
@@ -235,13 +235,16 @@ pub fn run(device: &Device, request: DataRequest) -> Result<DataResponse, Device
             let mut out = Vec::new();
             for c in state.log_entries(&log, after).take(limit) {
                 let (f_author, payload) = device.load_payload(c.epoch, c.id)?;
-                if let Payload::Application { data, .. } = payload {
-                    out.push(LogEntry {
-                        cursor: c.to_string(),
-                        data: Bytes64(data),
-                        author: f_author.to_string(),
-                    });
-                }
+                let data = match payload {
+                    Payload::Application { data, .. } => data,
+                    Payload::Data(DataOp::Append(a)) => a.data.into_vec(),
+                    _ => continue,
+                };
+                out.push(LogEntry {
+                    cursor: c.to_string(),
+                    data: Bytes64(data),
+                    author: f_author.to_string(),
+                });
             }
             DataResponse::Log(out)
         }

@@ -338,10 +338,16 @@ impl Device {
                 data.len()
             )));
         }
-        self.append(Payload::Application {
-            kind: kind.into(),
-            data: data.to_vec(),
-        })
+        // An ordered append (a Lamport clock of the log), so the log reads in the order
+        // entries were written; `Payload::Application` is what earlier releases wrote.
+        let seq = self.store.app_state(self.namespace())?.next_seq(kind);
+        self.append(Payload::Data(tend_core::DataOp::Append(
+            tend_core::app::Append {
+                log: kind.into(),
+                seq,
+                data: serde_bytes::ByteBuf::from(data.to_vec()),
+            },
+        )))
     }
 
     /// Counts, epochs, digest per namespace, and the store's size.

@@ -1190,14 +1190,14 @@ impl FactHost for StoreHost<'_> {
         if self.holds(&fact) {
             return Ok(false);
         }
-        if let Some(certified) = self.advances_snapshot(&fact) {
+        if let Some(source) = self.advances_snapshot(&fact) {
             // Once a completion at E is admitted, every fact below E is `Late` here and
             // sessions reconcile only from E on, so state facts below E that this device
             // missed (it did not take part in the ceremony) would never arrive: its
             // reduced state would differ from the signers' for good. The snapshot's blob
             // carries every maintenance and authority fact below E; they go in first, in
             // the same batch (DESIGN rule 5, as the simulator's `settle` hydrates them).
-            match self.inner.snapshot_state_facts(fact.namespace(), certified) {
+            match self.inner.snapshot_state_facts(fact.namespace(), source) {
                 SnapshotFacts::Facts(facts) => {
                     if let Payload::Maintenance(MaintenanceFact::SnapshotCompleted(c)) =
                         fact.payload()
@@ -1259,10 +1259,12 @@ impl StoreHost<'_> {
         Ok(())
     }
 
-    /// The blob of a snapshot completion newer than the latest one this device knows, if
-    /// its threshold signature verifies (one that does not is ignored by reduction, and
-    /// goes in alone).
-    fn advances_snapshot(&self, fact: &VerifiedFact) -> Option<CertifiedBlob> {
+    /// The blob of a snapshot completion newer than the latest one this device knows:
+    /// certified when this device knows the group key at the completion's epoch and the
+    /// threshold signature verifies against it; else (a device that is joining knows no
+    /// member yet) to be read checking every fact's own signature, as the genesis in the
+    /// blob is the root of its trust and reduction then verifies the completion.
+    fn advances_snapshot(&self, fact: &VerifiedFact) -> Option<SnapshotSource> {
         let Payload::Maintenance(MaintenanceFact::SnapshotCompleted(c)) = fact.payload() else {
             return None;
         };
@@ -1271,11 +1273,25 @@ impl StoreHost<'_> {
             .latest_snapshot
             .as_ref()
             .is_none_or(|l| l.snapshot.epoch < c.snapshot.epoch);
-        let group_key = state.membership_at(fact.epoch())?.group_key;
-        newer
-            .then(|| c.certify(&fact.namespace(), &group_key))
-            .flatten()
+        if !newer {
+            return None;
+        }
+        match state.membership_at(fact.epoch()) {
+            Some(m) => c
+                .certify(&fact.namespace(), &m.group_key)
+                .map(SnapshotSource::Certified),
+            None => Some(SnapshotSource::Unverified(c.snapshot.blob_cid)),
+        }
     }
+}
+
+/// How a snapshot blob's facts are read.
+#[derive(Clone, Copy)]
+enum SnapshotSource {
+    /// Trusting the verified threshold signature over the blob.
+    Certified(CertifiedBlob),
+    /// Checking every fact's signature (the group key is not known yet).
+    Unverified(ContentId),
 }
 
 /// What a held-back snapshot completion may be admitted with.
@@ -1291,12 +1307,11 @@ enum SnapshotFacts {
 impl Inner {
     /// The state facts of the snapshot whose blob is `cid`, if the blob is stored; else
     /// notes it for the next round to fetch.
-    fn snapshot_state_facts(
-        &self,
-        ns: JournalNamespace,
-        certified: CertifiedBlob,
-    ) -> SnapshotFacts {
-        let cid = certified.cid();
+    fn snapshot_state_facts(&self, ns: JournalNamespace, source: SnapshotSource) -> SnapshotFacts {
+        let cid = match source {
+            SnapshotSource::Certified(c) => c.cid(),
+            SnapshotSource::Unverified(cid) => cid,
+        };
         if lock(&self.unavailable_snapshots).contains(&cid) {
             return SnapshotFacts::Unavailable;
         }
@@ -1306,7 +1321,13 @@ impl Inner {
         // signature stands for each author's.
         match self.store().blob_reader(&cid) {
             Ok(Some(reader)) => {
-                match tend_snapshot::blob::read_certified_blob(reader, &certified) {
+                let read = match source {
+                    SnapshotSource::Certified(c) => {
+                        tend_snapshot::blob::read_certified_blob(reader, &c)
+                    }
+                    SnapshotSource::Unverified(_) => tend_snapshot::blob::read_blob(reader, None),
+                };
+                match read {
                     Ok(blob) if blob.namespace == ns => SnapshotFacts::Facts(blob.facts),
                     Ok(_) => SnapshotFacts::Unavailable,
                     Err(e) => {

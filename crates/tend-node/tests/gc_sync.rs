@@ -148,7 +148,7 @@ async fn archive_and_pruned_devices_reconcile_above_the_shared_floor() {
     // The bulk log is trimmed below E1, so its entries are not live there: GC reclaims them.
     let trim = tend_node::data::DataRequest::LogTrim {
         log: "bulk".into(),
-        before: format!("{}-{}", e1.0, "0".repeat(64)),
+        before: format!("{}-0-{}", e1.0, "0".repeat(64)),
     };
     tend_node::data::run(a.device(), trim).unwrap();
     sync_pairs(&all).await;

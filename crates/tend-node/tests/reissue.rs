@@ -52,7 +52,12 @@ fn an_uncovered_fact_below_a_snapshot_is_reissued_by_its_author_and_reaches_the_
             .scan(d.namespace(), done.snapshot.epoch..)
             .unwrap()
             .map(|f| f.unwrap().verify().unwrap())
-            .any(|f| matches!(f.payload(), Payload::Application { data, .. } if data == b"written during a partition"));
+            .any(|f| match f.payload() {
+                Payload::Data(tend_core::DataOp::Append(a)) => {
+                    &a.data[..] == b"written during a partition"
+                }
+                _ => false,
+            });
         assert!(has, "{} lacks the re-issued fact", d.device_id());
     }
     // Covered facts are not re-issued: B and C have nothing to do.

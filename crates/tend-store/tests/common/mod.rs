@@ -93,6 +93,7 @@ pub fn trim_notes(
             log: "note".into(),
             before: tend_core::app::LogCursor {
                 epoch: Epoch(before_epoch),
+                seq: 0,
                 id: tend_core::FactId([0; 32]),
             },
         })),

@@ -16,6 +16,8 @@ pub const MAX_NAME_BYTES: usize = 256;
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Values up to this size travel inside the fact; larger ones are blobs named by CID.
 pub const INLINE_VALUE_MAX: usize = 16 * 1024;
+/// Largest log entry, in bytes (a fact holds at most 64 KiB with its envelope).
+pub const MAX_ENTRY_BYTES: usize = 63 * 1024;
 /// Most heads one write may supersede (more means a runaway conflict; the writer merges
 /// them in a first write).
 pub const MAX_SUPERSEDES: usize = 256;
@@ -181,8 +183,12 @@ impl DataOp {
             }
             DataOp::Append(a) => {
                 check_name("log name", &a.log)?;
-                if a.data.len() > INLINE_VALUE_MAX {
-                    return Err(DataError::InlineTooLarge(a.data.len()));
+                if a.data.len() > MAX_ENTRY_BYTES {
+                    return Err(DataError::TooLong {
+                        what: "log entry",
+                        len: a.data.len(),
+                        max: MAX_ENTRY_BYTES,
+                    });
                 }
                 0
             }

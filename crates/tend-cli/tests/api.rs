@@ -120,12 +120,16 @@ fn values_round_trip_as_bytes_and_bad_requests_touch_nothing() {
             .status,
         200
     );
-    // The CLI reads what the API wrote (through the running device's socket).
-    let cli = tend(&home, &["get", "tâches", "clé un"]);
-    assert!(cli.status.success());
-    assert_eq!(cli.stdout, b"x");
-    let cli = tend(&home, &["get", "todo", "k1"]);
-    assert_eq!(cli.stdout, all_bytes);
+    // The CLI sees what the API wrote (through the running device's socket).
+    let listed = ok_json(&home, &["journal", "list"]);
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["id"] == id.as_str() && f["kind"] == "put:todo"),
+        "{listed}"
+    );
 
     // Scans: JSON, values in base64, paged.
     let page = api.call("GET", "/v1/kv/todo?limit=2", b"").json();
@@ -266,10 +270,18 @@ fn the_changes_feed_is_live_and_resumes_after_a_restart() {
     assert_eq!(data["key"], "milk");
     assert_eq!(data["value"], b64(&[1, 2, 0, 255]));
     assert_eq!(data["id"], put["id"]);
+    assert_eq!(api.call("DELETE", "/v1/kv/todo/milk", b"").status, 200);
+    let ev = live.take(1, WAIT).remove(0).json();
+    assert_eq!(
+        (ev["op"].as_str(), ev["key"].as_str()),
+        (Some("delete"), Some("milk"))
+    );
     // A write through the CLI (the control socket) is in the feed too.
-    assert!(tend(&home, &["log", "append", "events", "bought"])
-        .status
-        .success());
+    let added = tend(
+        &home,
+        &["fact", "add", "--kind", "events", "--data", "bought"],
+    );
+    assert!(added.status.success());
     let ev = live.take(1, WAIT).remove(0).json();
     assert_eq!(ev["op"], "log_append");
     assert_eq!(ev["log"], "events");
@@ -282,8 +294,10 @@ fn the_changes_feed_is_live_and_resumes_after_a_restart() {
     // The device stops; writes land while it is down (the CLI opens the store), it
     // restarts (its API port changes), and the client resumes with Last-Event-ID.
     terminate(run);
-    assert!(tend(&home, &["put", "todo", "eggs", "12"]).status.success());
-    assert!(tend(&home, &["delete", "todo", "milk"]).status.success());
+    for data in ["eggs", "bread"] {
+        let added = tend(&home, &["fact", "add", "--kind", "events", "--data", data]);
+        assert!(added.status.success());
+    }
     let (run, api, _) = start_api(&home, &[]);
     let last = seen.to_string();
     // `since` is ignored when Last-Event-ID is given (a reconnecting EventSource sends both).
@@ -299,14 +313,16 @@ fn the_changes_feed_is_live_and_resumes_after_a_restart() {
         let d = ev.json();
         cursors.push(d["cursor"].as_u64().unwrap());
         if d["op"] != "other" {
-            ops.push((d["op"].as_str().unwrap().to_owned(), d["key"].clone()));
+            ops.push((d["op"].as_str().unwrap().to_owned(), d["data"].clone()));
         }
     }
+    // Within one epoch, facts a stopped device wrote are listed in (epoch, id) order.
+    ops.sort_by_key(|(_, d)| d.to_string());
     assert_eq!(
         ops,
         vec![
-            ("put".to_owned(), serde_json::json!("eggs")),
-            ("delete".to_owned(), serde_json::json!("milk")),
+            ("log_append".to_owned(), serde_json::json!(b64(b"bread"))),
+            ("log_append".to_owned(), serde_json::json!(b64(b"eggs"))),
         ]
     );
     assert_eq!(cursors[0], seen + 1, "nothing skipped, nothing repeated");
@@ -345,26 +361,26 @@ fn the_feed_carries_what_sync_brings_from_a_peer() {
     let (rb, api_b, _) = start_api(&b, &["--peer", &peer, "--sync-interval", "3600"]);
     let mut feed = api_b.changes("/v1/changes?since=now", &[]);
     assert_eq!(feed.status, 200);
-    assert!(tend(&a, &["put", "shared", "from-a", "hello b"])
-        .status
-        .success());
+    let added = tend(
+        &a,
+        &["fact", "add", "--kind", "shared", "--data", "hello b"],
+    );
+    assert!(added.status.success());
     assert!(tend(&b, &["sync", "now"]).status.success());
     let ev = loop {
         let ev = feed
             .next_event(WAIT)
-            .expect("a's put reaches b's feed")
+            .expect("a's entry reaches b's feed")
             .json();
-        if ev["op"] == "put" {
+        if ev["op"] == "log_append" {
             break ev;
         }
     };
-    assert_eq!(ev["key"], "from-a");
+    assert_eq!(ev["log"], "shared");
     assert_eq!(ev["author"], ia["device_id"]);
-    assert_eq!(ev["value"], b64(b"hello b"));
-    assert_eq!(
-        api_b.call("GET", "/v1/kv/shared/from-a", b"").body,
-        b"hello b"
-    );
+    assert_eq!(ev["data"], b64(b"hello b"));
+    let log = api_b.call("GET", "/v1/logs/shared", b"").json();
+    assert_eq!(log["entries"][0]["data"], b64(b"hello b"));
     drop(feed);
     terminate(rb);
     terminate(ra);

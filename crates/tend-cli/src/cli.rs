@@ -30,7 +30,19 @@ pub enum Command {
     Init,
     /// Start a local fleet on 127.0.0.1 and walk the whole lifecycle, verifying each step.
     Devnet(crate::devnet::DevnetArgs),
-    /// Write facts.
+    /// Write a value: `put(collection, key, value)` (bytes; large values become blobs).
+    Put(crate::data::PutArgs),
+    /// Read a value: its bytes on stdout (exit 1 when absent); --json adds the author,
+    /// epoch, fact id and conflicting writes.
+    Get(crate::data::KeyArgs),
+    /// Delete a key.
+    Delete(crate::data::KeyArgs),
+    /// List the live keys of a collection in key order.
+    Scan(crate::data::ScanArgs),
+    /// Append-only logs: append, read from a cursor, trim.
+    #[command(subcommand)]
+    Log(crate::data::LogCommand),
+    /// Write facts (`fact add --kind K` appends to log K).
     #[command(subcommand)]
     Fact(FactCommand),
     /// Inspect the journal.
@@ -63,7 +75,7 @@ pub enum Command {
     /// The authority's admin and its replacement.
     #[command(subcommand)]
     Admin(crate::upgrade::AdminCommand),
-    /// Local cache invalidation floors.
+    /// The replicated cache: entries and their invalidation floors.
     #[command(subcommand)]
     Cache(crate::upgrade::CacheCommand),
     /// Encrypted backups: export, verify, restore into a new home.
@@ -176,6 +188,11 @@ pub fn run(args: Args) -> CmdResult {
         Command::Upgrade(cmd) => crate::upgrade::upgrade(&home, cmd),
         Command::Admin(cmd) => crate::upgrade::admin(&home, cmd),
         Command::Cache(cmd) => crate::upgrade::cache(&home, cmd),
+        Command::Put(a) => crate::data::put(&home, a),
+        Command::Get(a) => crate::data::get(&home, a),
+        Command::Delete(a) => crate::data::delete(&home, a),
+        Command::Scan(a) => crate::data::scan(&home, a),
+        Command::Log(cmd) => crate::data::log(&home, cmd),
         Command::Backup(cmd) => crate::backup::run(&home, cmd, args.json),
         Command::Journal(JournalCommand::List { from_epoch, limit }) => {
             let facts = match crate::target::Target::open(&home)? {

@@ -615,14 +615,22 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
                 );
             }
         }
-        let pruned: u64 = reports.iter().map(|r| r.facts_pruned).sum();
+        let superseded: u64 = reports.iter().map(|r| r.application_facts_pruned).sum();
+        let maintenance: u64 = reports
+            .iter()
+            .map(|r| r.facts_pruned - r.application_facts_pruned)
+            .sum();
         let kept: u64 = reports.iter().map(|r| r.live_kept).sum();
         let blobs: u64 = reports.iter().map(|r| r.blobs_pruned).sum();
+        if superseded == 0 {
+            return Err("GC reclaimed no superseded application fact".into());
+        }
         Ok((
             reports,
             format!(
-                "{pruned} superseded or maintenance facts and {blobs} blobs reclaimed, \
-                 {kept} live application facts kept; maintenance and application state unchanged"
+                "{superseded} superseded application facts and {blobs} blobs reclaimed \
+                 ({maintenance} maintenance facts left the index), {kept} live application \
+                 facts kept; maintenance and application state unchanged"
             ),
         ))
     })?;

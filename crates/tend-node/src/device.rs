@@ -163,6 +163,11 @@ pub struct GcReport {
     /// Application facts below the floor kept because the state still needs them.
     #[serde(default)]
     pub live_kept: u64,
+    /// Of `facts_pruned`, application facts the state no longer needed (superseded,
+    /// deleted, trimmed or invalidated); the rest are maintenance facts, which leave the
+    /// index but stay in the maintenance table.
+    #[serde(default)]
+    pub application_facts_pruned: u64,
     pub blobs_pruned: u64,
     pub store_bytes_before: u64,
     pub store_bytes_after: u64,
@@ -494,6 +499,7 @@ impl Device {
             floor: report.floor.0,
             facts_pruned: report.facts,
             live_kept: report.live_kept,
+            application_facts_pruned: report.facts - report.maintenance,
             fact_bytes: report.fact_bytes,
             blobs_pruned: report.blobs,
             store_bytes_before: before,

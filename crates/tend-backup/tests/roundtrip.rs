@@ -68,7 +68,10 @@ fn export_restore_100k_facts_reproduces_state_and_fact_set() {
         .collect::<Result<_, _>>()
         .unwrap();
     assert_eq!(below, d.store().live_below(ns, e).unwrap());
-    assert!(!below.is_empty(), "the application facts below E are live log entries");
+    assert!(
+        !below.is_empty(),
+        "the application facts below E are live log entries"
+    );
     let floors = &state.cache_floors;
     assert_eq!(
         rs.app_state(ns).unwrap().digest(floors),

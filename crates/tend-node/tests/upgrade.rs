@@ -589,6 +589,12 @@ fn activating_a_release_tombstones_older_artifacts() {
     let state = admin.store().maintenance_state(admin.namespace()).unwrap();
     let old_cid = upgrade::artifact_cid(&old.artifact_hash);
     let new_cid = upgrade::artifact_cid(&new.artifact_hash);
-    assert!(state.tombstones.contains_key(&old_cid), "the 1.1 artifact is superseded");
-    assert!(!state.tombstones.contains_key(&new_cid), "the 1.2 artifact stays");
+    assert!(
+        state.tombstones.contains_key(&old_cid),
+        "the 1.1 artifact is superseded"
+    );
+    assert!(
+        !state.tombstones.contains_key(&new_cid),
+        "the 1.2 artifact stays"
+    );
 }

@@ -178,7 +178,7 @@ impl Payload {
             Payload::Data(DataOp::Delete(d)) => format!("delete:{}", d.collection),
             Payload::Data(DataOp::Trim(t)) => format!("trim:{}", t.log),
             Payload::Data(DataOp::CachePut(_)) => "cache-put".into(),
-            Payload::Data(DataOp::Append(a)) => format!("append:{}", a.log),
+            Payload::Data(DataOp::Append(a)) => format!("app:{}", a.log),
             Payload::Authority(AuthorityFact::Genesis(_)) => "authority-genesis".into(),
             Payload::Authority(AuthorityFact::MembershipChanged(_)) => "membership-changed".into(),
             Payload::Maintenance(m) => match m {

@@ -540,12 +540,14 @@ fn compact_when_idle(store: &Store) -> Result<Option<CompactReport>, StoreError>
 
 fn summarise(f: &VerifiedFact) -> FactSummary {
     let data = match f.payload() {
-        Payload::Application { data, .. } => Some(match std::str::from_utf8(data) {
-            Ok(s) => s.to_string(),
-            Err(_) => hex::encode(data),
-        }),
+        Payload::Application { data, .. } => Some(&data[..]),
+        Payload::Data(tend_core::DataOp::Append(a)) => Some(&a.data[..]),
         _ => None,
-    };
+    }
+    .map(|data| match std::str::from_utf8(data) {
+        Ok(s) => s.to_string(),
+        Err(_) => hex::encode(data),
+    });
     FactSummary {
         epoch: f.epoch().0,
         id: f.id().to_string(),

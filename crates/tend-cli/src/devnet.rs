@@ -399,7 +399,12 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
     let devices = p.step("create devices", || {
         let mut devices = Vec::new();
         for h in &homes {
-            devices.push(Arc::new(Device::init(h, &mut rng)?));
+            let d = Device::init(h, &mut rng)?;
+            // The walkthrough collects garbage as a step of its own (stopped devices,
+            // states compared before and after), so the devices do not collect by
+            // themselves after the snapshot as a running device does by default.
+            d.set_gc_policy(tend_node::GcPolicy::Manual)?;
+            devices.push(Arc::new(d));
         }
         Ok((
             devices,

@@ -69,7 +69,9 @@ pub struct GcArgs {
     /// Report what would be pruned without pruning.
     #[arg(long)]
     pub dry_run: bool,
-    /// Set this device's policy: `prune` (default) or `archive` (never prune).
+    /// Set this device's policy: `prune` (default: a running device also collects by
+    /// itself after each verified snapshot), `manual` (only when `tend gc` runs) or
+    /// `archive` (never prune).
     #[arg(long, value_parser = parse_policy)]
     pub policy: Option<GcPolicy>,
 }
@@ -77,8 +79,11 @@ pub struct GcArgs {
 fn parse_policy(s: &str) -> Result<GcPolicy, String> {
     match s {
         "prune" => Ok(GcPolicy::Prune),
+        "manual" => Ok(GcPolicy::Manual),
         "archive" => Ok(GcPolicy::Archive),
-        _ => Err(format!("unknown policy {s:?}: use prune or archive")),
+        _ => Err(format!(
+            "unknown policy {s:?}: use prune, manual or archive"
+        )),
     }
 }
 

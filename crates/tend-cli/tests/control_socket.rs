@@ -108,6 +108,12 @@ fn store_commands_go_through_the_socket_and_print_what_the_stopped_device_prints
     }
     let artifact = dir.path().join("tend-1.1.0.bin");
     std::fs::write(&artifact, b"the new release").unwrap();
+    // GC is the operator's step here (a `prune` device would collect by itself right
+    // after the snapshot, leaving the dry run below nothing to announce).
+    assert_eq!(
+        ok_json(&home, &["gc", "--policy", "manual"]),
+        serde_json::json!({ "gc_policy": "manual" })
+    );
 
     let device = Running::start(&home);
     // Writes through the socket (each would fail with the store locked otherwise).

@@ -144,12 +144,17 @@ pub struct ProposalSummary {
     pub proposer: String,
 }
 
-/// Whether this device prunes after snapshots; an archive device never does.
+/// Whether and when this device prunes what a verified snapshot covers.
 #[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum GcPolicy {
+    /// The running device collects garbage by itself after each verified snapshot it
+    /// adopts or completes (`tend gc` prunes too).
     #[default]
     Prune,
+    /// Prunes only when the operator runs `tend gc`.
+    Manual,
+    /// Never prunes: the device keeps the whole journal (an archive).
     Archive,
 }
 

@@ -53,6 +53,25 @@ pub struct Metrics {
     /// Local-network announcements not used, by reason (see
     /// [`crate::discovery::local::LocalError::reason`]).
     pub announcements_refused: Family<Labels, Counter>,
+    /// What a rate limit held back, by `direction` (`in`, `out`), `scope` (`peer`,
+    /// `global`) and `kind` (`facts`, `bytes`, `sessions`, `messages`): a fact batch sent
+    /// later, a frame read later, a session refused.
+    pub rate_limited: Family<Labels, Counter>,
+    /// Seconds incoming frames waited for the incoming rate limits, summed over frames.
+    pub rate_limit_wait_seconds: Counter<f64, AtomicU64>,
+    /// Sessions this device did not start because its own session limit was reached
+    /// (not counted against the peer).
+    pub sessions_skipped: Counter,
+    /// Sessions ended mid-way because an activated fence became unsatisfied, by `side`
+    /// (`local`: this device; `peer`: the peer's announced version).
+    pub fence_aborts: Family<Labels, Counter>,
+    /// Automatic garbage collections after a verified snapshot.
+    pub gc_runs: Counter,
+    /// Facts those collections pruned.
+    pub gc_facts_pruned: Counter,
+    /// Bytes those collections gave back to the file system (store file size before the
+    /// prune minus after the compaction).
+    pub gc_bytes_reclaimed: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -89,6 +108,13 @@ impl Metrics {
             blob_bytes_received: Counter::default(),
             blobs_rejected: Family::default(),
             announcements_refused: Family::default(),
+            rate_limited: Family::default(),
+            rate_limit_wait_seconds: Counter::default(),
+            sessions_skipped: Counter::default(),
+            fence_aborts: Family::default(),
+            gc_runs: Counter::default(),
+            gc_facts_pruned: Counter::default(),
+            gc_bytes_reclaimed: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -167,7 +193,60 @@ impl Metrics {
             "Local-network announcements not used, by reason",
             m.announcements_refused.clone(),
         );
+        registry.register(
+            "rate_limited",
+            "Fact batches, frames and sessions a rate limit held back, by direction, scope and kind",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "rate_limit_wait_seconds",
+            "Seconds incoming frames waited for the incoming rate limits",
+            m.rate_limit_wait_seconds.clone(),
+        );
+        registry.register(
+            "sessions_skipped",
+            "Sessions not started because this device's own session limit was reached",
+            m.sessions_skipped.clone(),
+        );
+        registry.register(
+            "fence_aborts",
+            "Sessions ended mid-way by an activated fence, by side",
+            m.fence_aborts.clone(),
+        );
+        registry.register(
+            "gc_runs",
+            "Automatic garbage collections after a verified snapshot",
+            m.gc_runs.clone(),
+        );
+        registry.register(
+            "gc_facts_pruned",
+            "Facts pruned by automatic garbage collection",
+            m.gc_facts_pruned.clone(),
+        );
+        registry.register(
+            "gc_bytes_reclaimed",
+            "Store bytes automatic garbage collection gave back to the file system",
+            m.gc_bytes_reclaimed.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Counts what a rate limit held back.
+    pub fn limited(&self, what: &tend_sync::Limited, n: u64) {
+        self.rate_limited
+            .get_or_create(&vec![
+                ("direction".to_string(), what.direction_label().to_string()),
+                ("scope".to_string(), what.scope_label().to_string()),
+                ("kind".to_string(), what.kind_label().to_string()),
+            ])
+            .inc_by(n);
+    }
+
+    /// Counts a session ended by a fence.
+    pub fn fence_abort(&self, side: &str) {
+        self.fence_aborts
+            .get_or_create(&vec![("side".to_string(), side.to_string())])
+            .inc();
     }
 
     /// Counts a rejected fact.

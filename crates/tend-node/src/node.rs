@@ -35,6 +35,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use crate::device::{Device, DeviceError, JournalStatus};
+
+mod autogc;
 use crate::discovery::{self, AddressSource, PeerAddr, StaticPeers};
 use crate::endpoint::{self, close_code, FrameError};
 use crate::metrics::Metrics;
@@ -80,6 +82,9 @@ impl Default for NodeConfig {
             // Two devices may open sessions to each other at the same moment; a second
             // slot per peer keeps that from being refused as busy.
             max_per_peer: 2,
+            // Rate limits are on: both ways, per peer and for the device (`tend run`
+            // flags change them).
+            rate: tend_sync::RateConfig::device_default(),
             ..ManagerConfig::default()
         };
         Self {
@@ -156,7 +161,8 @@ pub struct PeerOutcome {
     pub peer: String,
     /// The address dialled.
     pub addr: String,
-    /// `completed`, `aborted: ...`, `refused: ...`, `failed: ...`, `unreachable: ...`.
+    /// `completed`, `aborted: ...`, `refused: ...`, `failed: ...`, `unreachable: ...`,
+    /// `skipped: ...` (this device's own session limit), `local error: ...`.
     pub result: String,
     /// Whether the (last) session completed.
     pub ok: bool,
@@ -272,6 +278,9 @@ struct Inner {
     control_path: Mutex<Option<PathBuf>>,
     /// The `backup_export` plug-in, if `tend run` installed one.
     backup_exporter: Mutex<Option<crate::control::BackupExporter>>,
+    /// Automatic GC: the latest snapshot epoch collected (or settled) so far, and whether
+    /// a collection is running.
+    auto_gc: autogc::AutoGc,
 }
 
 /// Locks a mutex, recovering from poisoning: every critical section leaves the data
@@ -362,6 +371,7 @@ impl Node {
             tasks: Mutex::new(Vec::new()),
             control_path: Mutex::new(None),
             backup_exporter: Mutex::new(None),
+            auto_gc: autogc::AutoGc::load(&device),
             device,
         });
         let node = Node { inner };
@@ -743,6 +753,9 @@ impl Node {
         for t in lock(&inner.tasks).drain(..) {
             t.abort();
         }
+        // An automatic GC in progress holds the store: let it finish, so the store can be
+        // reopened once this returns.
+        inner.auto_gc.idle(Duration::from_secs(60)).await;
         let closing = inner.endpoint.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), closing).await;
         if let Some(path) = lock(&inner.control_path).take() {
@@ -968,7 +981,7 @@ impl Inner {
                 }
             }
         }
-        self.check_epoch(m)
+        self.check_rules(m)
     }
 
     /// Once the snapshot at `epoch` is this device's latest, drops the maintenance facts
@@ -1028,12 +1041,110 @@ impl Inner {
         }
     }
 
+    /// The rules that bind on running sessions, checked after every batch written, every
+    /// local write and every timer tick (250 ms): the identity epoch (rule 9), the
+    /// activation fences (rule 7), and the GC policy after a new verified snapshot.
+    fn check_rules(&self, m: &mut SessionManager) -> Vec<ManagerAction> {
+        let mut actions = self.check_epoch(m);
+        if let Ok(state) = self.state() {
+            actions.extend(self.check_fences(m, &state));
+            if !self.closing.load(Ordering::SeqCst) {
+                self.auto_gc.check(&self.device, &self.metrics, &state);
+            }
+        }
+        for (what, n) in m.take_limited() {
+            self.metrics.limited(&what, n);
+        }
+        actions
+    }
+
+    /// DESIGN rule 7 while sessions run, not only at the handshake: once an activated
+    /// fence is unsatisfied, sessions end with a reason the peer shows. Every session ends
+    /// when this device itself is past a fence its running version does not meet; a
+    /// responder also ends a session whose initiator announced a version below a fence
+    /// this device is past (the check `respond` makes at the handshake). An initiator
+    /// does not judge its responder's version, as at the handshake: a device that has not
+    /// seen the activation learns of it by being reached, and then ends the session
+    /// itself.
+    fn check_fences(&self, m: &mut SessionManager, state: &MaintenanceState) -> Vec<ManagerAction> {
+        if m.active() == 0 || state.active_fence().is_none() {
+            return Vec::new();
+        }
+        let local_epoch = state.current_epoch();
+        let own = match upgrade::running_version(&self.device, state) {
+            Ok(running) => state.fence_check(local_epoch, running).err(),
+            Err(e) => {
+                tracing::warn!("cannot read the running version: {e}");
+                None
+            }
+        };
+        let namespace = self.namespace();
+        let metrics = &self.metrics;
+        m.abort_where(self.now(), |s| {
+            if s.namespace() != namespace {
+                return None;
+            }
+            if let Some(r) = &own {
+                metrics.fence_abort("local");
+                return Some(AbortReason::FenceNotSatisfied {
+                    fence: r.fence,
+                    required: r.required,
+                    local_epoch: r.local_epoch,
+                });
+            }
+            if s.role() != tend_sync::Role::Responder {
+                return None;
+            }
+            let r = state
+                .fence_check_peer(local_epoch, s.peer_protocol()?)
+                .err()?;
+            metrics.fence_abort("peer");
+            Some(AbortReason::PeerFenceNotSatisfied {
+                fence: r.fence,
+                required: r.required,
+                local_epoch: r.local_epoch,
+            })
+        })
+    }
+
     fn after_local_write(&self) {
         let actions = {
             let mut m = lock(&self.manager);
-            self.check_epoch(&mut m)
+            self.check_rules(&mut m)
         };
         self.dispatch(actions);
+    }
+
+    /// Waits until the incoming rate limits admit a frame of `len` bytes from `peer`. The
+    /// reader of that stream waits meanwhile, so the transport's flow control slows the
+    /// sender down.
+    async fn pace_incoming(&self, peer: DeviceId, len: usize) {
+        let mut ticket = tend_sync::InboundTicket::default();
+        let mut waited = Duration::ZERO;
+        loop {
+            let now = self.now();
+            let admit = {
+                let mut m = lock(&self.manager);
+                let admit = m.admit_incoming(peer, len, now, &mut ticket);
+                for (what, n) in m.take_limited() {
+                    self.metrics.limited(&what, n);
+                }
+                admit
+            };
+            match admit {
+                tend_sync::Admit::Now => break,
+                tend_sync::Admit::RetryAt(t) => {
+                    let wait = t.saturating_sub(now).max(Duration::from_millis(1));
+                    waited += wait;
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        if !waited.is_zero() {
+            self.metrics
+                .rate_limit_wait_seconds
+                .inc_by(waited.as_secs_f64());
+        }
     }
 
     /// A frame arrived for session `sid`.
@@ -1128,6 +1239,14 @@ impl Inner {
                 m.sessions_failed.inc();
                 if !by_peer {
                     m.refuse(refuse_label(reason));
+                }
+                if let (true, RefuseReason::RateLimited { retry_after_ms }) = (by_peer, reason) {
+                    // The peer asked us to come back later: do not open sessions to it
+                    // before then.
+                    let wait = Duration::from_millis(*retry_after_ms).min(BACKOFF_MAX);
+                    lock(&self.peers)
+                        .backoff
+                        .insert(peer, (Instant::now() + wait, wait));
                 }
             }
             SessionResult::Failed(_) => {
@@ -1363,10 +1482,21 @@ fn frame_limit(inner: &Inner) -> usize {
     inner.config.manager.session.max_message_bytes + 1024
 }
 
-fn spawn_reader(mut recv: RecvStream, tx: mpsc::UnboundedSender<Ev>, max: usize) -> JoinHandle<()> {
+/// Reads `peer`'s frames into the session's channel, each once the incoming rate limits
+/// admit it.
+fn spawn_reader(
+    inner: Arc<Inner>,
+    peer: DeviceId,
+    mut recv: RecvStream,
+    tx: mpsc::UnboundedSender<Ev>,
+    max: usize,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let r = endpoint::read_frame(&mut recv, max).await;
+            if let Ok(frame) = &r {
+                inner.pace_incoming(peer, frame.len()).await;
+            }
             let end = r.is_err();
             if tx.send(Ev::Incoming(r)).is_err() || end {
                 break;
@@ -1432,6 +1562,16 @@ fn close_after(conn: &Connection, outcome: &Outcome) {
 fn describe(result: &SessionResult) -> String {
     match result {
         SessionResult::Completed => "completed".into(),
+        SessionResult::Aborted {
+            by_peer: true,
+            reason:
+                AbortReason::PeerFenceNotSatisfied {
+                    fence, required, ..
+                },
+        } => format!(
+            "aborted by the peer: version {required} became mandatory from epoch {fence} during \
+             the session and this device runs an older one; upgrade it to sync again"
+        ),
         SessionResult::Aborted { by_peer, reason } => {
             format!(
                 "aborted{}: {reason}",
@@ -1448,7 +1588,8 @@ fn describe(result: &SessionResult) -> String {
             "refused by the peer: version {required} is mandatory from epoch {fence} and this \
              device runs an older one; upgrade it to sync again"
         ),
-        SessionResult::Refused { reason, .. } => format!("refused: {reason}"),
+        // Every refusal reason reads "refused: ..." already.
+        SessionResult::Refused { reason, .. } => reason.to_string(),
         SessionResult::Failed(reason) => format!("failed: {reason}"),
     }
 }
@@ -1582,15 +1723,56 @@ async fn sync_peer(inner: Arc<Inner>, peer: PeerAddr) -> PeerOutcome {
                 out.facts_rejected = o.stats.rejected_total();
                 out.duration_ms = o.stats.duration.as_millis() as u64;
             }
-            (None, e) => out.result = format!("unreachable: {}", e.unwrap_or_default()),
+            (None, Some(e)) => {
+                if matches!(e, InitiateError::NoRoom { .. }) {
+                    // Nothing was opened.
+                    out.attempts -= 1;
+                }
+                out.result = e.to_string();
+            }
+            (None, None) => out.result = "unreachable".into(),
         }
         return out;
     }
 }
 
-/// One session as initiator. Errors before the session exists (connect, stream) are
-/// returned as text and count as a failed sync.
-async fn initiate(inner: &Arc<Inner>, peer: PeerAddr) -> Result<Outcome, String> {
+/// Why [`initiate`] opened no session.
+#[derive(Debug, thiserror::Error)]
+enum InitiateError {
+    /// This device's own session manager has no slot free (for any peer, or for this
+    /// one): nothing was attempted and nothing is counted against the peer.
+    #[error("skipped: this device is at its own session limit ({active} open, {with_peer} with this peer); not the peer's fault")]
+    NoRoom { active: usize, with_peer: usize },
+    /// A local problem (the store could not be read, a session could not be built): not
+    /// counted against the peer either.
+    #[error("local error: {0}")]
+    Local(String),
+    /// The node is stopping.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// Connecting or opening the stream failed: counted as a failed sync with the peer,
+    /// which is then skipped for a while (doubling from 1 s to 60 s).
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+}
+
+/// Whether this node has a session slot for `peer`; if not, why not (counted as skipped).
+fn room_for(inner: &Inner, peer: &DeviceId) -> Result<(), InitiateError> {
+    let m = lock(&inner.manager);
+    if m.has_room_for(peer) {
+        return Ok(());
+    }
+    inner.metrics.sessions_skipped.inc();
+    Err(InitiateError::NoRoom {
+        active: m.active(),
+        with_peer: m.active_with(peer),
+    })
+}
+
+/// One session as initiator. This device's own limits are checked before connecting and
+/// are never blamed on the peer; a failure to connect or open the stream counts as a
+/// failed sync with the peer and backs off.
+async fn initiate(inner: &Arc<Inner>, peer: PeerAddr) -> Result<Outcome, InitiateError> {
     let fail = |inner: &Inner, msg: String| {
         let mut book = lock(&inner.peers);
         let wait = book
@@ -1606,12 +1788,15 @@ async fn initiate(inner: &Arc<Inner>, peer: PeerAddr) -> Result<Outcome, String>
         );
         drop(book);
         inner.metrics.sessions_failed.inc();
-        msg
+        InitiateError::Unreachable(msg)
     };
     if inner.closing.load(Ordering::SeqCst) {
-        return Err("shutting down".into());
+        return Err(InitiateError::ShuttingDown);
     }
-    let addr = endpoint::endpoint_addr(peer.device, peer.addr).map_err(|e| e.to_string())?;
+    // Room first: a full manager is this device's state, not the peer's.
+    room_for(inner, &peer.device)?;
+    let addr = endpoint::endpoint_addr(peer.device, peer.addr)
+        .map_err(|e| InitiateError::Local(e.to_string()))?;
     let conn = match tokio::time::timeout(
         inner.config.connect_timeout,
         inner.endpoint.connect(addr, endpoint::SYNC_ALPN),
@@ -1638,16 +1823,23 @@ async fn initiate(inner: &Arc<Inner>, peer: PeerAddr) -> Result<Outcome, String>
                     lock(&inner.awaiting_accept).insert(sid, peer.device);
                     Ok((sid, actions))
                 }
-                Err(e) => Err(e.to_string()),
+                // Another session took the last slot while this one connected.
+                Err(ManagerError::AtCapacity {
+                    active, with_peer, ..
+                }) => {
+                    inner.metrics.sessions_skipped.inc();
+                    Err(InitiateError::NoRoom { active, with_peer })
+                }
+                Err(e) => Err(InitiateError::Local(e.to_string())),
             },
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(InitiateError::Local(e.to_string())),
         }
     };
     let (sid, actions) = match opened {
         Ok(x) => x,
         Err(e) => {
             conn.close(endpoint::code(close_code::DONE), b"no session");
-            return Err(fail(inner, e));
+            return Err(e);
         }
     };
     {
@@ -1657,7 +1849,7 @@ async fn initiate(inner: &Arc<Inner>, peer: PeerAddr) -> Result<Outcome, String>
     }
     inner.metrics.sessions_opened.inc();
     inner.dispatch(actions);
-    let reader = spawn_reader(recv, tx, frame_limit(inner));
+    let reader = spawn_reader(inner.clone(), peer.device, recv, tx, frame_limit(inner));
     let outcome = drive(inner, sid, &mut send, rx).await;
     reader.abort();
     close_after(&conn, &outcome);
@@ -1780,30 +1972,58 @@ async fn respond(
     let now = inner.now();
     let accepted = {
         let mut m = lock(&inner.manager);
-        let mut host = inner.host();
-        match inner.session_inputs(hello_floor) {
-            Ok((local, items)) => match m.accept(now, peer, &hello, local, items, &mut host) {
-                Ok((sid, actions)) => {
-                    lock(&inner.routes).insert(sid, tx.clone());
-                    Ok((sid, actions))
-                }
-                Err(ManagerError::AtCapacity { refusal, .. }) => Err(Some(refusal)),
-                Err(e) => {
-                    tracing::warn!("cannot accept a session: {e}");
-                    Err(None)
-                }
-            },
+        // Rate and room first: a refused attempt costs no store scan.
+        match m.admit_session(now, peer) {
+            Err(ManagerError::AtCapacity { refusal, .. }) => {
+                Err(Some(("busy", refusal, Duration::ZERO)))
+            }
+            Err(ManagerError::RateLimited {
+                refusal,
+                retry_after_ms,
+            }) => Err(Some((
+                "rate_limited",
+                refusal,
+                Duration::from_millis(retry_after_ms).min(Duration::from_secs(1)),
+            ))),
             Err(e) => {
-                tracing::warn!("cannot read the store for a session: {e}");
+                tracing::warn!("cannot accept a session: {e}");
                 Err(None)
+            }
+            Ok(admitted) => {
+                let mut host = inner.host();
+                match inner.session_inputs(hello_floor) {
+                    Ok((local, items)) => {
+                        match m.accept_admitted(admitted, now, &hello, local, items, &mut host) {
+                            Ok((sid, actions)) => {
+                                lock(&inner.routes).insert(sid, tx.clone());
+                                Ok((sid, actions))
+                            }
+                            Err(e) => {
+                                tracing::warn!("cannot accept a session: {e}");
+                                Err(None)
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("cannot read the store for a session: {e}");
+                        Err(None)
+                    }
+                }
             }
         }
     };
     let (sid, actions) = match accepted {
         Ok(x) => x,
         Err(refusal) => {
-            if let Some(bytes) = refusal {
-                inner.metrics.refuse("busy");
+            for (what, n) in lock(&inner.manager).take_limited() {
+                inner.metrics.limited(&what, n);
+            }
+            if let Some((reason, bytes, hold)) = refusal {
+                inner.metrics.refuse(reason);
+                // A peer over its session rate gets its answer when it may try again: the
+                // stream stays open until then, and QUIC bounds the streams a connection
+                // may hold open, so a flooder cannot turn refusals into a flood of its own.
+                tokio::time::sleep(hold).await;
                 let _ = endpoint::write_frame(&mut send, &bytes).await;
             }
             let _ = send.finish();
@@ -1818,7 +2038,7 @@ async fn respond(
     }
     inner.metrics.sessions_opened.inc();
     inner.dispatch(actions);
-    let reader = spawn_reader(recv, tx, limit);
+    let reader = spawn_reader(inner.clone(), peer, recv, tx, limit);
     let outcome = drive(&inner, sid, &mut send, rx).await;
     reader.abort();
     close_after(&conn, &outcome);

@@ -119,6 +119,10 @@ fn assert_agree(nodes: &[&Node]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archive_and_pruned_devices_reconcile_above_the_shared_floor() {
     let mut fleet = Fleet::new(3, &[true; 3]);
+    // GC is the test's own step here: the pruning devices do not collect by themselves.
+    for i in 0..2 {
+        fleet.device(i).set_gc_policy(GcPolicy::Manual).unwrap();
+    }
     fleet.device(2).set_gc_policy(GcPolicy::Archive).unwrap();
     bulk_facts(fleet.device(0), "a", 30);
     bulk_facts(fleet.device(1), "b", 30);
@@ -248,6 +252,8 @@ fn read(n: &Node, collection: &str, key: &str) -> Option<Vec<u8>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_joining_after_gc_reads_every_live_value() {
     let mut fleet = Fleet::new(2, &[true, false]);
+    // The test collects garbage itself, right after the snapshot.
+    fleet.device(0).set_gc_policy(GcPolicy::Manual).unwrap();
     let cfg = NodeConfig {
         sync_interval: Duration::from_secs(3600),
         upgrades: false,

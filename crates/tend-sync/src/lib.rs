@@ -34,7 +34,9 @@ pub mod reconcile;
 pub mod session;
 
 pub use items::{ItemStorage, MemItems, OrderedItems, SharedItems, SyncItem};
-pub use manager::{ManagerAction, ManagerConfig, ManagerError, SessionId, SessionManager};
+pub use manager::{
+    AdmittedSession, ManagerAction, ManagerConfig, ManagerError, SessionId, SessionManager,
+};
 pub use message::{
     AbortReason, Accept, FenceStatus, Hello, MessageError, RefuseReason, SyncMessage,
     SYNC_WIRE_VERSION,

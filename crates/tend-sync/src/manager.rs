@@ -59,6 +59,13 @@ pub enum ManagerAction {
     },
 }
 
+/// An incoming session that passed the rate and capacity checks
+/// ([`SessionManager::admit_session`]); only the manager makes one.
+#[derive(Debug)]
+pub struct AdmittedSession {
+    peer: DeviceId,
+}
+
 /// Why a session was not opened.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ManagerError {
@@ -176,7 +183,8 @@ impl SessionManager {
         Ok(self.insert(session, actions))
     }
 
-    /// Accepts an incoming session whose first message is `hello`.
+    /// Accepts an incoming session whose first message is `hello`:
+    /// [`SessionManager::admit_session`] then [`SessionManager::accept_admitted`].
     pub fn accept(
         &mut self,
         now: Duration,
@@ -186,7 +194,19 @@ impl SessionManager {
         items: SharedItems,
         host: &mut dyn FactHost,
     ) -> Result<(SessionId, Vec<ManagerAction>), ManagerError> {
-        // Every attempt counts against the session rate, refused or not.
+        let admitted = self.admit_session(now, peer)?;
+        self.accept_admitted(admitted, now, hello, local, items, host)
+    }
+
+    /// The cheap half of accepting a session `peer` opens: charges the attempt to the
+    /// incoming session rate limits (every attempt counts, refused or not) and checks
+    /// for a free slot. A caller that must build the item snapshot first (a store scan)
+    /// calls this before building it, so a refused peer costs nothing more.
+    pub fn admit_session(
+        &mut self,
+        now: Duration,
+        peer: DeviceId,
+    ) -> Result<AdmittedSession, ManagerError> {
         if let Admit::RetryAt(t) = self.rate.admit_session(peer, now) {
             let retry_after_ms = u64::try_from(t.saturating_sub(now).as_millis())
                 .unwrap_or(u64::MAX)
@@ -196,6 +216,24 @@ impl SessionManager {
                 refusal: SyncMessage::Refuse(RefuseReason::RateLimited { retry_after_ms }).encode(),
             });
         }
+        if !self.has_room_for(&peer) {
+            return Err(self.capacity_error(&peer));
+        }
+        Ok(AdmittedSession { peer })
+    }
+
+    /// Accepts a session [`SessionManager::admit_session`] admitted (the slot is checked
+    /// again; the rate is not charged twice).
+    pub fn accept_admitted(
+        &mut self,
+        admitted: AdmittedSession,
+        now: Duration,
+        hello: &[u8],
+        local: LocalView,
+        items: SharedItems,
+        host: &mut dyn FactHost,
+    ) -> Result<(SessionId, Vec<ManagerAction>), ManagerError> {
+        let peer = admitted.peer;
         if !self.has_room_for(&peer) {
             return Err(self.capacity_error(&peer));
         }

@@ -6,6 +6,7 @@ mod backup;
 mod cli;
 mod data;
 mod devnet;
+mod limits;
 mod maint;
 mod net;
 mod output;

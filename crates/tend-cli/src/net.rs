@@ -48,6 +48,9 @@ pub struct RunArgs {
     /// in HOME/api.token (made when absent).
     #[arg(long, value_name = "IP:PORT")]
     pub api: Option<SocketAddr>,
+    /// Rate limits, incoming and outgoing, per peer and for the device (on by default).
+    #[command(flatten)]
+    pub limits: crate::limits::RateArgs,
 }
 
 /// Options of `tend rendezvous`.
@@ -83,7 +86,7 @@ pub fn run(home: &Path, args: RunArgs, json: bool) -> CmdResult {
     }
     let sync_interval = Duration::from_secs_f64(args.sync_interval);
     crate::backup::remove_stale_restores(home);
-    let config = NodeConfig {
+    let mut config = NodeConfig {
         listen: args.listen,
         peers: args.peers,
         metrics: args.metrics,
@@ -96,6 +99,7 @@ pub fn run(home: &Path, args: RunArgs, json: bool) -> CmdResult {
             .map(|interface| local_config(interface, args.local_group, sync_interval)),
         ..NodeConfig::default()
     };
+    args.limits.apply(&mut config);
     // The API's port and token are taken before the node starts, so a taken port or a
     // bad token file is an error at once.
     let api = match args.api {

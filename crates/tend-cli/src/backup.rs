@@ -18,7 +18,7 @@ use tend_node::control::{BackupExporter, Client, ExportRequest};
 use tend_node::Device;
 use tend_store::Store;
 
-use crate::cli::CmdResult;
+use crate::output::CmdResult;
 use crate::output::Output;
 
 /// Removes what restores into `home` that were killed left beside it (the

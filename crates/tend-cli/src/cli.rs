@@ -6,9 +6,7 @@ use clap::{Parser, Subcommand};
 use tend_core::Epoch;
 use tend_node::Device;
 
-use crate::output::Output;
-
-pub type CmdResult = Result<Output, Box<dyn std::error::Error>>;
+use crate::output::{CmdResult, Output};
 
 /// tend keeps the journals of an authority's devices in step and bounded.
 #[derive(Parser, Debug)]

@@ -10,7 +10,7 @@ use tend_node::data::{
     self, Bytes64, CacheRead, CacheValidity, DataRequest, DataResponse, LogEntry, ValueRead,
 };
 
-use crate::cli::CmdResult;
+use crate::output::CmdResult;
 use crate::output::Output;
 use crate::target::Target;
 

@@ -23,7 +23,7 @@ use tend_node::upgrade;
 use tend_node::{Device, Node, NodeConfig};
 
 use crate::backup::Home;
-use crate::cli::CmdResult;
+use crate::output::CmdResult;
 use crate::output::Output;
 
 /// `tend devnet` options.

@@ -17,7 +17,7 @@ use tend_node::control::{ops, Client};
 use tend_node::fleet::{AuthorityCreated, LocalFleet};
 use tend_node::{AuthorityStatus, Device, GcPolicy, GcReport, SnapshotStatus};
 
-use crate::cli::CmdResult;
+use crate::output::CmdResult;
 use crate::output::Output;
 use crate::target::Target;
 

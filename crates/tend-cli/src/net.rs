@@ -14,7 +14,7 @@ use tend_node::discovery::local::{LocalConfig, DEFAULT_GROUP};
 use tend_node::discovery::rendezvous::{RendezvousConfig, ServerConfig};
 use tend_node::{JournalStatus, NodeConfig, PeerAddr};
 
-use crate::cli::CmdResult;
+use crate::output::CmdResult;
 use crate::output::Output;
 
 /// Options of `tend run`.

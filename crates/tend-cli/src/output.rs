@@ -2,6 +2,9 @@
 
 use std::error::Error;
 
+/// What a command returns: its output, or the error to print as one line.
+pub type CmdResult = Result<Output, Box<dyn Error>>;
+
 /// What a command produced: a JSON value and its human rendering.
 pub struct Output {
     pub json: serde_json::Value,

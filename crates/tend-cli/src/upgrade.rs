@@ -20,8 +20,8 @@ use tend_node::fleet::LocalFleet;
 use tend_node::upgrade::{self, ApplyReport, Skip, UpgradeEvent, UpgradeStatus};
 use tend_node::{admin, cache, Device};
 
-use crate::cli::CmdResult;
 use crate::maint::MemberHomes;
+use crate::output::CmdResult;
 use crate::output::Output;
 use crate::target::Target;
 

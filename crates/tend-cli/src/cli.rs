@@ -72,10 +72,10 @@ pub enum Command {
     Upgrade(crate::upgrade::UpgradeCommand),
     /// The authority's admin and its replacement.
     #[command(subcommand)]
-    Admin(crate::upgrade::AdminCommand),
+    Admin(crate::admin::AdminCommand),
     /// The replicated cache: entries and their invalidation floors.
     #[command(subcommand)]
-    Cache(crate::upgrade::CacheCommand),
+    Cache(crate::cache::CacheCommand),
     /// Encrypted backups: export, verify, restore into a new home.
     #[command(subcommand)]
     Backup(crate::backup::BackupCommand),
@@ -184,8 +184,8 @@ pub fn run(args: Args) -> CmdResult {
         Command::Snapshot(cmd) => crate::maint::snapshot(&home, cmd),
         Command::Gc(args) => crate::maint::gc(&home, args),
         Command::Upgrade(cmd) => crate::upgrade::upgrade(&home, cmd),
-        Command::Admin(cmd) => crate::upgrade::admin(&home, cmd),
-        Command::Cache(cmd) => crate::upgrade::cache(&home, cmd),
+        Command::Admin(cmd) => crate::admin::admin(&home, cmd),
+        Command::Cache(cmd) => crate::cache::cache(&home, cmd),
         Command::Put(a) => crate::data::put(&home, a),
         Command::Get(a) => crate::data::get(&home, a),
         Command::Delete(a) => crate::data::delete(&home, a),

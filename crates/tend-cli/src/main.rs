@@ -2,7 +2,9 @@
 //!
 //! Errors print as one line on stderr (`error: ...`) with a non-zero exit code.
 
+mod admin;
 mod backup;
+mod cache;
 mod cli;
 mod data;
 mod devnet;

@@ -3,9 +3,13 @@
 //! result structs, so a command prints the same thing either way.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use tend_node::control::Client;
+use tend_node::fleet::LocalFleet;
 use tend_node::Device;
+
+use crate::maint::MemberHomes;
 
 /// The device in a home.
 pub enum Target {
@@ -39,4 +43,32 @@ impl Target {
         }
         Ok(self)
     }
+}
+
+/// This device and the member homes, for in-process exchanges; `None` without members.
+pub(crate) fn fleet(
+    me: Device,
+    homes: &MemberHomes,
+) -> Result<(Arc<Device>, Option<LocalFleet>), Box<dyn std::error::Error>> {
+    let me = Arc::new(me);
+    if homes.member_homes.is_empty() {
+        return Ok((me, None));
+    }
+    let mut devices = vec![me.clone()];
+    for h in &homes.member_homes {
+        devices.push(Arc::new(Device::open(h)?));
+    }
+    Ok((me, Some(LocalFleet::new(devices))))
+}
+
+/// The target, with `--member-home` refused on a running device.
+pub(crate) fn target_with_homes(
+    home: &Path,
+    homes: &MemberHomes,
+) -> Result<Target, Box<dyn std::error::Error>> {
+    Target::open(home)?.without_member_homes(&homes.member_homes)
+}
+
+pub(crate) fn short(id: &str) -> &str {
+    id.get(..16).unwrap_or(id)
 }

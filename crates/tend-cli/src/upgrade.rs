@@ -1,5 +1,4 @@
-//! `tend upgrade`, `tend admin` and `tend cache`: over-the-air upgrades, admin replacement
-//! and local cache invalidation.
+//! `tend upgrade`: over-the-air upgrades (publish, apply, activate, configure, status).
 //!
 //! On a running device every command goes through its control socket, and the package,
 //! readiness and replacement facts reach the other members by sync. On a stopped device
@@ -8,22 +7,16 @@
 //! `--member-home`, in this process.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use clap::Subcommand;
 use tend_core::maintenance::UpgradePolicy;
-use tend_core::{DeviceId, Epoch, Hash32, ProtocolVersion};
-use tend_node::admin::AdminStatus;
-use tend_node::cache::{CacheCheck, Invalidation};
-use tend_node::control::ops::{self, Activated, AdminReplaced, Published, UpgradeSettings};
-use tend_node::fleet::LocalFleet;
+use tend_core::{Hash32, ProtocolVersion};
+use tend_node::control::ops::{self, Activated, Published, UpgradeSettings};
 use tend_node::upgrade::{self, ApplyReport, Skip, UpgradeEvent, UpgradeStatus};
-use tend_node::{admin, cache, Device};
 
 use crate::maint::MemberHomes;
-use crate::output::CmdResult;
-use crate::output::Output;
-use crate::target::Target;
+use crate::output::{CmdResult, Output};
+use crate::target::{fleet, short, target_with_homes as target, Target};
 
 #[derive(Subcommand, Debug)]
 pub enum UpgradeCommand {
@@ -79,55 +72,6 @@ pub enum UpgradeCommand {
     },
 }
 
-#[derive(Subcommand, Debug)]
-pub enum AdminCommand {
-    /// Hand the admin role to another member from an epoch on.
-    Replace {
-        /// The member that becomes admin.
-        #[arg(long = "new", value_name = "DEVICE_ID")]
-        new: DeviceId,
-        /// The epoch from which it is admin (above the current epoch).
-        #[arg(long = "at-epoch")]
-        at_epoch: u64,
-        /// Without the admin: the member homes (this one and --member-home) threshold-sign it.
-        #[arg(long)]
-        threshold: bool,
-        /// With --threshold: the admin to replace (default: the current one).
-        #[arg(long, value_name = "DEVICE_ID", requires = "threshold")]
-        old: Option<DeviceId>,
-        #[command(flatten)]
-        homes: MemberHomes,
-    },
-    /// The admin in charge and its replacements.
-    Status,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum CacheCommand {
-    /// Write a replicated cache entry, computed at the current epoch.
-    Put { key: String, value: String },
-    /// Read a cache entry: valid, stale (its epoch is not above the key's floor) or absent.
-    Get { key: String },
-    /// Invalidate cache keys: entries cached at or below the floor are stale.
-    Invalidate {
-        #[arg(long = "key", value_name = "KEY", required = true)]
-        keys: Vec<String>,
-        /// The epoch floor (default: the current epoch).
-        #[arg(long)]
-        floor: Option<u64>,
-        /// Raise the floors on this device only, without publishing.
-        #[arg(long)]
-        local: bool,
-    },
-    /// Whether an entry cached at EPOCH under KEY is still valid here.
-    Check {
-        #[arg(long)]
-        key: String,
-        #[arg(long)]
-        epoch: u64,
-    },
-}
-
 fn parse_policy(s: &str) -> Result<UpgradePolicy, String> {
     match s {
         "automatic" => Ok(UpgradePolicy::Automatic),
@@ -147,31 +91,6 @@ fn policy_text(p: &UpgradePolicy) -> String {
         UpgradePolicy::Manual => "manual".into(),
         UpgradePolicy::Pinned(v) => format!("pinned to {v}"),
     }
-}
-
-/// This device and the member homes, for in-process exchanges; `None` without members.
-fn fleet(
-    me: Device,
-    homes: &MemberHomes,
-) -> Result<(Arc<Device>, Option<LocalFleet>), Box<dyn std::error::Error>> {
-    let me = Arc::new(me);
-    if homes.member_homes.is_empty() {
-        return Ok((me, None));
-    }
-    let mut devices = vec![me.clone()];
-    for h in &homes.member_homes {
-        devices.push(Arc::new(Device::open(h)?));
-    }
-    Ok((me, Some(LocalFleet::new(devices))))
-}
-
-/// The target, with `--member-home` refused on a running device.
-fn target(home: &Path, homes: &MemberHomes) -> Result<Target, Box<dyn std::error::Error>> {
-    Target::open(home)?.without_member_homes(&homes.member_homes)
-}
-
-fn short(id: &str) -> &str {
-    id.get(..16).unwrap_or(id)
 }
 
 pub fn upgrade(home: &Path, cmd: UpgradeCommand) -> CmdResult {
@@ -397,138 +316,4 @@ fn event_text(e: &UpgradeEvent) -> String {
             format!("identity epoch {from} -> {to}, retried")
         }
     }
-}
-
-pub fn admin(home: &Path, cmd: AdminCommand) -> CmdResult {
-    match cmd {
-        AdminCommand::Replace {
-            new,
-            at_epoch,
-            threshold,
-            old,
-            homes,
-        } => {
-            let r = match target(home, &homes)? {
-                // With --threshold, the running device's own share must reach the
-                // threshold: signing rounds with other members do not go over the
-                // network yet.
-                Target::Running(mut c) => c.admin_replace(
-                    new.to_string(),
-                    at_epoch,
-                    threshold,
-                    old.map(|o| o.to_string()),
-                )?,
-                Target::Stopped(d) => {
-                    let (me, fleet) = fleet(*d, &homes)?;
-                    let devices: Vec<&Device> = match &fleet {
-                        Some(f) => f.devices().iter().map(|d| &**d).collect(),
-                        None => vec![&me],
-                    };
-                    let r = ops::admin_replace(&devices, new, at_epoch, threshold, old)?;
-                    if let Some(f) = &fleet {
-                        f.sync()?;
-                    }
-                    r
-                }
-            };
-            Ok(replaced_output(r))
-        }
-        AdminCommand::Status => {
-            let s = match Target::open(home)? {
-                Target::Running(mut c) => c.admin_status()?,
-                Target::Stopped(d) => admin::status(&d)?,
-            };
-            Ok(admin_status_output(s))
-        }
-    }
-}
-
-fn replaced_output(r: AdminReplaced) -> Output {
-    let human = format!(
-        "{} becomes admin at epoch {}{}",
-        r.new_admin,
-        r.activation_epoch,
-        if r.threshold_signed {
-            " (threshold-signed by the authority)"
-        } else {
-            ""
-        }
-    );
-    Output::new(r, human)
-}
-
-fn admin_status_output(s: AdminStatus) -> Output {
-    let mut human = format!(
-        "admin {}\ncurrent epoch {}\n",
-        s.admin.as_deref().unwrap_or("-"),
-        s.current_epoch
-    );
-    for r in &s.replacements {
-        human.push_str(&format!(
-            "{} -> {} at epoch {}{}{}\n",
-            short(&r.old_admin),
-            short(&r.new_admin),
-            r.activation_epoch,
-            if r.certified {
-                ", threshold-signed"
-            } else {
-                ""
-            },
-            if r.in_effect { "" } else { " (scheduled)" },
-        ));
-    }
-    human.push_str(&format!(
-        "{} facts kept as evidence but ignored",
-        s.ignored_facts
-    ));
-    Output::new(s, human)
-}
-
-pub fn cache(home: &Path, cmd: CacheCommand) -> CmdResult {
-    match cmd {
-        CacheCommand::Put { key, value } => crate::data::cache_put(home, key, value),
-        CacheCommand::Get { key } => crate::data::cache_get(home, key),
-        CacheCommand::Invalidate { keys, floor, local } => {
-            let inv = match Target::open(home)? {
-                Target::Running(mut c) => c.cache_invalidate(keys, floor, local)?,
-                Target::Stopped(d) => ops::cache_invalidate(&d, &keys, floor, local)?,
-            };
-            Ok(invalidation_output(inv, local))
-        }
-        CacheCommand::Check { key, epoch } => {
-            let c = match Target::open(home)? {
-                Target::Running(mut c) => c.cache_check(key, epoch)?,
-                Target::Stopped(d) => cache::check(&d, &key, Epoch(epoch))?,
-            };
-            Ok(check_output(c))
-        }
-    }
-}
-
-fn invalidation_output(inv: Invalidation, local: bool) -> Output {
-    let human = format!(
-        "{} {} key(s) at floor {}{}",
-        if local {
-            "raised locally"
-        } else {
-            "invalidated"
-        },
-        inv.floors.len(),
-        inv.epoch_floor,
-        inv.fact_id
-            .as_deref()
-            .map_or(String::new(), |id| format!(" (fact {})", short(id)))
-    );
-    Output::new(inv, human)
-}
-
-fn check_output(c: CacheCheck) -> Output {
-    let human = format!(
-        "{}: {} (cached at epoch {}, floor {})",
-        c.key,
-        if c.valid { "valid" } else { "stale" },
-        c.cached_at,
-        c.floor.map_or("none".into(), |f| f.to_string())
-    );
-    Output::new(c, human)
 }

@@ -1,0 +1,126 @@
+//! `tend admin`: the authority's admin and its replacement (by the admin itself, or by a
+//! threshold of members when the admin is unavailable).
+//!
+//! On a running device the command goes through its control socket; on a stopped one the
+//! store is opened here, and a threshold replacement is signed among the homes given with
+//! `--member-home`, in this process.
+
+use std::path::Path;
+
+use clap::Subcommand;
+use tend_core::DeviceId;
+use tend_node::admin::{self, AdminStatus};
+use tend_node::control::ops::{self, AdminReplaced};
+use tend_node::Device;
+
+use crate::maint::MemberHomes;
+use crate::output::{CmdResult, Output};
+use crate::target::{fleet, short, target_with_homes as target, Target};
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Hand the admin role to another member from an epoch on.
+    Replace {
+        /// The member that becomes admin.
+        #[arg(long = "new", value_name = "DEVICE_ID")]
+        new: DeviceId,
+        /// The epoch from which it is admin (above the current epoch).
+        #[arg(long = "at-epoch")]
+        at_epoch: u64,
+        /// Without the admin: the member homes (this one and --member-home) threshold-sign it.
+        #[arg(long)]
+        threshold: bool,
+        /// With --threshold: the admin to replace (default: the current one).
+        #[arg(long, value_name = "DEVICE_ID", requires = "threshold")]
+        old: Option<DeviceId>,
+        #[command(flatten)]
+        homes: MemberHomes,
+    },
+    /// The admin in charge and its replacements.
+    Status,
+}
+
+pub fn admin(home: &Path, cmd: AdminCommand) -> CmdResult {
+    match cmd {
+        AdminCommand::Replace {
+            new,
+            at_epoch,
+            threshold,
+            old,
+            homes,
+        } => {
+            let r = match target(home, &homes)? {
+                // With --threshold, the running device's own share must reach the
+                // threshold: signing rounds with other members do not go over the
+                // network yet.
+                Target::Running(mut c) => c.admin_replace(
+                    new.to_string(),
+                    at_epoch,
+                    threshold,
+                    old.map(|o| o.to_string()),
+                )?,
+                Target::Stopped(d) => {
+                    let (me, fleet) = fleet(*d, &homes)?;
+                    let devices: Vec<&Device> = match &fleet {
+                        Some(f) => f.devices().iter().map(|d| &**d).collect(),
+                        None => vec![&me],
+                    };
+                    let r = ops::admin_replace(&devices, new, at_epoch, threshold, old)?;
+                    if let Some(f) = &fleet {
+                        f.sync()?;
+                    }
+                    r
+                }
+            };
+            Ok(replaced_output(r))
+        }
+        AdminCommand::Status => {
+            let s = match Target::open(home)? {
+                Target::Running(mut c) => c.admin_status()?,
+                Target::Stopped(d) => admin::status(&d)?,
+            };
+            Ok(admin_status_output(s))
+        }
+    }
+}
+
+fn replaced_output(r: AdminReplaced) -> Output {
+    let human = format!(
+        "{} becomes admin at epoch {}{}",
+        r.new_admin,
+        r.activation_epoch,
+        if r.threshold_signed {
+            " (threshold-signed by the authority)"
+        } else {
+            ""
+        }
+    );
+    Output::new(r, human)
+}
+
+fn admin_status_output(s: AdminStatus) -> Output {
+    let mut human = format!(
+        "admin {}\ncurrent epoch {}\n",
+        s.admin.as_deref().unwrap_or("-"),
+        s.current_epoch
+    );
+    for r in &s.replacements {
+        human.push_str(&format!(
+            "{} -> {} at epoch {}{}{}\n",
+            short(&r.old_admin),
+            short(&r.new_admin),
+            r.activation_epoch,
+            if r.certified {
+                ", threshold-signed"
+            } else {
+                ""
+            },
+            if r.in_effect { "" } else { " (scheduled)" },
+        ));
+    }
+    human.push_str(&format!(
+        "{} facts kept as evidence but ignored",
+        s.ignored_facts
+    ));
+    Output::new(s, human)
+}

@@ -13,9 +13,8 @@ use tend_node::admin::{self, AdminStatus};
 use tend_node::control::ops::{self, AdminReplaced};
 use tend_node::Device;
 
-use crate::maint::MemberHomes;
 use crate::output::{CmdResult, Output};
-use crate::target::{fleet, short, target_with_homes as target, Target};
+use crate::target::{fleet, short, target_with_homes as target, MemberHomes, Target};
 
 #[derive(Subcommand, Debug)]
 pub enum AdminCommand {

@@ -6,7 +6,7 @@
 //! Without a running device the store is opened here, and ceremonies run among the member
 //! homes given with `--member-home`, in this process (`tend_node::fleet`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use clap::{Args as ClapArgs, Subcommand};
@@ -19,7 +19,7 @@ use tend_node::{AuthorityStatus, Device, GcPolicy, GcReport, SnapshotStatus};
 
 use crate::output::CmdResult;
 use crate::output::Output;
-use crate::target::Target;
+use crate::target::{MemberHomes, Target};
 
 #[derive(Subcommand, Debug)]
 pub enum AuthorityCommand {
@@ -51,15 +51,6 @@ pub enum SnapshotCommand {
     Status,
     /// Show or set when this device proposes a snapshot by itself.
     Triggers(crate::backup::TriggersArgs),
-}
-
-/// Where the other members' homes are (their devices must not be running).
-#[derive(ClapArgs, Debug)]
-pub struct MemberHomes {
-    /// Home directory of another member device, to run the ceremony with in this process
-    /// (only when this device is not running; a running device uses the network).
-    #[arg(long = "member-home", value_name = "DIR")]
-    pub member_homes: Vec<PathBuf>,
 }
 
 /// `tend gc` options. On a running device, compaction waits until no sync session holds

@@ -2,14 +2,14 @@
 //! the store), or the stopped one, through the store opened here. Both give the same
 //! result structs, so a command prints the same thing either way.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tend_node::control::Client;
 use tend_node::fleet::LocalFleet;
 use tend_node::Device;
 
-use crate::maint::MemberHomes;
+use clap::Args as ClapArgs;
 
 /// The device in a home.
 pub enum Target {
@@ -71,4 +71,13 @@ pub(crate) fn target_with_homes(
 
 pub(crate) fn short(id: &str) -> &str {
     id.get(..16).unwrap_or(id)
+}
+
+/// Where the other members' homes are (their devices must not be running).
+#[derive(ClapArgs, Debug)]
+pub struct MemberHomes {
+    /// Home directory of another member device, to run the ceremony with in this process
+    /// (only when this device is not running; a running device uses the network).
+    #[arg(long = "member-home", value_name = "DIR")]
+    pub member_homes: Vec<PathBuf>,
 }

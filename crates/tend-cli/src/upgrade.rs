@@ -14,9 +14,8 @@ use tend_core::{Hash32, ProtocolVersion};
 use tend_node::control::ops::{self, Activated, Published, UpgradeSettings};
 use tend_node::upgrade::{self, ApplyReport, Skip, UpgradeEvent, UpgradeStatus};
 
-use crate::maint::MemberHomes;
 use crate::output::{CmdResult, Output};
-use crate::target::{fleet, short, target_with_homes as target, Target};
+use crate::target::{fleet, short, target_with_homes as target, MemberHomes, Target};
 
 #[derive(Subcommand, Debug)]
 pub enum UpgradeCommand {

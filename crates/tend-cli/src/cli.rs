@@ -48,15 +48,15 @@ pub enum Command {
     Journal(JournalCommand),
     /// The authority: members, threshold key, identity epoch.
     #[command(subcommand)]
-    Authority(crate::maint::AuthorityCommand),
+    Authority(crate::authority::AuthorityCommand),
     /// Threshold-signed snapshots.
     #[command(subcommand)]
-    Snapshot(crate::maint::SnapshotCommand),
+    Snapshot(crate::snapshot::SnapshotCommand),
     /// Prune what the latest verified snapshot covers, and compact the store.
     ///
     /// On a running device `tend gc` works through its control socket; compaction there
     /// waits for a moment when no sync session holds the store.
-    Gc(crate::maint::GcArgs),
+    Gc(crate::gc::GcArgs),
     /// Run the device: sync with peers over the network until SIGINT or SIGTERM.
     Run(crate::net::RunArgs),
     /// Serve a rendezvous point: devices publish signed, expiring address records to it and
@@ -180,9 +180,9 @@ pub fn run(args: Args) -> CmdResult {
             }
             Ok(Output::new(status, human))
         }
-        Command::Authority(cmd) => crate::maint::authority(&home, cmd),
-        Command::Snapshot(cmd) => crate::maint::snapshot(&home, cmd),
-        Command::Gc(args) => crate::maint::gc(&home, args),
+        Command::Authority(cmd) => crate::authority::authority(&home, cmd),
+        Command::Snapshot(cmd) => crate::snapshot::snapshot(&home, cmd),
+        Command::Gc(args) => crate::gc::gc(&home, args),
         Command::Upgrade(cmd) => crate::upgrade::upgrade(&home, cmd),
         Command::Admin(cmd) => crate::admin::admin(&home, cmd),
         Command::Cache(cmd) => crate::cache::cache(&home, cmd),

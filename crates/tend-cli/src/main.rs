@@ -3,15 +3,17 @@
 //! Errors print as one line on stderr (`error: ...`) with a non-zero exit code.
 
 mod admin;
+mod authority;
 mod backup;
 mod cache;
 mod cli;
 mod data;
 mod devnet;
+mod gc;
 mod limits;
-mod maint;
 mod net;
 mod output;
+mod snapshot;
 mod target;
 mod upgrade;
 

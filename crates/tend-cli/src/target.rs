@@ -81,3 +81,31 @@ pub struct MemberHomes {
     #[arg(long = "member-home", value_name = "DIR")]
     pub member_homes: Vec<PathBuf>,
 }
+
+pub(crate) fn member_fleet(
+    home: &Path,
+    homes: &MemberHomes,
+) -> Result<LocalFleet, Box<dyn std::error::Error>> {
+    let mut devices = vec![Arc::new(Device::open(home)?)];
+    for h in &homes.member_homes {
+        devices.push(Arc::new(Device::open(h)?));
+    }
+    Ok(LocalFleet::new(devices))
+}
+
+/// The running device's control client, when there is one and no `--member-home` was
+/// given (member homes of running devices are locked by them).
+pub(crate) fn running_without_member_homes(
+    home: &Path,
+    homes: &MemberHomes,
+) -> Result<Option<Client>, Box<dyn std::error::Error>> {
+    let client = Client::connect(home)?;
+    if client.is_some() && !homes.member_homes.is_empty() {
+        return Err(
+            "the device is running: the ceremony runs over the network with the \
+                    running members; drop --member-home"
+                .into(),
+        );
+    }
+    Ok(client)
+}

@@ -5,14 +5,11 @@
 //! Values are bytes everywhere: base64 in JSON, raw on the CLI's stdout.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use tend_core::app::{
-    check_key, check_name, CachePut, Delete, Entry, LogCursor, Put, Space, Trim, Value,
-    INLINE_VALUE_MAX,
-};
-use tend_core::maintenance::{BlobTombstone, MaintenanceFact};
-use tend_core::{ContentId, DataOp, Epoch, FactId, Payload, VerifiedFact};
+use tend_core::app::{check_key, check_name, Entry, LogCursor, Value};
+use tend_core::{DataOp, Epoch, FactId, Payload};
 
 use crate::device::{Device, DeviceError};
+use crate::write::WritePlan;
 
 /// Largest value a put accepts (larger values go through the blob store in chunks, but a
 /// value is still read whole by `get`).
@@ -84,6 +81,9 @@ pub enum DataRequest {
     CachePut { key: String, value: Bytes64 },
     /// Reads a cache entry: valid, stale or absent.
     CacheGet { key: String },
+    /// Several writes committed in one transaction, or none (each later write sees the
+    /// earlier ones: a put supersedes the put before it of the same key).
+    Batch { ops: Vec<DataRequest> },
 }
 
 impl DataRequest {
@@ -96,6 +96,7 @@ impl DataRequest {
                 | DataRequest::LogAppend { .. }
                 | DataRequest::LogTrim { .. }
                 | DataRequest::CachePut { .. }
+                | DataRequest::Batch { .. }
         )
     }
 }
@@ -177,16 +178,78 @@ pub enum DataResponse {
     Scan(Vec<ValueRead>),
     Log(Vec<LogEntry>),
     Cache(CacheRead),
+    /// What each write of a batch made, in order.
+    Batch(Vec<Written>),
+}
+
+/// Most writes in one batch.
+pub const MAX_BATCH: usize = 100_000;
+
+/// Adds one write request to a plan; reads are refused.
+fn plan(p: &mut WritePlan<'_>, request: DataRequest) -> Result<(), DeviceError> {
+    match request {
+        DataRequest::Put {
+            collection,
+            key,
+            value,
+        } => p.put(&collection, &key, &value.0),
+        DataRequest::Delete { collection, key } => p.delete(&collection, &key),
+        DataRequest::LogAppend { log, data } => {
+            check(check_name("log name", &log))?;
+            if data.0.len() > tend_core::data::MAX_ENTRY_BYTES {
+                return Err(DeviceError::InvalidInput(format!(
+                    "a log entry is {} bytes, the limit is {}",
+                    data.0.len(),
+                    tend_core::data::MAX_ENTRY_BYTES
+                )));
+            }
+            p.append(&log, &data.0)
+        }
+        DataRequest::LogTrim { log, before } => p.trim(&log, check(before.parse::<LogCursor>())?),
+        DataRequest::CachePut { key, value } => {
+            check(check_name("cache key", &key))?;
+            p.cache_put(&key, &value.0)
+        }
+        DataRequest::Batch { .. } => Err(DeviceError::InvalidInput(
+            "a batch cannot hold another batch".into(),
+        )),
+        _ => Err(DeviceError::InvalidInput(
+            "a batch holds writes only (put, delete, log_append, log_trim, cache_put)".into(),
+        )),
+    }
+}
+
+/// One write, committed on its own.
+fn write_one(device: &Device, request: DataRequest) -> Result<Written, DeviceError> {
+    let mut p = WritePlan::new(device)?;
+    plan(&mut p, request)?;
+    p.commit()?
+        .into_iter()
+        .next()
+        .ok_or_else(|| DeviceError::InvalidInput("nothing was written".into()))
 }
 
 /// Carries out a data request on a device.
 pub fn run(device: &Device, request: DataRequest) -> Result<DataResponse, DeviceError> {
     Ok(match request {
-        DataRequest::Put {
-            collection,
-            key,
-            value,
-        } => DataResponse::Written(device.put(&collection, &key, &value.0)?),
+        r @ (DataRequest::Put { .. }
+        | DataRequest::Delete { .. }
+        | DataRequest::LogAppend { .. }
+        | DataRequest::LogTrim { .. }
+        | DataRequest::CachePut { .. }) => DataResponse::Written(write_one(device, r)?),
+        DataRequest::Batch { ops } => {
+            if ops.len() > MAX_BATCH {
+                return Err(DeviceError::InvalidInput(format!(
+                    "a batch holds at most {MAX_BATCH} writes, not {}",
+                    ops.len()
+                )));
+            }
+            let mut p = WritePlan::new(device)?;
+            for op in ops {
+                plan(&mut p, op)?;
+            }
+            DataResponse::Batch(p.commit()?)
+        }
         DataRequest::Get { collection, key } => {
             check(check_name("collection name", &collection))?;
             check(check_key(&key))?;
@@ -195,9 +258,6 @@ pub fn run(device: &Device, request: DataRequest) -> Result<DataResponse, Device
                 Some(e) => Some(device.read_entry(&key, &e)?),
                 None => None,
             })
-        }
-        DataRequest::Delete { collection, key } => {
-            DataResponse::Written(device.delete(&collection, &key)?)
         }
         DataRequest::Scan {
             collection,
@@ -216,15 +276,6 @@ pub fn run(device: &Device, request: DataRequest) -> Result<DataResponse, Device
                 out.push(device.read_entry(key, &e)?);
             }
             DataResponse::Scan(out)
-        }
-        DataRequest::LogAppend { log, data } => {
-            let f = device.add_application_fact(&log, &data.0)?;
-            DataResponse::Written(Written {
-                id: f.id().to_string(),
-                epoch: f.epoch().0,
-                cursor: LogCursor::of(&f).map(|c| c.to_string()),
-                blob: None,
-            })
         }
         DataRequest::LogRead { log, after, limit } => {
             check(check_name("log name", &log))?;
@@ -247,23 +298,6 @@ pub fn run(device: &Device, request: DataRequest) -> Result<DataResponse, Device
                 });
             }
             DataResponse::Log(out)
-        }
-        DataRequest::LogTrim { log, before } => {
-            let before = check(before.parse::<LogCursor>())?;
-            let op = DataOp::Trim(Trim { log, before });
-            check(op.check())?;
-            DataResponse::Written(written(&device.append(Payload::Data(op))?, None))
-        }
-        DataRequest::CachePut { key, value } => {
-            let ns = device.namespace();
-            let supersedes = device.store().app_state(ns)?.heads(Space::Cache, "", &key);
-            let op = DataOp::CachePut(CachePut {
-                key,
-                value: serde_bytes::ByteBuf::from(value.0),
-                supersedes,
-            });
-            check(op.check())?;
-            DataResponse::Written(written(&device.append(Payload::Data(op))?, None))
         }
         DataRequest::CacheGet { key } => {
             check(check_name("cache key", &key))?;
@@ -324,82 +358,28 @@ fn corrupt(id: FactId) -> DeviceError {
     DeviceError::InvalidInput(format!("fact {id} is not the kind its index says"))
 }
 
-fn written(f: &VerifiedFact, blob: Option<ContentId>) -> Written {
-    Written {
-        id: f.id().to_string(),
-        epoch: f.epoch().0,
-        cursor: None,
-        blob: blob.map(|c| c.to_string()),
-    }
-}
-
 impl Device {
-    /// `put(collection, key, value)`: supersedes every head of the key this device holds,
-    /// so the device reads its own latest write. A value above
-    /// [`INLINE_VALUE_MAX`] goes to the blob store and the fact names its CID; the blobs of
-    /// values it overwrites are tombstoned, so GC reclaims them once a snapshot covers that.
+    /// `put(collection, key, value)` (see [`WritePlan::put`]), committed on its own.
     pub fn put(&self, collection: &str, key: &str, value: &[u8]) -> Result<Written, DeviceError> {
-        check(check_name("collection name", collection))?;
-        check(check_key(key))?;
-        if value.len() > MAX_VALUE_BYTES {
-            return Err(DeviceError::InvalidInput(format!(
-                "the value is {} bytes, the limit is {MAX_VALUE_BYTES}",
-                value.len()
-            )));
-        }
-        let ns = self.namespace();
-        let heads = self
-            .store()
-            .app_state(ns)?
-            .head_keys(Space::Collection, collection, key);
-        let supersedes = heads.iter().map(|(_, id)| *id).collect();
-        let stored = if value.len() > INLINE_VALUE_MAX {
-            let cid = self.store().put_blob(tend_core::ids::CODEC_RAW, value)?;
-            Value::Blob {
-                cid,
-                len: value.len() as u64,
-            }
-        } else {
-            Value::Inline(serde_bytes::ByteBuf::from(value.to_vec()))
-        };
-        let blob = stored.blob();
-        let overwritten = self.blobs_of(&heads)?;
-        let op = DataOp::Put(Put {
-            collection: collection.into(),
-            key: key.into(),
-            value: stored,
-            supersedes,
-        });
-        check(op.check())?;
-        let fact = self.append(Payload::Data(op))?;
-        self.tombstone(overwritten.into_iter().filter(|c| Some(*c) != blob))?;
-        Ok(written(&fact, blob))
+        write_one(
+            self,
+            DataRequest::Put {
+                collection: collection.into(),
+                key: key.into(),
+                value: Bytes64(value.to_vec()),
+            },
+        )
     }
 
-    /// `delete(collection, key)`: supersedes every head of the key; fails if the key is
-    /// absent here.
+    /// `delete(collection, key)` (see [`WritePlan::delete`]), committed on its own.
     pub fn delete(&self, collection: &str, key: &str) -> Result<Written, DeviceError> {
-        check(check_name("collection name", collection))?;
-        check(check_key(key))?;
-        let ns = self.namespace();
-        let state = self.store().app_state(ns)?;
-        if state.get(collection, key).is_none() {
-            return Err(DeviceError::NotFound(format!(
-                "{collection}/{key} is absent: nothing to delete"
-            )));
-        }
-        let heads = state.head_keys(Space::Collection, collection, key);
-        let overwritten = self.blobs_of(&heads)?;
-        let supersedes = heads.iter().map(|(_, id)| *id).collect();
-        let op = DataOp::Delete(Delete {
-            collection: collection.into(),
-            key: key.into(),
-            supersedes,
-        });
-        check(op.check())?;
-        let fact = self.append(Payload::Data(op))?;
-        self.tombstone(overwritten)?;
-        Ok(written(&fact, None))
+        write_one(
+            self,
+            DataRequest::Delete {
+                collection: collection.into(),
+                key: key.into(),
+            },
+        )
     }
 
     /// The value and versions of a key's entry.
@@ -455,26 +435,5 @@ impl Device {
         stored
             .author_payload()
             .map_err(|e| DeviceError::InvalidInput(format!("stored fact {id}: {e}")))
-    }
-
-    /// The blobs that the named puts' values live in.
-    fn blobs_of(&self, heads: &[(Epoch, FactId)]) -> Result<Vec<ContentId>, DeviceError> {
-        let mut out = Vec::new();
-        for (epoch, id) in heads {
-            if let (_, Payload::Data(DataOp::Put(p))) = self.load_payload(*epoch, *id)? {
-                out.extend(p.value.blob());
-            }
-        }
-        Ok(out)
-    }
-
-    /// Writes a `BlobTombstone` for each blob.
-    fn tombstone(&self, cids: impl IntoIterator<Item = ContentId>) -> Result<(), DeviceError> {
-        for cid in cids {
-            self.append(Payload::Maintenance(MaintenanceFact::BlobTombstone(
-                BlobTombstone { cid },
-            )))?;
-        }
-        Ok(())
     }
 }

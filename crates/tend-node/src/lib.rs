@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod node;
 pub mod reissue;
 pub mod upgrade;
+pub mod write;
 
 pub use device::{
     AuthorityStatus, Device, DeviceError, FactSummary, GcPolicy, GcReport, JournalStatus,

@@ -18,6 +18,10 @@ pub struct Args {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// How log lines on stderr look (which ones: `RUST_LOG`, default warnings and errors
+    /// of the tend crates).
+    #[arg(long, global = true, value_enum, default_value_t = crate::logs::LogFormat::Text, env = "TEND_LOG_FORMAT")]
+    pub log_format: crate::logs::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -11,6 +11,7 @@ mod data;
 mod devnet;
 mod gc;
 mod limits;
+mod logs;
 mod net;
 mod output;
 mod snapshot;
@@ -47,6 +48,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    logs::install(args.log_format);
     let json = args.json;
     match cli::run(args) {
         Ok(out) => {

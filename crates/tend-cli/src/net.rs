@@ -117,7 +117,7 @@ pub fn run(home: &Path, args: RunArgs, json: bool) -> CmdResult {
                 Ok((TriggerDecision::Propose { target_epoch, .. }, _)) => Some(target_epoch),
                 Ok(_) => None,
                 Err(e) => {
-                    eprintln!("warning: snapshot triggers: {e}");
+                    tracing::warn!("snapshot triggers: {e}");
                     None
                 }
             }

@@ -438,8 +438,16 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
 
     p.step("application facts", || {
         for (i, n) in nodes.iter().enumerate() {
-            for j in 0..args.facts {
-                n.add_fact("devnet", format!("device {i} fact {j}").as_bytes())?;
+            // Batches of 10,000 appends, each one transaction (`DataRequest::Batch`).
+            for chunk in (0..args.facts).collect::<Vec<_>>().chunks(10_000) {
+                let ops = chunk
+                    .iter()
+                    .map(|j| tend_node::data::DataRequest::LogAppend {
+                        log: "devnet".into(),
+                        data: tend_node::data::Bytes64(format!("device {i} fact {j}").into_bytes()),
+                    })
+                    .collect();
+                tend_node::data::run(n.device(), tend_node::data::DataRequest::Batch { ops })?;
             }
             write_application_data(n, i)?;
         }

@@ -60,9 +60,11 @@
 pub mod corpus;
 pub mod device;
 pub mod invariants;
+pub mod scenario;
 pub mod sim;
 
-pub use sim::{Report, Sim, SimConfig, Stats};
+pub use scenario::{Scenario, SCENARIOS};
+pub use sim::{NetFaults, PartitionStyle, Report, Sim, SimConfig, Stats};
 
 /// Runs one seed with the CI shape.
 pub fn run_seed(seed: u64, steps: usize) -> Report {

@@ -1,7 +1,8 @@
 //! `tend-sim`: run the deterministic simulator for one seed or a range of seeds.
 //!
 //! `tend-sim --seed N [--steps S]` replays one run; `tend-sim --seeds A..B` runs many and
-//! prints each failing seed with the command that replays it.
+//! prints each failing seed with the command that replays it. `--scenario NAME` plays a
+//! named scenario (`--list-scenarios` lists them).
 
 use std::process::ExitCode;
 
@@ -15,6 +16,7 @@ fn main() -> ExitCode {
     let mut seeds = (0u64, 100u64);
     let mut steps = 60usize;
     let mut verbose = false;
+    let mut scenario = tend_sim::scenario::find("default").expect("the default scenario");
     // Switches that turn off one fix each, to replay the bug it fixed.
     let mut no_revalidate = false;
     let mut no_dkg_persist = false;
@@ -55,6 +57,16 @@ fn main() -> ExitCode {
                 i += 1;
                 continue;
             }
+            "--scenario" => match tend_sim::scenario::find(&val) {
+                Some(s) => scenario = s,
+                None => return usage(&format!("unknown scenario {val:?} (see --list-scenarios)")),
+            },
+            "--list-scenarios" => {
+                for s in tend_sim::SCENARIOS {
+                    println!("{:<22} {}", s.name, s.about);
+                }
+                return ExitCode::SUCCESS;
+            }
             "--write-corpus" => {
                 return match tend_sim::corpus::write(std::path::Path::new(&val)) {
                     Ok(n) => {
@@ -71,7 +83,7 @@ fn main() -> ExitCode {
     }
     let mut failed = 0;
     for seed in seeds.0..seeds.1 {
-        let mut cfg = tend_sim::SimConfig::small(seed, steps);
+        let mut cfg = scenario.config(seed, steps);
         cfg.revalidate_on_membership_change = !no_revalidate;
         cfg.dkg_persists_change = !no_dkg_persist;
         cfg.dkg_binds_maintenance_epoch = !no_dkg_epoch;
@@ -89,6 +101,9 @@ fn main() -> ExitCode {
                 println!("  - {v}");
             }
             let mut flags = String::new();
+            if scenario.name != "default" {
+                flags.push_str(&format!(" --scenario {}", scenario.name));
+            }
             for (on, name) in [
                 (no_revalidate, " --no-revalidate"),
                 (no_dkg_persist, " --no-dkg-persist"),
@@ -107,7 +122,11 @@ fn main() -> ExitCode {
         }
     }
     let total = seeds.1.saturating_sub(seeds.0);
-    println!("{} of {total} seeds passed", total - failed);
+    println!(
+        "{}: {} of {total} seeds passed",
+        scenario.name,
+        total - failed
+    );
     if failed == 0 {
         ExitCode::SUCCESS
     } else {
@@ -120,7 +139,7 @@ fn usage(err: &str) -> ExitCode {
         eprintln!("error: {err}");
     }
     eprintln!(
-        "usage: tend-sim [--seed N | --seeds A..B] [--steps S] [--no-revalidate] [--no-dkg-persist] [--no-dkg-epoch] [--no-vote-lock]\n                [--no-stale-drop] [--no-gc-liveness]\n       tend-sim --write-corpus DIR"
+        "usage: tend-sim [--scenario NAME] [--seed N | --seeds A..B] [--steps S] [--no-revalidate] [--no-dkg-persist] [--no-dkg-epoch] [--no-vote-lock]\n                [--no-stale-drop] [--no-gc-liveness]\n       tend-sim --list-scenarios\n       tend-sim --write-corpus DIR"
     );
     if err.is_empty() {
         ExitCode::SUCCESS

@@ -20,8 +20,8 @@ use tend_snapshot::{
     CeremonyEvent, CeremonyInput, CeremonyOutput, Recipient, SignerKey, SnapshotEngine,
 };
 use tend_sync::{
-    FenceStatus, LocalView, ManagerAction, ManagerConfig, ManagerError, SessionConfig, SessionId,
-    SessionManager, SessionResult,
+    FenceStatus, LocalView, ManagerAction, ManagerConfig, ManagerError, RefuseReason,
+    SessionConfig, SessionId, SessionManager, SessionResult,
 };
 
 use crate::device::{Core, Key, Settled};
@@ -57,6 +57,64 @@ pub struct SimConfig {
     /// the device's own prefix but not in the snapshot's (the fix for seed 111; off, a
     /// device that settled without some covered facts reads stale values forever).
     pub settle_drops_stale: bool,
+    /// Network faults during the workload (the heal phase is clean).
+    pub net: NetFaults,
+    /// How the workload partitions the devices.
+    pub partitions: PartitionStyle,
+    /// One device (the last) installs no upgrade before the heal phase, so an activated
+    /// fence leaves it a release behind: it must be refused sessions with a reason and no
+    /// session may cross the fence until it catches up.
+    pub fence_laggard: bool,
+    /// Every published upgrade carries an activation fence (else half do).
+    pub always_fence: bool,
+    /// Chance, per workload step, of an extra upgrade step (publish, install, activate).
+    pub extra_upgrades: f64,
+    /// Chance that a device crashes while installing an upgrade: half the time before the
+    /// new release is on disk, half the time after it but before its `UpgradeReady` is.
+    pub install_crash: f64,
+    /// The admin publishes two packages at once (same or consecutive versions, each with
+    /// its own fence).
+    pub concurrent_publish: bool,
+    /// Largest offset, in ms, of a device's local clock from the simulated time (each
+    /// device gets a random offset in `0..=clock_skew_ms` and a drift of up to +-5%);
+    /// 0 means every device reads the same clock.
+    pub clock_skew_ms: u64,
+}
+
+/// Network fault rates, per message, and the latency range.
+#[derive(Clone, Copy, Debug)]
+pub struct NetFaults {
+    pub drop: f64,
+    pub dup: f64,
+    pub reorder: f64,
+    pub min_latency_ms: u64,
+    pub max_latency_ms: u64,
+}
+
+impl NetFaults {
+    /// The default workload's faults: 5% loss, 3% duplication, 3% reordering, 1-40 ms.
+    pub const DEFAULT: Self = Self {
+        drop: 0.05,
+        dup: 0.03,
+        reorder: 0.03,
+        min_latency_ms: 1,
+        max_latency_ms: 40,
+    };
+}
+
+/// How the workload partitions the devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartitionStyle {
+    /// Now and then a random split into two groups; now and then a heal.
+    TwoGroups,
+    /// Now and then a 2/2/1 split (five devices: three groups); now and then a heal.
+    ThreeWay,
+    /// Partitions that last about 100 ms: within each step the network flips between a
+    /// heal, a fresh two-group split, and a cascade (one split heals as another starts).
+    Flapping,
+    /// The partition starts while sync sessions are in flight: every device opens
+    /// sessions, a few ms later a split cuts the messages of the open sessions.
+    MidSession,
 }
 
 impl SimConfig {
@@ -73,6 +131,14 @@ impl SimConfig {
             signers_lock_epoch: true,
             gc_keeps_live_facts: true,
             settle_drops_stale: true,
+            net: NetFaults::DEFAULT,
+            partitions: PartitionStyle::TwoGroups,
+            fence_laggard: false,
+            always_fence: false,
+            extra_upgrades: 0.0,
+            install_crash: 0.0,
+            concurrent_publish: false,
+            clock_skew_ms: 0,
         }
     }
 }
@@ -109,6 +175,12 @@ pub struct Stats {
     pub dropped: u64,
     pub duplicated: u64,
     pub heal_rounds: u64,
+    /// Open sessions whose two ends a partition separated (messages in flight cut).
+    pub sessions_cut: u64,
+    /// Sessions refused because one side did not satisfy an activated fence.
+    pub fence_refusals: u64,
+    /// Crashes in the middle of installing an upgrade.
+    pub install_crashes: u64,
 }
 
 /// The result of one run.
@@ -173,19 +245,11 @@ pub struct Oracle {
     pub facts: BTreeMap<Key, (VerifiedFact, BTreeSet<usize>)>,
 }
 
-/// Network fault rates, per message.
-#[derive(Clone, Copy, Debug)]
-struct Faults {
-    drop: f64,
-    dup: f64,
-    reorder: f64,
-    max_latency_ms: u64,
-}
-
-const CLEAN: Faults = Faults {
+const CLEAN: NetFaults = NetFaults {
     drop: 0.0,
     dup: 0.0,
     reorder: 0.0,
+    min_latency_ms: 1,
     max_latency_ms: 5,
 };
 
@@ -209,8 +273,12 @@ pub struct Sim {
     routes: BTreeMap<(usize, u64, SessionId), Route>,
     /// Group a device is in; devices in different groups cannot talk.
     partition: Vec<u8>,
-    faults: Faults,
+    faults: NetFaults,
     ids: Vec<DeviceId>,
+    /// Whether the heal phase runs (no fault is injected then).
+    healing: bool,
+    /// Per device, with clock skew: (offset, rate) of its local clock.
+    clocks: Vec<(Duration, f64)>,
 }
 
 fn manager_config() -> ManagerConfig {
@@ -304,7 +372,20 @@ impl Sim {
             partition: vec![0; n],
             faults: CLEAN,
             ids,
+            healing: false,
+            clocks: Vec::new(),
         };
+        if sim.cfg.clock_skew_ms > 0 {
+            // A stream of its own, so the rest of the run draws as without skew.
+            let mut r = StdRng::seed_from_u64(sim.cfg.seed ^ 0x5eed_c10c);
+            let max = sim.cfg.clock_skew_ms;
+            sim.clocks = (0..n)
+                .map(|_| {
+                    let offset = Duration::from_millis(r.gen_range(0..=max));
+                    (offset, r.gen_range(0.95..=1.05))
+                })
+                .collect();
+        }
         for d in 0..n {
             sim.collect_durable(d);
         }
@@ -329,12 +410,7 @@ impl Sim {
 
     /// Like [`Sim::run`], keeping the simulation for inspection.
     pub fn execute(&mut self) {
-        self.faults = Faults {
-            drop: 0.05,
-            dup: 0.03,
-            reorder: 0.03,
-            max_latency_ms: 40,
-        };
+        self.faults = self.cfg.net;
         for _ in 0..self.cfg.steps {
             self.random_step();
         }
@@ -342,8 +418,21 @@ impl Sim {
         crate::invariants::check(self);
     }
 
-    fn now_ms(&self) -> u64 {
-        self.now.as_millis() as u64
+    /// Device `d`'s local clock: the simulated time, or with clock skew, an offset plus
+    /// the simulated time run at the device's rate.
+    fn clock(&self, d: usize) -> Duration {
+        match self.clocks.get(d) {
+            Some(&(offset, rate)) => offset + self.now.mul_f64(rate),
+            None => self.now,
+        }
+    }
+
+    /// The simulated time at which device `d`'s local clock reads `t`.
+    fn global_time(&self, d: usize, t: Duration) -> Duration {
+        match self.clocks.get(d) {
+            Some(&(offset, rate)) => t.saturating_sub(offset).div_f64(rate),
+            None => t,
+        }
     }
 
     fn push(&mut self, at: Duration, e: Event) {
@@ -380,7 +469,10 @@ impl Sim {
             1
         };
         for _ in 0..copies {
-            let latency = Duration::from_millis(self.rng.gen_range(1..=self.faults.max_latency_ms));
+            let latency = Duration::from_millis(
+                self.rng
+                    .gen_range(self.faults.min_latency_ms..=self.faults.max_latency_ms),
+            );
             let mut at = self.now + latency;
             // Sync streams are ordered (one QUIC stream) unless a reorder fault strikes.
             if matches!(d.msg, Msg::Sync { .. }) && !self.rng.gen_bool(self.faults.reorder) {
@@ -430,7 +522,10 @@ impl Sim {
                         bytes,
                     });
                 }
-                ManagerAction::WakeAt(t) => self.push(t.max(self.now), Event::Wake { d, inc }),
+                ManagerAction::WakeAt(t) => {
+                    let at = self.global_time(d, t).max(self.now);
+                    self.push(at, Event::Wake { d, inc })
+                }
                 ManagerAction::Closed {
                     session, outcome, ..
                 } => {
@@ -444,6 +539,16 @@ impl Sim {
                         }
                         other => {
                             self.stats.sessions_failed += 1;
+                            if matches!(
+                                other,
+                                SessionResult::Refused {
+                                    reason: RefuseReason::FenceNotSatisfied { .. }
+                                        | RefuseReason::PeerFenceNotSatisfied { .. },
+                                    ..
+                                }
+                            ) {
+                                self.stats.fence_refusals += 1;
+                            }
                             let key = format!("{other:?}");
                             let key = key.chars().take(60).collect::<String>();
                             *self.failures.entry(key).or_default() += 1;
@@ -482,7 +587,7 @@ impl Sim {
         if !self.devices[d].online {
             return;
         }
-        let now = self.now;
+        let now = self.clock(d);
         let ie = self.devices[d].core.state.identity_epoch();
         if ie > self.devices[d].session_epoch {
             self.devices[d].session_epoch = ie;
@@ -575,7 +680,7 @@ impl Sim {
         if !self.devices[d].online {
             return;
         }
-        let now_ms = self.now_ms();
+        let now_ms = self.clock(d).as_millis() as u64;
         let dev = &mut self.devices[d];
         let Some(engine) = dev.engine.as_mut() else {
             return;
@@ -641,7 +746,7 @@ impl Sim {
             self.stats.dropped += 1;
             return;
         }
-        let now = self.now;
+        let now = self.clock(to);
         match m.msg {
             Msg::Ceremony => {
                 let from = self.ids[m.from];
@@ -729,7 +834,7 @@ impl Sim {
                 Event::Deliver(m) => self.deliver(m),
                 Event::Wake { d, inc } => {
                     if self.devices[d].online && self.devices[d].inc == inc {
-                        let now = self.now;
+                        let now = self.clock(d);
                         let dev = &mut self.devices[d];
                         let actions = dev.manager.poll(now, &mut dev.core);
                         self.apply(d, actions);
@@ -757,7 +862,7 @@ impl Sim {
             return;
         }
         let local = self.local_view(a);
-        let now = self.now;
+        let now = self.clock(a);
         let inc = self.devices[a].inc;
         let items = self.devices[a].core.session_items();
         let Ok((sid, actions)) = self.devices[a].manager.open(now, peer, local, items) else {
@@ -862,14 +967,15 @@ impl Sim {
                     self.restart(d);
                 }
             }
-            87..=90 => {
-                self.stats.partitions += 1;
-                for p in 0..self.partition.len() {
-                    self.partition[p] = self.rng.gen_range(0..2);
-                }
-            }
+            87..=90 => match self.cfg.partitions {
+                PartitionStyle::MidSession => self.partition_mid_session(),
+                _ => self.split(),
+            },
             91..=95 => self.partition.iter_mut().for_each(|p| *p = 0),
             _ => {}
+        }
+        if self.cfg.extra_upgrades > 0.0 && self.rng.gen_bool(self.cfg.extra_upgrades) {
+            self.upgrade_step();
         }
         for d in 0..self.devices.len() {
             if self.devices[d].online && self.rng.gen_bool(0.3) {
@@ -877,11 +983,81 @@ impl Sim {
                 self.collect_durable(d);
             }
         }
-        let until = self.now + Duration::from_millis(400);
-        self.run_until(until);
+        if self.cfg.partitions == PartitionStyle::Flapping {
+            // Four slices of 100 ms; before each the network may flip.
+            for _ in 0..4 {
+                match self.rng.gen_range(0..10) {
+                    0..=2 => self.partition.iter_mut().for_each(|p| *p = 0),
+                    3..=5 => self.split(),
+                    6..=7 => self.cascade(),
+                    _ => {}
+                }
+                let until = self.now + Duration::from_millis(100);
+                self.run_until(until);
+            }
+        } else {
+            let until = self.now + Duration::from_millis(400);
+            self.run_until(until);
+        }
         for d in 0..self.devices.len() {
             self.feed(d, CeremonyInput::Tick);
         }
+    }
+
+    /// A new partition in the configured style: two random groups, or a 2/2/1 split.
+    fn split(&mut self) {
+        self.stats.partitions += 1;
+        if self.cfg.partitions == PartitionStyle::ThreeWay {
+            let mut order: Vec<usize> = (0..self.partition.len()).collect();
+            for i in (1..order.len()).rev() {
+                let j = self.rng.gen_range(0..=i);
+                order.swap(i, j);
+            }
+            // 2/2/1 with five devices (groups of two, the rest alone, with fewer).
+            for (k, d) in order.into_iter().enumerate() {
+                self.partition[d] = [0, 0, 1, 1, 2][k.min(4)];
+            }
+        } else {
+            for p in 0..self.partition.len() {
+                self.partition[p] = self.rng.gen_range(0..2);
+            }
+        }
+    }
+
+    /// A cascading partition: one group's cut heals as another starts. One device of
+    /// the current minority side rejoins the others, and a different device is cut off.
+    fn cascade(&mut self) {
+        let n = self.partition.len();
+        let cut: Vec<usize> = (0..n).filter(|d| self.partition[*d] != 0).collect();
+        let whole: Vec<usize> = (0..n).filter(|d| self.partition[*d] == 0).collect();
+        let (Some(back), Some(out)) = (self.pick(&cut), self.pick(&whole)) else {
+            return self.split();
+        };
+        self.stats.partitions += 1;
+        self.partition[back] = 0;
+        self.partition[out] = 3;
+    }
+
+    /// Every online device opens a session to a member; a few ms later, while those
+    /// sessions are in flight, a two-group split cuts them.
+    fn partition_mid_session(&mut self) {
+        for a in self.online() {
+            let peers = self.members_of(a);
+            if let Some(b) = self.pick(&peers) {
+                self.open(a, b);
+            }
+        }
+        let until = self.now + Duration::from_millis(self.rng.gen_range(2..=30));
+        self.run_until(until);
+        self.split();
+        let cut = self
+            .routes
+            .iter()
+            .filter(|((d, inc, _), r)| {
+                self.devices[*d].inc == *inc && self.partition[*d] != self.partition[r.peer]
+            })
+            .count();
+        self.stats.sessions_cut += cut as u64;
     }
 
     /// Device `d` writes one application fact: a log append (`Payload::Application`, log
@@ -1081,27 +1257,35 @@ impl Sim {
                     .chain([self.devices[a].core.durable.version])
                     .max()
                     .unwrap_or(ProtocolVersion::CURRENT);
-                let fence = self
-                    .rng
-                    .gen_bool(0.5)
-                    .then(|| Epoch(s.current_epoch().0 + self.rng.gen_range(0..3)));
-                let mut id = [0u8; 32];
-                self.rng.fill(&mut id);
-                let meta = UpgradeMetadata {
-                    package_id: Hash32(id),
-                    version: ProtocolVersion {
-                        minor: top.minor + 1,
-                        ..top
-                    },
-                    artifact_hash: Hash32(*blake3::hash(&id).as_bytes()),
-                    artifact_size: 1024,
-                    fence,
-                    cohort_percent: 100,
-                };
-                self.stats.upgrades_published += 1;
-                self.devices[a].core.write(Payload::Maintenance(
-                    MaintenanceFact::UpgradePublished(meta),
-                ));
+                let current = s.current_epoch();
+                // Two packages at once: the second at the same version or the next one.
+                let packages = if self.cfg.concurrent_publish { 2 } else { 1 };
+                for k in 0..packages {
+                    let fence = (self.cfg.always_fence || self.rng.gen_bool(0.5))
+                        .then(|| Epoch(current.0 + self.rng.gen_range(0..3)));
+                    let mut id = [0u8; 32];
+                    self.rng.fill(&mut id);
+                    let bump = if k > 0 && self.rng.gen_bool(0.5) {
+                        2
+                    } else {
+                        1
+                    };
+                    let meta = UpgradeMetadata {
+                        package_id: Hash32(id),
+                        version: ProtocolVersion {
+                            minor: top.minor + bump,
+                            ..top
+                        },
+                        artifact_hash: Hash32(*blake3::hash(&id).as_bytes()),
+                        artifact_size: 1024,
+                        fence,
+                        cohort_percent: 100,
+                    };
+                    self.stats.upgrades_published += 1;
+                    self.devices[a].core.write(Payload::Maintenance(
+                        MaintenanceFact::UpgradePublished(meta),
+                    ));
+                }
                 self.after(a);
             }
             1 => {
@@ -1114,6 +1298,9 @@ impl Sim {
             _ => {
                 let Some(a) = self.admin() else { return };
                 self.install_upgrades(a);
+                if !self.devices[a].online {
+                    return; // crashed while installing
+                }
                 let s = &self.devices[a].core.state;
                 let Some(u) = s
                     .upgrades
@@ -1142,6 +1329,13 @@ impl Sim {
 
     /// Device `d` installs the newest upgrade its journal knows and says so.
     fn install_upgrades(&mut self, d: usize) {
+        if !self.devices[d].online {
+            return;
+        }
+        let laggard = self.cfg.fence_laggard && d + 1 == self.devices.len();
+        if laggard && !self.healing {
+            return;
+        }
         let core = &self.devices[d].core;
         let Some(u) = core
             .state
@@ -1163,12 +1357,26 @@ impl Sim {
             .state
             .package_fact_epoch(&ready.package_id)
             .unwrap_or(core.state.current_epoch());
+        // A crash in the install pipeline: before the new release is on disk, or after
+        // it but before the `UpgradeReady` leaves the write buffer.
+        let crash = !self.healing
+            && self.cfg.install_crash > 0.0
+            && self.rng.gen_bool(self.cfg.install_crash);
+        if crash && self.rng.gen_bool(0.5) {
+            self.stats.install_crashes += 1;
+            self.crash(d);
+            return;
+        }
         self.devices[d].core.durable.version = ready.version;
         if member {
             self.devices[d].core.write_at(
                 at,
                 Payload::Maintenance(MaintenanceFact::UpgradeReady(ready)),
             );
+        }
+        if crash {
+            self.stats.install_crashes += 1;
+            self.crash(d);
         }
     }
 
@@ -1246,6 +1454,7 @@ impl Sim {
 
     /// Ends every fault, brings every device back, and syncs until the members agree.
     fn heal(&mut self) {
+        self.healing = true;
         self.faults = CLEAN;
         self.partition.iter_mut().for_each(|p| *p = 0);
         for d in 0..self.devices.len() {

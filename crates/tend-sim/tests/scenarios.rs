@@ -1,0 +1,110 @@
+//! Every named scenario holds every invariant over a few seeds in CI, and the fault it is
+//! named after actually happens (so a passing run means something). Thousands of seeds:
+//! `cargo run -p tend-sim --release -- --scenario NAME --seeds 0..5000`.
+
+use tend_sim::scenario::{find, SCENARIOS};
+use tend_sim::{Sim, Stats};
+
+/// Seeds per scenario in CI, and their steps (the default scenario has its own 300 seeds
+/// in tests/sim.rs).
+const SEEDS: u64 = 12;
+const STEPS: usize = 60;
+
+/// Runs `name` over the CI seeds; panics with the replay line of each failing seed.
+fn run(name: &str) -> Vec<Stats> {
+    let s = find(name).unwrap_or_else(|| panic!("no scenario {name}"));
+    let mut failed = Vec::new();
+    let mut stats = Vec::new();
+    for seed in 0..SEEDS {
+        let report = Sim::new(s.config(seed, STEPS)).run();
+        if !report.violations.is_empty() {
+            failed.push(format!(
+                "seed {seed}: {}\n  replay: cargo run -p tend-sim --release -- --scenario {name} --seed {seed} --steps {STEPS}",
+                report.violations.join("\n    ")
+            ));
+        }
+        stats.push(report.stats);
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    stats
+}
+
+fn sum(stats: &[Stats], f: impl Fn(&Stats) -> u64) -> u64 {
+    stats.iter().map(f).sum()
+}
+
+#[test]
+fn every_scenario_is_listed_and_tested_here() {
+    let tested = [
+        "default",
+        "three-way-split",
+        "lossy-jitter",
+        "flapping",
+        "partition-mid-session",
+        "fence-one-behind",
+        "clock-skew",
+        "crash-during-install",
+        "concurrent-upgrades",
+    ];
+    let listed: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
+    assert_eq!(listed, tested);
+}
+
+#[test]
+fn three_way_split() {
+    let st = run("three-way-split");
+    assert!(sum(&st, |s| s.partitions) > 0);
+    assert!(sum(&st, |s| s.snapshots_completed) > 0);
+}
+
+#[test]
+fn lossy_jitter() {
+    let st = run("lossy-jitter");
+    // About 15% of the messages are lost (partitions and dead peers add to it).
+    let (sent, lost) = (sum(&st, |s| s.messages), sum(&st, |s| s.dropped));
+    assert!(lost * 100 >= sent * 12, "{lost} of {sent} dropped");
+    assert!(sum(&st, |s| s.sessions_completed) > 0);
+}
+
+#[test]
+fn flapping() {
+    let st = run("flapping");
+    // Four chances to flip per step: far more partitions than the default's few.
+    assert!(sum(&st, |s| s.partitions) > SEEDS * STEPS as u64, "{st:?}");
+}
+
+#[test]
+fn partition_mid_session() {
+    let st = run("partition-mid-session");
+    assert!(sum(&st, |s| s.sessions_cut) > 0, "no open session was cut");
+}
+
+#[test]
+fn fence_one_behind() {
+    let st = run("fence-one-behind");
+    assert!(sum(&st, |s| s.upgrades_activated) > 0);
+    // The device a release behind is refused (or refuses itself) with the fence as the
+    // reason; that no fact crossed the fence is one of the invariants `run` checked.
+    assert!(sum(&st, |s| s.fence_refusals) > 0, "no fence refusal");
+}
+
+#[test]
+fn clock_skew() {
+    let st = run("clock-skew");
+    assert!(sum(&st, |s| s.snapshots_completed) > 0);
+    assert!(sum(&st, |s| s.sessions_completed) > 0);
+}
+
+#[test]
+fn crash_during_install() {
+    let st = run("crash-during-install");
+    assert!(sum(&st, |s| s.install_crashes) > 0);
+    assert!(sum(&st, |s| s.upgrades_activated) > 0);
+}
+
+#[test]
+fn concurrent_upgrades() {
+    let st = run("concurrent-upgrades");
+    assert!(sum(&st, |s| s.upgrades_published) >= 2 * sum(&st, |s| s.upgrades_activated));
+    assert!(sum(&st, |s| s.upgrades_activated) > 0);
+}

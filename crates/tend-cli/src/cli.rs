@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tend_core::Epoch;
 use tend_node::Device;
 
@@ -83,6 +83,11 @@ pub enum Command {
     /// Encrypted backups: export, verify, restore into a new home.
     #[command(subcommand)]
     Backup(crate::backup::BackupCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell). Needs no home.
+    Completions(crate::completions::CompletionsArgs),
+    /// Print the man page of `tend` (roff), or write one page per command with --out DIR.
+    /// Needs no home.
+    Man(crate::man::ManArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,13 +125,19 @@ fn home(args: &Args) -> Result<PathBuf, Box<dyn std::error::Error>> {
 }
 
 pub fn run(args: Args) -> CmdResult {
-    // Every command but `devnet` and `rendezvous` works on one device's home.
+    // Every command but `devnet`, `rendezvous`, `completions` and `man` works on one
+    // device's home.
     let home = match (&args.command, home(&args)) {
-        (Command::Devnet(_) | Command::Rendezvous(_), _) => PathBuf::new(),
+        (
+            Command::Devnet(_) | Command::Rendezvous(_) | Command::Completions(_) | Command::Man(_),
+            _,
+        ) => PathBuf::new(),
         (_, home) => home?,
     };
     match args.command {
         Command::Devnet(devnet) => crate::devnet::run(devnet, args.json),
+        Command::Completions(c) => crate::completions::completions(c, Args::command()),
+        Command::Man(m) => crate::man::man(m, Args::command()),
         Command::Init => {
             crate::backup::remove_stale_restores(&home);
             let device = Device::init(&home, &mut rand::rngs::OsRng)?;

@@ -28,6 +28,9 @@ pub struct Args {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Is the device healthy? Its id, authority, epochs, journal and state counts, store
+    /// size, latest snapshot, whether GC is pending, and (while it runs) its peers.
+    Status,
     /// Create a device: a key, an empty store and a one-device authority.
     Init,
     /// Start a local fleet on 127.0.0.1 and walk the whole lifecycle, verifying each step.
@@ -154,6 +157,7 @@ pub fn run(args: Args) -> CmdResult {
         Command::Run(run) => crate::net::run(&home, run, args.json),
         Command::Rendezvous(r) => crate::net::rendezvous(r, args.json),
         Command::Peers => crate::net::peers(&home),
+        Command::Status => crate::status::status(&home),
         Command::Sync(cmd) => crate::net::sync(&home, cmd),
         Command::Fact(FactCommand::Add { kind, data }) => {
             if let Some(out) = crate::net::add_fact_via_socket(&home, &kind, &data)? {

@@ -17,6 +17,7 @@ mod man;
 mod net;
 mod output;
 mod snapshot;
+mod status;
 mod target;
 mod upgrade;
 

@@ -177,7 +177,7 @@ impl<'d> WritePlan<'d> {
             None => self.state.get(collection, key).is_some(),
         };
         if !present {
-            return Err(invalid(format!(
+            return Err(DeviceError::NotFound(format!(
                 "{collection}/{key} is absent: nothing to delete"
             )));
         }

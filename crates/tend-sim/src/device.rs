@@ -104,6 +104,11 @@ pub struct Core {
 }
 
 impl Core {
+    /// How many facts the device holds (durable and buffered).
+    pub fn held(&self) -> usize {
+        self.index.len()
+    }
+
     /// A device holding `genesis` durably.
     pub fn new(key: SigningKey, genesis: &VerifiedFact, archive: bool) -> Self {
         let me = DeviceId(key.verifying_key().to_bytes());

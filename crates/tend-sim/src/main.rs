@@ -25,6 +25,7 @@ fn main() -> ExitCode {
     let mut no_stale_drop = false;
     // Not a fix but the GC rule itself: off, pruning drops live application facts.
     let mut no_gc_liveness = false;
+    let mut no_peer_fence = false;
     let mut i = 0;
     while i < args.len() {
         let val = args.get(i + 1).cloned().unwrap_or_default();
@@ -45,13 +46,14 @@ fn main() -> ExitCode {
                 Err(_) => return usage(&format!("bad step count {val:?}")),
             },
             "--no-revalidate" | "--no-dkg-persist" | "--no-dkg-epoch" | "--no-vote-lock"
-            | "--no-stale-drop" | "--no-gc-liveness" => {
+            | "--no-stale-drop" | "--no-gc-liveness" | "--no-peer-fence" => {
                 match args[i].as_str() {
                     "--no-revalidate" => no_revalidate = true,
                     "--no-dkg-persist" => no_dkg_persist = true,
                     "--no-dkg-epoch" => no_dkg_epoch = true,
                     "--no-stale-drop" => no_stale_drop = true,
                     "--no-gc-liveness" => no_gc_liveness = true,
+                    "--no-peer-fence" => no_peer_fence = true,
                     _ => no_vote_lock = true,
                 }
                 i += 1;
@@ -90,6 +92,7 @@ fn main() -> ExitCode {
         cfg.signers_lock_epoch = !no_vote_lock;
         cfg.settle_drops_stale = !no_stale_drop;
         cfg.gc_keeps_live_facts = !no_gc_liveness;
+        cfg.responder_checks_peer_fence = !no_peer_fence;
         let report = tend_sim::Sim::new(cfg).run();
         if verbose {
             println!("seed {seed}: {:#?}", report.stats);
@@ -111,6 +114,7 @@ fn main() -> ExitCode {
                 (no_vote_lock, " --no-vote-lock"),
                 (no_stale_drop, " --no-stale-drop"),
                 (no_gc_liveness, " --no-gc-liveness"),
+                (no_peer_fence, " --no-peer-fence"),
             ] {
                 if on {
                     flags.push_str(name);
@@ -139,7 +143,7 @@ fn usage(err: &str) -> ExitCode {
         eprintln!("error: {err}");
     }
     eprintln!(
-        "usage: tend-sim [--scenario NAME] [--seed N | --seeds A..B] [--steps S] [--no-revalidate] [--no-dkg-persist] [--no-dkg-epoch] [--no-vote-lock]\n                [--no-stale-drop] [--no-gc-liveness]\n       tend-sim --list-scenarios\n       tend-sim --write-corpus DIR"
+        "usage: tend-sim [--scenario NAME] [--seed N | --seeds A..B] [--steps S] [--no-revalidate] [--no-dkg-persist] [--no-dkg-epoch] [--no-vote-lock]\n                [--no-stale-drop] [--no-gc-liveness] [--no-peer-fence]\n       tend-sim --list-scenarios\n       tend-sim --write-corpus DIR"
     );
     if err.is_empty() {
         ExitCode::SUCCESS

@@ -20,8 +20,8 @@ use tend_snapshot::{
     CeremonyEvent, CeremonyInput, CeremonyOutput, Recipient, SignerKey, SnapshotEngine,
 };
 use tend_sync::{
-    FenceStatus, LocalView, ManagerAction, ManagerConfig, ManagerError, RefuseReason,
-    SessionConfig, SessionId, SessionManager, SessionResult,
+    AbortReason, FenceStatus, LocalView, ManagerAction, ManagerConfig, ManagerError, RefuseReason,
+    Role, SessionConfig, SessionId, SessionManager, SessionResult, SyncMessage,
 };
 
 use crate::device::{Core, Key, Settled};
@@ -57,6 +57,10 @@ pub struct SimConfig {
     /// the device's own prefix but not in the snapshot's (the fix for seed 111; off, a
     /// device that settled without some covered facts reads stale values forever).
     pub settle_drops_stale: bool,
+    /// Whether a responder past an activated fence refuses, and aborts mid-session, an
+    /// initiator whose announced version does not meet it, as the running node does (off,
+    /// only a device's own fence binds and the peer-side fence check fails).
+    pub responder_checks_peer_fence: bool,
     /// Network faults during the workload (the heal phase is clean).
     pub net: NetFaults,
     /// How the workload partitions the devices.
@@ -131,6 +135,7 @@ impl SimConfig {
             signers_lock_epoch: true,
             gc_keeps_live_facts: true,
             settle_drops_stale: true,
+            responder_checks_peer_fence: true,
             net: NetFaults::DEFAULT,
             partitions: PartitionStyle::TwoGroups,
             fence_laggard: false,
@@ -609,6 +614,26 @@ impl Sim {
                 }
             }
         }
+        // The responder's side of the fence, as the running node does it: end each session
+        // whose initiator announced a version below a fence this device is past.
+        if !blocked && self.cfg.responder_checks_peer_fence && self.devices[d].manager.active() > 0
+        {
+            let st = &self.devices[d].core.state;
+            let local_epoch = st.current_epoch();
+            let st = st.clone();
+            let actions = self.devices[d].manager.abort_where(now, |s| {
+                if s.role() != Role::Responder {
+                    return None;
+                }
+                let r = st.fence_check_peer(local_epoch, s.peer_protocol()?).err()?;
+                Some(AbortReason::PeerFenceNotSatisfied {
+                    fence: r.fence,
+                    required: r.required,
+                    local_epoch: r.local_epoch,
+                })
+            });
+            self.apply(d, actions);
+        }
         let re = self.devices[d].core.reissue_late();
         self.stats.reissued += re.len() as u64;
         match self.devices[d].core.settle() {
@@ -766,8 +791,31 @@ impl Sim {
                 if !self.routes.contains_key(&(to, inc, sid)) {
                     return;
                 }
+                // The other side of the fence: a device past an activated fence must not
+                // take facts from a peer whose release does not meet it.
+                // (ARCHITECTURE section 12: a fence binds the responder; an initiator
+                // does not judge its responder's version, so an old device can be
+                // reached and learn of the activation.)
+                let peer_version = self.devices[m.from].core.durable.version;
+                let st = &self.devices[to].core.state;
+                let responder = self.devices[to]
+                    .manager
+                    .session(sid)
+                    .is_some_and(|s| s.role() == Role::Responder);
+                let peer_fenced = responder
+                    && st
+                        .fence_check_peer(st.current_epoch(), peer_version)
+                        .is_err();
                 let dev = &mut self.devices[to];
+                let before = dev.core.held();
                 let actions = dev.manager.handle(now, sid, &m.bytes, &mut dev.core);
+                let admitted = dev.core.held().saturating_sub(before);
+                if peer_fenced && admitted > 0 {
+                    self.violations.push(format!(
+                        "device {to} admitted {admitted} facts through a session from device {} running {peer_version}, below an activation fence it is past",
+                        m.from
+                    ));
+                }
                 let _ = from_sid;
                 self.apply(to, actions);
                 self.after(to);
@@ -777,6 +825,36 @@ impl Sim {
                 to_sid: None,
             } => {
                 let from_id = self.ids[m.from];
+                // A responder past a fence refuses an initiator whose announced version
+                // does not meet it (checked before the manager, as the node does).
+                let st = &self.devices[to].core.state;
+                let refusal = match SyncMessage::decode(&m.bytes, usize::MAX) {
+                    Ok(SyncMessage::Hello(h)) if self.cfg.responder_checks_peer_fence => {
+                        st.fence_check_peer(st.current_epoch(), h.protocol).err()
+                    }
+                    _ => None,
+                };
+                if let Some(r) = refusal {
+                    self.stats.fence_refusals += 1;
+                    let reason = RefuseReason::PeerFenceNotSatisfied {
+                        fence: r.fence,
+                        required: r.required,
+                        local_epoch: r.local_epoch,
+                    };
+                    let inc = self.devices[to].inc;
+                    self.transmit(Delivery {
+                        from: to,
+                        from_inc: inc,
+                        to: m.from,
+                        to_inc: Some(m.from_inc),
+                        msg: Msg::Sync {
+                            from_sid: SessionId(u64::MAX),
+                            to_sid: Some(from_sid),
+                        },
+                        bytes: SyncMessage::Refuse(reason).encode(),
+                    });
+                    return;
+                }
                 let local = self.local_view(to);
                 let dev = &mut self.devices[to];
                 let items = dev.core.session_items();

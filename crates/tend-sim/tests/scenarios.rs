@@ -108,3 +108,22 @@ fn concurrent_upgrades() {
     assert!(sum(&st, |s| s.upgrades_published) >= 2 * sum(&st, |s| s.upgrades_activated));
     assert!(sum(&st, |s| s.upgrades_activated) > 0);
 }
+
+/// The responder's side of a fence: without the check the running node makes (refuse,
+/// and abort mid-session, an initiator whose release is below a fence the responder is
+/// past), a device past a fence takes facts from one a release behind, and the peer-side
+/// check reports it; with it, the same seeds pass (`run` above).
+#[test]
+fn a_responder_that_ignores_the_peers_release_is_reported() {
+    let s = find("fence-one-behind").expect("scenario");
+    for seed in [1, 2, 4] {
+        let mut broken = s.config(seed, STEPS);
+        broken.responder_checks_peer_fence = false;
+        let v = Sim::new(broken).run().violations;
+        assert!(
+            v.iter()
+                .any(|x| x.contains("below an activation fence it is past")),
+            "seed {seed}: {v:#?}"
+        );
+    }
+}

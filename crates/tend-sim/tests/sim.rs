@@ -134,7 +134,8 @@ fn regression_seed_111_settling_drops_values_the_snapshot_superseded() {
 /// trimmed before the end, and only the check at the prune reports them.)
 #[test]
 fn a_gc_that_drops_live_values_is_reported() {
-    for seed in [8, 12, 27] {
+    // (27 became 29 when the responder's fence check changed the random stream.)
+    for seed in [8, 12, 29] {
         let mut broken = SimConfig::small(seed, CI_STEPS);
         broken.gc_keeps_live_facts = false;
         let v = Sim::new(broken).run().violations;

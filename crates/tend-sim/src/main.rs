@@ -26,6 +26,7 @@ fn main() -> ExitCode {
     // Not a fix but the GC rule itself: off, pruning drops live application facts.
     let mut no_gc_liveness = false;
     let mut no_peer_fence = false;
+    let mut no_reannounce = false;
     let mut i = 0;
     while i < args.len() {
         let val = args.get(i + 1).cloned().unwrap_or_default();
@@ -46,7 +47,7 @@ fn main() -> ExitCode {
                 Err(_) => return usage(&format!("bad step count {val:?}")),
             },
             "--no-revalidate" | "--no-dkg-persist" | "--no-dkg-epoch" | "--no-vote-lock"
-            | "--no-stale-drop" | "--no-gc-liveness" | "--no-peer-fence" => {
+            | "--no-stale-drop" | "--no-gc-liveness" | "--no-peer-fence" | "--no-reannounce" => {
                 match args[i].as_str() {
                     "--no-revalidate" => no_revalidate = true,
                     "--no-dkg-persist" => no_dkg_persist = true,
@@ -54,6 +55,7 @@ fn main() -> ExitCode {
                     "--no-stale-drop" => no_stale_drop = true,
                     "--no-gc-liveness" => no_gc_liveness = true,
                     "--no-peer-fence" => no_peer_fence = true,
+                    "--no-reannounce" => no_reannounce = true,
                     _ => no_vote_lock = true,
                 }
                 i += 1;
@@ -93,6 +95,7 @@ fn main() -> ExitCode {
         cfg.settle_drops_stale = !no_stale_drop;
         cfg.gc_keeps_live_facts = !no_gc_liveness;
         cfg.responder_checks_peer_fence = !no_peer_fence;
+        cfg.reannounce_ready = !no_reannounce;
         let report = tend_sim::Sim::new(cfg).run();
         if verbose {
             println!("seed {seed}: {:#?}", report.stats);
@@ -115,6 +118,7 @@ fn main() -> ExitCode {
                 (no_stale_drop, " --no-stale-drop"),
                 (no_gc_liveness, " --no-gc-liveness"),
                 (no_peer_fence, " --no-peer-fence"),
+                (no_reannounce, " --no-reannounce"),
             ] {
                 if on {
                     flags.push_str(name);
@@ -143,7 +147,7 @@ fn usage(err: &str) -> ExitCode {
         eprintln!("error: {err}");
     }
     eprintln!(
-        "usage: tend-sim [--scenario NAME] [--seed N | --seeds A..B] [--steps S] [--no-revalidate] [--no-dkg-persist] [--no-dkg-epoch] [--no-vote-lock]\n                [--no-stale-drop] [--no-gc-liveness] [--no-peer-fence]\n       tend-sim --list-scenarios\n       tend-sim --write-corpus DIR"
+        "usage: tend-sim [--scenario NAME] [--seed N | --seeds A..B] [--steps S] [--no-revalidate] [--no-dkg-persist] [--no-dkg-epoch] [--no-vote-lock]\n                [--no-stale-drop] [--no-gc-liveness] [--no-peer-fence] [--no-reannounce]\n       tend-sim --list-scenarios\n       tend-sim --write-corpus DIR"
     );
     if err.is_empty() {
         ExitCode::SUCCESS

@@ -61,6 +61,10 @@ pub struct SimConfig {
     /// initiator whose announced version does not meet it, as the running node does (off,
     /// only a device's own fence binds and the peer-side fence check fails).
     pub responder_checks_peer_fence: bool,
+    /// Whether a device that runs a published release without its `UpgradeReady` in the
+    /// journal (lost in a crash after the install) writes it again (off, the readiness is
+    /// lost for good and the end check fails).
+    pub reannounce_ready: bool,
     /// Network faults during the workload (the heal phase is clean).
     pub net: NetFaults,
     /// How the workload partitions the devices.
@@ -136,6 +140,7 @@ impl SimConfig {
             gc_keeps_live_facts: true,
             settle_drops_stale: true,
             responder_checks_peer_fence: true,
+            reannounce_ready: true,
             net: NetFaults::DEFAULT,
             partitions: PartitionStyle::TwoGroups,
             fence_laggard: false,
@@ -186,6 +191,13 @@ pub struct Stats {
     pub fence_refusals: u64,
     /// Crashes in the middle of installing an upgrade.
     pub install_crashes: u64,
+    /// Sessions the fence-one-behind laggard saw refused or aborted for a fence.
+    pub laggard_fence_refusals: u64,
+    /// Devices that, at the end, run a published package's release while the journal
+    /// holds no `UpgradeReady` of theirs for it (a crash lost it after the install).
+    pub silent_installs: u64,
+    /// `UpgradeReady` facts written again for a release already running.
+    pub ready_reannounced: u64,
 }
 
 /// The result of one run.
@@ -420,6 +432,16 @@ impl Sim {
             self.random_step();
         }
         self.heal();
+        for (d, dev) in self.devices.iter().enumerate() {
+            let st = &dev.core.state;
+            if silent_install(&dev.core) && st.is_member_at(&dev.core.me, st.current_epoch()) {
+                self.stats.silent_installs += 1;
+                self.violations.push(format!(
+                    "device {d} runs release {} of a published package, but no UpgradeReady of it is in the journal after the heal",
+                    dev.core.durable.version
+                ));
+            }
+        }
         crate::invariants::check(self);
     }
 
@@ -544,15 +566,23 @@ impl Sim {
                         }
                         other => {
                             self.stats.sessions_failed += 1;
-                            if matches!(
+                            let fenced = matches!(
                                 other,
                                 SessionResult::Refused {
                                     reason: RefuseReason::FenceNotSatisfied { .. }
                                         | RefuseReason::PeerFenceNotSatisfied { .. },
                                     ..
+                                } | SessionResult::Aborted {
+                                    reason: AbortReason::FenceNotSatisfied { .. }
+                                        | AbortReason::PeerFenceNotSatisfied { .. },
+                                    ..
                                 }
-                            ) {
+                            );
+                            if fenced {
                                 self.stats.fence_refusals += 1;
+                                if self.cfg.fence_laggard && d + 1 == self.devices.len() {
+                                    self.stats.laggard_fence_refusals += 1;
+                                }
                             }
                             let key = format!("{other:?}");
                             let key = key.chars().take(60).collect::<String>();
@@ -1422,6 +1452,9 @@ impl Sim {
             .filter(|u| u.metadata.version > core.durable.version)
             .max_by_key(|u| u.metadata.version)
         else {
+            if self.cfg.reannounce_ready {
+                self.reannounce_ready(d);
+            }
             return;
         };
         let ready = UpgradeReady {
@@ -1455,6 +1488,34 @@ impl Sim {
         if crash {
             self.stats.install_crashes += 1;
             self.crash(d);
+        }
+    }
+
+    /// A device that runs a published release but whose `UpgradeReady` for it is not in
+    /// its journal (a crash took it from the write buffer after the install) says so again.
+    fn reannounce_ready(&mut self, d: usize) {
+        let core = &self.devices[d].core;
+        let (me, st) = (core.me, &core.state);
+        if silent_install(core) && st.is_member_at(&me, st.current_epoch()) {
+            let Some(u) = st
+                .upgrades
+                .values()
+                .find(|u| u.metadata.version == core.durable.version)
+            else {
+                return;
+            };
+            let ready = UpgradeReady {
+                package_id: u.metadata.package_id,
+                version: u.metadata.version,
+            };
+            let at = st
+                .package_fact_epoch(&ready.package_id)
+                .unwrap_or(st.current_epoch());
+            self.stats.ready_reannounced += 1;
+            self.devices[d].core.write_at(
+                at,
+                Payload::Maintenance(MaintenanceFact::UpgradeReady(ready)),
+            );
         }
     }
 
@@ -1619,4 +1680,16 @@ fn deal(
         group_key,
         shares.into_iter().map(SignerKey::Frost).collect(),
     )
+}
+
+/// Whether the device runs the release of a published package while none of the packages
+/// of that release lists it as ready.
+fn silent_install(core: &Core) -> bool {
+    let mut of_release = core
+        .state
+        .upgrades
+        .values()
+        .filter(|u| u.metadata.version == core.durable.version)
+        .peekable();
+    of_release.peek().is_some() && of_release.all(|u| !u.ready.contains(&core.me))
 }

@@ -86,6 +86,10 @@ fn fence_one_behind() {
     // The device a release behind is refused (or refuses itself) with the fence as the
     // reason; that no fact crossed the fence is one of the invariants `run` checked.
     assert!(sum(&st, |s| s.fence_refusals) > 0, "no fence refusal");
+    assert!(
+        sum(&st, |s| s.laggard_fence_refusals) > 0,
+        "the device a release behind was never refused for the fence"
+    );
 }
 
 #[test]
@@ -126,4 +130,22 @@ fn a_responder_that_ignores_the_peers_release_is_reported() {
             "seed {seed}: {v:#?}"
         );
     }
+}
+
+/// A crash after the install but before the `UpgradeReady` is durable leaves a device
+/// running the release with no readiness in the journal; it must say so again (seed 3 of
+/// crash-during-install found it).
+#[test]
+fn regression_crash_during_install_seed_3_reannounces_readiness() {
+    let s = find("crash-during-install").expect("scenario");
+    let mut broken = s.config(3, STEPS);
+    broken.reannounce_ready = false;
+    let v = Sim::new(broken).run().violations;
+    assert!(
+        v.iter().any(|x| x.contains("no UpgradeReady of it")),
+        "{v:#?}"
+    );
+    let fixed = Sim::new(s.config(3, STEPS)).run();
+    assert!(fixed.violations.is_empty(), "{:#?}", fixed.violations);
+    assert!(fixed.stats.ready_reannounced > 0);
 }

@@ -7,55 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ed25519_dalek::Signer;
-use tend_core::maintenance::{MaintenanceFact, SnapshotCompleted, SnapshotV1};
-use tend_core::{Epoch, Hash32, Payload, UnsignedFact};
-use tend_node::fleet::StoreJournal;
+use tend_core::{Epoch, Hash32};
 use tend_node::{GcPolicy, Node, NodeConfig};
-
-/// A snapshot at `epoch` completed by the admin (the test authority is 1-of-n with the
-/// admin's key as group key): blob stored on the admin, completion written at `epoch`.
-fn complete_snapshot(admin: &Node, epoch: Epoch, n: u8) {
-    let d = admin.device();
-    let ns = d.namespace();
-    let blob = StoreJournal::new(d.store(), ns)
-        .unwrap()
-        .try_snapshot_blob(epoch)
-        .unwrap();
-    let bytes = blob.encode();
-    let cid = d
-        .store()
-        .put_blob(tend_core::ids::CODEC_DAG_CBOR, &bytes)
-        .unwrap();
-    let snapshot = SnapshotV1 {
-        epoch,
-        digest: blob.prefix_digest(),
-        blob_cid: cid,
-    };
-    let proposal_id = Hash32::of(&[n]);
-    let sig = d
-        .key()
-        .signing_key()
-        .sign(&snapshot.signing_message(&ns, &proposal_id));
-    let at = d
-        .store()
-        .maintenance_state(ns)
-        .unwrap()
-        .current_epoch()
-        .max(epoch);
-    d.write(UnsignedFact {
-        namespace: ns,
-        epoch: at,
-        payload: Payload::Maintenance(MaintenanceFact::SnapshotCompleted(SnapshotCompleted {
-            proposal_id,
-            snapshot,
-            threshold_signature: sig.to_bytes(),
-        })),
-    })
-    .unwrap();
-    let st = d.store().maintenance_state(ns).unwrap();
-    assert_eq!(st.snapshot_epoch(), epoch, "the snapshot verified");
-}
 
 fn floor(n: &Node) -> Epoch {
     let d = n.device();
@@ -156,7 +109,7 @@ async fn archive_and_pruned_devices_reconcile_above_the_shared_floor() {
     };
     tend_node::data::run(a.device(), trim).unwrap();
     sync_pairs(&all).await;
-    complete_snapshot(a, e1, 1);
+    complete_snapshot(a.device(), e1, &[1]);
     sync_pairs(&all).await;
     for n in [a, b] {
         let r = n.gc(false).unwrap();
@@ -198,7 +151,7 @@ async fn archive_and_pruned_devices_reconcile_above_the_shared_floor() {
         .unwrap()
         .current_epoch()
         .next();
-    complete_snapshot(a, e2, 2);
+    complete_snapshot(a.device(), e2, &[2]);
     sync_pairs(&[a, x]).await;
     a.gc(false).unwrap();
     assert_eq!(floor(b), e1);
@@ -274,7 +227,7 @@ async fn a_member_joining_after_gc_reads_every_live_value() {
         .unwrap()
         .current_epoch()
         .next();
-    complete_snapshot(&a, e, 1);
+    complete_snapshot(a.device(), e, &[1]);
     let r = a.gc(false).unwrap();
     assert!(
         r.facts_pruned >= 3,

@@ -1,6 +1,8 @@
 //! DESIGN rule 5: a fact written below a snapshot its author had not seen is not lost; the
 //! author re-issues it at the current epoch once it learns the snapshot.
 
+mod common;
+
 use std::sync::Arc;
 
 use rand::SeedableRng;
@@ -71,9 +73,6 @@ fn an_uncovered_fact_below_a_snapshot_is_reissued_by_its_author_and_reaches_the_
 /// settles the snapshot.
 #[test]
 fn a_value_deleted_below_a_snapshot_is_not_kept_by_a_device_that_missed_the_delete() {
-    use ed25519_dalek::Signer;
-    use tend_core::maintenance::{MaintenanceFact, SnapshotCompleted, SnapshotV1};
-    use tend_core::{Hash32, UnsignedFact};
     use tend_node::data::{run, DataRequest, DataResponse};
 
     let dir = tempfile::tempdir().unwrap();
@@ -101,36 +100,8 @@ fn a_value_deleted_below_a_snapshot_is_not_kept_by_a_device_that_missed_the_dele
     // A deletes the value and snapshots; B never receives the delete.
     a.delete("notes", "k").unwrap();
     let e = Epoch(a.snapshot_status().unwrap().current_epoch + 1);
-    let blob = tend_node::fleet::StoreJournal::new(a.store(), ns)
-        .unwrap()
-        .try_snapshot_blob(e)
-        .unwrap();
-    let bytes = blob.encode();
-    let cid = a
-        .store()
-        .put_blob(tend_core::ids::CODEC_DAG_CBOR, &bytes)
-        .unwrap();
-    let snapshot = SnapshotV1 {
-        epoch: e,
-        digest: blob.prefix_digest(),
-        blob_cid: cid,
-    };
-    let proposal_id = Hash32([1; 32]);
-    let sig = a
-        .key()
-        .signing_key()
-        .sign(&snapshot.signing_message(&ns, &proposal_id));
-    let completion = a
-        .write(UnsignedFact {
-            namespace: ns,
-            epoch: e,
-            payload: Payload::Maintenance(MaintenanceFact::SnapshotCompleted(SnapshotCompleted {
-                proposal_id,
-                snapshot,
-                threshold_signature: sig.to_bytes(),
-            })),
-        })
-        .unwrap();
+    let (completion, bytes) = common::complete_snapshot(&a, e, &[1]);
+    let blob = tend_snapshot::SnapshotBlob::decode(&bytes).unwrap();
     // B adopts the snapshot as a session does: the blob, its facts, then the completion.
     b.store()
         .put_blob(tend_core::ids::CODEC_DAG_CBOR, &bytes)

@@ -10,14 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ed25519_dalek::Signer;
 use iroh::endpoint::{Connection, RecvStream, SendStream};
-use tend_core::maintenance::{MaintenanceFact, SnapshotCompleted, SnapshotV1};
 use tend_core::upgrade::ReadinessPolicy;
-use tend_core::{DeviceId, Epoch, Hash32, Payload, ProtocolVersion, UnsignedFact, VerifiedFact};
+use tend_core::{DeviceId, ProtocolVersion, VerifiedFact};
 use tend_crypto::device::DeviceKey;
 use tend_node::endpoint::{self, SYNC_ALPN};
-use tend_node::fleet::StoreJournal;
 use tend_node::upgrade::{self, ApplyOptions, CommandInstaller};
 use tend_node::{Device, GcPolicy, Node, NodeConfig, PeerAddr};
 use tend_sync::{
@@ -297,50 +294,6 @@ async fn an_activation_fence_ends_running_sessions_on_both_sides_with_a_reason()
     }
 }
 
-/// A snapshot at `epoch` completed by the admin (the test authority is 1-of-n with the
-/// admin's key as group key): blob stored on the admin, completion written at `epoch`.
-fn complete_snapshot(admin: &Node, epoch: Epoch) {
-    let d = admin.device();
-    let ns = d.namespace();
-    let blob = StoreJournal::new(d.store(), ns)
-        .unwrap()
-        .try_snapshot_blob(epoch)
-        .unwrap();
-    let bytes = blob.encode();
-    let cid = d
-        .store()
-        .put_blob(tend_core::ids::CODEC_DAG_CBOR, &bytes)
-        .unwrap();
-    let snapshot = SnapshotV1 {
-        epoch,
-        digest: blob.prefix_digest(),
-        blob_cid: cid,
-    };
-    let proposal_id = Hash32::of(b"auto-gc");
-    let sig = d
-        .key()
-        .signing_key()
-        .sign(&snapshot.signing_message(&ns, &proposal_id));
-    let at = d
-        .store()
-        .maintenance_state(ns)
-        .unwrap()
-        .current_epoch()
-        .max(epoch);
-    d.write(UnsignedFact {
-        namespace: ns,
-        epoch: at,
-        payload: Payload::Maintenance(MaintenanceFact::SnapshotCompleted(SnapshotCompleted {
-            proposal_id,
-            snapshot,
-            threshold_signature: sig.to_bytes(),
-        })),
-    })
-    .unwrap();
-    let st = d.store().maintenance_state(ns).unwrap();
-    assert_eq!(st.snapshot_epoch(), epoch, "the snapshot verified");
-}
-
 fn file_size(n: &Node) -> u64 {
     n.device().store().file_size().unwrap()
 }
@@ -389,7 +342,7 @@ async fn running_devices_collect_garbage_by_themselves_after_a_snapshot() {
 
     // a completes a snapshot (written to its store, as a ceremony does); b adopts it in a
     // session. Nobody runs gc.
-    complete_snapshot(a, e);
+    complete_snapshot(a.device(), e, b"auto-gc");
     for n in [b, x] {
         assert!(n.sync_with(a.peer_addr()).await.ok);
     }

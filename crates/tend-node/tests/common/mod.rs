@@ -229,3 +229,51 @@ pub async fn members_learn_each_other(
     }
     kept
 }
+
+/// A snapshot at `epoch` completed by device `d` alone (in these tests the authority's group
+/// key is the admin's device key): the blob stored on `d`, the completion written at
+/// `epoch` or the current epoch if later. Returns the completion and the blob's bytes.
+pub fn complete_snapshot(d: &Device, epoch: Epoch, proposal: &[u8]) -> (VerifiedFact, Vec<u8>) {
+    use ed25519_dalek::Signer;
+    use tend_core::maintenance::{MaintenanceFact, SnapshotCompleted, SnapshotV1};
+    let ns = d.namespace();
+    let blob = tend_node::fleet::StoreJournal::new(d.store(), ns)
+        .unwrap()
+        .try_snapshot_blob(epoch)
+        .unwrap();
+    let bytes = blob.encode();
+    let cid = d
+        .store()
+        .put_blob(tend_core::ids::CODEC_DAG_CBOR, &bytes)
+        .unwrap();
+    let snapshot = SnapshotV1 {
+        epoch,
+        digest: blob.prefix_digest(),
+        blob_cid: cid,
+    };
+    let proposal_id = Hash32::of(proposal);
+    let sig = d
+        .key()
+        .signing_key()
+        .sign(&snapshot.signing_message(&ns, &proposal_id));
+    let at = d
+        .store()
+        .maintenance_state(ns)
+        .unwrap()
+        .current_epoch()
+        .max(epoch);
+    let completion = d
+        .write(UnsignedFact {
+            namespace: ns,
+            epoch: at,
+            payload: Payload::Maintenance(MaintenanceFact::SnapshotCompleted(SnapshotCompleted {
+                proposal_id,
+                snapshot,
+                threshold_signature: sig.to_bytes(),
+            })),
+        })
+        .unwrap();
+    let st = d.store().maintenance_state(ns).unwrap();
+    assert_eq!(st.snapshot_epoch(), epoch, "the snapshot verified");
+    (completion, bytes)
+}

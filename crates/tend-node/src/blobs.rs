@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::Endpoint;
-use tend_core::app::Value;
-use tend_core::{ContentId, DataOp, MaintenanceState, Payload};
+use tend_core::{ContentId, MaintenanceState};
 use tend_store::{Store, StoreError};
 
 use crate::device::Device;
@@ -127,20 +126,12 @@ pub fn wanted(store: &Store, state: &MaintenanceState) -> Result<Vec<Wanted>, St
     }
     // Large application values: every readable value's blob (tombstoned or not: another
     // key may still name the same content).
-    let ns = state.namespace;
-    for (epoch, id) in store.app_state(ns)?.value_heads() {
-        let Some(stored) = store.get(ns, epoch, &id)? else {
-            continue;
-        };
-        if let Ok((_, Payload::Data(DataOp::Put(p)))) = stored.author_payload() {
-            if let Value::Blob { cid, len } = p.value {
-                if !store.has_blob(&cid)? && !out.iter().any(|w| w.cid == cid) {
-                    out.push(Wanted {
-                        cid,
-                        size: Some(len),
-                    });
-                }
-            }
+    for (cid, len) in store.value_blobs(state.namespace)? {
+        if !store.has_blob(&cid)? && !out.iter().any(|w| w.cid == cid) {
+            out.push(Wanted {
+                cid,
+                size: Some(len),
+            });
         }
     }
     Ok(out)

@@ -7,8 +7,8 @@
 //! base on; facts below the base were settled by the previous snapshot.
 
 use std::collections::HashSet;
-use tend_core::app::is_data;
 
+use tend_core::app::is_data;
 use tend_core::{Epoch, FactId, VerifiedFact};
 use tend_snapshot::SnapshotBlob;
 use tend_store::StoreError;

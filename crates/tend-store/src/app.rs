@@ -2,14 +2,14 @@
 //! whole journal's (cached in memory like the maintenance state, kept up to date by
 //! [`Store::insert_batch`]) and a prefix's (what a snapshot carries and GC keeps).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use tend_core::app::is_data;
+use tend_core::app::{is_data, Put, Value};
 use tend_core::fact::read_stored_payload;
 use tend_core::{
-    reduce, AppState, DecodeError, DeviceId, Epoch, FactId, JournalNamespace, MaintenanceState,
-    Payload, VerifiedFact,
+    reduce, AppState, ContentId, DataOp, DecodeError, DeviceId, Epoch, FactId, JournalNamespace,
+    MaintenanceState, Payload, VerifiedFact,
 };
 
 use crate::error::StoreError;
@@ -47,13 +47,7 @@ impl Store {
         let mut state = AppState::default();
         for stored in self.scan(ns, epochs)? {
             let stored = stored?;
-            let (author, payload) =
-                stored
-                    .author_payload()
-                    .map_err(|source| StoreError::FactCorrupt {
-                        path: self.path.clone(),
-                        source,
-                    })?;
+            let (author, payload) = stored.author_payload().map_err(|e| self.bad_fact(e))?;
             if is_data(&payload) {
                 state.apply_parts((stored.epoch, stored.id), author, &payload);
             }
@@ -104,10 +98,7 @@ impl Store {
         for stored in self.scan(ns, ..below)? {
             let stored = stored?;
             if live.contains(&(stored.epoch, stored.id)) {
-                out.push(stored.trusted().map_err(|source| StoreError::FactCorrupt {
-                    path: self.path.clone(),
-                    source,
-                })?);
+                out.push(stored.trusted().map_err(|e| self.bad_fact(e))?);
             }
         }
         Ok(out)
@@ -129,10 +120,37 @@ impl Store {
         self.lock_app_states().remove(&ns);
     }
 
+    /// The blobs that the readable values of `ns` live in, with their lengths (GC keeps
+    /// them whatever their tombstones say; a device fetches those it lacks).
+    pub fn value_blobs(
+        &self,
+        ns: JournalNamespace,
+    ) -> Result<BTreeMap<ContentId, u64>, StoreError> {
+        let mut out = BTreeMap::new();
+        for (epoch, id) in self.app_state(ns)?.value_heads() {
+            let Some(stored) = self.get(ns, epoch, &id)? else {
+                continue;
+            };
+            let (_, payload) = stored.author_payload().map_err(|e| self.bad_fact(e))?;
+            if let Payload::Data(DataOp::Put(Put {
+                value: Value::Blob { cid, len },
+                ..
+            })) = payload
+            {
+                out.insert(cid, len);
+            }
+        }
+        Ok(out)
+    }
+
     fn verify(&self, stored: &StoredFact) -> Result<VerifiedFact, StoreError> {
-        stored.verify().map_err(|source| StoreError::FactCorrupt {
+        stored.verify().map_err(|e| self.bad_fact(e))
+    }
+
+    fn bad_fact(&self, source: DecodeError) -> StoreError {
+        StoreError::FactCorrupt {
             path: self.path.clone(),
             source,
-        })
+        }
     }
 }

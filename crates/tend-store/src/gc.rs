@@ -4,9 +4,7 @@
 use std::sync::TryLockError;
 
 use redb::{ReadableTable, ReadableTableMetadata};
-use std::collections::HashSet;
-
-use tend_core::{ContentId, DataOp, Epoch, JournalNamespace, Payload};
+use tend_core::{Epoch, JournalNamespace};
 
 use crate::codec::{self, FactKey};
 use crate::error::StoreError;
@@ -32,29 +30,6 @@ pub struct PruneReport {
     pub blob_bytes: u64,
     /// Whether nothing was actually deleted.
     pub dry_run: bool,
-}
-
-impl Store {
-    /// The blobs that readable values of `ns` name.
-    fn value_blobs(&self, ns: JournalNamespace) -> Result<HashSet<ContentId>, StoreError> {
-        let mut out = HashSet::new();
-        for (epoch, id) in self.app_state(ns)?.value_heads() {
-            let Some(stored) = self.get(ns, epoch, &id)? else {
-                continue;
-            };
-            let (_, payload) =
-                stored
-                    .author_payload()
-                    .map_err(|source| StoreError::FactCorrupt {
-                        path: self.path.clone(),
-                        source,
-                    })?;
-            if let Payload::Data(DataOp::Put(p)) = payload {
-                out.extend(p.value.blob());
-            }
-        }
-        Ok(out)
-    }
 }
 
 /// File sizes around [`Store::compact`].
@@ -163,7 +138,7 @@ impl Store {
             let _ = facts.len();
         }
         for cid in state.prunable_blobs() {
-            if kept_blobs.contains(&cid) {
+            if kept_blobs.contains_key(&cid) {
                 // Tombstoned by one write, still the value of another key.
                 continue;
             }

@@ -321,7 +321,15 @@ impl Node {
     /// Starts a node over an open device: binds the endpoint, starts accepting sessions,
     /// the sync timer, and (as configured) the metrics endpoint and control socket.
     pub async fn start(device: Device, config: NodeConfig) -> Result<Node, NodeError> {
-        let device = Arc::new(device);
+        Self::start_shared(Arc::new(device), config).await
+    }
+
+    /// [`Node::start`] over a device the caller keeps using (the `tend` library crate
+    /// holds it across starts and stops of its node).
+    pub async fn start_shared(
+        device: Arc<Device>,
+        config: NodeConfig,
+    ) -> Result<Node, NodeError> {
         let endpoint = endpoint::bind(device.key(), config.listen).await?;
         let listen = endpoint::local_addr(&endpoint).unwrap_or(config.listen);
         let namespace = device.namespace();
@@ -509,7 +517,7 @@ impl Node {
     }
 
     /// Tells running sessions about a store write made outside [`Node::append`].
-    pub(crate) fn after_local_write(&self) {
+    pub fn after_local_write(&self) {
         self.inner.after_local_write();
     }
 

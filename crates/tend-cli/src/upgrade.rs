@@ -36,6 +36,15 @@ pub enum UpgradeCommand {
         #[command(flatten)]
         homes: MemberHomes,
     },
+    /// Widen a package's staged rollout (admin only): every device already in stays in.
+    Widen {
+        package_id: Hash32,
+        /// The new rollout percentage, above the current one.
+        #[arg(long)]
+        percent: u8,
+        #[command(flatten)]
+        homes: MemberHomes,
+    },
     /// Packages, readiness, this device's outcomes and fence status.
     Status,
     /// Activate a package (admin only) once enough devices are ready.
@@ -119,6 +128,28 @@ pub fn upgrade(home: &Path, cmd: UpgradeCommand) -> CmdResult {
                 }
             };
             Ok(published_output(published))
+        }
+        UpgradeCommand::Widen {
+            package_id,
+            percent,
+            homes,
+        } => {
+            let widened = match target(home, &homes)? {
+                Target::Running(mut c) => c.upgrade_widen(package_id.to_string(), percent)?,
+                Target::Stopped(d) => {
+                    let (me, fleet) = fleet(*d, &homes)?;
+                    let p = ops::upgrade_widen(&me, &package_id, percent)?;
+                    if let Some(f) = &fleet {
+                        f.sync()?;
+                    }
+                    p
+                }
+            };
+            let human = format!(
+                "widened package {} to {}% of devices (every device already in stays in)",
+                widened.package_id, widened.cohort_percent
+            );
+            Ok(Output::new(widened, human))
         }
         UpgradeCommand::Status => {
             let s = match Target::open(home)? {

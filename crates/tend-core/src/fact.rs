@@ -62,6 +62,7 @@ mod tag {
     pub const ADMIN_REPLACEMENT: u64 = 23;
     pub const BLOB_TOMBSTONE: u64 = 24;
     pub const CERTIFIED_ADMIN_REPLACEMENT: u64 = 25;
+    pub const UPGRADE_WIDENED: u64 = 26;
     pub const AUTHORITY_GENESIS: u64 = 32;
     pub const MEMBERSHIP_CHANGED: u64 = 33;
 }
@@ -101,6 +102,7 @@ impl Payload {
                 M::CertifiedAdminReplacement(x) => {
                     (tag::CERTIFIED_ADMIN_REPLACEMENT, to_canonical(x))
                 }
+                M::UpgradeWidened(x) => (tag::UPGRADE_WIDENED, to_canonical(x)),
             },
         }
     }
@@ -134,6 +136,7 @@ impl Payload {
             tag::CERTIFIED_ADMIN_REPLACEMENT => {
                 m(M::CertifiedAdminReplacement(from_canonical(body)?))
             }
+            tag::UPGRADE_WIDENED => m(M::UpgradeWidened(from_canonical(body)?)),
             tag::AUTHORITY_GENESIS => {
                 Payload::Authority(AuthorityFact::Genesis(from_canonical::<AuthorityGenesis>(
                     body,
@@ -192,6 +195,7 @@ impl Payload {
                 M::AdminReplacement(_) => "admin-replacement",
                 M::BlobTombstone(_) => "blob-tombstone",
                 M::CertifiedAdminReplacement(_) => "admin-replacement-certified",
+                M::UpgradeWidened(_) => "upgrade-widened",
             }
             .into(),
         }

@@ -123,6 +123,18 @@ pub fn cohort_of(package_id: &Hash32, device: &DeviceId) -> u8 {
     (u64::from_le_bytes(first) % 100) as u8
 }
 
+/// The admin widens a staged rollout: the package's cohort percent becomes at least
+/// `cohort_percent`. The reducer keeps the highest percent seen, so a rollout never
+/// narrows, and since a device is in at P % when its cohort is below P, every device in
+/// at a smaller percent stays in. A kind of its own (not a second publication, whose
+/// different package id would draw a new cohort), so older releases keep it as unknown.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeWidened {
+    pub package_id: Hash32,
+    pub cohort_percent: u8,
+}
+
 /// How a device takes upgrades.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum UpgradePolicy {
@@ -211,6 +223,7 @@ pub enum MaintenanceFact {
     /// A separate kind (not a new field of [`AdminReplacement`]) so releases that predate
     /// it keep it as an unknown fact instead of rejecting a non-canonical body.
     CertifiedAdminReplacement(CertifiedAdminReplacement),
+    UpgradeWidened(UpgradeWidened),
 }
 
 impl MaintenanceFact {
@@ -218,7 +231,10 @@ impl MaintenanceFact {
     pub fn is_admin_operation(&self) -> bool {
         matches!(
             self,
-            Self::UpgradePublished(_) | Self::UpgradeActivated(_) | Self::AdminReplacement(_)
+            Self::UpgradePublished(_)
+                | Self::UpgradeActivated(_)
+                | Self::AdminReplacement(_)
+                | Self::UpgradeWidened(_)
         )
     }
 }

@@ -232,6 +232,17 @@ impl MaintenanceState {
                     );
                 }
             }
+            MaintenanceFact::UpgradeWidened(w) => match self.upgrades.get_mut(&w.package_id) {
+                // Like readiness, a widening counts only above the publication, so the fold
+                // meets the package first; the highest percent wins, so a rollout never
+                // narrows and the order of widenings does not matter.
+                Some(u) if w.cohort_percent <= 100 && epoch > u.published_at => {
+                    u.metadata.cohort_percent = u.metadata.cohort_percent.max(w.cohort_percent);
+                }
+                _ => {
+                    self.ignored.insert(f.id());
+                }
+            },
             MaintenanceFact::DeviceMetadata(d) => {
                 self.device_metadata.insert(author, d.clone());
             }

@@ -16,7 +16,7 @@
 //! `sync_now`, `add_fact`, `journal_list`, `authority_status`, `authority_create`,
 //! `snapshot_status`, `snapshot_propose`, `gc`, `set_gc_policy`, `get_setting`,
 //! `put_setting` (only the keys in [`PLUGIN_SETTINGS`]), `upgrade_status`,
-//! `upgrade_publish`, `upgrade_activate`, `upgrade_apply`, `upgrade_configure`,
+//! `upgrade_publish`, `upgrade_widen`, `upgrade_activate`, `upgrade_apply`, `upgrade_configure`,
 //! `admin_status`, `admin_replace`, `cache_invalidate`, `cache_check`, `backup_export`.
 //!
 //! `backup_export` writes an encrypted archive of the journal while the device keeps
@@ -287,6 +287,13 @@ pub enum Request {
         fence: Option<u64>,
         /// Staged rollout percentage.
         cohort: u8,
+    },
+    /// Widens a package's staged rollout (admin only).
+    UpgradeWiden {
+        /// The package id (hex).
+        package_id: String,
+        /// The new rollout percentage, above the current one.
+        percent: u8,
     },
     /// Activates a package (admin only).
     UpgradeActivate {
@@ -726,6 +733,18 @@ async fn answer(node: &Node, request: Request) -> Response {
             })
             .await
         }
+        Request::UpgradeWiden {
+            package_id,
+            percent,
+        } => {
+            write_on_node(node, move |n| {
+                let id = package_id
+                    .parse()
+                    .map_err(|e| invalid(format!("bad package id {package_id:?}: {e}")))?;
+                ops::upgrade_widen(n.device(), &id, percent)
+            })
+            .await
+        }
         Request::UpgradeActivate {
             package_id,
             min_ready,
@@ -1076,6 +1095,18 @@ impl Client {
             version,
             fence,
             cohort,
+        })
+    }
+
+    /// Widens a package's staged rollout.
+    pub fn upgrade_widen(
+        &mut self,
+        package_id: String,
+        percent: u8,
+    ) -> Result<Published, ControlError> {
+        self.typed(Request::UpgradeWiden {
+            package_id,
+            percent,
         })
     }
 

@@ -952,6 +952,51 @@ pub fn publish(
     Ok(meta)
 }
 
+/// Admin: widens the staged rollout of `package_id` to `cohort_percent`. Every device in
+/// the smaller rollout stays in (a device is in when its cohort is below the percent), and
+/// the reducer keeps the highest percent, so a widening can never narrow a rollout.
+pub fn widen(
+    device: &Device,
+    package_id: &Hash32,
+    cohort_percent: u8,
+) -> Result<UpgradeMetadata, UpgradeError> {
+    let state = device.store().maintenance_state(device.namespace())?;
+    require_admin(device, &state)?;
+    let u = state
+        .upgrades
+        .get(package_id)
+        .ok_or(UpgradeError::UnknownPackage(*package_id))?;
+    let current = u.metadata.cohort_percent;
+    if cohort_percent > 100 {
+        return Err(UpgradeError::Invalid(format!(
+            "cohort {cohort_percent}% is above 100%"
+        )));
+    }
+    if cohort_percent <= current {
+        return Err(UpgradeError::Invalid(format!(
+            "package {package_id} already goes to {current}% of devices; a rollout only \
+             widens (give a percent above {current})"
+        )));
+    }
+    let epoch = state
+        .package_fact_epoch(package_id)
+        .ok_or(UpgradeError::UnknownPackage(*package_id))?;
+    device.write(UnsignedFact {
+        namespace: device.namespace(),
+        epoch,
+        payload: Payload::Maintenance(MaintenanceFact::UpgradeWidened(
+            tend_core::maintenance::UpgradeWidened {
+                package_id: *package_id,
+                cohort_percent,
+            },
+        )),
+    })?;
+    Ok(UpgradeMetadata {
+        cohort_percent,
+        ..u.metadata.clone()
+    })
+}
+
 /// Admin: activates `package_id` when `policy` finds enough devices ready.
 pub fn activate(
     device: &Device,

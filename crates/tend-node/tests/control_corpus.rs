@@ -33,6 +33,7 @@ fn kind(r: &Request) -> &'static str {
         Request::UpgradeStatus => "upgrade_status",
         Request::UpgradePublish { .. } => "upgrade_publish",
         Request::UpgradeActivate { .. } => "upgrade_activate",
+        Request::UpgradeWiden { .. } => "upgrade_widen",
         Request::UpgradeApply { .. } => "upgrade_apply",
         Request::UpgradeConfigure { .. } => "upgrade_configure",
         Request::AdminStatus => "admin_status",
@@ -43,7 +44,7 @@ fn kind(r: &Request) -> &'static str {
     }
 }
 
-const ALL_KINDS: [&str; 24] = [
+const ALL_KINDS: [&str; 25] = [
     "data",
     "status",
     "peers",
@@ -61,6 +62,7 @@ const ALL_KINDS: [&str; 24] = [
     "upgrade_status",
     "upgrade_publish",
     "upgrade_activate",
+    "upgrade_widen",
     "upgrade_apply",
     "upgrade_configure",
     "admin_status",

@@ -454,6 +454,40 @@ fn a_staged_rollout_reaches_exactly_its_cohort() {
 }
 
 #[test]
+fn widening_a_rollout_keeps_the_devices_in_and_brings_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = fleet(dir.path());
+    let admin = &fleet.devices()[0];
+    let meta = upgrade::publish(admin, b"widening", V11, None, 1).unwrap();
+    fleet.sync().unwrap();
+    let before: Vec<bool> = fleet
+        .devices()
+        .iter()
+        .map(|d| meta.includes(&d.device_id()))
+        .collect();
+    // Only the admin widens, and a rollout never narrows.
+    assert!(matches!(
+        upgrade::widen(&fleet.devices()[1], &meta.package_id, 100),
+        Err(upgrade::UpgradeError::NotAdmin(_))
+    ));
+    assert!(matches!(
+        upgrade::widen(admin, &meta.package_id, 1),
+        Err(upgrade::UpgradeError::Invalid(_))
+    ));
+    let widened = upgrade::widen(admin, &meta.package_id, 100).unwrap();
+    assert_eq!(widened.package_id, meta.package_id);
+    fleet.sync().unwrap();
+    for (d, was_in) in fleet.devices().iter().zip(before) {
+        let s = upgrade::status(d).unwrap();
+        assert_eq!(s.packages.len(), 1, "the same package, not a new one");
+        assert_eq!(s.packages[0].cohort_percent, 100);
+        assert!(s.packages[0].in_cohort, "in at 100% (was in: {was_in})");
+        run(d, &mut copy_installer(d), false);
+        assert!(d.home().join("installed").exists());
+    }
+}
+
+#[test]
 fn admin_replacement_by_the_admin_and_by_the_authority() {
     let dir = tempfile::tempdir().unwrap();
     let fleet = fleet(dir.path());

@@ -141,6 +141,16 @@ pub fn upgrade_publish(
     Ok(Published::from(&meta))
 }
 
+/// Widens a package's staged rollout to `cohort_percent` (admin only).
+pub fn upgrade_widen(
+    device: &Device,
+    package_id: &Hash32,
+    cohort_percent: u8,
+) -> Result<Published, OpError> {
+    let meta = upgrade::widen(device, package_id, cohort_percent)?;
+    Ok(Published::from(&meta))
+}
+
 /// Activates a package once `min_ready` members (default: every eligible one) are ready.
 pub fn upgrade_activate(
     device: &Device,

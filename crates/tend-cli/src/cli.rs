@@ -69,8 +69,12 @@ pub enum Command {
     /// Serve a rendezvous point: devices publish signed, expiring address records to it and
     /// look each other up (`tend run --rendezvous ADDR`). Needs no home.
     Rendezvous(crate::net::RendezvousArgs),
-    /// Peers of the running device, with their scores.
-    Peers,
+    /// Peers of the running device, with their scores, statuses and last sync; or set a
+    /// peer's trust, ban or unban it.
+    Peers {
+        #[command(subcommand)]
+        cmd: Option<crate::net::PeersCommand>,
+    },
     /// Synchronise with peers.
     #[command(subcommand)]
     Sync(crate::net::SyncCommand),
@@ -156,7 +160,7 @@ pub fn run(args: Args) -> CmdResult {
         }
         Command::Run(run) => crate::net::run(&home, run, args.json),
         Command::Rendezvous(r) => crate::net::rendezvous(r, args.json),
-        Command::Peers => crate::net::peers(&home),
+        Command::Peers { cmd } => crate::net::peers(&home, cmd),
         Command::Status => crate::status::status(&home),
         Command::Sync(cmd) => crate::net::sync(&home, cmd),
         Command::Fact(FactCommand::Add { kind, data }) => {

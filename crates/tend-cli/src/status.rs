@@ -193,13 +193,14 @@ fn render(s: &Status) -> String {
             out.push_str("peers\n");
             for p in peers {
                 out.push_str(&format!(
-                    "  {}  {:<7} score {:.2}  ok {}  failed {}  active {}{}\n",
+                    "  {}  {:<7} score {:.2}  ok {}  failed {}  active {}  last sync {}{}\n",
                     crate::target::short(&p.device_id),
                     p.status,
                     p.score,
                     p.successful_syncs,
                     p.failed_syncs,
                     p.active_sessions,
+                    crate::net::ago(p.last_sync_unix_ms),
                     if p.blocked { "  blocked" } else { "" }
                 ));
             }

@@ -16,7 +16,7 @@
 //! `sync_now`, `add_fact`, `journal_list`, `authority_status`, `authority_create`,
 //! `snapshot_status`, `snapshot_propose`, `gc`, `set_gc_policy`, `get_setting`,
 //! `put_setting` (only the keys in [`PLUGIN_SETTINGS`]), `upgrade_status`,
-//! `upgrade_publish`, `upgrade_widen`, `upgrade_activate`, `upgrade_apply`, `upgrade_configure`,
+//! `peer_trust`, `peer_ban`, `upgrade_publish`, `upgrade_widen`, `upgrade_activate`, `upgrade_apply`, `upgrade_configure`,
 //! `admin_status`, `admin_replace`, `cache_invalidate`, `cache_check`, `backup_export`.
 //!
 //! `backup_export` writes an encrypted archive of the journal while the device keeps
@@ -287,6 +287,19 @@ pub enum Request {
         fence: Option<u64>,
         /// Staged rollout percentage.
         cohort: u8,
+    },
+    /// Sets the operator's trust for a peer, in [0, 1] (absent: back to its role's).
+    PeerTrust {
+        /// The peer's device id (hex).
+        device_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trust: Option<crate::peer_table::Trust>,
+    },
+    /// Bans a peer (no sync sessions either way) or lifts a ban.
+    PeerBan {
+        /// The peer's device id (hex).
+        device_id: String,
+        banned: bool,
     },
     /// Widens a package's staged rollout (admin only).
     UpgradeWiden {
@@ -637,6 +650,20 @@ async fn answer(node: &Node, request: Request) -> Response {
             Err(e) => Response::err(e.to_string()),
         },
         Request::Peers => Response::ok(node.peers()),
+        Request::PeerTrust { device_id, trust } => {
+            on_node(node, move |n| {
+                let device = crate::peer_table::parse_device(&device_id)?;
+                n.edit_peer(device, Some(trust.map(|t| t.0)), None)
+            })
+            .await
+        }
+        Request::PeerBan { device_id, banned } => {
+            on_node(node, move |n| {
+                let device = crate::peer_table::parse_device(&device_id)?;
+                n.edit_peer(device, None, Some(banned))
+            })
+            .await
+        }
         Request::SyncNow => Response::ok(node.sync_now().await),
         Request::AddFact { kind, data } => match node.add_fact(&kind, data.as_bytes()) {
             Ok(f) => Response::ok(AddedFact {
@@ -1096,6 +1123,23 @@ impl Client {
             fence,
             cohort,
         })
+    }
+
+    /// Sets (or with `None` clears) the operator's trust for a peer.
+    pub fn peer_trust(
+        &mut self,
+        device_id: String,
+        trust: Option<f64>,
+    ) -> Result<PeerInfo, ControlError> {
+        self.typed(Request::PeerTrust {
+            device_id,
+            trust: trust.map(crate::peer_table::Trust),
+        })
+    }
+
+    /// Bans a peer or lifts a ban.
+    pub fn peer_ban(&mut self, device_id: String, banned: bool) -> Result<PeerInfo, ControlError> {
+        self.typed(Request::PeerBan { device_id, banned })
     }
 
     /// Widens a package's staged rollout.

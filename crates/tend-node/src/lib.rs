@@ -15,6 +15,7 @@ pub mod endpoint;
 pub mod fleet;
 pub mod metrics;
 pub mod node;
+pub mod peer_table;
 pub mod reissue;
 pub mod upgrade;
 pub mod write;

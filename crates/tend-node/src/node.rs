@@ -40,6 +40,7 @@ mod autogc;
 use crate::discovery::{self, AddressSource, PeerAddr, StaticPeers};
 use crate::endpoint::{self, close_code, FrameError};
 use crate::metrics::Metrics;
+use crate::peer_table::STRANGER_TRUST;
 use crate::upgrade;
 
 /// How a node runs.
@@ -138,10 +139,21 @@ pub struct PeerInfo {
     pub device_id: String,
     /// Its direct address, if known (peers that only dialled us have none).
     pub addr: Option<String>,
-    /// `online`, `offline` or `banned`.
+    /// `online`, `offline` (after repeated connection failures; probed now and then) or
+    /// `banned` (after repeated misbehaviour, or by the operator).
     pub status: String,
-    /// Trust in [0, 1]; halved on each misbehaviour.
+    /// Trust in [0, 1]: the operator's setting for the peer, else its role's (admin,
+    /// member, other), halved on each misbehaviour.
     pub trust: f64,
+    /// The operator's trust for this peer (`tend peers trust`), if set.
+    pub operator_trust: Option<f64>,
+    /// Misbehaviours seen (protocol violations, invalid facts, bad blobs).
+    pub misbehaviours: u32,
+    /// Connection failures and timeouts since the last success.
+    pub consecutive_failures: u32,
+    /// When a session with the peer last completed (Unix ms), either side; kept across
+    /// restarts.
+    pub last_sync_unix_ms: Option<u64>,
     /// Sessions that completed.
     pub successful_syncs: u64,
     /// Sessions that failed, were refused, or never connected.
@@ -206,6 +218,8 @@ pub struct NodeStatus {
     pub identity_epoch: u64,
     /// Known peers.
     pub peers: Vec<PeerInfo>,
+    /// The latest successful sync with any peer (Unix ms).
+    pub last_sync_unix_ms: Option<u64>,
     /// What `tend journal status` shows.
     pub journal: JournalStatus,
 }
@@ -326,21 +340,24 @@ impl Node {
 
     /// [`Node::start`] over a device the caller keeps using (the `tend` library crate
     /// holds it across starts and stops of its node).
-    pub async fn start_shared(
-        device: Arc<Device>,
-        config: NodeConfig,
-    ) -> Result<Node, NodeError> {
+    pub async fn start_shared(device: Arc<Device>, config: NodeConfig) -> Result<Node, NodeError> {
         let endpoint = endpoint::bind(device.key(), config.listen).await?;
         let listen = endpoint::local_addr(&endpoint).unwrap_or(config.listen);
         let namespace = device.namespace();
         let state = device.store().maintenance_state(namespace)?;
         let mut peer_manager = PeerManager::new(config.peer);
+        // Scores, statuses and operator settings of earlier runs.
+        for (d, record) in crate::peer_table::load(device.store())? {
+            if d != device.device_id() {
+                peer_manager.restore(d, crate::peer_table::role_trust(&state, &d), &record);
+            }
+        }
         let mut addrs = HashMap::new();
         let persisted = discovery::load_peers(device.store())?;
         discovery::remember_peers(device.store(), &config.peers)?;
         for p in persisted.iter().chain(&config.peers) {
             if p.device != device.device_id() {
-                peer_manager.add(p.device, 1.0);
+                peer_manager.add(p.device, crate::peer_table::role_trust(&state, &p.device));
                 addrs.insert(p.device, p.addr);
             }
         }
@@ -491,6 +508,29 @@ impl Node {
         lock(&self.inner.peers).blocked.remove(device);
     }
 
+    /// The operator's trust for a peer (`None`: back to its role's) or a ban (`Some(true)`)
+    /// or unban, persisted in the peer table. A banned peer gets no session either way.
+    pub fn edit_peer(
+        &self,
+        device: DeviceId,
+        trust: Option<Option<f64>>,
+        banned: Option<bool>,
+    ) -> Result<PeerInfo, crate::peer_table::PeerTableError> {
+        let state = self.inner.state()?;
+        {
+            let mut book = lock(&self.inner.peers);
+            book.manager
+                .add(device, crate::peer_table::role_trust(&state, &device));
+            crate::peer_table::edit(&mut book.manager, &device, trust, banned)?;
+            crate::peer_table::save(self.inner.store(), &book.manager)?;
+        }
+        self.inner
+            .peer_infos()
+            .into_iter()
+            .find(|p| p.device_id == device.to_string())
+            .ok_or(crate::peer_table::PeerTableError::UnknownPeer(device))
+    }
+
     /// The maintenance protocol state (ceremonies, key generation).
     pub(crate) fn maint(&self) -> &crate::ceremony::Maint {
         &self.inner.maint
@@ -530,13 +570,15 @@ impl Node {
     pub fn status(&self) -> Result<NodeStatus, NodeError> {
         let journal = self.inner.device.status()?;
         let state = self.inner.state()?;
+        let peers = self.peers();
         Ok(NodeStatus {
             device_id: self.device_id().to_string(),
             listen_addr: self.listen_addr().to_string(),
             metrics_addr: self.metrics_addr().map(|a| a.to_string()),
             namespace: self.inner.namespace().to_string(),
             identity_epoch: state.identity_epoch(),
-            peers: self.peers(),
+            last_sync_unix_ms: peers.iter().filter_map(|p| p.last_sync_unix_ms).max(),
+            peers,
             journal,
         })
     }
@@ -844,18 +886,24 @@ impl Inner {
 
     fn learn(&self, peers: &[PeerAddr]) {
         let me = self.device.device_id();
+        let state = self.state().ok();
         let mut book = lock(&self.peers);
         for p in peers {
             if p.device == me {
                 continue;
             }
-            book.manager.add(p.device, 1.0);
-            if book.manager.get(&p.device).map(|m| m.status) == Some(PeerStatus::Offline) {
-                book.manager.set_status(&p.device, PeerStatus::Online);
-            }
+            let trust = state.as_ref().map_or(STRANGER_TRUST, |s| {
+                crate::peer_table::role_trust(s, &p.device)
+            });
+            book.manager.add(p.device, trust);
             if book.addrs.insert(p.device, p.addr) != Some(p.addr) {
-                // A new address is worth trying at once.
+                // A new address is worth trying at once, even for a peer gone offline
+                // at the old one (sources repeat known addresses every round: those
+                // change nothing).
                 book.backoff.remove(&p.device);
+                if book.manager.get(&p.device).map(|m| m.status) == Some(PeerStatus::Offline) {
+                    book.manager.set_status(&p.device, PeerStatus::Online);
+                }
             }
         }
     }
@@ -873,8 +921,18 @@ impl Inner {
             tracing::warn!("cannot persist peers: {e}");
         }
         let members = self.members();
-        let book = lock(&self.peers);
-        let candidates = book.manager.select(usize::MAX);
+        let state = self.state().ok();
+        let mut book = lock(&self.peers);
+        if let Some(state) = &state {
+            // Roles change with the membership and admin replacements.
+            let known: Vec<DeviceId> = book.manager.iter().map(|p| p.device_id).collect();
+            for d in known {
+                book.manager
+                    .set_role_trust(&d, crate::peer_table::role_trust(state, &d));
+            }
+        }
+        // Offline peers come back as probes once their interval has passed.
+        let candidates = book.manager.select_at(usize::MAX, self.now());
         let now = Instant::now();
         candidates
             .into_iter()
@@ -906,6 +964,10 @@ impl Inner {
                 active_sessions: p.active_sessions,
                 score: p.score(max),
                 blocked: book.blocked.contains(&p.device_id),
+                operator_trust: p.operator_trust,
+                misbehaviours: p.misbehaviours,
+                consecutive_failures: p.consecutive_failures,
+                last_sync_unix_ms: p.last_sync_unix_ms,
             })
             .collect()
     }
@@ -1262,9 +1324,29 @@ impl Inner {
             }
         }
         let mut book = lock(&self.peers);
-        book.manager.session_ended(&peer, &outcome.result);
+        book.manager.session_ended_at(
+            &peer,
+            &outcome.result,
+            self.now(),
+            Some(crate::peer_table::unix_ms_now()),
+        );
         if let Some(score) = book.manager.score(&peer) {
             m.set_score(&peer.to_string(), score);
+        }
+        self.persist_peers(&book.manager);
+    }
+
+    /// The trust of `device`'s role in the authority (see [`crate::peer_table`]).
+    fn role_trust(&self, device: &DeviceId) -> f64 {
+        self.state().map_or(STRANGER_TRUST, |s| {
+            crate::peer_table::role_trust(&s, device)
+        })
+    }
+
+    /// Writes the peer table, so scores, statuses and sync times survive a restart.
+    fn persist_peers(&self, manager: &PeerManager) {
+        if let Err(e) = crate::peer_table::save(self.store(), manager) {
+            tracing::warn!("cannot persist the peer table: {e}");
         }
     }
 }
@@ -1621,13 +1703,15 @@ async fn fetch_blobs(
     .await;
     if let Some(why) = &report.misbehaviour {
         tracing::warn!("peer {} sent a bad blob: {why}", peer.device);
+        let trust = inner.role_trust(&peer.device);
         let mut book = lock(&inner.peers);
-        book.manager.add(peer.device, 1.0);
+        book.manager.add(peer.device, trust);
         book.manager.session_started(&peer.device);
         book.manager.session_ended(
             &peer.device,
             &SessionResult::Failed(FailReason::Unexpected("blob not matching its CID")),
         );
+        inner.persist_peers(&book.manager);
     }
     report
 }
@@ -1790,10 +1874,14 @@ async fn initiate(inner: &Arc<Inner>, peer: PeerAddr) -> Result<Outcome, Initiat
         book.backoff
             .insert(peer.device, (Instant::now() + wait, wait));
         book.manager.session_started(&peer.device);
-        book.manager.session_ended(
+        // A connection failure: repeated ones take the peer offline.
+        book.manager.session_ended_at(
             &peer.device,
             &SessionResult::Failed(FailReason::Local(msg.clone())),
+            inner.now(),
+            None,
         );
+        inner.persist_peers(&book.manager);
         drop(book);
         inner.metrics.sessions_failed.inc();
         InitiateError::Unreachable(msg)
@@ -1903,6 +1991,18 @@ async fn serve_connection(inner: Arc<Inner>, conn: Connection) {
         crate::ceremony::serve(Node { inner }, conn).await;
         return;
     }
+    // A banned peer (repeated misbehaviour, or the operator) gets no sync session either
+    // way; snapshot ceremonies among members stay open to it.
+    let banned =
+        lock(&inner.peers).manager.get(&peer).map(|p| p.status) == Some(PeerStatus::Banned);
+    if banned {
+        inner.metrics.refuse("banned");
+        conn.close(
+            endpoint::code(close_code::NOT_MEMBER),
+            b"banned by this device",
+        );
+        return;
+    }
     if !inner.members().contains(&peer) {
         inner.metrics.refuse("not_member");
         conn.close(
@@ -1936,13 +2036,15 @@ async fn respond(
         Ok(Ok(h)) => h,
         Ok(Err(FrameError::Oversized { len, max })) => {
             inner.metrics.refuse("oversized_frame");
+            let trust = inner.role_trust(&peer);
             let mut book = lock(&inner.peers);
-            book.manager.add(peer, 1.0);
+            book.manager.add(peer, trust);
             book.manager.session_started(&peer);
             book.manager.session_ended(
                 &peer,
                 &SessionResult::Failed(FailReason::Garbage(MessageError::Oversized { len, max })),
             );
+            inner.persist_peers(&book.manager);
             drop(book);
             conn.close(endpoint::code(close_code::MISBEHAVIOUR), b"oversized frame");
             return;
@@ -2040,8 +2142,9 @@ async fn respond(
     };
     {
         // Incoming members are scored too, so misbehaviour demotes them.
+        let trust = inner.role_trust(&peer);
         let mut book = lock(&inner.peers);
-        book.manager.add(peer, 1.0);
+        book.manager.add(peer, trust);
         book.manager.session_started(&peer);
     }
     inner.metrics.sessions_opened.inc();

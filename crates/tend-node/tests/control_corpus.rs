@@ -18,6 +18,8 @@ fn kind(r: &Request) -> &'static str {
     match r {
         Request::Status => "status",
         Request::Peers => "peers",
+        Request::PeerTrust { .. } => "peer_trust",
+        Request::PeerBan { .. } => "peer_ban",
         Request::SyncNow => "sync_now",
         Request::AddFact { .. } => "add_fact",
         Request::Data(_) => "data",
@@ -44,10 +46,12 @@ fn kind(r: &Request) -> &'static str {
     }
 }
 
-const ALL_KINDS: [&str; 25] = [
+const ALL_KINDS: [&str; 27] = [
     "data",
     "status",
     "peers",
+    "peer_trust",
+    "peer_ban",
     "sync_now",
     "add_fact",
     "snapshot_propose",

@@ -41,7 +41,7 @@ pub use message::{
     AbortReason, Accept, FenceStatus, Hello, MessageError, RefuseReason, SyncMessage,
     SYNC_WIRE_VERSION,
 };
-pub use peer::{PeerConfig, PeerManager, PeerMetadata, PeerStatus};
+pub use peer::{PeerConfig, PeerManager, PeerMetadata, PeerRecord, PeerStatus};
 pub use rate::{
     Admit, Direction, InboundRate, InboundTicket, Kind, Limited, Rate, RateConfig, RateLimits,
     Scope,

@@ -9,10 +9,14 @@
 //! - `GET /v1/changes?since=CURSOR`: Server-Sent Events, one per fact the device admits
 //!   (its own writes and what sync brings), in admission order, live; each event's id is
 //!   its cursor, so a client resumes with `Last-Event-ID` (see `tend_store::changes`).
-//! - `GET /v1/status`.
+//! - `GET /v1/status`: the node's status, with what the dashboard shows besides (the
+//!   authority, snapshots and GC, live state counts, upgrades, sync counters).
+//! - `GET /`: the fleet dashboard ([`dashboard`]), a page embedded in the binary.
 //!
-//! Every request needs `Authorization: Bearer TOKEN`, the token in `HOME/api.token`
-//! (0600, made when absent); without it the answer is 401 and nothing is read or written.
+//! Every request but the dashboard's page and assets needs `Authorization: Bearer TOKEN`,
+//! the token in `HOME/api.token` (0600, made when absent); without it the answer is 401
+//! and nothing is read or written. The page holds no data: it asks for the token and
+//! sends it with each of its own requests.
 //! Errors are JSON `{"error": "..."}`. Writes go through [`crate::data::run`], as the
 //! control socket's do, and running sessions hear about them. Store work runs off the
 //! async workers.
@@ -45,6 +49,8 @@ use crate::control::error_line;
 use crate::data::{self, Bytes64, DataRequest, DataResponse, LogEntry, ValueRead, Written};
 use crate::device::{Device, DeviceError};
 use crate::node::Node;
+
+pub mod dashboard;
 
 /// The token file in the device's home.
 pub const TOKEN_FILE: &str = "api.token";
@@ -155,6 +161,7 @@ pub fn router(node: &Node, token: String) -> Result<Router, ApiError> {
                 .layer(DefaultBodyLimit::max(MAX_LOG_ENTRY_BYTES)),
         )
         .route("/v1/changes", get(changes))
+        .merge(dashboard::routes())
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             HttpError::new(
@@ -265,6 +272,9 @@ impl From<BytesRejection> for HttpError {
 /// Refuses every request without the right `Authorization: Bearer TOKEN` before it is
 /// routed, so nothing is read or written for it.
 async fn authorize(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    if dashboard::is_public(req.method(), req.uri().path()) {
+        return next.run(req).await;
+    }
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -569,10 +579,56 @@ async fn status(State(st): State<ApiState>) -> Result<Json<serde_json::Value>, H
             .map_err(|e| HttpError::internal(format!("cannot encode the status: {e}")))?;
         if let Some(o) = v.as_object_mut() {
             o.insert("changes_cursor".into(), cursor.into());
+            o.extend(dashboard_status(n)?);
         }
         Ok(Json(v))
     })
     .await
+}
+
+/// What `/v1/status` adds to the node's status for the dashboard. A part the device
+/// cannot tell yet (no authority before it joins one) is `null`.
+fn dashboard_status(node: &Node) -> Result<serde_json::Map<String, serde_json::Value>, HttpError> {
+    let device = node.device();
+    let json = |v: Result<serde_json::Value, serde_json::Error>| {
+        v.map_err(|e| HttpError::internal(format!("cannot encode the status: {e}")))
+    };
+    let app = device.store().app_state(device.namespace())?;
+    let m = node.metrics();
+    let mut o = serde_json::Map::new();
+    o.insert(
+        "authority".into(),
+        json(serde_json::to_value(device.authority_status().ok()))?,
+    );
+    o.insert(
+        "snapshot".into(),
+        json(serde_json::to_value(device.snapshot_status().ok()))?,
+    );
+    o.insert(
+        "upgrades".into(),
+        json(serde_json::to_value(crate::upgrade::status(device).ok()))?,
+    );
+    o.insert("upgrade_running".into(), node.upgrade_running().into());
+    o.insert(
+        "app".into(),
+        serde_json::json!({ "live_keys": app.live_keys(), "log_entries": app.log_len() }),
+    );
+    o.insert(
+        "sync".into(),
+        serde_json::json!({
+            "facts_sent": m.facts_sent.get(),
+            "facts_received": m.facts_received.get(),
+            "bytes_sent": m.bytes_sent.get(),
+            "bytes_received": m.bytes_received.get(),
+            "sessions_completed": m.sessions_completed.get(),
+            "sessions_failed": m.sessions_failed.get(),
+            "sessions_aborted": m.sessions_aborted.get(),
+            "gc_runs": m.gc_runs.get(),
+            "gc_facts_pruned": m.gc_facts_pruned.get(),
+            "gc_bytes_reclaimed": m.gc_bytes_reclaimed.get(),
+        }),
+    );
+    Ok(o)
 }
 
 #[derive(Deserialize)]

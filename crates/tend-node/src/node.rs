@@ -285,6 +285,10 @@ struct Inner {
     facts_seen: AtomicU64,
     next_wake: Mutex<Option<Duration>>,
     wake: Notify,
+    /// Raised by every local write: the round loop runs a pushed round soon after (see
+    /// [`round_loop`]). A `Notify` keeps one permit, so writes made while a round runs
+    /// ask for exactly one more round, however many they are.
+    push: Notify,
     round: tokio::sync::Mutex<()>,
     start: Instant,
     closing: AtomicBool,
@@ -390,6 +394,7 @@ impl Node {
             facts_seen: AtomicU64::new(0),
             next_wake: Mutex::new(None),
             wake: Notify::new(),
+            push: Notify::new(),
             round: tokio::sync::Mutex::new(()),
             start: Instant::now(),
             closing: AtomicBool::new(false),
@@ -596,6 +601,21 @@ impl Node {
         let fact = self.inner.device.add_application_fact(kind, data)?;
         self.inner.after_local_write();
         Ok(fact)
+    }
+
+    /// Carries out a data request (put, delete, log append or trim, cache put, a batch,
+    /// or a read) on the running device; after a write, running sessions hear of it and a
+    /// pushed round takes it to peers at once.
+    pub fn data(
+        &self,
+        request: crate::data::DataRequest,
+    ) -> Result<crate::data::DataResponse, DeviceError> {
+        let write = request.is_write();
+        let r = crate::data::run(&self.inner.device, request);
+        if write {
+            self.inner.after_local_write();
+        }
+        r
     }
 
     /// Runs one sync round now: picks peers by score, syncs with each (retrying sessions
@@ -1183,6 +1203,9 @@ impl Inner {
             self.check_rules(&mut m)
         };
         self.dispatch(actions);
+        // Push on write: peers get the write now rather than at their next round. Facts
+        // that arrive from peers never come through here, so they push nothing back.
+        self.push.notify_one();
     }
 
     /// Waits until the incoming rate limits admit a frame of `len` bytes from `peer`. The
@@ -2179,12 +2202,44 @@ async fn timer_loop(inner: Arc<Inner>) {
     }
 }
 
-/// A sync round every `sync_interval`.
+/// How long a pushed round waits after the write that asked for it, so the writes of a
+/// burst go in one round.
+const PUSH_DEBOUNCE: Duration = Duration::from_millis(2);
+
+/// The least time between the starts of two pushed rounds: a little more than one
+/// session per peer under the per-peer limit of sessions a responder accepts (this
+/// device's own incoming limit stands for its peers'), so pushing under a steady write
+/// load is never refused as a flood. No gap without that limit.
+fn push_gap(config: &NodeConfig) -> Duration {
+    config
+        .manager
+        .rate
+        .inbound_per_peer
+        .sessions_per_sec
+        .map_or(Duration::ZERO, |n| {
+            Duration::from_secs_f64(1.25 / f64::from(n.get()))
+        })
+}
+
+/// A sync round every `sync_interval`, and a pushed round soon after each local write
+/// (push on write): at most one round runs at a time, writes made meanwhile ask for one
+/// more, and pushed rounds start at least [`push_gap`] apart.
 async fn round_loop(node: Node) {
     let mut tick = tokio::time::interval(node.inner.config.sync_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let gap = push_gap(&node.inner.config);
+    let mut last_push: Option<tokio::time::Instant> = None;
     loop {
-        tick.tick().await;
+        let pushed = tokio::select! {
+            _ = tick.tick() => false,
+            _ = node.inner.push.notified() => true,
+        };
+        if pushed {
+            let soonest = tokio::time::Instant::now() + PUSH_DEBOUNCE;
+            let start = last_push.map_or(soonest, |last| (last + gap).max(soonest));
+            tokio::time::sleep_until(start).await;
+            last_push = Some(tokio::time::Instant::now());
+        }
         if node.inner.closing.load(Ordering::SeqCst) {
             return;
         }

@@ -36,7 +36,7 @@ impl EpochSecretKey {
 
     /// The public key `g^sk` that content keys are sealed to.
     pub fn public_key(&self) -> EpochPublicKey {
-        EpochPublicKey(RistrettoPoint::mul_base(&self.0))
+        EpochPublicKey::new(RistrettoPoint::mul_base(&self.0))
     }
 
     /// The canonical 32-byte little-endian scalar. Handle as a secret.
@@ -67,18 +67,27 @@ impl std::fmt::Debug for EpochSecretKey {
 }
 
 /// The public encryption key of an identity epoch: a Ristretto point, never the identity.
+/// Its encoding is kept beside it (it is hashed into every fragment check).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EpochPublicKey(pub(crate) RistrettoPoint);
+pub struct EpochPublicKey(pub(crate) RistrettoPoint, [u8; 32]);
 
 impl EpochPublicKey {
+    fn new(point: RistrettoPoint) -> Self {
+        Self(point, point.compress().to_bytes())
+    }
+
     /// The canonical 32-byte compressed Ristretto encoding.
     pub fn to_bytes(&self) -> [u8; 32] {
-        self.0.compress().to_bytes()
+        self.1
     }
 
     /// Strict decoding: a canonical Ristretto encoding of a point other than the identity.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, VaultError> {
-        Ok(Self(decode_point(bytes, "epoch public key")?))
+        let point = decode_point(bytes, "epoch public key")?;
+        Ok(Self(
+            point,
+            bytes.try_into().expect("decode_point checked 32 bytes"),
+        ))
     }
 }
 

@@ -41,7 +41,7 @@
 
 use std::sync::LazyLock;
 
-use curve25519_dalek::ristretto::RistrettoPoint;
+use curve25519_dalek::ristretto::{RistrettoBasepointTable, RistrettoPoint};
 use curve25519_dalek::scalar::Scalar;
 use curve25519_dalek::traits::{Identity, VartimeMultiscalarMul};
 use rand_core::{CryptoRng, RngCore};
@@ -75,6 +75,12 @@ static U: LazyLock<RistrettoPoint> = LazyLock::new(|| {
 
 /// The paper's `H_i : {0,1}* -> Z_q`, each input length-prefixed so the split between
 /// inputs is unambiguous.
+/// `U` compressed (it goes into every proof challenge) and as a precomputed table (the proxy
+/// multiplies it once per capsule).
+static U_BYTES: LazyLock<[u8; 32]> = LazyLock::new(|| bytes(&U));
+static U_TABLE: LazyLock<RistrettoBasepointTable> =
+    LazyLock::new(|| RistrettoBasepointTable::create(&U));
+
 fn hash_to_scalar(context: &str, parts: &[&[u8]]) -> Scalar {
     let mut hasher = blake3::Hasher::new_derive_key(context);
     for part in parts {
@@ -125,6 +131,9 @@ pub struct Capsule {
     e: RistrettoPoint,
     v: RistrettoPoint,
     s: Scalar,
+    // The encoding, kept: compressing a point costs an inversion, and the proxy hashes E and V
+    // into every proof.
+    encoded: [u8; CAPSULE_BYTES],
 }
 
 /// Length of an encoded [`Capsule`]: `E || V || s`.
@@ -140,22 +149,35 @@ impl Capsule {
         let mut u = random_nonzero(rng);
         let e = RistrettoPoint::mul_base(&r);
         let v = RistrettoPoint::mul_base(&u);
-        let s = u + r * Self::h2(&e, &v);
+        let mut encoded = [0u8; CAPSULE_BYTES];
+        encoded[..32].copy_from_slice(&bytes(&e));
+        encoded[32..64].copy_from_slice(&bytes(&v));
+        let s = u + r * Self::h2(&encoded);
+        encoded[64..].copy_from_slice(s.as_bytes());
         let mut ru = r + u;
         let key = KemKey::derive(&(delegating.0 * ru));
         r.zeroize();
         u.zeroize();
         ru.zeroize();
-        (Self { e, v, s }, key)
+        (Self { e, v, s, encoded }, key)
     }
 
-    fn h2(e: &RistrettoPoint, v: &RistrettoPoint) -> Scalar {
-        hash_to_scalar(H2_CAPSULE, &[&bytes(e), &bytes(v)])
+    /// `H2(E, V)` over the encoded points (the first 64 bytes of the encoding).
+    fn h2(encoded: &[u8; CAPSULE_BYTES]) -> Scalar {
+        hash_to_scalar(H2_CAPSULE, &[&encoded[..32], &encoded[32..64]])
+    }
+
+    fn e_bytes(&self) -> &[u8] {
+        &self.encoded[..32]
+    }
+
+    fn v_bytes(&self) -> &[u8] {
+        &self.encoded[32..64]
     }
 
     fn is_valid(&self) -> bool {
         // g^s == V · E^h, as V == g^s · E^-h.
-        let h = Self::h2(&self.e, &self.v);
+        let h = Self::h2(&self.encoded);
         RistrettoPoint::vartime_double_scalar_mul_basepoint(&-h, &self.e, &self.s) == self.v
     }
 
@@ -167,23 +189,20 @@ impl Capsule {
 
     /// Canonical encoding `E || V || s`.
     pub fn to_bytes(&self) -> [u8; CAPSULE_BYTES] {
-        let mut out = [0u8; CAPSULE_BYTES];
-        out[..32].copy_from_slice(&bytes(&self.e));
-        out[32..64].copy_from_slice(&bytes(&self.v));
-        out[64..].copy_from_slice(self.s.as_bytes());
-        out
+        self.encoded
     }
 
     /// Strict decoding: canonical points other than the identity, a canonical scalar, and the
     /// capsule check.
     pub fn from_bytes(input: &[u8]) -> Result<Self, VaultError> {
-        if input.len() != CAPSULE_BYTES {
-            return Err(malformed("capsule", "wrong length"));
-        }
+        let encoded: [u8; CAPSULE_BYTES] = input
+            .try_into()
+            .map_err(|_| malformed("capsule", "wrong length"))?;
         let capsule = Self {
             e: decode_point(&input[..32], "capsule")?,
             v: decode_point(&input[32..64], "capsule")?,
             s: decode_scalar(&input[64..], "capsule")?,
+            encoded,
         };
         if !capsule.is_valid() {
             return Err(VaultError::InvalidCapsule);
@@ -209,13 +228,15 @@ fn share_x(id: &Scalar, delegation: &Scalar) -> Scalar {
     hash_to_scalar(H5_SHARE_X, &[id.as_bytes(), delegation.as_bytes()])
 }
 
+/// The delegator's signature challenge over `(Y, id, pk_A, pk_B, U_1, X_A)`, the last two
+/// as encoded points.
 fn kfrag_challenge(
     commitment_y: &RistrettoPoint,
     id: &Scalar,
     a: &EpochPublicKey,
     b: &EpochPublicKey,
-    u1: &RistrettoPoint,
-    precursor: &RistrettoPoint,
+    u1: &[u8],
+    precursor: &[u8],
 ) -> Scalar {
     hash_to_scalar(
         H_KFRAG_SIGNATURE,
@@ -224,8 +245,8 @@ fn kfrag_challenge(
             id.as_bytes(),
             &a.to_bytes(),
             &b.to_bytes(),
-            &bytes(u1),
-            &bytes(precursor),
+            u1,
+            precursor,
         ],
     )
 }
@@ -271,11 +292,13 @@ impl KeyFrag {
         delegating: &EpochPublicKey,
         receiving: &EpochPublicKey,
     ) -> Result<VerifiedKeyFrag, VaultError> {
-        if *U * self.rk != self.commitment
+        let precursor_bytes = bytes(&self.precursor);
+        let commitment_bytes = bytes(&self.commitment);
+        if &self.rk * &*U_TABLE != self.commitment
             || !kfrag_signature_holds(
                 &self.id,
-                &self.commitment,
-                &self.precursor,
+                &commitment_bytes,
+                &precursor_bytes,
                 &self.z1,
                 &self.z2,
                 delegating,
@@ -288,6 +311,8 @@ impl KeyFrag {
             kfrag: self,
             delegating: *delegating,
             receiving: *receiving,
+            precursor_bytes,
+            commitment_bytes,
         })
     }
 
@@ -324,8 +349,8 @@ impl KeyFrag {
 /// `Y = g^z2 · pk_A^z1`, then `z1 == H(Y, id, pk_A, pk_B, U_1, X_A)`.
 fn kfrag_signature_holds(
     id: &Scalar,
-    commitment: &RistrettoPoint,
-    precursor: &RistrettoPoint,
+    commitment: &[u8],
+    precursor: &[u8],
     z1: &Scalar,
     z2: &Scalar,
     delegating: &EpochPublicKey,
@@ -342,6 +367,9 @@ pub struct VerifiedKeyFrag {
     kfrag: KeyFrag,
     delegating: EpochPublicKey,
     receiving: EpochPublicKey,
+    // Compressed once: they go into every capsule fragment the proxy makes.
+    precursor_bytes: [u8; 32],
+    commitment_bytes: [u8; 32],
 }
 
 impl VerifiedKeyFrag {
@@ -377,6 +405,7 @@ pub fn generate_kfrags(
     let pk_a = delegating.public_key();
     let mut x_a = random_nonzero(rng);
     let precursor = RistrettoPoint::mul_base(&x_a);
+    let precursor_bytes = bytes(&precursor);
     let d = dh_factor(&precursor, receiving, &(receiving.0 * x_a));
     x_a.zeroize();
     let delegation = delegation_secret(&pk_a, receiving, &(receiving.0 * a));
@@ -395,15 +424,16 @@ pub fn generate_kfrags(
             .iter()
             .rev()
             .fold(Scalar::ZERO, |acc, c| acc * x + c);
-        let commitment = *U * rk;
+        let commitment = &rk * &*U_TABLE;
+        let commitment_bytes = bytes(&commitment);
         let mut y = random_nonzero(rng);
         let z1 = kfrag_challenge(
             &RistrettoPoint::mul_base(&y),
             &id,
             &pk_a,
             receiving,
-            &commitment,
-            &precursor,
+            &commitment_bytes,
+            &precursor_bytes,
         );
         let z2 = y - a * z1;
         y.zeroize();
@@ -418,6 +448,8 @@ pub fn generate_kfrags(
             },
             delegating: pk_a,
             receiving: *receiving,
+            precursor_bytes,
+            commitment_bytes,
         });
     }
     coefficients.zeroize();
@@ -440,39 +472,37 @@ pub struct CapsuleFrag {
     z1: Scalar,
     z2: Scalar,
     z3: Scalar,
+    // The encoding, built once: the proof challenge hashes the compressed points.
+    encoded: [u8; CFRAG_BYTES],
 }
 
-/// Length of an encoded [`CapsuleFrag`]: 11 fields of 32 bytes.
+/// Length of an encoded [`CapsuleFrag`]: 11 fields of 32 bytes, in the order
+/// `E_1, V_1, id, X_A, E_2, V_2, U_2, U_1, z_1, z_2, z_3`.
 pub const CFRAG_BYTES: usize = 352;
 
-#[allow(clippy::too_many_arguments)]
-fn proof_challenge(
-    capsule: &Capsule,
-    e1: &RistrettoPoint,
-    e2: &RistrettoPoint,
-    v1: &RistrettoPoint,
-    v2: &RistrettoPoint,
-    u1: &RistrettoPoint,
-    u2: &RistrettoPoint,
-    id: &Scalar,
-    precursor: &RistrettoPoint,
-) -> Scalar {
+fn cfrag_field(encoded: &[u8; CFRAG_BYTES], i: usize) -> &[u8] {
+    &encoded[32 * i..32 * (i + 1)]
+}
+
+/// The proof's challenge `h = H4(E, E_1, E_2, V, V_1, V_2, U, U_1, U_2, id, X_A)`, over the
+/// encoded fragment (its first ten fields; `z_3` depends on `h`). Beyond the paper's list,
+/// the fragment's id and precursor tie the proof to one key fragment.
+fn proof_challenge(capsule: &Capsule, encoded: &[u8; CFRAG_BYTES]) -> Scalar {
+    let f = |i| cfrag_field(encoded, i);
     hash_to_scalar(
         H4_PROOF,
         &[
-            &bytes(&capsule.e),
-            &bytes(e1),
-            &bytes(e2),
-            &bytes(&capsule.v),
-            &bytes(v1),
-            &bytes(v2),
-            &bytes(&U),
-            &bytes(u1),
-            &bytes(u2),
-            // Beyond the paper's list: binding the fragment's id and precursor into the
-            // challenge ties the proof to one key fragment.
-            id.as_bytes(),
-            &bytes(precursor),
+            capsule.e_bytes(),
+            f(0),
+            f(4),
+            capsule.v_bytes(),
+            f(1),
+            f(5),
+            &*U_BYTES,
+            f(7),
+            f(6),
+            f(2),
+            f(3),
         ],
     )
 }
@@ -490,20 +520,27 @@ pub fn reencrypt(
     let mut t = random_nonzero(rng);
     let e2 = capsule.e * t;
     let v2 = capsule.v * t;
-    let u2 = *U * t;
-    let h = proof_challenge(
-        capsule,
-        &e1,
-        &e2,
-        &v1,
-        &v2,
-        &k.commitment,
-        &u2,
-        &k.id,
-        &k.precursor,
-    );
+    let u2 = &t * &*U_TABLE;
+    let mut encoded = [0u8; CFRAG_BYTES];
+    let fields: [[u8; 32]; 10] = [
+        bytes(&e1),
+        bytes(&v1),
+        k.id.to_bytes(),
+        kfrag.precursor_bytes,
+        bytes(&e2),
+        bytes(&v2),
+        bytes(&u2),
+        kfrag.commitment_bytes,
+        k.z1.to_bytes(),
+        k.z2.to_bytes(),
+    ];
+    for (slot, field) in encoded.chunks_exact_mut(32).zip(fields) {
+        slot.copy_from_slice(&field);
+    }
+    let h = proof_challenge(capsule, &encoded);
     let z3 = t + h * k.rk;
     t.zeroize();
+    encoded[320..].copy_from_slice(z3.as_bytes());
     CapsuleFrag {
         e1,
         v1,
@@ -516,6 +553,7 @@ pub fn reencrypt(
         z1: k.z1,
         z2: k.z2,
         z3,
+        encoded,
     }
 }
 
@@ -529,17 +567,7 @@ impl CapsuleFrag {
         delegating: &EpochPublicKey,
         receiving: &EpochPublicKey,
     ) -> Result<VerifiedCapsuleFrag, VaultError> {
-        let h = proof_challenge(
-            capsule,
-            &self.e1,
-            &self.e2,
-            &self.v1,
-            &self.v2,
-            &self.u1,
-            &self.u2,
-            &self.id,
-            &self.precursor,
-        );
+        let h = proof_challenge(capsule, &self.encoded);
         let holds = |base: &RistrettoPoint, blinded: &RistrettoPoint, image: &RistrettoPoint| {
             // base^z3 == blinded · image^h
             RistrettoPoint::vartime_multiscalar_mul([self.z3, -h], [*base, *image]) == *blinded
@@ -549,8 +577,8 @@ impl CapsuleFrag {
             || !holds(&U, &self.u2, &self.u1)
             || !kfrag_signature_holds(
                 &self.id,
-                &self.u1,
-                &self.precursor,
+                cfrag_field(&self.encoded, 7),
+                cfrag_field(&self.encoded, 3),
                 &self.z1,
                 &self.z2,
                 delegating,
@@ -565,36 +593,18 @@ impl CapsuleFrag {
         })
     }
 
-    /// Canonical encoding: `E_1 || V_1 || id || X_A || E_2 || V_2 || U_2 || U_1 || z_1 ||
-    /// z_2 || z_3`.
+    /// The canonical encoding.
     pub fn to_bytes(&self) -> [u8; CFRAG_BYTES] {
-        let mut out = [0u8; CFRAG_BYTES];
-        let fields: [[u8; 32]; 11] = [
-            bytes(&self.e1),
-            bytes(&self.v1),
-            self.id.to_bytes(),
-            bytes(&self.precursor),
-            bytes(&self.e2),
-            bytes(&self.v2),
-            bytes(&self.u2),
-            bytes(&self.u1),
-            self.z1.to_bytes(),
-            self.z2.to_bytes(),
-            self.z3.to_bytes(),
-        ];
-        for (slot, field) in out.chunks_exact_mut(32).zip(fields) {
-            slot.copy_from_slice(&field);
-        }
-        out
+        self.encoded
     }
 
     /// Strict decoding (canonical points and scalars); verify it before use.
     pub fn from_bytes(input: &[u8]) -> Result<Self, VaultError> {
         const WHAT: &str = "capsule fragment";
-        if input.len() != CFRAG_BYTES {
-            return Err(malformed(WHAT, "wrong length"));
-        }
-        let field = |i: usize| &input[32 * i..32 * (i + 1)];
+        let encoded: [u8; CFRAG_BYTES] = input
+            .try_into()
+            .map_err(|_| malformed(WHAT, "wrong length"))?;
+        let field = |i: usize| cfrag_field(&encoded, i);
         Ok(Self {
             e1: decode_point(field(0), WHAT)?,
             v1: decode_point(field(1), WHAT)?,
@@ -607,6 +617,7 @@ impl CapsuleFrag {
             z1: decode_scalar(field(8), WHAT)?,
             z2: decode_scalar(field(9), WHAT)?,
             z3: decode_scalar(field(10), WHAT)?,
+            encoded,
         })
     }
 }

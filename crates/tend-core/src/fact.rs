@@ -63,6 +63,7 @@ mod tag {
     pub const BLOB_TOMBSTONE: u64 = 24;
     pub const CERTIFIED_ADMIN_REPLACEMENT: u64 = 25;
     pub const UPGRADE_WIDENED: u64 = 26;
+    pub const UPGRADE_ACTIVATED_WHEN_READY: u64 = 27;
     pub const AUTHORITY_GENESIS: u64 = 32;
     pub const MEMBERSHIP_CHANGED: u64 = 33;
 }
@@ -103,6 +104,9 @@ impl Payload {
                     (tag::CERTIFIED_ADMIN_REPLACEMENT, to_canonical(x))
                 }
                 M::UpgradeWidened(x) => (tag::UPGRADE_WIDENED, to_canonical(x)),
+                M::UpgradeActivatedWhenReady(x) => {
+                    (tag::UPGRADE_ACTIVATED_WHEN_READY, to_canonical(x))
+                }
             },
         }
     }
@@ -137,6 +141,9 @@ impl Payload {
                 m(M::CertifiedAdminReplacement(from_canonical(body)?))
             }
             tag::UPGRADE_WIDENED => m(M::UpgradeWidened(from_canonical(body)?)),
+            tag::UPGRADE_ACTIVATED_WHEN_READY => {
+                m(M::UpgradeActivatedWhenReady(from_canonical(body)?))
+            }
             tag::AUTHORITY_GENESIS => {
                 Payload::Authority(AuthorityFact::Genesis(from_canonical::<AuthorityGenesis>(
                     body,
@@ -196,6 +203,7 @@ impl Payload {
                 M::BlobTombstone(_) => "blob-tombstone",
                 M::CertifiedAdminReplacement(_) => "admin-replacement-certified",
                 M::UpgradeWidened(_) => "upgrade-widened",
+                M::UpgradeActivatedWhenReady(_) => "upgrade-activated-when-ready",
             }
             .into(),
         }

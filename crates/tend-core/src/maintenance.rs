@@ -169,6 +169,19 @@ pub struct UpgradeActivated {
     pub activation_fence: Option<Epoch>,
 }
 
+/// An activation that counts only once `min_ready` members have published
+/// `UpgradeReady` for the package (DESIGN rule 7 readiness, judged by the reducer from the
+/// journal rather than trusted to the admin). The admin's `activate` writes the figure its
+/// readiness policy required. A kind of its own, so older releases keep it as unknown.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeActivatedWhenReady {
+    pub activation: UpgradeActivated,
+    /// Distinct members whose `UpgradeReady` for the package the journal must hold (at
+    /// least 1 is required whatever this says).
+    pub min_ready: u16,
+}
+
 /// From `activation_epoch` on, `new_admin` replaces `old_admin`.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -224,6 +237,7 @@ pub enum MaintenanceFact {
     /// it keep it as an unknown fact instead of rejecting a non-canonical body.
     CertifiedAdminReplacement(CertifiedAdminReplacement),
     UpgradeWidened(UpgradeWidened),
+    UpgradeActivatedWhenReady(UpgradeActivatedWhenReady),
 }
 
 impl MaintenanceFact {
@@ -235,6 +249,7 @@ impl MaintenanceFact {
                 | Self::UpgradeActivated(_)
                 | Self::AdminReplacement(_)
                 | Self::UpgradeWidened(_)
+                | Self::UpgradeActivatedWhenReady(_)
         )
     }
 }

@@ -55,9 +55,38 @@ pub struct UpgradeState {
     pub metadata: UpgradeMetadata,
     pub ready: BTreeSet<DeviceId>,
     pub activated: Option<UpgradeActivated>,
+    /// Activations waiting for readiness: fact id -> (activation, ready members it needs).
+    /// The first to have its figure met activates the package; the others are then
+    /// ignored. (A ready fact may sort after the activation it satisfies, so the check
+    /// runs again on every new ready member.)
+    pub pending_activations: BTreeMap<FactId, (UpgradeActivated, u16)>,
     /// The epoch of the publishing fact: readiness and activation count only strictly
     /// above it, so the fold meets the package before anything that refers to it.
     pub published_at: Epoch,
+}
+
+impl UpgradeState {
+    /// Activates the package with the first pending activation (by fact id) whose figure
+    /// the ready members meet; returns the other pending activations, now ignored.
+    fn settle_pending(&mut self) -> Vec<FactId> {
+        if self.activated.is_some() {
+            return Vec::new();
+        }
+        let ready = self.ready.len();
+        let met = self
+            .pending_activations
+            .iter()
+            .find(|(_, (_, min))| ready >= usize::from(*min))
+            .map(|(id, (a, _))| (*id, a.clone()));
+        let Some((counted, a)) = met else {
+            return Vec::new();
+        };
+        self.activated = Some(a);
+        std::mem::take(&mut self.pending_activations)
+            .into_keys()
+            .filter(|id| *id != counted)
+            .collect()
+    }
 }
 
 /// An admin replacement that took effect.
@@ -227,6 +256,7 @@ impl MaintenanceState {
                             metadata: u.clone(),
                             ready: BTreeSet::new(),
                             activated: None,
+                            pending_activations: BTreeMap::new(),
                             published_at: epoch,
                         },
                     );
@@ -249,26 +279,19 @@ impl MaintenanceState {
             MaintenanceFact::UpgradeReady(r) => match self.upgrades.get_mut(&r.package_id) {
                 Some(u) if u.metadata.version == r.version && epoch > u.published_at => {
                     u.ready.insert(author);
+                    let ignored = u.settle_pending();
+                    self.ignored.extend(ignored);
                 }
                 _ => {
                     self.ignored.insert(f.id());
                 }
             },
-            MaintenanceFact::UpgradeActivated(a) => match self.upgrades.get_mut(&a.package_id) {
-                // The fence must be the one the package was published with: devices decided to
-                // install knowing whether it is a hard fork.
-                Some(u)
-                    if u.activated.is_none()
-                        && u.metadata.version == a.to_version
-                        && u.metadata.fence == a.activation_fence
-                        && epoch > u.published_at =>
-                {
-                    u.activated = Some(a.clone());
-                }
-                _ => {
-                    self.ignored.insert(f.id());
-                }
-            },
+            // An activation without a figure (older releases) needs one ready member, the
+            // least every readiness policy asked for.
+            MaintenanceFact::UpgradeActivated(a) => self.apply_activation(f, a, 1),
+            MaintenanceFact::UpgradeActivatedWhenReady(w) => {
+                self.apply_activation(f, &w.activation, w.min_ready.max(1))
+            }
             // The replacement rules live in `crate::admin`.
             MaintenanceFact::AdminReplacement(r) => self.apply_replacement(f, r, None),
             MaintenanceFact::CertifiedAdminReplacement(c) => {
@@ -277,6 +300,32 @@ impl MaintenanceState {
             MaintenanceFact::BlobTombstone(t) => {
                 let e = self.tombstones.entry(t.cid).or_insert(epoch);
                 *e = (*e).min(epoch);
+            }
+        }
+    }
+
+    /// An activation of `a.package_id` that needs `min_ready` ready members: it activates
+    /// the package when the journal already holds them, else waits for them
+    /// ([`UpgradeState::pending_activations`]). Order-independent: ready members only
+    /// accumulate, and every candidate must name the published version and fence, so
+    /// whichever candidate is met first, the activation is the same.
+    fn apply_activation(&mut self, f: &VerifiedFact, a: &UpgradeActivated, min_ready: u16) {
+        let epoch = f.epoch();
+        match self.upgrades.get_mut(&a.package_id) {
+            // The fence must be the one the package was published with: devices decided to
+            // install knowing whether it is a hard fork.
+            Some(u)
+                if u.activated.is_none()
+                    && u.metadata.version == a.to_version
+                    && u.metadata.fence == a.activation_fence
+                    && epoch > u.published_at =>
+            {
+                u.pending_activations.insert(f.id(), (a.clone(), min_ready));
+                let ignored = u.settle_pending();
+                self.ignored.extend(ignored);
+            }
+            _ => {
+                self.ignored.insert(f.id());
             }
         }
     }
@@ -315,7 +364,8 @@ impl MaintenanceState {
             .values()
             .map(|u| {
                 let ready: Vec<_> = u.ready.iter().collect();
-                (&u.metadata, ready, &u.activated)
+                let pending: Vec<_> = u.pending_activations.iter().collect();
+                (&u.metadata, ready, &u.activated, pending)
             })
             .collect();
         let devices: Vec<_> = self.device_metadata.iter().collect();

@@ -1,10 +1,15 @@
-//! Staged rollouts that widen (`UpgradeWidened`) over `tend_core::reduce`: a rollout never
-//! narrows, every device already in stays in, and the result is the same in any order.
+//! Staged rollouts that widen (`UpgradeWidened`) and activations gated on readiness
+//! (`UpgradeActivatedWhenReady`) over `tend_core::reduce`: a rollout never narrows, every
+//! device already in stays in, an activation counts only once enough members are ready,
+//! and the result is the same in any order.
 
 use ed25519_dalek::SigningKey;
 use proptest::prelude::*;
 use tend_core::authority::{AuthorityFact, AuthorityGenesis, GroupKey};
-use tend_core::maintenance::{MaintenanceFact, UpgradeMetadata, UpgradeWidened};
+use tend_core::maintenance::{
+    MaintenanceFact, UpgradeActivated, UpgradeActivatedWhenReady, UpgradeMetadata, UpgradeReady,
+    UpgradeWidened,
+};
 use tend_core::{
     reduce, DeviceId, Epoch, Hash32, JournalNamespace, Payload, ProtocolVersion, UnsignedFact,
     VerifiedFact,
@@ -82,6 +87,44 @@ fn widen(ns: JournalNamespace, author: u8, epoch: u64, percent: u8) -> VerifiedF
     )
 }
 
+const V11: ProtocolVersion = ProtocolVersion {
+    major: 1,
+    minor: 1,
+    patch: 0,
+};
+
+fn ready(ns: JournalNamespace, author: u8, epoch: u64) -> VerifiedFact {
+    write(
+        ns,
+        author,
+        epoch,
+        MaintenanceFact::UpgradeReady(UpgradeReady {
+            package_id: PACKAGE,
+            version: V11,
+        }),
+    )
+}
+
+fn activation() -> UpgradeActivated {
+    UpgradeActivated {
+        package_id: PACKAGE,
+        to_version: V11,
+        activation_fence: None,
+    }
+}
+
+fn activate_when(ns: JournalNamespace, epoch: u64, min_ready: u16) -> VerifiedFact {
+    write(
+        ns,
+        0,
+        epoch,
+        MaintenanceFact::UpgradeActivatedWhenReady(UpgradeActivatedWhenReady {
+            activation: activation(),
+            min_ready,
+        }),
+    )
+}
+
 fn fleet() -> Vec<DeviceId> {
     (0..2_000u32)
         .map(|i| DeviceId(*blake3::hash(&i.to_le_bytes()).as_bytes()))
@@ -146,6 +189,35 @@ fn a_rollout_never_narrows_and_only_the_admin_widens() {
     assert!(!s.ignored.contains(&facts[3].id()));
 }
 
+#[test]
+fn an_activation_counts_only_once_the_journal_holds_enough_ready_members() {
+    let (ns, genesis) = authority();
+    let base = vec![genesis, published(ns, 100)];
+    let gated = activate_when(ns, 3, 2);
+    // One ready member of the two required: the activation waits, it does not count.
+    let early = [base.clone(), vec![ready(ns, 1, 2), gated.clone()]].concat();
+    let s = reduce(ns, &early);
+    let u = &s.upgrades[&PACKAGE];
+    assert_eq!(u.activated, None);
+    assert!(u.pending_activations.contains_key(&gated.id()));
+    assert!(!s.ignored.contains(&gated.id()));
+    // The second ready member, even sorting after the activation, makes it count.
+    let met = [early, vec![ready(ns, 2, 3)]].concat();
+    let s = reduce(ns, &met);
+    assert_eq!(s.upgrades[&PACKAGE].activated, Some(activation()));
+    assert!(s.upgrades[&PACKAGE].pending_activations.is_empty());
+    // A bare activation (older releases) needs one ready member: with none it does not
+    // count, whatever the admin wrote.
+    let bare = write(ns, 0, 2, MaintenanceFact::UpgradeActivated(activation()));
+    let s = reduce(ns, [&base[0], &base[1], &bare]);
+    assert_eq!(s.upgrades[&PACKAGE].activated, None);
+    let s = reduce(ns, [&base[0], &base[1], &bare, &ready(ns, 1, 4)]);
+    assert_eq!(s.upgrades[&PACKAGE].activated, Some(activation()));
+    // The same member twice is one ready member.
+    let twice = [base, vec![ready(ns, 1, 2), ready(ns, 1, 3), gated]].concat();
+    assert_eq!(reduce(ns, &twice).upgrades[&PACKAGE].activated, None);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
@@ -186,5 +258,39 @@ proptest! {
         let (a, b) = (reduce(ns, &seen), reduce(ns, &in_order));
         prop_assert_eq!(a.upgrades[&PACKAGE].metadata.cohort_percent, expected);
         prop_assert_eq!(a.state_digest(), b.state_digest());
+    }
+
+    /// Whatever the order, an activation counts exactly when some activation's figure is
+    /// met by the distinct members whose readiness counts (above the publication), and the
+    /// state is the same.
+    #[test]
+    fn readiness_gating_is_order_independent(
+        readies in prop::collection::vec((0u8..3, 1u64..6), 0..6),
+        activations in prop::collection::vec((1u64..6, 0u16..4), 1..4),
+        seed in any::<u64>(),
+    ) {
+        let (ns, genesis) = authority();
+        let mut facts: Vec<VerifiedFact> = readies.iter().map(|(a, e)| ready(ns, *a, *e)).collect();
+        facts.extend(activations.iter().map(|(e, min)| activate_when(ns, *e, *min)));
+        let ready_members: std::collections::BTreeSet<u8> = readies
+            .iter()
+            .filter(|(_, e)| *e > 1)
+            .map(|(a, _)| *a)
+            .collect();
+        let expect = activations
+            .iter()
+            .any(|(e, min)| *e > 1 && ready_members.len() >= usize::from((*min).max(1)));
+        let mut arrival = facts.clone();
+        let mut rng = seed;
+        for i in (1..arrival.len()).rev() {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            arrival.swap(i, (rng >> 33) as usize % (i + 1));
+        }
+        let base = vec![genesis, published(ns, 100)];
+        let a = reduce(ns, &[base.clone(), arrival].concat());
+        let b = reduce(ns, &[base, facts].concat());
+        prop_assert_eq!(a.upgrades[&PACKAGE].activated.is_some(), expect);
+        prop_assert_eq!(a.state_digest(), b.state_digest());
+        prop_assert_eq!(&a, &b);
     }
 }

@@ -61,7 +61,8 @@ pub enum UpgradeError {
     #[error("package {0} is already activated")]
     AlreadyActivated(Hash32),
     #[error(
-        "package {package_id} is not ready: {ready} of {required} required devices reported ready"
+        "package {package_id} is not ready: {ready} of {required} required devices reported ready; \
+         activate once they have (the journal does not count an activation before)"
     )]
     NotReady {
         package_id: Hash32,
@@ -1030,10 +1031,16 @@ pub fn activate(
     let epoch = state
         .package_fact_epoch(package_id)
         .ok_or(UpgradeError::UnknownPackage(*package_id))?;
+    // The figure the policy required goes into the journal: every device's reducer counts
+    // the activation only once it holds that many ready members.
+    let gated = tend_core::maintenance::UpgradeActivatedWhenReady {
+        activation: activated.clone(),
+        min_ready: u16::try_from(r.required).unwrap_or(u16::MAX),
+    };
     device.write(UnsignedFact {
         namespace: device.namespace(),
         epoch,
-        payload: Payload::Maintenance(MaintenanceFact::UpgradeActivated(activated.clone())),
+        payload: Payload::Maintenance(MaintenanceFact::UpgradeActivatedWhenReady(gated)),
     })?;
     // The artifacts of older releases are superseded: tombstoned, GC reclaims them once a
     // snapshot covers the tombstone, so blob storage stays bounded (a device that still

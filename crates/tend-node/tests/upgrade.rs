@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use tend_core::authority::{AuthorityFact, MembershipChange};
 use tend_core::maintenance::{
-    cohort_of, MaintenanceFact, UpgradeMetadata, UpgradePolicy, UpgradeReady,
+    cohort_of, MaintenanceFact, UpgradeActivated, UpgradeActivatedWhenReady, UpgradeMetadata,
+    UpgradePolicy, UpgradeReady,
 };
 use tend_core::upgrade::ReadinessPolicy;
 use tend_core::{
@@ -122,6 +123,56 @@ fn three_devices_go_from_published_to_activated() {
         // Each device advertised what it runs.
         let st = d.store().maintenance_state(d.namespace()).unwrap();
         assert!(st.device_metadata.contains_key(&d.device_id()));
+    }
+}
+
+#[test]
+fn an_activation_written_before_the_devices_are_ready_counts_only_once_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = fleet(dir.path());
+    let admin = &fleet.devices()[0];
+    let meta = upgrade::publish(admin, b"tend 1.1.0, gated", V11, None, 100).unwrap();
+    fleet.sync().unwrap();
+    // An admin that skips the readiness check (an older tool, a script) writes the
+    // activation anyway, asking for all three members.
+    let state = admin.store().maintenance_state(admin.namespace()).unwrap();
+    let early = UpgradeActivatedWhenReady {
+        activation: UpgradeActivated {
+            package_id: meta.package_id,
+            to_version: V11,
+            activation_fence: None,
+        },
+        min_ready: 3,
+    };
+    admin
+        .write(UnsignedFact {
+            namespace: admin.namespace(),
+            epoch: state.package_fact_epoch(&meta.package_id).unwrap(),
+            payload: Payload::Maintenance(MaintenanceFact::UpgradeActivatedWhenReady(early)),
+        })
+        .unwrap();
+    fleet.sync().unwrap();
+    for d in fleet.devices() {
+        assert!(!upgrade::status(d).unwrap().packages[0].activated);
+    }
+    // Two of three ready: still not counted anywhere.
+    for d in &fleet.devices()[..2] {
+        run(d, &mut copy_installer(d), false);
+    }
+    fleet.sync().unwrap();
+    for d in fleet.devices() {
+        let st = d.store().maintenance_state(d.namespace()).unwrap();
+        assert_eq!(st.upgrades[&meta.package_id].ready.len(), 2);
+        assert!(!upgrade::status(d).unwrap().packages[0].activated);
+    }
+    // The third: every device now counts the activation, from the journal alone.
+    let last = &fleet.devices()[2];
+    run(last, &mut copy_installer(last), false);
+    fleet.sync().unwrap();
+    for d in fleet.devices() {
+        let s = upgrade::status(d).unwrap();
+        assert!(s.packages[0].activated);
+        assert_eq!(s.running_version, "1.1.0");
     }
 }
 

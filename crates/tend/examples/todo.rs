@@ -63,14 +63,20 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // cursor of the last change it handled and resume from it).
     let mut changes = Box::pin(laptop.subscribe(laptop.last_cursor()?));
 
+    // The phone adds three items, then completes two. Each write goes to the laptop at
+    // once (push on write); the laptop's subscription wakes for it.
     let items = ["buy milk", "water the plants", "call mum"];
-    for (i, text) in items.iter().enumerate() {
-        phone.put("todo", &i.to_string(), item(false, text))?;
-    }
-    phone.put("todo", "0", item(true, items[0]))?;
-    phone.put("todo", "2", item(true, items[2]))?;
-    // Without waiting for the next round: sync now.
-    phone.sync_now().await?;
+    let writer = phone.clone();
+    let writes = tokio::spawn(async move {
+        for (i, text) in items.iter().enumerate() {
+            writer.put("todo", &i.to_string(), item(false, text))?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        writer.put("todo", "0", item(true, items[0]))?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        writer.put("todo", "2", item(true, items[2]))?;
+        Ok::<_, tend::Error>(())
+    });
 
     let want: BTreeMap<String, String> = [
         ("0".to_string(), item(true, items[0])),
@@ -99,7 +105,11 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         {
             if collection == "todo" {
                 let text = String::from_utf8_lossy(&value).into_owned();
-                println!("laptop sees #{key}: {text}   (cursor {})", change.cursor);
+                println!(
+                    "laptop sees #{key}: {text}   (cursor {}, {:.2} s)",
+                    change.cursor,
+                    started.elapsed().as_secs_f64()
+                );
                 // The change is a write; what the key reads as after it is the merged value.
                 if let Some(entry) = laptop.get("todo", &key)? {
                     list.insert(key, String::from_utf8_lossy(&entry.value).into_owned());
@@ -108,6 +118,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
+    writes.await??;
     println!("\nthe laptop's to-do list:");
     for entry in laptop.scan("todo", &tend::Scan::new())? {
         println!("  {}", String::from_utf8_lossy(&entry.value));

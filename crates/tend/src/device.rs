@@ -275,16 +275,13 @@ impl Device {
         self.node().ok_or(Error::NotRunning)
     }
 
-    /// Runs a data request; after a write, the running node's sessions hear of it.
+    /// Runs a data request: through the running node, which pushes a write to its peers
+    /// at once, or on the store when the node is stopped (the next start syncs it).
     fn run(&self, request: DataRequest) -> Result<DataResponse> {
-        let write = request.is_write();
-        let answer = node_data::run(&self.inner.device, request);
-        if write {
-            if let Some(node) = self.node() {
-                node.after_local_write();
-            }
-        }
-        Ok(answer?)
+        Ok(match self.node() {
+            Some(node) => node.data(request)?,
+            None => node_data::run(&self.inner.device, request)?,
+        })
     }
 
     fn written(&self, request: DataRequest) -> Result<Written> {

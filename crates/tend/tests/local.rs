@@ -219,7 +219,14 @@ fn bad_input_is_refused_with_a_typed_error_and_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_control_refuses_what_a_stopped_or_running_device_cannot_do() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Device::create(dir.path()).unwrap();
+    let d = Device::open_or_create(dir.path()).unwrap();
+    assert_eq!(
+        Device::open_or_create(dir.path())
+            .map(|again| again.id())
+            .ok(),
+        None,
+        "the store is open: a second handle to the same home is refused"
+    );
     assert!(!d.is_running());
     assert!(matches!(d.sync_now().await.unwrap_err(), Error::NotRunning));
     assert!(matches!(
@@ -237,6 +244,22 @@ async fn sync_control_refuses_what_a_stopped_or_running_device_cannot_do() {
         d.create_authority(2, &[]).await.unwrap_err(),
         Error::InvalidInput(_)
     ));
+    // Joining an admin that never runs key generation gives up after the timeout.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let stranger = Device::create(elsewhere.path()).unwrap();
+    let absent_admin = tend::PeerAddr {
+        device: stranger.id(),
+        addr: "127.0.0.1:9".parse().unwrap(),
+    };
+    let t = std::time::Instant::now();
+    assert!(matches!(
+        d.join(absent_admin, Duration::from_millis(300))
+            .await
+            .unwrap_err(),
+        Error::Authority(_)
+    ));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(d.authority().unwrap().members, [d.id()], "still alone");
     let status = d.status().unwrap();
     assert!(status.running);
     assert_eq!(status.listen_addr, Some(addr.addr));
@@ -251,6 +274,13 @@ async fn sync_control_refuses_what_a_stopped_or_running_device_cannot_do() {
     d.start(tend::SyncOptions::new()).await.unwrap();
     assert_eq!(d.get("todo", "1").unwrap().unwrap().value, b"while running");
     d.stop().await;
+    let id = d.id();
+    drop(d);
+    assert_eq!(
+        Device::open_or_create(dir.path()).unwrap().id(),
+        id,
+        "opened, not made anew"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -179,6 +179,9 @@ impl Capsule {
         // g^s == V · E^h, as V == g^s · E^-h.
         let h = Self::h2(&self.encoded);
         RistrettoPoint::vartime_double_scalar_mul_basepoint(&-h, &self.e, &self.s) == self.v
+            // Beyond the paper: V = E^-1 passes the check yet makes (E·V)^a the identity for
+            // every key, a capsule anyone could open; no honest capsule has it.
+            && self.e + self.v != RistrettoPoint::identity()
     }
 
     /// Decapsulates with the secret of the epoch the capsule was made for. A secret of
@@ -590,6 +593,8 @@ impl CapsuleFrag {
         Ok(VerifiedCapsuleFrag {
             cfrag: self,
             capsule: *capsule,
+            delegating: *delegating,
+            receiving: *receiving,
         })
     }
 
@@ -627,6 +632,8 @@ impl CapsuleFrag {
 pub struct VerifiedCapsuleFrag {
     cfrag: CapsuleFrag,
     capsule: Capsule,
+    delegating: EpochPublicKey,
+    receiving: EpochPublicKey,
 }
 
 impl VerifiedCapsuleFrag {
@@ -654,6 +661,15 @@ pub fn decapsulate_reencrypted(
             "a fragment was verified against another capsule",
         ));
     }
+    let pk_b = receiving.public_key();
+    if cfrags
+        .iter()
+        .any(|c| c.delegating != *delegating || c.receiving != pk_b)
+    {
+        return Err(VaultError::CapsuleFragsMismatch(
+            "a fragment was verified for other epoch keys",
+        ));
+    }
     let precursor = first.cfrag.precursor;
     if cfrags.iter().any(|c| c.cfrag.precursor != precursor) {
         return Err(VaultError::CapsuleFragsMismatch(
@@ -661,7 +677,6 @@ pub fn decapsulate_reencrypted(
         ));
     }
     let b = &receiving.0;
-    let pk_b = receiving.public_key();
     let delegation = delegation_secret(delegating, &pk_b, &(delegating.0 * b));
     let xs: Vec<Scalar> = cfrags
         .iter()
@@ -700,4 +715,32 @@ pub fn decapsulate_reencrypted(
         return Err(VaultError::OpenFailed);
     }
     Ok(KemKey::derive(&shared))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `V = E^-1` with `s = r·(h - 1)` passes the paper's check `g^s = V·E^h`, yet every key
+    /// would decapsulate it to the identity point: decoding refuses it.
+    #[test]
+    fn capsule_that_decapsulates_to_the_identity_is_refused() {
+        let r = Scalar::from(7u64);
+        let e = RistrettoPoint::mul_base(&r);
+        let v = -e;
+        let mut encoded = [0u8; CAPSULE_BYTES];
+        encoded[..32].copy_from_slice(&bytes(&e));
+        encoded[32..64].copy_from_slice(&bytes(&v));
+        let s = r * (Capsule::h2(&encoded) - Scalar::ONE);
+        encoded[64..].copy_from_slice(s.as_bytes());
+        assert_eq!(
+            RistrettoPoint::mul_base(&s),
+            v + e * Capsule::h2(&encoded),
+            "the paper's check alone accepts it"
+        );
+        assert!(matches!(
+            Capsule::from_bytes(&encoded),
+            Err(VaultError::InvalidCapsule)
+        ));
+    }
 }

@@ -58,7 +58,7 @@ fn one_reencryption_with_threshold_fragments() {
         open_via_proxy(&sealed, &kfrags[..1], &a.public_key(), &b),
         Err(VaultError::OpenFailed)
     ));
-    // The wrong receiving secret fails too.
+    // The wrong receiving secret is refused: the fragments were checked for `b`.
     let c = EpochSecretKey::generate(&mut OsRng);
     let cfrags: Vec<VerifiedCapsuleFrag> = kfrags[..2]
         .iter()
@@ -70,7 +70,7 @@ fn one_reencryption_with_threshold_fragments() {
         .collect();
     assert!(matches!(
         sealed.open_reencrypted(&c, &a.public_key(), &cfrags),
-        Err(VaultError::OpenFailed)
+        Err(VaultError::CapsuleFragsMismatch(_))
     ));
 }
 
@@ -131,7 +131,8 @@ fn stale_fragments_fail_cleanly() {
     assert!(raw.verify(&pk[0], &pk[1]).is_ok());
 
     // Last epoch's fragments (0 -> 1) are stale once the ring moved to epoch 2: their
-    // capsule fragments do not verify for 0 -> 2, and do not open with epoch 2's secret.
+    // capsule fragments do not verify for 0 -> 2, and, verified for 0 -> 1, are refused
+    // with epoch 2's secret.
     let stale = reencrypt(&mut OsRng, &k01[0], sealed0.capsule());
     assert!(matches!(
         stale.verify(sealed0.capsule(), &pk[0], &pk[2]),
@@ -140,7 +141,7 @@ fn stale_fragments_fail_cleanly() {
     let verified_stale = stale.verify(sealed0.capsule(), &pk[0], &pk[1]).unwrap();
     assert!(matches!(
         sealed0.open_reencrypted(&keys[2], &pk[0], &[verified_stale]),
-        Err(VaultError::OpenFailed)
+        Err(VaultError::CapsuleFragsMismatch(_))
     ));
 
     // Fragments 1 -> 2 applied to a capsule of epoch 0 (single-hop: no chaining) fail.
@@ -154,7 +155,7 @@ fn stale_fragments_fail_cleanly() {
         .unwrap();
     assert!(matches!(
         sealed0.open_reencrypted(&keys[2], &pk[0], &[verified]),
-        Err(VaultError::OpenFailed)
+        Err(VaultError::CapsuleFragsMismatch(_))
     ));
 }
 
@@ -296,7 +297,7 @@ fn the_proxys_material_does_not_open_a_sealed_key() {
         .unwrap();
     assert!(matches!(
         sealed.open_reencrypted(&share, &a.public_key(), &[cfrag]),
-        Err(VaultError::OpenFailed)
+        Err(VaultError::CapsuleFragsMismatch(_))
     ));
 }
 

@@ -59,7 +59,8 @@
 //! ```
 //!
 //! Two devices that share a to-do list live: `examples/todo.rs`
-//! (`cargo run -p tend --example todo`).
+//! (`cargo run -p tend --example todo`). A subscription that saves its cursor and resumes
+//! after a restart: `examples/resume.rs` (`cargo run -p tend --example resume`).
 //!
 //! # Sync between devices
 //!

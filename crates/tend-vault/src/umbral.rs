@@ -720,6 +720,64 @@ pub fn decapsulate_reencrypted(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::rngs::OsRng;
+
+    /// A capsule fragment made as an honest prover would, except that `E_1 = E^e_exp` and
+    /// `V_1 = V^v_exp`: a proxy that lies about one of the two.
+    fn forged_cfrag(
+        kfrag: &VerifiedKeyFrag,
+        capsule: &Capsule,
+        e_exp: Scalar,
+        v_exp: Scalar,
+    ) -> CapsuleFrag {
+        let k = &kfrag.kfrag;
+        let t = Scalar::random(&mut OsRng);
+        let (e1, v1) = (capsule.e * e_exp, capsule.v * v_exp);
+        let (e2, v2, u2) = (capsule.e * t, capsule.v * t, *U * t);
+        let mut encoded = [0u8; CFRAG_BYTES];
+        let fields = [
+            bytes(&e1),
+            bytes(&v1),
+            k.id.to_bytes(),
+            kfrag.precursor_bytes,
+            bytes(&e2),
+            bytes(&v2),
+            bytes(&u2),
+            kfrag.commitment_bytes,
+            k.z1.to_bytes(),
+            k.z2.to_bytes(),
+        ];
+        for (slot, field) in encoded.chunks_exact_mut(32).zip(fields) {
+            slot.copy_from_slice(&field);
+        }
+        let z3 = t + proof_challenge(capsule, &encoded) * k.rk;
+        encoded[320..].copy_from_slice(z3.as_bytes());
+        CapsuleFrag::from_bytes(&encoded).unwrap()
+    }
+
+    /// Each of the proof's equations matters: a proxy that re-encrypts E or V with another
+    /// exponent than the one committed in `U_1`, and proves honestly otherwise, is caught.
+    #[test]
+    fn proof_catches_a_proxy_lying_about_e1_or_v1() {
+        let a = EpochSecretKey::generate(&mut OsRng);
+        let b = EpochSecretKey::generate(&mut OsRng);
+        let (pa, pb) = (a.public_key(), b.public_key());
+        let (capsule, _) = Capsule::encapsulate(&mut OsRng, &pa);
+        let kfrag = generate_kfrags(&mut OsRng, &a, &pb, 1, 1)
+            .unwrap()
+            .remove(0);
+        let rk = kfrag.kfrag.rk;
+        let other = rk + Scalar::ONE;
+        assert!(forged_cfrag(&kfrag, &capsule, rk, rk)
+            .verify(&capsule, &pa, &pb)
+            .is_ok());
+        for (e_exp, v_exp) in [(other, rk), (rk, other)] {
+            assert!(matches!(
+                forged_cfrag(&kfrag, &capsule, e_exp, v_exp).verify(&capsule, &pa, &pb),
+                Err(VaultError::InvalidCapsuleFrag)
+            ));
+        }
+    }
 
     /// `V = E^-1` with `s = r·(h - 1)` passes the paper's check `g^s = V·E^h`, yet every key
     /// would decapsulate it to the identity point: decoding refuses it.

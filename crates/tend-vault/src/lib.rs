@@ -32,6 +32,27 @@
 //! of a blob is not this crate's concern: anyone may seal to a public epoch key, so a blob
 //! is trusted because a signed journal fact names its CID and sealed key.
 //!
+//! The proxy's material does not type-check as a key (this example must not compile):
+//!
+//! ```compile_fail
+//! fn proxy(kfrag: &tend_vault::VerifiedKeyFrag, sealed: &tend_vault::SealedContentKey) {
+//!     let _ = sealed.open(kfrag);
+//! }
+//! ```
+//!
+//! while the holder of an epoch secret opens what was sealed to it:
+//!
+//! ```
+//! use rand::rngs::OsRng;
+//! use tend_vault::{decrypt_blob, encrypt_blob, EpochSecretKey, SealedContentKey};
+//!
+//! let epoch = EpochSecretKey::generate(&mut OsRng);
+//! let (blob, key) = encrypt_blob(&mut OsRng, b"hello");
+//! let sealed = SealedContentKey::seal(&mut OsRng, &key, 1, &epoch.public_key());
+//! let opened = sealed.open(&epoch).unwrap();
+//! assert_eq!(decrypt_blob(&blob, &opened).unwrap(), b"hello");
+//! ```
+//!
 //! Randomness always comes in as an argument (`&mut impl RngCore + CryptoRng`).
 
 pub mod blob;

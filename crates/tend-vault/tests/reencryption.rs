@@ -484,3 +484,34 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Decoders take untrusted bytes: any input of any length is refused or accepted, never
+    /// a panic; inputs of the exact length are nearly always refused (random points are
+    /// rarely canonical, random capsules never pass the check).
+    #[test]
+    fn decoders_never_panic_on_random_bytes(
+        len in 0usize..400,
+        seed in any::<u64>(),
+    ) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut input = vec![0u8; len];
+        rand::RngCore::fill_bytes(&mut rng, &mut input);
+        let _ = Capsule::from_bytes(&input);
+        let _ = KeyFrag::from_bytes(&input);
+        let _ = CapsuleFrag::from_bytes(&input);
+        let _ = SealedContentKey::from_bytes(&input);
+        let _ = EpochKeyRing::from_bytes(&input);
+        let _ = EpochPublicKey::from_bytes(&input);
+        let _ = EpochSecretKey::from_bytes(&input);
+        let _ = tend_vault::BlobHeader::from_bytes(&input);
+        let _ = tend_vault::EncryptedBlob::from_bytes(&input);
+        let key = tend_vault::ContentKey::generate(&mut rng);
+        prop_assert!(tend_vault::decrypt_stream(input.as_slice(), &mut Vec::new(), &key).is_err());
+        let mut exact = [0u8; CAPSULE_BYTES];
+        rand::RngCore::fill_bytes(&mut rng, &mut exact);
+        prop_assert!(Capsule::from_bytes(&exact).is_err());
+    }
+}

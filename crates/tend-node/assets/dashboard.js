@@ -230,9 +230,12 @@
     text("upgrade-policy", typeof u.policy === "string" ? u.policy : JSON.stringify(u.policy));
     const rows = (u.packages || []).map((p) => {
       const r = p.readiness || {};
-      const ready = r.ready !== undefined && r.total !== undefined ? `${r.ready.length ?? r.ready} / ${r.total.length ?? r.total}`
-        : JSON.stringify(r);
-      const here = p.local ? (typeof p.local === "string" ? p.local : JSON.stringify(p.local)) : (p.in_cohort ? "pending" : "not in cohort");
+      const ready = Array.isArray(r.ready) && Array.isArray(r.eligible)
+        ? `${r.ready.length} / ${r.eligible.length} (needs ${r.required})${r.satisfied ? " ✓" : ""}`
+        : "—";
+      const outcome = (o) => Object.values(o).map((v) => (typeof v === "object" ? JSON.stringify(v) : v)).join(" ");
+      const here = p.local ? (typeof p.local === "string" ? p.local : outcome(p.local))
+        : p.in_cohort ? "pending" : "not in cohort";
       return el("tr", {},
         el("td", {}, `${p.version}${p.activated ? " (activated)" : ""}`),
         el("td", {}, `${p.cohort_percent}%`),

@@ -3,8 +3,9 @@
 //! rounds carry the writes. Measures the time from a put on device A (`Node::data`) to the
 //! commit of that change on device B, as B's changes feed reports it (`Store::on_change`,
 //! what the HTTP API's `/v1/changes` and subscriptions wait on): idle (one put at a time)
-//! and under a steady load of 200 puts a second, each with the default rate limits and
-//! with the per-peer session limit off.
+//! and under a steady load of 200 puts a second, each with the default rate limits (10
+//! sessions a second per peer, so pushed rounds start 125 ms apart), with that limit at
+//! 25 a second (50 ms), and with the session limits off.
 //!
 //! `cargo run --release -p tend-node --example push_latency`
 //! (`TEND_BENCH_SECONDS=N` sets the length of the loaded run, default 10).
@@ -38,21 +39,47 @@ struct Pair {
     arrivals: Arrivals,
 }
 
-fn config(session_limit: bool) -> NodeConfig {
+/// The incoming session limits both devices run with.
+#[derive(Clone, Copy)]
+enum SessionLimit {
+    Default,
+    PerPeer(u32),
+    Off,
+}
+
+impl SessionLimit {
+    fn label(self) -> String {
+        match self {
+            SessionLimit::Default => "default rate limits".into(),
+            SessionLimit::PerPeer(n) => format!("session limit {n}/s per peer"),
+            SessionLimit::Off => "session limits off".into(),
+        }
+    }
+}
+
+fn config(limit: SessionLimit) -> NodeConfig {
     let mut c = NodeConfig {
         sync_interval: Duration::from_secs(60),
         control_socket: false,
         upgrades: false,
         ..NodeConfig::default()
     };
-    if !session_limit {
-        c.manager.rate.inbound_per_peer.sessions_per_sec = None;
-        c.manager.rate.inbound_global.sessions_per_sec = None;
+    let rate = &mut c.manager.rate;
+    match limit {
+        SessionLimit::Default => {}
+        SessionLimit::PerPeer(n) => {
+            rate.inbound_per_peer.sessions_per_sec = std::num::NonZeroU32::new(n);
+            rate.inbound_global.sessions_per_sec = std::num::NonZeroU32::new(4 * n);
+        }
+        SessionLimit::Off => {
+            rate.inbound_per_peer.sessions_per_sec = None;
+            rate.inbound_global.sessions_per_sec = None;
+        }
     }
     c
 }
 
-async fn pair(session_limit: bool) -> Pair {
+async fn pair(session_limit: SessionLimit) -> Pair {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut rng = rand::thread_rng();
     let admin = Device::init(&dir.path().join("a"), &mut rng).expect("init a");
@@ -160,12 +187,8 @@ async fn wait_arrived(p: &Pair, last_key: usize) {
     }
 }
 
-async fn run(session_limit: bool) {
-    let label = if session_limit {
-        "default rate limits"
-    } else {
-        "per-peer session limit off"
-    };
+async fn run(session_limit: SessionLimit) {
+    let label = session_limit.label();
     // Idle: one put at a time, each after the last arrived and a pause.
     let p = pair(session_limit).await;
     let mut sent = HashMap::new();
@@ -221,7 +244,8 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        run(true).await;
-        run(false).await;
+        run(SessionLimit::Default).await;
+        run(SessionLimit::PerPeer(25)).await;
+        run(SessionLimit::Off).await;
     });
 }

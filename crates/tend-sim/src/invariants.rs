@@ -15,7 +15,10 @@ use crate::sim::Sim;
 /// The reference device (the one with the newest view) and the final members (indices).
 pub fn final_members(sim: &Sim) -> (usize, Vec<usize>) {
     // The reference is the member (in its own view) with the newest view.
+    // A hostile device (`bad_peer`) is not held to the invariants: the honest ones are.
+    let honest = |d: &usize| sim.bad_peer() != Some(*d);
     let r = (0..sim.devices.len())
+        .filter(honest)
         .filter(|d| {
             let c = &sim.devices[*d].core;
             c.state
@@ -39,6 +42,7 @@ pub fn final_members(sim: &Sim) -> (usize, Vec<usize>) {
         .map(|m| m.members.clone())
         .unwrap_or_default();
     let u = (0..sim.devices.len())
+        .filter(honest)
         .filter(|d| members.contains(&sim.devices[*d].core.me))
         .collect();
     (r, u)

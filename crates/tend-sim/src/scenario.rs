@@ -92,6 +92,19 @@ pub const SCENARIOS: &[Scenario] = &[
             c.extra_upgrades = 0.15;
         },
     },
+    Scenario {
+        name: "bad-peer",
+        about: "the last device floods every peer with sessions and sends garbage on them; honest devices pick peers by score under a device's rate limits, demote and ban it, and converge",
+        configure: |c| {
+            c.devices = c.devices.max(4);
+            c.peer_scoring = true;
+            c.bad_peer = true;
+            // Sync streams are ordered and lossless below the session (QUIC): a
+            // duplicated or reordered message would make an honest peer look hostile.
+            c.net.dup = 0.0;
+            c.net.reorder = 0.0;
+        },
+    },
 ];
 
 /// The scenario called `name`.

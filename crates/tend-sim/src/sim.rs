@@ -20,8 +20,9 @@ use tend_snapshot::{
     CeremonyEvent, CeremonyInput, CeremonyOutput, Recipient, SignerKey, SnapshotEngine,
 };
 use tend_sync::{
-    AbortReason, FenceStatus, LocalView, ManagerAction, ManagerConfig, ManagerError, RefuseReason,
-    Role, SessionConfig, SessionId, SessionManager, SessionResult, SyncMessage,
+    AbortReason, FenceStatus, LocalView, ManagerAction, ManagerConfig, ManagerError, PeerConfig,
+    PeerManager, PeerStatus, RateConfig, RefuseReason, Role, SessionConfig, SessionId,
+    SessionManager, SessionResult, SyncMessage,
 };
 
 use crate::device::{Core, Key, Settled};
@@ -87,6 +88,16 @@ pub struct SimConfig {
     /// device gets a random offset in `0..=clock_skew_ms` and a drift of up to +-5%);
     /// 0 means every device reads the same clock.
     pub clock_skew_ms: u64,
+    /// Devices pick the peers of their workload sessions with tend-sync's `PeerManager`
+    /// (the node's scorer, fed every session's outcome, on the device's clock), refuse
+    /// sessions from peers they banned, and run the rate limits a running device starts
+    /// with (`RateConfig::device_default`) on the device's clock. (Off, peers are drawn at
+    /// random and nothing is limited; every run still keeps the scores.)
+    pub peer_scoring: bool,
+    /// The last device is hostile: every step it opens a burst of sessions to every peer
+    /// and sends garbage on every session once the Hello is through. The invariants then
+    /// hold for the honest devices, and its score must fall on every device it reached.
+    pub bad_peer: bool,
 }
 
 /// Network fault rates, per message, and the latency range.
@@ -149,6 +160,8 @@ impl SimConfig {
             install_crash: 0.0,
             concurrent_publish: false,
             clock_skew_ms: 0,
+            peer_scoring: false,
+            bad_peer: false,
         }
     }
 }
@@ -198,6 +211,16 @@ pub struct Stats {
     pub silent_installs: u64,
     /// `UpgradeReady` facts written again for a release already running.
     pub ready_reannounced: u64,
+    /// Sessions the hostile device tried to open (`bad_peer`).
+    pub flood_attempts: u64,
+    /// Incoming sessions an honest device's rate limits refused.
+    pub rate_limited: u64,
+    /// Sessions ended as misbehaviour by the peer (garbage, protocol violations).
+    pub misbehaviours: u64,
+    /// Incoming sessions refused because the device had banned the peer.
+    pub banned_refusals: u64,
+    /// Workload sessions whose peer the scorer picked.
+    pub scored_picks: u64,
 }
 
 /// The result of one run.
@@ -221,6 +244,9 @@ pub struct Device {
     pub inc: u64,
     /// The identity epoch the device's sessions run under.
     pub session_epoch: u64,
+    /// Peer scores and statuses, fed every session's outcome. Kept across crashes, as the
+    /// node keeps its peer table in the store.
+    pub peers: PeerManager,
 }
 
 #[derive(Clone, Debug)]
@@ -310,6 +336,48 @@ fn manager_config() -> ManagerConfig {
     }
 }
 
+/// Sessions the hostile device tries to open to each peer per workload step.
+const FLOOD_BURST: usize = 20;
+
+/// The session manager of device `d` in a run of `cfg`: the hostile device ignores every
+/// limit; with peer scoring the others run a device's default rate limits.
+fn manager_config_for(cfg: &SimConfig, d: usize) -> ManagerConfig {
+    let base = manager_config();
+    if cfg.bad_peer && d + 1 == cfg.devices {
+        ManagerConfig {
+            max_concurrent: 256,
+            max_per_peer: 64,
+            rate: RateConfig::UNLIMITED,
+            ..base
+        }
+    } else if cfg.peer_scoring {
+        ManagerConfig {
+            rate: RateConfig::device_default(),
+            ..base
+        }
+    } else {
+        base
+    }
+}
+
+fn peer_config() -> PeerConfig {
+    PeerConfig {
+        max_sessions_per_peer: 2,
+        ..PeerConfig::default()
+    }
+}
+
+/// A peer's trust by its role, as `tend_node::peer_table::role_trust` gives it.
+fn role_trust(state: &tend_core::MaintenanceState, peer: &DeviceId) -> f64 {
+    if state.is_admin_at(peer, state.current_epoch()) {
+        1.0
+    } else if state.membership().is_some_and(|m| m.members.contains(peer)) {
+        0.8
+    } else {
+        0.5
+    }
+}
+
 fn threshold_for(members: usize) -> u16 {
     // FROST needs t >= 2 with more than one member; a majority otherwise.
     match members {
@@ -351,20 +419,28 @@ impl Sim {
         let devices = keys
             .into_iter()
             .zip(signer_keys)
-            .map(|(k, sk)| {
+            .enumerate()
+            .map(|(i, (k, sk))| {
                 let archive = rng.gen_bool(0.3);
                 let mut core = Core::new(k, &genesis, archive);
                 core.revalidate_on_change = cfg.revalidate_on_membership_change;
                 core.gc_keeps_live = cfg.gc_keeps_live_facts;
                 core.drop_stale = cfg.settle_drops_stale;
                 core.durable.keys.insert(0, sk);
+                let mut peers = PeerManager::new(peer_config());
+                for (j, id) in ids.iter().enumerate() {
+                    if j != i {
+                        peers.add(*id, if j == 0 { 1.0 } else { 0.8 });
+                    }
+                }
                 let mut d = Device {
                     core,
-                    manager: SessionManager::new(manager_config()),
+                    manager: SessionManager::new(manager_config_for(&cfg, i)),
                     engine: None,
                     online: true,
                     inc: 0,
                     session_epoch: 0,
+                    peers,
                 };
                 d.start_engine();
                 d
@@ -443,6 +519,42 @@ impl Sim {
             }
         }
         crate::invariants::check(self);
+        self.check_bad_peer();
+    }
+
+    /// With a hostile device: on every honest device it misbehaved against, its trust and
+    /// score fell below those of a fresh peer of its role, and it is banned once it
+    /// misbehaved as often as the ban takes.
+    fn check_bad_peer(&mut self) {
+        let Some(bad) = self.bad_peer() else { return };
+        let bad_id = self.ids[bad];
+        let config = peer_config();
+        for h in 0..bad {
+            let Some(p) = self.devices[h].peers.get(&bad_id) else {
+                continue;
+            };
+            if p.misbehaviours == 0 {
+                continue;
+            }
+            let fresh = tend_sync::PeerMetadata::new(bad_id, p.role_trust);
+            let max = config.max_sessions_per_peer;
+            if p.trust_level >= fresh.trust_level || p.score(max) >= fresh.score(max) {
+                self.violations.push(format!(
+                    "device {h} saw the hostile device misbehave {} times, yet trusts it {} (score {}) as a fresh peer {} ({})",
+                    p.misbehaviours,
+                    p.trust_level,
+                    p.score(max),
+                    fresh.trust_level,
+                    fresh.score(max)
+                ));
+            }
+            if p.misbehaviours >= config.ban_after_misbehaviours && p.status != PeerStatus::Banned {
+                self.violations.push(format!(
+                    "device {h} saw the hostile device misbehave {} times and did not ban it",
+                    p.misbehaviours
+                ));
+            }
+        }
     }
 
     /// Device `d`'s local clock: the simulated time, or with clock skew, an offset plus
@@ -537,6 +649,12 @@ impl Sim {
                     let Some(r) = self.routes.get(&(d, inc, session)).copied() else {
                         continue;
                     };
+                    // The hostile device answers and follows up with garbage.
+                    let bytes = if self.bad_peer() == Some(d) {
+                        vec![0xff; 24]
+                    } else {
+                        bytes
+                    };
                     self.transmit(Delivery {
                         from: d,
                         from_inc: inc,
@@ -554,9 +672,21 @@ impl Sim {
                     self.push(at, Event::Wake { d, inc })
                 }
                 ManagerAction::Closed {
-                    session, outcome, ..
+                    session,
+                    outcome,
+                    peer,
                 } => {
                     let route = self.routes.remove(&(d, inc, session));
+                    let (now, wall_ms) = (self.clock(d), self.now.as_millis() as u64);
+                    if matches!(&outcome.result, SessionResult::Failed(r) if r.is_misbehaviour()) {
+                        self.stats.misbehaviours += 1;
+                    }
+                    self.devices[d].peers.session_ended_at(
+                        &peer,
+                        &outcome.result,
+                        now,
+                        Some(wall_ms),
+                    );
                     match outcome.result {
                         SessionResult::Completed => {
                             self.stats.sessions_completed += 1;
@@ -885,6 +1015,14 @@ impl Sim {
                     });
                     return;
                 }
+                // A banned peer gets no session (the node closes its connection).
+                if self.cfg.peer_scoring
+                    && self.devices[to].peers.get(&from_id).map(|p| p.status)
+                        == Some(PeerStatus::Banned)
+                {
+                    self.stats.banned_refusals += 1;
+                    return;
+                }
                 let local = self.local_view(to);
                 let dev = &mut self.devices[to];
                 let items = dev.core.session_items();
@@ -894,6 +1032,10 @@ impl Sim {
                     .accept(now, from_id, &m.bytes, local, items, &mut dev.core)
                 {
                     Ok((sid, actions)) => {
+                        let trust = role_trust(&self.devices[to].core.state, &from_id);
+                        let peers = &mut self.devices[to].peers;
+                        peers.add(from_id, trust);
+                        peers.session_started(&from_id);
                         self.routes.insert(
                             (to, inc, sid),
                             Route {
@@ -909,7 +1051,15 @@ impl Sim {
                         self.apply(to, actions);
                         self.after(to);
                     }
-                    Err(ManagerError::AtCapacity { refusal, .. }) => {
+                    Err(
+                        ManagerError::AtCapacity { refusal, .. }
+                        | ManagerError::RateLimited { refusal, .. },
+                    ) => {
+                        if refusal == SyncMessage::Refuse(RefuseReason::Busy).encode() {
+                            // At capacity: not a rate limit.
+                        } else {
+                            self.stats.rate_limited += 1;
+                        }
                         self.transmit(Delivery {
                             from: to,
                             from_inc: inc,
@@ -966,6 +1116,11 @@ impl Sim {
             return;
         }
         let peer = self.ids[b];
+        if self.cfg.peer_scoring
+            && self.devices[a].peers.get(&peer).map(|p| p.status) == Some(PeerStatus::Banned)
+        {
+            return;
+        }
         if !self.devices[a].manager.has_room_for(&peer) {
             return;
         }
@@ -976,6 +1131,9 @@ impl Sim {
         let Ok((sid, actions)) = self.devices[a].manager.open(now, peer, local, items) else {
             return;
         };
+        let trust = role_trust(&self.devices[a].core.state, &peer);
+        self.devices[a].peers.add(peer, trust);
+        self.devices[a].peers.session_started(&peer);
         self.routes.insert(
             (a, inc, sid),
             Route {
@@ -1002,6 +1160,51 @@ impl Sim {
             }
         }
         self.after(a);
+    }
+
+    /// The two best peers of `a` by its scorer (on its clock), among its members: the
+    /// workload draws one of them, so sessions still spread.
+    fn scored_peers(&mut self, a: usize) -> Vec<usize> {
+        let members = self.members_of(a);
+        let now = self.clock(a);
+        let dev = &mut self.devices[a];
+        for &j in &members {
+            let trust = role_trust(&dev.core.state, &self.ids[j]);
+            dev.peers.add(self.ids[j], trust);
+            dev.peers.set_role_trust(&self.ids[j], trust);
+        }
+        let picks: Vec<usize> = dev
+            .peers
+            .select_at(usize::MAX, now)
+            .into_iter()
+            .filter_map(|id| self.ids.iter().position(|x| *x == id))
+            .filter(|j| members.contains(j) && *j != a)
+            .take(2)
+            .collect();
+        if !picks.is_empty() {
+            self.stats.scored_picks += 1;
+        }
+        picks
+    }
+
+    /// The hostile device (the last) opens a burst of sessions to every other device; its
+    /// sends past the Hello are garbage (see [`Sim::apply`]).
+    fn flood(&mut self) {
+        let bad = self.devices.len() - 1;
+        if !self.devices[bad].online {
+            return;
+        }
+        for b in 0..bad {
+            for _ in 0..FLOOD_BURST {
+                self.stats.flood_attempts += 1;
+                self.open(bad, b);
+            }
+        }
+    }
+
+    /// The hostile device, if the run has one.
+    pub fn bad_peer(&self) -> Option<usize> {
+        self.cfg.bad_peer.then(|| self.devices.len() - 1)
     }
 
     fn members_of(&self, d: usize) -> Vec<usize> {
@@ -1046,7 +1249,11 @@ impl Sim {
             30..=54 => {
                 for _ in 0..2 {
                     if let Some(a) = self.pick(&online) {
-                        let peers = self.members_of(a);
+                        let peers = if self.cfg.peer_scoring {
+                            self.scored_peers(a)
+                        } else {
+                            self.members_of(a)
+                        };
                         if let Some(b) = self.pick(&peers) {
                             self.open(a, b);
                         }
@@ -1084,6 +1291,9 @@ impl Sim {
         }
         if self.cfg.extra_upgrades > 0.0 && self.rng.gen_bool(self.cfg.extra_upgrades) {
             self.upgrade_step();
+        }
+        if self.cfg.bad_peer {
+            self.flood();
         }
         for d in 0..self.devices.len() {
             if self.devices[d].online && self.rng.gen_bool(0.3) {
@@ -1578,7 +1788,7 @@ impl Sim {
         dev.online = false;
         dev.inc += 1;
         dev.core.crash();
-        dev.manager = SessionManager::new(manager_config());
+        dev.manager = SessionManager::new(manager_config_for(&self.cfg, d));
         dev.engine = None;
     }
 

@@ -45,6 +45,7 @@ fn every_scenario_is_listed_and_tested_here() {
         "clock-skew",
         "crash-during-install",
         "concurrent-upgrades",
+        "bad-peer",
     ];
     let listed: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
     assert_eq!(listed, tested);
@@ -111,6 +112,26 @@ fn concurrent_upgrades() {
     let st = run("concurrent-upgrades");
     assert!(sum(&st, |s| s.upgrades_published) >= 2 * sum(&st, |s| s.upgrades_activated));
     assert!(sum(&st, |s| s.upgrades_activated) > 0);
+}
+
+#[test]
+fn bad_peer() {
+    let st = run("bad-peer");
+    // The flood happened, the rate limits refused part of it, the garbage was judged
+    // misbehaviour and banned (the score checks are invariants `run` checked), and the
+    // honest devices still picked their peers by score and synced.
+    assert!(sum(&st, |s| s.flood_attempts) > 0);
+    assert!(
+        sum(&st, |s| s.rate_limited) > 0,
+        "no session was rate limited"
+    );
+    assert!(sum(&st, |s| s.misbehaviours) > 0);
+    assert!(
+        sum(&st, |s| s.banned_refusals) > 0,
+        "no banned peer was refused"
+    );
+    assert!(sum(&st, |s| s.scored_picks) > 0);
+    assert!(sum(&st, |s| s.sessions_completed) > 0);
 }
 
 /// The responder's side of a fence: without the check the running node makes (refuse,

@@ -172,7 +172,8 @@ impl Default for PeerConfig {
     }
 }
 
-/// How a failure counts against a peer.
+/// Whether a failure says the peer could not be reached or went silent (rather than that
+/// it misbehaved): repeated ones take it offline.
 fn is_connection_failure(reason: &FailReason) -> bool {
     matches!(reason, FailReason::Timeout | FailReason::Local(_))
 }

@@ -64,3 +64,35 @@ fn a_bad_peer_flag_is_one_line_of_error() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(!err.contains("panicked"));
 }
+
+#[test]
+fn peers_trust_ban_and_unban_persist_and_show_with_the_last_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("a");
+    ok_json(&home, &["init"]);
+    let other = "ab".repeat(32);
+    // A stopped device: the stored peer table is edited in place.
+    let banned = ok_json(&home, &["peers", "ban", &other]);
+    assert_eq!(banned["status"], "banned");
+    let err = common::fails_in_one_line(&home, &["peers", "trust", &other, "1.5"]);
+    assert!(err.contains("trust must be a number from 0 to 1"), "{err}");
+    // The running device starts from the stored table, and changes it over its socket.
+    let (child, _) = start(&home, &[]);
+    let peers = ok_json(&home, &["peers"]);
+    assert_eq!(peers[0]["device_id"], other.as_str());
+    assert_eq!(peers[0]["status"], "banned");
+    assert_eq!(peers[0]["last_sync_unix_ms"], serde_json::Value::Null);
+    let unbanned = ok_json(&home, &["peers", "unban", &other]);
+    assert_eq!(unbanned["status"], "online");
+    let trusted = ok_json(&home, &["peers", "trust", &other, "0.3"]);
+    assert_eq!(trusted["trust"], 0.3);
+    let human = String::from_utf8_lossy(&tend(&home, &["peers"]).stdout).into_owned();
+    assert!(human.contains("last sync never"), "{human}");
+    terminate(child);
+    // And the operator's trust survived the stop.
+    let (child, _) = start(&home, &[]);
+    let peers = ok_json(&home, &["peers"]);
+    assert_eq!(peers[0]["operator_trust"], 0.3);
+    assert_eq!(peers[0]["status"], "online");
+    terminate(child);
+}

@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures_util::stream::Stream;
@@ -248,7 +249,35 @@ fn page(device: &tend_node::Device, cursor: u64, known: u64) -> Result<(Vec<Chan
     Ok((out, last))
 }
 
+/// Counts the live subscriptions of a device (so [`crate::Device::stop`] can tell the
+/// subscriptions' hold on the store from the stopped node's).
+#[derive(Clone, Default)]
+pub(crate) struct Subscriptions(Arc<AtomicUsize>);
+
+impl Subscriptions {
+    pub(crate) fn live(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// One live subscription; counted from before it holds the device until it is dropped.
+struct Counted(Subscriptions);
+
+impl Counted {
+    fn new(s: &Subscriptions) -> Self {
+        s.0.fetch_add(1, Ordering::SeqCst);
+        Counted(s.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 struct Feed {
+    _counted: Counted,
     device: Arc<tend_node::Device>,
     cursor: u64,
     newest: watch::Receiver<u64>,
@@ -258,12 +287,14 @@ struct Feed {
 
 /// The stream of changes after `from` (see [`crate::Device::subscribe`]).
 pub(crate) fn subscribe(
-    device: Arc<tend_node::Device>,
+    subscriptions: &Subscriptions,
+    device: &Arc<tend_node::Device>,
     newest: watch::Receiver<u64>,
     from: Cursor,
 ) -> impl Stream<Item = Result<Change>> + Send + 'static {
     let feed = Feed {
-        device,
+        _counted: Counted::new(subscriptions),
+        device: device.clone(),
         cursor: from.0,
         newest,
         pending: VecDeque::new(),

@@ -13,12 +13,14 @@ use tend_node::data::{self as node_data, Bytes64, DataRequest, DataResponse};
 use tend_node::{Node, NodeConfig, PeerAddr};
 use tokio::sync::watch;
 
-use crate::changes::{self, Change, Cursor};
+use crate::changes::{self, Change, Cursor, Subscriptions};
 use crate::data::{device_id, Batch, CacheEntry, Entry, LogCursor, LogEntry, Scan, Written};
 use crate::error::{Error, Result};
 
 /// How long [`Device::create_authority`] keeps trying (members must answer within it).
 const AUTHORITY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`Device::stop`] waits for the node's tasks to let go of the device.
+const STOP_WAIT: Duration = Duration::from_secs(5);
 /// How often [`Device::join`] looks whether the admin's authority arrived.
 const JOIN_CHECK: Duration = Duration::from_millis(50);
 
@@ -167,6 +169,7 @@ struct Inner {
     lifecycle: tokio::sync::Mutex<()>,
     /// The newest cursor of the changes feed, raised by the store after each commit.
     newest: watch::Receiver<u64>,
+    subscriptions: Subscriptions,
 }
 
 impl Drop for Inner {
@@ -253,6 +256,7 @@ impl Device {
                 node: Mutex::new(None),
                 lifecycle: tokio::sync::Mutex::new(()),
                 newest,
+                subscriptions: Subscriptions::default(),
             }),
         })
     }
@@ -471,7 +475,12 @@ impl Device {
     /// # Ok(()) }
     /// ```
     pub fn subscribe(&self, from: Cursor) -> impl Stream<Item = Result<Change>> + Send + 'static {
-        changes::subscribe(self.inner.device.clone(), self.inner.newest.clone(), from)
+        changes::subscribe(
+            &self.inner.subscriptions,
+            &self.inner.device,
+            self.inner.newest.clone(),
+            from,
+        )
     }
 
     /// The newest cursor of the changes feed: subscribe from it to see only what comes
@@ -495,13 +504,25 @@ impl Device {
         Ok(addr)
     }
 
-    /// Stops the node (closes its sessions and endpoint). The device stays open for reads
-    /// and writes; a no-op when it is not running.
+    /// Stops the node (closes its sessions and endpoint) and waits, up to 5 s, until its
+    /// tasks have let go of the device, so that once every handle and subscription is
+    /// dropped the home can be opened again at once. The device stays open for reads and
+    /// writes; a no-op when it is not running.
     pub async fn stop(&self) {
         let _lifecycle = self.inner.lifecycle.lock().await;
         let node = lock(&self.inner.node).take();
-        if let Some(node) = node {
-            node.shutdown().await;
+        let Some(node) = node else {
+            return;
+        };
+        node.shutdown().await;
+        drop(node);
+        // Session tasks end as the endpoint closes; the node's last one drops its share of
+        // the device. What remains is this handle's and each live subscription's.
+        let deadline = tokio::time::Instant::now() + STOP_WAIT;
+        while Arc::strong_count(&self.inner.device) > 1 + self.inner.subscriptions.live()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

@@ -104,4 +104,10 @@ async fn a_subscription_sees_remote_and_local_changes_in_admission_order() {
     assert!(status.peers.iter().any(|p| p.device_id == a.id()));
     a.stop().await;
     b.stop().await;
+
+    // Once stopped and dropped, a device that ran sessions opens again at once, with what
+    // sync brought it.
+    drop((changes, again, b));
+    let b = Device::open(dir.path().join("b")).unwrap();
+    assert_eq!(b.get("todo", "a0").unwrap().unwrap().value, b"from a 0");
 }

@@ -84,13 +84,13 @@ async fn pair(session_limit: SessionLimit) -> Pair {
     let mut rng = rand::thread_rng();
     let admin = Device::init(&dir.path().join("a"), &mut rng).expect("init a");
     let ns = admin.namespace();
-    let joining =
-        Device::init_joining(&dir.path().join("b"), ns, &mut rng).expect("init b");
+    let joining = Device::init_joining(&dir.path().join("b"), ns, &mut rng).expect("init b");
     let mut fleet = LocalFleet::new(vec![Arc::new(admin), Arc::new(joining)]);
     fleet.create_authority(2, &mut rng).expect("authority");
-    let mut devices = fleet.into_devices().into_iter().map(|d| {
-        Arc::try_unwrap(d).unwrap_or_else(|_| panic!("the fleet still holds a device"))
-    });
+    let mut devices = fleet
+        .into_devices()
+        .into_iter()
+        .map(|d| Arc::try_unwrap(d).unwrap_or_else(|_| panic!("the fleet still holds a device")));
     let (da, db) = (devices.next().expect("a"), devices.next().expect("b"));
     let arrivals: Arrivals = Arc::default();
     let log = arrivals.clone();
@@ -99,7 +99,9 @@ async fn pair(session_limit: SessionLimit) -> Pair {
             .unwrap_or_else(|e| e.into_inner())
             .push((seq, Instant::now()));
     });
-    let b = Node::start(db, config(session_limit)).await.expect("start b");
+    let b = Node::start(db, config(session_limit))
+        .await
+        .expect("start b");
     let a = Node::start(
         da,
         NodeConfig {
@@ -148,7 +150,11 @@ fn latencies(p: &Pair, sent: &HashMap<usize, Instant>) -> Vec<f64> {
         let Ok((_, Payload::Data(DataOp::Put(put)))) = stored.author_payload() else {
             continue;
         };
-        let Some(i) = put.key.strip_prefix('k').and_then(|k| k.parse::<usize>().ok()) else {
+        let Some(i) = put
+            .key
+            .strip_prefix('k')
+            .and_then(|k| k.parse::<usize>().ok())
+        else {
             continue;
         };
         if let Some(t) = sent.get(&i) {
@@ -182,7 +188,10 @@ async fn wait_arrived(p: &Pair, last_key: usize) {
         if matches!(r, Ok(tend_node::data::DataResponse::Value(Some(_)))) {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "{key} never arrived");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{key} never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -227,10 +236,7 @@ async fn run(session_limit: SessionLimit) {
         .expect("writer task");
     wait_arrived(&p, n - 1).await;
     report(
-        &format!(
-            "{:.0} puts/s, {label}",
-            n as f64 / took.as_secs_f64()
-        ),
+        &format!("{:.0} puts/s, {label}", n as f64 / took.as_secs_f64()),
         latencies(&p, &sent),
         n,
     );

@@ -104,9 +104,24 @@ fn upgrade_admin_and_cache_commands_end_to_end() {
     let published = tend(&a, &publish);
     let id = published["package_id"].as_str().unwrap().to_string();
 
+    // A rollout only widens: the package already goes to every device.
+    let mut widen = vec!["upgrade", "widen", id.as_str(), "--percent", "50"];
+    widen.extend(members);
+    assert!(tend_fails(&a, &widen).contains("a rollout only widens"));
+
+    // Too early: refused with the count, and nothing is written (the journal would not
+    // count the activation anyway).
     let mut activate = vec!["upgrade", "activate", id.as_str()];
     activate.extend(members);
-    assert!(tend_fails(&a, &activate).contains("not ready"));
+    let early = tend_fails(&a, &activate);
+    assert!(
+        early.contains("not ready: 0 of 3 required devices reported ready"),
+        "{early}"
+    );
+    assert_eq!(
+        tend(&a, &["upgrade", "status"])["packages"][0]["activated"],
+        false
+    );
     for h in [&a, &b, &c] {
         let r = tend(h, &["upgrade", "apply"]);
         let events: Vec<&str> = r["packages"][0]["events"]

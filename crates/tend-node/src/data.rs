@@ -185,17 +185,32 @@ pub enum DataResponse {
 /// Most writes in one batch.
 pub const MAX_BATCH: usize = 100_000;
 
-/// Adds one write request to a plan; reads are refused.
-fn plan(p: &mut WritePlan<'_>, request: DataRequest) -> Result<(), DeviceError> {
+/// Checks what a write request carries without the device: names, keys and sizes, as
+/// the device checks them before it plans the write (a bulk import checks each line with
+/// it before it sends a batch). Reads and nested batches are refused.
+pub fn check_write(request: &DataRequest) -> Result<(), DeviceError> {
     match request {
         DataRequest::Put {
             collection,
             key,
             value,
-        } => p.put(&collection, &key, &value.0),
-        DataRequest::Delete { collection, key } => p.delete(&collection, &key),
+        } => {
+            check(check_name("collection name", collection))?;
+            check(check_key(key))?;
+            if value.0.len() > MAX_VALUE_BYTES {
+                return Err(DeviceError::InvalidInput(format!(
+                    "the value is {} bytes, the limit is {MAX_VALUE_BYTES}",
+                    value.0.len()
+                )));
+            }
+            Ok(())
+        }
+        DataRequest::Delete { collection, key } => {
+            check(check_name("collection name", collection))?;
+            check(check_key(key))
+        }
         DataRequest::LogAppend { log, data } => {
-            check(check_name("log name", &log))?;
+            check(check_name("log name", log))?;
             if data.0.len() > tend_core::data::MAX_ENTRY_BYTES {
                 return Err(DeviceError::InvalidInput(format!(
                     "a log entry is {} bytes, the limit is {}",
@@ -203,12 +218,20 @@ fn plan(p: &mut WritePlan<'_>, request: DataRequest) -> Result<(), DeviceError> 
                     tend_core::data::MAX_ENTRY_BYTES
                 )));
             }
-            p.append(&log, &data.0)
+            Ok(())
         }
-        DataRequest::LogTrim { log, before } => p.trim(&log, check(before.parse::<LogCursor>())?),
+        DataRequest::LogTrim { log, before } => {
+            check(check_name("log name", log))?;
+            check(before.parse::<LogCursor>()).map(drop)
+        }
         DataRequest::CachePut { key, value } => {
-            check(check_name("cache key", &key))?;
-            p.cache_put(&key, &value.0)
+            check(check_name("cache key", key))?;
+            if value.0.len() > tend_core::app::INLINE_VALUE_MAX {
+                return Err(DeviceError::InvalidInput(
+                    tend_core::data::DataError::InlineTooLarge(value.0.len()).to_string(),
+                ));
+            }
+            Ok(())
         }
         DataRequest::Batch { .. } => Err(DeviceError::InvalidInput(
             "a batch cannot hold another batch".into(),
@@ -219,11 +242,31 @@ fn plan(p: &mut WritePlan<'_>, request: DataRequest) -> Result<(), DeviceError> 
     }
 }
 
-/// One write, committed on its own.
+/// Adds one write request to a plan; reads are refused.
+pub(crate) fn plan_request(p: &mut WritePlan<'_>, request: DataRequest) -> Result<(), DeviceError> {
+    check_write(&request)?;
+    match request {
+        DataRequest::Put {
+            collection,
+            key,
+            value,
+        } => p.put(&collection, &key, &value.0),
+        DataRequest::Delete { collection, key } => p.delete(&collection, &key),
+        DataRequest::LogAppend { log, data } => p.append(&log, &data.0),
+        DataRequest::LogTrim { log, before } => p.trim(&log, check(before.parse::<LogCursor>())?),
+        DataRequest::CachePut { key, value } => p.cache_put(&key, &value.0),
+        _ => Err(DeviceError::InvalidInput(
+            "a batch holds writes only (put, delete, log_append, log_trim, cache_put)".into(),
+        )),
+    }
+}
+
+/// One write, committed in the device's next group commit (see
+/// [`crate::write::WriteQueue`]): concurrent single writes share one transaction.
 fn write_one(device: &Device, request: DataRequest) -> Result<Written, DeviceError> {
-    let mut p = WritePlan::new(device)?;
-    plan(&mut p, request)?;
-    p.commit()?
+    device
+        .write_queue()
+        .submit(device, vec![request])?
         .into_iter()
         .next()
         .ok_or_else(|| DeviceError::InvalidInput("nothing was written".into()))
@@ -244,11 +287,7 @@ pub fn run(device: &Device, request: DataRequest) -> Result<DataResponse, Device
                     ops.len()
                 )));
             }
-            let mut p = WritePlan::new(device)?;
-            for op in ops {
-                plan(&mut p, op)?;
-            }
-            DataResponse::Batch(p.commit()?)
+            DataResponse::Batch(device.write_queue().submit(device, ops)?)
         }
         DataRequest::Get { collection, key } => {
             check(check_name("collection name", &collection))?;

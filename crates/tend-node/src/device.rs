@@ -56,6 +56,10 @@ pub enum DeviceError {
     /// value whose blob sync has not fetched).
     #[error("{0}")]
     Unavailable(String),
+    /// A write that shared a group commit whose transaction failed (the first caller of
+    /// the group gets the error itself, the others its message).
+    #[error("the commit this write shared failed: {0}")]
+    SharedCommit(String),
     #[error("this is an archive device: it never prunes (change with `tend gc --policy prune`)")]
     ArchiveDevice,
 }
@@ -67,6 +71,8 @@ pub struct Device {
     store: Store,
     /// The journal this device writes to; changes only when it joins an authority.
     namespace: RwLock<JournalNamespace>,
+    /// Data writes waiting for the next group commit.
+    writes: crate::write::WriteQueue,
 }
 
 /// Per-namespace status, as `tend journal status` shows it.
@@ -231,6 +237,7 @@ impl Device {
             key,
             store,
             namespace: RwLock::new(namespace),
+            writes: Default::default(),
         })
     }
 
@@ -257,6 +264,7 @@ impl Device {
             key,
             store,
             namespace: RwLock::new(namespace),
+            writes: Default::default(),
         })
     }
 
@@ -277,6 +285,7 @@ impl Device {
             key,
             store,
             namespace: RwLock::new(namespace),
+            writes: Default::default(),
         })
     }
 
@@ -294,6 +303,12 @@ impl Device {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The queue of data writes whose group commit stores concurrent writers' facts
+    /// together (see [`crate::write::WriteQueue`]).
+    pub fn write_queue(&self) -> &crate::write::WriteQueue {
+        &self.writes
     }
 
     /// The journal this device writes to.

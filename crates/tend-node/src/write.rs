@@ -4,9 +4,11 @@
 //! [`WritePlan::commit`] stores them all in one transaction, or none.
 //!
 //! A single `tend put` is a plan of one write; `DataRequest::Batch` is a plan of many.
+//! Both go through the device's [`WriteQueue`], whose group commit puts the writes of
+//! concurrent callers in one plan and one transaction.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 
 use serde_bytes::ByteBuf;
 use tend_core::app::{
@@ -16,22 +18,65 @@ use tend_core::app::{
 use tend_core::maintenance::{BlobTombstone, MaintenanceFact};
 use tend_core::{AppState, ContentId, DataOp, Epoch, FactId, Payload, UnsignedFact, VerifiedFact};
 
-use crate::data::{Written, MAX_VALUE_BYTES};
+use crate::data::{plan_request, DataRequest, Written, MAX_VALUE_BYTES};
 use crate::device::{Device, DeviceError};
 
 type KeyOf = (Space, String, String);
 
+/// Below this many facts a plan signs on the calling thread: starting threads costs more
+/// than it saves.
+const PARALLEL_SIGN_MIN: usize = 256;
+
 /// Writes being prepared on a device; nothing is stored before [`WritePlan::commit`].
+///
+/// Facts are planned unsigned and signed together, on every core, when the plan commits or
+/// when a later write needs the id of an earlier one (a put superseding the put just
+/// planned for its key): a batch of appends or of distinct keys is signed in parallel.
 pub struct WritePlan<'d> {
     device: &'d Device,
     state: Arc<AppState>,
     epoch: Epoch,
-    /// Heads of the keys this plan wrote, as the plan leaves them.
-    heads: HashMap<KeyOf, Vec<(Epoch, FactId)>>,
+    /// The fact this plan wrote last for a key, by its index in the plan.
+    heads: HashMap<KeyOf, usize>,
     /// The next clock value of the logs this plan appended to.
     seqs: HashMap<String, u64>,
-    facts: Vec<VerifiedFact>,
-    written: Vec<Written>,
+    /// The plan's facts signed so far (indices `0..signed.len()`)...
+    signed: Vec<VerifiedFact>,
+    /// ...and those still to sign, after them.
+    unsigned: Vec<UnsignedFact>,
+    written: Vec<PlannedWrite>,
+    /// How to undo the map changes since the last [`WritePlan::mark`].
+    undo: Vec<Undo>,
+}
+
+/// A fact admission refused: its index in the plan (`usize::MAX` if it is not one of the
+/// plan's) and why.
+type Refused = (usize, String);
+
+/// What one write made, by the index of its fact in the plan.
+struct PlannedWrite {
+    index: usize,
+    cursor: bool,
+    blob: Option<ContentId>,
+}
+
+enum Undo {
+    Head(KeyOf, Option<usize>),
+    Seq(String, Option<u64>),
+}
+
+/// A point of a plan to roll back to: see [`WritePlan::mark`].
+#[derive(Clone, Copy, Debug)]
+pub struct PlanMark {
+    facts: usize,
+    written: usize,
+}
+
+/// A head a new write of a key supersedes: stored, or planned earlier in this plan.
+#[derive(Clone, Copy)]
+enum Head {
+    Stored(Epoch, FactId),
+    Planned(usize),
 }
 
 fn invalid(e: impl std::fmt::Display) -> DeviceError {
@@ -48,45 +93,165 @@ impl<'d> WritePlan<'d> {
             epoch: device.store().maintenance_state(ns)?.current_epoch(),
             heads: HashMap::new(),
             seqs: HashMap::new(),
-            facts: Vec::new(),
+            signed: Vec::new(),
+            unsigned: Vec::new(),
             written: Vec::new(),
+            undo: Vec::new(),
         })
     }
 
     /// How many facts the plan will store.
     pub fn len(&self) -> usize {
-        self.facts.len()
+        self.signed.len() + self.unsigned.len()
     }
 
     /// Whether the plan holds no write.
     pub fn is_empty(&self) -> bool {
-        self.facts.is_empty()
+        self.len() == 0
     }
 
-    fn heads(&self, key: &KeyOf) -> Vec<(Epoch, FactId)> {
-        match self.heads.get(key) {
-            Some(h) => h.clone(),
-            None => self.state.head_keys(key.0, &key.1, &key.2),
+    /// Remembers the plan as it is now, so that [`WritePlan::rollback`] can drop the writes
+    /// planned after it (group commit plans each caller's writes this way: one caller's
+    /// bad write leaves the others' in the plan). Only the latest mark can be rolled back to.
+    pub fn mark(&mut self) -> PlanMark {
+        self.undo.clear();
+        PlanMark {
+            facts: self.len(),
+            written: self.written.len(),
         }
     }
 
-    fn sign(&mut self, op: DataOp) -> Result<VerifiedFact, DeviceError> {
-        op.check().map_err(invalid)?;
-        let fact = UnsignedFact {
+    /// Drops every write planned since `mark` (the latest [`WritePlan::mark`]); a blob a
+    /// dropped put stored stays, content-addressed and unreferenced, for GC.
+    pub fn rollback(&mut self, mark: PlanMark) {
+        while let Some(u) = self.undo.pop() {
+            match u {
+                Undo::Head(k, Some(i)) => {
+                    self.heads.insert(k, i);
+                }
+                Undo::Head(k, None) => {
+                    self.heads.remove(&k);
+                }
+                Undo::Seq(l, Some(s)) => {
+                    self.seqs.insert(l, s);
+                }
+                Undo::Seq(l, None) => {
+                    self.seqs.remove(&l);
+                }
+            }
+        }
+        if mark.facts < self.signed.len() {
+            self.signed.truncate(mark.facts);
+            self.unsigned.clear();
+        } else {
+            self.unsigned.truncate(mark.facts - self.signed.len());
+        }
+        self.written.truncate(mark.written);
+    }
+
+    fn set_head(&mut self, key: KeyOf, index: usize) {
+        let old = self.heads.insert(key.clone(), index);
+        self.undo.push(Undo::Head(key, old));
+    }
+
+    fn set_seq(&mut self, log: &str, next: u64) {
+        let old = self.seqs.insert(log.to_owned(), next);
+        self.undo.push(Undo::Seq(log.to_owned(), old));
+    }
+
+    fn heads(&self, key: &KeyOf) -> Vec<Head> {
+        match self.heads.get(key) {
+            Some(i) => vec![Head::Planned(*i)],
+            None => self
+                .state
+                .head_keys(key.0, &key.1, &key.2)
+                .into_iter()
+                .map(|(e, id)| Head::Stored(e, id))
+                .collect(),
+        }
+    }
+
+    /// The ids of `heads`, signing what the plan holds unsigned if one of them is planned.
+    fn head_ids(&mut self, heads: &[Head]) -> Vec<FactId> {
+        if heads
+            .iter()
+            .any(|h| matches!(h, Head::Planned(i) if *i >= self.signed.len()))
+        {
+            self.sign_pending();
+        }
+        heads
+            .iter()
+            .map(|h| match h {
+                Head::Stored(_, id) => *id,
+                Head::Planned(i) => self.signed[*i].id(),
+            })
+            .collect()
+    }
+
+    /// Signs every planned fact not signed yet, on every core for a large plan.
+    fn sign_pending(&mut self) {
+        let pending = std::mem::take(&mut self.unsigned);
+        let key = self.device.key().signing_key();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(16));
+        if threads < 2 || pending.len() < PARALLEL_SIGN_MIN {
+            self.signed.extend(pending.into_iter().map(|f| f.sign(key)));
+            return;
+        }
+        let per = pending.len().div_ceil(threads);
+        let mut runs: Vec<Vec<UnsignedFact>> = Vec::with_capacity(threads);
+        let mut rest = pending.into_iter();
+        loop {
+            let run: Vec<UnsignedFact> = rest.by_ref().take(per).collect();
+            if run.is_empty() {
+                break;
+            }
+            runs.push(run);
+        }
+        std::thread::scope(|s| {
+            let handles: Vec<_> = runs
+                .into_iter()
+                .map(|run| {
+                    s.spawn(move || run.into_iter().map(|f| f.sign(key)).collect::<Vec<_>>())
+                })
+                .collect();
+            for h in handles {
+                // Signing does not fail; a panic in a signing thread is a bug to surface.
+                match h.join() {
+                    Ok(signed) => self.signed.extend(signed),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+        });
+    }
+
+    /// The payload of the fact at `index` of the plan.
+    fn planned_payload(&self, index: usize) -> &Payload {
+        match self.signed.get(index) {
+            Some(f) => f.payload(),
+            None => &self.unsigned[index - self.signed.len()].payload,
+        }
+    }
+
+    fn plan_fact(&mut self, payload: Payload) -> usize {
+        self.unsigned.push(UnsignedFact {
             namespace: self.device.namespace(),
             epoch: self.epoch,
-            payload: Payload::Data(op),
-        }
-        .sign(self.device.key().signing_key());
-        self.facts.push(fact.clone());
-        Ok(fact)
+            payload,
+        });
+        self.len() - 1
+    }
+
+    fn plan_op(&mut self, op: DataOp) -> Result<usize, DeviceError> {
+        op.check().map_err(invalid)?;
+        Ok(self.plan_fact(Payload::Data(op)))
     }
 
     /// The payload of a head: from this plan, or from the store.
-    fn payload_of(&self, (epoch, id): (Epoch, FactId)) -> Result<Option<Payload>, DeviceError> {
-        if let Some(f) = self.facts.iter().find(|f| f.id() == id) {
-            return Ok(Some(f.payload().clone()));
-        }
+    fn payload_of(&self, head: Head) -> Result<Option<Payload>, DeviceError> {
+        let (epoch, id) = match head {
+            Head::Planned(i) => return Ok(Some(self.planned_payload(i).clone())),
+            Head::Stored(epoch, id) => (epoch, id),
+        };
         let stored = self
             .device
             .store()
@@ -100,21 +265,15 @@ impl<'d> WritePlan<'d> {
     /// The blobs the given heads' values live in: overwriting them tombstones them.
     fn tombstone_blobs(
         &mut self,
-        heads: &[(Epoch, FactId)],
+        heads: &[Head],
         keep: Option<ContentId>,
     ) -> Result<(), DeviceError> {
         for h in heads {
             if let Some(Payload::Data(DataOp::Put(p))) = self.payload_of(*h)? {
                 if let Some(cid) = p.value.blob().filter(|c| Some(*c) != keep) {
-                    let fact = UnsignedFact {
-                        namespace: self.device.namespace(),
-                        epoch: self.epoch,
-                        payload: Payload::Maintenance(MaintenanceFact::BlobTombstone(
-                            BlobTombstone { cid },
-                        )),
-                    }
-                    .sign(self.device.key().signing_key());
-                    self.facts.push(fact);
+                    self.plan_fact(Payload::Maintenance(MaintenanceFact::BlobTombstone(
+                        BlobTombstone { cid },
+                    )));
                 }
             }
         }
@@ -135,6 +294,7 @@ impl<'d> WritePlan<'d> {
         }
         let k = (Space::Collection, collection.to_owned(), key.to_owned());
         let heads = self.heads(&k);
+        let supersedes = self.head_ids(&heads);
         let stored = if value.len() > INLINE_VALUE_MAX {
             let cid = self
                 .device
@@ -148,15 +308,19 @@ impl<'d> WritePlan<'d> {
             Value::Inline(ByteBuf::from(value.to_vec()))
         };
         let blob = stored.blob();
-        let fact = self.sign(DataOp::Put(Put {
+        let index = self.plan_op(DataOp::Put(Put {
             collection: collection.into(),
             key: key.into(),
             value: stored,
-            supersedes: heads.iter().map(|(_, id)| *id).collect(),
+            supersedes,
         }))?;
         self.tombstone_blobs(&heads, blob)?;
-        self.heads.insert(k, vec![fact.order_key()]);
-        self.written.push(written(&fact, None, blob));
+        self.set_head(k, index);
+        self.written.push(PlannedWrite {
+            index,
+            cursor: false,
+            blob,
+        });
         Ok(())
     }
 
@@ -165,15 +329,8 @@ impl<'d> WritePlan<'d> {
         check_name("collection name", collection).map_err(invalid)?;
         check_key(key).map_err(invalid)?;
         let k = (Space::Collection, collection.to_owned(), key.to_owned());
-        let heads = self.heads(&k);
         let present = match self.heads.get(&k) {
-            Some(h) => {
-                let head = h.first().copied();
-                !matches!(
-                    head.map(|h| self.payload_of(h)).transpose()?.flatten(),
-                    Some(Payload::Data(DataOp::Delete(_))) | None
-                )
-            }
+            Some(i) => !matches!(self.planned_payload(*i), Payload::Data(DataOp::Delete(_))),
             None => self.state.get(collection, key).is_some(),
         };
         if !present {
@@ -181,14 +338,20 @@ impl<'d> WritePlan<'d> {
                 "{collection}/{key} is absent: nothing to delete"
             )));
         }
-        let fact = self.sign(DataOp::Delete(Delete {
+        let heads = self.heads(&k);
+        let supersedes = self.head_ids(&heads);
+        let index = self.plan_op(DataOp::Delete(Delete {
             collection: collection.into(),
             key: key.into(),
-            supersedes: heads.iter().map(|(_, id)| *id).collect(),
+            supersedes,
         }))?;
         self.tombstone_blobs(&heads, None)?;
-        self.heads.insert(k, vec![fact.order_key()]);
-        self.written.push(written(&fact, None, None));
+        self.set_head(k, index);
+        self.written.push(PlannedWrite {
+            index,
+            cursor: false,
+            blob: None,
+        });
         Ok(())
     }
 
@@ -198,24 +361,31 @@ impl<'d> WritePlan<'d> {
             Some(s) => *s,
             None => self.state.next_seq(log),
         };
-        let fact = self.sign(DataOp::Append(Append {
+        let index = self.plan_op(DataOp::Append(Append {
             log: log.into(),
             seq,
             data: ByteBuf::from(data.to_vec()),
         }))?;
-        self.seqs.insert(log.to_owned(), seq + 1);
-        let cursor = LogCursor::of(&fact);
-        self.written.push(written(&fact, cursor, None));
+        self.set_seq(log, seq + 1);
+        self.written.push(PlannedWrite {
+            index,
+            cursor: true,
+            blob: None,
+        });
         Ok(())
     }
 
     /// Drops the entries of a log below a cursor.
     pub fn trim(&mut self, log: &str, before: LogCursor) -> Result<(), DeviceError> {
-        let fact = self.sign(DataOp::Trim(Trim {
+        let index = self.plan_op(DataOp::Trim(Trim {
             log: log.into(),
             before,
         }))?;
-        self.written.push(written(&fact, None, None));
+        self.written.push(PlannedWrite {
+            index,
+            cursor: false,
+            blob: None,
+        });
         Ok(())
     }
 
@@ -223,23 +393,59 @@ impl<'d> WritePlan<'d> {
     pub fn cache_put(&mut self, key: &str, value: &[u8]) -> Result<(), DeviceError> {
         let k = (Space::Cache, String::new(), key.to_owned());
         let heads = self.heads(&k);
-        let fact = self.sign(DataOp::CachePut(CachePut {
+        let supersedes = self.head_ids(&heads);
+        let index = self.plan_op(DataOp::CachePut(CachePut {
             key: key.into(),
             value: ByteBuf::from(value.to_vec()),
-            supersedes: heads.iter().map(|(_, id)| *id).collect(),
+            supersedes,
         }))?;
-        self.heads.insert(k, vec![fact.order_key()]);
-        self.written.push(written(&fact, None, None));
+        self.set_head(k, index);
+        self.written.push(PlannedWrite {
+            index,
+            cursor: false,
+            blob: None,
+        });
         Ok(())
     }
 
-    /// Stores every planned fact in one transaction; what each write made, in order.
+    /// Signs what is left and stores every planned fact in one transaction; what each
+    /// write made, in order.
     pub fn commit(self) -> Result<Vec<Written>, DeviceError> {
-        let report = self.device.store().insert_batch(&self.facts)?;
-        if let Some(r) = report.rejected.first() {
-            return Err(DeviceError::Rejected(r.error.to_string()));
+        let (written, rejected) = self.commit_parts()?;
+        if let Some((_, error)) = rejected.into_iter().next() {
+            return Err(DeviceError::Rejected(error));
         }
-        Ok(self.written)
+        Ok(written)
+    }
+
+    /// Signs and stores the plan; what each write made, and the facts admission refused
+    /// (by index in the plan, with why). The store admits each fact on its own: a refused
+    /// fact is not written, the others are.
+    fn commit_parts(mut self) -> Result<(Vec<Written>, Vec<Refused>), DeviceError> {
+        self.sign_pending();
+        let report = self.device.store().insert_batch(&self.signed)?;
+        let mut rejected = Vec::new();
+        if !report.rejected.is_empty() {
+            let index: HashMap<FactId, usize> = self
+                .signed
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (f.id(), i))
+                .collect();
+            for r in &report.rejected {
+                let at = index.get(&r.id).copied().unwrap_or(usize::MAX);
+                rejected.push((at, r.error.to_string()));
+            }
+        }
+        let written = self
+            .written
+            .iter()
+            .map(|w| {
+                let f = &self.signed[w.index];
+                written(f, w.cursor.then(|| LogCursor::of(f)).flatten(), w.blob)
+            })
+            .collect();
+        Ok((written, rejected))
     }
 }
 
@@ -249,5 +455,176 @@ fn written(f: &VerifiedFact, cursor: Option<LogCursor>, blob: Option<ContentId>)
         epoch: f.epoch().0,
         cursor: cursor.map(|c| c.to_string()),
         blob: blob.map(|c| c.to_string()),
+    }
+}
+
+/// One caller's writes waiting for a group commit, and where its answer goes.
+struct Job {
+    ops: Vec<DataRequest>,
+    answer: mpsc::Sender<Result<Vec<Written>, DeviceError>>,
+}
+
+/// Group commit: writers that arrive while a commit runs wait in a queue, and the next
+/// commit stores all of their writes in one transaction (one fsync for many callers).
+///
+/// There is no writer thread: the first caller to find no commit running leads, taking the
+/// queue, committing it and answering everyone, until the queue is empty. Each caller's
+/// writes are planned against the state plus the writes of the callers before it in the
+/// group (as in one [`WritePlan`]); a caller whose write is refused when planned is
+/// answered at once and rolled back from the plan, and the others commit without it.
+/// Every caller is answered only after the transaction holding its facts has committed.
+#[derive(Default)]
+pub struct WriteQueue {
+    state: Mutex<QueueState>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: Vec<Job>,
+    leading: bool,
+    stats: GroupCommitStats,
+}
+
+/// What a device's group commit has done since it opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupCommitStats {
+    /// Groups planned (each at most one transaction).
+    pub groups: u64,
+    /// Callers' writes (a batch counts once) in those groups.
+    pub jobs: u64,
+}
+
+impl WriteQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the group commit has done so far.
+    pub fn stats(&self) -> GroupCommitStats {
+        self.lock().stats
+    }
+
+    /// Writes `ops` (planned in order, all or none) in the next group commit of `device`
+    /// and returns what each made, once they are durable.
+    pub fn submit(
+        &self,
+        device: &Device,
+        ops: Vec<DataRequest>,
+    ) -> Result<Vec<Written>, DeviceError> {
+        self.submit_all(device, vec![ops])
+            .pop()
+            .unwrap_or_else(|| Err(DeviceError::InvalidInput("nothing was written".into())))
+    }
+
+    /// Writes several callers' writes in the same group commit: each entry of `writes` is
+    /// planned in order after the ones before it and succeeds or fails on its own (all or
+    /// none within an entry); one answer per entry, once its facts are durable.
+    pub fn submit_all(
+        &self,
+        device: &Device,
+        writes: Vec<Vec<DataRequest>>,
+    ) -> Vec<Result<Vec<Written>, DeviceError>> {
+        let mut answered = Vec::with_capacity(writes.len());
+        let mut q = self.lock();
+        for ops in writes {
+            let (answer, rx) = mpsc::channel();
+            q.jobs.push(Job { ops, answer });
+            answered.push(rx);
+        }
+        if !q.leading {
+            q.leading = true;
+            loop {
+                let jobs = std::mem::take(&mut q.jobs);
+                if jobs.is_empty() {
+                    q.leading = false;
+                    break;
+                }
+                q.stats.groups += 1;
+                q.stats.jobs += jobs.len() as u64;
+                drop(q);
+                // A panic while committing drops the group's answer senders (its callers
+                // get an error below) and must not leave the queue without a leader.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    commit_group(device, jobs)
+                }));
+                q = self.lock();
+            }
+        }
+        drop(q);
+        answered
+            .into_iter()
+            .map(|rx| {
+                rx.recv().unwrap_or_else(|_| {
+                    Err(DeviceError::SharedCommit(
+                        "the commit of this write's group failed unexpectedly".into(),
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+/// Plans every job into one plan (dropping the jobs refused while planned), commits it,
+/// and answers each job.
+fn commit_group(device: &Device, jobs: Vec<Job>) {
+    let mut plan = match WritePlan::new(device) {
+        Ok(p) => p,
+        Err(e) => return answer_all_failed(jobs, e),
+    };
+    // Per planned job: its answer, its facts and its writes in the plan.
+    let mut planned = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let mark = plan.mark();
+        let result = job
+            .ops
+            .into_iter()
+            .try_for_each(|op| plan_request(&mut plan, op));
+        match result {
+            Ok(()) => planned.push((job.answer, mark, plan.len(), plan.written.len())),
+            Err(e) => {
+                plan.rollback(mark);
+                let _ = job.answer.send(Err(e));
+            }
+        }
+    }
+    if planned.is_empty() {
+        return;
+    }
+    let (written, rejected) = match plan.commit_parts() {
+        Ok(r) => r,
+        Err(e) => {
+            let answers = planned.into_iter().map(|(answer, ..)| answer);
+            return answer_all_failed_to(answers, e);
+        }
+    };
+    let mut written = written.into_iter();
+    for (answer, mark, facts_end, written_end) in planned {
+        let mine: Vec<Written> = written.by_ref().take(written_end - mark.written).collect();
+        let refused = rejected
+            .iter()
+            .find(|(i, _)| (mark.facts..facts_end).contains(i) || *i == usize::MAX);
+        let _ = answer.send(match refused {
+            Some((_, why)) => Err(DeviceError::Rejected(why.clone())),
+            None => Ok(mine),
+        });
+    }
+}
+
+fn answer_all_failed(jobs: Vec<Job>, e: DeviceError) {
+    answer_all_failed_to(jobs.into_iter().map(|j| j.answer), e)
+}
+
+/// The first caller gets the error itself, the others a copy of its message (errors are
+/// not `Clone`: they may hold an I/O error).
+fn answer_all_failed_to(
+    mut answers: impl Iterator<Item = mpsc::Sender<Result<Vec<Written>, DeviceError>>>,
+    e: DeviceError,
+) {
+    let line = crate::control::error_line(&e);
+    if let Some(first) = answers.next() {
+        let _ = first.send(Err(e));
+    }
+    for a in answers {
+        let _ = a.send(Err(DeviceError::SharedCommit(line.clone())));
     }
 }

@@ -1,0 +1,251 @@
+//! Group commit on a real device: concurrent single writes share transactions, every
+//! caller is answered with its own facts, which are all there after a reopen; one caller's
+//! refused write leaves the others of its group committed; and a large batch signed on
+//! every core keeps each write seeing the ones before it.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tend_core::FactId;
+use tend_node::data::{run, Bytes64, DataRequest, DataResponse, Written};
+use tend_node::{Device, DeviceError};
+
+fn append(log: &str, data: &str) -> DataRequest {
+    DataRequest::LogAppend {
+        log: log.into(),
+        data: Bytes64(data.as_bytes().to_vec()),
+    }
+}
+
+fn put(key: &str, value: &str) -> DataRequest {
+    DataRequest::Put {
+        collection: "c".into(),
+        key: key.into(),
+        value: Bytes64(value.as_bytes().to_vec()),
+    }
+}
+
+fn stored(d: &Device, w: &Written) -> bool {
+    let id: FactId = w.id.parse().expect("a fact id");
+    d.store()
+        .get(d.namespace(), tend_core::Epoch(w.epoch), &id)
+        .expect("store reads")
+        .is_some()
+}
+
+fn log_data(d: &Device, log: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let r = run(
+            d,
+            DataRequest::LogRead {
+                log: log.into(),
+                after: after.clone(),
+                limit: 10_000,
+            },
+        )
+        .unwrap();
+        let DataResponse::Log(page) = r else {
+            panic!("a log read answers with entries")
+        };
+        if page.is_empty() {
+            return out;
+        }
+        after = page.last().map(|e| e.cursor.clone());
+        out.extend(
+            page.into_iter()
+                .map(|e| String::from_utf8(e.data.0).unwrap()),
+        );
+    }
+}
+
+fn value(d: &Device, key: &str) -> Option<(String, usize)> {
+    let r = run(
+        d,
+        DataRequest::Get {
+            collection: "c".into(),
+            key: key.into(),
+        },
+    )
+    .unwrap();
+    let DataResponse::Value(v) = r else {
+        panic!("a get answers with a value")
+    };
+    v.map(|v| (String::from_utf8(v.value.0).unwrap(), v.conflicts.len()))
+}
+
+#[test]
+fn concurrent_writers_share_commits_and_every_write_is_durable() {
+    const WRITERS: usize = 16;
+    const EACH: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("a");
+    let d = Arc::new(Device::init(&home, &mut rand::thread_rng()).unwrap());
+    let acknowledged: Vec<(usize, Vec<Written>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let d = d.clone();
+                s.spawn(move || {
+                    let mut mine = Vec::new();
+                    for i in 0..EACH {
+                        let r = if i % 2 == 0 {
+                            run(&d, append("shared", &format!("{w}-{i}")))
+                        } else {
+                            run(&d, put(&format!("k{w}"), &format!("{w}-{i}")))
+                        };
+                        let DataResponse::Written(written) = r.expect("every write succeeds")
+                        else {
+                            panic!("a single write answers with its fact")
+                        };
+                        mine.push(written);
+                    }
+                    (w, mine)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let stats = d.write_queue().stats();
+    assert_eq!(
+        stats.jobs,
+        (WRITERS * EACH) as u64,
+        "every write went through the queue"
+    );
+    assert!(
+        stats.groups < stats.jobs,
+        "concurrent writers shared commits: {stats:?}"
+    );
+    let ids: HashSet<&str> = acknowledged
+        .iter()
+        .flat_map(|(_, ws)| ws.iter().map(|w| w.id.as_str()))
+        .collect();
+    assert_eq!(ids.len(), WRITERS * EACH, "each caller got its own fact");
+    // Appends to one log from many writers took distinct clock values.
+    let cursors: HashSet<&str> = acknowledged
+        .iter()
+        .flat_map(|(_, ws)| ws.iter().filter_map(|w| w.cursor.as_deref()))
+        .collect();
+    assert_eq!(cursors.len(), WRITERS * EACH / 2);
+
+    drop(d);
+    let d = Device::open(&home).unwrap();
+    for (_, ws) in &acknowledged {
+        for w in ws {
+            assert!(
+                stored(&d, w),
+                "acknowledged fact {} is stored after a reopen",
+                w.id
+            );
+        }
+    }
+    let entries = log_data(&d, "shared");
+    assert_eq!(entries.len(), WRITERS * EACH / 2);
+    // Each writer's entries read in the order it wrote them.
+    for w in 0..WRITERS {
+        let mine: Vec<&String> = entries
+            .iter()
+            .filter(|e| e.starts_with(&format!("{w}-")))
+            .collect();
+        let expected: Vec<String> = (0..EACH).step_by(2).map(|i| format!("{w}-{i}")).collect();
+        assert_eq!(mine, expected.iter().collect::<Vec<_>>());
+        // Each key reads as its writer's last put, with no conflict: the writes of one
+        // device supersede each other even when they shared a commit.
+        assert_eq!(
+            value(&d, &format!("k{w}")),
+            Some((format!("{w}-{}", EACH - 1), 0))
+        );
+    }
+}
+
+#[test]
+fn a_refused_write_in_a_group_leaves_the_others_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Device::init(&dir.path().join("a"), &mut rand::thread_rng()).unwrap();
+    let facts = |d: &Device| d.store().stats(d.namespace()).unwrap().unwrap().facts;
+    let before = facts(&d);
+    let groups_before = d.write_queue().stats().groups;
+    let answers = d.write_queue().submit_all(
+        &d,
+        vec![
+            vec![put("x", "1")],
+            // Absent key: refused when planned.
+            vec![DataRequest::Delete {
+                collection: "c".into(),
+                key: "never".into(),
+            }],
+            vec![append("l", "a")],
+            // A batch with a bad write: none of it, not even its good first write.
+            vec![
+                append("l", "not written"),
+                DataRequest::LogAppend {
+                    log: String::new(),
+                    data: Bytes64(b"bad".to_vec()),
+                },
+            ],
+            // Sees the put of the first caller of the group, and supersedes it.
+            vec![put("x", "2")],
+            vec![append("l", "b")],
+        ],
+    );
+    assert_eq!(
+        d.write_queue().stats().groups,
+        groups_before + 1,
+        "one group"
+    );
+    assert_eq!(answers.len(), 6);
+    assert!(
+        matches!(answers[1], Err(DeviceError::NotFound(_))),
+        "{:?}",
+        answers[1]
+    );
+    assert!(
+        matches!(answers[3], Err(DeviceError::InvalidInput(_))),
+        "{:?}",
+        answers[3]
+    );
+    for i in [0, 2, 4, 5] {
+        let w = answers[i]
+            .as_ref()
+            .expect("the other callers' writes commit");
+        assert_eq!(w.len(), 1);
+        assert!(stored(&d, &w[0]));
+    }
+    assert_eq!(
+        facts(&d),
+        before + 4,
+        "exactly the four good writes are stored"
+    );
+    assert_eq!(value(&d, "x"), Some(("2".into(), 0)));
+    // The refused batch's append took no clock value: the log has no gap.
+    assert_eq!(log_data(&d, "l"), ["a", "b"]);
+}
+
+#[test]
+fn a_large_batch_signed_on_every_core_keeps_each_write_after_the_ones_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Device::init(&dir.path().join("a"), &mut rand::thread_rng()).unwrap();
+    // Runs of appends long enough to be signed in parallel, separated by puts of one key:
+    // each put supersedes the one before it, whose id the plan needs mid-way.
+    let mut ops = Vec::new();
+    for round in 0..4 {
+        for i in 0..600 {
+            ops.push(append("big", &format!("{round}-{i}")));
+        }
+        ops.push(put("k", &round.to_string()));
+    }
+    let DataResponse::Batch(written) = run(&d, DataRequest::Batch { ops }).unwrap() else {
+        panic!("a batch answers with its writes")
+    };
+    assert_eq!(written.len(), 4 * 601);
+    assert!(written.iter().all(|w| stored(&d, w)));
+    let expected: Vec<String> = (0..4)
+        .flat_map(|r| (0..600).map(move |i| format!("{r}-{i}")))
+        .collect();
+    assert_eq!(log_data(&d, "big"), expected);
+    assert_eq!(
+        value(&d, "k"),
+        Some(("3".into(), 0)),
+        "each put superseded the last"
+    );
+}

@@ -230,7 +230,12 @@ async fn forged_noncanonical_and_oversized_facts_are_rejected_and_nothing_valid_
         .into_iter()
         .find(|p| p.device_id == b.device_id().to_string())
         .expect("b is known");
-    assert!(info.trust < 1.0 && info.failed_syncs == 1, "{info:?}");
+    assert!(
+        info.misbehaviours == 1
+            && info.trust < tend_node::peer_table::MEMBER_TRUST
+            && info.failed_syncs == 1,
+        "{info:?}"
+    );
     a.shutdown().await;
 }
 
@@ -252,6 +257,9 @@ async fn an_oversized_frame_disconnects_the_member_that_sent_it() {
         .into_iter()
         .find(|p| p.device_id == b.device_id().to_string())
         .expect("b is known");
-    assert!(info.trust < 1.0, "{info:?}");
+    assert!(
+        info.misbehaviours == 1 && info.trust < tend_node::peer_table::MEMBER_TRUST,
+        "{info:?}"
+    );
     a.shutdown().await;
 }

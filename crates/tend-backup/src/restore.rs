@@ -31,10 +31,12 @@ use serde::Serialize;
 use tend_core::journal::DigestBuilder;
 use tend_core::maintenance::MaintenanceFact;
 use tend_core::{
-    reduce, AuthorityId, ContextId, DecodeError, Epoch, FactId, JournalNamespace, MaintenanceState,
-    Payload, VerifiedFact, MAX_FACT_BYTES,
+    fact::read_stored_payload, reduce, AuthorityId, ContextId, DecodeError, Epoch, FactId,
+    JournalNamespace, MaintenanceState, Payload, VerifiedFact, MAX_FACT_BYTES,
 };
-use tend_snapshot::blob::{read_blob, BlobError, SnapshotBlob};
+use tend_snapshot::blob::{
+    is_state_fact, read_blob, stream_blob_facts, BlobError, BlobTrust, SnapshotBlob,
+};
 use tend_snapshot::hydrate::hydrate_stream;
 use tend_snapshot::HydrateError;
 use tend_store::{BlobWriter, Store};
@@ -340,7 +342,7 @@ fn read_plain<T: RestoreTarget>(
 
     // Version 2 carries the blob's facts ahead of it; version 1 did not.
     let has_prefix = header.has_snapshot && header.version >= PREFIX_SINCE_VERSION;
-    let mut prefix: Option<Vec<VerifiedFact>> = None;
+    let mut prefix: Option<PrefixFacts> = None;
     let mut anchor: Option<Vec<VerifiedFact>> = None;
     let mut replay: Option<Replay> = if header.has_snapshot {
         None
@@ -357,7 +359,7 @@ fn read_plain<T: RestoreTarget>(
         }
         let before_blob = replay.is_none() && anchor.is_none();
         if name == member::PREFIX && has_prefix && prefix.is_none() && before_blob {
-            prefix = Some(read.facts(&mut entry, &name, ns, MAX_PREFIX_BYTES)?);
+            prefix = Some(read.state_facts(&mut entry, &name, ns, MAX_PREFIX_BYTES)?);
         } else if name == member::ANCHOR
             && header.has_snapshot
             && before_blob
@@ -522,6 +524,50 @@ impl ReadMembers {
         Ok(out)
     }
 
+    /// The state facts ([`is_state_fact`]) of a member of framed facts, each checked,
+    /// skipping the application facts unchecked: the prefix carries them ahead of the blob
+    /// for readers that check them against its items, but a restore takes them from the
+    /// certified blob itself, so it neither holds nor verifies a million of them here.
+    fn state_facts(
+        &mut self,
+        entry: &mut impl Read,
+        name: &str,
+        ns: JournalNamespace,
+        max: u64,
+    ) -> Result<PrefixFacts, BackupError> {
+        let mut hashing = HashingReader::new(entry.take(max + 1));
+        let mut out = Vec::new();
+        let mut all = FactListHash::default();
+        let mut index = 0u64;
+        while let Some(bytes) = read_raw_frame(&mut hashing, name, index)? {
+            all.push(&bytes);
+            let bad = |source| BackupError::BadFact {
+                member: name.into(),
+                index,
+                source,
+            };
+            let (_, payload) = read_stored_payload(&bytes).map_err(bad)?;
+            if matches!(payload, Payload::Maintenance(_) | Payload::Authority(_)) {
+                let fact = VerifiedFact::decode(&bytes).map_err(bad)?;
+                if fact.namespace() != ns {
+                    return Err(BackupError::WrongNamespace {
+                        expected: ns,
+                        found: fact.namespace(),
+                    });
+                }
+                out.push(fact);
+            }
+            index += 1;
+        }
+        if hashing.n > max {
+            return Err(BackupError::NotABackup(format!(
+                "member {name} is larger than {max} bytes"
+            )));
+        }
+        self.push(name, hashing.finish().map_err(damaged)?);
+        Ok(PrefixFacts { state: out, all })
+    }
+
     fn push(&mut self, name: &str, mut hash: MemberHash) {
         hash.name = name.into();
         self.members.push(hash);
@@ -643,13 +689,15 @@ fn decode_parallel(raw: &[Vec<u8>]) -> Result<Vec<VerifiedFact>, (usize, DecodeE
 /// manifest is trusted for it. The blob (of `size` bytes, as its tar header says) is then
 /// read in one pass from `blob`; in a restore it streams straight into the store's value
 /// for it, committed once every check of the blob passed, and its facts follow in batches.
-/// `prefix` is `None` for a version 1 archive: the blob is then read whole, and a first
-/// pass over it yields its facts.
+/// `prefix` (the state facts of the prefix member) is `None` for a version 1 archive: the
+/// blob is then read whole, and a first pass over it yields its facts. The blob's
+/// application facts are never held: once the blob is committed under its certified CID,
+/// they stream from the store into the journal in batches.
 fn hydrate_snapshot(
     ns: JournalNamespace,
     blob: &mut impl Read,
     size: u64,
-    prefix: Option<Vec<VerifiedFact>>,
+    prefix: Option<PrefixFacts>,
     mut anchor: Vec<VerifiedFact>,
     store: Option<&Store>,
 ) -> Result<Replay, BackupError> {
@@ -686,13 +734,16 @@ fn hydrate_snapshot(
                 .map_err(snapshot_err)?
                 .facts;
             v1_blob = Some(bytes);
-            facts
+            let mut all = FactListHash::default();
+            facts.iter().for_each(|f| all.push(f.bytes()));
+            let state = facts.into_iter().filter(is_state_fact).collect();
+            PrefixFacts { state, all }
         }
     };
     // The chain: the prefix's state (its genesis must certify `ns`, or the reducer keeps
     // no membership at all), then the state facts between E and the completion. That the
-    // prefix is the blob's own facts is checked as the blob is read.
-    let mut state = reduce(ns, &prefix);
+    // prefix is the blob's own state facts is checked once the blob is read.
+    let mut state = reduce(ns, &prefix.state);
     let mut last: Option<(Epoch, FactId)> = None;
     for (i, f) in anchor
         .iter()
@@ -744,8 +795,20 @@ fn hydrate_snapshot(
             at: 0,
             size,
         };
-        let r = hydrate_stream(&mut tee, &completed, ns, &group_key, Some(&prefix))
-            .map_err(snapshot_err)?;
+        let mut blob_facts = FactListHash::default();
+        let r = hydrate_stream(&mut tee, &completed, ns, &group_key, |batch| {
+            batch.iter().for_each(|f| blob_facts.push(f.bytes()));
+            Ok(())
+        })
+        .map_err(snapshot_err)?;
+        // The group key came from the prefix's state facts: the prefix must be the
+        // certified blob's own facts, byte for byte.
+        if blob_facts != prefix.all {
+            return Err(BackupError::NotABackup(format!(
+                "member {} is not the snapshot blob's facts",
+                member::PREFIX
+            )));
+        }
         if tee.copy.is_some() && tee.at != size {
             return Err(BackupError::NotABackup(format!(
                 "member {} is shorter than its header says",
@@ -774,18 +837,29 @@ fn hydrate_snapshot(
         }
     };
     drop(v1_blob);
-    drop(prefix);
-    let maintenance_facts = summary.facts.len() as u64;
+    let maintenance_facts = summary.fact_count;
     if let Some(store) = store {
-        for batch in summary.facts.chunks(BATCH_FACTS) {
-            let report = store.insert_batch(batch)?;
-            if let Some(r) = report.rejected.first() {
-                return Err(BackupError::RestoreMismatch(format!(
-                    "the store refused snapshot fact {}: {}",
-                    r.id, r.error
-                )));
-            }
-        }
+        let certified = completed
+            .certify(&ns, &group_key)
+            .ok_or(HydrateError::BadSignature)?;
+        let reader = store
+            .blob_reader(&completed.snapshot.blob_cid)?
+            .ok_or_else(|| BackupError::Target("the stored blob is gone".into()))?;
+        stream_blob_facts(
+            reader,
+            BlobTrust::Certified(&certified),
+            BATCH_FACTS,
+            |batch| {
+                let report = store.insert_batch(&batch)?;
+                match report.rejected.first() {
+                    Some(r) => Err(BackupError::RestoreMismatch(format!(
+                        "the store refused snapshot fact {}: {}",
+                        r.id, r.error
+                    ))),
+                    None => Ok(()),
+                }
+            },
+        )?;
     }
     let mut replay = Replay::new(ns, state, e);
     replay.expected_anchor = anchor.iter().map(|f| f.id()).collect();
@@ -800,6 +874,40 @@ fn hydrate_snapshot(
 }
 
 /// A failure of the blob's source is damage under it (age, zstd, tar), not a bad snapshot.
+/// What a restore keeps of the facts carried ahead of the blob: the state facts (the
+/// root of the group key) and a hash of them all, to compare with the blob's.
+struct PrefixFacts {
+    state: Vec<VerifiedFact>,
+    all: FactListHash,
+}
+
+/// A running hash of a list of facts' canonical bytes, each length-prefixed, with its count.
+#[derive(Default)]
+struct FactListHash {
+    count: u64,
+    hash: blake3::Hasher,
+}
+
+impl FactListHash {
+    fn push(&mut self, bytes: &[u8]) {
+        self.count += 1;
+        self.hash.update(&(bytes.len() as u64).to_be_bytes());
+        self.hash.update(bytes);
+    }
+}
+
+impl PartialEq for FactListHash {
+    fn eq(&self, other: &Self) -> bool {
+        self.count == other.count && self.hash.finalize() == other.hash.finalize()
+    }
+}
+
+impl From<BlobError> for BackupError {
+    fn from(e: BlobError) -> Self {
+        snapshot_err(e)
+    }
+}
+
 fn snapshot_err(e: impl Into<HydrateError>) -> BackupError {
     match e.into() {
         HydrateError::Blob(BlobError::Read(detail)) => BackupError::Damaged(detail),

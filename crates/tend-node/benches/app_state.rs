@@ -304,11 +304,15 @@ fn hydrate(n: usize, dir: &std::path::Path) {
         .expect("verifies");
     assert_eq!(certified.cid(), blob_cid);
     let reader = store.blob_reader(&blob_cid).unwrap().expect("stored");
-    let summary = tend_snapshot::blob::read_certified_blob(reader, &certified).expect("read blob");
-    let live = summary.facts.len();
-    for chunk in summary.facts.chunks(10_000) {
-        store.insert_batch(chunk).expect("insert");
-    }
+    // As the node admits a completion: the blob's facts stream into the store in batches.
+    let mut live = 0;
+    let trust = tend_snapshot::blob::BlobTrust::Certified(&certified);
+    tend_snapshot::blob::stream_blob_facts(reader, trust, 10_000, |batch| {
+        live += batch.len();
+        store.insert_batch(&batch).expect("insert");
+        Ok::<(), tend_snapshot::BlobError>(())
+    })
+    .expect("read blob");
     store.insert_batch(&maintenance).expect("completion");
     let took = t.elapsed();
     let st = store.maintenance_state(ns).unwrap();

@@ -6,20 +6,23 @@
 //! networked device runs, it only sees messages and a journal view.
 
 use std::collections::VecDeque;
+use std::io::Write;
 use std::sync::Arc;
 
 use rand::{CryptoRng, RngCore};
 use tend_core::authority::{AuthorityFact, MembershipChange};
+use tend_core::ids::CODEC_DAG_CBOR;
 use tend_core::maintenance::SnapshotCompleted;
 use tend_core::{
-    DeviceId, Epoch, GroupKey, Hash32, JournalNamespace, MaintenanceEpoch, MaintenanceState,
-    Payload,
+    reduce, ContentId, DeviceId, Epoch, GroupKey, Hash32, JournalNamespace, MaintenanceEpoch,
+    MaintenanceState, Payload,
 };
 use tend_crypto::dkg::{run_in_memory, DkgSession};
 use tend_crypto::share::KeyShare;
+use tend_snapshot::blob::{write_blob, BlobHead};
 use tend_snapshot::{
-    CeremonyEvent, CeremonyInput, CeremonyOutput, LocalJournal, Recipient, SignerKey, SnapshotBlob,
-    SnapshotEngine,
+    BuiltBlob, CeremonyEvent, CeremonyInput, CeremonyOutput, LocalJournal, Recipient, SignerKey,
+    SnapshotBlob, SnapshotEngine,
 };
 use tend_store::{Store, StoreError};
 
@@ -58,31 +61,157 @@ impl<'a> StoreJournal<'a> {
         })
     }
 
-    /// The snapshot blob of the prefix below `upto`, read from the store.
+    /// The snapshot blob of the prefix below `upto`, decoded (tests and benchmarks; the
+    /// ceremony streams it with [`StoreJournal::write_snapshot_blob`]).
     pub fn try_snapshot_blob(&self, upto: Epoch) -> Result<SnapshotBlob, StoreError> {
-        // Items below an earlier snapshot may be pruned; the blob chains on that snapshot.
-        let from = self
-            .state
-            .snapshot_base(upto)
-            .map_or(Epoch::ZERO, |b| b.epoch);
-        let items = self
-            .store
-            .items(self.namespace, from..upto)?
-            .collect::<Result<Vec<_>, _>>()?;
-        // The state facts, and the live application facts: the blob carries the state.
-        let mut facts = self.store.live_facts_below(self.namespace, upto)?;
-        for stored in self.store.scan_maintenance(self.namespace)? {
+        let mut bytes = Vec::new();
+        self.write_snapshot_blob(upto, &mut bytes)?;
+        SnapshotBlob::decode(&bytes).map_err(|e| StoreError::Corrupt {
+            path: self.store.path().to_owned(),
+            detail: format!("the snapshot blob built from it does not decode: {e}"),
+        })
+    }
+
+    /// Writes the snapshot blob of the prefix below `upto` to `out` as the store's index
+    /// streams by: the items, then the prefix's state facts and live application facts as
+    /// their stored canonical bytes, none of them decoded but the state facts. Memory
+    /// holds the state facts and the live set's keys, not the blob.
+    pub fn write_snapshot_blob(&self, upto: Epoch, out: &mut impl Write) -> Result<(), StoreError> {
+        let ns = self.namespace;
+        let corrupt = |source| StoreError::FactCorrupt {
+            path: self.store.path().to_owned(),
+            source,
+        };
+        let mut state_facts = Vec::new();
+        for stored in self.store.scan_maintenance(ns)? {
             let stored = stored?;
             if stored.epoch >= upto {
                 break;
             }
-            facts.push(stored.verify().map_err(|source| StoreError::FactCorrupt {
+            state_facts.push(stored.trusted().map_err(corrupt)?);
+        }
+        let live = self.store.live_below(ns, upto)?;
+        // The base and the state digest as `SnapshotBlob::from_parts` derives them.
+        let mut state = reduce(ns, &state_facts);
+        let base = state.snapshot_base(upto);
+        let from = base.map_or(Epoch::ZERO, |b| b.epoch);
+        let mut items = 0u64;
+        let mut last_item = None;
+        for item in self.store.items(ns, from..upto)? {
+            last_item = Some(item?.0);
+            items += 1;
+        }
+        if let Some(e) = last_item.max(live.last().map(|(e, _)| *e)) {
+            state.observe_epoch(e);
+        }
+        let head = BlobHead {
+            namespace: ns,
+            epoch: upto,
+            base,
+            items,
+            facts: (state_facts.len() + live.len()) as u64,
+            state_digest: state.state_digest(),
+        };
+        // The facts in `(epoch, id)` order: the state facts merged into one scan of the
+        // prefix that keeps the live application facts.
+        let mut state_facts = state_facts.into_iter().peekable();
+        let mut scan = self
+            .store
+            .scan(ns, ..upto)?
+            .filter(|r| r.as_ref().map_or(true, |f| live.contains(&(f.epoch, f.id))));
+        let mut next_live = scan.next();
+        let facts = std::iter::from_fn(|| {
+            let live_key = match &next_live {
+                Some(Ok(f)) => Some((f.epoch, f.id)),
+                Some(Err(_)) => return next_live.take().map(|r| r.map(|f| f.into_bytes())),
+                None => None,
+            };
+            let state_first = match (state_facts.peek(), live_key) {
+                (Some(s), Some(l)) => s.order_key() < l,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if state_first {
+                state_facts.next().map(|f| Ok(f.bytes().to_vec()))
+            } else {
+                let this = next_live.take();
+                next_live = scan.next();
+                this.map(|r| r.map(|f| f.into_bytes()))
+            }
+        });
+        let items = self.store.items(ns, from..upto)?;
+        write_blob::<BuildError, _>(
+            out,
+            &head,
+            items.map(|r| r.map_err(BuildError::from)),
+            facts.map(|r| r.map_err(BuildError::from)),
+        )
+        .map_err(|e| match e {
+            BuildError::Store(e) => e,
+            BuildError::Io(source) => StoreError::Io {
                 path: self.store.path().to_owned(),
                 source,
-            })?);
+            },
+        })
+    }
+
+    /// Builds the blob as [`StoreJournal::write_snapshot_blob`] does, first into a hasher
+    /// for its CID, then, if it is to be kept and is not stored yet, into the store.
+    fn build_and_keep(
+        &self,
+        upto: Epoch,
+        keep: Option<ContentId>,
+    ) -> Result<ContentId, StoreError> {
+        let mut hashing = HashingSink::default();
+        self.write_snapshot_blob(upto, &mut hashing)?;
+        let cid =
+            ContentId::from_blake3(CODEC_DAG_CBOR, &Hash32(*hashing.hash.finalize().as_bytes()));
+        if keep.is_none_or(|k| k == cid) && !self.store.has_blob(&cid)? {
+            let len = usize::try_from(hashing.len).map_err(|_| StoreError::Corrupt {
+                path: self.store.path().to_owned(),
+                detail: "a snapshot blob larger than this machine can address".into(),
+            })?;
+            self.store
+                .put_blob_with(&cid, len, |w| self.write_snapshot_blob(upto, w))??;
         }
-        facts.sort_unstable_by_key(tend_core::VerifiedFact::order_key);
-        Ok(SnapshotBlob::from_parts(self.namespace, upto, items, facts))
+        Ok(cid)
+    }
+}
+
+/// Why streaming a blob failed: reading the store or writing the bytes.
+enum BuildError {
+    Store(StoreError),
+    Io(std::io::Error),
+}
+
+impl From<StoreError> for BuildError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+impl From<std::io::Error> for BuildError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+/// Counts and hashes what is written to it.
+#[derive(Default)]
+struct HashingSink {
+    hash: blake3::Hasher,
+    len: u64,
+}
+
+impl Write for HashingSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.hash.update(buf);
+        self.len += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -99,10 +228,18 @@ impl LocalJournal for StoreJournal<'_> {
             .unwrap_or(Hash32([0; 32]))
     }
 
-    fn snapshot_blob(&self, upto: Epoch) -> SnapshotBlob {
-        self.try_snapshot_blob(upto).unwrap_or_else(|_| {
-            SnapshotBlob::from_parts(self.namespace, upto, Vec::new(), Vec::new())
-        })
+    fn snapshot_blob(&self, upto: Epoch, keep: Option<ContentId>) -> BuiltBlob {
+        match self.build_and_keep(upto, keep) {
+            Ok(cid) => BuiltBlob { cid, bytes: None },
+            Err(e) => {
+                // The CID of no blob: a proposer's proposal fails, a signer refuses.
+                tracing::warn!("cannot build the snapshot blob below {upto}: {e}");
+                BuiltBlob {
+                    cid: SnapshotBlob::cid_of(&[]),
+                    bytes: None,
+                }
+            }
+        }
     }
 }
 

@@ -19,11 +19,12 @@ use std::time::{Duration, Instant};
 use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::Endpoint;
 use serde::{Deserialize, Serialize};
-use tend_core::maintenance::CertifiedBlob;
+use tend_core::maintenance::{CertifiedBlob, SnapshotV1};
 use tend_core::{
     ContentId, DeviceId, Epoch, FactId, JournalError, JournalNamespace, MaintenanceFact,
     MaintenanceState, Payload, ProtocolVersion, VerifiedFact,
 };
+use tend_snapshot::blob::{is_state_fact, BlobError, BlobTrust};
 use tend_store::{Store, StoreError};
 use tend_sync::{
     AbortReason, FactHost, FailReason, FenceStatus, LocalView, ManagerAction, ManagerConfig,
@@ -1048,30 +1049,39 @@ impl Inner {
     /// Writes the facts a state machine admitted, then aborts sessions whose identity
     /// epoch is now stale. Returns the manager's resulting actions.
     fn flush(&self, host: StoreHost<'_>, m: &mut SessionManager) -> Vec<ManagerAction> {
-        if !host.pending.is_empty() {
-            match self.store().insert_batch(&host.pending) {
-                Ok(report) => {
-                    self.facts_stored
-                        .fetch_add(report.inserted, Ordering::SeqCst);
-                    let mut epochs = lock(&self.epochs);
-                    for f in &host.pending {
-                        epochs.insert(f.id(), f.epoch());
-                    }
-                    drop(epochs);
-                    for r in &report.rejected {
-                        self.metrics.reject(r.error.reason(), 1);
-                    }
-                    if let Some((epoch, covered)) = &host.adopted {
-                        self.retract_uncovered(*epoch, covered);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("cannot store received facts: {e}");
-                    self.metrics.reject(e.reason(), host.pending.len() as u64);
-                }
+        if self.store_received(&host.pending) {
+            if let Some((epoch, covered)) = &host.adopted {
+                self.retract_uncovered(*epoch, covered);
             }
         }
         self.check_rules(m)
+    }
+
+    /// Writes admitted facts in one transaction; whether any were given and written.
+    fn store_received(&self, facts: &[VerifiedFact]) -> bool {
+        if facts.is_empty() {
+            return false;
+        }
+        match self.store().insert_batch(facts) {
+            Ok(report) => {
+                self.facts_stored
+                    .fetch_add(report.inserted, Ordering::SeqCst);
+                let mut epochs = lock(&self.epochs);
+                for f in facts {
+                    epochs.insert(f.id(), f.epoch());
+                }
+                drop(epochs);
+                for r in &report.rejected {
+                    self.metrics.reject(r.error.reason(), 1);
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!("cannot store received facts: {e}");
+                self.metrics.reject(e.reason(), facts.len() as u64);
+                false
+            }
+        }
     }
 
     /// Once the snapshot at `epoch` is this device's latest, drops the maintenance facts
@@ -1429,22 +1439,12 @@ impl FactHost for StoreHost<'_> {
             // reduced state would differ from the signers' for good. The snapshot's blob
             // carries every maintenance and authority fact below E; they go in first, in
             // the same batch (DESIGN rule 5, as the simulator's `settle` hydrates them).
-            match self.inner.snapshot_state_facts(fact.namespace(), source) {
-                SnapshotFacts::Facts(facts) => {
-                    if let Payload::Maintenance(MaintenanceFact::SnapshotCompleted(c)) =
-                        fact.payload()
-                    {
-                        let covered = facts.iter().map(VerifiedFact::id).collect();
-                        self.adopted = Some((c.snapshot.epoch, covered));
-                    }
-                    for f in facts {
-                        if !self.holds(&f) {
-                            // Inadmissible ones are not ours to store; the rest go in.
-                            let _ = self.push_checked(f);
-                        }
-                    }
+            let epoch = source.epoch();
+            match self.hydrate_from_blob(fact.namespace(), source) {
+                SnapshotFacts::Hydrated { state_facts } => {
+                    self.adopted = Some((epoch, state_facts));
                 }
-                SnapshotFacts::Unavailable => {}
+                SnapshotFacts::Held | SnapshotFacts::Unavailable => {}
                 SnapshotFacts::Wait => return Ok(false),
             }
         }
@@ -1473,22 +1473,96 @@ impl StoreHost<'_> {
 
     /// Checks a fact against the running state copy and buffers it.
     fn push_checked(&mut self, fact: VerifiedFact) -> Result<(), JournalError> {
+        self.check_and_apply(&fact)?;
+        self.pending_ids.insert(fact.id());
+        self.pending.push(fact);
+        Ok(())
+    }
+
+    /// Checks a fact against the running state copy and folds it in.
+    fn check_and_apply(&mut self, fact: &VerifiedFact) -> Result<(), JournalError> {
         let Some(state) = self.state.as_mut() else {
             return Err(JournalError::NamespaceMismatch {
                 ours: self.inner.namespace(),
                 theirs: fact.namespace(),
             });
         };
-        state.check_admission(&fact)?;
+        state.check_admission(fact)?;
         if tend_core::app::is_data(fact.payload()) {
             state.observe_epoch(fact.epoch());
         } else {
             // A membership change earlier in the batch governs later facts.
-            state.apply(&fact);
+            state.apply(fact);
         }
-        self.pending_ids.insert(fact.id());
-        self.pending.push(fact);
         Ok(())
+    }
+
+    /// Writes the facts of the snapshot blob `source` names into the store, batch by batch
+    /// as they are read, if the blob is stored; else notes it for the next round to fetch.
+    ///
+    /// Once a completion at E is admitted, every fact below E is `Late` here and sessions
+    /// reconcile only from E on, so what this device missed below E (it did not take part
+    /// in the ceremony, or it is joining) would never arrive. The blob carries the
+    /// prefix's state facts and live application facts; they go in first, ascending, each
+    /// checked against the running state as a session's facts are. They are written as
+    /// they are read rather than buffered with the session's batch, so hydrating a
+    /// snapshot of a million live records holds one batch at a time. That is safe before
+    /// the completion is written: each is a valid fact of the journal on its own, and the
+    /// stored blob matched its CID when it was stored (a crash in between leaves valid
+    /// facts and a completion to admit again).
+    fn hydrate_from_blob(&mut self, ns: JournalNamespace, source: SnapshotSource) -> SnapshotFacts {
+        const BATCH: usize = 10_000;
+        let cid = source.cid();
+        let inner = self.inner;
+        if lock(&inner.unavailable_snapshots).contains(&cid) {
+            return SnapshotFacts::Unavailable;
+        }
+        let reader = match inner.store().blob_reader(&cid) {
+            Ok(Some(reader)) => reader,
+            Ok(None) => {
+                lock(&inner.held_snapshots).insert(cid);
+                return SnapshotFacts::Wait;
+            }
+            Err(e) => {
+                tracing::warn!("cannot read snapshot blob {cid}: {e}");
+                return SnapshotFacts::Wait;
+            }
+        };
+        // A device that holds exactly the snapshot's prefix (it signed it, say) has every
+        // fact the blob carries and nothing below it to drop.
+        let (epoch, digest) = source.snapshot();
+        if inner.store().prefix_digest(ns, epoch).ok() == Some(digest) {
+            return SnapshotFacts::Held;
+        }
+        let trust = match &source {
+            SnapshotSource::Certified { blob, .. } => BlobTrust::Certified(blob),
+            SnapshotSource::Unverified(_) => BlobTrust::EachSignature,
+        };
+        let mut state_facts = HashSet::new();
+        let read = tend_snapshot::blob::stream_blob_facts(reader, trust, BATCH, |batch| {
+            if batch.first().is_some_and(|f| f.namespace() != ns) {
+                return Err(BlobError::Malformed("a blob of another journal".into()));
+            }
+            let mut admissible = Vec::with_capacity(batch.len());
+            for f in batch {
+                if is_state_fact(&f) {
+                    state_facts.insert(f.id());
+                }
+                // Inadmissible ones are not ours to store; the rest go in.
+                if !self.holds(&f) && self.check_and_apply(&f).is_ok() {
+                    admissible.push(f);
+                }
+            }
+            inner.store_received(&admissible);
+            Ok(())
+        });
+        match read {
+            Ok(_) => SnapshotFacts::Hydrated { state_facts },
+            Err(e) => {
+                tracing::warn!("stored snapshot blob {cid} does not decode: {e}");
+                SnapshotFacts::Unavailable
+            }
+        }
     }
 
     /// The blob of a snapshot completion newer than the latest one this device knows:
@@ -1509,75 +1583,60 @@ impl StoreHost<'_> {
             return None;
         }
         match state.membership_at(fact.epoch()) {
-            Some(m) => c
-                .certify(&fact.namespace(), &m.group_key)
-                .map(SnapshotSource::Certified),
-            None => Some(SnapshotSource::Unverified(c.snapshot.blob_cid)),
+            Some(m) => {
+                c.certify(&fact.namespace(), &m.group_key)
+                    .map(|blob| SnapshotSource::Certified {
+                        blob,
+                        snapshot: c.snapshot.clone(),
+                    })
+            }
+            None => Some(SnapshotSource::Unverified(c.snapshot.clone())),
         }
     }
 }
 
-/// How a snapshot blob's facts are read.
-#[derive(Clone, Copy)]
+/// A newer snapshot and how its blob's facts are read.
+#[derive(Clone)]
 enum SnapshotSource {
     /// Trusting the verified threshold signature over the blob.
-    Certified(CertifiedBlob),
+    Certified {
+        blob: CertifiedBlob,
+        snapshot: SnapshotV1,
+    },
     /// Checking every fact's signature (the group key is not known yet).
-    Unverified(ContentId),
+    Unverified(SnapshotV1),
+}
+
+impl SnapshotSource {
+    fn snapshot(&self) -> (Epoch, tend_core::Hash32) {
+        let s = match self {
+            Self::Certified { snapshot, .. } | Self::Unverified(snapshot) => snapshot,
+        };
+        (s.epoch, s.digest)
+    }
+
+    fn epoch(&self) -> Epoch {
+        self.snapshot().0
+    }
+
+    fn cid(&self) -> ContentId {
+        match self {
+            Self::Certified { snapshot, .. } | Self::Unverified(snapshot) => snapshot.blob_cid,
+        }
+    }
 }
 
 /// What a held-back snapshot completion may be admitted with.
 enum SnapshotFacts {
-    /// The blob's maintenance and authority facts, ascending.
-    Facts(Vec<VerifiedFact>),
+    /// The blob's facts are in the store; the ids of its maintenance and authority facts,
+    /// which are all that may stay below the snapshot.
+    Hydrated { state_facts: HashSet<FactId> },
+    /// This device holds the snapshot's whole prefix already.
+    Held,
     /// No peer holds the blob: admit the completion alone.
     Unavailable,
     /// The blob is being fetched: hold the completion back (the peer offers it again).
     Wait,
-}
-
-impl Inner {
-    /// The state facts of the snapshot whose blob is `cid`, if the blob is stored; else
-    /// notes it for the next round to fetch.
-    fn snapshot_state_facts(&self, ns: JournalNamespace, source: SnapshotSource) -> SnapshotFacts {
-        let cid = match source {
-            SnapshotSource::Certified(c) => c.cid(),
-            SnapshotSource::Unverified(cid) => cid,
-        };
-        if lock(&self.unavailable_snapshots).contains(&cid) {
-            return SnapshotFacts::Unavailable;
-        }
-        // Read in one pass, keeping the facts but not the item list (40 bytes per covered
-        // fact). The stored blob matched the CID the signed completion names, so its facts
-        // are the prefix's without checking them against the items, and the threshold
-        // signature stands for each author's.
-        match self.store().blob_reader(&cid) {
-            Ok(Some(reader)) => {
-                let read = match source {
-                    SnapshotSource::Certified(c) => {
-                        tend_snapshot::blob::read_certified_blob(reader, &c)
-                    }
-                    SnapshotSource::Unverified(_) => tend_snapshot::blob::read_blob(reader, None),
-                };
-                match read {
-                    Ok(blob) if blob.namespace == ns => SnapshotFacts::Facts(blob.facts),
-                    Ok(_) => SnapshotFacts::Unavailable,
-                    Err(e) => {
-                        tracing::warn!("stored snapshot blob {cid} does not decode: {e}");
-                        SnapshotFacts::Unavailable
-                    }
-                }
-            }
-            Ok(None) => {
-                lock(&self.held_snapshots).insert(cid);
-                SnapshotFacts::Wait
-            }
-            Err(e) => {
-                tracing::warn!("cannot read snapshot blob {cid}: {e}");
-                SnapshotFacts::Wait
-            }
-        }
-    }
 }
 
 /// Runs `f`, which writes to the store (redb commits wait for the disk), telling a

@@ -11,7 +11,7 @@ use tend_core::{
     reduce, AppState, AuthorityFact, ContentId, DeviceId, Epoch, FactId, Hash32, JournalError,
     JournalNamespace, MaintenanceState, Payload, ProtocolVersion, UnsignedFact, VerifiedFact,
 };
-use tend_snapshot::{LocalJournal, SignerKey, SnapshotBlob};
+use tend_snapshot::{BuiltBlob, LocalJournal, SignerKey, SnapshotBlob};
 use tend_sync::{FactHost, FenceStatus, MemItems, SharedItems, SyncItem};
 
 /// The order key of a fact: `(epoch, id)`.
@@ -389,7 +389,7 @@ impl Core {
         }
         let cid = s.snapshot.blob_cid;
         if !self.durable.blobs.contains_key(&cid) {
-            let own = self.snapshot_blob(e).encode();
+            let own = self.own_blob(e).encode();
             if SnapshotBlob::cid_of(&own) != cid {
                 return Ok(None); // wait for the blob
             }
@@ -549,7 +549,14 @@ impl LocalJournal for Core {
         d.finish()
     }
 
-    fn snapshot_blob(&self, upto: Epoch) -> SnapshotBlob {
+    fn snapshot_blob(&self, upto: Epoch, _keep: Option<ContentId>) -> BuiltBlob {
+        BuiltBlob::of(&self.own_blob(upto))
+    }
+}
+
+impl Core {
+    /// The snapshot blob of this device's prefix below `upto`.
+    fn own_blob(&self, upto: Epoch) -> SnapshotBlob {
         let items: Vec<Key> = self
             .effective_items(false)
             .into_iter()

@@ -191,6 +191,18 @@ impl SnapshotBlob {
         ))
     }
 
+    /// The head of this blob's encoding, for [`write_blob`].
+    pub fn head(&self) -> BlobHead {
+        BlobHead {
+            namespace: self.namespace,
+            epoch: self.epoch,
+            base: self.base,
+            items: self.items.len() as u64,
+            facts: self.facts.len() as u64,
+            state_digest: self.state_digest,
+        }
+    }
+
     /// The CID of encoded blob bytes.
     pub fn cid_of(bytes: &[u8]) -> ContentId {
         ContentId::of(CODEC_DAG_CBOR, bytes)
@@ -282,6 +294,107 @@ impl SnapshotBlob {
     }
 }
 
+/// What precedes and sizes a blob's item list and facts in its encoding (see
+/// [`write_blob`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobHead {
+    pub namespace: JournalNamespace,
+    pub epoch: Epoch,
+    pub base: Option<SnapshotBase>,
+    /// Number of `(epoch, id)` items that follow.
+    pub items: u64,
+    /// Number of facts that follow.
+    pub facts: u64,
+    pub state_digest: Hash32,
+}
+
+/// Writes a blob of the current format as its parts stream by, byte for byte what
+/// [`SnapshotBlob::encode`] writes for the same blob, holding none of it: the caller
+/// hands the items and the facts' canonical bytes in ascending order (a store reads
+/// them from its index without decoding a fact), so a device builds the blob of a
+/// million-fact prefix with a bounded buffer and hashes or stores it as it goes.
+/// Fails with `InvalidData` if the parts are fewer or more than `head` says.
+///
+/// ```
+/// # use tend_snapshot::blob::{write_blob, SnapshotBlob};
+/// # use tend_core::{Epoch, JournalNamespace, ContextId, FactId};
+/// let blob = SnapshotBlob::from_parts(
+///     JournalNamespace::Context(ContextId([1; 32])), Epoch(2), vec![(Epoch(1), FactId([7; 32]))], vec![]);
+/// let mut out = Vec::new();
+/// write_blob(&mut out, &blob.head(), blob.items.iter().map(|i| Ok(*i)), std::iter::empty::<std::io::Result<&[u8]>>()).unwrap();
+/// assert_eq!(out, blob.encode());
+/// ```
+pub fn write_blob<E: From<io::Error>, B: AsRef<[u8]>>(
+    w: &mut impl io::Write,
+    head: &BlobHead,
+    items: impl IntoIterator<Item = Result<(Epoch, FactId), E>>,
+    facts: impl IntoIterator<Item = Result<B, E>>,
+) -> Result<(), E> {
+    let wrong_count = |what: &str| {
+        E::from(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the blob's {what} are not as many as its head says"),
+        ))
+    };
+    let item_bytes = head
+        .items
+        .checked_mul(ITEM_LEN as u64)
+        .ok_or_else(|| wrong_count("items"))?;
+    write_cbor_head(w, MAJOR_ARRAY, 7)?;
+    w.write_all(&to_canonical(&SNAPSHOT_BLOB_VERSION))?;
+    w.write_all(&to_canonical(&head.namespace))?;
+    w.write_all(&to_canonical(&head.epoch))?;
+    w.write_all(&to_canonical(&head.base))?;
+    write_cbor_head(w, MAJOR_BYTES, item_bytes)?;
+    let mut n = 0u64;
+    let mut record = [0u8; ITEM_LEN];
+    for item in items {
+        let (e, id) = item?;
+        record[..8].copy_from_slice(&e.0.to_be_bytes());
+        record[8..].copy_from_slice(id.as_bytes());
+        w.write_all(&record)?;
+        n += 1;
+    }
+    if n != head.items {
+        return Err(wrong_count("items"));
+    }
+    write_cbor_head(w, MAJOR_ARRAY, head.facts)?;
+    let mut n = 0u64;
+    for fact in facts {
+        let fact = fact?;
+        let bytes = fact.as_ref();
+        write_cbor_head(w, MAJOR_BYTES, bytes.len() as u64)?;
+        w.write_all(bytes)?;
+        n += 1;
+    }
+    if n != head.facts {
+        return Err(wrong_count("facts"));
+    }
+    w.write_all(&to_canonical(&head.state_digest))?;
+    Ok(())
+}
+
+/// A CBOR head (major type and argument) in its shortest form, as canonical DAG-CBOR wants.
+fn write_cbor_head(w: &mut impl io::Write, major: u8, n: u64) -> io::Result<()> {
+    let m = major << 5;
+    match n {
+        0..=23 => w.write_all(&[m | n as u8]),
+        24..=0xff => w.write_all(&[m | 24, n as u8]),
+        0x100..=0xffff => {
+            w.write_all(&[m | 25])?;
+            w.write_all(&(n as u16).to_be_bytes())
+        }
+        0x1_0000..=0xffff_ffff => {
+            w.write_all(&[m | 26])?;
+            w.write_all(&(n as u32).to_be_bytes())
+        }
+        _ => {
+            w.write_all(&[m | 27])?;
+            w.write_all(&n.to_be_bytes())
+        }
+    }
+}
+
 /// Reads the leading version number of a blob, whatever follows.
 fn peek_version(bytes: &[u8]) -> Option<u64> {
     use serde::de::{self, Deserialize, Deserializer};
@@ -330,6 +443,11 @@ pub struct BlobSummary {
     pub items: u64,
     /// The highest item.
     pub last_item: Option<(Epoch, FactId)>,
+    /// Number of facts in the blob (the state facts and the live application facts).
+    pub fact_count: u64,
+    /// The highest epoch of an item or a fact (the facts a streamed read handed out
+    /// included), which the reduced state has observed.
+    pub last_epoch: Option<Epoch>,
     /// The prefix's maintenance and authority facts and live application facts, ascending.
     pub facts: Vec<VerifiedFact>,
     pub state_digest: Hash32,
@@ -345,7 +463,7 @@ impl BlobSummary {
     /// The maintenance state of the prefix (as [`SnapshotBlob::reduced_state`]).
     pub fn reduced_state(&self) -> MaintenanceState {
         let mut state = reduce(self.namespace, &self.facts);
-        if let Some((e, _)) = self.last_item {
+        if let Some(e) = self.last_epoch {
             state.observe_epoch(e);
         }
         state
@@ -367,7 +485,7 @@ pub fn read_blob(
     r: impl Read,
     facts_ahead: Option<&[VerifiedFact]>,
 ) -> Result<BlobSummary, BlobError> {
-    read_blob_inner(r, facts_ahead, None)
+    read_blob_inner(r, facts_ahead, None, None, 0)
 }
 
 /// [`read_blob`] of a blob whose completion verified ([`CertifiedBlob`]): the facts are
@@ -376,13 +494,77 @@ pub fn read_blob(
 /// CID, so no fact decoded that way escapes from bytes that are not the certified blob.
 /// Several times faster than one Ed25519 verification per fact.
 pub fn read_certified_blob(r: impl Read, blob: &CertifiedBlob) -> Result<BlobSummary, BlobError> {
-    read_blob_inner(r, None, Some(blob))
+    read_blob_inner(r, None, Some(blob), None, 0)
 }
+
+/// How far the facts of a streamed blob ([`stream_blob_facts`]) are trusted.
+#[derive(Clone, Copy, Debug)]
+pub enum BlobTrust<'a> {
+    /// The completion's threshold signature verified: facts are decoded without checking
+    /// each author's signature.
+    Certified(&'a CertifiedBlob),
+    /// No group key is known yet (a joining device): every fact's own signature is checked.
+    EachSignature,
+}
+
+/// Reads a blob in one pass and hands its facts, ascending, to `sink` in batches of at
+/// most `batch` (the last one shorter), so a hydrating device holds one batch, never the
+/// blob's live state: peak memory stays flat however many live records a snapshot carries.
+/// The returned summary's `facts` are the state facts only ([`is_state_fact`]); the
+/// application facts went to the sink alone.
+///
+/// The bytes must already be known to be the blob the snapshot names, for example read
+/// back from a store that checked their CID when it stored them: facts reach `sink` before
+/// the end of the blob, where the CID and the state digest are checked. With
+/// [`BlobTrust::Certified`] the result is still an error if the bytes do not hash to the
+/// certified CID, but what the sink took before is the caller's to undo.
+///
+/// ```
+/// # use tend_snapshot::blob::{stream_blob_facts, BlobTrust, SnapshotBlob};
+/// # use tend_core::{Epoch, JournalNamespace, ContextId};
+/// let blob = SnapshotBlob::from_parts(JournalNamespace::Context(ContextId([1; 32])), Epoch(1), vec![], vec![]);
+/// let mut seen = 0;
+/// let summary = stream_blob_facts(&blob.encode()[..], BlobTrust::EachSignature, 10_000, |batch| {
+///     seen += batch.len();
+///     Ok::<(), tend_snapshot::BlobError>(())
+/// })
+/// .unwrap();
+/// assert_eq!((seen, summary.items), (0, 0));
+/// ```
+pub fn stream_blob_facts<E: From<BlobError>>(
+    r: impl Read,
+    trust: BlobTrust<'_>,
+    batch: usize,
+    mut sink: impl FnMut(Vec<VerifiedFact>) -> Result<(), E>,
+) -> Result<BlobSummary, E> {
+    let certified = match trust {
+        BlobTrust::Certified(c) => Some(c),
+        BlobTrust::EachSignature => None,
+    };
+    // The sink's own error stops the read and is handed back as it was.
+    let mut stopped: Option<E> = None;
+    let mut inner_sink = |facts: Vec<VerifiedFact>| {
+        sink(facts).map_err(|e| {
+            stopped = Some(e);
+            BlobError::Read("stopped by the fact sink".into())
+        })
+    };
+    let read = read_blob_inner(r, None, certified, Some(&mut inner_sink), batch.max(1));
+    match (read, stopped) {
+        (_, Some(e)) => Err(e),
+        (read, None) => read.map_err(E::from),
+    }
+}
+
+/// Where a one-pass read hands the blob's facts in batches.
+type FactSink<'a> = &'a mut dyn FnMut(Vec<VerifiedFact>) -> Result<(), BlobError>;
 
 fn read_blob_inner(
     r: impl Read,
     facts_ahead: Option<&[VerifiedFact]>,
     certified: Option<&CertifiedBlob>,
+    mut sink: Option<FactSink<'_>>,
+    batch_len: usize,
 ) -> Result<BlobSummary, BlobError> {
     let mut src = Source {
         r,
@@ -474,7 +656,10 @@ fn read_blob_inner(
             return Err(malformed("its facts differ from the facts given ahead"));
         }
     }
+    // Collected whole, or (streaming) only the state facts, the rest going out in batches.
     let mut facts: Vec<VerifiedFact> = Vec::new();
+    let mut batch: Vec<VerifiedFact> = Vec::new();
+    let mut last_fact: Option<(Epoch, FactId)> = None;
     let mut fact_bytes = 0u64;
     for i in 0..count {
         let i = usize::try_from(i).unwrap_or(usize::MAX);
@@ -499,9 +684,10 @@ fn read_blob_inner(
         if f.epoch() >= epoch {
             return Err(BlobError::BadFact(i, "fact is not in the prefix".into()));
         }
-        if facts.last().is_some_and(|l| l.order_key() >= f.order_key()) {
+        if last_fact.is_some_and(|l| l >= f.order_key()) {
             return Err(BlobError::BadFact(i, "facts are not ascending".into()));
         }
+        last_fact = Some(f.order_key());
         if let Some(ahead) = facts_ahead {
             if ahead.get(i).map(|a| a.bytes()) != Some(f.bytes()) {
                 return Err(BlobError::BadFact(
@@ -510,7 +696,23 @@ fn read_blob_inner(
                 ));
             }
         }
-        facts.push(f);
+        match sink.as_mut() {
+            None => facts.push(f),
+            Some(sink) => {
+                if is_state_fact(&f) {
+                    facts.push(f.clone());
+                }
+                batch.push(f);
+                if batch.len() >= batch_len {
+                    sink(std::mem::take(&mut batch))?;
+                }
+            }
+        }
+    }
+    if let Some(sink) = sink.as_mut() {
+        if !batch.is_empty() {
+            sink(batch)?;
+        }
     }
     let state_digest: Hash32 = src.small_item("state digest")?;
     if !src.at_end()? {
@@ -522,6 +724,8 @@ fn read_blob_inner(
         base,
         items,
         last_item: last,
+        fact_count: count,
+        last_epoch: last.map(|(e, _)| e).max(last_fact.map(|(e, _)| e)),
         facts,
         state_digest,
         prefix_digest: digest.finish(),
@@ -719,6 +923,61 @@ mod tests {
             completed,
             tend_core::GroupKey(key.verifying_key().to_bytes()),
         )
+    }
+
+    #[test]
+    fn a_streamed_blob_is_byte_for_byte_the_encoded_one_and_streams_back() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[6; 32]);
+        let ns = JournalNamespace::Authority(AuthorityId([1; 32]));
+        // Sizes on either side of each CBOR length boundary (23/24, 255/256 items and bytes).
+        for n in [0usize, 1, 5, 23, 24, 300] {
+            let facts: Vec<VerifiedFact> = (0..n)
+                .map(|i| {
+                    tend_core::UnsignedFact {
+                        namespace: ns,
+                        epoch: Epoch(1 + (i % 3) as u64),
+                        payload: tend_core::Payload::Application {
+                            kind: "log".into(),
+                            data: vec![7; i * 3],
+                        },
+                    }
+                    .sign(&key)
+                })
+                .collect();
+            let mut sorted = facts.clone();
+            sorted.sort_by_key(|f| f.order_key());
+            let items = sorted.iter().map(|f| f.order_key()).collect();
+            let blob = SnapshotBlob::from_parts(ns, Epoch(9), items, sorted);
+            let mut out = Vec::new();
+            write_blob(
+                &mut out,
+                &blob.head(),
+                blob.items.iter().map(|i| Ok::<_, io::Error>(*i)),
+                blob.facts.iter().map(|f| Ok(f.bytes())),
+            )
+            .unwrap();
+            assert_eq!(out, blob.encode(), "{n} facts");
+            let mut streamed = Vec::new();
+            let summary = stream_blob_facts(&out[..], BlobTrust::EachSignature, 7, |batch| {
+                assert!(!batch.is_empty() && batch.len() <= 7);
+                streamed.extend(batch);
+                Ok::<(), BlobError>(())
+            })
+            .unwrap();
+            assert_eq!(streamed, blob.facts);
+            assert_eq!(summary.fact_count, n as u64);
+            assert_eq!(summary.reduced_state(), blob.reduced_state());
+            // A head that promises more than is handed is refused.
+            let mut head = blob.head();
+            head.facts += 1;
+            let short = write_blob(
+                &mut Vec::new(),
+                &head,
+                blob.items.iter().map(|i| Ok::<_, io::Error>(*i)),
+                blob.facts.iter().map(|f| Ok(f.bytes())),
+            );
+            assert_eq!(short.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        }
     }
 
     #[test]

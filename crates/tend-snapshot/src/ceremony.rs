@@ -43,8 +43,32 @@ pub trait LocalJournal {
     fn state(&self) -> &MaintenanceState;
     /// The digest of the prefix `{ f : f.epoch < upto }`.
     fn prefix_digest(&self, upto: Epoch) -> Hash32;
-    /// The snapshot blob of the prefix below `upto`.
-    fn snapshot_blob(&self, upto: Epoch) -> SnapshotBlob;
+    /// Builds the snapshot blob of the prefix below `upto`. A journal kept in memory
+    /// returns the bytes for the caller to store ([`CeremonyOutput::StoreBlob`]); a
+    /// store-backed one may stream the blob into its store itself, when its CID is `keep`
+    /// (a signer keeps the blob it signs, so it never fetches it) or `keep` is `None` (the
+    /// proposer), and return no bytes, so a million-fact blob is never held in memory.
+    fn snapshot_blob(&self, upto: Epoch, keep: Option<ContentId>) -> BuiltBlob;
+}
+
+/// A snapshot blob built by [`LocalJournal::snapshot_blob`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuiltBlob {
+    pub cid: ContentId,
+    /// The bytes, unless the journal stored the blob itself (or could not build it, in
+    /// which case `cid` is that of no valid blob and every comparison fails).
+    pub bytes: Option<Vec<u8>>,
+}
+
+impl BuiltBlob {
+    /// A blob built in memory.
+    pub fn of(blob: &SnapshotBlob) -> Self {
+        let bytes = blob.encode();
+        Self {
+            cid: SnapshotBlob::cid_of(&bytes),
+            bytes: Some(bytes),
+        }
+    }
 }
 
 /// A [`Journal`] with its reduced state.
@@ -74,8 +98,8 @@ impl LocalJournal for JournalView<'_> {
         self.journal
             .chained_prefix_digest(upto, self.state.snapshot_base(upto))
     }
-    fn snapshot_blob(&self, upto: Epoch) -> SnapshotBlob {
-        SnapshotBlob::from_journal(self.journal, upto)
+    fn snapshot_blob(&self, upto: Epoch, _keep: Option<ContentId>) -> BuiltBlob {
+        BuiltBlob::of(&SnapshotBlob::from_journal(self.journal, upto))
     }
 }
 
@@ -613,8 +637,8 @@ impl SnapshotEngine {
         };
         let namespace = state.namespace;
         let digest = local.prefix_digest(target_epoch);
-        let blob = local.snapshot_blob(target_epoch).encode();
-        let blob_cid = SnapshotBlob::cid_of(&blob);
+        let blob = local.snapshot_blob(target_epoch, None);
+        let blob_cid = blob.cid;
         let proposal_id = {
             let mut nonce = [0u8; 16];
             rng.fill_bytes(&mut nonce);
@@ -642,10 +666,12 @@ impl SnapshotEngine {
             blob_cid,
         };
         let fact_epoch = state.current_epoch().max(target_epoch);
-        out.out.push(CeremonyOutput::StoreBlob {
-            cid: blob_cid,
-            bytes: blob,
-        });
+        if let Some(bytes) = blob.bytes {
+            out.out.push(CeremonyOutput::StoreBlob {
+                cid: blob_cid,
+                bytes,
+            });
+        }
         out.out.push(CeremonyOutput::WriteFact(UnsignedFact {
             namespace,
             epoch: fact_epoch,
@@ -824,10 +850,11 @@ impl SnapshotEngine {
                 }
                 // The signature also certifies the blob: rebuild it from our own journal
                 // rather than trusting the proposer's CID.
-                let blob = local.snapshot_blob(proposal.target_epoch).encode();
-                if SnapshotBlob::cid_of(&blob) != blob_cid {
+                let blob = local.snapshot_blob(proposal.target_epoch, Some(blob_cid));
+                if blob.cid != blob_cid {
                     return reply(Refusal::BlobMismatch, out);
                 }
+
                 // One vote per target epoch. Without it a member that learns a fact
                 // between two concurrent proposals for the same epoch signs both, two
                 // snapshots complete at one epoch, and devices that pruned for the one
@@ -838,6 +865,13 @@ impl SnapshotEngine {
                 }
                 self.votes.retain(|e, _| *e > ours.snapshot_epoch);
                 self.votes.insert(target, digest);
+                // Kept, so once the snapshot completes this member holds its blob.
+                if let Some(bytes) = blob.bytes {
+                    out.out.push(CeremonyOutput::StoreBlob {
+                        cid: blob_cid,
+                        bytes,
+                    });
+                }
                 let snapshot = SnapshotV1 {
                     epoch: proposal.target_epoch,
                     digest,

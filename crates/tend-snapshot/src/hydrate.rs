@@ -8,7 +8,10 @@ use tend_core::{
     Epoch, FactId, GroupKey, Hash32, JournalError, JournalNamespace, MaintenanceState, VerifiedFact,
 };
 
-use crate::blob::{read_blob, read_certified_blob, BlobError, BlobSummary, SnapshotBlob};
+use crate::blob::{stream_blob_facts, BlobError, BlobSummary, BlobTrust, SnapshotBlob};
+
+/// Facts per batch of a streamed blob read.
+const STREAM_BATCH: usize = 10_000;
 
 /// Why a snapshot cannot be hydrated from.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,31 +108,30 @@ pub fn hydrate(
     })
 }
 
-/// [`hydrate`] from a blob streamed out of `blob` in one pass, holding its facts and a
-/// bounded buffer but never its item list (a restore's memory must not grow with the
-/// journal). The threshold signature is checked before anything is read; then, as the
-/// bytes go by, the blob's structure, its items against the prefix digest, its facts
-/// against its state digest and the bytes against the CID.
-///
-/// `facts_ahead` are the blob's facts if the caller has them before the blob (see
-/// [`read_blob`]): without them the check that every fact is among the items is skipped.
-/// The returned summary has no item list, so late facts cannot be classified with it
-/// (a restore needs no such classification: its tail is at or above the snapshot epoch).
+/// [`hydrate`] from a blob streamed out of `blob` in one pass, holding a bounded buffer and
+/// the blob's state facts, never its item list nor its application facts (a restore's
+/// memory must not grow with the journal or its live state). The threshold signature is
+/// checked before anything is read; then, as the bytes go by, the blob's structure, its
+/// items against the prefix digest, its facts against its state digest and the bytes
+/// against the CID. Every fact goes to `sink` in batches as it is read (before the CID is
+/// checked at the end, so the sink must not trust them: a restore hashes them). The
+/// returned summary's facts are the state facts ([`crate::blob::is_state_fact`]); the
+/// application facts are read again, once the blob is known to be the certified one, with
+/// [`crate::blob::stream_blob_facts`]. It has no item
+/// list, so late facts cannot be classified with it (a restore needs no such
+/// classification: its tail is at or above the snapshot epoch).
 pub fn hydrate_stream(
     blob: impl Read,
     completed: &SnapshotCompleted,
     namespace: JournalNamespace,
     group_key: &GroupKey,
-    facts_ahead: Option<&[VerifiedFact]>,
+    sink: impl FnMut(Vec<VerifiedFact>) -> Result<(), HydrateError>,
 ) -> Result<(BlobSummary, MaintenanceState), HydrateError> {
     let snapshot = &completed.snapshot;
     let certified = completed
         .certify(&namespace, group_key)
         .ok_or(HydrateError::BadSignature)?;
-    let summary = match facts_ahead {
-        Some(ahead) => read_blob(blob, Some(ahead))?,
-        None => read_certified_blob(blob, &certified)?,
-    };
+    let summary = stream_blob_facts(blob, BlobTrust::Certified(&certified), STREAM_BATCH, sink)?;
     if summary.cid != snapshot.blob_cid {
         return Err(HydrateError::CidMismatch);
     }

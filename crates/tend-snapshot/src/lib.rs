@@ -11,8 +11,8 @@ pub mod inprocess;
 
 pub use blob::{BlobError, SnapshotBlob, SNAPSHOT_BLOB_VERSION};
 pub use ceremony::{
-    AbortReason, CeremonyEvent, CeremonyInput, CeremonyMessage, CeremonyOutput, JournalView,
-    LocalJournal, MessageBody, Recipient, Refusal, SignerKey, SnapshotEngine,
+    AbortReason, BuiltBlob, CeremonyEvent, CeremonyInput, CeremonyMessage, CeremonyOutput,
+    JournalView, LocalJournal, MessageBody, Recipient, Refusal, SignerKey, SnapshotEngine,
 };
 pub use hydrate::{hydrate, Coverage, HydrateError, Hydrated};
 pub use inprocess::{DriverError, InProcessAuthority};

@@ -1,0 +1,194 @@
+//! The snapshot ceremony at a million facts (issue 17, target 1): three real nodes on
+//! loopback iroh, a 2-of-3 FROST authority made by key generation over the network, the
+//! same N application facts in every store, then one `propose_snapshot`: time from the
+//! proposal until the completion is in every device's journal, and each phase the
+//! coordinator's engine runs (digest, blob) measured on its own.
+//!
+//! `cargo bench -p tend-node --bench ceremony` (release profile). `TEND_BENCH_FACTS=100000`
+//! for the size the 1M figure is compared with.
+
+use std::time::{Duration, Instant};
+
+use tend_core::{DeviceId, Payload, UnsignedFact, VerifiedFact};
+use tend_node::fleet::StoreJournal;
+use tend_node::{Device, Node, NodeConfig};
+use tend_snapshot::LocalJournal;
+
+fn n_facts() -> usize {
+    std::env::var("TEND_BENCH_FACTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+/// Peak resident memory of this process (all three nodes), in MiB (Linux).
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn config() -> NodeConfig {
+    NodeConfig {
+        // The stores are filled directly and identically; rounds carry the completion
+        // (and a member fetches the blob) as they would in a fleet.
+        sync_interval: Duration::from_secs(2),
+        control_socket: false,
+        upgrades: false,
+        ..NodeConfig::default()
+    }
+}
+
+async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `n` application facts by `device`, signed on two threads.
+fn sign_facts(device: &Device, n: usize) -> Vec<VerifiedFact> {
+    let ns = device.namespace();
+    let epoch = device
+        .store()
+        .maintenance_state(ns)
+        .expect("state")
+        .current_epoch();
+    let key = device.key().signing_key();
+    let make = |i: usize| {
+        UnsignedFact {
+            namespace: ns,
+            epoch,
+            payload: Payload::Application {
+                kind: "bench".into(),
+                data: format!("fact {i:08} of the ceremony bench").into_bytes(),
+            },
+        }
+        .sign(key)
+    };
+    std::thread::scope(|s| {
+        let a = s.spawn(|| (0..n / 2).map(make).collect::<Vec<_>>());
+        let mut b: Vec<_> = (n / 2..n).map(make).collect();
+        let mut a = a.join().expect("signing thread");
+        a.append(&mut b);
+        a
+    })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n = n_facts();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rand::thread_rng();
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let device = Device::init(&dir.path().join(format!("d{i}")), &mut rng).expect("init");
+        nodes.push(Node::start(device, config()).await.expect("start"));
+    }
+    for a in &nodes {
+        for b in &nodes {
+            if a.device_id() != b.device_id() {
+                a.add_peer(b.peer_addr()).expect("add peer");
+            }
+        }
+    }
+    eprintln!("three nodes started; key generation");
+    let others: Vec<DeviceId> = nodes[1..].iter().map(|n| n.device_id()).collect();
+    nodes[0]
+        .create_authority(2, &others, Duration::from_secs(60))
+        .await
+        .expect("key generation over the network");
+    let ns = nodes[0].device().namespace();
+    for node in &nodes {
+        wait_until("the membership everywhere", Duration::from_secs(60), || {
+            node.device().namespace() == ns
+                && node
+                    .device()
+                    .store()
+                    .maintenance_state(ns)
+                    .is_ok_and(|s| s.membership().is_some_and(|m| m.members.len() == 3))
+        })
+        .await;
+    }
+    eprintln!("authority made; signing {n} facts");
+    // Every maintenance fact everywhere first, so the prefixes agree.
+    nodes[0].sync_now().await;
+    nodes[1].sync_now().await;
+    nodes[2].sync_now().await;
+
+    let facts = sign_facts(nodes[0].device(), n);
+    let t = Instant::now();
+    for node in &nodes {
+        for chunk in facts.chunks(10_000) {
+            let r = node.device().store().insert_batch(chunk).expect("insert");
+            assert!(r.rejected.is_empty(), "{:?}", r.rejected.first());
+        }
+    }
+    let insert = t.elapsed();
+    drop(facts);
+    let digests: Vec<_> = nodes
+        .iter()
+        .map(|n| n.device().digest().expect("digest"))
+        .collect();
+    assert!(digests.windows(2).all(|w| w[0] == w[1]), "stores differ");
+
+    eprintln!("stores filled in {insert:.2?}; measuring the phases");
+    // The phases on their own, on the coordinator's store.
+    let store = nodes[1].device().store();
+    let target = store
+        .maintenance_state(ns)
+        .expect("state")
+        .current_epoch()
+        .next();
+    let t = Instant::now();
+    let view = StoreJournal::new(store, ns).expect("view");
+    let view_time = t.elapsed();
+    let t = Instant::now();
+    let _ = view.prefix_digest(target);
+    let digest_time = t.elapsed();
+    let t = Instant::now();
+    // Hashed only: a `keep` CID it cannot have keeps it out of the store.
+    let _ = view.snapshot_blob(target, Some(tend_snapshot::SnapshotBlob::cid_of(&[])));
+    let blob_time = t.elapsed();
+
+    eprintln!("digest {digest_time:.2?}, blob {blob_time:.2?}; the ceremony");
+    let t = Instant::now();
+    let done = nodes[1]
+        .propose_snapshot(None, Duration::from_secs(600))
+        .await
+        .expect("the ceremony completes");
+    let proposer = t.elapsed();
+    for node in &nodes {
+        wait_until(
+            "the completion everywhere",
+            Duration::from_secs(600),
+            || {
+                node.device().store().maintenance_state(ns).is_ok_and(|s| {
+                    s.latest_snapshot
+                        .is_some_and(|l| l.snapshot == done.snapshot)
+                })
+            },
+        )
+        .await;
+    }
+    let everywhere = t.elapsed();
+    println!("facts per device: {n}");
+    println!("insert into three stores: {insert:.2?}");
+    println!("coordinator phases: view {view_time:.2?}, digest {digest_time:.2?}, blob (built and hashed) {blob_time:.2?}");
+    println!("ceremony: completed at the proposer after {proposer:.2?}, on every device after {everywhere:.2?}");
+    println!(
+        "peak RSS of the process (three nodes): {:.0} MiB",
+        peak_rss_mib()
+    );
+    for node in nodes {
+        node.shutdown().await;
+    }
+}

@@ -248,7 +248,11 @@ fn status_output(s: UpgradeStatus) -> Output {
             if p.in_cohort { "this device is in it" } else { "this device is not in it" },
             p.readiness.ready.len(),
             p.readiness.eligible.len(),
-            if p.activated { "activated" } else { "not activated" },
+            match (p.activated, p.activation_waits_for) {
+                (true, _) => "activated".to_string(),
+                (false, Some(n)) => format!("activation waiting for {n} ready members"),
+                (false, None) => "not activated".to_string(),
+            },
             if p.artifact_stored { "stored" } else { "not stored here" },
             match &p.local {
                 None => "nothing done yet".to_string(),

@@ -1074,6 +1074,10 @@ pub struct PackageStatus {
     /// Readiness under the "all eligible devices" policy.
     pub readiness: Readiness,
     pub activated: bool,
+    /// The fewest ready members an activation in the journal waits for, while none
+    /// counts yet (`None`: no activation is waiting).
+    #[serde(default)]
+    pub activation_waits_for: Option<u16>,
     /// This device's recorded outcome.
     pub local: Option<LocalStatus>,
 }
@@ -1113,6 +1117,12 @@ pub fn status(device: &Device) -> Result<UpgradeStatus, UpgradeError> {
                 .readiness(id, ReadinessPolicy::All)
                 .ok_or(UpgradeError::UnknownPackage(*id))?,
             activated: u.activated.is_some(),
+            activation_waits_for: u
+                .pending_activations
+                .values()
+                .map(|(_, min)| *min)
+                .min()
+                .filter(|_| u.activated.is_none()),
             local: local.get(id).cloned(),
         });
     }

@@ -155,7 +155,7 @@ fn an_activation_written_before_the_devices_are_ready_counts_only_once_they_are(
     for d in fleet.devices() {
         assert!(!upgrade::status(d).unwrap().packages[0].activated);
     }
-    // Two of three ready: still not counted anywhere.
+    // Two of three ready: still not counted anywhere, and the status says what it waits for.
     for d in &fleet.devices()[..2] {
         run(d, &mut copy_installer(d), false);
     }
@@ -163,7 +163,9 @@ fn an_activation_written_before_the_devices_are_ready_counts_only_once_they_are(
     for d in fleet.devices() {
         let st = d.store().maintenance_state(d.namespace()).unwrap();
         assert_eq!(st.upgrades[&meta.package_id].ready.len(), 2);
-        assert!(!upgrade::status(d).unwrap().packages[0].activated);
+        let p = &upgrade::status(d).unwrap().packages[0];
+        assert!(!p.activated);
+        assert_eq!(p.activation_waits_for, Some(3));
     }
     // The third: every device now counts the activation, from the journal alone.
     let last = &fleet.devices()[2];
@@ -172,6 +174,7 @@ fn an_activation_written_before_the_devices_are_ready_counts_only_once_they_are(
     for d in fleet.devices() {
         let s = upgrade::status(d).unwrap();
         assert!(s.packages[0].activated);
+        assert_eq!(s.packages[0].activation_waits_for, None);
         assert_eq!(s.running_version, "1.1.0");
     }
 }

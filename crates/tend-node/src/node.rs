@@ -1366,7 +1366,9 @@ impl Inner {
         if let Some(score) = book.manager.score(&peer) {
             m.set_score(&peer.to_string(), score);
         }
-        self.persist_peers(&book.manager);
+        let records = book.manager.records();
+        drop(book);
+        self.persist_peers(records);
     }
 
     /// The trust of `device`'s role in the authority (see [`crate::peer_table`]).
@@ -1377,8 +1379,10 @@ impl Inner {
     }
 
     /// Writes the peer table, so scores, statuses and sync times survive a restart.
-    fn persist_peers(&self, manager: &PeerManager) {
-        if let Err(e) = crate::peer_table::save(self.store(), manager) {
+    /// Takes the records rather than the book, so the durable write happens after the
+    /// peer lock is released.
+    fn persist_peers(&self, records: Vec<(DeviceId, tend_sync::PeerRecord)>) {
+        if let Err(e) = crate::peer_table::save_records(self.store(), records) {
             tracing::warn!("cannot persist the peer table: {e}");
         }
     }
@@ -1793,7 +1797,9 @@ async fn fetch_blobs(
             &peer.device,
             &SessionResult::Failed(FailReason::Unexpected("blob not matching its CID")),
         );
-        inner.persist_peers(&book.manager);
+        let records = book.manager.records();
+        drop(book);
+        inner.persist_peers(records);
     }
     report
 }
@@ -1963,8 +1969,9 @@ async fn initiate(inner: &Arc<Inner>, peer: PeerAddr) -> Result<Outcome, Initiat
             inner.now(),
             None,
         );
-        inner.persist_peers(&book.manager);
+        let records = book.manager.records();
         drop(book);
+        inner.persist_peers(records);
         inner.metrics.sessions_failed.inc();
         InitiateError::Unreachable(msg)
     };
@@ -2126,8 +2133,9 @@ async fn respond(
                 &peer,
                 &SessionResult::Failed(FailReason::Garbage(MessageError::Oversized { len, max })),
             );
-            inner.persist_peers(&book.manager);
+            let records = book.manager.records();
             drop(book);
+            inner.persist_peers(records);
             conn.close(endpoint::code(close_code::MISBEHAVIOUR), b"oversized frame");
             return;
         }

@@ -85,8 +85,12 @@ pub fn load(store: &Store) -> Result<BTreeMap<DeviceId, PeerRecord>, StoreError>
 
 /// Writes every peer's record.
 pub fn save(store: &Store, manager: &PeerManager) -> Result<(), StoreError> {
-    let table: BTreeMap<String, PeerRecord> = manager
-        .records()
+    save_records(store, manager.records())
+}
+
+/// Writes the table from records taken out of a [`PeerManager`].
+pub fn save_records(store: &Store, records: Vec<(DeviceId, PeerRecord)>) -> Result<(), StoreError> {
+    let table: BTreeMap<String, PeerRecord> = records
         .into_iter()
         .map(|(d, r)| (d.to_string(), r))
         .collect();

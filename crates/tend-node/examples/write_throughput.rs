@@ -1,4 +1,5 @@
 //! Write throughput (issue 17, writes) on real devices (redb homes in a tempdir):
+//! - signing alone on one core (the floor under every signed write);
 //! - batch appends through the library (`DataRequest::Batch` of 10,000, signed on every
 //!   core, one transaction each);
 //! - single durable appends from W concurrent writers through the library
@@ -37,6 +38,36 @@ fn append(i: u64) -> DataRequest {
 
 fn new_device(dir: &tempfile::TempDir, name: &str) -> Device {
     Device::init(&dir.path().join(name), &mut rand::thread_rng()).expect("init")
+}
+
+/// The floor under any signed write path: one Ed25519 signature (and the fact's encoding
+/// and id) per fact, on one core.
+fn sign_only(dir: &tempfile::TempDir) {
+    let d = new_device(dir, "sign");
+    let facts: Vec<tend_core::UnsignedFact> = (0..20_000u64)
+        .map(|i| tend_core::UnsignedFact {
+            namespace: d.namespace(),
+            epoch: tend_core::Epoch(1),
+            payload: tend_core::Payload::Data(tend_core::DataOp::Append(tend_core::app::Append {
+                log: "events".into(),
+                seq: i,
+                data: serde_bytes::ByteBuf::from(i.to_be_bytes().repeat(8)),
+            })),
+        })
+        .collect();
+    let n = facts.len();
+    let t = Instant::now();
+    let signed: Vec<_> = facts
+        .into_iter()
+        .map(|f| f.sign(d.key().signing_key()))
+        .collect();
+    let took = t.elapsed();
+    println!(
+        "signing alone, one core: {n} facts in {took:.2?} ({:.1} us per fact, {:.0} facts/s)",
+        took.as_secs_f64() * 1e6 / n as f64,
+        n as f64 / took.as_secs_f64()
+    );
+    drop(signed);
 }
 
 fn batch_appends(dir: &tempfile::TempDir, n: u64) {
@@ -81,7 +112,7 @@ fn concurrent(writers: u64, seconds: u64, write: impl Fn(u64, u64) + Sync) -> (u
 }
 
 fn library_writers(dir: &tempfile::TempDir, writers: u64, seconds: u64) {
-    let d = new_device(dir, "library");
+    let d = new_device(dir, &format!("library-{writers}"));
     let (n, took) = concurrent(writers, seconds, |w, i| {
         run(&d, append(w << 32 | i)).expect("append");
     });
@@ -147,6 +178,7 @@ fn main() {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     if phase.is_empty() || phase == "batch" {
+        sign_only(&dir);
         batch_appends(&dir, n);
     }
     if phase.is_empty() || phase == "library" {

@@ -221,6 +221,8 @@ pub struct Stats {
     pub banned_refusals: u64,
     /// Workload sessions whose peer the scorer picked.
     pub scored_picks: u64,
+    /// Honest devices whose scorer ended the run with the hostile device banned.
+    pub bad_peer_banned_on: u64,
 }
 
 /// The result of one run.
@@ -533,6 +535,9 @@ impl Sim {
             let Some(p) = self.devices[h].peers.get(&bad_id) else {
                 continue;
             };
+            if p.status == PeerStatus::Banned {
+                self.stats.bad_peer_banned_on += 1;
+            }
             if p.misbehaviours == 0 {
                 continue;
             }

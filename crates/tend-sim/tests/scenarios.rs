@@ -130,6 +130,10 @@ fn bad_peer() {
         sum(&st, |s| s.banned_refusals) > 0,
         "no banned peer was refused"
     );
+    assert!(
+        st.iter().all(|s| s.bad_peer_banned_on > 0),
+        "a run where no honest device banned the hostile one"
+    );
     assert!(sum(&st, |s| s.scored_picks) > 0);
     assert!(sum(&st, |s| s.sessions_completed) > 0);
 }

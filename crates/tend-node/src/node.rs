@@ -346,7 +346,7 @@ impl Node {
     /// [`Node::start`] over a device the caller keeps using (the `tend` library crate
     /// holds it across starts and stops of its node).
     pub async fn start_shared(device: Arc<Device>, config: NodeConfig) -> Result<Node, NodeError> {
-        let endpoint = endpoint::bind(device.key(), config.listen).await?;
+        let endpoint = bind_endpoint(&device, config.listen).await?;
         let listen = endpoint::local_addr(&endpoint).unwrap_or(config.listen);
         let namespace = device.namespace();
         let state = device.store().maintenance_state(namespace)?;
@@ -2266,6 +2266,24 @@ async fn timer_loop(inner: Arc<Inner>) {
             }
         }
         blocking(|| inner.poll());
+    }
+}
+
+/// Binds the node's endpoint. A given port (a device restarted where its peers know it)
+/// may still be held for a moment by the endpoint of the node stopped just before (iroh
+/// releases its socket after the stop, not during it; with push on write a round is often
+/// in flight at a stop): it is retried for up to three seconds.
+async fn bind_endpoint(device: &Device, listen: SocketAddr) -> Result<Endpoint, NodeError> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match endpoint::bind(device.key(), listen).await {
+            Err(endpoint::EndpointError::Bind(_))
+                if listen.port() != 0 && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            r => return Ok(r?),
+        }
     }
 }
 

@@ -510,6 +510,10 @@ pub(crate) async fn send(
         Err(_) => return Err(unreachable("connect: timed out".into())),
     };
     lock(&node.maint().conns).insert(to, conn.clone());
+    // The peer answers its own messages over the connection cached for us, which may be
+    // this one: serve its streams here as on an accepted connection, or it waits out
+    // the stream timeout before dialling back (10 s lost per ceremony or key generation).
+    tokio::spawn(accept_streams(node.clone(), to, conn.clone()));
     exchange(&conn, to, &bytes).await
 }
 
@@ -581,6 +585,12 @@ pub(crate) async fn serve(node: Node, conn: Connection) {
     lock(&node.maint().conns)
         .entry(peer)
         .or_insert_with(|| conn.clone());
+    accept_streams(node, peer, conn).await;
+}
+
+/// Handles the streams `peer` opens on a `tend/maint/1` connection, whichever side
+/// dialled it; each message is checked as it arrives ([`receive`]).
+async fn accept_streams(node: Node, peer: DeviceId, conn: Connection) {
     while let Ok((send, recv)) = conn.accept_bi().await {
         let node = node.clone();
         tokio::spawn(async move { handle_stream(node, peer, send, recv).await });

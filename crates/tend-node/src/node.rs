@@ -265,6 +265,10 @@ struct Inner {
     /// Epoch of every fact id handed to a session, so `load_fact` can find the fact (the
     /// store has no index by id alone).
     epochs: Mutex<HashMap<FactId, Epoch>>,
+    /// The items the last session was given, with the store's last change and the floor
+    /// they were read at: sessions reuse them until a fact is admitted (every admission
+    /// appends a change) or the floor moves, instead of reading a million items each.
+    items_cache: Mutex<Option<(u64, Epoch, SharedItems)>>,
     /// The identity epoch sessions were last told about.
     identity_epoch: AtomicU64,
     /// Each peer's GC floor (latest verified snapshot epoch) as of its last handshake:
@@ -385,6 +389,7 @@ impl Node {
             }),
             sources: Mutex::new(sources),
             epochs: Mutex::new(HashMap::new()),
+            items_cache: Mutex::new(None),
             identity_epoch: AtomicU64::new(state.identity_epoch()),
             peer_floors: Mutex::new(HashMap::new()),
             awaiting_accept: Mutex::new(HashMap::new()),
@@ -1015,6 +1020,21 @@ impl Inner {
             tracing::warn!("cannot read the running version: {e}");
             ProtocolVersion::CURRENT
         });
+        let local = LocalView {
+            device: self.device.device_id(),
+            namespace: self.namespace(),
+            protocol: running,
+            epoch: state.maintenance_epoch(),
+            fence: FenceStatus::from_state(&state, state.current_epoch(), running),
+        };
+        // Read before the items: a fact admitted in between makes the key stale, never the
+        // items (removals happen only below the snapshot epoch, under every floor).
+        let change = self.store().last_change()?;
+        if let Some((c, f, items)) = lock(&self.items_cache).as_ref() {
+            if (*c, *f) == (change, floor) {
+                return Ok((local, items.clone()));
+            }
+        }
         let mut items = Vec::new();
         for item in self.store().items(self.namespace(), floor..)? {
             let (epoch, id) = item?;
@@ -1026,14 +1046,9 @@ impl Inner {
                 epochs.insert(i.id, i.epoch);
             }
         }
-        let local = LocalView {
-            device: self.device.device_id(),
-            namespace: self.namespace(),
-            protocol: running,
-            epoch: state.maintenance_epoch(),
-            fence: FenceStatus::from_state(&state, state.current_epoch(), running),
-        };
-        Ok((local, Arc::new(MemItems::new(self.namespace(), items))))
+        let items: SharedItems = Arc::new(MemItems::new(self.namespace(), items));
+        *lock(&self.items_cache) = Some((change, floor, items.clone()));
+        Ok((local, items))
     }
 
     fn host(&self) -> StoreHost<'_> {

@@ -49,6 +49,16 @@ pub fn reissue_uncovered(device: &Device) -> Result<Reissued, DeviceError> {
             facts: Vec::new(),
         });
     }
+    // A device that holds exactly the snapshot's prefix (the common case: it signed, or
+    // synced before the ceremony) has nothing uncovered below it, and its live set there
+    // is the one the blob carries: nothing to re-issue or drop, and no blob to read.
+    if store.prefix_digest(ns, epoch)? == latest.snapshot.digest {
+        store.put_setting(SETTLED, &epoch.0)?;
+        return Ok(Reissued {
+            snapshot_epoch: Some(epoch),
+            facts: Vec::new(),
+        });
+    }
     let Some(bytes) = store.get_blob(&latest.snapshot.blob_cid)? else {
         return Ok(Reissued::default());
     };

@@ -55,6 +55,9 @@ pub struct NodeConfig {
     pub metrics: Option<SocketAddr>,
     /// Time between sync rounds.
     pub sync_interval: Duration,
+    /// Push on write: a local write starts a round at once instead of waiting for the
+    /// next one (see `round_loop`). Off only where every session is started by hand.
+    pub push_on_write: bool,
     /// Peers contacted per round.
     pub fanout: usize,
     /// Immediate retries of a session aborted because an identity epoch advanced.
@@ -94,6 +97,7 @@ impl Default for NodeConfig {
             peers: Vec::new(),
             metrics: None,
             sync_interval: Duration::from_secs(10),
+            push_on_write: true,
             fanout: 3,
             epoch_retries: 3,
             connect_timeout: Duration::from_secs(5),
@@ -1230,7 +1234,9 @@ impl Inner {
         self.dispatch(actions);
         // Push on write: peers get the write now rather than at their next round. Facts
         // that arrive from peers never come through here, so they push nothing back.
-        self.push.notify_one();
+        if self.config.push_on_write {
+            self.push.notify_one();
+        }
     }
 
     /// Waits until the incoming rate limits admit a frame of `len` bytes from `peer`. The

@@ -82,6 +82,7 @@ async fn archive_and_pruned_devices_reconcile_above_the_shared_floor() {
     // Sessions only when the test asks, so every one of them is checked.
     let cfg = NodeConfig {
         sync_interval: Duration::from_secs(3600),
+        push_on_write: false,
         // No metadata advertisements: every fact here is one the test wrote.
         upgrades: false,
         ..config(vec![])
@@ -210,6 +211,7 @@ async fn a_member_joining_after_gc_reads_every_live_value() {
     fleet.device(0).set_gc_policy(GcPolicy::Manual).unwrap();
     let cfg = NodeConfig {
         sync_interval: Duration::from_secs(3600),
+        push_on_write: false,
         upgrades: false,
         ..config(vec![])
     };

@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rand::{CryptoRng, RngCore};
@@ -155,24 +156,51 @@ impl<'a> StoreJournal<'a> {
         })
     }
 
-    /// Builds the blob as [`StoreJournal::write_snapshot_blob`] does, first into a hasher
-    /// for its CID, then, if it is to be kept and is not stored yet, into the store.
+    /// Builds the blob as [`StoreJournal::write_snapshot_blob`] does, in one pass into a
+    /// scratch file beside the store while hashing it for its CID; if it is to be kept
+    /// and is not stored yet, the file is copied into the store. One scan of the journal,
+    /// and memory holds a copy buffer, not the blob.
     fn build_and_keep(
         &self,
         upto: Epoch,
         keep: Option<ContentId>,
     ) -> Result<ContentId, StoreError> {
-        let mut hashing = HashingSink::default();
-        self.write_snapshot_blob(upto, &mut hashing)?;
-        let cid =
-            ContentId::from_blake3(CODEC_DAG_CBOR, &Hash32(*hashing.hash.finalize().as_bytes()));
+        static SCRATCH: AtomicU64 = AtomicU64::new(0);
+        let io_err = |source| StoreError::Io {
+            path: self.store.path().to_owned(),
+            source,
+        };
+        let scratch = self.store.path().with_extension(format!(
+            "blob-{}-{}",
+            std::process::id(),
+            SCRATCH.fetch_add(1, Ordering::Relaxed)
+        ));
+        // Removed however this returns.
+        struct Remove<'p>(&'p std::path::Path);
+        impl Drop for Remove<'_> {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(self.0);
+            }
+        }
+        let file = std::fs::File::create(&scratch).map_err(io_err)?;
+        let _remove = Remove(&scratch);
+        let mut out = HashingSink {
+            hash: blake3::Hasher::new(),
+            len: 0,
+            copy: std::io::BufWriter::with_capacity(1 << 20, file),
+        };
+        self.write_snapshot_blob(upto, &mut out)?;
+        out.flush().map_err(io_err)?;
+        let cid = ContentId::from_blake3(CODEC_DAG_CBOR, &Hash32(*out.hash.finalize().as_bytes()));
         if keep.is_none_or(|k| k == cid) && !self.store.has_blob(&cid)? {
-            let len = usize::try_from(hashing.len).map_err(|_| StoreError::Corrupt {
+            let len = usize::try_from(out.len).map_err(|_| StoreError::Corrupt {
                 path: self.store.path().to_owned(),
                 detail: "a snapshot blob larger than this machine can address".into(),
             })?;
+            let mut file = std::fs::File::open(&scratch).map_err(io_err)?;
             self.store
-                .put_blob_with(&cid, len, |w| self.write_snapshot_blob(upto, w))??;
+                .put_blob_with(&cid, len, |w| std::io::copy(&mut file, w).map(|_| ()))?
+                .map_err(io_err)?;
         }
         Ok(cid)
     }
@@ -196,22 +224,23 @@ impl From<std::io::Error> for BuildError {
     }
 }
 
-/// Counts and hashes what is written to it.
-#[derive(Default)]
-struct HashingSink {
+/// Counts and hashes what is written to it, and copies it on.
+struct HashingSink<W> {
     hash: blake3::Hasher,
     len: u64,
+    copy: W,
 }
 
-impl Write for HashingSink {
+impl<W: Write> Write for HashingSink<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.copy.write_all(buf)?;
         self.hash.update(buf);
         self.len += buf.len() as u64;
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        self.copy.flush()
     }
 }
 

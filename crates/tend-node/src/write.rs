@@ -575,23 +575,43 @@ impl WriteQueue {
     }
 }
 
+/// Times a group is planned again when the journal's epoch moved between planning and
+/// the commit (a snapshot completed meanwhile), so that admission refused every fact.
+const EPOCH_RETRIES: usize = 3;
+
 /// Plans every job into one plan (dropping the jobs refused while planned), commits it,
 /// and answers each job.
-fn commit_group(device: &Device, jobs: Vec<Job>) {
+fn commit_group(device: &Device, mut jobs: Vec<Job>) {
+    for attempt in 0..=EPOCH_RETRIES {
+        jobs = match commit_group_once(device, jobs, attempt < EPOCH_RETRIES) {
+            Some(again) => again,
+            None => return,
+        };
+    }
+}
+
+/// One attempt of [`commit_group`]: `None` once every job is answered, or the jobs to
+/// plan again when `may_retry` and the epoch moved under the plan (admission refused all
+/// of its facts, so nothing of the group was written).
+fn commit_group_once(device: &Device, jobs: Vec<Job>, may_retry: bool) -> Option<Vec<Job>> {
     let mut plan = match WritePlan::new(device) {
         Ok(p) => p,
-        Err(e) => return answer_all_failed(jobs, e),
+        Err(e) => {
+            answer_all_failed(jobs, e);
+            return None;
+        }
     };
-    // Per planned job: its answer, its facts and its writes in the plan.
+    // Per planned job: the job, its facts and its writes in the plan.
     let mut planned = Vec::with_capacity(jobs.len());
     for job in jobs {
         let mark = plan.mark();
+        // Planned from a copy: the group may have to be planned again.
         let result = job
             .ops
-            .into_iter()
-            .try_for_each(|op| plan_request(&mut plan, op));
+            .iter()
+            .try_for_each(|op| plan_request(&mut plan, op.clone()));
         match result {
-            Ok(()) => planned.push((job.answer, mark, plan.len(), plan.written.len())),
+            Ok(()) => planned.push((job, mark, plan.len(), plan.written.len())),
             Err(e) => {
                 plan.rollback(mark);
                 let _ = job.answer.send(Err(e));
@@ -599,26 +619,38 @@ fn commit_group(device: &Device, jobs: Vec<Job>) {
         }
     }
     if planned.is_empty() {
-        return;
+        return None;
     }
+    let (facts, epoch) = (plan.len(), plan.epoch);
     let (written, rejected) = match plan.commit_parts() {
         Ok(r) => r,
         Err(e) => {
-            let answers = planned.into_iter().map(|(answer, ..)| answer);
-            return answer_all_failed_to(answers, e);
+            let answers = planned.into_iter().map(|(job, ..)| job.answer);
+            answer_all_failed_to(answers, e);
+            return None;
         }
     };
+    if may_retry && rejected.len() == facts {
+        let now = device
+            .store()
+            .maintenance_state(device.namespace())
+            .map(|s| s.current_epoch());
+        if now.is_ok_and(|now| now != epoch) {
+            return Some(planned.into_iter().map(|(job, ..)| job).collect());
+        }
+    }
     let mut written = written.into_iter();
-    for (answer, mark, facts_end, written_end) in planned {
+    for (job, mark, facts_end, written_end) in planned {
         let mine: Vec<Written> = written.by_ref().take(written_end - mark.written).collect();
         let refused = rejected
             .iter()
             .find(|(i, _)| (mark.facts..facts_end).contains(i) || *i == usize::MAX);
-        let _ = answer.send(match refused {
+        let _ = job.answer.send(match refused {
             Some((_, why)) => Err(DeviceError::Rejected(why.clone())),
             None => Ok(mine),
         });
     }
+    None
 }
 
 fn answer_all_failed(jobs: Vec<Job>, e: DeviceError) {

@@ -3,6 +3,8 @@
 //! refused write leaves the others of its group committed; and a large batch signed on
 //! every core keeps each write seeing the ones before it.
 
+mod common;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -247,5 +249,56 @@ fn a_large_batch_signed_on_every_core_keeps_each_write_after_the_ones_before() {
         value(&d, "k"),
         Some(("3".into(), 0)),
         "each put superseded the last"
+    );
+}
+
+#[test]
+fn writes_planned_while_a_snapshot_completes_are_planned_again_at_the_new_epoch() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let d = Arc::new(Device::init(&dir.path().join("a"), &mut rand::thread_rng()).unwrap());
+    let stop = AtomicBool::new(false);
+    let (written, failures) = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let (mut written, mut failures) = (0, Vec::new());
+            let mut i = 0;
+            // Bounded, so that a slow machine cannot grow the journal (and with it each
+            // snapshot's blob) without end.
+            while !stop.load(Ordering::Relaxed) && i < 100 {
+                let ops = (0..40)
+                    .map(|k| append("busy", &format!("{i}-{k}")))
+                    .collect();
+                i += 1;
+                match run(&d, DataRequest::Batch { ops }) {
+                    Ok(_) => written += 40,
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            (written, failures)
+        });
+        // Snapshots complete while batches are planned and signed: each moves the epoch
+        // the batch in flight was planned at.
+        for round in 0..3u8 {
+            std::thread::sleep(std::time::Duration::from_millis(60));
+            let next = d
+                .store()
+                .maintenance_state(d.namespace())
+                .unwrap()
+                .current_epoch()
+                .next();
+            common::complete_snapshot(&d, next, &[round]);
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap()
+    });
+    assert!(failures.is_empty(), "writes failed: {failures:?}");
+    assert_eq!(log_data(&d, "busy").len(), written);
+    assert!(
+        d.store()
+            .maintenance_state(d.namespace())
+            .unwrap()
+            .current_epoch()
+            .0
+            >= 3
     );
 }

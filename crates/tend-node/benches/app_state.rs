@@ -6,8 +6,12 @@
 //! `cargo bench -p tend-node --bench app_state` (release profile). `TEND_BENCH_FACTS=100000`
 //! scales both phases down by 10 for a smoke run.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{n_facts, peak_rss_mib};
 use ed25519_dalek::{Signer, SigningKey};
 use serde_bytes::ByteBuf;
 use tend_core::app::{Put, Value};
@@ -22,23 +26,6 @@ use tend_store::Store;
 const KEYS: usize = 10_000;
 const VALUE_BYTES: usize = 100;
 const EPOCHS: u64 = 10;
-
-fn n_facts() -> usize {
-    std::env::var("TEND_BENCH_FACTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000)
-}
-
-/// Peak resident memory since the last reset, in MiB (Linux).
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 /// Signs `n` facts on two threads (not timed by the caller's figures).
 fn sign_all(

@@ -8,27 +8,15 @@
 //! `cargo bench -p tend-node --bench catch_up` (release). `TEND_BENCH_FACTS=100000` for a
 //! tenth of the size.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tend_core::{DeviceId, Payload, UnsignedFact, VerifiedFact};
+use common::{n_facts, peak_rss_mib, sign_app_facts};
+use tend_core::DeviceId;
 use tend_node::{Device, Node, NodeConfig, PeerAddr};
-
-fn n_facts() -> usize {
-    std::env::var("TEND_BENCH_FACTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000)
-}
-
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 fn config() -> NodeConfig {
     NodeConfig {
@@ -56,34 +44,6 @@ fn metric(node: &Node, name: &str) -> f64 {
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
-}
-
-fn sign_facts(device: &Device, n: usize) -> Vec<VerifiedFact> {
-    let ns = device.namespace();
-    let epoch = device
-        .store()
-        .maintenance_state(ns)
-        .expect("state")
-        .current_epoch();
-    let key = device.key().signing_key();
-    let make = |i: usize| {
-        UnsignedFact {
-            namespace: ns,
-            epoch,
-            payload: Payload::Application {
-                kind: "bench".into(),
-                data: format!("fact {i:08} of the catch-up bench").into_bytes(),
-            },
-        }
-        .sign(key)
-    };
-    std::thread::scope(|s| {
-        let a = s.spawn(|| (0..n / 2).map(make).collect::<Vec<_>>());
-        let mut b: Vec<_> = (n / 2..n).map(make).collect();
-        let mut a = a.join().expect("signing thread");
-        a.append(&mut b);
-        a
-    })
 }
 
 /// The follower, in its own process: opens its home, syncs from the peer until it holds
@@ -182,7 +142,7 @@ async fn main() {
         node.sync_now().await;
     }
     // The third member is the follower: its home is copied before each run.
-    let facts = sign_facts(nodes[0].device(), n);
+    let facts = sign_app_facts(nodes[0].device(), n, "catch-up");
     for node in nodes.drain(..) {
         node.shutdown().await;
     }

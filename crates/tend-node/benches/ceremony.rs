@@ -7,29 +7,16 @@
 //! `cargo bench -p tend-node --bench ceremony` (release profile). `TEND_BENCH_FACTS=100000`
 //! for the size the 1M figure is compared with.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::time::{Duration, Instant};
 
-use tend_core::{DeviceId, Payload, UnsignedFact, VerifiedFact};
+use common::{n_facts, peak_rss_mib, sign_app_facts};
+use tend_core::DeviceId;
 use tend_node::fleet::StoreJournal;
 use tend_node::{Device, Node, NodeConfig};
 use tend_snapshot::LocalJournal;
-
-fn n_facts() -> usize {
-    std::env::var("TEND_BENCH_FACTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000)
-}
-
-/// Peak resident memory of this process (all three nodes), in MiB (Linux).
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 fn config() -> NodeConfig {
     NodeConfig {
@@ -48,35 +35,6 @@ async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> boo
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// `n` application facts by `device`, signed on two threads.
-fn sign_facts(device: &Device, n: usize) -> Vec<VerifiedFact> {
-    let ns = device.namespace();
-    let epoch = device
-        .store()
-        .maintenance_state(ns)
-        .expect("state")
-        .current_epoch();
-    let key = device.key().signing_key();
-    let make = |i: usize| {
-        UnsignedFact {
-            namespace: ns,
-            epoch,
-            payload: Payload::Application {
-                kind: "bench".into(),
-                data: format!("fact {i:08} of the ceremony bench").into_bytes(),
-            },
-        }
-        .sign(key)
-    };
-    std::thread::scope(|s| {
-        let a = s.spawn(|| (0..n / 2).map(make).collect::<Vec<_>>());
-        let mut b: Vec<_> = (n / 2..n).map(make).collect();
-        let mut a = a.join().expect("signing thread");
-        a.append(&mut b);
-        a
-    })
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -127,7 +85,7 @@ async fn main() {
     // The facts go into the stores while the nodes are down, as if each device had
     // received them long ago: a running node keeps its sessions' view of its own items.
     let homes: Vec<_> = (0..3).map(|i| dir.path().join(format!("d{i}"))).collect();
-    let facts = sign_facts(nodes[0].device(), n);
+    let facts = sign_app_facts(nodes[0].device(), n, "ceremony");
     for node in nodes.drain(..) {
         node.shutdown().await;
     }

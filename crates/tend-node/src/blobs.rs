@@ -24,8 +24,9 @@ use crate::endpoint::{self, close_code, FrameError, BLOB_ALPN};
 use crate::metrics::Metrics;
 use crate::upgrade::artifact_cid;
 
-/// The default largest blob a device serves or accepts.
-pub const DEFAULT_MAX_BLOB_BYTES: u64 = 64 << 20;
+/// The default largest blob a device serves or accepts: room for a snapshot blob that
+/// carries a million live records and more (blobs stream to disk, never held whole).
+pub const DEFAULT_MAX_BLOB_BYTES: u64 = 4 << 30;
 /// Largest content frame.
 pub const CHUNK_BYTES: usize = 256 << 10;
 /// Longest request frame (a CID is 36 bytes).
@@ -236,12 +237,48 @@ async fn answer(
     Ok(())
 }
 
-/// Requests one blob on an open connection and returns its verified content.
+/// A fetched blob, verified against its CID, waiting in a scratch file beside the store
+/// to be copied in; the file goes when this is dropped.
+pub struct Fetched {
+    path: std::path::PathBuf,
+    size: u64,
+}
+
+impl Drop for Fetched {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Fetched {
+    /// Copies the blob into `store` under `cid` (checked against it again as it goes in).
+    pub fn store_as(&self, store: &Store, cid: &ContentId) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut file = std::fs::File::open(&self.path).map_err(io)?;
+        let len = usize::try_from(self.size).map_err(|_| StoreError::Corrupt {
+            path: store.path().to_owned(),
+            detail: format!("blob {cid} is larger than this machine can address"),
+        })?;
+        store
+            .put_blob_with(cid, len, |w| std::io::copy(&mut file, w).map(|_| ()))?
+            .map_err(io)
+    }
+}
+
+/// Requests one blob on an open connection and streams it into a scratch file beside
+/// `store`, hashing it as it comes: a snapshot blob of a million live records (hundreds of
+/// megabytes) is never held in memory. Returns it once it matches its CID.
 pub async fn request(
     conn: &Connection,
     want: Wanted,
     max_blob_bytes: u64,
-) -> Result<Vec<u8>, BlobError> {
+    store: &Store,
+) -> Result<Fetched, BlobError> {
+    use std::io::Write;
+    static SCRATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let cid = want.cid;
     let (mut send, mut recv) = conn
         .open_bi()
@@ -282,19 +319,41 @@ pub async fn request(
             max: max_blob_bytes,
         });
     }
-    // `size` is bounded by `max_blob_bytes`, so the allocation is too.
-    let mut bytes = Vec::with_capacity(size as usize);
-    while (bytes.len() as u64) < size {
+    let fetched = Fetched {
+        path: store.path().with_extension(format!(
+            "fetch-{}-{}",
+            std::process::id(),
+            SCRATCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )),
+        size,
+    };
+    let io = |e: std::io::Error| {
+        BlobError::Store(StoreError::Io {
+            path: fetched.path.clone(),
+            source: e,
+        })
+    };
+    let mut file = std::io::BufWriter::with_capacity(
+        1 << 20,
+        std::fs::File::create(&fetched.path).map_err(io)?,
+    );
+    let mut hash = blake3::Hasher::new();
+    let mut got = 0u64;
+    while got < size {
         let chunk = endpoint::read_frame(&mut recv, CHUNK_BYTES).await?;
-        if chunk.is_empty() || bytes.len() as u64 + chunk.len() as u64 > size {
+        if chunk.is_empty() || got + chunk.len() as u64 > size {
             return Err(BlobError::Malformed("content frames do not add up".into()));
         }
-        bytes.extend_from_slice(&chunk);
+        got += chunk.len() as u64;
+        hash.update(&chunk);
+        file.write_all(&chunk).map_err(io)?;
     }
-    if !cid.matches(&bytes) {
+    file.flush().map_err(io)?;
+    let content = tend_core::Hash32(*hash.finalize().as_bytes());
+    if ContentId::from_blake3(cid.codec(), &content) != cid {
         return Err(BlobError::Mismatch(cid));
     }
-    Ok(bytes)
+    Ok(fetched)
 }
 
 /// What fetching from one peer did.
@@ -346,24 +405,18 @@ pub async fn fetch(
         }
     };
     for w in wanted {
-        match request(&conn, *w, max_blob_bytes).await {
-            Ok(bytes) => {
+        match request(&conn, *w, max_blob_bytes, device.store()).await {
+            Ok(fetched) => {
                 let d = device.clone();
                 let cid = w.cid;
-                let stored = tokio::task::spawn_blocking(move || {
-                    d.store()
-                        .put_blob(cid.codec(), &bytes)
-                        .map(|c| (c, bytes.len()))
-                })
-                .await;
+                let len = fetched.size;
+                let stored =
+                    tokio::task::spawn_blocking(move || fetched.store_as(d.store(), &cid)).await;
                 match stored {
-                    Ok(Ok((c, len))) if c == cid => {
+                    Ok(Ok(())) => {
                         metrics.blobs_fetched.inc();
-                        metrics.blob_bytes_received.inc_by(len as u64);
+                        metrics.blob_bytes_received.inc_by(len);
                         report.fetched.push(cid);
-                    }
-                    Ok(Ok(_)) => {
-                        report.error = Some(format!("blob {cid} stored under another CID"))
                     }
                     Ok(Err(e)) => report.error = Some(e.to_string()),
                     Err(e) => report.error = Some(e.to_string()),

@@ -1,0 +1,54 @@
+//! What tend-node's benchmarks share: the size knob, peak memory, and signed facts.
+
+#![allow(dead_code)]
+
+use tend_core::{Payload, UnsignedFact, VerifiedFact};
+use tend_node::Device;
+
+/// Facts per run: `TEND_BENCH_FACTS`, else a million.
+pub fn n_facts() -> usize {
+    std::env::var("TEND_BENCH_FACTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+/// Peak resident memory of this process, in MiB (Linux).
+pub fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// `n` application facts (log entries) by `device` at its current epoch, signed on two
+/// threads.
+pub fn sign_app_facts(device: &Device, n: usize, label: &str) -> Vec<VerifiedFact> {
+    let ns = device.namespace();
+    let epoch = device
+        .store()
+        .maintenance_state(ns)
+        .expect("state")
+        .current_epoch();
+    let key = device.key().signing_key();
+    let make = |i: usize| {
+        UnsignedFact {
+            namespace: ns,
+            epoch,
+            payload: Payload::Application {
+                kind: "bench".into(),
+                data: format!("fact {i:08} of the {label} bench").into_bytes(),
+            },
+        }
+        .sign(key)
+    };
+    std::thread::scope(|s| {
+        let a = s.spawn(|| (0..n / 2).map(make).collect::<Vec<_>>());
+        let mut b: Vec<_> = (n / 2..n).map(make).collect();
+        let mut a = a.join().expect("signing thread");
+        a.append(&mut b);
+        a
+    })
+}

@@ -367,7 +367,10 @@ impl Maint {
                         tracing::warn!("cannot store snapshot blob {cid}: {e}");
                     }
                 }
-                CeremonyOutput::Event(e) => self.on_event(e),
+                CeremonyOutput::Event(e) => {
+                    count_outcome(node, &e);
+                    self.on_event(e)
+                }
             }
         }
         if wrote {
@@ -450,6 +453,28 @@ impl Maint {
             None => None,
         }
     }
+}
+
+/// Counts a ceremony's end in `tend_ceremonies_total{role, outcome}`.
+fn count_outcome(node: &Node, e: &CeremonyEvent) {
+    let (role, outcome) = match e {
+        CeremonyEvent::Completed(_) => ("coordinator", "completed"),
+        CeremonyEvent::Aborted {
+            reason: AbortReason::EpochChanged { .. },
+            ..
+        } => return, // retried under the new epoch
+        CeremonyEvent::Aborted { .. } => ("coordinator", "aborted"),
+        CeremonyEvent::Signed { .. } => ("signer", "signed"),
+        CeremonyEvent::Refused { .. } => ("signer", "refused"),
+        _ => return,
+    };
+    node.metrics()
+        .ceremonies
+        .get_or_create(&vec![
+            ("role".to_string(), role.to_string()),
+            ("outcome".to_string(), outcome.to_string()),
+        ])
+        .inc();
 }
 
 fn refusal_detail(refusals: &[String]) -> String {

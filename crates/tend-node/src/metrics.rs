@@ -1,5 +1,4 @@
-//! Prometheus metrics of a running device and a tiny HTTP/1.1 responder serving them at
-//! `/metrics`.
+//! Prometheus metrics of a running device, served at `GET /metrics` by axum.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -11,7 +10,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// Labels of a metric family: `(name, value)` pairs.
@@ -72,6 +70,23 @@ pub struct Metrics {
     /// Bytes those collections gave back to the file system (store file size before the
     /// prune minus after the compaction).
     pub gc_bytes_reclaimed: Counter,
+    /// Facts in the journal, read at each scrape.
+    pub journal_facts: Gauge,
+    /// Live keys of the application's collections, read at each scrape.
+    pub live_keys: Gauge,
+    /// Untrimmed log entries, read at each scrape.
+    pub log_entries: Gauge,
+    /// Size of the store file in bytes, read at each scrape.
+    pub store_bytes: Gauge,
+    /// The authority's identity epoch, read at each scrape.
+    pub identity_epoch: Gauge,
+    /// The latest verified snapshot's epoch (0 before the first), read at each scrape.
+    pub snapshot_epoch: Gauge,
+    /// Unix time in seconds of the last successful sync with each peer.
+    pub peer_last_sync: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// Snapshot ceremonies this device coordinated or signed, by `role` and `outcome`
+    /// (`completed`, `aborted`, `refused`).
+    pub ceremonies: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -115,8 +130,44 @@ impl Metrics {
             gc_runs: Counter::default(),
             gc_facts_pruned: Counter::default(),
             gc_bytes_reclaimed: Counter::default(),
+            journal_facts: Gauge::default(),
+            live_keys: Gauge::default(),
+            log_entries: Gauge::default(),
+            store_bytes: Gauge::default(),
+            identity_epoch: Gauge::default(),
+            snapshot_epoch: Gauge::default(),
+            peer_last_sync: Family::default(),
+            ceremonies: Family::default(),
             registry: Registry::default(),
         };
+        for (name, help, gauge) in [
+            ("journal_facts", "Facts in the journal", &m.journal_facts),
+            ("live_keys", "Live keys of the collections", &m.live_keys),
+            ("log_entries", "Untrimmed log entries", &m.log_entries),
+            ("store_bytes", "Size of the store file", &m.store_bytes),
+            (
+                "identity_epoch",
+                "The authority's identity epoch",
+                &m.identity_epoch,
+            ),
+            (
+                "snapshot_epoch",
+                "The latest verified snapshot's epoch",
+                &m.snapshot_epoch,
+            ),
+        ] {
+            registry.register(name, help, gauge.clone());
+        }
+        registry.register(
+            "peer_last_sync_seconds",
+            "Unix time of the last successful sync with each peer",
+            m.peer_last_sync.clone(),
+        );
+        registry.register(
+            "ceremonies",
+            "Snapshot ceremonies by role and outcome",
+            m.ceremonies.clone(),
+        );
         registry.register(
             "sync_latency_seconds",
             "Duration of sync sessions",
@@ -286,63 +337,39 @@ impl Metrics {
     }
 }
 
-/// Largest HTTP request head read; anything longer is answered 431 and dropped.
-const MAX_REQUEST_HEAD: usize = 8 * 1024;
-
-/// Serves `GET /metrics` on `listener` until the task is dropped. Anything else gets 404;
-/// the connection is closed after each response.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 1024];
-            let head_complete = loop {
-                let read = tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    stream.read(&mut chunk),
-                )
-                .await;
-                match read {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break false,
-                    Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-                }
-                if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    break true;
-                }
-                if buf.len() > MAX_REQUEST_HEAD {
-                    break false;
-                }
-            };
-            let response = if !head_complete {
-                http_response("431 Request Header Fields Too Large", "text/plain", "")
-            } else {
-                let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
-                let line = String::from_utf8_lossy(line);
-                let mut parts = line.split_whitespace();
-                match (parts.next(), parts.next()) {
-                    (Some("GET"), Some("/metrics")) => http_response(
-                        "200 OK",
+/// Serves `GET /metrics` on `listener` until the task is dropped; `refresh` brings the
+/// gauges read from the store up to date before each scrape. Anything else gets 404.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    refresh: Arc<dyn Fn() + Send + Sync>,
+) {
+    use axum::http::header::CONTENT_TYPE;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let (metrics, refresh) = (metrics.clone(), refresh.clone());
+            async move {
+                // The gauges read the store: off the async workers.
+                let body = tokio::task::spawn_blocking(move || {
+                    refresh();
+                    metrics.render()
+                })
+                .await
+                .unwrap_or_default();
+                (
+                    [(
+                        CONTENT_TYPE,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        &metrics.render(),
-                    ),
-                    _ => http_response("404 Not Found", "text/plain", "not found\n"),
-                }
-            };
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
+                    )],
+                    body,
+                )
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::warn!("the metrics endpoint stopped: {e}");
     }
-}
-
-fn http_response(status: &str, content_type: &str, body: &str) -> String {
-    format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
 }
 
 /// Binds the metrics listener (loopback in tests).

@@ -439,9 +439,16 @@ impl Node {
                 .await
                 .map_err(|source| NodeError::Metrics { addr, source })?;
             *lock(&node.inner.metrics_addr) = listener.local_addr().ok();
+            let inner = Arc::downgrade(&node.inner);
+            let refresh = Arc::new(move || {
+                if let Some(inner) = inner.upgrade() {
+                    inner.refresh_gauges();
+                }
+            });
             tasks.push(tokio::spawn(crate::metrics::serve(
                 listener,
                 node.inner.metrics.clone(),
+                refresh,
             )));
         }
         if config.control_socket {
@@ -1005,6 +1012,35 @@ impl Inner {
     fn update_score_gauges(&self) {
         for p in self.peer_infos() {
             self.metrics.set_score(&p.device_id, p.score);
+        }
+    }
+
+    /// Reads the gauges a scrape reports from the store and the peer table.
+    fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        let ns = self.namespace();
+        let store = self.store();
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        if let Ok(Some(stats)) = store.stats(ns) {
+            m.journal_facts.set(gauge(stats.facts));
+        }
+        if let Ok(app) = store.app_state(ns) {
+            m.live_keys.set(gauge(app.live_keys() as u64));
+            m.log_entries.set(gauge(app.log_len() as u64));
+        }
+        if let Ok(meta) = std::fs::metadata(store.path()) {
+            m.store_bytes.set(gauge(meta.len()));
+        }
+        if let Ok(state) = self.state() {
+            m.identity_epoch.set(gauge(state.identity_epoch()));
+            m.snapshot_epoch.set(gauge(state.snapshot_epoch().0));
+        }
+        for p in self.peer_infos() {
+            if let Some(ms) = p.last_sync_unix_ms {
+                m.peer_last_sync
+                    .get_or_create(&vec![("peer".to_string(), p.device_id.clone())])
+                    .set(ms as f64 / 1000.0);
+            }
         }
     }
 

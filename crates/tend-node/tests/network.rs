@@ -248,6 +248,16 @@ async fn metrics_endpoint_serves_counters_after_a_sync() {
     assert!(metric(&body, "tend_sync_latency_seconds_count").unwrap() >= 1.0);
     let peer_score = format!("tend_peer_score{{peer=\"{}\"}}", a.device_id());
     assert!(metric(&body, &peer_score).unwrap() > 0.5, "{body}");
+    // Gauges read from the store and the peer table at the scrape.
+    assert_eq!(
+        metric(&body, "tend_journal_facts"),
+        Some(fact_count(&b) as f64),
+        "{body}"
+    );
+    assert!(metric(&body, "tend_store_bytes").unwrap() > 0.0);
+    assert_eq!(metric(&body, "tend_identity_epoch"), Some(1.0));
+    let last_sync = format!("tend_peer_last_sync_seconds{{peer=\"{}\"}}", a.device_id());
+    assert!(metric(&body, &last_sync).unwrap() > 1.7e9, "{body}");
     // The responder counted what it sent.
     let body_a = http_get(a.metrics_addr().unwrap(), "/metrics").await;
     assert_eq!(metric(&body_a, "tend_facts_sent_total"), Some(30.0));
@@ -259,7 +269,7 @@ async fn metrics_endpoint_serves_counters_after_a_sync() {
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut out = String::new();

@@ -32,9 +32,16 @@ struct Running(Option<Child>);
 
 impl Running {
     fn start(home: &Path) -> Running {
+        Self::start_with(home, &[]).0
+    }
+
+    /// Starts with more `tend run` arguments; returns its start line too.
+    fn start_with(home: &Path, args: &[&str]) -> (Running, serde_json::Value) {
         // No sync rounds to speak of: a one-device authority has no peers anyway.
-        let (child, _) = start_run(home, &["--sync-interval", "3600"]);
-        Running(Some(child))
+        let mut all = vec!["--sync-interval", "3600"];
+        all.extend_from_slice(args);
+        let (child, info) = start_run(home, &all);
+        (Running(Some(child)), info)
     }
 
     fn stop(mut self) {
@@ -142,7 +149,8 @@ fn export_from_a_running_device_while_facts_are_added() {
     let dir = tempfile::tempdir().unwrap();
     let src = home_with_snapshot(dir.path(), 30_000);
     let (id, id_file, recipient) = age_key(dir.path());
-    let device = Running::start(&src);
+    let (device, info) = Running::start_with(&src, &["--metrics", "127.0.0.1:0"]);
+    let metrics_addr = info["metrics_addr"].as_str().unwrap().to_string();
 
     // Facts go in through the running device, one `tend fact add` after another, for as
     // long as the exports run.
@@ -184,6 +192,12 @@ fn export_from_a_running_device_while_facts_are_added() {
     }
     stop.store(true, Ordering::SeqCst);
     adder.join().unwrap();
+    // The running device counted its exports by outcome.
+    let metrics = scrape(&metrics_addr);
+    assert!(
+        metrics.contains("tend_backups_total{outcome=\"ok\"} 3"),
+        "{metrics}"
+    );
     device.stop();
     let total_added = added.load(Ordering::SeqCst);
 
@@ -225,6 +239,22 @@ fn export_from_a_running_device_while_facts_are_added() {
 }
 
 /// `tend --home HOME ARGS...` run from `cwd` (relative paths are the user's).
+/// `GET /metrics` of a running device.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 fn tend_in(cwd: &Path, home: &Path, args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_tend"))
         .current_dir(cwd)

@@ -870,8 +870,17 @@ async fn answer(node: &Node, request: Request) -> Response {
                 recipients,
             };
             // A read of the whole journal: off the async workers, so sessions go on.
-            let node = node.clone();
-            match tokio::task::spawn_blocking(move || (exporter.0)(node.device(), &request)).await {
+            let worker = node.clone();
+            let done =
+                tokio::task::spawn_blocking(move || (exporter.0)(worker.device(), &request)).await;
+            let outcome = if matches!(done, Ok(Ok(_))) {
+                "ok"
+            } else {
+                "failed"
+            };
+            node.metrics()
+                .count_outcome(&node.metrics().backups, outcome);
+            match done {
                 Ok(Ok(report)) => Response::ok(report),
                 Ok(Err(e)) => Response::err(error_line(&*e)),
                 Err(e) => Response::err(format!("the export failed: {e}")),

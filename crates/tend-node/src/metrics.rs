@@ -87,6 +87,10 @@ pub struct Metrics {
     /// Snapshot ceremonies this device coordinated or signed, by `role` and `outcome`
     /// (`completed`, `aborted`, `refused`).
     pub ceremonies: Family<Labels, Counter>,
+    /// Runs of the upgrade pipeline on a running device, by `outcome` (`ok`, `failed`).
+    pub upgrade_runs: Family<Labels, Counter>,
+    /// Backups exported through a running device, by `outcome` (`ok`, `failed`).
+    pub backups: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -138,6 +142,8 @@ impl Metrics {
             snapshot_epoch: Gauge::default(),
             peer_last_sync: Family::default(),
             ceremonies: Family::default(),
+            upgrade_runs: Family::default(),
+            backups: Family::default(),
             registry: Registry::default(),
         };
         for (name, help, gauge) in [
@@ -167,6 +173,16 @@ impl Metrics {
             "ceremonies",
             "Snapshot ceremonies by role and outcome",
             m.ceremonies.clone(),
+        );
+        registry.register(
+            "upgrade_runs",
+            "Upgrade pipeline runs by outcome",
+            m.upgrade_runs.clone(),
+        );
+        registry.register(
+            "backups",
+            "Backups exported through the running device by outcome",
+            m.backups.clone(),
         );
         registry.register(
             "sync_latency_seconds",
@@ -318,6 +334,13 @@ impl Metrics {
     pub fn reject_blob(&self, reason: &str) {
         self.blobs_rejected
             .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .inc();
+    }
+
+    /// Counts one event of `family` under `outcome`.
+    pub fn count_outcome(&self, family: &Family<Labels, Counter>, outcome: &str) {
+        family
+            .get_or_create(&vec![("outcome".to_string(), outcome.to_string())])
             .inc();
     }
 

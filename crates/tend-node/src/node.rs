@@ -783,9 +783,19 @@ impl Node {
                 &mut installer,
                 &upgrade::ApplyOptions::default(),
             ) {
-                Ok(r) if r.has_failures() => tracing::warn!("upgrade pipeline: {r:?}"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!("upgrade pipeline failed: {e}"),
+                Ok(r) if r.has_failures() => {
+                    tracing::warn!("upgrade pipeline: {r:?}");
+                    node.metrics()
+                        .count_outcome(&node.metrics().upgrade_runs, "failed");
+                }
+                Ok(_) => node
+                    .metrics()
+                    .count_outcome(&node.metrics().upgrade_runs, "ok"),
+                Err(e) => {
+                    tracing::warn!("upgrade pipeline failed: {e}");
+                    node.metrics()
+                        .count_outcome(&node.metrics().upgrade_runs, "failed");
+                }
             }
             node.inner.after_local_write();
             node.inner.applying.store(false, Ordering::SeqCst);

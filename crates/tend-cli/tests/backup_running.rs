@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{backup_args, fails_in_one_line, ok_json, start_run, terminate};
+use common::{backup_args, fails_in_one_line, ok_json, scrape, start_run, terminate};
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -239,22 +239,6 @@ fn export_from_a_running_device_while_facts_are_added() {
 }
 
 /// `tend --home HOME ARGS...` run from `cwd` (relative paths are the user's).
-/// `GET /metrics` of a running device.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 fn tend_in(cwd: &Path, home: &Path, args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_tend"))
         .current_dir(cwd)

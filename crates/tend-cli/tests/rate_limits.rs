@@ -4,24 +4,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
-use common::{ok_json, start_run, tend, terminate, two_device_authority, wait_until};
-
-/// `GET /metrics` of a running device.
-fn scrape(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
+use common::{ok_json, scrape, start_run, tend, terminate, two_device_authority, wait_until};
 
 fn value(text: &str, name: &str) -> f64 {
     text.lines()

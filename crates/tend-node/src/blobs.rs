@@ -237,6 +237,41 @@ async fn answer(
     Ok(())
 }
 
+/// Removes the scratch files of blobs being built or fetched that a process which held
+/// this store before left behind (killed mid-way); the running process's own are its to
+/// remove. Scratch files are named after the store file, with an extension
+/// `blob-PID-N` (built, `fleet::StoreJournal`) or `fetch-PID-N` (fetched, [`request`]).
+pub(crate) fn remove_stale_scratch(store_path: &std::path::Path) {
+    let (Some(dir), Some(stem)) = (store_path.parent(), store_path.file_stem()) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let ours = std::process::id().to_string();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.file_stem() != Some(stem) {
+            continue;
+        }
+        let Some(ext) = path.extension().and_then(|e| e.to_str()) else {
+            continue;
+        };
+        let pid = ext
+            .strip_prefix("blob-")
+            .or_else(|| ext.strip_prefix("fetch-"))
+            .and_then(|rest| rest.split_once('-'))
+            .filter(|(pid, n)| pid.parse::<u32>().is_ok() && n.parse::<u64>().is_ok())
+            .map(|(pid, _)| pid);
+        if pid.is_some_and(|pid| pid != ours) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!("removed {}, left by a stopped process", path.display()),
+                Err(e) => tracing::warn!("cannot remove {}: {e}", path.display()),
+            }
+        }
+    }
+}
+
 /// A fetched blob, verified against its CID, waiting in a scratch file beside the store
 /// to be copied in; the file goes when this is dropped.
 pub struct Fetched {

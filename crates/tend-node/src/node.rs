@@ -354,6 +354,7 @@ impl Node {
     /// [`Node::start`] over a device the caller keeps using (the `tend` library crate
     /// holds it across starts and stops of its node).
     pub async fn start_shared(device: Arc<Device>, config: NodeConfig) -> Result<Node, NodeError> {
+        crate::blobs::remove_stale_scratch(device.store().path());
         let endpoint = bind_endpoint(&device, config.listen).await?;
         let listen = endpoint::local_addr(&endpoint).unwrap_or(config.listen);
         let namespace = device.namespace();

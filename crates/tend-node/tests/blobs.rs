@@ -291,3 +291,26 @@ async fn a_device_below_the_fence_is_refused_with_a_reason_until_it_upgrades() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_removes_the_blob_scratch_files_a_killed_process_left() {
+    let mut fleet = Fleet::new(1, &[true]);
+    let device = fleet.take(0);
+    let store = device.store().path().to_owned();
+    // What a process killed while building or fetching a blob leaves beside the store,
+    // and a file that only looks alike.
+    let stale = [
+        store.with_extension("blob-1-0"),
+        store.with_extension("fetch-4000000-3"),
+    ];
+    let unrelated = store.with_extension("blob-notes");
+    for p in stale.iter().chain([&unrelated]) {
+        std::fs::write(p, b"partial").unwrap();
+    }
+    let node = Node::start(device, config(vec![])).await.unwrap();
+    for p in &stale {
+        assert!(!p.exists(), "{} is still there", p.display());
+    }
+    assert!(unrelated.exists(), "a file that is no scratch file went");
+    node.shutdown().await;
+}

@@ -12,53 +12,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use iroh::endpoint::{Connection, RecvStream, SendStream};
-use tend_core::{Payload, ProtocolVersion, UnsignedFact};
+use tend_core::{Payload, UnsignedFact};
 use tend_node::endpoint::{self, SYNC_ALPN};
-use tend_node::{Device, Node, NodeConfig, PeerAddr};
-use tend_sync::{
-    Action, FenceStatus, LocalView, MemItems, RateConfig, RefuseReason, Session, SessionConfig,
-    SyncItem, SyncMessage,
-};
+use tend_node::{Node, NodeConfig};
+use tend_sync::{RateConfig, RefuseReason, SyncMessage};
 
 fn nz(n: u32) -> Option<NonZeroU32> {
     NonZeroU32::new(n)
-}
-
-/// The `Hello` a member sends to open a session to `to`.
-fn hello(member: &Device, to: &PeerAddr) -> Vec<u8> {
-    let ns = member.namespace();
-    let state = member.store().maintenance_state(ns).unwrap();
-    let items: Vec<SyncItem> = member
-        .store()
-        .items(ns, ..)
-        .unwrap()
-        .map(|i| {
-            let (epoch, id) = i.unwrap();
-            SyncItem { epoch, id }
-        })
-        .collect();
-    let local = LocalView {
-        device: member.device_id(),
-        namespace: ns,
-        protocol: ProtocolVersion::CURRENT,
-        epoch: state.maintenance_epoch(),
-        fence: FenceStatus::Satisfied,
-    };
-    let (_, actions) = Session::initiate(
-        Duration::ZERO,
-        to.device,
-        local,
-        Arc::new(MemItems::new(ns, items)),
-        SessionConfig::default(),
-    )
-    .unwrap();
-    actions
-        .into_iter()
-        .find_map(|a| match a {
-            Action::Send(b) => Some(b),
-            _ => None,
-        })
-        .unwrap()
 }
 
 /// Opens a stream, sends `hello`, and reads the first answer.

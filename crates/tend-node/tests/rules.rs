@@ -6,7 +6,6 @@
 mod common;
 
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,10 +16,7 @@ use tend_crypto::device::DeviceKey;
 use tend_node::endpoint::{self, SYNC_ALPN};
 use tend_node::upgrade::{self, ApplyOptions, CommandInstaller};
 use tend_node::{Device, GcPolicy, Node, NodeConfig, PeerAddr};
-use tend_sync::{
-    FenceStatus, LocalView, ManagerConfig, MemItems, Rate, RateConfig, Session, SessionConfig,
-    SyncItem,
-};
+use tend_sync::{ManagerConfig, Rate, RateConfig};
 
 /// Sessions only when a test asks.
 fn quiet() -> NodeConfig {
@@ -49,37 +45,9 @@ async fn open_silent_session(member: &Device, to: PeerAddr) -> SilentSession {
     let addr = endpoint::endpoint_addr(to.device, to.addr).unwrap();
     let conn = ep.connect(addr, SYNC_ALPN).await.unwrap();
     let (mut send, recv) = conn.open_bi().await.unwrap();
-    let ns = member.namespace();
-    let state = member.store().maintenance_state(ns).unwrap();
-    let items: Vec<SyncItem> = member
-        .store()
-        .items(ns, ..)
-        .unwrap()
-        .map(|i| {
-            let (epoch, id) = i.unwrap();
-            SyncItem { epoch, id }
-        })
-        .collect();
-    let local = LocalView {
-        device: member.device_id(),
-        namespace: ns,
-        protocol: ProtocolVersion::CURRENT,
-        epoch: state.maintenance_epoch(),
-        fence: FenceStatus::Satisfied,
-    };
-    let (_session, actions) = Session::initiate(
-        Duration::ZERO,
-        to.device,
-        local,
-        Arc::new(MemItems::new(ns, items)),
-        SessionConfig::default(),
-    )
-    .unwrap();
-    for a in actions {
-        if let tend_sync::Action::Send(bytes) = a {
-            endpoint::write_frame(&mut send, &bytes).await.unwrap();
-        }
-    }
+    endpoint::write_frame(&mut send, &hello(member, &to))
+        .await
+        .unwrap();
     SilentSession {
         _ep: ep,
         conn,

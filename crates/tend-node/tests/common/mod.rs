@@ -4,12 +4,16 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 use tend_core::authority::{AuthorityFact, MembershipChange};
-use tend_core::{DeviceId, Epoch, GroupKey, Hash32, Payload, UnsignedFact, VerifiedFact};
+use tend_core::{
+    DeviceId, Epoch, GroupKey, Hash32, Payload, ProtocolVersion, UnsignedFact, VerifiedFact,
+};
 use tend_node::{Device, Node, NodeConfig, PeerAddr};
+use tend_sync::{Action, FenceStatus, LocalView, MemItems, Session, SessionConfig, SyncItem};
 
 /// Homes of one authority: device 0 is the admin, the others were added by a membership
 /// change. `bootstrap[i]` says whether device i got the admin's genesis and membership
@@ -276,4 +280,41 @@ pub fn complete_snapshot(d: &Device, epoch: Epoch, proposal: &[u8]) -> (Verified
     let st = d.store().maintenance_state(ns).unwrap();
     assert_eq!(st.snapshot_epoch(), epoch, "the snapshot verified");
     (completion, bytes)
+}
+
+/// The `Hello` a member sends to open a session to `to`.
+pub fn hello(member: &Device, to: &PeerAddr) -> Vec<u8> {
+    let ns = member.namespace();
+    let state = member.store().maintenance_state(ns).unwrap();
+    let items: Vec<SyncItem> = member
+        .store()
+        .items(ns, ..)
+        .unwrap()
+        .map(|i| {
+            let (epoch, id) = i.unwrap();
+            SyncItem { epoch, id }
+        })
+        .collect();
+    let local = LocalView {
+        device: member.device_id(),
+        namespace: ns,
+        protocol: ProtocolVersion::CURRENT,
+        epoch: state.maintenance_epoch(),
+        fence: FenceStatus::Satisfied,
+    };
+    let (_, actions) = Session::initiate(
+        Duration::ZERO,
+        to.device,
+        local,
+        Arc::new(MemItems::new(ns, items)),
+        SessionConfig::default(),
+    )
+    .unwrap();
+    actions
+        .into_iter()
+        .find_map(|a| match a {
+            Action::Send(b) => Some(b),
+            _ => None,
+        })
+        .unwrap()
 }

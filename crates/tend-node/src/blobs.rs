@@ -237,10 +237,8 @@ async fn answer(
     Ok(())
 }
 
-/// Removes the scratch files of blobs being built or fetched that a process which held
-/// this store before left behind (killed mid-way); the running process's own are its to
-/// remove. Scratch files are named after the store file, with an extension
-/// `blob-PID-N` (built, `fleet::StoreJournal`) or `fetch-PID-N` (fetched, [`request`]).
+/// Removes the [`ScratchBlob`] files that a process which held this store before left
+/// behind (killed mid-way); the running process's own are its to remove.
 pub(crate) fn remove_stale_scratch(store_path: &std::path::Path) {
     let (Some(dir), Some(stem)) = (store_path.parent(), store_path.file_stem()) else {
         return;
@@ -257,9 +255,9 @@ pub(crate) fn remove_stale_scratch(store_path: &std::path::Path) {
         let Some(ext) = path.extension().and_then(|e| e.to_str()) else {
             continue;
         };
-        let pid = ext
-            .strip_prefix("blob-")
-            .or_else(|| ext.strip_prefix("fetch-"))
+        let pid = ScratchKind::ALL
+            .iter()
+            .find_map(|k| ext.strip_prefix(k.name())?.strip_prefix('-'))
             .and_then(|rest| rest.split_once('-'))
             .filter(|(pid, n)| pid.parse::<u32>().is_ok() && n.parse::<u64>().is_ok())
             .map(|(pid, _)| pid);
@@ -272,38 +270,118 @@ pub(crate) fn remove_stale_scratch(store_path: &std::path::Path) {
     }
 }
 
-/// A fetched blob, verified against its CID, waiting in a scratch file beside the store
-/// to be copied in; the file goes when this is dropped.
-pub struct Fetched {
-    path: std::path::PathBuf,
-    size: u64,
+/// Why a blob is on its way into the store through a [`ScratchBlob`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScratchKind {
+    /// Being built from the journal (`fleet::StoreJournal`, a snapshot blob).
+    Built,
+    /// Being fetched from a peer ([`request`]).
+    Fetched,
 }
 
-impl Drop for Fetched {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+impl ScratchKind {
+    const ALL: [ScratchKind; 2] = [ScratchKind::Built, ScratchKind::Fetched];
+
+    fn name(self) -> &'static str {
+        match self {
+            ScratchKind::Built => "blob",
+            ScratchKind::Fetched => "fetch",
+        }
     }
 }
 
-impl Fetched {
+/// A blob on its way into the store: written to a scratch file beside the store while it
+/// is hashed for its CID, then copied in ([`ScratchBlob::store_as`]), so a blob of
+/// hundreds of megabytes is never held in memory and no store write transaction waits on
+/// its producer. The file is named after the store file, the kind and this process
+/// (`.KIND-PID-N`, which [`remove_stale_scratch`] recognises) and goes when this is dropped.
+pub struct ScratchBlob {
+    path: std::path::PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    hash: blake3::Hasher,
+    len: u64,
+}
+
+impl ScratchBlob {
+    /// Creates the scratch file beside `store`.
+    pub fn create(store: &Store, kind: ScratchKind) -> Result<Self, StoreError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let path = store.path().with_extension(format!(
+            "{}-{}-{}",
+            kind.name(),
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let file = std::fs::File::create(&path).map_err(|source| StoreError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self {
+            path,
+            file: std::io::BufWriter::with_capacity(1 << 20, file),
+            hash: blake3::Hasher::new(),
+            len: 0,
+        })
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Flushes the file and returns the CID of what was written, under `codec`.
+    pub fn finish(&mut self, codec: u64) -> Result<ContentId, StoreError> {
+        use std::io::Write;
+        self.file.flush().map_err(|e| self.io(e))?;
+        let hash = tend_core::Hash32(*self.hash.finalize().as_bytes());
+        Ok(ContentId::from_blake3(codec, &hash))
+    }
+
     /// Copies the blob into `store` under `cid` (checked against it again as it goes in).
     pub fn store_as(&self, store: &Store, cid: &ContentId) -> Result<(), StoreError> {
-        let io = |source| StoreError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        let mut file = std::fs::File::open(&self.path).map_err(io)?;
-        let len = usize::try_from(self.size).map_err(|_| StoreError::Corrupt {
+        let mut file = std::fs::File::open(&self.path).map_err(|e| self.io(e))?;
+        let len = usize::try_from(self.len).map_err(|_| StoreError::Corrupt {
             path: store.path().to_owned(),
             detail: format!("blob {cid} is larger than this machine can address"),
         })?;
         store
             .put_blob_with(cid, len, |w| std::io::copy(&mut file, w).map(|_| ()))?
-            .map_err(io)
+            .map_err(|e| self.io(e))
+    }
+
+    fn io(&self, source: std::io::Error) -> StoreError {
+        StoreError::Io {
+            path: self.path.clone(),
+            source,
+        }
     }
 }
 
-/// Requests one blob on an open connection and streams it into a scratch file beside
+impl std::io::Write for ScratchBlob {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write_all(buf)?;
+        self.hash.update(buf);
+        self.len += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Drop for ScratchBlob {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Requests one blob on an open connection and streams it into a [`ScratchBlob`] beside
 /// `store`, hashing it as it comes: a snapshot blob of a million live records (hundreds of
 /// megabytes) is never held in memory. Returns it once it matches its CID.
 pub async fn request(
@@ -311,9 +389,8 @@ pub async fn request(
     want: Wanted,
     max_blob_bytes: u64,
     store: &Store,
-) -> Result<Fetched, BlobError> {
+) -> Result<ScratchBlob, BlobError> {
     use std::io::Write;
-    static SCRATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let cid = want.cid;
     let (mut send, mut recv) = conn
         .open_bi()
@@ -354,41 +431,20 @@ pub async fn request(
             max: max_blob_bytes,
         });
     }
-    let fetched = Fetched {
-        path: store.path().with_extension(format!(
-            "fetch-{}-{}",
-            std::process::id(),
-            SCRATCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        )),
-        size,
-    };
-    let io = |e: std::io::Error| {
-        BlobError::Store(StoreError::Io {
-            path: fetched.path.clone(),
-            source: e,
-        })
-    };
-    let mut file = std::io::BufWriter::with_capacity(
-        1 << 20,
-        std::fs::File::create(&fetched.path).map_err(io)?,
-    );
-    let mut hash = blake3::Hasher::new();
-    let mut got = 0u64;
-    while got < size {
+    let mut scratch = ScratchBlob::create(store, ScratchKind::Fetched)?;
+    while scratch.len() < size {
         let chunk = endpoint::read_frame(&mut recv, CHUNK_BYTES).await?;
-        if chunk.is_empty() || got + chunk.len() as u64 > size {
+        if chunk.is_empty() || scratch.len() + chunk.len() as u64 > size {
             return Err(BlobError::Malformed("content frames do not add up".into()));
         }
-        got += chunk.len() as u64;
-        hash.update(&chunk);
-        file.write_all(&chunk).map_err(io)?;
+        scratch
+            .write_all(&chunk)
+            .map_err(|e| BlobError::Store(scratch.io(e)))?;
     }
-    file.flush().map_err(io)?;
-    let content = tend_core::Hash32(*hash.finalize().as_bytes());
-    if ContentId::from_blake3(cid.codec(), &content) != cid {
+    if scratch.finish(cid.codec())? != cid {
         return Err(BlobError::Mismatch(cid));
     }
-    Ok(fetched)
+    Ok(scratch)
 }
 
 /// What fetching from one peer did.
@@ -444,7 +500,7 @@ pub async fn fetch(
             Ok(fetched) => {
                 let d = device.clone();
                 let cid = w.cid;
-                let len = fetched.size;
+                let len = fetched.len();
                 let stored =
                     tokio::task::spawn_blocking(move || fetched.store_as(d.store(), &cid)).await;
                 match stored {

@@ -7,7 +7,6 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rand::{CryptoRng, RngCore};
@@ -27,6 +26,7 @@ use tend_snapshot::{
 };
 use tend_store::{Store, StoreError};
 
+use crate::blobs::{ScratchBlob, ScratchKind};
 use crate::device::{Device, DeviceError};
 
 /// Why a fleet operation failed.
@@ -157,50 +157,19 @@ impl<'a> StoreJournal<'a> {
     }
 
     /// Builds the blob as [`StoreJournal::write_snapshot_blob`] does, in one pass into a
-    /// scratch file beside the store while hashing it for its CID; if it is to be kept
-    /// and is not stored yet, the file is copied into the store. One scan of the journal,
-    /// and memory holds a copy buffer, not the blob.
+    /// [`ScratchBlob`] beside the store, hashed for its CID as it is written; if it is to
+    /// be kept and is not stored yet, it is copied into the store. One scan of the
+    /// journal, and memory holds a copy buffer, not the blob.
     fn build_and_keep(
         &self,
         upto: Epoch,
         keep: Option<ContentId>,
     ) -> Result<ContentId, StoreError> {
-        static SCRATCH: AtomicU64 = AtomicU64::new(0);
-        let io_err = |source| StoreError::Io {
-            path: self.store.path().to_owned(),
-            source,
-        };
-        let scratch = self.store.path().with_extension(format!(
-            "blob-{}-{}",
-            std::process::id(),
-            SCRATCH.fetch_add(1, Ordering::Relaxed)
-        ));
-        // Removed however this returns.
-        struct Remove<'p>(&'p std::path::Path);
-        impl Drop for Remove<'_> {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_file(self.0);
-            }
-        }
-        let file = std::fs::File::create(&scratch).map_err(io_err)?;
-        let _remove = Remove(&scratch);
-        let mut out = HashingSink {
-            hash: blake3::Hasher::new(),
-            len: 0,
-            copy: std::io::BufWriter::with_capacity(1 << 20, file),
-        };
-        self.write_snapshot_blob(upto, &mut out)?;
-        out.flush().map_err(io_err)?;
-        let cid = ContentId::from_blake3(CODEC_DAG_CBOR, &Hash32(*out.hash.finalize().as_bytes()));
+        let mut scratch = ScratchBlob::create(self.store, ScratchKind::Built)?;
+        self.write_snapshot_blob(upto, &mut scratch)?;
+        let cid = scratch.finish(CODEC_DAG_CBOR)?;
         if keep.is_none_or(|k| k == cid) && !self.store.has_blob(&cid)? {
-            let len = usize::try_from(out.len).map_err(|_| StoreError::Corrupt {
-                path: self.store.path().to_owned(),
-                detail: "a snapshot blob larger than this machine can address".into(),
-            })?;
-            let mut file = std::fs::File::open(&scratch).map_err(io_err)?;
-            self.store
-                .put_blob_with(&cid, len, |w| std::io::copy(&mut file, w).map(|_| ()))?
-                .map_err(io_err)?;
+            scratch.store_as(self.store, &cid)?;
         }
         Ok(cid)
     }
@@ -221,26 +190,6 @@ impl From<StoreError> for BuildError {
 impl From<std::io::Error> for BuildError {
     fn from(e: std::io::Error) -> Self {
         Self::Io(e)
-    }
-}
-
-/// Counts and hashes what is written to it, and copies it on.
-struct HashingSink<W> {
-    hash: blake3::Hasher,
-    len: u64,
-    copy: W,
-}
-
-impl<W: Write> Write for HashingSink<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.copy.write_all(buf)?;
-        self.hash.update(buf);
-        self.len += buf.len() as u64;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.copy.flush()
     }
 }
 

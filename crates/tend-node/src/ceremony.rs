@@ -40,8 +40,7 @@ use crate::node::Node;
 /// Setting holding the engine's snapshot votes (target epoch -> proposal signed).
 const VOTES: &str = "snapshot_votes";
 
-/// ALPN of the maintenance protocol (snapshot ceremonies, key generation), version 1.
-pub const MAINT_ALPN: &[u8] = b"tend/maint/1";
+pub use crate::endpoint::MAINT_ALPN;
 /// Largest message frame accepted (a join message carries the authority's facts).
 pub const MAX_MAINT_FRAME: usize = 4 << 20;
 /// Largest reply frame accepted.

@@ -14,6 +14,10 @@ pub const SYNC_ALPN: &[u8] = b"tend/sync/1";
 /// ALPN of the blob transfer protocol, version 1 (see `crate::blobs`).
 pub const BLOB_ALPN: &[u8] = b"tend/blob/1";
 
+/// ALPN of the maintenance protocol (snapshot ceremonies, key generation), version 1
+/// (see `crate::ceremony`).
+pub const MAINT_ALPN: &[u8] = b"tend/maint/1";
+
 /// Bytes of the frame length prefix (u32, big endian).
 pub const FRAME_HEADER: usize = 4;
 
@@ -69,7 +73,7 @@ pub async fn bind(key: &DeviceKey, listen: SocketAddr) -> Result<Endpoint, Endpo
         })?
         .alpns(vec![
             SYNC_ALPN.to_vec(),
-            crate::ceremony::MAINT_ALPN.to_vec(),
+            MAINT_ALPN.to_vec(),
             BLOB_ALPN.to_vec(),
         ])
         .bind()

@@ -55,6 +55,8 @@ use crate::upgrade::{ApplyReport, UpgradeStatus};
 
 pub mod ops;
 
+pub use crate::error::error_line;
+
 use ops::{Activated, AdminReplaced, GcPolicySet, Published, UpgradeSettings};
 
 /// File name of the control socket in a home.
@@ -579,22 +581,6 @@ async fn write_response(
         .unwrap_or_else(|_| br#"{"v":1,"ok":false,"error":"cannot encode response"}"#.to_vec());
     line.push(b'\n');
     w.write_all(&line).await
-}
-
-/// One line for an error and its causes, joined by ": " (a cause already in the text is
-/// not repeated): how the device answers errors, and how the CLI prints its own.
-pub fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = cause.source();
-    }
-    line
 }
 
 /// Runs `f` on the node off the async workers (store reads and writes block) and turns

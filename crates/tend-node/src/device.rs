@@ -17,8 +17,10 @@ use tend_core::{
     DeviceId, Epoch, FactId, Hash32, JournalNamespace, Payload, UnsignedFact, VerifiedFact,
 };
 use tend_crypto::device::DeviceKey;
-use tend_crypto::secret_file::KeyFileError;
 use tend_store::{CompactReport, Store, StoreError};
+
+pub use crate::error::DeviceError;
+use crate::write::{WriteQueue, WriteTarget};
 
 /// File name of the store inside a home directory.
 pub const STORE_FILE: &str = "store.redb";
@@ -26,43 +28,6 @@ pub const STORE_FILE: &str = "store.redb";
 const CURRENT_NAMESPACE: &str = "current_namespace";
 /// Setting that holds the device's [`GcPolicy`].
 const GC_POLICY: &str = "gc_policy";
-
-/// Why a device operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    #[error("{0} already holds a tend device; choose another --home")]
-    AlreadyInitialised(PathBuf),
-    #[error("{0} is not a tend home (no store.redb); run `tend init --home {0}` first")]
-    NotInitialised(PathBuf),
-    #[error("cannot create home directory {path}: {source}")]
-    CreateHome {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Key(#[from] KeyFileError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("the store has no current journal; it was not made by `tend init`")]
-    NoCurrentJournal,
-    #[error("fact rejected: {0}")]
-    Rejected(String),
-    #[error("invalid input: {0}")]
-    InvalidInput(String),
-    /// What the request names does not exist here (a key to delete that is absent).
-    #[error("{0}")]
-    NotFound(String),
-    /// What the request names exists but its bytes are not on this device yet (a large
-    /// value whose blob sync has not fetched).
-    #[error("{0}")]
-    Unavailable(String),
-    /// A write that shared a group commit whose transaction failed (the first caller of
-    /// the group gets the error itself, the others its message).
-    #[error("the commit this write shared failed: {0}")]
-    SharedCommit(String),
-    #[error("this is an archive device: it never prunes (change with `tend gc --policy prune`)")]
-    ArchiveDevice,
-}
 
 /// An open device home.
 pub struct Device {
@@ -72,7 +37,7 @@ pub struct Device {
     /// The journal this device writes to; changes only when it joins an authority.
     namespace: RwLock<JournalNamespace>,
     /// Data writes waiting for the next group commit.
-    writes: crate::write::WriteQueue,
+    writes: WriteQueue,
 }
 
 /// Per-namespace status, as `tend journal status` shows it.
@@ -307,7 +272,7 @@ impl Device {
 
     /// The queue of data writes whose group commit stores concurrent writers' facts
     /// together (see [`crate::write::WriteQueue`]).
-    pub fn write_queue(&self) -> &crate::write::WriteQueue {
+    pub fn write_queue(&self) -> &WriteQueue {
         &self.writes
     }
 
@@ -547,6 +512,20 @@ impl Device {
 /// (a running device's sync sessions hold a read snapshot only while they reconcile);
 /// `None` if it stayed busy. Sessions wait while the compaction runs, under a second for a
 /// 200 MB store.
+impl WriteTarget for Device {
+    fn store(&self) -> &Store {
+        Device::store(self)
+    }
+
+    fn key(&self) -> &DeviceKey {
+        Device::key(self)
+    }
+
+    fn namespace(&self) -> JournalNamespace {
+        Device::namespace(self)
+    }
+}
+
 fn compact_when_idle(store: &Store) -> Result<Option<CompactReport>, StoreError> {
     for _ in 0..40 {
         match store.compact() {

@@ -16,10 +16,28 @@ use tend_core::app::{
     INLINE_VALUE_MAX,
 };
 use tend_core::maintenance::{BlobTombstone, MaintenanceFact};
-use tend_core::{AppState, ContentId, DataOp, Epoch, FactId, Payload, UnsignedFact, VerifiedFact};
+use tend_core::{
+    AppState, ContentId, DataOp, Epoch, FactId, JournalNamespace, Payload, UnsignedFact,
+    VerifiedFact,
+};
+use tend_crypto::device::DeviceKey;
+use tend_store::Store;
 
-use crate::data::{plan_request, DataRequest, Written, MAX_VALUE_BYTES};
-use crate::device::{Device, DeviceError};
+use crate::data_request::{check, check_write, DataRequest, Written, MAX_VALUE_BYTES};
+use crate::error::DeviceError;
+
+/// What writing needs of a device: the store it reads and commits to, the key it signs
+/// with, and the journal it writes to. [`crate::device::Device`] is one; writes see
+/// nothing else of it.
+pub trait WriteTarget {
+    /// The store plans read and commit to.
+    fn store(&self) -> &Store;
+    /// The key the facts are signed with.
+    fn key(&self) -> &DeviceKey;
+    /// The journal written to (read at each use: a device that joins an authority
+    /// changes it).
+    fn namespace(&self) -> JournalNamespace;
+}
 
 type KeyOf = (Space, String, String);
 
@@ -40,7 +58,7 @@ fn signing_threads() -> usize {
 /// when a later write needs the id of an earlier one (a put superseding the put just
 /// planned for its key): a batch of appends or of distinct keys is signed in parallel.
 pub struct WritePlan<'d> {
-    device: &'d Device,
+    device: &'d dyn WriteTarget,
     state: Arc<AppState>,
     epoch: Epoch,
     /// The fact this plan wrote last for a key, by its index in the plan.
@@ -92,7 +110,7 @@ fn invalid(e: impl std::fmt::Display) -> DeviceError {
 
 impl<'d> WritePlan<'d> {
     /// A plan against the device's current state and epoch.
-    pub fn new(device: &'d Device) -> Result<Self, DeviceError> {
+    pub fn new(device: &'d dyn WriteTarget) -> Result<Self, DeviceError> {
         let ns = device.namespace();
         Ok(Self {
             device,
@@ -460,6 +478,25 @@ impl<'d> WritePlan<'d> {
     }
 }
 
+/// Adds one write request to a plan; reads are refused.
+pub(crate) fn plan_request(p: &mut WritePlan<'_>, request: DataRequest) -> Result<(), DeviceError> {
+    check_write(&request)?;
+    match request {
+        DataRequest::Put {
+            collection,
+            key,
+            value,
+        } => p.put(&collection, &key, &value.0),
+        DataRequest::Delete { collection, key } => p.delete(&collection, &key),
+        DataRequest::LogAppend { log, data } => p.append(&log, &data.0),
+        DataRequest::LogTrim { log, before } => p.trim(&log, check(before.parse::<LogCursor>())?),
+        DataRequest::CachePut { key, value } => p.cache_put(&key, &value.0),
+        _ => Err(DeviceError::InvalidInput(
+            "a batch holds writes only (put, delete, log_append, log_trim, cache_put)".into(),
+        )),
+    }
+}
+
 fn written(f: &VerifiedFact, cursor: Option<LogCursor>, blob: Option<ContentId>) -> Written {
     Written {
         id: f.id().to_string(),
@@ -519,7 +556,7 @@ impl WriteQueue {
     /// and returns what each made, once they are durable.
     pub fn submit(
         &self,
-        device: &Device,
+        device: &dyn WriteTarget,
         ops: Vec<DataRequest>,
     ) -> Result<Vec<Written>, DeviceError> {
         self.submit_all(device, vec![ops])
@@ -532,7 +569,7 @@ impl WriteQueue {
     /// none within an entry); one answer per entry, once its facts are durable.
     pub fn submit_all(
         &self,
-        device: &Device,
+        device: &dyn WriteTarget,
         writes: Vec<Vec<DataRequest>>,
     ) -> Vec<Result<Vec<Written>, DeviceError>> {
         let mut answered = Vec::with_capacity(writes.len());
@@ -581,7 +618,7 @@ const EPOCH_RETRIES: usize = 3;
 
 /// Plans every job into one plan (dropping the jobs refused while planned), commits it,
 /// and answers each job.
-fn commit_group(device: &Device, mut jobs: Vec<Job>) {
+fn commit_group(device: &dyn WriteTarget, mut jobs: Vec<Job>) {
     for attempt in 0..=EPOCH_RETRIES {
         jobs = match commit_group_once(device, jobs, attempt < EPOCH_RETRIES) {
             Some(again) => again,
@@ -593,7 +630,11 @@ fn commit_group(device: &Device, mut jobs: Vec<Job>) {
 /// One attempt of [`commit_group`]: `None` once every job is answered, or the jobs to
 /// plan again when `may_retry` and the epoch moved under the plan (admission refused all
 /// of its facts, so nothing of the group was written).
-fn commit_group_once(device: &Device, jobs: Vec<Job>, may_retry: bool) -> Option<Vec<Job>> {
+fn commit_group_once(
+    device: &dyn WriteTarget,
+    jobs: Vec<Job>,
+    may_retry: bool,
+) -> Option<Vec<Job>> {
     let mut plan = match WritePlan::new(device) {
         Ok(p) => p,
         Err(e) => {
@@ -663,7 +704,7 @@ fn answer_all_failed_to(
     mut answers: impl Iterator<Item = mpsc::Sender<Result<Vec<Written>, DeviceError>>>,
     e: DeviceError,
 ) {
-    let line = crate::control::error_line(&e);
+    let line = crate::error::error_line(&e);
     if let Some(first) = answers.next() {
         let _ = first.send(Err(e));
     }

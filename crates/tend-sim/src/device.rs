@@ -1,8 +1,11 @@
-//! One simulated device: a durable journal, a write buffer a crash discards, the reduced
-//! state, and the settle step that applies a verified snapshot (coverage, `Late`
-//! re-issue, pruning).
+//! One simulated device's store: a durable journal, a write buffer a crash discards, the
+//! reduced state and the snapshot blobs, under the same rules the running node applies
+//! (`tend_replica`: admission, adopting and settling a snapshot, re-issue), plus the
+//! store's own duties the simulator models (dropping facts a late membership change makes
+//! inadmissible, GC).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
@@ -11,18 +14,12 @@ use tend_core::{
     reduce, AppState, AuthorityFact, ContentId, DeviceId, Epoch, FactId, Hash32, JournalError,
     JournalNamespace, MaintenanceState, Payload, ProtocolVersion, UnsignedFact, VerifiedFact,
 };
+use tend_replica::{Admission, Adopted, BlobAt, Replica, Rules};
 use tend_snapshot::{BuiltBlob, LocalJournal, SignerKey, SnapshotBlob};
-use tend_sync::{FactHost, FenceStatus, MemItems, SharedItems, SyncItem};
+use tend_sync::{FenceStatus, MemItems, SharedItems, SyncItem};
 
 /// The order key of a fact: `(epoch, id)`.
 pub type Key = (Epoch, FactId);
-
-/// Whether a payload is re-issued by its author when it is answered `Late` (DESIGN rule
-/// 5). Admin operations and snapshot facts are not: a late admin operation is redone by
-/// the admin's own logic, a late proposal or completion is meaningless.
-pub fn is_reissuable(p: &Payload) -> bool {
-    p.is_reissuable()
-}
 
 /// Whether a fact can change the maintenance state (kept by pruning).
 pub fn is_state_fact(f: &VerifiedFact) -> bool {
@@ -53,7 +50,7 @@ pub struct Durable {
 pub struct Settled {
     pub epoch: Epoch,
     /// Facts dropped because they are below E and not covered (rule 5).
-    pub quarantined: Vec<VerifiedFact>,
+    pub quarantined: Vec<Key>,
     /// Covered facts pruned (non-archive devices).
     pub pruned: Vec<Key>,
     /// Facts re-issued by this device.
@@ -78,8 +75,6 @@ pub struct Core {
     pub buffer: BTreeMap<Key, VerifiedFact>,
     /// The reduced state of durable + buffer.
     pub state: MaintenanceState,
-    /// Own facts a peer (or our own admission) found `Late`: to re-issue.
-    pub late_own: Vec<VerifiedFact>,
     /// Set while the device's fence is not satisfied: no session may admit facts then.
     pub fence_blocked: bool,
     /// Facts admitted through a session while `fence_blocked` (an invariant violation).
@@ -131,7 +126,6 @@ impl Core {
             durable,
             buffer: BTreeMap::new(),
             state: MaintenanceState::new(namespace),
-            late_own: Vec::new(),
             fence_blocked: false,
             crossed_fence: Vec::new(),
             revalidate_on_change: true,
@@ -222,7 +216,6 @@ impl Core {
     /// A crash: the buffer is gone; the state is recomputed from durable storage.
     pub fn crash(&mut self) {
         self.buffer.clear();
-        self.late_own.clear();
         self.rebuild();
         if self.revalidate_on_change {
             let dropped = self.revalidate();
@@ -330,55 +323,14 @@ impl Core {
         }
     }
 
-    /// Whether a fact with the same author and payload is held at or above `epoch`.
-    fn has_payload_above(&self, f: &VerifiedFact, epoch: Epoch) -> bool {
-        self.all().any(|((e, _), g)| {
-            *e >= epoch && g.author() == f.author() && g.payload() == f.payload()
-        })
-    }
-
-    /// Re-issues own `Late` facts at the current epoch, durably (so a crash cannot lose
-    /// the payload between dropping the late copy and writing the new one).
-    pub fn reissue_late(&mut self) -> Vec<VerifiedFact> {
-        let late = std::mem::take(&mut self.late_own);
-        let floor = self.state.snapshot_epoch();
-        let mut out = Vec::new();
-        for f in late {
-            if !is_reissuable(f.payload()) || self.has_payload_above(&f, floor) {
-                continue;
-            }
-            let g = UnsignedFact {
-                namespace: self.namespace,
-                epoch: self.state.current_epoch(),
-                payload: f.payload().clone(),
-            }
-            .sign(&self.key);
-            self.insert_buffered(g.clone());
-            out.push(g);
-        }
-        if !out.is_empty() {
-            self.flush();
-        }
-        out
-    }
-
-    /// Applies the latest verified snapshot once its blob is at hand (DESIGN rules 4 and
-    /// 5): hydrates the prefix's state facts and live application facts, drops facts
-    /// below E that the snapshot does not cover (re-issuing our own), drops facts whose
-    /// author the resulting state no longer admits, drops application facts below E that
-    /// only look live because we lack what superseded them (the blob says what is live),
-    /// and, unless this is an archive device, prunes the covered application facts that
-    /// are not live in the prefix below E.
-    ///
-    /// The blob comes from storage (fetched after a session) or is rebuilt from our own
-    /// journal when its CID matches, exactly as a signer checks it. With chained digests
-    /// the blob lists only the items from its base snapshot on; below the base, coverage
-    /// is what we recorded when we settled the base, or, if we never did, unknown: then
-    /// we keep only the state facts the blob certifies and re-issue our own facts there
-    /// (at-least-once, as docs/ARCHITECTURE.md says for hydrated devices).
+    /// Settles the latest verified snapshot once its blob is at hand, as the node does
+    /// (`tend_replica::settle`: uncovered facts below E go and their authors re-issue
+    /// them, facts that only look live here go), then, unless this is an archive device,
+    /// prunes the covered application facts below E that are not live in the prefix
+    /// (GC; DESIGN rule 4).
     ///
     /// `Ok(None)`: nothing to do yet. `Err`: the signed snapshot's blob does not verify
-    /// against its own digest (no device could hydrate from it).
+    /// against its own digest (no device could hydrate from it), or a rule failed.
     pub fn settle(&mut self) -> Result<Option<Settled>, String> {
         let Some(s) = self.state.latest_snapshot.clone() else {
             return Ok(None);
@@ -387,112 +339,39 @@ impl Core {
         if self.durable.settled >= e {
             return Ok(None);
         }
-        let cid = s.snapshot.blob_cid;
-        if !self.durable.blobs.contains_key(&cid) {
-            let own = self.own_blob(e).encode();
-            if SnapshotBlob::cid_of(&own) != cid {
-                return Ok(None); // wait for the blob
-            }
-            self.durable.blobs.insert(cid, own);
-        }
-        let bytes = &self.durable.blobs[&cid];
-        let blob = match SnapshotBlob::decode(bytes) {
-            Ok(b) if SnapshotBlob::cid_of(bytes) == cid && b.epoch == e => b,
-            Ok(_) => {
+        if let Some(bytes) = self.durable.blobs.get(&s.snapshot.blob_cid) {
+            let blob = SnapshotBlob::decode(bytes)
+                .map_err(|err| format!("blob of snapshot at {e} does not decode: {err}"))?;
+            if blob.epoch != e || blob.prefix_digest() != s.snapshot.digest {
                 return Err(format!(
-                    "blob of snapshot at {e} does not match its CID or epoch"
-                ))
+                    "blob of the verified snapshot at epoch {e} (base {:?}) does not hash to the signed digest",
+                    blob.base.map(|b| b.epoch)
+                ));
             }
-            Err(err) => return Err(format!("blob of snapshot at {e} does not decode: {err}")),
-        };
-        if blob.prefix_digest() != s.snapshot.digest {
-            return Err(format!(
-                "blob of the verified snapshot at epoch {e} (base {:?}) does not hash to the signed digest",
-                blob.base.map(|b| b.epoch)
-            ));
         }
-        // Coverage below e: the blob's items from its base on, and below the base what
-        // we know from settling the base.
-        let base = blob.base.map_or(Epoch::ZERO, |b| b.epoch);
-        let mut covered: BTreeSet<Key> = if self.durable.settled >= base {
-            self.durable
-                .covered
-                .range(..(base, FactId([0; 32])))
-                .copied()
-                .collect()
-        } else {
-            blob.facts
-                .iter()
-                .map(|f| f.order_key())
-                .filter(|k| k.0 < base)
-                .collect()
-        };
-        covered.extend(blob.items.iter().copied());
-        // Hydrate: the prefix's state facts are what reduction needs.
-        for f in &blob.facts {
-            self.durable
-                .facts
-                .entry(f.order_key())
-                .or_insert_with(|| f.clone());
-        }
-        // One transaction: everything buffered becomes durable with the prune.
+        // One transaction: everything buffered becomes durable with the settle.
         self.flush();
+        let rules = Rules {
+            drop_stale: self.drop_stale,
+        };
+        let settled = tend_replica::settle(self, rules).map_err(|err| err.to_string())?;
+        if self.durable.settled < e {
+            return Ok(None); // the blob is not here yet
+        }
         let mut out = Settled {
             epoch: e,
             completion: Some(s.fact_id),
+            quarantined: settled.retracted,
+            reissued: settled.reissued,
+            stale: settled.stale,
             ..Settled::default()
         };
-        let uncovered: Vec<Key> = self
-            .durable
-            .facts
-            .range(..(e, FactId([0; 32])))
-            .map(|(k, _)| *k)
-            .filter(|k| !covered.contains(k))
-            .collect();
-        for k in uncovered {
-            if let Some(f) = self.durable.facts.remove(&k) {
-                out.quarantined.push(f);
-            }
-        }
-        self.rebuild();
-        // Dropping a late membership change can unseat authors.
-        out.quarantined.extend(self.revalidate());
-        let below = ..(e, FactId([0; 32]));
-        if self.drop_stale {
-            // Below e the application state is the snapshot's: the blob lists the live
-            // application facts of the whole prefix. A device that settles from a fetched
-            // blob may lack covered facts (a delete, a newer put, a trim it never received,
-            // and no peer sends facts below the floor), so a fact live in its own partial
-            // prefix may be dead in the snapshot's. Such a fact goes, on archive devices
-            // too, or the device reads a deleted or overwritten value forever (found by
-            // the application-state invariant, seed 111). Repeated, since dropping a stale
-            // write can expose the one it superseded.
-            let certified: BTreeSet<Key> = blob
-                .facts
-                .iter()
-                .filter(|f| !is_state_fact(f))
-                .map(|f| f.order_key())
-                .collect();
-            loop {
-                let live = tend_snapshot::blob::live_facts(
-                    self.namespace,
-                    self.durable.facts.range(below).map(|(_, f)| f),
-                );
-                let stale: Vec<Key> = live.difference(&certified).copied().collect();
-                if stale.is_empty() {
-                    break;
-                }
-                for k in stale {
-                    self.durable.facts.remove(&k);
-                    out.stale.push(k);
-                }
-            }
-        }
         if !self.archive {
             // What the application state needs below e stays (DESIGN rule 4), so pruning
             // changes no value the device reads.
-            let floors = &self.state.cache_floors;
-            let before = self.app_state().digest(floors);
+            let below = ..(e, FactId([0; 32]));
+            let floors = self.state.cache_floors.clone();
+            let before = self.app_state().digest(&floors);
             let live = tend_snapshot::blob::live_facts(
                 self.namespace,
                 self.durable.facts.range(below).map(|(_, f)| f),
@@ -511,19 +390,61 @@ impl Core {
                 self.durable.facts.remove(&k);
                 out.pruned.push(k);
             }
-            out.changed_app_state = self.app_state().digest(floors) != before;
+            self.rebuild();
+            out.changed_app_state = self.app_state().digest(&floors) != before;
         }
-        self.durable.covered = covered;
-        self.durable.settled = e;
-        self.rebuild();
-        self.late_own.extend(
-            out.quarantined
-                .iter()
-                .filter(|f| f.author() == self.me)
-                .cloned(),
-        );
-        out.reissued = self.reissue_late();
         Ok(Some(out))
+    }
+
+    /// The items the settled snapshot at `e` covers: below its base, what settling the
+    /// base recorded (or, if this device never settled it, the blob's facts there); from
+    /// the base on, the blob's items.
+    fn coverage(&self, e: Epoch, blob: &SnapshotBlob) -> BTreeSet<Key> {
+        let base = blob.base.map_or(Epoch::ZERO, |b| b.epoch);
+        let mut covered: BTreeSet<Key> = if self.durable.settled >= base {
+            self.durable
+                .covered
+                .range(..(base, FactId([0; 32])))
+                .copied()
+                .collect()
+        } else {
+            blob.facts
+                .iter()
+                .map(|f| f.order_key())
+                .filter(|k| k.0 < base)
+                .collect()
+        };
+        covered.extend(blob.items.iter().copied().filter(|k| k.0 < e));
+        covered
+    }
+
+    /// Admits one fact as a session would (a batch of one).
+    pub fn admit(&mut self, fact: VerifiedFact) -> Result<bool, JournalError> {
+        use tend_sync::FactHost;
+        let mut host = Admission::new(self);
+        let r = host.admit(fact);
+        let (facts, adopted) = host.finish();
+        self.take_admitted(facts, adopted);
+        r
+    }
+
+    /// What the node does with a batch a session admitted: write it (here, into the
+    /// write buffer a crash discards), then adopt the snapshot it brought.
+    pub fn take_admitted(&mut self, facts: Vec<VerifiedFact>, adopted: Option<Adopted>) {
+        if self.fence_blocked {
+            self.crossed_fence.extend(facts.iter().map(|f| f.id()));
+        }
+        if facts.is_empty() {
+            return;
+        }
+        for f in facts {
+            if !self.holds(&f.order_key()) {
+                self.insert_buffered(f);
+            }
+        }
+        if let Some(adopted) = adopted {
+            let Ok(_) = tend_replica::adopt(self, &adopted);
+        }
     }
 
     /// Digest of the held items at or above `from` (the tail above a snapshot).
@@ -572,8 +493,26 @@ impl Core {
     }
 }
 
-impl FactHost for Core {
-    fn load_fact(&self, _namespace: JournalNamespace, id: &FactId) -> Option<Vec<u8>> {
+impl Replica for Core {
+    type Error = Infallible;
+
+    fn namespace(&self) -> JournalNamespace {
+        self.namespace
+    }
+
+    fn device_id(&self) -> DeviceId {
+        self.me
+    }
+
+    fn state(&self) -> Result<MaintenanceState, Infallible> {
+        Ok(self.state.clone())
+    }
+
+    fn contains(&self, key: Key) -> Result<bool, Infallible> {
+        Ok(self.holds(&key))
+    }
+
+    fn load_fact(&self, id: &FactId) -> Option<Vec<u8>> {
         let e = self.index.get(id)?;
         self.durable
             .facts
@@ -581,36 +520,124 @@ impl FactHost for Core {
             .map(|f| f.bytes().to_vec())
     }
 
-    fn admit(&mut self, fact: VerifiedFact) -> Result<bool, JournalError> {
-        let k = fact.order_key();
-        if self.holds(&k) {
-            return Ok(false);
-        }
-        if self.fence_blocked {
-            self.crossed_fence.push(fact.id());
-        }
-        if self.durable.covered.contains(&k) {
-            // Covered by the settled snapshot: an archive device takes the bytes back, a
-            // pruned one has already accounted for it.
-            if self.archive {
-                self.insert_buffered(fact);
-                return Ok(true);
-            }
-            return Ok(false);
-        }
-        if let Err(e) = self.state.check_admission(&fact) {
-            if matches!(e, JournalError::Late { .. }) && fact.author() == self.me {
-                self.late_own.push(fact);
-            }
-            return Err(e);
-        }
-        self.insert_buffered(fact);
-        Ok(true)
+    fn prefix_digest(&self, upto: Epoch) -> Result<Hash32, Infallible> {
+        Ok(LocalJournal::prefix_digest(self, upto))
     }
 
-    fn is_authorized(&self, _namespace: JournalNamespace, peer: &DeviceId) -> bool {
-        self.state
-            .membership()
-            .is_some_and(|m| m.members.contains(peer))
+    fn snapshot_blob(&self, cid: &ContentId) -> Result<BlobAt, Infallible> {
+        // Fetched after the next completed session (`Sim::fetch_blobs`).
+        Ok(match self.durable.blobs.get(cid) {
+            Some(bytes) => BlobAt::Stored(Box::new(std::io::Cursor::new(bytes.clone()))),
+            None => BlobAt::Fetching,
+        })
+    }
+
+    fn scan(
+        &self,
+        from: Epoch,
+        to: Epoch,
+        each: &mut dyn FnMut(VerifiedFact),
+    ) -> Result<(), Infallible> {
+        self.all()
+            .filter(|((e, _), _)| *e >= from && *e < to)
+            .for_each(|(_, f)| each(f.clone()));
+        Ok(())
+    }
+
+    fn live_below(&self, epoch: Epoch) -> Result<Vec<Key>, Infallible> {
+        let below: Vec<&VerifiedFact> = self
+            .all()
+            .take_while(|((e, _), _)| *e < epoch)
+            .map(|(_, f)| f)
+            .collect();
+        let live = tend_snapshot::blob::live_facts(self.namespace, below);
+        Ok(live.into_iter().collect())
+    }
+
+    fn settled(&self) -> Result<Option<Epoch>, Infallible> {
+        Ok((self.durable.settled > Epoch::ZERO).then_some(self.durable.settled))
+    }
+
+    fn store(&mut self, facts: &[VerifiedFact]) -> Result<(), Infallible> {
+        for f in facts {
+            if !self.holds(&f.order_key()) {
+                self.newly_durable.push(f.clone());
+                self.durable.facts.insert(f.order_key(), f.clone());
+            }
+        }
+        self.rebuild();
+        if self.revalidate_on_change {
+            let dropped = self.revalidate();
+            self.invalidated.extend(dropped);
+        }
+        Ok(())
+    }
+
+    fn retract_maintenance(
+        &mut self,
+        below: Epoch,
+        keep: &HashSet<FactId>,
+    ) -> Result<Vec<VerifiedFact>, Infallible> {
+        let doomed: Vec<Key> = self
+            .all()
+            .take_while(|((e, _), _)| *e < below)
+            .filter(|((_, id), f)| is_state_fact(f) && !keep.contains(id))
+            .map(|(k, _)| *k)
+            .collect();
+        Ok(self.remove(&doomed))
+    }
+
+    fn retract_data(&mut self, keys: &[Key]) -> Result<u64, Infallible> {
+        let data: Vec<Key> = keys
+            .iter()
+            .filter(|k| {
+                let f = self.durable.facts.get(k).or_else(|| self.buffer.get(k));
+                f.is_some_and(|f| !is_state_fact(f))
+            })
+            .copied()
+            .collect();
+        Ok(self.remove(&data).len() as u64)
+    }
+
+    fn append(&mut self, payload: Payload) -> Result<VerifiedFact, Infallible> {
+        // Durable at once, as the node's writes are.
+        let f = self.write(payload);
+        self.flush();
+        Ok(f)
+    }
+
+    fn mark_settled(&mut self, epoch: Epoch) -> Result<(), Infallible> {
+        let blob = self
+            .state
+            .latest_snapshot
+            .as_ref()
+            .filter(|l| l.snapshot.epoch == epoch)
+            .and_then(|l| self.durable.blobs.get(&l.snapshot.blob_cid))
+            .and_then(|bytes| SnapshotBlob::decode(bytes).ok());
+        // Without the blob, this device holds exactly the prefix (the digests matched):
+        // it covers what is held below the epoch.
+        let blob = blob.unwrap_or_else(|| self.own_blob(epoch));
+        self.durable.covered = self.coverage(epoch, &blob);
+        self.durable.settled = epoch;
+        Ok(())
+    }
+}
+
+impl Core {
+    /// Deletes the given facts, durable or buffered; returns them.
+    fn remove(&mut self, keys: &[Key]) -> Vec<VerifiedFact> {
+        let gone: Vec<VerifiedFact> = keys
+            .iter()
+            .filter_map(|k| {
+                self.durable
+                    .facts
+                    .remove(k)
+                    .or_else(|| self.buffer.remove(k))
+            })
+            .collect();
+        if !gone.is_empty() {
+            self.rebuild();
+        }
+        gone
     }
 }

@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tend_core::maintenance::AdminReplacement;
 use tend_core::{
-    AppState, AuthorityFact, DeviceId, Epoch, FactId, MaintenanceFact, MaintenanceState, Payload,
-    VerifiedFact,
+    AppState, AuthorityFact, DataOp, DeviceId, Epoch, FactId, MaintenanceFact, MaintenanceState,
+    Payload, VerifiedFact,
 };
 
-use crate::device::{is_reissuable, is_state_fact, Key};
+use crate::device::{is_state_fact, Key};
 use crate::sim::Sim;
 
 /// The reference device (the one with the newest view) and the final members (indices).
@@ -164,7 +164,7 @@ pub fn check(sim: &mut Sim) {
             .any(|d| sim.devices[*d].core.durable.covered.contains(k))
         {
             // Accounted for by the snapshot.
-        } else if is_reissuable(f.payload()) && members.contains(&f.author()) {
+        } else if f.payload().is_reissuable() && members.contains(&f.author()) {
             // Re-issued: a copy with the same author and payload is held at or above E,
             // or is itself covered by the snapshot (re-issued, then snapshotted).
             let same = |g: &VerifiedFact| g.author() == f.author() && g.payload() == f.payload();
@@ -175,7 +175,14 @@ pub fn check(sim: &mut Sim) {
                     && u.iter()
                         .any(|d| sim.devices[*d].core.durable.covered.contains(gk))
             });
-            if !held && !covered_copy {
+            // Or its value is gone anyway: a later write supersedes it (the author
+            // re-issues what is live in its own state, never what it overwrote).
+            let superseded = sim
+                .oracle
+                .facts
+                .values()
+                .any(|(g, _)| supersedes(g.payload()).contains(&f.id()));
+            if !held && !covered_copy && !superseded {
                 v.push(format!(
                     "late fact {} ({}, epoch {} < snapshot {e}) was neither covered nor re-issued",
                     k.1,
@@ -377,4 +384,14 @@ fn check_admin<'a>(
     }
     let _ = ledger;
     v
+}
+
+/// The writes a data fact supersedes (none for other facts).
+fn supersedes(p: &Payload) -> &[FactId] {
+    match p {
+        Payload::Data(DataOp::Put(x)) => &x.supersedes,
+        Payload::Data(DataOp::Delete(x)) => &x.supersedes,
+        Payload::Data(DataOp::CachePut(x)) => &x.supersedes,
+        _ => &[],
+    }
 }

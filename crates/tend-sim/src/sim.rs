@@ -26,6 +26,7 @@ use tend_sync::{
 };
 
 use crate::device::{Core, Key, Settled};
+use tend_replica::Admission;
 
 /// The shape of one run.
 #[derive(Clone, Debug)]
@@ -808,8 +809,6 @@ impl Sim {
             });
             self.apply(d, actions);
         }
-        let re = self.devices[d].core.reissue_late();
-        self.stats.reissued += re.len() as u64;
         match self.devices[d].core.settle() {
             Ok(Some(s)) => self.on_settled(d, s),
             Ok(None) => {}
@@ -982,7 +981,10 @@ impl Sim {
                         .is_err();
                 let dev = &mut self.devices[to];
                 let before = dev.core.held();
-                let actions = dev.manager.handle(now, sid, &m.bytes, &mut dev.core);
+                let mut host = Admission::new(&mut dev.core);
+                let actions = dev.manager.handle(now, sid, &m.bytes, &mut host);
+                let (facts, adopted) = host.finish();
+                dev.core.take_admitted(facts, adopted);
                 let admitted = dev.core.held().saturating_sub(before);
                 if peer_fenced && admitted > 0 {
                     self.violations.push(format!(
@@ -1041,10 +1043,13 @@ impl Sim {
                 let dev = &mut self.devices[to];
                 let items = dev.core.session_items();
                 let inc = dev.inc;
-                match dev
+                let mut host = Admission::new(&mut dev.core);
+                let accepted = dev
                     .manager
-                    .accept(now, from_id, &m.bytes, local, items, &mut dev.core)
-                {
+                    .accept(now, from_id, &m.bytes, local, items, &mut host);
+                let (facts, adopted) = host.finish();
+                dev.core.take_admitted(facts, adopted);
+                match accepted {
                     Ok((sid, actions)) => {
                         let trust = role_trust(&self.devices[to].core.state, &from_id);
                         let peers = &mut self.devices[to].peers;
@@ -1108,7 +1113,10 @@ impl Sim {
                     if self.devices[d].online && self.devices[d].inc == inc {
                         let now = self.clock(d);
                         let dev = &mut self.devices[d];
-                        let actions = dev.manager.poll(now, &mut dev.core);
+                        let mut host = Admission::new(&mut dev.core);
+                        let actions = dev.manager.poll(now, &mut host);
+                        let (facts, adopted) = host.finish();
+                        dev.core.take_admitted(facts, adopted);
                         self.apply(d, actions);
                         self.after(d);
                     }

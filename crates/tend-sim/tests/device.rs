@@ -6,7 +6,6 @@ use tend_core::{
     Payload, UnsignedFact, VerifiedFact,
 };
 use tend_sim::device::Core;
-use tend_sync::FactHost;
 
 fn id(k: &SigningKey) -> DeviceId {
     DeviceId(k.verifying_key().to_bytes())

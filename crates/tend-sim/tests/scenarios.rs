@@ -174,3 +174,14 @@ fn regression_crash_during_install_seed_3_reannounces_readiness() {
     assert!(fixed.violations.is_empty(), "{:#?}", fixed.violations);
     assert!(fixed.stats.ready_reannounced > 0);
 }
+
+/// Seed 42 found, once the simulator ran the node's own settle (`tend_replica`), that a
+/// device which skipped a snapshot (it settled 1, then adopted 4, chained on 3) lost its
+/// own uncovered facts below 3: settling looked only from the blob's base on. It now
+/// looks below the base when this device never settled the base.
+#[test]
+fn regression_seed_42_a_device_that_skipped_a_snapshot_reissues_below_its_base() {
+    let s = find("crash-during-install").expect("scenario");
+    let report = Sim::new(s.config(42, STEPS)).run();
+    assert!(report.violations.is_empty(), "{:#?}", report.violations);
+}

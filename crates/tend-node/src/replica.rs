@@ -1,0 +1,171 @@
+//! A device's redb store as [`tend_replica`] sees it, so the running node, the CLI and the
+//! in-process fleet apply the same rules as the simulator: admission of a session's facts,
+//! adopting and settling a snapshot, re-issue.
+
+use std::collections::HashSet;
+
+use tend_core::{
+    ContentId, DeviceId, Epoch, FactId, Hash32, JournalNamespace, MaintenanceState, Payload,
+    VerifiedFact,
+};
+use tend_replica::{BlobAt, Key, Replica};
+use tend_store::StoreError;
+
+use crate::device::{Device, DeviceError};
+
+/// Setting: the snapshot epoch this device last settled ([`tend_replica::settle`]).
+const SETTLED: &str = "reissued_below_snapshot";
+
+/// What a session driver keeps beside the store that admission needs.
+pub(crate) trait SessionIndex {
+    /// The epoch of a fact offered or stored here (the store is keyed by `(epoch, id)`).
+    fn epoch_of(&self, id: &FactId) -> Option<Epoch>;
+    /// Whether no peer holds this snapshot blob (its completion is then admitted alone).
+    fn blob_unavailable(&self, cid: &ContentId) -> bool;
+    /// Notes a snapshot blob that is not stored, for the next round to fetch.
+    fn fetch_blob(&self, cid: &ContentId);
+    /// Writes admitted facts in one transaction (counting and indexing them); whether
+    /// any were given and written.
+    fn store_facts(&self, facts: &[VerifiedFact]) -> bool;
+}
+
+/// A device's store under the rules of [`tend_replica`].
+pub struct DeviceReplica<'a> {
+    device: &'a Device,
+    session: Option<&'a dyn SessionIndex>,
+}
+
+impl<'a> DeviceReplica<'a> {
+    /// The device's store, outside any session (settling a snapshot, say).
+    pub fn new(device: &'a Device) -> Self {
+        Self {
+            device,
+            session: None,
+        }
+    }
+
+    /// The device's store as a session driver admits into it.
+    pub(crate) fn in_session(device: &'a Device, session: &'a dyn SessionIndex) -> Self {
+        Self {
+            device,
+            session: Some(session),
+        }
+    }
+
+    fn corrupt(&self, source: tend_core::DecodeError) -> DeviceError {
+        StoreError::FactCorrupt {
+            path: self.device.store().path().to_owned(),
+            source,
+        }
+        .into()
+    }
+}
+
+impl Replica for DeviceReplica<'_> {
+    type Error = DeviceError;
+
+    fn namespace(&self) -> JournalNamespace {
+        self.device.namespace()
+    }
+
+    fn device_id(&self) -> DeviceId {
+        self.device.device_id()
+    }
+
+    fn state(&self) -> Result<MaintenanceState, DeviceError> {
+        Ok(self.device.store().maintenance_state(self.namespace())?)
+    }
+
+    fn contains(&self, (epoch, id): Key) -> Result<bool, DeviceError> {
+        Ok(self.device.store().contains(self.namespace(), epoch, &id)?)
+    }
+
+    fn load_fact(&self, id: &FactId) -> Option<Vec<u8>> {
+        let epoch = self.session?.epoch_of(id)?;
+        match self.device.store().get(self.namespace(), epoch, id) {
+            Ok(f) => f.map(|f| f.into_bytes()),
+            Err(e) => {
+                tracing::warn!("cannot load fact {id}: {e}");
+                None
+            }
+        }
+    }
+
+    fn prefix_digest(&self, upto: Epoch) -> Result<Hash32, DeviceError> {
+        Ok(self.device.store().prefix_digest(self.namespace(), upto)?)
+    }
+
+    fn snapshot_blob(&self, cid: &ContentId) -> Result<BlobAt, DeviceError> {
+        if self.session.is_some_and(|s| s.blob_unavailable(cid)) {
+            return Ok(BlobAt::Unavailable);
+        }
+        match self.device.store().blob_reader(cid)? {
+            Some(reader) => Ok(BlobAt::Stored(Box::new(reader))),
+            None => {
+                if let Some(session) = self.session {
+                    session.fetch_blob(cid);
+                }
+                Ok(BlobAt::Fetching)
+            }
+        }
+    }
+
+    fn scan(
+        &self,
+        from: Epoch,
+        to: Epoch,
+        each: &mut dyn FnMut(VerifiedFact),
+    ) -> Result<(), DeviceError> {
+        let store = self.device.store();
+        for stored in store.scan(self.namespace(), from..to)? {
+            each(stored?.trusted().map_err(|e| self.corrupt(e))?);
+        }
+        Ok(())
+    }
+
+    fn live_below(&self, epoch: Epoch) -> Result<Vec<Key>, DeviceError> {
+        let live = self.device.store().live_below(self.namespace(), epoch)?;
+        Ok(live.into_iter().collect())
+    }
+
+    fn settled(&self) -> Result<Option<Epoch>, DeviceError> {
+        Ok(self.device.store().get_setting::<u64>(SETTLED)?.map(Epoch))
+    }
+
+    fn store(&mut self, facts: &[VerifiedFact]) -> Result<(), DeviceError> {
+        match self.session {
+            Some(session) => {
+                session.store_facts(facts);
+            }
+            None => {
+                self.device.store().insert_batch(facts)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn retract_maintenance(
+        &mut self,
+        below: Epoch,
+        keep: &HashSet<FactId>,
+    ) -> Result<Vec<VerifiedFact>, DeviceError> {
+        let store = self.device.store();
+        let dropped = store.retract_uncovered_maintenance(self.namespace(), below, keep)?;
+        dropped
+            .into_iter()
+            .map(|f| f.trusted().map_err(|e| self.corrupt(e)))
+            .collect()
+    }
+
+    fn retract_data(&mut self, keys: &[Key]) -> Result<u64, DeviceError> {
+        Ok(self.device.store().retract_data(self.namespace(), keys)?)
+    }
+
+    fn append(&mut self, payload: Payload) -> Result<VerifiedFact, DeviceError> {
+        self.device.append(payload)
+    }
+
+    fn mark_settled(&mut self, epoch: Epoch) -> Result<(), DeviceError> {
+        Ok(self.device.store().put_setting(SETTLED, &epoch.0)?)
+    }
+}

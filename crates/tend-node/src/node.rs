@@ -38,7 +38,7 @@ use tokio::task::JoinHandle;
 use crate::device::{Device, DeviceError, JournalStatus};
 
 mod autogc;
-use crate::discovery::{self, AddressSource, PeerAddr, StaticPeers};
+use crate::discovery::{self, AddressSource, DiscoveryHost, PeerAddr, StaticPeers};
 use crate::endpoint::{self, close_code, FrameError};
 use crate::metrics::Metrics;
 use crate::peer_table::STRANGER_TRUST;
@@ -859,6 +859,24 @@ impl Node {
         if let Some(path) = lock(&inner.control_path).take() {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+impl DiscoveryHost for Node {
+    fn device(&self) -> &Arc<Device> {
+        Node::device(self)
+    }
+
+    fn listen_addr(&self) -> SocketAddr {
+        Node::listen_addr(self)
+    }
+
+    fn metrics(&self) -> &Metrics {
+        Node::metrics(self)
+    }
+
+    fn add_source(&self, source: Box<dyn AddressSource>) {
+        Node::add_source(self, source)
     }
 }
 

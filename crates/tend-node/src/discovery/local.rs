@@ -22,10 +22,9 @@ use tokio::task::JoinHandle;
 
 use super::record::{AddressRecord, RecordError, RecordLimits};
 use super::rendezvous::unix_ms;
-use super::{AddressSource, PeerAddr};
+use super::{AddressSource, DiscoveryHost, PeerAddr};
 use crate::device::Device;
 use crate::metrics::Labels;
-use crate::node::Node;
 
 /// First bytes of every announcement: tells a tend announcement from other traffic on the
 /// group, and its version.
@@ -310,7 +309,10 @@ impl AddressSource for SharedSource {
 
 /// Adds local-network discovery to a running node and returns the source, for its
 /// counters.
-pub fn attach(node: &Node, config: LocalConfig) -> Result<Arc<LocalDiscovery>, LocalError> {
+pub fn attach(
+    node: &impl DiscoveryHost,
+    config: LocalConfig,
+) -> Result<Arc<LocalDiscovery>, LocalError> {
     let source = Arc::new(LocalDiscovery::start(
         node.device(),
         node.listen_addr(),

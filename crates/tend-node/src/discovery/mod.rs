@@ -10,10 +10,14 @@ pub mod rendezvous;
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tend_core::DeviceId;
 use tend_store::{Store, StoreError};
+
+use crate::device::Device;
+use crate::metrics::Metrics;
 
 /// Setting under which learned peers are persisted.
 pub const PEERS_SETTING: &str = "peers";
@@ -85,6 +89,27 @@ pub trait AddressSource: Send + Sync {
 
     /// The peers this source knows now.
     fn peers(&self) -> Vec<PeerAddr>;
+}
+
+/// What discovery needs of the running node it feeds: its device, where it listens, its
+/// metrics, and where to add an address source. [`crate::Node`] is one.
+pub trait DiscoveryHost {
+    /// The device (held weakly by the background tasks).
+    fn device(&self) -> &Arc<Device>;
+    /// The address the endpoint listens on (announced and published).
+    fn listen_addr(&self) -> SocketAddr;
+    /// The metrics (announcements refused are counted there).
+    fn metrics(&self) -> &Metrics;
+    /// Adds a peer address source, asked every round.
+    fn add_source(&self, source: Box<dyn AddressSource>);
+}
+
+/// Whether `peer` is one of the configured peers of `store` (the `peers` setting, which
+/// `--peer` fills); `false` if the setting cannot be read.
+pub fn is_configured_peer(store: &Store, peer: &DeviceId) -> bool {
+    load_peers(store)
+        .map(|ps| ps.iter().any(|p| p.device == *peer))
+        .unwrap_or(false)
 }
 
 /// A fixed list, from `--peer` flags.

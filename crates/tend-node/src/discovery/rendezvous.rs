@@ -23,9 +23,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use super::record::{AddressRecord, Inserted, RecordError, RecordLimits, RecordTable};
-use super::{AddressSource, PeerAddr};
+use super::{AddressSource, DiscoveryHost, PeerAddr};
 use crate::device::Device;
-use crate::node::Node;
 
 /// Largest request or response head accepted.
 const MAX_HEAD: usize = 8 * 1024;
@@ -519,7 +518,7 @@ impl AddressSource for RendezvousSource {
 
 /// Adds a rendezvous source to a running node: it publishes the node's listen address and
 /// resolves its members from now on.
-pub fn attach(node: &Node, config: RendezvousConfig) {
+pub fn attach(node: &impl DiscoveryHost, config: RendezvousConfig) {
     let source = RendezvousSource::start(node.device(), node.listen_addr(), config);
     node.add_source(Box::new(source));
 }

@@ -36,17 +36,17 @@ use std::time::{Duration, Instant};
 use serde_bytes::ByteBuf;
 use tend_core::authority::{AuthorityFact, MembershipChange};
 use tend_core::{
-    AuthorityId, DeviceId, GroupKey, Hash32, JournalNamespace, MaintenanceEpoch, MaintenanceFact,
-    Payload, UnsignedFact, VerifiedFact,
+    AuthorityId, DeviceId, Hash32, JournalNamespace, MaintenanceEpoch, MaintenanceFact, Payload,
+    UnsignedFact, VerifiedFact,
 };
 use tend_crypto::dkg::{DkgMessage, DkgOutput, DkgParticipant, DkgSession};
-use tend_crypto::KeyShare;
 use tend_store::StoreError;
 
-use crate::ceremony::{blocking, lock, send, MaintMessage, MaintReply, SendError};
-use crate::discovery::PeerAddr;
+use crate::discovery::{is_configured_peer, PeerAddr};
 use crate::fleet::AuthorityCreated;
-use crate::node::Node;
+use crate::maint::{
+    blocking, lock, send, show_epoch, DkgRun, MaintHandle, MaintMessage, MaintReply, SendError,
+};
 
 /// How long a member keeps an accepted key generation that has not finished.
 const MEMBER_RUN_TTL: Duration = Duration::from_secs(120);
@@ -55,14 +55,6 @@ const MAX_EARLY_PER_MEMBER: usize = 4;
 /// How a member's refusal for being at another maintenance epoch than the admin begins
 /// (the admin syncs and invites once more when it sees it).
 pub(crate) const EPOCH_MISMATCH: &str = "maintenance epoch mismatch";
-
-/// A maintenance epoch as the messages show it.
-pub(crate) fn show_epoch(e: MaintenanceEpoch) -> String {
-    format!(
-        "identity epoch {}, snapshot epoch {}",
-        e.identity_epoch, e.snapshot_epoch.0
-    )
-}
 
 /// Why a key generation over the network failed.
 #[derive(Debug, thiserror::Error)]
@@ -125,46 +117,9 @@ impl DkgNetError {
     }
 }
 
-/// One key generation this device takes part in.
-pub(crate) struct DkgRun {
-    session: DkgSession,
-    id: Hash32,
-    admin: DeviceId,
-    addrs: HashMap<DeviceId, SocketAddr>,
-    participant: Option<DkgParticipant>,
-    /// Round messages that arrived before `DkgStart`.
-    early: Vec<DkgMessage>,
-    share: Option<KeyShare>,
-    /// Group keys the members reported (on the admin).
-    finished: BTreeMap<DeviceId, GroupKey>,
-    /// Maintenance epochs the members reported with their group key (on the admin).
-    finished_epochs: BTreeMap<DeviceId, Option<MaintenanceEpoch>>,
-    failed: Option<String>,
-    deadline: Instant,
-}
-
-impl DkgRun {
-    /// Where member `d` listens, as the admin announced.
-    pub(crate) fn address_of(&self, d: &DeviceId) -> Option<SocketAddr> {
-        self.addrs.get(d).copied()
-    }
-
-    /// Whether `d` is named in the session.
-    pub(crate) fn names(&self, d: &DeviceId) -> bool {
-        self.session.members.contains(d)
-    }
-}
-
-/// Whether `peer` is in this device's configured peers (the `peers` setting, `--peer`).
-pub(crate) fn is_configured_peer(node: &Node, peer: &DeviceId) -> bool {
-    crate::discovery::load_peers(node.device().store())
-        .map(|ps| ps.iter().any(|p| p.device == *peer))
-        .unwrap_or(false)
-}
-
 /// Drops a member-side run past its deadline.
-pub(crate) fn expire(node: &Node) {
-    let mut run = lock(&node.maint().dkg);
+pub(crate) fn expire(h: &MaintHandle) {
+    let mut run = lock(&h.maint.dkg);
     if run.as_ref().is_some_and(|r| r.deadline <= Instant::now()) {
         tracing::info!("key generation expired");
         *run = None;
@@ -174,12 +129,12 @@ pub(crate) fn expire(node: &Node) {
 /// Carries out a participant's outputs: messages to members (round 1 to every other
 /// member, round 2 to its one recipient), the share saved in the home, the group key
 /// reported to the admin.
-fn apply_outputs(node: &Node, outputs: Vec<DkgOutput>) {
-    let me = node.device_id();
+fn apply_outputs(h: &MaintHandle, outputs: Vec<DkgOutput>) {
+    let me = h.device_id();
     for o in outputs {
         match o {
             DkgOutput::Send(msg) => {
-                let members = match lock(&node.maint().dkg).as_ref() {
+                let members = match lock(&h.maint.dkg).as_ref() {
                     Some(r) => r.session.members.clone(),
                     None => return,
                 };
@@ -189,13 +144,13 @@ fn apply_outputs(node: &Node, outputs: Vec<DkgOutput>) {
                 };
                 let wire = MaintMessage::Dkg(ByteBuf::from(msg.to_bytes()));
                 for t in targets {
-                    spawn_send(node, t, wire.clone());
+                    spawn_send(h, t, wire.clone());
                 }
             }
             DkgOutput::Finished(share) => {
-                let saved = blocking(|| share.save(node.device().home()));
-                let epoch = own_epoch_in(node, share.session().context);
-                let mut guard = lock(&node.maint().dkg);
+                let saved = blocking(|| share.save(h.device.home()));
+                let epoch = own_epoch_in(h, share.session().context);
+                let mut guard = lock(&h.maint.dkg);
                 let Some(run) = guard.as_mut() else { return };
                 match saved {
                     Ok(path) => {
@@ -209,7 +164,7 @@ fn apply_outputs(node: &Node, outputs: Vec<DkgOutput>) {
                         run.share = Some(*share);
                         drop(guard);
                         if admin != me {
-                            spawn_send(node, admin, report);
+                            spawn_send(h, admin, report);
                         }
                     }
                     Err(e) => run.failed = Some(format!("cannot save the key share: {e}")),
@@ -221,8 +176,8 @@ fn apply_outputs(node: &Node, outputs: Vec<DkgOutput>) {
 
 /// This device's maintenance epoch in the authority journal `context`, if that is its
 /// current journal (a member being re-dealt); `None` for a device joining anew.
-fn own_epoch_in(node: &Node, context: [u8; 32]) -> Option<MaintenanceEpoch> {
-    let device = node.device();
+fn own_epoch_in(h: &MaintHandle, context: [u8; 32]) -> Option<MaintenanceEpoch> {
+    let device = &h.device;
     let ns = device.namespace();
     if ns != JournalNamespace::Authority(AuthorityId(context)) {
         return None;
@@ -237,17 +192,17 @@ fn own_epoch_in(node: &Node, context: [u8; 32]) -> Option<MaintenanceEpoch> {
 }
 
 /// Sends on its own task; a failure marks the run failed (the admin then reports it).
-fn spawn_send(node: &Node, to: DeviceId, msg: MaintMessage) {
-    let node = node.clone();
+fn spawn_send(h: &MaintHandle, to: DeviceId, msg: MaintMessage) {
+    let h = h.clone();
     tokio::spawn(async move {
-        let failure = match send(&node, to, &msg).await {
+        let failure = match send(&h, to, &msg).await {
             Ok(MaintReply::Accepted) => None,
             Ok(MaintReply::Refused { reason }) => Some(format!("{to} refused: {reason}")),
             Err(e) => Some(e.to_string()),
         };
         if let Some(f) = failure {
             tracing::warn!("key generation message not delivered: {f}");
-            if let Some(run) = lock(&node.maint().dkg).as_mut() {
+            if let Some(run) = lock(&h.maint.dkg).as_mut() {
                 run.failed.get_or_insert(f);
             }
         }
@@ -256,18 +211,18 @@ fn spawn_send(node: &Node, to: DeviceId, msg: MaintMessage) {
 
 /// Starts this device's participant (on `DkgStart`, or on the admin) and feeds it the
 /// round messages that arrived early.
-fn start_participant(node: &Node) -> Result<(), String> {
+fn start_participant(h: &MaintHandle) -> Result<(), String> {
     let mut rng = rand::rngs::OsRng;
     let mut outputs = Vec::new();
     {
-        let mut guard = lock(&node.maint().dkg);
+        let mut guard = lock(&h.maint.dkg);
         let Some(run) = guard.as_mut() else {
             return Err("no key generation is running".into());
         };
         if run.participant.is_some() {
             return Ok(());
         }
-        let (mut p, out) = DkgParticipant::start(run.session.clone(), node.device_id(), &mut rng)
+        let (mut p, out) = DkgParticipant::start(run.session.clone(), h.device_id(), &mut rng)
             .map_err(|e| e.to_string())?;
         outputs.extend(out);
         for m in std::mem::take(&mut run.early) {
@@ -278,36 +233,36 @@ fn start_participant(node: &Node) -> Result<(), String> {
         }
         run.participant = Some(p);
     }
-    apply_outputs(node, outputs);
+    apply_outputs(h, outputs);
     Ok(())
 }
 
 /// Handles a key generation message from the authenticated `peer`.
-pub(crate) async fn receive(node: &Node, peer: DeviceId, msg: MaintMessage) -> MaintReply {
-    let reply = blocking(|| receive_sync(node, peer, msg));
+pub(crate) async fn receive(h: &MaintHandle, peer: DeviceId, msg: MaintMessage) -> MaintReply {
+    let reply = blocking(|| receive_sync(h, peer, msg));
     if reply == MaintReply::Accepted {
-        node.maint().count_dkg_message();
+        h.maint.count_dkg_message();
     }
     reply
 }
 
-fn receive_sync(node: &Node, peer: DeviceId, msg: MaintMessage) -> MaintReply {
-    let me = node.device_id();
+fn receive_sync(h: &MaintHandle, peer: DeviceId, msg: MaintMessage) -> MaintReply {
+    let me = h.device_id();
     match msg {
         MaintMessage::DkgInvite {
             session,
             addrs,
             maintenance_epoch,
-        } => invite(node, peer, session, addrs, maintenance_epoch),
+        } => invite(h, peer, session, addrs, maintenance_epoch),
         MaintMessage::DkgStart { session } => {
             {
-                let guard = lock(&node.maint().dkg);
+                let guard = lock(&h.maint.dkg);
                 match guard.as_ref() {
                     Some(r) if r.id == session && r.admin == peer => {}
                     _ => return MaintReply::refused("no such key generation from this admin"),
                 }
             }
-            match start_participant(node) {
+            match start_participant(h) {
                 Ok(()) => MaintReply::Accepted,
                 Err(e) => MaintReply::refused(e),
             }
@@ -318,7 +273,7 @@ fn receive_sync(node: &Node, peer: DeviceId, msg: MaintMessage) -> MaintReply {
                 Err(e) => return MaintReply::refused(e.to_string()),
             };
             let outputs = {
-                let mut guard = lock(&node.maint().dkg);
+                let mut guard = lock(&h.maint.dkg);
                 let Some(run) = guard.as_mut() else {
                     return MaintReply::refused("no key generation is running");
                 };
@@ -342,7 +297,7 @@ fn receive_sync(node: &Node, peer: DeviceId, msg: MaintMessage) -> MaintReply {
                     },
                 }
             };
-            apply_outputs(node, outputs);
+            apply_outputs(h, outputs);
             MaintReply::Accepted
         }
         MaintMessage::DkgFinished {
@@ -350,7 +305,7 @@ fn receive_sync(node: &Node, peer: DeviceId, msg: MaintMessage) -> MaintReply {
             group_key,
             maintenance_epoch,
         } => {
-            let mut guard = lock(&node.maint().dkg);
+            let mut guard = lock(&h.maint.dkg);
             match guard.as_mut() {
                 Some(r) if r.id == session && r.admin == me && r.names(&peer) => {
                     r.finished.insert(peer, group_key);
@@ -360,9 +315,9 @@ fn receive_sync(node: &Node, peer: DeviceId, msg: MaintMessage) -> MaintReply {
                 _ => MaintReply::refused("no such key generation on this admin"),
             }
         }
-        MaintMessage::DkgJoin { session, facts } => join(node, peer, session, facts),
+        MaintMessage::DkgJoin { session, facts } => join(h, peer, session, facts),
         MaintMessage::DkgAbort { session } => {
-            let mut guard = lock(&node.maint().dkg);
+            let mut guard = lock(&h.maint.dkg);
             if guard
                 .as_ref()
                 .is_some_and(|r| r.id == session && r.admin == peer)
@@ -379,16 +334,16 @@ fn receive_sync(node: &Node, peer: DeviceId, msg: MaintMessage) -> MaintReply {
 
 /// The member's side of an invitation (the authorisation rule of this module's docs).
 fn invite(
-    node: &Node,
+    h: &MaintHandle,
     peer: DeviceId,
     session: DkgSession,
     addrs: Vec<(DeviceId, String)>,
     admin_epoch: MaintenanceEpoch,
 ) -> MaintReply {
-    let me = node.device_id();
+    let me = h.device_id();
     let id = session.id();
     {
-        let guard = lock(&node.maint().dkg);
+        let guard = lock(&h.maint.dkg);
         if let Some(r) = guard.as_ref() {
             return if r.id == id && r.admin == peer {
                 MaintReply::Accepted
@@ -406,7 +361,7 @@ fn invite(
     if !session.members.contains(&peer) {
         return MaintReply::refused("the inviting device is not named in the key generation");
     }
-    let device = node.device();
+    let device = &h.device;
     let ns = device.namespace();
     let state = match device.store().maintenance_state(ns) {
         Ok(s) => s,
@@ -438,7 +393,7 @@ fn invite(
                 show_epoch(admin_epoch)
             ));
         }
-    } else if !(unattached && is_configured_peer(node, &peer)) {
+    } else if !(unattached && is_configured_peer(h.device.store(), &peer)) {
         return MaintReply::refused(
             "only this device's admin, or a configured peer while this device is in no \
              multi-device authority, may start a key generation here",
@@ -456,7 +411,7 @@ fn invite(
             Err(_) => return MaintReply::refused(format!("bad address {a:?} for {d}")),
         }
     }
-    let mut guard = lock(&node.maint().dkg);
+    let mut guard = lock(&h.maint.dkg);
     if guard.is_some() {
         return MaintReply::refused("another key generation is running");
     }
@@ -479,9 +434,9 @@ fn invite(
 
 /// The member's side of `DkgJoin`: check the membership change against the session and the
 /// saved share, store the authority's facts, adopt its journal.
-fn join(node: &Node, peer: DeviceId, session: Hash32, facts: Vec<ByteBuf>) -> MaintReply {
+fn join(h: &MaintHandle, peer: DeviceId, session: Hash32, facts: Vec<ByteBuf>) -> MaintReply {
     let (s, share, addrs) = {
-        let guard = lock(&node.maint().dkg);
+        let guard = lock(&h.maint.dkg);
         match guard.as_ref() {
             Some(r) if r.id == session && r.admin == peer => match &r.share {
                 Some(share) => (r.session.clone(), share.clone(), r.addrs.clone()),
@@ -499,7 +454,7 @@ fn join(node: &Node, peer: DeviceId, session: Hash32, facts: Vec<ByteBuf>) -> Ma
             Err(e) => return MaintReply::refused(format!("bad fact: {e}")),
         }
     }
-    let device = node.device();
+    let device = &h.device;
     if let Err(e) = device.store().insert_batch(&verified) {
         return MaintReply::refused(format!("cannot store the authority's facts: {e}"));
     }
@@ -524,290 +479,276 @@ fn join(node: &Node, peer: DeviceId, session: Hash32, facts: Vec<ByteBuf>) -> Ma
     }
     // The other members are now sync peers.
     for (d, a) in addrs {
-        if d != node.device_id() {
-            if let Err(e) = node.add_peer(PeerAddr { device: d, addr: a }) {
+        if d != h.device_id() {
+            if let Err(e) = h.node.add_peer(PeerAddr { device: d, addr: a }) {
                 tracing::warn!("cannot remember peer {d}: {e}");
             }
         }
     }
-    *lock(&node.maint().dkg) = None;
-    node.after_local_write();
-    let node = node.clone();
-    tokio::spawn(async move {
-        node.sync_now().await;
-    });
+    *lock(&h.maint.dkg) = None;
+    h.node.after_local_write();
+    tokio::spawn(h.node.sync_now());
     MaintReply::Accepted
 }
 
-impl Node {
-    /// Makes this device's authority a `threshold`-of-N authority of this device and
-    /// `members` by a DKG over the network (see the module docs). Every member must be
-    /// running and reachable at a known address; each saves its own share in its own home.
-    /// Returns what the admin wrote.
-    ///
-    /// Every member of this journal must be at this device's maintenance epoch, so it
-    /// syncs first; a run that fails because a participant is (or, when it finished, was)
-    /// at another epoch (a snapshot completed meanwhile) syncs and runs again until
-    /// `timeout` has passed. More than one round may be needed: a member that lacks a
-    /// snapshot's blob holds the completion back until its own next round fetched the blob.
-    pub async fn create_authority(
-        &self,
-        threshold: u16,
-        members: &[DeviceId],
-        timeout: Duration,
-    ) -> Result<AuthorityCreated, DkgNetError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            self.sync_now().await;
-            match self
-                .create_authority_once(threshold, members, timeout)
-                .await
-            {
-                Err(e) if e.is_epoch_mismatch() && tokio::time::Instant::now() < deadline => {
-                    tracing::info!(
-                        "key generation at another maintenance epoch ({e}); syncing again"
-                    );
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                other => return other,
+/// Makes this device's authority a `threshold`-of-N authority of this device and
+/// `members` by a DKG over the network (see the module docs). Every member must be
+/// running and reachable at a known address; each saves its own share in its own home.
+/// Returns what the admin wrote.
+///
+/// Every member of this journal must be at this device's maintenance epoch, so it
+/// syncs first; a run that fails because a participant is (or, when it finished, was)
+/// at another epoch (a snapshot completed meanwhile) syncs and runs again until
+/// `timeout` has passed. More than one round may be needed: a member that lacks a
+/// snapshot's blob holds the completion back until its own next round fetched the blob.
+pub(crate) async fn create_authority(
+    h: &MaintHandle,
+    threshold: u16,
+    members: &[DeviceId],
+    timeout: Duration,
+) -> Result<AuthorityCreated, DkgNetError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        h.node.sync_now().await;
+        match create_authority_once(h, threshold, members, timeout).await {
+            Err(e) if e.is_epoch_mismatch() && tokio::time::Instant::now() < deadline => {
+                tracing::info!("key generation at another maintenance epoch ({e}); syncing again");
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
+            other => return other,
         }
     }
+}
 
-    async fn create_authority_once(
-        &self,
-        threshold: u16,
-        members: &[DeviceId],
-        timeout: Duration,
-    ) -> Result<AuthorityCreated, DkgNetError> {
-        let me = self.device_id();
-        let device = self.device().clone();
-        let ns = device.namespace();
-        let state = blocking(|| device.store().maintenance_state(ns))?;
-        if !state.is_admin_at(&me, state.current_epoch()) {
-            return Err(DkgNetError::NotAdmin);
+async fn create_authority_once(
+    h: &MaintHandle,
+    threshold: u16,
+    members: &[DeviceId],
+    timeout: Duration,
+) -> Result<AuthorityCreated, DkgNetError> {
+    let me = h.device_id();
+    let device = h.device.clone();
+    let ns = device.namespace();
+    let state = blocking(|| device.store().maintenance_state(ns))?;
+    if !state.is_admin_at(&me, state.current_epoch()) {
+        return Err(DkgNetError::NotAdmin);
+    }
+    let mut all = members.to_vec();
+    all.push(me);
+    all.sort();
+    all.dedup();
+    let n = all.len();
+    if n < 2 || threshold < 2 || usize::from(threshold) > n {
+        return Err(DkgNetError::Shape(format!(
+            "{threshold}-of-{n}: an authority of several devices needs 2 <= threshold <= members"
+        )));
+    }
+    let JournalNamespace::Authority(AuthorityId(context)) = ns else {
+        return Err(DkgNetError::Shape(
+            "the current journal is not an authority".into(),
+        ));
+    };
+    let mut addrs = vec![(me, h.listen.to_string())];
+    for m in all.iter().filter(|m| **m != me) {
+        let a = h.node.peer_address(m).ok_or(DkgNetError::NoAddress(*m))?;
+        addrs.push((*m, a.to_string()));
+    }
+    let session = DkgSession {
+        context,
+        identity_epoch: state.identity_epoch() + 1,
+        members: all.clone(),
+        threshold,
+    };
+    session
+        .validate()
+        .map_err(|e| DkgNetError::Shape(e.to_string()))?;
+    let id = session.id();
+    {
+        let mut guard = lock(&h.maint.dkg);
+        if guard.is_some() {
+            return Err(DkgNetError::Busy);
         }
-        let mut all = members.to_vec();
-        all.push(me);
-        all.sort();
-        all.dedup();
-        let n = all.len();
-        if n < 2 || threshold < 2 || usize::from(threshold) > n {
-            return Err(DkgNetError::Shape(format!(
-                "{threshold}-of-{n}: an authority of several devices needs 2 <= threshold <= members"
-            )));
+        *guard = Some(DkgRun {
+            session: session.clone(),
+            id,
+            admin: me,
+            addrs: addrs
+                .iter()
+                .filter_map(|(d, a)| Some((*d, a.parse().ok()?)))
+                .collect(),
+            participant: None,
+            early: Vec::new(),
+            share: None,
+            finished: BTreeMap::new(),
+            finished_epochs: BTreeMap::new(),
+            failed: None,
+            deadline: Instant::now() + timeout + MEMBER_RUN_TTL,
+        });
+    }
+    let others: Vec<DeviceId> = all.iter().copied().filter(|d| *d != me).collect();
+    let result = run_as_admin(
+        h,
+        &session,
+        id,
+        &others,
+        addrs,
+        state.maintenance_epoch(),
+        timeout,
+    )
+    .await;
+    if result.is_err() {
+        let abort = MaintMessage::DkgAbort { session: id };
+        for d in &others {
+            let _ = send(h, *d, &abort).await;
         }
-        let JournalNamespace::Authority(AuthorityId(context)) = ns else {
-            return Err(DkgNetError::Shape(
-                "the current journal is not an authority".into(),
-            ));
-        };
-        let mut addrs = vec![(me, self.listen_addr().to_string())];
-        for m in all.iter().filter(|m| **m != me) {
-            let a = self.peer_address(m).ok_or(DkgNetError::NoAddress(*m))?;
-            addrs.push((*m, a.to_string()));
-        }
-        let session = DkgSession {
-            context,
-            identity_epoch: state.identity_epoch() + 1,
-            members: all.clone(),
-            threshold,
-        };
-        session
-            .validate()
-            .map_err(|e| DkgNetError::Shape(e.to_string()))?;
-        let id = session.id();
+    }
+    *lock(&h.maint.dkg) = None;
+    result
+}
+
+async fn run_as_admin(
+    h: &MaintHandle,
+    session: &DkgSession,
+    id: Hash32,
+    others: &[DeviceId],
+    addrs: Vec<(DeviceId, String)>,
+    epoch: MaintenanceEpoch,
+    timeout: Duration,
+) -> Result<AuthorityCreated, DkgNetError> {
+    let started = Instant::now();
+    // Everyone accepts before anyone broadcasts, so no round message meets a member
+    // that does not know the session yet.
+    let invite = MaintMessage::DkgInvite {
+        session: session.clone(),
+        addrs,
+        maintenance_epoch: epoch,
+    };
+    tell_all(h, others, &invite).await?;
+    tell_all(h, others, &MaintMessage::DkgStart { session: id }).await?;
+    start_participant(h).map_err(DkgNetError::Failed)?;
+    let group_key = loop {
         {
-            let mut guard = lock(&self.maint().dkg);
-            if guard.is_some() {
-                return Err(DkgNetError::Busy);
+            let guard = lock(&h.maint.dkg);
+            let Some(run) = guard.as_ref() else {
+                return Err(DkgNetError::Failed("the run was dropped".into()));
+            };
+            if let Some(f) = &run.failed {
+                return Err(DkgNetError::Failed(f.clone()));
             }
-            *guard = Some(DkgRun {
-                session: session.clone(),
-                id,
-                admin: me,
-                addrs: addrs
-                    .iter()
-                    .filter_map(|(d, a)| Some((*d, a.parse().ok()?)))
-                    .collect(),
-                participant: None,
-                early: Vec::new(),
-                share: None,
-                finished: BTreeMap::new(),
-                finished_epochs: BTreeMap::new(),
-                failed: None,
-                deadline: Instant::now() + timeout + MEMBER_RUN_TTL,
+            if let Some(share) = &run.share {
+                if run.finished.len() == others.len() {
+                    let gk = share.group_key();
+                    if run.finished.values().any(|k| *k != gk) {
+                        return Err(DkgNetError::GroupKeyMismatch);
+                    }
+                    // A member of this journal whose epoch moved since it accepted (a
+                    // snapshot completed without this device) would see the change
+                    // below it.
+                    for (m, e) in &run.finished_epochs {
+                        if let Some(e) = e.filter(|e| *e != epoch) {
+                            return Err(DkgNetError::MemberEpochMoved {
+                                member: *m,
+                                theirs: show_epoch(e),
+                                ours: show_epoch(epoch),
+                            });
+                        }
+                    }
+                    break gk;
+                }
+            }
+        }
+        if started.elapsed() >= timeout {
+            return Err(DkgNetError::TimedOut(timeout.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let device = h.device.clone();
+    let ns = device.namespace();
+    let (change, facts) = blocking(|| -> Result<_, DkgNetError> {
+        let state = device.store().maintenance_state(ns)?;
+        // The members checked the epoch at the invitation; a snapshot that completed
+        // since would put the change on the wrong side of it for some of them.
+        if state.maintenance_epoch() != epoch {
+            return Err(DkgNetError::EpochMoved {
+                from: show_epoch(epoch),
+                to: show_epoch(state.maintenance_epoch()),
             });
         }
-        let others: Vec<DeviceId> = all.iter().copied().filter(|d| *d != me).collect();
-        let result = self
-            .run_as_admin(
-                &session,
-                id,
-                &others,
-                addrs,
-                state.maintenance_epoch(),
-                timeout,
-            )
-            .await;
-        if result.is_err() {
-            let abort = MaintMessage::DkgAbort { session: id };
-            for d in &others {
-                let _ = send(self, *d, &abort).await;
+        let change = UnsignedFact {
+            namespace: ns,
+            epoch: state.current_epoch(),
+            payload: Payload::Authority(AuthorityFact::MembershipChanged(MembershipChange {
+                identity_epoch: session.identity_epoch,
+                members: session.members.clone(),
+                threshold: session.threshold,
+                group_key,
+            })),
+        }
+        .sign(device.key().signing_key());
+        // What a member needs to admit the change: the genesis, earlier membership
+        // changes and admin replacements. Everything else comes by sync.
+        let mut facts = Vec::new();
+        for f in device.store().scan_maintenance(ns)? {
+            let f = f?
+                .verify()
+                .map_err(|e| DkgNetError::Failed(e.to_string()))?;
+            if matches!(
+                f.payload(),
+                Payload::Authority(_)
+                    | Payload::Maintenance(
+                        MaintenanceFact::AdminReplacement(_)
+                            | MaintenanceFact::CertifiedAdminReplacement(_)
+                    )
+            ) {
+                facts.push(ByteBuf::from(f.bytes().to_vec()));
             }
         }
-        *lock(&self.maint().dkg) = None;
-        result
+        facts.push(ByteBuf::from(change.bytes().to_vec()));
+        Ok((change, facts))
+    })?;
+    let join = MaintMessage::DkgJoin { session: id, facts };
+    if let Err(e) = tell_all(h, others, &join).await {
+        // The change is valid and the shares exist: members that missed the join learn
+        // the change by sync once they adopt the journal; say so, but go on.
+        tracing::warn!("a member did not take the join: {e}");
     }
+    let report = blocking(|| device.store().insert_batch(std::slice::from_ref(&change)))?;
+    if let Some(r) = report.rejected.first() {
+        return Err(DkgNetError::Rejected(r.error.to_string()));
+    }
+    h.node.after_local_write();
+    tokio::spawn(h.node.sync_now());
+    Ok(AuthorityCreated {
+        namespace: ns.to_string(),
+        identity_epoch: session.identity_epoch,
+        threshold: session.threshold,
+        members: session.members.iter().map(ToString::to_string).collect(),
+        group_key: hex::encode(group_key.0),
+    })
+}
 
-    async fn run_as_admin(
-        &self,
-        session: &DkgSession,
-        id: Hash32,
-        others: &[DeviceId],
-        addrs: Vec<(DeviceId, String)>,
-        epoch: MaintenanceEpoch,
-        timeout: Duration,
-    ) -> Result<AuthorityCreated, DkgNetError> {
-        let started = Instant::now();
-        // Everyone accepts before anyone broadcasts, so no round message meets a member
-        // that does not know the session yet.
-        let invite = MaintMessage::DkgInvite {
-            session: session.clone(),
-            addrs,
-            maintenance_epoch: epoch,
-        };
-        self.tell_all(others, &invite).await?;
-        self.tell_all(others, &MaintMessage::DkgStart { session: id })
-            .await?;
-        start_participant(self).map_err(DkgNetError::Failed)?;
-        let group_key = loop {
-            {
-                let guard = lock(&self.maint().dkg);
-                let Some(run) = guard.as_ref() else {
-                    return Err(DkgNetError::Failed("the run was dropped".into()));
-                };
-                if let Some(f) = &run.failed {
-                    return Err(DkgNetError::Failed(f.clone()));
-                }
-                if let Some(share) = &run.share {
-                    if run.finished.len() == others.len() {
-                        let gk = share.group_key();
-                        if run.finished.values().any(|k| *k != gk) {
-                            return Err(DkgNetError::GroupKeyMismatch);
-                        }
-                        // A member of this journal whose epoch moved since it accepted (a
-                        // snapshot completed without this device) would see the change
-                        // below it.
-                        for (m, e) in &run.finished_epochs {
-                            if let Some(e) = e.filter(|e| *e != epoch) {
-                                return Err(DkgNetError::MemberEpochMoved {
-                                    member: *m,
-                                    theirs: show_epoch(e),
-                                    ours: show_epoch(epoch),
-                                });
-                            }
-                        }
-                        break gk;
-                    }
-                }
-            }
-            if started.elapsed() >= timeout {
-                return Err(DkgNetError::TimedOut(timeout.as_secs()));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let device = self.device().clone();
-        let ns = device.namespace();
-        let (change, facts) = blocking(|| -> Result<_, DkgNetError> {
-            let state = device.store().maintenance_state(ns)?;
-            // The members checked the epoch at the invitation; a snapshot that completed
-            // since would put the change on the wrong side of it for some of them.
-            if state.maintenance_epoch() != epoch {
-                return Err(DkgNetError::EpochMoved {
-                    from: show_epoch(epoch),
-                    to: show_epoch(state.maintenance_epoch()),
-                });
-            }
-            let change = UnsignedFact {
-                namespace: ns,
-                epoch: state.current_epoch(),
-                payload: Payload::Authority(AuthorityFact::MembershipChanged(MembershipChange {
-                    identity_epoch: session.identity_epoch,
-                    members: session.members.clone(),
-                    threshold: session.threshold,
-                    group_key,
-                })),
-            }
-            .sign(device.key().signing_key());
-            // What a member needs to admit the change: the genesis, earlier membership
-            // changes and admin replacements. Everything else comes by sync.
-            let mut facts = Vec::new();
-            for f in device.store().scan_maintenance(ns)? {
-                let f = f?
-                    .verify()
-                    .map_err(|e| DkgNetError::Failed(e.to_string()))?;
-                if matches!(
-                    f.payload(),
-                    Payload::Authority(_)
-                        | Payload::Maintenance(
-                            MaintenanceFact::AdminReplacement(_)
-                                | MaintenanceFact::CertifiedAdminReplacement(_)
-                        )
-                ) {
-                    facts.push(ByteBuf::from(f.bytes().to_vec()));
-                }
-            }
-            facts.push(ByteBuf::from(change.bytes().to_vec()));
-            Ok((change, facts))
-        })?;
-        let join = MaintMessage::DkgJoin { session: id, facts };
-        if let Err(e) = self.tell_all(others, &join).await {
-            // The change is valid and the shares exist: members that missed the join learn
-            // the change by sync once they adopt the journal; say so, but go on.
-            tracing::warn!("a member did not take the join: {e}");
-        }
-        let report = blocking(|| device.store().insert_batch(std::slice::from_ref(&change)))?;
-        if let Some(r) = report.rejected.first() {
-            return Err(DkgNetError::Rejected(r.error.to_string()));
-        }
-        self.after_local_write();
-        let node = self.clone();
-        tokio::spawn(async move {
-            node.sync_now().await;
-        });
-        Ok(AuthorityCreated {
-            namespace: ns.to_string(),
-            identity_epoch: session.identity_epoch,
-            threshold: session.threshold,
-            members: session.members.iter().map(ToString::to_string).collect(),
-            group_key: hex::encode(group_key.0),
-        })
+/// Sends `msg` to every device in `to` at once; all must accept it.
+async fn tell_all(h: &MaintHandle, to: &[DeviceId], msg: &MaintMessage) -> Result<(), DkgNetError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for d in to {
+        let h = h.clone();
+        let msg = msg.clone();
+        let d = *d;
+        tasks.spawn(async move { (d, send(&h, d, &msg).await) });
     }
-
-    /// Sends `msg` to every device in `to` at once; all must accept it.
-    async fn tell_all(&self, to: &[DeviceId], msg: &MaintMessage) -> Result<(), DkgNetError> {
-        let mut tasks = tokio::task::JoinSet::new();
-        for d in to {
-            let node = self.clone();
-            let msg = msg.clone();
-            let d = *d;
-            tasks.spawn(async move { (d, send(&node, d, &msg).await) });
-        }
-        let mut first_err = None;
-        while let Some(r) = tasks.join_next().await {
-            let err = match r {
-                Ok((_, Ok(MaintReply::Accepted))) => None,
-                Ok((member, Ok(MaintReply::Refused { reason }))) => {
-                    Some(DkgNetError::Refused { member, reason })
-                }
-                Ok((member, Err(source))) => Some(DkgNetError::Unreachable { member, source }),
-                Err(e) => Some(DkgNetError::Failed(e.to_string())),
-            };
-            if first_err.is_none() {
-                first_err = err;
+    let mut first_err = None;
+    while let Some(r) = tasks.join_next().await {
+        let err = match r {
+            Ok((_, Ok(MaintReply::Accepted))) => None,
+            Ok((member, Ok(MaintReply::Refused { reason }))) => {
+                Some(DkgNetError::Refused { member, reason })
             }
+            Ok((member, Err(source))) => Some(DkgNetError::Unreachable { member, source }),
+            Err(e) => Some(DkgNetError::Failed(e.to_string())),
+        };
+        if first_err.is_none() {
+            first_err = err;
         }
-        first_err.map_or(Ok(()), Err)
     }
+    first_err.map_or(Ok(()), Err)
 }

@@ -302,8 +302,8 @@ impl LocalFleet {
             if let Some((d, theirs)) = self.epoch_laggard(namespace, &state)? {
                 return Err(FleetError::Dkg(format!(
                     "device {d} is at {}, the admin at {}: sync first",
-                    crate::dkg::show_epoch(theirs),
-                    crate::dkg::show_epoch(state.maintenance_epoch())
+                    crate::maint::show_epoch(theirs),
+                    crate::maint::show_epoch(state.maintenance_epoch())
                 )));
             }
         }

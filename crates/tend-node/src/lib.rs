@@ -15,11 +15,11 @@ pub mod dkg;
 pub mod endpoint;
 pub mod error;
 pub mod fleet;
+pub mod maint;
 pub mod metrics;
 pub mod node;
 pub mod peer_table;
 pub mod reissue;
-pub mod replica;
 pub mod upgrade;
 pub mod write;
 

@@ -16,12 +16,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::Endpoint;
 use serde::{Deserialize, Serialize};
-use tend_core::maintenance::{CertifiedBlob, SnapshotV1};
+use tend_core::maintenance::{CertifiedBlob, SnapshotCompleted, SnapshotV1};
 use tend_core::{
-    ContentId, DeviceId, Epoch, FactId, JournalError, JournalNamespace, MaintenanceFact,
+    ContentId, DeviceId, Epoch, FactId, Hash32, JournalError, JournalNamespace, MaintenanceFact,
     MaintenanceState, Payload, ProtocolVersion, VerifiedFact,
 };
 use tend_snapshot::blob::{is_state_fact, BlobError, BlobTrust};
@@ -38,8 +39,12 @@ use tokio::task::JoinHandle;
 use crate::device::{Device, DeviceError, JournalStatus};
 
 mod autogc;
+use crate::ceremony::{self, CeremonyError, MaintStats, SnapshotTrigger};
 use crate::discovery::{self, AddressSource, DiscoveryHost, PeerAddr, StaticPeers};
+use crate::dkg::{self, DkgNetError};
 use crate::endpoint::{self, close_code, FrameError};
+use crate::fleet::AuthorityCreated;
+use crate::maint::{self, Maint, MaintHandle, MaintHost, MaintMessage, MaintReply, SendError};
 use crate::metrics::Metrics;
 use crate::peer_table::STRANGER_TRUST;
 use crate::upgrade;
@@ -256,7 +261,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 struct Inner {
     device: Arc<Device>,
     /// Snapshot ceremonies and key generation over `tend/maint/1`.
-    maint: crate::ceremony::Maint,
+    maint: Arc<Maint>,
     config: NodeConfig,
     endpoint: Endpoint,
     listen: SocketAddr,
@@ -378,7 +383,7 @@ impl Node {
         let sources: Vec<Box<dyn AddressSource>> =
             vec![Box::new(StaticPeers(config.peers.clone()))];
         let inner = Arc::new(Inner {
-            maint: crate::ceremony::Maint::new(device.device_id()),
+            maint: Arc::new(Maint::new(device.device_id())),
             config: config.clone(),
             endpoint,
             listen,
@@ -433,7 +438,7 @@ impl Node {
             tokio::spawn(accept_loop(node.inner.clone())),
             tokio::spawn(timer_loop(node.inner.clone())),
             tokio::spawn(round_loop(node.clone())),
-            tokio::spawn(crate::ceremony::timer_loop(node.clone())),
+            tokio::spawn(ceremony::timer_loop(node.maint_handle())),
         ];
         if let Some(addr) = config.metrics {
             let listener = crate::metrics::bind(addr)
@@ -554,29 +559,78 @@ impl Node {
             .ok_or(crate::peer_table::PeerTableError::UnknownPeer(device))
     }
 
-    /// The maintenance protocol state (ceremonies, key generation).
-    pub(crate) fn maint(&self) -> &crate::ceremony::Maint {
-        &self.inner.maint
+    /// What snapshot ceremonies and key generation are handed of this node.
+    fn maint_handle(&self) -> MaintHandle {
+        MaintHandle {
+            device: self.inner.device.clone(),
+            endpoint: self.inner.endpoint.clone(),
+            metrics: self.inner.metrics.clone(),
+            maint: self.inner.maint.clone(),
+            listen: self.inner.listen,
+            connect_timeout: self.inner.config.connect_timeout,
+            node: Arc::new(self.clone()),
+        }
     }
 
-    /// The iroh endpoint.
-    pub(crate) fn endpoint(&self) -> &Endpoint {
-        &self.inner.endpoint
+    /// Runs a snapshot ceremony coordinated by this device over the network, for every
+    /// fact below `target` (default: the current epoch + 1), and returns the completed
+    /// snapshot; fails on refusals, abort or `timeout`. A ceremony aborted by an identity
+    /// epoch advance is retried under the new key and keeps this call waiting.
+    pub async fn propose_snapshot(
+        &self,
+        target: Option<Epoch>,
+        timeout: Duration,
+    ) -> Result<SnapshotCompleted, CeremonyError> {
+        ceremony::propose_snapshot(&self.maint_handle(), target, timeout).await
     }
 
-    /// How long to wait for a connection.
-    pub(crate) fn connect_timeout(&self) -> Duration {
-        self.inner.config.connect_timeout
+    /// Counters of the maintenance protocol.
+    pub fn maint_stats(&self) -> MaintStats {
+        self.inner.maint.stats()
     }
 
-    /// The known direct address of `device`, if any.
-    pub(crate) fn peer_address(&self, device: &DeviceId) -> Option<SocketAddr> {
-        lock(&self.inner.peers).addrs.get(device).copied()
+    /// Whether this node's ceremony engine has no open session.
+    pub fn ceremony_idle(&self) -> bool {
+        self.inner.maint.ceremony_idle()
     }
 
-    /// Whether `device` is blocked by this node.
-    pub(crate) fn is_blocked(&self, device: &DeviceId) -> bool {
-        lock(&self.inner.peers).blocked.contains(device)
+    /// Proposals this node coordinates right now.
+    pub fn open_ceremonies(&self) -> Vec<Hash32> {
+        self.inner.maint.open_ceremonies()
+    }
+
+    /// Sets the automatic snapshot trigger (called on the node's timer; acted on only
+    /// while this device is the admin).
+    pub fn set_snapshot_trigger(&self, trigger: SnapshotTrigger) {
+        self.inner.maint.set_trigger(trigger);
+    }
+
+    /// Sends one raw maintenance message to `to` (tests of the refusal rules).
+    pub async fn send_maint(
+        &self,
+        to: DeviceId,
+        msg: &MaintMessage,
+    ) -> Result<MaintReply, SendError> {
+        maint::send(&self.maint_handle(), to, msg).await
+    }
+
+    /// Makes this device's authority a `threshold`-of-N authority of this device and
+    /// `members` by a DKG over the network (see [`crate::dkg`]). Every member must be
+    /// running and reachable at a known address; each saves its own share in its own home.
+    /// Returns what the admin wrote.
+    ///
+    /// Every member of this journal must be at this device's maintenance epoch, so it
+    /// syncs first; a run that fails because a participant is (or, when it finished, was)
+    /// at another epoch (a snapshot completed meanwhile) syncs and runs again until
+    /// `timeout` has passed. More than one round may be needed: a member that lacks a
+    /// snapshot's blob holds the completion back until its own next round fetched the blob.
+    pub async fn create_authority(
+        &self,
+        threshold: u16,
+        members: &[DeviceId],
+        timeout: Duration,
+    ) -> Result<AuthorityCreated, DkgNetError> {
+        dkg::create_authority(&self.maint_handle(), threshold, members, timeout).await
     }
 
     /// Tells running sessions about a store write made outside [`Node::append`].
@@ -877,6 +931,37 @@ impl DiscoveryHost for Node {
 
     fn add_source(&self, source: Box<dyn AddressSource>) {
         Node::add_source(self, source)
+    }
+}
+
+impl MaintHost for Node {
+    fn peer_address(&self, device: &DeviceId) -> Option<SocketAddr> {
+        lock(&self.inner.peers).addrs.get(device).copied()
+    }
+
+    fn is_blocked(&self, device: &DeviceId) -> bool {
+        lock(&self.inner.peers).blocked.contains(device)
+    }
+
+    fn add_peer(&self, peer: PeerAddr) -> Result<(), StoreError> {
+        self.inner.learn(&[peer]);
+        discovery::remember_peers(self.inner.device.store(), &[peer])
+    }
+
+    fn after_local_write(&self) {
+        self.inner.after_local_write();
+    }
+
+    fn sync_now(&self) -> BoxFuture<'static, ()> {
+        let node = self.clone();
+        Box::pin(async move {
+            node.sync_now().await;
+        })
+    }
+
+    fn receive(&self, peer: DeviceId, msg: MaintMessage) -> BoxFuture<'static, MaintReply> {
+        let h = self.maint_handle();
+        Box::pin(async move { ceremony::receive(&h, peer, msg).await })
     }
 }
 
@@ -2160,10 +2245,10 @@ async fn serve_connection(inner: Arc<Inner>, conn: Connection) {
         );
         return;
     }
-    if conn.alpn() == crate::ceremony::MAINT_ALPN {
+    if conn.alpn() == endpoint::MAINT_ALPN {
         // Maintenance messages have their own admission rule (members, and the devices
         // named in a key generation this device accepted).
-        crate::ceremony::serve(Node { inner }, conn).await;
+        maint::serve(Node { inner }.maint_handle(), conn).await;
         return;
     }
     // A banned peer (repeated misbehaviour, or the operator) gets no sync session either

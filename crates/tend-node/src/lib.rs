@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod node;
 pub mod peer_table;
 pub mod reissue;
+pub mod replica;
 pub mod upgrade;
 pub mod write;
 

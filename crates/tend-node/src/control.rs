@@ -40,17 +40,25 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
+use tend_core::maintenance::SnapshotCompleted;
+use tend_core::{DeviceId, Epoch, VerifiedFact};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 
 use crate::admin::AdminStatus;
 use crate::cache::{CacheCheck, Invalidation};
+use crate::ceremony::{CeremonyError, DEFAULT_CEREMONY_TIMEOUT};
 use crate::device::{
     AuthorityStatus, Device, FactSummary, GcPolicy, GcReport, JournalStatus, SnapshotStatus,
 };
-use crate::node::{Node, NodeStatus, PeerInfo, RoundReport};
+use crate::dkg::DkgNetError;
+use crate::fleet::AuthorityCreated;
+use crate::metrics::Metrics;
+use crate::peer_table::PeerTableError;
+use crate::status::{NodeStatus, PeerInfo, RoundReport};
 use crate::upgrade::{ApplyReport, UpgradeStatus};
 
 pub mod ops;
@@ -114,6 +122,57 @@ impl std::fmt::Debug for BackupExporter {
         f.write_str("BackupExporter")
     }
 }
+
+/// An error of the running device, answered as one line with its causes.
+pub type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the control socket asks of the running device it serves. [`crate::Node`]
+/// implements it, so the socket sits below the node and never names it.
+pub(crate) trait RunningDevice: Send + Sync + 'static {
+    /// The device (its store is shared with the node).
+    fn device(&self) -> &Arc<Device>;
+    /// The metrics.
+    fn metrics(&self) -> &Metrics;
+    /// The node's status (`status`).
+    fn status(&self) -> Result<NodeStatus, Failure>;
+    /// Known peers, with scores (`peers`).
+    fn peers(&self) -> Vec<PeerInfo>;
+    /// Sets the operator's trust for a peer (`None`: back to its role's) or bans it.
+    fn edit_peer(
+        &self,
+        device: DeviceId,
+        trust: Option<Option<f64>>,
+        banned: Option<bool>,
+    ) -> Result<PeerInfo, PeerTableError>;
+    /// Runs one sync round now.
+    fn sync_now(&self) -> BoxFuture<'_, RoundReport>;
+    /// Appends an application fact.
+    fn add_fact(&self, kind: &str, data: &[u8]) -> Result<VerifiedFact, Failure>;
+    /// Runs a snapshot ceremony over the network.
+    fn propose_snapshot(
+        &self,
+        target: Option<Epoch>,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<SnapshotCompleted, CeremonyError>>;
+    /// Makes the authority a `threshold`-of-N one of this device and `members`.
+    fn create_authority<'a>(
+        &'a self,
+        threshold: u16,
+        members: &'a [DeviceId],
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<AuthorityCreated, DkgNetError>>;
+    /// GC off the async workers.
+    fn gc(&self, dry_run: bool) -> Result<GcReport, Failure>;
+    /// Whether an upgrade pipeline run is in progress.
+    fn upgrade_running(&self) -> bool;
+    /// Tells running sessions about a store write.
+    fn after_local_write(&self);
+    /// The installed backup exporter, if any.
+    fn backup_exporter(&self) -> Option<BackupExporter>;
+}
+
+/// The running device a control connection talks to.
+type Served = Arc<dyn RunningDevice>;
 
 /// Why a request line was refused before it reached the device.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -484,7 +543,7 @@ pub fn socket_path(home: &Path) -> PathBuf {
 
 /// Binds `control.sock` in the node's home (0600) and serves it. A stale socket file
 /// (nobody answers) is replaced; a live one means another device runs here.
-pub(crate) fn serve(node: Node) -> Result<(PathBuf, JoinHandle<()>), ControlError> {
+pub(crate) fn serve(node: Served) -> Result<(PathBuf, JoinHandle<()>), ControlError> {
     let path = socket_path(node.device().home());
     if path.exists() {
         if StdUnixStream::connect(&path).is_ok() {
@@ -517,7 +576,7 @@ pub(crate) fn serve(node: Node) -> Result<(PathBuf, JoinHandle<()>), ControlErro
     Ok((path, task))
 }
 
-async fn serve_client(node: Node, stream: UnixStream) {
+async fn serve_client(node: Served, stream: UnixStream) {
     let (read, mut write) = stream.into_split();
     let mut reader = TokioBufReader::new(read);
     loop {
@@ -585,27 +644,27 @@ async fn write_response(
 
 /// Runs `f` on the node off the async workers (store reads and writes block) and turns
 /// its outcome into a response.
-async fn on_node<T, E, F>(node: &Node, f: F) -> Response
+async fn on_node<T, E, F>(node: &Served, f: F) -> Response
 where
     T: Serialize + Send + 'static,
-    E: std::error::Error + Send + 'static,
-    F: FnOnce(&Node) -> Result<T, E> + Send + 'static,
+    E: Into<Failure> + Send + 'static,
+    F: FnOnce(&dyn RunningDevice) -> Result<T, E> + Send + 'static,
 {
     let node = node.clone();
-    match tokio::task::spawn_blocking(move || f(&node)).await {
+    match tokio::task::spawn_blocking(move || f(&*node)).await {
         Ok(Ok(v)) => Response::ok(v),
-        Ok(Err(e)) => Response::err(error_line(&e)),
+        Ok(Err(e)) => Response::err(error_line(&*e.into())),
         Err(e) => Response::err(format!("the request failed: {e}")),
     }
 }
 
 /// Like [`on_node`] for a write: running sessions hear about it afterwards (a membership
 /// or epoch change aborts the sessions under the old identity epoch).
-async fn write_on_node<T, E, F>(node: &Node, f: F) -> Response
+async fn write_on_node<T, E, F>(node: &Served, f: F) -> Response
 where
     T: Serialize + Send + 'static,
-    E: std::error::Error + Send + 'static,
-    F: FnOnce(&Node) -> Result<T, E> + Send + 'static,
+    E: Into<Failure> + Send + 'static,
+    F: FnOnce(&dyn RunningDevice) -> Result<T, E> + Send + 'static,
 {
     on_node(node, move |n| {
         let r = f(n);
@@ -629,7 +688,7 @@ fn plugin_setting(key: &str) -> Result<(), ops::OpError> {
     }
 }
 
-async fn answer(node: &Node, request: Request) -> Response {
+async fn answer(node: &Served, request: Request) -> Response {
     match request {
         Request::Status => match node.status() {
             Ok(s) => Response::ok(s),
@@ -662,10 +721,7 @@ async fn answer(node: &Node, request: Request) -> Response {
             epoch,
             timeout_secs,
         } => {
-            let timeout = timeout_secs.map_or(
-                crate::ceremony::DEFAULT_CEREMONY_TIMEOUT,
-                Duration::from_secs,
-            );
+            let timeout = timeout_secs.map_or(DEFAULT_CEREMONY_TIMEOUT, Duration::from_secs);
             match node
                 .propose_snapshot(epoch.map(tend_core::Epoch), timeout)
                 .await

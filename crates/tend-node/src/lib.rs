@@ -21,6 +21,7 @@ pub mod node;
 pub mod peer_table;
 pub mod reissue;
 pub mod replica;
+pub mod status;
 pub mod upgrade;
 pub mod write;
 

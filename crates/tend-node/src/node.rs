@@ -36,18 +36,21 @@ use tend_sync::{
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
-use crate::device::{Device, DeviceError, JournalStatus};
+use crate::device::{Device, DeviceError};
 
 mod autogc;
 use crate::ceremony::{self, CeremonyError, MaintStats, SnapshotTrigger};
+use crate::control::{self, BackupExporter, Failure, RunningDevice};
 use crate::discovery::{self, AddressSource, DiscoveryHost, PeerAddr, StaticPeers};
 use crate::dkg::{self, DkgNetError};
 use crate::endpoint::{self, close_code, FrameError};
 use crate::fleet::AuthorityCreated;
 use crate::maint::{self, Maint, MaintHandle, MaintHost, MaintMessage, MaintReply, SendError};
 use crate::metrics::Metrics;
-use crate::peer_table::STRANGER_TRUST;
+use crate::peer_table::{PeerTableError, STRANGER_TRUST};
 use crate::upgrade;
+
+pub use crate::status::{NodeStatus, PeerInfo, PeerOutcome, RoundReport};
 
 /// How a node runs.
 #[derive(Clone, Debug)]
@@ -135,103 +138,11 @@ pub enum NodeError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Control(#[from] crate::control::ControlError),
+    Control(#[from] control::ControlError),
     #[error(transparent)]
     LocalDiscovery(#[from] discovery::local::LocalError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
-}
-
-/// What we know about one peer, as `tend peers` shows it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct PeerInfo {
-    /// The peer's device id (hex).
-    pub device_id: String,
-    /// Its direct address, if known (peers that only dialled us have none).
-    pub addr: Option<String>,
-    /// `online`, `offline` (after repeated connection failures; probed now and then) or
-    /// `banned` (after repeated misbehaviour, or by the operator).
-    pub status: String,
-    /// Trust in [0, 1]: the operator's setting for the peer, else its role's (admin,
-    /// member, other), halved on each misbehaviour.
-    pub trust: f64,
-    /// The operator's trust for this peer (`tend peers trust`), if set.
-    pub operator_trust: Option<f64>,
-    /// Misbehaviours seen (protocol violations, invalid facts, bad blobs).
-    pub misbehaviours: u32,
-    /// Connection failures and timeouts since the last success.
-    pub consecutive_failures: u32,
-    /// When a session with the peer last completed (Unix ms), either side; kept across
-    /// restarts.
-    pub last_sync_unix_ms: Option<u64>,
-    /// Sessions that completed.
-    pub successful_syncs: u64,
-    /// Sessions that failed, were refused, or never connected.
-    pub failed_syncs: u64,
-    /// Sessions open now.
-    pub active_sessions: u32,
-    /// Selection score in [0, 1] (DESIGN section 4).
-    pub score: f64,
-    /// Blocked by this node (partition tests, operator).
-    pub blocked: bool,
-}
-
-/// The outcome of one session of a round, as `tend sync now` shows it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PeerOutcome {
-    /// The peer's device id (hex).
-    pub peer: String,
-    /// The address dialled.
-    pub addr: String,
-    /// `completed`, `aborted: ...`, `refused: ...`, `failed: ...`, `unreachable: ...`,
-    /// `skipped: ...` (this device's own session limit), `local error: ...`.
-    pub result: String,
-    /// Whether the (last) session completed.
-    pub ok: bool,
-    /// Sessions opened: more than one when an epoch change aborted earlier ones.
-    pub attempts: u32,
-    /// Counters of the last session.
-    pub facts_sent: u64,
-    pub facts_received: u64,
-    /// New facts stored.
-    pub facts_accepted: u64,
-    pub facts_rejected: u64,
-    pub duration_ms: u64,
-}
-
-/// One sync round.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RoundReport {
-    /// One entry per peer contacted.
-    pub sessions: Vec<PeerOutcome>,
-}
-
-impl RoundReport {
-    /// Whether every session completed.
-    pub fn all_ok(&self) -> bool {
-        self.sessions.iter().all(|s| s.ok)
-    }
-}
-
-/// A running device's status, as `tend status` and the control socket show it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct NodeStatus {
-    /// This device's id (hex), which is also its iroh endpoint id.
-    pub device_id: String,
-    /// Where the endpoint listens.
-    pub listen_addr: String,
-    /// Where `/metrics` is served, if anywhere.
-    pub metrics_addr: Option<String>,
-    /// The journal this device writes and synchronises.
-    pub namespace: String,
-    /// Membership changes seen so far.
-    pub identity_epoch: u64,
-    /// Known peers.
-    pub peers: Vec<PeerInfo>,
-    /// The latest successful sync with any peer (Unix ms).
-    pub last_sync_unix_ms: Option<u64>,
-    /// What `tend journal status` shows.
-    pub journal: JournalStatus,
 }
 
 /// Events a session's driver task handles, in order.
@@ -309,7 +220,7 @@ struct Inner {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     control_path: Mutex<Option<PathBuf>>,
     /// The `backup_export` plug-in, if `tend run` installed one.
-    backup_exporter: Mutex<Option<crate::control::BackupExporter>>,
+    backup_exporter: Mutex<Option<BackupExporter>>,
     /// Automatic GC: the latest snapshot epoch collected (or settled) so far, and whether
     /// a collection is running.
     auto_gc: autogc::AutoGc,
@@ -458,7 +369,7 @@ impl Node {
             )));
         }
         if config.control_socket {
-            let (path, task) = crate::control::serve(node.clone())?;
+            let (path, task) = control::serve(Arc::new(node.clone()))?;
             *lock(&node.inner.control_path) = Some(path);
             tasks.push(task);
         }
@@ -543,7 +454,7 @@ impl Node {
         device: DeviceId,
         trust: Option<Option<f64>>,
         banned: Option<bool>,
-    ) -> Result<PeerInfo, crate::peer_table::PeerTableError> {
+    ) -> Result<PeerInfo, PeerTableError> {
         let state = self.inner.state()?;
         {
             let mut book = lock(&self.inner.peers);
@@ -556,7 +467,7 @@ impl Node {
             .peer_infos()
             .into_iter()
             .find(|p| p.device_id == device.to_string())
-            .ok_or(crate::peer_table::PeerTableError::UnknownPeer(device))
+            .ok_or(PeerTableError::UnknownPeer(device))
     }
 
     /// What snapshot ceremonies and key generation are handed of this node.
@@ -859,12 +770,12 @@ impl Node {
 
     /// Installs the exporter `backup_export` requests run (tend-node does not depend on
     /// tend-backup; `tend run` provides it).
-    pub fn set_backup_exporter(&self, exporter: crate::control::BackupExporter) {
+    pub fn set_backup_exporter(&self, exporter: BackupExporter) {
         *lock(&self.inner.backup_exporter) = Some(exporter);
     }
 
     /// The installed backup exporter, if any.
-    pub fn backup_exporter(&self) -> Option<crate::control::BackupExporter> {
+    pub fn backup_exporter(&self) -> Option<BackupExporter> {
         lock(&self.inner.backup_exporter).clone()
     }
 
@@ -931,6 +842,74 @@ impl DiscoveryHost for Node {
 
     fn add_source(&self, source: Box<dyn AddressSource>) {
         Node::add_source(self, source)
+    }
+}
+
+impl RunningDevice for Node {
+    fn device(&self) -> &Arc<Device> {
+        Node::device(self)
+    }
+
+    fn metrics(&self) -> &Metrics {
+        Node::metrics(self)
+    }
+
+    fn status(&self) -> Result<NodeStatus, Failure> {
+        Ok(Node::status(self)?)
+    }
+
+    fn peers(&self) -> Vec<PeerInfo> {
+        Node::peers(self)
+    }
+
+    fn edit_peer(
+        &self,
+        device: DeviceId,
+        trust: Option<Option<f64>>,
+        banned: Option<bool>,
+    ) -> Result<PeerInfo, PeerTableError> {
+        Node::edit_peer(self, device, trust, banned)
+    }
+
+    fn sync_now(&self) -> BoxFuture<'_, RoundReport> {
+        Box::pin(Node::sync_now(self))
+    }
+
+    fn add_fact(&self, kind: &str, data: &[u8]) -> Result<VerifiedFact, Failure> {
+        Ok(Node::add_fact(self, kind, data)?)
+    }
+
+    fn propose_snapshot(
+        &self,
+        target: Option<Epoch>,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<SnapshotCompleted, CeremonyError>> {
+        Box::pin(Node::propose_snapshot(self, target, timeout))
+    }
+
+    fn create_authority<'a>(
+        &'a self,
+        threshold: u16,
+        members: &'a [DeviceId],
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<AuthorityCreated, DkgNetError>> {
+        Box::pin(Node::create_authority(self, threshold, members, timeout))
+    }
+
+    fn gc(&self, dry_run: bool) -> Result<crate::device::GcReport, Failure> {
+        Ok(Node::gc(self, dry_run)?)
+    }
+
+    fn upgrade_running(&self) -> bool {
+        Node::upgrade_running(self)
+    }
+
+    fn after_local_write(&self) {
+        Node::after_local_write(self)
+    }
+
+    fn backup_exporter(&self) -> Option<BackupExporter> {
+        Node::backup_exporter(self)
     }
 }
 

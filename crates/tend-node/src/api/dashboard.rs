@@ -14,8 +14,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use super::ApiState;
-
 const PAGE: &str = include_str!("../../assets/dashboard.html");
 const STYLE: &str = include_str!("../../assets/dashboard.css");
 const SCRIPT: &str = include_str!("../../assets/dashboard.js");
@@ -28,8 +26,8 @@ pub(super) fn is_public(method: &Method, path: &str) -> bool {
     (method == Method::GET || method == Method::HEAD) && PUBLIC.contains(&path)
 }
 
-/// The page's routes.
-pub(super) fn routes() -> Router<ApiState> {
+/// The page's routes, for a router of any state (they read none).
+pub(super) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route(
             "/",

@@ -182,6 +182,23 @@ pub(crate) fn sibling(path: &Path, what: &str) -> PathBuf {
     ))
 }
 
+/// The bytes written so far of an archive on its way to `out` (under a temporary name
+/// beside it, [`export_file`]), by whichever process writes it: what a CLI shows while a
+/// running device exports for it. `None` before the first byte and after the rename.
+pub fn bytes_written_towards(out: &Path) -> Option<u64> {
+    let prefix = sibling_prefix(out, "partial");
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+        .max()
+}
+
 /// What the names [`sibling`] makes for `path` begin with: `.NAME.WHAT-`, followed by
 /// `PID-N`.
 pub(crate) fn sibling_prefix(path: &Path, what: &str) -> String {
@@ -663,6 +680,20 @@ impl<W: Write> Write for CountingWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bytes_of_an_archive_on_its_way_are_read_from_its_temporary_sibling() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("a.tend");
+        assert_eq!(bytes_written_towards(&out), None);
+        let tmp = sibling(&out, "partial");
+        std::fs::write(&tmp, [7u8; 1000]).unwrap();
+        // Another archive's temporary file beside it is not this one's.
+        std::fs::write(sibling(&dir.path().join("b.tend"), "partial"), [7u8; 5000]).unwrap();
+        assert_eq!(bytes_written_towards(&out), Some(1000));
+        std::fs::rename(&tmp, &out).unwrap();
+        assert_eq!(bytes_written_towards(&out), None);
+    }
     use std::sync::Arc;
     use tend_core::{UnsignedFact, VerifiedFact};
     use tend_node::fleet::LocalFleet;

@@ -17,7 +17,9 @@ pub mod restore;
 pub mod triggers;
 
 pub use error::BackupError;
-pub use export::{export, export_file, ExportOptions, ExportReport, Progress};
+pub use export::{
+    bytes_written_towards, export, export_file, ExportOptions, ExportReport, Progress,
+};
 pub use format::{Header, Manifest, ARCHIVE_FORMAT_VERSION, TAIL_CHUNK_BYTES};
 pub use keys::{Decryption, Encryption};
 pub use restore::{

@@ -6,7 +6,6 @@
 //! installs, and the CLI prints the same summary as when it exports a stopped device's
 //! store itself.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use clap::{Args as ClapArgs, Subcommand};
@@ -20,6 +19,8 @@ use tend_store::Store;
 
 use crate::output::CmdResult;
 use crate::output::Output;
+use crate::progress::{ProgressBar, Watch};
+use indicatif::HumanBytes;
 
 /// Removes what restores into `home` that were killed left beside it (the
 /// `.NAME.restore-PID-N` directories of processes that no longer exist; see
@@ -120,7 +121,7 @@ pub fn run(home: &Path, cmd: BackupCommand, json: bool) -> CmdResult {
             }
             // A running device holds the store: it writes the archive itself.
             if let Some(client) = Client::connect(home)? {
-                return export_via_socket(client, &out, key);
+                return export_via_socket(client, &out, key, json);
             }
             let encryption = encryption(key.passphrase_file.as_deref(), &key.recipients)?;
             // The device is opened (and its store checked) as usual, then its store is
@@ -249,7 +250,7 @@ fn export_output(out: &Path, r: &ExportReport) -> Output {
 /// `tend backup export` on a running device: the device writes the archive (no progress
 /// bar: it has no terminal). Paths are made absolute here, since the device's working
 /// directory is not ours; the passphrase goes as its file's path, which the device reads.
-fn export_via_socket(mut client: Client, out: &Path, key: EncryptArgs) -> CmdResult {
+fn export_via_socket(mut client: Client, out: &Path, key: EncryptArgs, json: bool) -> CmdResult {
     let absolute = |p: &Path| {
         std::path::absolute(p).map_err(|e| BackupError::Io {
             path: p.to_owned(),
@@ -257,7 +258,19 @@ fn export_via_socket(mut client: Client, out: &Path, key: EncryptArgs) -> CmdRes
         })
     };
     let passphrase_file = key.passphrase_file.as_deref().map(absolute).transpose()?;
-    let report = client.backup_export(absolute(out)?, passphrase_file, key.recipients)?;
+    let out_abs = absolute(out)?;
+    // The device reports nothing until the archive is whole: show its size as it grows.
+    let watched = out_abs.clone();
+    let watch = Watch::start(json, "exporting through the running device", move || {
+        let n = tend_backup::bytes_written_towards(&watched).filter(|n| *n > 0)?;
+        Some(format!(
+            "exporting through the running device: {} written",
+            HumanBytes(n)
+        ))
+    });
+    let report = client.backup_export(out_abs, passphrase_file, key.recipients);
+    drop(watch);
+    let report = report?;
     let r: ExportReport = serde_json::from_value(report)
         .map_err(|e| format!("the running device answered with an unreadable report: {e}"))?;
     Ok(export_output(out, &r))
@@ -287,44 +300,6 @@ fn decryption(key: &DecryptArgs) -> Result<Decryption, BackupError> {
         (Some(p), _) => Decryption::passphrase_file(p),
         (None, Some(i)) => Decryption::identity_file(i),
         (None, None) => Err(BackupError::NoRecipients),
-    }
-}
-
-/// A progress bar on stderr, only on a terminal and never under `--json`.
-struct ProgressBar(Option<indicatif::ProgressBar>);
-
-impl ProgressBar {
-    fn new(json: bool) -> Self {
-        if json || !std::io::stderr().is_terminal() {
-            return Self(None);
-        }
-        let bar = indicatif::ProgressBar::new(0);
-        if let Ok(style) = indicatif::ProgressStyle::default_bar()
-            .template("{bar:40} {percent:>3}% {pos}/{len} {elapsed}")
-        {
-            bar.set_style(style);
-        }
-        Self(Some(bar))
-    }
-
-    fn update(&self, p: Progress) {
-        if let Some(bar) = &self.0 {
-            bar.set_length(p.total);
-            bar.set_position(p.done);
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(bar) = &self.0 {
-            bar.finish_and_clear();
-        }
-    }
-}
-
-impl Drop for ProgressBar {
-    fn drop(&mut self) {
-        // An error leaves no half-drawn bar in front of its message.
-        self.finish();
     }
 }
 

@@ -162,7 +162,7 @@ pub fn run(args: Args) -> CmdResult {
         Command::Rendezvous(r) => crate::net::rendezvous(r, args.json),
         Command::Peers { cmd } => crate::net::peers(&home, cmd),
         Command::Status => crate::status::status(&home),
-        Command::Sync(cmd) => crate::net::sync(&home, cmd),
+        Command::Sync(cmd) => crate::net::sync(&home, cmd, args.json),
         Command::Fact(FactCommand::Add { kind, data }) => {
             if let Some(out) = crate::net::add_fact_via_socket(&home, &kind, &data)? {
                 return Ok(out);

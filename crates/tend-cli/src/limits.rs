@@ -55,10 +55,10 @@ pub struct RateArgs {
     #[arg(long)]
     pub no_rate_limits: bool,
     /// Sync sessions one peer may open per second; more are refused with a retry time
-    /// [default: 10].
+    /// [default: 25].
     #[arg(long, value_name = "N|off", value_parser = parse_limit)]
     pub limit_sessions_per_peer: Option<Limit>,
-    /// Sync sessions all peers together may open per second [default: 40].
+    /// Sync sessions all peers together may open per second [default: 100].
     #[arg(long, value_name = "N|off", value_parser = parse_limit)]
     pub limit_sessions: Option<Limit>,
     /// Messages read from one peer per second; more wait, slowing the sender
@@ -155,8 +155,8 @@ mod tests {
     #[test]
     fn the_help_text_defaults_are_the_device_defaults() {
         let r = NodeConfig::default().manager.rate;
-        assert_eq!(r.inbound_per_peer.sessions_per_sec, n(10));
-        assert_eq!(r.inbound_global.sessions_per_sec, n(40));
+        assert_eq!(r.inbound_per_peer.sessions_per_sec, n(25));
+        assert_eq!(r.inbound_global.sessions_per_sec, n(100));
         assert_eq!(r.inbound_per_peer.messages_per_sec, n(1000));
         assert_eq!(r.inbound_global.messages_per_sec, n(5000));
         assert_eq!(r.inbound_per_peer.bytes_per_sec, n(8 << 20));
@@ -179,7 +179,7 @@ mod tests {
         let r = c.manager.rate;
         assert_eq!(r.inbound_per_peer.sessions_per_sec, n(2));
         assert_eq!(r.global.bytes_per_sec, None);
-        assert_eq!(r.inbound_global.sessions_per_sec, n(40), "untouched");
+        assert_eq!(r.inbound_global.sessions_per_sec, n(100), "untouched");
 
         let mut c = NodeConfig::default();
         RateArgs {

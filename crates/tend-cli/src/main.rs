@@ -16,6 +16,7 @@ mod logs;
 mod man;
 mod net;
 mod output;
+mod progress;
 mod snapshot;
 mod status;
 mod target;

@@ -16,6 +16,7 @@ use tend_node::{JournalStatus, NodeConfig, PeerAddr};
 
 use crate::output::CmdResult;
 use crate::output::Output;
+use crate::progress::Watch;
 
 /// Options of `tend run`.
 #[derive(ClapArgs, Debug)]
@@ -299,11 +300,14 @@ fn list_peers(home: &Path) -> CmdResult {
 }
 
 /// `tend sync now`.
-pub fn sync(home: &Path, cmd: SyncCommand) -> CmdResult {
+pub fn sync(home: &Path, cmd: SyncCommand, json: bool) -> CmdResult {
     match cmd {
         SyncCommand::Now => {
             let mut client = Client::connect(home)?.ok_or_else(|| no_device(home))?;
-            let report = client.sync_now()?;
+            let watch = catching_up(home, json);
+            let report = client.sync_now();
+            drop(watch);
+            let report = report?;
             let human = if report.sessions.is_empty() {
                 "no peer to sync with".to_string()
             } else {
@@ -328,6 +332,24 @@ pub fn sync(home: &Path, cmd: SyncCommand) -> CmdResult {
             Ok(Output::new(report, human))
         }
     }
+}
+
+/// While a round runs (it reports only at its end): the facts the running device has
+/// taken in since, and how fast, from its journal status on a second connection.
+fn catching_up(home: &Path, json: bool) -> Watch {
+    let mut status = Client::connect(home).ok().flatten();
+    let mut facts = move || -> Option<u64> {
+        let s = status.as_mut()?.journal_status().ok()?;
+        Some(s.namespaces.iter().map(|n| n.facts).sum())
+    };
+    let start = (facts(), std::time::Instant::now());
+    Watch::start(json, "catching up with peers", move || {
+        let gained = facts()?.saturating_sub(start.0?);
+        let rate = gained as f64 / start.1.elapsed().as_secs_f64().max(0.001);
+        Some(format!(
+            "catching up with peers: {gained} new facts ({rate:.0}/s)"
+        ))
+    })
 }
 
 /// The journal status from the running device, if one answers in `home`.

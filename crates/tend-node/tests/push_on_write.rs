@@ -158,10 +158,10 @@ async fn a_steady_write_load_is_coalesced_and_never_refused_as_a_flood() {
     .await;
     converge(&[&a, &b], Duration::from_secs(5)).await;
     let rounds = a.metrics().sessions_opened.get() - opened_before;
-    // Pushed rounds start at least 125 ms apart under the default limit of 10 sessions
-    // a second: about 16 in two seconds, never one per write.
+    // Pushed rounds start at least 50 ms apart under the default limit of 25 sessions
+    // a second: about 40 in two seconds, never one per write.
     assert!(rounds >= 2, "{rounds} pushed rounds");
-    assert!(rounds <= 40, "{rounds} pushed rounds for {writes} writes");
+    assert!(rounds <= 100, "{rounds} pushed rounds for {writes} writes");
     assert_eq!(refused_as_rate_limited(&b), 0.0);
     a.shutdown().await;
     b.shutdown().await;

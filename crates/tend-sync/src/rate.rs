@@ -118,12 +118,12 @@ impl RateConfig {
                 bytes_per_sec: nz(32 << 20),
             },
             inbound_per_peer: InboundRate {
-                sessions_per_sec: nz(10),
+                sessions_per_sec: nz(25),
                 messages_per_sec: nz(1_000),
                 bytes_per_sec: nz(8 << 20),
             },
             inbound_global: InboundRate {
-                sessions_per_sec: nz(40),
+                sessions_per_sec: nz(100),
                 messages_per_sec: nz(5_000),
                 bytes_per_sec: nz(32 << 20),
             },

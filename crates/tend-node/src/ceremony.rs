@@ -1,5 +1,8 @@
 //! Snapshot ceremonies over the network: the `tend/maint/1` protocol, the node's
-//! [`SnapshotEngine`] driver (messages, timer, keys, effects) and automatic snapshot triggers.
+//! [`tend_snapshot::SnapshotEngine`] driver (messages, timer, keys, effects) and automatic
+//! snapshot triggers. The protocol's messages, the node's maintenance state and its
+//! connections live below, in [`crate::maint`], which key generation ([`crate::dkg`])
+//! shares; this module works only through the handle the node gives it there.
 //!
 //! Protocol `tend/maint/1` (one ALPN on the device's iroh endpoint, beside `tend/sync/1`):
 //! every message travels on its own bidirectional QUIC stream as one frame (u32 big-endian

@@ -182,7 +182,8 @@ pub(crate) struct Waiter {
     pub(crate) refusals: Vec<String>,
 }
 
-/// One key generation this device takes part in.
+/// One key generation this device takes part in ([`crate::dkg`] runs it; sending and
+/// admission read its members and addresses).
 pub(crate) struct DkgRun {
     pub(crate) session: DkgSession,
     pub(crate) id: Hash32,

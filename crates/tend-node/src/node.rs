@@ -20,18 +20,17 @@ use futures_util::future::BoxFuture;
 use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::Endpoint;
 use serde::{Deserialize, Serialize};
-use tend_core::maintenance::{CertifiedBlob, SnapshotCompleted, SnapshotV1};
+use tend_core::maintenance::SnapshotCompleted;
 use tend_core::{
-    ContentId, DeviceId, Epoch, FactId, Hash32, JournalError, JournalNamespace, MaintenanceFact,
-    MaintenanceState, Payload, ProtocolVersion, VerifiedFact,
+    ContentId, DeviceId, Epoch, FactId, Hash32, JournalNamespace, MaintenanceState, Payload,
+    ProtocolVersion, VerifiedFact,
 };
-use tend_snapshot::blob::{is_state_fact, BlobError, BlobTrust};
+use tend_replica::Admission;
 use tend_store::{Store, StoreError};
 use tend_sync::{
-    AbortReason, FactHost, FailReason, FenceStatus, LocalView, ManagerAction, ManagerConfig,
-    ManagerError, MemItems, MessageError, Outcome, PeerConfig, PeerManager, PeerStatus,
-    RefuseReason, SessionId, SessionManager, SessionResult, SessionStats, SharedItems, SyncItem,
-    SyncMessage,
+    AbortReason, FailReason, FenceStatus, LocalView, ManagerAction, ManagerConfig, ManagerError,
+    MemItems, MessageError, Outcome, PeerConfig, PeerManager, PeerStatus, RefuseReason, SessionId,
+    SessionManager, SessionResult, SessionStats, SharedItems, SyncItem, SyncMessage,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -48,6 +47,7 @@ use crate::fleet::AuthorityCreated;
 use crate::maint::{self, Maint, MaintHandle, MaintHost, MaintMessage, MaintReply, SendError};
 use crate::metrics::Metrics;
 use crate::peer_table::{PeerTableError, STRANGER_TRUST};
+use crate::replica::{DeviceReplica, SessionIndex};
 use crate::upgrade;
 
 pub use crate::status::{NodeStatus, PeerInfo, PeerOutcome, RoundReport};
@@ -197,7 +197,7 @@ struct Inner {
     /// Initiated sessions whose `Accept` (carrying the peer's floor) has not arrived.
     awaiting_accept: Mutex<HashMap<SessionId, DeviceId>>,
     /// Blobs of snapshot completions held back because this device has not seen the
-    /// snapshot's state facts (see [`StoreHost::admit`]); the next round fetches them.
+    /// snapshot's state facts (see [`tend_replica::Admission`]); the next round fetches them.
     held_snapshots: Mutex<HashSet<ContentId>>,
     /// Blobs of held-back completions that no peer holds: their completion is admitted
     /// without them rather than never.
@@ -987,6 +987,24 @@ async fn wait_for_signal() {
     }
 }
 
+impl SessionIndex for Inner {
+    fn epoch_of(&self, id: &FactId) -> Option<Epoch> {
+        lock(&self.epochs).get(id).copied()
+    }
+
+    fn blob_unavailable(&self, cid: &ContentId) -> bool {
+        lock(&self.unavailable_snapshots).contains(cid)
+    }
+
+    fn fetch_blob(&self, cid: &ContentId) {
+        lock(&self.held_snapshots).insert(*cid);
+    }
+
+    fn store_facts(&self, facts: &[VerifiedFact]) -> bool {
+        self.store_received(facts)
+    }
+}
+
 impl Inner {
     fn now(&self) -> Duration {
         self.start.elapsed()
@@ -1184,22 +1202,28 @@ impl Inner {
         Ok((local, items))
     }
 
-    fn host(&self) -> StoreHost<'_> {
-        StoreHost {
-            inner: self,
-            state: self.state().ok(),
-            pending: Vec::new(),
-            pending_ids: HashSet::new(),
-            adopted: None,
-        }
+    /// The store as a session's state machine admits into it ([`tend_replica::Admission`]).
+    fn replica(&self) -> DeviceReplica<'_> {
+        DeviceReplica::in_session(&self.device, self)
     }
 
-    /// Writes the facts a state machine admitted, then aborts sessions whose identity
-    /// epoch is now stale. Returns the manager's resulting actions.
-    fn flush(&self, host: StoreHost<'_>, m: &mut SessionManager) -> Vec<ManagerAction> {
-        if self.store_received(&host.pending) {
-            if let Some((epoch, covered)) = &host.adopted {
-                self.retract_uncovered(*epoch, covered);
+    /// Writes the facts a state machine admitted, adopts the snapshot they brought, then
+    /// aborts sessions whose identity epoch is now stale. Returns the manager's resulting
+    /// actions.
+    fn flush(
+        &self,
+        host: Admission<'_, DeviceReplica<'_>>,
+        m: &mut SessionManager,
+    ) -> Vec<ManagerAction> {
+        let (facts, adopted) = host.finish();
+        if self.store_received(&facts) {
+            if let Some(adopted) = adopted {
+                if let Err(e) = tend_replica::adopt(&mut self.replica(), &adopted) {
+                    tracing::warn!(
+                        "cannot drop facts the snapshot at {} does not cover: {e}",
+                        adopted.epoch
+                    );
+                }
             }
         }
         self.check_rules(m)
@@ -1228,49 +1252,6 @@ impl Inner {
                 tracing::warn!("cannot store received facts: {e}");
                 self.metrics.reject(e.reason(), facts.len() as u64);
                 false
-            }
-        }
-    }
-
-    /// Once the snapshot at `epoch` is this device's latest, drops the maintenance facts
-    /// below it that its blob does not list (see
-    /// [`tend_store::Store::retract_uncovered_maintenance`]).
-    fn retract_uncovered(&self, epoch: Epoch, covered: &HashSet<FactId>) {
-        let adopted = self
-            .state()
-            .ok()
-            .and_then(|s| s.latest_snapshot.map(|l| l.snapshot.epoch))
-            == Some(epoch);
-        if !adopted {
-            return;
-        }
-        match self
-            .store()
-            .retract_uncovered_maintenance(self.namespace(), epoch, covered)
-        {
-            Ok(dropped) if dropped.is_empty() => {}
-            Ok(dropped) => {
-                tracing::info!(
-                    "dropped {} maintenance facts below snapshot {epoch} that it does not cover",
-                    dropped.len()
-                );
-                // Nothing valid may be lost: this device's own standing facts (a cache
-                // floor, its metadata, its readiness) are written again at the current
-                // epoch, as every author's duty (DESIGN rule 5).
-                let me = self.device.device_id();
-                for stored in dropped {
-                    let Ok((author, payload)) = stored.author_payload() else {
-                        continue;
-                    };
-                    if author == me && payload.is_reissuable() {
-                        if let Err(e) = self.device.append(payload) {
-                            tracing::warn!("cannot re-issue a retracted maintenance fact: {e}");
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!("cannot drop facts the snapshot at {epoch} does not cover: {e}")
             }
         }
     }
@@ -1414,7 +1395,8 @@ impl Inner {
         let now = self.now();
         let actions = {
             let mut m = lock(&self.manager);
-            let mut host = self.host();
+            let mut replica = self.replica();
+            let mut host = Admission::new(&mut replica);
             let mut actions = m.handle(now, sid, bytes, &mut host);
             actions.extend(self.flush(host, &mut m));
             actions
@@ -1427,7 +1409,8 @@ impl Inner {
         let now = self.now();
         let actions = {
             let mut m = lock(&self.manager);
-            let mut host = self.host();
+            let mut replica = self.replica();
+            let mut host = Admission::new(&mut replica);
             let mut actions = m.poll(now, &mut host);
             actions.extend(self.flush(host, &mut m));
             actions
@@ -1549,248 +1532,6 @@ fn refuse_label(r: &tend_sync::RefuseReason) -> &'static str {
         R::Busy => "busy",
         R::RateLimited { .. } => "rate_limited",
     }
-}
-
-/// The store as tend-sync sees it during one state-machine call: admitted facts are
-/// checked against a copy of the reduced state and buffered; [`Inner::flush`] writes them.
-struct StoreHost<'a> {
-    inner: &'a Inner,
-    /// `None` if the store could not be read: everything is then refused.
-    state: Option<MaintenanceState>,
-    pending: Vec<VerifiedFact>,
-    pending_ids: HashSet<FactId>,
-    /// A snapshot adopted in this batch with its blob: its epoch and the ids of the
-    /// maintenance and authority facts below it, which are all that may stay there.
-    adopted: Option<(Epoch, HashSet<FactId>)>,
-}
-
-impl FactHost for StoreHost<'_> {
-    fn load_fact(&self, namespace: JournalNamespace, id: &FactId) -> Option<Vec<u8>> {
-        let epoch = *lock(&self.inner.epochs).get(id)?;
-        match self.inner.store().get(namespace, epoch, id) {
-            Ok(f) => f.map(|f| f.into_bytes()),
-            Err(e) => {
-                tracing::warn!("cannot load fact {id}: {e}");
-                None
-            }
-        }
-    }
-
-    fn admit(&mut self, fact: VerifiedFact) -> Result<bool, JournalError> {
-        if self.state.is_none() {
-            return Err(JournalError::NamespaceMismatch {
-                ours: self.inner.namespace(),
-                theirs: fact.namespace(),
-            });
-        }
-        if self.holds(&fact) {
-            return Ok(false);
-        }
-        if let Some(source) = self.advances_snapshot(&fact) {
-            // Once a completion at E is admitted, every fact below E is `Late` here and
-            // sessions reconcile only from E on, so state facts below E that this device
-            // missed (it did not take part in the ceremony) would never arrive: its
-            // reduced state would differ from the signers' for good. The snapshot's blob
-            // carries every maintenance and authority fact below E; they go in first, in
-            // the same batch (DESIGN rule 5, as the simulator's `settle` hydrates them).
-            let epoch = source.epoch();
-            match self.hydrate_from_blob(fact.namespace(), source) {
-                SnapshotFacts::Hydrated { state_facts } => {
-                    self.adopted = Some((epoch, state_facts));
-                }
-                SnapshotFacts::Held | SnapshotFacts::Unavailable => {}
-                SnapshotFacts::Wait => return Ok(false),
-            }
-        }
-        self.push_checked(fact)?;
-        Ok(true)
-    }
-
-    fn is_authorized(&self, _namespace: JournalNamespace, peer: &DeviceId) -> bool {
-        self.state
-            .as_ref()
-            .and_then(|s| s.membership())
-            .is_some_and(|m| m.members.contains(peer))
-    }
-}
-
-impl StoreHost<'_> {
-    /// Whether the fact is already stored or buffered.
-    fn holds(&self, fact: &VerifiedFact) -> bool {
-        self.pending_ids.contains(&fact.id())
-            || self
-                .inner
-                .store()
-                .contains(fact.namespace(), fact.epoch(), &fact.id())
-                .unwrap_or(false)
-    }
-
-    /// Checks a fact against the running state copy and buffers it.
-    fn push_checked(&mut self, fact: VerifiedFact) -> Result<(), JournalError> {
-        self.check_and_apply(&fact)?;
-        self.pending_ids.insert(fact.id());
-        self.pending.push(fact);
-        Ok(())
-    }
-
-    /// Checks a fact against the running state copy and folds it in.
-    fn check_and_apply(&mut self, fact: &VerifiedFact) -> Result<(), JournalError> {
-        let Some(state) = self.state.as_mut() else {
-            return Err(JournalError::NamespaceMismatch {
-                ours: self.inner.namespace(),
-                theirs: fact.namespace(),
-            });
-        };
-        state.check_admission(fact)?;
-        if tend_core::app::is_data(fact.payload()) {
-            state.observe_epoch(fact.epoch());
-        } else {
-            // A membership change earlier in the batch governs later facts.
-            state.apply(fact);
-        }
-        Ok(())
-    }
-
-    /// Writes the facts of the snapshot blob `source` names into the store, batch by batch
-    /// as they are read, if the blob is stored; else notes it for the next round to fetch.
-    ///
-    /// Once a completion at E is admitted, every fact below E is `Late` here and sessions
-    /// reconcile only from E on, so what this device missed below E (it did not take part
-    /// in the ceremony, or it is joining) would never arrive. The blob carries the
-    /// prefix's state facts and live application facts; they go in first, ascending, each
-    /// checked against the running state as a session's facts are. They are written as
-    /// they are read rather than buffered with the session's batch, so hydrating a
-    /// snapshot of a million live records holds one batch at a time. That is safe before
-    /// the completion is written: each is a valid fact of the journal on its own, and the
-    /// stored blob matched its CID when it was stored (a crash in between leaves valid
-    /// facts and a completion to admit again).
-    fn hydrate_from_blob(&mut self, ns: JournalNamespace, source: SnapshotSource) -> SnapshotFacts {
-        const BATCH: usize = 10_000;
-        let cid = source.cid();
-        let inner = self.inner;
-        if lock(&inner.unavailable_snapshots).contains(&cid) {
-            return SnapshotFacts::Unavailable;
-        }
-        let reader = match inner.store().blob_reader(&cid) {
-            Ok(Some(reader)) => reader,
-            Ok(None) => {
-                lock(&inner.held_snapshots).insert(cid);
-                return SnapshotFacts::Wait;
-            }
-            Err(e) => {
-                tracing::warn!("cannot read snapshot blob {cid}: {e}");
-                return SnapshotFacts::Wait;
-            }
-        };
-        // A device that holds exactly the snapshot's prefix (it signed it, say) has every
-        // fact the blob carries and nothing below it to drop.
-        let (epoch, digest) = source.snapshot();
-        if inner.store().prefix_digest(ns, epoch).ok() == Some(digest) {
-            return SnapshotFacts::Held;
-        }
-        let trust = match &source {
-            SnapshotSource::Certified { blob, .. } => BlobTrust::Certified(blob),
-            SnapshotSource::Unverified(_) => BlobTrust::EachSignature,
-        };
-        let mut state_facts = HashSet::new();
-        let read = tend_snapshot::blob::stream_blob_facts(reader, trust, BATCH, |batch| {
-            if batch.first().is_some_and(|f| f.namespace() != ns) {
-                return Err(BlobError::Malformed("a blob of another journal".into()));
-            }
-            let mut admissible = Vec::with_capacity(batch.len());
-            for f in batch {
-                if is_state_fact(&f) {
-                    state_facts.insert(f.id());
-                }
-                // Inadmissible ones are not ours to store; the rest go in.
-                if !self.holds(&f) && self.check_and_apply(&f).is_ok() {
-                    admissible.push(f);
-                }
-            }
-            inner.store_received(&admissible);
-            Ok(())
-        });
-        match read {
-            Ok(_) => SnapshotFacts::Hydrated { state_facts },
-            Err(e) => {
-                tracing::warn!("stored snapshot blob {cid} does not decode: {e}");
-                SnapshotFacts::Unavailable
-            }
-        }
-    }
-
-    /// The blob of a snapshot completion newer than the latest one this device knows:
-    /// certified when this device knows the group key at the completion's epoch and the
-    /// threshold signature verifies against it; else (a device that is joining knows no
-    /// member yet) to be read checking every fact's own signature, as the genesis in the
-    /// blob is the root of its trust and reduction then verifies the completion.
-    fn advances_snapshot(&self, fact: &VerifiedFact) -> Option<SnapshotSource> {
-        let Payload::Maintenance(MaintenanceFact::SnapshotCompleted(c)) = fact.payload() else {
-            return None;
-        };
-        let state = self.state.as_ref()?;
-        let newer = state
-            .latest_snapshot
-            .as_ref()
-            .is_none_or(|l| l.snapshot.epoch < c.snapshot.epoch);
-        if !newer {
-            return None;
-        }
-        match state.membership_at(fact.epoch()) {
-            Some(m) => {
-                c.certify(&fact.namespace(), &m.group_key)
-                    .map(|blob| SnapshotSource::Certified {
-                        blob,
-                        snapshot: c.snapshot.clone(),
-                    })
-            }
-            None => Some(SnapshotSource::Unverified(c.snapshot.clone())),
-        }
-    }
-}
-
-/// A newer snapshot and how its blob's facts are read.
-#[derive(Clone)]
-enum SnapshotSource {
-    /// Trusting the verified threshold signature over the blob.
-    Certified {
-        blob: CertifiedBlob,
-        snapshot: SnapshotV1,
-    },
-    /// Checking every fact's signature (the group key is not known yet).
-    Unverified(SnapshotV1),
-}
-
-impl SnapshotSource {
-    fn snapshot(&self) -> (Epoch, tend_core::Hash32) {
-        let s = match self {
-            Self::Certified { snapshot, .. } | Self::Unverified(snapshot) => snapshot,
-        };
-        (s.epoch, s.digest)
-    }
-
-    fn epoch(&self) -> Epoch {
-        self.snapshot().0
-    }
-
-    fn cid(&self) -> ContentId {
-        match self {
-            Self::Certified { snapshot, .. } | Self::Unverified(snapshot) => snapshot.blob_cid,
-        }
-    }
-}
-
-/// What a held-back snapshot completion may be admitted with.
-enum SnapshotFacts {
-    /// The blob's facts are in the store; the ids of its maintenance and authority facts,
-    /// which are all that may stay below the snapshot.
-    Hydrated { state_facts: HashSet<FactId> },
-    /// This device holds the snapshot's whole prefix already.
-    Held,
-    /// No peer holds the blob: admit the completion alone.
-    Unavailable,
-    /// The blob is being fetched: hold the completion back (the peer offers it again).
-    Wait,
 }
 
 /// Runs `f`, which writes to the store (redb commits wait for the disk), telling a
@@ -2340,7 +2081,8 @@ async fn respond(
                 Err(None)
             }
             Ok(admitted) => {
-                let mut host = inner.host();
+                let mut replica = inner.replica();
+                let mut host = Admission::new(&mut replica);
                 match inner.session_inputs(hello_floor) {
                     Ok((local, items)) => {
                         match m.accept_admitted(admitted, now, &hello, local, items, &mut host) {

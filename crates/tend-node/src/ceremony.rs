@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_bytes::ByteBuf;
 use tend_core::maintenance::SnapshotCompleted;
-use tend_core::{DeviceId, Epoch, Hash32, MaintenanceState};
+use tend_core::{DeviceId, Epoch, MaintenanceState};
 use tend_crypto::KeyShare;
 use tend_snapshot::{
     AbortReason, CeremonyEvent, CeremonyInput, CeremonyOutput, LocalJournal, Recipient, SignerKey,
@@ -36,8 +36,6 @@ pub use crate::maint::{
     MAX_MAINT_FRAME,
 };
 
-/// Setting holding the engine's snapshot votes (target epoch -> proposal signed).
-const VOTES: &str = "snapshot_votes";
 /// How often the engine is ticked (deadlines, epoch changes, retries).
 const TICK: Duration = Duration::from_millis(200);
 /// A ceremony's default deadline.
@@ -84,23 +82,15 @@ fn step(h: &MaintHandle, input: CeremonyInput) -> Result<Vec<CeremonyOutput>, St
     let mut out = Vec::new();
     let mut engine = lock(&maint.engine);
     let mut persisted = lock(&maint.persisted_votes);
-    if persisted.is_none() {
-        // A member signs at most one digest per target epoch, across restarts too:
-        // otherwise two snapshots could complete at one epoch (found by tend-sim).
-        let votes: Vec<(Epoch, Hash32)> = device.store().get_setting(VOTES)?.unwrap_or_default();
-        engine.restore_votes(votes);
-        *persisted = Some(engine.votes().len());
-    }
+    let saved = match *persisted {
+        Some(n) => n,
+        None => crate::votes::restore(device.store(), &mut engine)?,
+    };
     if let Some(key) = key_to_install(h, view.state()) {
         out.extend(engine.handle(now, &view, CeremonyInput::InstallKey(key), &mut rng));
     }
     out.extend(engine.handle(now, &view, input, &mut rng));
-    if *persisted != Some(engine.votes().len()) {
-        // Persisted before any reply carrying the vote leaves this device.
-        let votes: Vec<(Epoch, Hash32)> = engine.votes().iter().map(|(e, h)| (*e, *h)).collect();
-        device.store().put_setting(VOTES, &votes)?;
-        *persisted = Some(votes.len());
-    }
+    *persisted = Some(crate::votes::save(device.store(), &engine, saved)?);
     Ok(out)
 }
 

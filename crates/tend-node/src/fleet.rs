@@ -411,6 +411,11 @@ impl LocalFleet {
         // Devices agree on a prefix only after they exchanged their facts.
         self.sync()?;
         self.install_keys(rng)?;
+        // Each member's votes, as its running node would hold them.
+        let mut saved = Vec::with_capacity(self.devices.len());
+        for (d, engine) in self.devices.iter().zip(&mut self.engines) {
+            saved.push(crate::votes::restore(d.store(), engine)?);
+        }
         let mut queue: VecDeque<(usize, CeremonyInput)> = VecDeque::new();
         queue.push_back((
             proposer,
@@ -428,6 +433,7 @@ impl LocalFleet {
                 let view = StoreJournal::new(self.devices[i].store(), ns)?;
                 self.engines[i].handle(self.now_ms, &view, input, rng)
             };
+            saved[i] = crate::votes::save(self.devices[i].store(), &self.engines[i], saved[i])?;
             let me = self.devices[i].device_id();
             for out in outputs {
                 match out {

@@ -23,6 +23,7 @@ pub mod reissue;
 pub mod replica;
 pub mod status;
 pub mod upgrade;
+mod votes;
 pub mod write;
 
 pub use device::{

@@ -23,7 +23,8 @@ use tend_core::maintenance::SnapshotCompleted;
 use tend_core::{DeviceId, Epoch, MaintenanceState};
 use tend_crypto::KeyShare;
 use tend_snapshot::{
-    AbortReason, CeremonyEvent, CeremonyInput, CeremonyOutput, LocalJournal, Recipient, SignerKey,
+    AbortReason, CeremonyEvent, CeremonyInput, CeremonyOutput, LocalJournal, Recipient, Refusal,
+    SignerKey,
 };
 use tend_store::StoreError;
 use tokio::sync::oneshot;
@@ -161,7 +162,7 @@ fn on_event(maint: &Maint, e: CeremonyEvent) {
             reason,
         } => {
             if let Some(w) = waiters.get_mut(&proposal_id) {
-                w.refusals.push(format!("{from} refused: {reason:?}"));
+                w.refusals.push((from, reason));
             }
         }
         CeremonyEvent::Aborted {
@@ -177,7 +178,13 @@ fn on_event(maint: &Maint, e: CeremonyEvent) {
                 let detail = refusal_detail(&w.refusals);
                 let err = match reason {
                     AbortReason::TimedOut => CeremonyError::TimedOut { secs: 0, detail },
-                    other => CeremonyError::Aborted(format!("{other:?}{detail}")),
+                    other => CeremonyError::Aborted {
+                        why: format!("{other:?}{detail}"),
+                        prefix_differs: w
+                            .refusals
+                            .iter()
+                            .any(|(_, r)| matches!(r, Refusal::DigestMismatch { .. })),
+                    },
                 };
                 let _ = w.tx.send(Err(err));
             }
@@ -227,12 +234,15 @@ fn count_outcome(h: &MaintHandle, e: &CeremonyEvent) {
         .inc();
 }
 
-fn refusal_detail(refusals: &[String]) -> String {
+fn refusal_detail(refusals: &[(DeviceId, Refusal)]) -> String {
     if refusals.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", refusals.join("; "))
+        return String::new();
     }
+    let each: Vec<String> = refusals
+        .iter()
+        .map(|(from, reason)| format!("{from} refused: {reason:?}"))
+        .collect();
+    format!(" ({})", each.join("; "))
 }
 
 /// Handles a message from the authenticated `peer`: a ceremony message here, a key
@@ -346,9 +356,10 @@ pub(crate) async fn propose_snapshot(
     loop {
         h.node.sync_now().await;
         match propose_once(h, target, timeout).await {
-            Err(CeremonyError::Aborted(why))
-                if target.is_none() && attempt < ATTEMPTS && why.contains("DigestMismatch") =>
-            {
+            Err(CeremonyError::Aborted {
+                why,
+                prefix_differs: true,
+            }) if target.is_none() && attempt < ATTEMPTS => {
                 attempt += 1;
                 tracing::info!("snapshot proposal refused ({why}); syncing and proposing again");
             }

@@ -25,7 +25,7 @@ use tend_core::maintenance::SnapshotCompleted;
 use tend_core::{DeviceId, Epoch, GroupKey, Hash32, JournalNamespace, MaintenanceEpoch};
 use tend_crypto::dkg::{DkgMessage, DkgParticipant, DkgSession};
 use tend_crypto::KeyShare;
-use tend_snapshot::SnapshotEngine;
+use tend_snapshot::{Refusal, SnapshotEngine};
 use tend_store::{Store, StoreError};
 use tokio::sync::oneshot;
 
@@ -127,8 +127,13 @@ pub enum CeremonyError {
     Rejected(String),
     #[error("the snapshot ceremony timed out after {secs} s{detail}")]
     TimedOut { secs: u64, detail: String },
-    #[error("the snapshot ceremony was aborted: {0}")]
-    Aborted(String),
+    #[error("the snapshot ceremony was aborted: {why}")]
+    Aborted {
+        why: String,
+        /// Whether a member refused because its prefix differs from the proposer's (a
+        /// fact still in flight, say): worth another sync and proposal.
+        prefix_differs: bool,
+    },
     #[error("the node stopped before the ceremony ended")]
     Stopped,
 }
@@ -179,7 +184,7 @@ impl std::fmt::Debug for SnapshotTrigger {
 /// A proposer waiting for its ceremony to end.
 pub(crate) struct Waiter {
     pub(crate) tx: oneshot::Sender<Result<SnapshotCompleted, CeremonyError>>,
-    pub(crate) refusals: Vec<String>,
+    pub(crate) refusals: Vec<(DeviceId, Refusal)>,
 }
 
 /// One key generation this device takes part in ([`crate::dkg`] runs it; sending and

@@ -1,7 +1,7 @@
 //! The maintenance protocol `tend/maint/1` below snapshot ceremonies ([`crate::ceremony`])
 //! and key generation ([`crate::dkg`]): its messages and replies, the state a node keeps
 //! for it, sending a message over a cached connection, admitting and serving incoming
-//! connections, and [`MaintHandle`], all that either module is handed of the node.
+//! connections, and `MaintHandle`, all that either module is handed of the node.
 //!
 //! The wire (see [`crate::ceremony`] for the protocol): every message travels on its own
 //! bidirectional QUIC stream as one frame holding a [`MaintMessage`], at most

@@ -521,3 +521,38 @@ fn verify(d: &Device, s: &tend_store::StoredFact) -> Result<tend_core::VerifiedF
         })
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+    use crate::votes::restore;
+
+    /// A ceremony the in-process fleet runs on stopped homes records each signer's vote
+    /// in its store, where the running node's engine (or a later fleet) restores it from.
+    #[test]
+    fn votes_cast_by_the_fleet_are_kept_in_each_members_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let devices: Vec<Arc<Device>> = ["a", "b"]
+            .iter()
+            .map(|n| Arc::new(Device::init(&dir.path().join(n), &mut rng).unwrap()))
+            .collect();
+        let mut fleet = LocalFleet::new(devices.clone());
+        fleet.create_authority(2, &mut rng).unwrap();
+        devices[0].add_application_fact("note", b"x").unwrap();
+        let target = Epoch(devices[0].snapshot_status().unwrap().current_epoch + 1);
+        let done = fleet.snapshot(0, target, &mut rng).unwrap();
+        for d in &devices {
+            let mut fresh = SnapshotEngine::new(d.device_id());
+            restore(d.store(), &mut fresh).unwrap();
+            assert_eq!(
+                fresh.votes().get(&target),
+                Some(&done.snapshot.digest),
+                "device {} lost its vote",
+                d.device_id()
+            );
+        }
+    }
+}

@@ -47,6 +47,9 @@ pub struct CompletedSnapshot {
     /// the blob's base (read from the prefix's facts) equals the digest's base (read from
     /// the whole state); see [`MaintenanceState::snapshot_base`].
     pub completed_at: Epoch,
+    /// The blob, certified by the threshold signature that made this record (only a
+    /// verified completion is recorded), so reading it needs no signature check per fact.
+    pub certified: crate::maintenance::CertifiedBlob,
 }
 
 /// What the journal says about one upgrade package.
@@ -222,15 +225,16 @@ impl MaintenanceState {
             }
             MaintenanceFact::SnapshotCompleted(c) => {
                 let key = self.membership_at(epoch).map(|m| m.group_key);
-                let msg = c.snapshot.signing_message(&self.namespace, &c.proposal_id);
-                let verified = key.is_some_and(|k| k.verify(&msg, &c.threshold_signature));
+                let certified = key.and_then(|k| c.certify(&self.namespace, &k));
+                let verified = certified.is_some();
                 let newer = c.snapshot.epoch > self.snapshot_epoch();
-                if verified && newer {
+                if let (Some(certified), true) = (certified, newer) {
                     self.latest_snapshot = Some(CompletedSnapshot {
                         proposal_id: c.proposal_id,
                         snapshot: c.snapshot.clone(),
                         fact_id: f.id(),
                         completed_at: epoch,
+                        certified,
                     });
                     let floor = c.snapshot.epoch;
                     self.proposals

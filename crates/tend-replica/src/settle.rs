@@ -8,12 +8,10 @@
 //! current epoch, so nothing valid is lost.
 
 use std::collections::HashSet;
-use std::io::Read;
 
 use tend_core::app::is_data;
 use tend_core::{DataOp, Epoch, FactId, Payload, VerifiedFact};
-use tend_snapshot::blob::is_state_fact;
-use tend_snapshot::SnapshotBlob;
+use tend_snapshot::blob::read_blob_keys;
 
 use crate::{Adopted, BlobAt, Key, Replica, ReplicaError};
 
@@ -112,7 +110,8 @@ pub fn settle<R: Replica>(
         snapshot_epoch: Some(epoch),
         ..Settlement::default()
     };
-    if replica.settled().map_err(store)? >= Some(epoch) {
+    let settled = replica.settled().map_err(store)?;
+    if settled >= Some(epoch) {
         return Ok(done);
     }
     // A device that holds exactly the snapshot's prefix (the common case: it signed, or
@@ -122,27 +121,23 @@ pub fn settle<R: Replica>(
         replica.mark_settled(epoch).map_err(store)?;
         return Ok(done);
     }
-    let BlobAt::Stored(mut reader) = replica
+    let BlobAt::Stored(reader) = replica
         .snapshot_blob(&latest.snapshot.blob_cid)
         .map_err(store)?
     else {
         return Ok(Settlement::default());
     };
-    let mut bytes = Vec::new();
-    reader.read_to_end(&mut bytes).map_err(|e| {
-        ReplicaError::Blob(tend_snapshot::blob::BlobError::Malformed(e.to_string()))
-    })?;
-    let blob = SnapshotBlob::decode(&bytes)?;
-    drop(bytes);
+    // Only the blob's keys are kept (no facts), and its facts are not verified one by one:
+    // the completion that names it is certified.
+    let blob = read_blob_keys(reader, &latest.certified)?;
     // From the base on, the blob lists every covered item. Below the base, coverage was
     // settled with the base, unless this device skipped the base snapshot: then it cannot
     // tell covered from uncovered there, and a fact the blob does not carry as live goes,
     // this device's own live ones, deletes and trims re-issued (at-least-once: never lost,
     // though a value that a write this device never received superseded can come back).
     let base = blob.base.map_or(Epoch::ZERO, |b| b.epoch);
-    let settled = replica.settled().map_err(store)?.unwrap_or(Epoch::ZERO);
-    let from = base.min(settled);
-    let carried: HashSet<Key> = blob.facts.iter().map(|f| f.order_key()).collect();
+    let from = base.min(settled.unwrap_or(Epoch::ZERO));
+    let carried = |key: &Key| blob.facts.binary_search(key).is_ok();
     let live_below_base: HashSet<Key> = if from < base {
         replica
             .live_below(base)
@@ -172,10 +167,7 @@ pub fn settle<R: Replica>(
                     fact.payload(),
                     Payload::Data(DataOp::Delete(_) | DataOp::Trim(_))
                 );
-                (
-                    carried.contains(&key),
-                    removes || live_below_base.contains(&key),
-                )
+                (carried(&key), removes || live_below_base.contains(&key))
             };
             if covered {
                 return;
@@ -198,13 +190,8 @@ pub fn settle<R: Replica>(
         // The blob carries every maintenance and authority fact below the snapshot: what
         // else is here went in while this device was cut off (adopted without hydrating,
         // say, when the completion came from the ceremony itself).
-        let keep: HashSet<FactId> = blob
-            .facts
-            .iter()
-            .filter(|f| is_state_fact(f))
-            .map(|f| f.id())
-            .collect();
-        let (dropped, reissued) = retract_maintenance(replica, epoch, &keep).map_err(store)?;
+        let (dropped, reissued) =
+            retract_maintenance(replica, epoch, &blob.state_facts).map_err(store)?;
         out.retracted.extend(dropped);
         out.reissued.extend(reissued);
     }
@@ -220,7 +207,7 @@ pub fn settle<R: Replica>(
                 .live_below(epoch)
                 .map_err(store)?
                 .into_iter()
-                .filter(|k| !carried.contains(k))
+                .filter(|k| !carried(k))
                 .collect();
             if stale.is_empty() || replica.retract_data(&stale).map_err(store)? == 0 {
                 break;

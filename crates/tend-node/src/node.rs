@@ -1299,40 +1299,21 @@ impl Inner {
         if m.active() == 0 || state.active_fence().is_none() {
             return Vec::new();
         }
-        let local_epoch = state.current_epoch();
-        let own = match upgrade::running_version(&self.device, state) {
-            Ok(running) => state.fence_check(local_epoch, running).err(),
+        let running = match upgrade::running_version(&self.device, state) {
+            Ok(running) => Some(running),
             Err(e) => {
                 tracing::warn!("cannot read the running version: {e}");
                 None
             }
         };
-        let namespace = self.namespace();
         let metrics = &self.metrics;
         m.abort_where(self.now(), |s| {
-            if s.namespace() != namespace {
-                return None;
-            }
-            if let Some(r) = &own {
-                metrics.fence_abort("local");
-                return Some(AbortReason::FenceNotSatisfied {
-                    fence: r.fence,
-                    required: r.required,
-                    local_epoch: r.local_epoch,
-                });
-            }
-            if s.role() != tend_sync::Role::Responder {
-                return None;
-            }
-            let r = state
-                .fence_check_peer(local_epoch, s.peer_protocol()?)
-                .err()?;
-            metrics.fence_abort("peer");
-            Some(AbortReason::PeerFenceNotSatisfied {
-                fence: r.fence,
-                required: r.required,
-                local_epoch: r.local_epoch,
-            })
+            let reason = tend_replica::fence_abort(state, running, s)?;
+            metrics.fence_abort(match reason {
+                AbortReason::PeerFenceNotSatisfied { .. } => "peer",
+                _ => "local",
+            });
+            Some(reason)
         })
     }
 

@@ -12,14 +12,17 @@
 //!   more, so what this device missed there would never arrive).
 //! - [`adopt`]: once that batch is written, the maintenance facts below the adopted
 //!   snapshot that its blob does not list go, and this device re-issues its own.
+//! - [`fence_abort`]: which open sessions an activated upgrade fence ends.
 //! - [`settle`]: once per snapshot, the application facts below it that it does not cover
 //!   go (their authors re-issue them at the current epoch), and so do the ones that only
 //!   look live here because this device lacks what superseded them.
 
 mod admission;
+mod fence;
 mod settle;
 
 pub use admission::{Admission, Adopted};
+pub use fence::fence_abort;
 pub use settle::{adopt, settle, Rules, Settlement};
 
 use std::collections::HashSet;

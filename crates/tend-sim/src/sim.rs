@@ -781,31 +781,16 @@ impl Sim {
             FenceStatus::NotSatisfied { .. }
         );
         self.devices[d].core.fence_blocked = blocked;
-        if blocked && self.devices[d].manager.active() > 0 {
-            for peer in self.ids.clone() {
-                for sid in self.devices[d].manager.sessions_with(&peer) {
-                    let actions = self.devices[d].manager.close(now, sid);
-                    self.apply(d, actions);
+        // The sessions a fence ends, by the rule the running node applies.
+        if self.devices[d].manager.active() > 0 {
+            let dev = &mut self.devices[d];
+            let (state, running) = (dev.core.state.clone(), dev.core.durable.version);
+            let peer_side = self.cfg.responder_checks_peer_fence;
+            let actions = dev.manager.abort_where(now, |s| {
+                match tend_replica::fence_abort(&state, Some(running), s)? {
+                    AbortReason::PeerFenceNotSatisfied { .. } if !peer_side => None,
+                    reason => Some(reason),
                 }
-            }
-        }
-        // The responder's side of the fence, as the running node does it: end each session
-        // whose initiator announced a version below a fence this device is past.
-        if !blocked && self.cfg.responder_checks_peer_fence && self.devices[d].manager.active() > 0
-        {
-            let st = &self.devices[d].core.state;
-            let local_epoch = st.current_epoch();
-            let st = st.clone();
-            let actions = self.devices[d].manager.abort_where(now, |s| {
-                if s.role() != Role::Responder {
-                    return None;
-                }
-                let r = st.fence_check_peer(local_epoch, s.peer_protocol()?).err()?;
-                Some(AbortReason::PeerFenceNotSatisfied {
-                    fence: r.fence,
-                    required: r.required,
-                    local_epoch: r.local_epoch,
-                })
             });
             self.apply(d, actions);
         }

@@ -20,6 +20,7 @@
 mod admission;
 mod fence;
 mod settle;
+pub mod upgrade;
 
 pub use admission::{Admission, Adopted};
 pub use fence::fence_abort;

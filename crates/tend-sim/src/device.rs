@@ -43,6 +43,8 @@ pub struct Durable {
     pub covered: BTreeSet<Key>,
     /// The digest this device signed for each target epoch (its "vote").
     pub signed: BTreeMap<Epoch, Hash32>,
+    /// What its upgrade pipeline recorded per package (the node keeps it in settings).
+    pub upgrade_outcomes: BTreeMap<Hash32, tend_replica::upgrade::LocalStatus>,
 }
 
 /// What settling a snapshot did, for the invariants.
@@ -116,6 +118,7 @@ impl Core {
             settled: Epoch::ZERO,
             covered: BTreeSet::new(),
             signed: BTreeMap::new(),
+            upgrade_outcomes: BTreeMap::new(),
         };
         durable.facts.insert(genesis.order_key(), genesis.clone());
         let mut c = Self {

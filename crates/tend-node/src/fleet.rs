@@ -372,22 +372,35 @@ impl LocalFleet {
     /// Returns the number of facts newly stored.
     pub fn sync(&self) -> Result<u64, FleetError> {
         let ns = self.devices[0].namespace();
+        // Journals that already agree (the usual case around a ceremony) cost one keys-only
+        // scan each, not a copy of every fact into every other store.
+        let mut digests = Vec::with_capacity(self.devices.len());
+        for d in &self.devices {
+            digests.push(d.store().journal_digest(ns)?);
+        }
+        let agree = digests.windows(2).all(|w| w[0] == w[1]);
         let mut inserted = 0;
         for from in 0..self.devices.len() {
-            let facts: Vec<_> = self.devices[from]
-                .store()
-                .scan(ns, ..)?
-                .map(|s| {
-                    s.map_err(FleetError::from)
-                        .and_then(|s| verify(&self.devices[from], &s))
-                })
-                .collect::<Result<_, _>>()?;
+            let facts: Vec<_> = if agree {
+                Vec::new()
+            } else {
+                self.devices[from]
+                    .store()
+                    .scan(ns, ..)?
+                    .map(|s| {
+                        s.map_err(FleetError::from)
+                            .and_then(|s| verify(&self.devices[from], &s))
+                    })
+                    .collect::<Result<_, _>>()?
+            };
             let blobs = self.devices[from].store().blobs()?;
             for (to, dest) in self.devices.iter().enumerate() {
                 if to == from {
                     continue;
                 }
-                inserted += dest.store().insert_batch(&facts)?.inserted;
+                if !facts.is_empty() {
+                    inserted += dest.store().insert_batch(&facts)?.inserted;
+                }
                 for (cid, _) in &blobs {
                     if !dest.store().has_blob(cid)? {
                         if let Some(bytes) = self.devices[from].store().get_blob(cid)? {
@@ -456,9 +469,14 @@ impl LocalFleet {
                         }
                     }
                     CeremonyOutput::WriteFact(f) => {
-                        self.devices[i].write(f)?;
-                        // Proposals and completions reach the others as sync would.
-                        self.sync()?;
+                        let f = self.devices[i].write(f)?;
+                        // Proposals and completions reach the others as sync would; the
+                        // rest of the journals already agree (synced above).
+                        for (j, other) in self.devices.iter().enumerate() {
+                            if j != i {
+                                other.store().insert_batch(std::slice::from_ref(&f))?;
+                            }
+                        }
                     }
                     CeremonyOutput::StoreBlob { cid, bytes } => {
                         self.devices[i].store().put_blob(cid.codec(), &bytes)?;

@@ -96,3 +96,54 @@ fn peers_trust_ban_and_unban_persist_and_show_with_the_last_sync() {
     assert_eq!(peers[0]["status"], "online");
     terminate(child);
 }
+
+/// `tend sync now` on a terminal shows what the running device takes in while the round
+/// runs (it answers only at the end); piped, or with `--json`, it writes no progress.
+/// The terminal is `script`'s pseudo-terminal (util-linux, on every Debian machine).
+#[test]
+fn sync_now_shows_catching_up_on_a_terminal_and_nothing_when_piped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = common::two_device_authority(dir.path());
+    // Enough facts on a for the round to take a while.
+    let lines: String = (0..30_000)
+        .map(|i| format!("{{\"key\": \"k{i}\", \"value\": \"v{i}\"}}\n"))
+        .collect();
+    let ndjson = dir.path().join("puts.ndjson");
+    std::fs::write(&ndjson, lines).unwrap();
+    ok_json(&a, &["put", "notes", "--ndjson", ndjson.to_str().unwrap()]);
+    // Rounds only when asked for.
+    let quiet = ["--listen", "127.0.0.1:0", "--sync-interval", "600"];
+    let (run_a, info_a) = start_run(&a, &quiet);
+    let peer = format!(
+        "{}@{}",
+        info_a["device_id"].as_str().unwrap(),
+        info_a["listen_addr"].as_str().unwrap()
+    );
+    let (run_b, _) = start_run(&b, &[&quiet[..], &["--peer", &peer]].concat());
+
+    let command = format!(
+        "{} --home {} sync now",
+        env!("CARGO_BIN_EXE_tend"),
+        b.display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_remove("TEND_HOME")
+        .output()
+        .expect("`script` (util-linux) runs");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("catching up with peers"), "{shown}");
+    assert!(shown.contains("completed"), "the report follows: {shown}");
+
+    // Piped, nothing but the report.
+    let piped = tend(&b, &["sync", "now"]);
+    assert!(piped.status.success());
+    assert!(
+        piped.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+    terminate(run_b);
+    terminate(run_a);
+}

@@ -29,7 +29,7 @@
 //! fills). Round messages are taken only for the accepted session, from the authenticated
 //! connection of a device named in it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -415,19 +415,12 @@ fn invite(
     if guard.is_some() {
         return MaintReply::refused("another key generation is running");
     }
-    *guard = Some(DkgRun {
+    *guard = Some(DkgRun::new(
         session,
-        id,
-        admin: peer,
-        addrs: map,
-        participant: None,
-        early: Vec::new(),
-        share: None,
-        finished: BTreeMap::new(),
-        finished_epochs: BTreeMap::new(),
-        failed: None,
-        deadline: Instant::now() + MEMBER_RUN_TTL,
-    });
+        peer,
+        map,
+        Instant::now() + MEMBER_RUN_TTL,
+    ));
     tracing::info!("accepted key generation {id} from {peer}");
     MaintReply::Accepted
 }
@@ -568,22 +561,12 @@ async fn create_authority_once(
         if guard.is_some() {
             return Err(DkgNetError::Busy);
         }
-        *guard = Some(DkgRun {
-            session: session.clone(),
-            id,
-            admin: me,
-            addrs: addrs
-                .iter()
-                .filter_map(|(d, a)| Some((*d, a.parse().ok()?)))
-                .collect(),
-            participant: None,
-            early: Vec::new(),
-            share: None,
-            finished: BTreeMap::new(),
-            finished_epochs: BTreeMap::new(),
-            failed: None,
-            deadline: Instant::now() + timeout + MEMBER_RUN_TTL,
-        });
+        let addrs = addrs
+            .iter()
+            .filter_map(|(d, a)| Some((*d, a.parse().ok()?)))
+            .collect();
+        let deadline = Instant::now() + timeout + MEMBER_RUN_TTL;
+        *guard = Some(DkgRun::new(session.clone(), me, addrs, deadline));
     }
     let others: Vec<DeviceId> = all.iter().copied().filter(|d| *d != me).collect();
     let result = run_as_admin(

@@ -207,6 +207,28 @@ pub(crate) struct DkgRun {
 }
 
 impl DkgRun {
+    /// A run of `session` led by `admin`, nothing received yet, forgotten after `deadline`.
+    pub(crate) fn new(
+        session: DkgSession,
+        admin: DeviceId,
+        addrs: HashMap<DeviceId, SocketAddr>,
+        deadline: Instant,
+    ) -> Self {
+        Self {
+            id: session.id(),
+            session,
+            admin,
+            addrs,
+            participant: None,
+            early: Vec::new(),
+            share: None,
+            finished: BTreeMap::new(),
+            finished_epochs: BTreeMap::new(),
+            failed: None,
+            deadline,
+        }
+    }
+
     /// Where member `d` listens, as the admin announced.
     pub(crate) fn address_of(&self, d: &DeviceId) -> Option<SocketAddr> {
         self.addrs.get(d).copied()

@@ -5,7 +5,7 @@
 //! `--member-home`) and `devnet` run them; the ceremony state machine is the same one a
 //! networked device runs, it only sees messages and a journal view.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::io::Write;
 use std::sync::Arc;
 
@@ -14,8 +14,8 @@ use tend_core::authority::{AuthorityFact, MembershipChange};
 use tend_core::ids::CODEC_DAG_CBOR;
 use tend_core::maintenance::SnapshotCompleted;
 use tend_core::{
-    reduce, ContentId, DeviceId, Epoch, GroupKey, Hash32, JournalNamespace, MaintenanceEpoch,
-    MaintenanceState, Payload,
+    reduce, ContentId, DeviceId, Epoch, FactId, GroupKey, Hash32, JournalNamespace,
+    MaintenanceEpoch, MaintenanceState, Payload,
 };
 use tend_crypto::dkg::{run_in_memory, DkgSession};
 use tend_crypto::share::KeyShare;
@@ -373,37 +373,39 @@ impl LocalFleet {
     pub fn sync(&self) -> Result<u64, FleetError> {
         let ns = self.devices[0].namespace();
         // Journals that already agree (the usual case around a ceremony) cost one keys-only
-        // scan each, not a copy of every fact into every other store.
+        // scan each. Otherwise each store takes, in one batch per source, only the facts it
+        // lacks, and only those are verified: copying every fact into every store checked
+        // a signature per fact and device (minutes at a million facts).
         let mut digests = Vec::with_capacity(self.devices.len());
         for d in &self.devices {
             digests.push(d.store().journal_digest(ns)?);
         }
         let agree = digests.windows(2).all(|w| w[0] == w[1]);
         let mut inserted = 0;
-        for from in 0..self.devices.len() {
-            let facts: Vec<_> = if agree {
-                Vec::new()
+        for (to, dest) in self.devices.iter().enumerate() {
+            let mut held: HashSet<(Epoch, FactId)> = if agree {
+                HashSet::new()
             } else {
-                self.devices[from]
-                    .store()
-                    .scan(ns, ..)?
-                    .map(|s| {
-                        s.map_err(FleetError::from)
-                            .and_then(|s| verify(&self.devices[from], &s))
-                    })
-                    .collect::<Result<_, _>>()?
+                dest.store().items(ns, ..)?.collect::<Result<_, _>>()?
             };
-            let blobs = self.devices[from].store().blobs()?;
-            for (to, dest) in self.devices.iter().enumerate() {
+            for (from, source) in self.devices.iter().enumerate() {
                 if to == from {
                     continue;
                 }
-                if !facts.is_empty() {
-                    inserted += dest.store().insert_batch(&facts)?.inserted;
+                if !agree {
+                    let mut missing = Vec::new();
+                    for stored in source.store().scan(ns, ..)? {
+                        let stored = stored?;
+                        if !held.contains(&(stored.epoch, stored.id)) {
+                            missing.push(verify(source, &stored)?);
+                        }
+                    }
+                    held.extend(missing.iter().map(|f| f.order_key()));
+                    inserted += dest.store().insert_batch(&missing)?.inserted;
                 }
-                for (cid, _) in &blobs {
-                    if !dest.store().has_blob(cid)? {
-                        if let Some(bytes) = self.devices[from].store().get_blob(cid)? {
+                for (cid, _) in source.store().blobs()? {
+                    if !dest.store().has_blob(&cid)? {
+                        if let Some(bytes) = source.store().get_blob(&cid)? {
                             dest.store().put_blob(cid.codec(), &bytes)?;
                         }
                     }

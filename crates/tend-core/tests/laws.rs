@@ -265,3 +265,70 @@ fn merging_different_namespaces_is_an_error() {
     assert_ne!(ns, ctx());
     assert!(a.insert(genesis).is_err());
 }
+
+/// `decode_batch` is `decode` of each fact, in order, whatever the batch's size (one thread
+/// or several) and mix: valid facts of more authors than its key cache holds, forged
+/// signatures, an author key that is not a curve point, a small-order author key (which
+/// `verify_strict` refuses and a plain verification would not), garbage.
+#[test]
+fn batch_decoding_gives_exactly_what_decoding_each_fact_gives() {
+    let sign = |i: usize| {
+        UnsignedFact {
+            namespace: ctx(),
+            epoch: Epoch(i as u64 % 4),
+            payload: Payload::Application {
+                kind: "a".into(),
+                data: i.to_le_bytes().to_vec(),
+            },
+        }
+        .sign(&key((i % 20) as u8))
+        .bytes()
+        .to_vec()
+    };
+    let with_author = |bytes: &[u8], author: &DeviceId, to: [u8; 32]| {
+        let at = bytes
+            .windows(32)
+            .position(|w| w == author.0)
+            .expect("author in the encoding");
+        let mut out = bytes.to_vec();
+        out[at..at + 32].copy_from_slice(&to);
+        out
+    };
+    let not_a_point = (0u8..=255)
+        .map(|b| [b; 32])
+        .find(|k| ed25519_dalek::VerifyingKey::from_bytes(k).is_err())
+        .expect("some constant bytes are no curve point");
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    let mut batch = Vec::new();
+    for i in 0..300 {
+        let bytes = sign(i);
+        batch.push(match i % 25 {
+            3 => {
+                let mut forged = bytes;
+                let n = forged.len();
+                forged[n - 1] ^= 0x40;
+                forged
+            }
+            7 => with_author(&bytes, &device((i % 20) as u8), not_a_point),
+            11 => with_author(&bytes, &device((i % 20) as u8), identity),
+            17 => bytes[..bytes.len() / 2].to_vec(),
+            _ => bytes,
+        });
+    }
+    let one_by_one: Vec<_> = batch.iter().map(|b| VerifiedFact::decode(b)).collect();
+    for kind in [
+        tend_core::DecodeError::BadAuthorKey,
+        tend_core::DecodeError::BadSignature,
+    ] {
+        assert!(one_by_one.iter().any(|r| r.as_ref().err() == Some(&kind)));
+    }
+    assert!(one_by_one.iter().filter(|r| r.is_ok()).count() > 250);
+    for len in [0, 1, 31, 64, 65, 299, 300] {
+        assert_eq!(
+            VerifiedFact::decode_batch(&batch[..len]),
+            one_by_one[..len],
+            "{len} facts"
+        );
+    }
+}

@@ -68,19 +68,19 @@ pub struct RateArgs {
     /// Messages read from all peers together per second [default: 5000].
     #[arg(long, value_name = "N|off", value_parser = parse_limit)]
     pub limit_messages: Option<Limit>,
-    /// Bytes read from one peer per second [default: 8MiB].
+    /// Bytes read from one peer per second [default: 16MiB].
     #[arg(long, value_name = "N|off", value_parser = parse_limit)]
     pub limit_bytes_in_per_peer: Option<Limit>,
     /// Bytes read from all peers together per second [default: 32MiB].
     #[arg(long, value_name = "N|off", value_parser = parse_limit)]
     pub limit_bytes_in: Option<Limit>,
-    /// Facts sent to one peer per second [default: 20000].
+    /// Facts sent to one peer per second [default: 64000].
     #[arg(long, value_name = "N|off", value_parser = parse_limit)]
     pub limit_facts_out_per_peer: Option<Limit>,
-    /// Facts sent to all peers together per second [default: 50000].
+    /// Facts sent to all peers together per second [default: 128000].
     #[arg(long, value_name = "N|off", value_parser = parse_limit)]
     pub limit_facts_out: Option<Limit>,
-    /// Fact bytes sent to one peer per second [default: 8MiB].
+    /// Fact bytes sent to one peer per second [default: 16MiB].
     #[arg(long, value_name = "N|off", value_parser = parse_limit)]
     pub limit_bytes_out_per_peer: Option<Limit>,
     /// Fact bytes sent to all peers together per second [default: 32MiB].
@@ -159,11 +159,11 @@ mod tests {
         assert_eq!(r.inbound_global.sessions_per_sec, n(100));
         assert_eq!(r.inbound_per_peer.messages_per_sec, n(1000));
         assert_eq!(r.inbound_global.messages_per_sec, n(5000));
-        assert_eq!(r.inbound_per_peer.bytes_per_sec, n(8 << 20));
+        assert_eq!(r.inbound_per_peer.bytes_per_sec, n(16 << 20));
         assert_eq!(r.inbound_global.bytes_per_sec, n(32 << 20));
-        assert_eq!(r.per_peer.facts_per_sec, n(20_000));
-        assert_eq!(r.global.facts_per_sec, n(50_000));
-        assert_eq!(r.per_peer.bytes_per_sec, n(8 << 20));
+        assert_eq!(r.per_peer.facts_per_sec, n(64_000));
+        assert_eq!(r.global.facts_per_sec, n(128_000));
+        assert_eq!(r.per_peer.bytes_per_sec, n(16 << 20));
         assert_eq!(r.global.bytes_per_sec, n(32 << 20));
     }
 

@@ -32,7 +32,7 @@ use tend_sync::{
     MemItems, MessageError, Outcome, PeerConfig, PeerManager, PeerStatus, RefuseReason, SessionId,
     SessionManager, SessionResult, SessionStats, SharedItems, SyncItem, SyncMessage,
 };
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::device::{Device, DeviceError};
@@ -147,8 +147,9 @@ pub enum NodeError {
 
 /// Events a session's driver task handles, in order.
 enum Ev {
-    /// A frame from the peer (or why reading stopped).
-    Incoming(Result<Vec<u8>, FrameError>),
+    /// A frame from the peer (or why reading stopped), with its place in the read-ahead
+    /// ([`READ_AHEAD_FRAMES`]), given back when the driver drops it after handling.
+    Incoming(Result<Vec<u8>, FrameError>, OwnedSemaphorePermit),
     /// A frame to send.
     Send(Vec<u8>),
     /// The session ended.
@@ -1530,8 +1531,14 @@ fn frame_limit(inner: &Inner) -> usize {
     inner.config.manager.session.max_message_bytes + 1024
 }
 
+/// Frames a session's reader reads ahead of its driver. Checking a frame's signatures
+/// takes longer than receiving it (a catch-up from a fast peer), and without a bound the
+/// frames queued for the driver held hundreds of megabytes at a million facts; at the
+/// bound the reader stops and QUIC flow control slows the sender.
+const READ_AHEAD_FRAMES: usize = 4;
+
 /// Reads `peer`'s frames into the session's channel, each once the incoming rate limits
-/// admit it.
+/// admit it, at most [`READ_AHEAD_FRAMES`] ahead of the driver.
 fn spawn_reader(
     inner: Arc<Inner>,
     peer: DeviceId,
@@ -1539,14 +1546,19 @@ fn spawn_reader(
     tx: mpsc::UnboundedSender<Ev>,
     max: usize,
 ) -> JoinHandle<()> {
+    let read_ahead = Arc::new(Semaphore::new(READ_AHEAD_FRAMES));
     tokio::spawn(async move {
         loop {
+            // Never closed, so this fails only if the semaphore were dropped: stop reading.
+            let Ok(permit) = read_ahead.clone().acquire_owned().await else {
+                break;
+            };
             let r = endpoint::read_frame(&mut recv, max).await;
             if let Ok(frame) = &r {
                 inner.pace_incoming(peer, frame.len()).await;
             }
             let end = r.is_err();
-            if tx.send(Ev::Incoming(r)).is_err() || end {
+            if tx.send(Ev::Incoming(r, permit)).is_err() || end {
                 break;
             }
         }
@@ -1565,12 +1577,13 @@ async fn drive(
     let mut broken = false;
     while let Some(ev) = rx.recv().await {
         match ev {
-            Ev::Incoming(Ok(bytes)) => blocking(|| inner.handle(sid, &bytes)),
-            Ev::Incoming(Err(FrameError::Oversized { len, max })) => {
+            // The permit goes back once the frame is handled, letting the reader read on.
+            Ev::Incoming(Ok(bytes), _permit) => blocking(|| inner.handle(sid, &bytes)),
+            Ev::Incoming(Err(FrameError::Oversized { len, max }), _) => {
                 misbehaved = Some(FailReason::Garbage(MessageError::Oversized { len, max }));
                 inner.close(sid);
             }
-            Ev::Incoming(Err(_)) => inner.close(sid),
+            Ev::Incoming(Err(_), _) => inner.close(sid),
             Ev::Send(bytes) => {
                 if !broken && endpoint::write_frame(send, &bytes).await.is_err() {
                     broken = true;

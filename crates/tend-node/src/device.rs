@@ -17,13 +17,27 @@ use tend_core::{
     DeviceId, Epoch, FactId, Hash32, JournalNamespace, Payload, UnsignedFact, VerifiedFact,
 };
 use tend_crypto::device::DeviceKey;
-use tend_store::{CompactReport, Store, StoreError};
+use tend_store::{CompactReport, Store, StoreError, StoreOptions};
 
 pub use crate::error::DeviceError;
 use crate::write::{WriteQueue, WriteTarget};
 
 /// File name of the store inside a home directory.
 pub const STORE_FILE: &str = "store.redb";
+
+/// redb's page cache for a device's store. redb's default (1 GiB) keeps every page a
+/// device reads or writes until it holds a gigabyte, so a device's memory grew with its
+/// journal: catching up on a million facts, the page cache was most of the process's
+/// peak (BENCHMARKS.md, "Catching up from one peer"). Pages beyond it are read back
+/// through the operating system's page cache.
+pub const STORE_CACHE_BYTES: usize = 64 << 20;
+
+fn store_options() -> StoreOptions {
+    StoreOptions {
+        cache_size: Some(STORE_CACHE_BYTES),
+        ..StoreOptions::default()
+    }
+}
 /// Setting that names the journal this device writes to.
 const CURRENT_NAMESPACE: &str = "current_namespace";
 /// Setting that holds the device's [`GcPolicy`].
@@ -174,7 +188,7 @@ impl Device {
         create_home(home)?;
         let key = DeviceKey::generate(rng);
         key.save(home)?;
-        let store = Store::create(&store_path)?;
+        let store = Store::create_with(&store_path, &store_options())?;
         let me = key.device_id();
         let mut nonce = [0u8; 32];
         rng.fill_bytes(&mut nonce);
@@ -222,7 +236,7 @@ impl Device {
         create_home(home)?;
         let key = DeviceKey::generate(rng);
         key.save(home)?;
-        let store = Store::create(&store_path)?;
+        let store = Store::create_with(&store_path, &store_options())?;
         store.put_setting(CURRENT_NAMESPACE, &hex_ns(&namespace))?;
         Ok(Device {
             home: home.to_owned(),
@@ -239,7 +253,7 @@ impl Device {
         if !store_path.exists() {
             return Err(DeviceError::NotInitialised(home.to_owned()));
         }
-        let store = Store::open(&store_path)?;
+        let store = Store::open_with(&store_path, &store_options())?;
         let key = DeviceKey::load(home)?;
         let namespace = store
             .get_setting::<String>(CURRENT_NAMESPACE)?

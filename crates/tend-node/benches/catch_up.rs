@@ -47,15 +47,41 @@ fn metric(node: &Node, name: &str) -> f64 {
 }
 
 /// The follower, in its own process: opens its home, syncs from the peer until it holds
-/// `want` facts, and prints what it took.
+/// `want` facts, and prints what it took. The time is taken when the facts are held, not
+/// when the round ends (a round also waits for peers that do not answer).
+/// `TEND_BENCH_ROUNDS=1` prints every round's sessions and the session counters.
 async fn follow(home: &Path, peer: PeerAddr, want: u64) {
     let node = Node::start(Device::open(home).expect("open"), config())
         .await
         .expect("start");
     node.add_peer(peer).expect("add peer");
     let start = Instant::now();
+    let verbose = std::env::var_os("TEND_BENCH_ROUNDS").is_some();
+    let rounds = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            loop {
+                let report = node.sync_now().await;
+                if verbose {
+                    for s in &report.sessions {
+                        println!(
+                            "    round at {:.2?}: {} {} after {} sessions: {} received, {} new",
+                            start.elapsed(),
+                            s.addr,
+                            s.result,
+                            s.attempts,
+                            s.facts_received,
+                            s.facts_accepted,
+                        );
+                    }
+                }
+                if fact_count(&node) >= want {
+                    break;
+                }
+            }
+        })
+    };
     loop {
-        node.sync_now().await;
         let held = fact_count(&node);
         if held >= want {
             break;
@@ -64,8 +90,18 @@ async fn follow(home: &Path, peer: PeerAddr, want: u64) {
             start.elapsed() < Duration::from_secs(1800),
             "caught up on {held} of {want}"
         );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = start.elapsed();
+    // Sessions are counted when they end.
+    rounds.await.expect("rounds");
+    if verbose {
+        for line in node.metrics().render().lines() {
+            if line.starts_with("tend_sessions_") || line.starts_with("tend_facts_re") {
+                println!("    {line}");
+            }
+        }
+    }
     let bytes = metric(&node, "tend_sync_bytes_received_total");
     let facts = metric(&node, "tend_facts_received_total");
     println!(
@@ -161,8 +197,19 @@ async fn main() {
     let want = fact_count(&full);
     println!("{n} facts per full member, {want} in its journal");
 
+    // The full member's first round (at start, to the members' old addresses) must be
+    // over before the follower starts: it would otherwise reach the follower through the
+    // follower's own connection and push the same facts in a second session.
+    full.sync_now().await;
     println!("without a snapshot (every fact travels):");
     follow_in_child(&homes[2], &full.peer_addr(), want);
+    if std::env::var_os("TEND_BENCH_ROUNDS").is_some() {
+        for line in full.metrics().render().lines() {
+            if line.starts_with("tend_sessions_") || line.starts_with("tend_facts_") {
+                println!("    full member: {line}");
+            }
+        }
+    }
 
     println!("with a snapshot covering them (the follower hydrates from the blob):");
     let second = Node::start(Device::open(&homes[1]).expect("open"), config())

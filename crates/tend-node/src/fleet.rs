@@ -471,14 +471,11 @@ impl LocalFleet {
                         }
                     }
                     CeremonyOutput::WriteFact(f) => {
-                        let f = self.devices[i].write(f)?;
-                        // Proposals and completions reach the others as sync would; the
-                        // rest of the journals already agree (synced above).
-                        for (j, other) in self.devices.iter().enumerate() {
-                            if j != i {
-                                other.store().insert_batch(std::slice::from_ref(&f))?;
-                            }
-                        }
+                        self.devices[i].write(f)?;
+                        // Proposals and completions reach the others as sync would, with
+                        // whatever the devices wrote meanwhile (running nodes advertise
+                        // their metadata, say): the members check the proposer's prefix.
+                        self.sync()?;
                     }
                     CeremonyOutput::StoreBlob { cid, bytes } => {
                         self.devices[i].store().put_blob(cid.codec(), &bytes)?;

@@ -117,7 +117,7 @@ impl DkgMessage {
 
 /// What a participant wants done.
 #[derive(Debug)]
-pub enum DkgOutput {
+pub enum DkgAction {
     /// Deliver this message (to `msg.to`, or to every other member when `None`).
     Send(DkgMessage),
     /// The run finished: save the share ([`KeyShare::save`]); the group key goes into
@@ -188,7 +188,7 @@ impl DkgParticipant {
         session: DkgSession,
         me: DeviceId,
         rng: &mut (impl RngCore + CryptoRng),
-    ) -> Result<(Self, Vec<DkgOutput>), DkgError> {
+    ) -> Result<(Self, Vec<DkgAction>), DkgError> {
         session.validate()?;
         if !session.members.contains(&me) {
             return Err(DkgError::NotAMember(me));
@@ -217,7 +217,7 @@ impl DkgParticipant {
             round1: BTreeMap::new(),
             round2: BTreeMap::new(),
         };
-        Ok((p, vec![DkgOutput::Send(msg)]))
+        Ok((p, vec![DkgAction::Send(msg)]))
     }
 
     /// The session this participant runs.
@@ -232,7 +232,7 @@ impl DkgParticipant {
 
     /// Takes one message from another member. Duplicates are ignored; a member sending two
     /// different packages for one round is an error.
-    pub fn handle(&mut self, msg: DkgMessage) -> Result<Vec<DkgOutput>, DkgError> {
+    pub fn handle(&mut self, msg: DkgMessage) -> Result<Vec<DkgAction>, DkgError> {
         if msg.session != self.session_id {
             return Err(DkgError::WrongSession);
         }
@@ -274,7 +274,7 @@ impl DkgParticipant {
             .collect()
     }
 
-    fn advance(&mut self) -> Result<Vec<DkgOutput>, DkgError> {
+    fn advance(&mut self) -> Result<Vec<DkgAction>, DkgError> {
         let mut out = Vec::new();
         if matches!(self.phase, Phase::Round1 { .. }) && self.round1.len() == self.others() {
             let Phase::Round1 { secret } = std::mem::replace(&mut self.phase, Phase::Done) else {
@@ -289,7 +289,7 @@ impl DkgParticipant {
                 let body = pkg
                     .serialize()
                     .map_err(|e| DkgError::Malformed(e.to_string()))?;
-                out.push(DkgOutput::Send(DkgMessage {
+                out.push(DkgAction::Send(DkgMessage {
                     session: self.session_id,
                     from: self.me,
                     to: Some(*member),
@@ -313,7 +313,7 @@ impl DkgParticipant {
                 let share =
                     KeyShare::from_parts(self.session.clone(), self.me, key_package, public)
                         .map_err(|e| DkgError::Malformed(e.to_string()))?;
-                out.push(DkgOutput::Finished(Box::new(share)));
+                out.push(DkgAction::Finished(Box::new(share)));
             }
         }
         Ok(out)
@@ -368,10 +368,10 @@ pub fn run_in_memory(
     let mut shares = BTreeMap::new();
     while let Some(out) = queue.pop_front() {
         match out {
-            DkgOutput::Finished(share) => {
+            DkgAction::Finished(share) => {
                 shares.insert(share.device_id(), *share);
             }
-            DkgOutput::Send(msg) => {
+            DkgAction::Send(msg) => {
                 let bytes = msg.to_bytes();
                 let targets: Vec<DeviceId> = match msg.to {
                     Some(to) => vec![to],

@@ -19,7 +19,7 @@ pub mod sign;
 
 pub use device::DeviceKey;
 pub use dkg::{
-    frost_identifier, run_in_memory, DkgError, DkgMessage, DkgOutput, DkgParticipant, DkgRound,
+    frost_identifier, run_in_memory, DkgAction, DkgError, DkgMessage, DkgParticipant, DkgRound,
     DkgSession,
 };
 pub use secret_file::KeyFileError;

@@ -110,9 +110,9 @@ fn dkg_rejects_foreign_sessions_and_equivocation() {
     let (mut p0, _) = DkgParticipant::start(s.clone(), keys[0].device_id(), &mut rng).unwrap();
     let (_, out1) = DkgParticipant::start(s.clone(), keys[1].device_id(), &mut rng).unwrap();
     let (_, out1b) = DkgParticipant::start(s.clone(), keys[1].device_id(), &mut rng).unwrap();
-    let msg = |o: &[DkgOutput]| match &o[0] {
-        DkgOutput::Send(m) => m.clone(),
-        DkgOutput::Finished(_) => unreachable!(),
+    let msg = |o: &[DkgAction]| match &o[0] {
+        DkgAction::Send(m) => m.clone(),
+        DkgAction::Finished(_) => unreachable!(),
     };
     p0.handle(msg(&out1)).unwrap();
     p0.handle(msg(&out1)).unwrap(); // duplicate: ignored

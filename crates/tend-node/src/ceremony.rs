@@ -23,7 +23,7 @@ use tend_core::maintenance::SnapshotCompleted;
 use tend_core::{DeviceId, Epoch, MaintenanceState};
 use tend_crypto::KeyShare;
 use tend_snapshot::{
-    AbortReason, CeremonyEvent, CeremonyInput, CeremonyOutput, LocalJournal, Recipient, Refusal,
+    AbortReason, CeremonyAction, CeremonyEvent, CeremonyInput, LocalJournal, Recipient, Refusal,
     SignerKey,
 };
 use tend_store::StoreError;
@@ -74,11 +74,11 @@ fn key_to_install(h: &MaintHandle, state: &MaintenanceState) -> Option<SignerKey
 }
 
 /// Feeds one input to the engine over the device's current journal.
-fn step(h: &MaintHandle, input: CeremonyInput) -> Result<Vec<CeremonyOutput>, StoreError> {
+fn step(h: &MaintHandle, input: CeremonyInput) -> Result<Vec<CeremonyAction>, StoreError> {
     let device = &h.device;
     let maint = &h.maint;
     let view = StoreJournal::new(device.store(), device.namespace())?;
-    let now = maint.start.elapsed().as_millis() as u64;
+    let now = maint.start.elapsed();
     let mut rng = rand::rngs::OsRng;
     let mut out = Vec::new();
     let mut engine = lock(&maint.engine);
@@ -98,11 +98,11 @@ fn step(h: &MaintHandle, input: CeremonyInput) -> Result<Vec<CeremonyOutput>, St
 /// Carries out the engine's effects: messages go out on their own tasks, facts are
 /// signed and stored (then synced, so proposals and completions reach everyone), blobs
 /// are stored, events settle waiting proposers.
-fn carry_out(h: &MaintHandle, outputs: Vec<CeremonyOutput>) {
+fn carry_out(h: &MaintHandle, outputs: Vec<CeremonyAction>) {
     let mut wrote = false;
     for o in outputs {
         match o {
-            CeremonyOutput::Send { to, message } => {
+            CeremonyAction::Send { to, message } => {
                 let targets = match to {
                     Recipient::Device(d) => vec![d],
                     Recipient::All => current_members(h)
@@ -125,16 +125,16 @@ fn carry_out(h: &MaintHandle, outputs: Vec<CeremonyOutput>) {
                     });
                 }
             }
-            CeremonyOutput::WriteFact(f) => match blocking(|| h.device.write(f)) {
+            CeremonyAction::WriteFact(f) => match blocking(|| h.device.write(f)) {
                 Ok(_) => wrote = true,
                 Err(e) => tracing::warn!("cannot write a ceremony fact: {e}"),
             },
-            CeremonyOutput::StoreBlob { cid, bytes } => {
+            CeremonyAction::StoreBlob { cid, bytes } => {
                 if let Err(e) = blocking(|| h.device.store().put_blob(cid.codec(), &bytes)) {
                     tracing::warn!("cannot store snapshot blob {cid}: {e}");
                 }
             }
-            CeremonyOutput::Event(e) => {
+            CeremonyAction::Event(e) => {
                 count_outcome(h, &e);
                 on_event(&h.maint, e)
             }
@@ -267,7 +267,7 @@ pub(crate) async fn receive(h: &MaintHandle, peer: DeviceId, msg: MaintMessage) 
                 Err(e) => return MaintReply::refused(format!("cannot read the journal: {e}")),
             };
             let ignored = outputs.iter().find_map(|o| match o {
-                CeremonyOutput::Event(CeremonyEvent::Ignored { from, reason }) if *from == peer => {
+                CeremonyAction::Event(CeremonyEvent::Ignored { from, reason }) if *from == peer => {
                     Some(reason.clone())
                 }
                 _ => None,
@@ -389,10 +389,10 @@ async fn propose_once(
     let mut proposal = None;
     for o in &outputs {
         match o {
-            CeremonyOutput::Event(CeremonyEvent::Proposed { proposal_id, .. }) => {
+            CeremonyAction::Event(CeremonyEvent::Proposed { proposal_id, .. }) => {
                 proposal = Some(*proposal_id)
             }
-            CeremonyOutput::Event(CeremonyEvent::ProposalRejected { reason, .. }) => {
+            CeremonyAction::Event(CeremonyEvent::ProposalRejected { reason, .. }) => {
                 let reason = format!("{reason:?}");
                 carry_out(h, outputs);
                 return Err(CeremonyError::Rejected(reason));

@@ -39,7 +39,7 @@ use tend_core::{
     AuthorityId, DeviceId, Hash32, JournalNamespace, MaintenanceEpoch, MaintenanceFact, Payload,
     UnsignedFact, VerifiedFact,
 };
-use tend_crypto::dkg::{DkgMessage, DkgOutput, DkgParticipant, DkgSession};
+use tend_crypto::dkg::{DkgAction, DkgMessage, DkgParticipant, DkgSession};
 use tend_store::StoreError;
 
 use crate::discovery::{is_configured_peer, PeerAddr};
@@ -129,11 +129,11 @@ pub(crate) fn expire(h: &MaintHandle) {
 /// Carries out a participant's outputs: messages to members (round 1 to every other
 /// member, round 2 to its one recipient), the share saved in the home, the group key
 /// reported to the admin.
-fn apply_outputs(h: &MaintHandle, outputs: Vec<DkgOutput>) {
+fn apply_outputs(h: &MaintHandle, outputs: Vec<DkgAction>) {
     let me = h.device_id();
     for o in outputs {
         match o {
-            DkgOutput::Send(msg) => {
+            DkgAction::Send(msg) => {
                 let members = match lock(&h.maint.dkg).as_ref() {
                     Some(r) => r.session.members.clone(),
                     None => return,
@@ -147,7 +147,7 @@ fn apply_outputs(h: &MaintHandle, outputs: Vec<DkgOutput>) {
                     spawn_send(h, t, wire.clone());
                 }
             }
-            DkgOutput::Finished(share) => {
+            DkgAction::Finished(share) => {
                 let saved = blocking(|| share.save(h.device.home()));
                 let epoch = own_epoch_in(h, share.session().context);
                 let mut guard = lock(&h.maint.dkg);

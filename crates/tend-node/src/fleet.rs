@@ -8,6 +8,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::io::Write;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rand::{CryptoRng, RngCore};
 use tend_core::authority::{AuthorityFact, MembershipChange};
@@ -21,7 +22,7 @@ use tend_crypto::dkg::{run_in_memory, DkgSession};
 use tend_crypto::share::KeyShare;
 use tend_snapshot::blob::{write_blob, BlobHead};
 use tend_snapshot::{
-    BuiltBlob, CeremonyEvent, CeremonyInput, CeremonyOutput, LocalJournal, Recipient, SignerKey,
+    BuiltBlob, CeremonyAction, CeremonyEvent, CeremonyInput, LocalJournal, Recipient, SignerKey,
     SnapshotBlob, SnapshotEngine,
 };
 use tend_store::{Store, StoreError};
@@ -235,7 +236,8 @@ pub struct AuthorityCreated {
 pub struct LocalFleet {
     devices: Vec<Arc<Device>>,
     engines: Vec<SnapshotEngine>,
-    now_ms: u64,
+    /// The engines' clock: a millisecond per input (nothing here waits).
+    now: Duration,
 }
 
 impl LocalFleet {
@@ -249,7 +251,7 @@ impl LocalFleet {
         Self {
             devices,
             engines,
-            now_ms: 0,
+            now: Duration::ZERO,
         }
     }
 
@@ -442,17 +444,17 @@ impl LocalFleet {
         let mut completed = None;
         let mut refusals = Vec::new();
         while let Some((i, input)) = queue.pop_front() {
-            self.now_ms += 1;
+            self.now += Duration::from_millis(1);
             let ns = self.devices[i].namespace();
             let outputs = {
                 let view = StoreJournal::new(self.devices[i].store(), ns)?;
-                self.engines[i].handle(self.now_ms, &view, input, rng)
+                self.engines[i].handle(self.now, &view, input, rng)
             };
             saved[i] = crate::votes::save(self.devices[i].store(), &self.engines[i], saved[i])?;
             let me = self.devices[i].device_id();
             for out in outputs {
                 match out {
-                    CeremonyOutput::Send { to, message } => {
+                    CeremonyAction::Send { to, message } => {
                         let bytes = message.to_bytes();
                         for j in 0..self.devices.len() {
                             let wanted = match to {
@@ -470,26 +472,26 @@ impl LocalFleet {
                             }
                         }
                     }
-                    CeremonyOutput::WriteFact(f) => {
+                    CeremonyAction::WriteFact(f) => {
                         self.devices[i].write(f)?;
                         // Proposals and completions reach the others as sync would, with
                         // whatever the devices wrote meanwhile (running nodes advertise
                         // their metadata, say): the members check the proposer's prefix.
                         self.sync()?;
                     }
-                    CeremonyOutput::StoreBlob { cid, bytes } => {
+                    CeremonyAction::StoreBlob { cid, bytes } => {
                         self.devices[i].store().put_blob(cid.codec(), &bytes)?;
                     }
-                    CeremonyOutput::Event(CeremonyEvent::Completed(c)) => completed = Some(c),
-                    CeremonyOutput::Event(
+                    CeremonyAction::Event(CeremonyEvent::Completed(c)) => completed = Some(c),
+                    CeremonyAction::Event(
                         CeremonyEvent::Refused { reason, .. }
                         | CeremonyEvent::PeerRefused { reason, .. }
                         | CeremonyEvent::ProposalRejected { reason, .. },
                     ) => refusals.push(format!("{reason:?}")),
-                    CeremonyOutput::Event(CeremonyEvent::Aborted { reason, .. }) => {
+                    CeremonyAction::Event(CeremonyEvent::Aborted { reason, .. }) => {
                         refusals.push(format!("aborted: {reason:?}"))
                     }
-                    CeremonyOutput::Event(_) => {}
+                    CeremonyAction::Event(_) => {}
                 }
             }
         }
@@ -524,7 +526,7 @@ impl LocalFleet {
                     .map_err(|e| FleetError::Dkg(e.to_string()))?;
                 SignerKey::Frost(share)
             };
-            self.engines[i].handle(self.now_ms, &view, CeremonyInput::InstallKey(key), rng);
+            self.engines[i].handle(self.now, &view, CeremonyInput::InstallKey(key), rng);
         }
         Ok(())
     }

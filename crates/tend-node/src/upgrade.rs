@@ -5,7 +5,7 @@
 //! packages a device takes is decided by [`plan`], both in `tend_replica::upgrade` so the
 //! simulator decides as the node does. The session is fed
 //! the blob (or its absence) and the install step's result, each with the
-//! [`MaintenanceEpoch`] observed at that moment, and answers with [`SessionAction`]s. The
+//! [`MaintenanceEpoch`] observed at that moment, and answers with [`UpgradeAction`]s. The
 //! driver [`apply`] does the I/O: it reads the artifact from an [`ArtifactSource`] (the
 //! blob store), writes it to a file in the home, runs an [`Installer`] (a configured shell
 //! command, [`CommandInstaller`]), records the outcome in the store's settings, and writes
@@ -77,8 +77,8 @@ pub enum UpgradeError {
 }
 
 pub use tend_replica::upgrade::{
-    artifact_cid, plan, BlobInput, Decision, LocalStatus, PlanConfig, SessionAction, SessionInput,
-    Skip, UpgradeEvent, UpgradeSession, DEFAULT_MAX_ATTEMPTS,
+    artifact_cid, plan, BlobInput, Decision, LocalStatus, PlanConfig, Skip, UpgradeAction,
+    UpgradeEvent, UpgradeInput, UpgradeSession, DEFAULT_MAX_ATTEMPTS,
 };
 
 /// Where the pipeline reads artifacts from.
@@ -444,7 +444,7 @@ fn drive(
     source: &dyn ArtifactSource,
     installer: &mut dyn Installer,
     mut session: UpgradeSession,
-    mut actions: Vec<SessionAction>,
+    mut actions: Vec<UpgradeAction>,
     events: &mut Vec<UpgradeEvent>,
 ) -> Result<bool, UpgradeError> {
     let id = session.package().package_id;
@@ -458,19 +458,19 @@ fn drive(
         let mut next = Vec::new();
         for action in actions {
             match action {
-                SessionAction::FetchBlob { cid } => {
+                UpgradeAction::FetchBlob { cid } => {
                     let blob = source.fetch(&cid);
                     let epoch = epoch_now()?;
-                    next.extend(session.handle(SessionInput::Blob { epoch, blob }));
+                    next.extend(session.handle(UpgradeInput::Blob { epoch, blob }));
                 }
-                SessionAction::Install { package, artifact } => {
+                UpgradeAction::Install { package, artifact } => {
                     let path = write_artifact(device.home(), &package, &artifact)?;
                     let result = installer.install(&package, &path);
                     let epoch = epoch_now()?;
-                    next.extend(session.handle(SessionInput::InstallFinished { epoch, result }));
+                    next.extend(session.handle(UpgradeInput::InstallFinished { epoch, result }));
                 }
-                SessionAction::Record(status) => record(device, &id, &status)?,
-                SessionAction::WriteReady(ready) => {
+                UpgradeAction::Record(status) => record(device, &id, &status)?,
+                UpgradeAction::WriteReady(ready) => {
                     let state = device.store().maintenance_state(device.namespace())?;
                     let epoch = state
                         .package_fact_epoch(&ready.package_id)
@@ -481,7 +481,7 @@ fn drive(
                         payload: Payload::Maintenance(MaintenanceFact::UpgradeReady(ready)),
                     })?;
                 }
-                SessionAction::Report(e) => events.push(e),
+                UpgradeAction::Report(e) => events.push(e),
             }
         }
         actions = next;

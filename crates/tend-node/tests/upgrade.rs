@@ -18,7 +18,7 @@ use tend_core::{
 use tend_node::fleet::LocalFleet;
 use tend_node::upgrade::{
     self, ApplyOptions, ApplyReport, ArtifactSource, BlobInput, CommandInstaller, Installer,
-    LocalStatus, SessionAction, SessionInput, Skip, UpgradeEvent, UpgradeSession,
+    LocalStatus, Skip, UpgradeAction, UpgradeEvent, UpgradeInput, UpgradeSession,
 };
 use tend_node::{admin, cache, Device};
 use tend_sync::FenceStatus;
@@ -376,14 +376,14 @@ fn the_session_machine_aborts_on_an_epoch_advance_and_refuses_bad_bytes() {
         ..e1
     };
     let (mut s, first) = UpgradeSession::start(meta.clone(), e1, true, 0, 3);
-    assert!(matches!(first[..], [SessionAction::FetchBlob { .. }]));
-    let out = s.handle(SessionInput::Blob {
+    assert!(matches!(first[..], [UpgradeAction::FetchBlob { .. }]));
+    let out = s.handle(UpgradeInput::Blob {
         epoch: e2,
         blob: BlobInput::Bytes(b"abc".to_vec()),
     });
     assert_eq!(
         out,
-        vec![SessionAction::Report(UpgradeEvent::Aborted {
+        vec![UpgradeAction::Report(UpgradeEvent::Aborted {
             from: 1,
             to: 2
         })]
@@ -392,47 +392,47 @@ fn the_session_machine_aborts_on_an_epoch_advance_and_refuses_bad_bytes() {
 
     // Wrong size under the right hash cannot happen; wrong bytes are refused, not installed.
     let (mut s, _) = UpgradeSession::start(meta.clone(), e1, true, 0, 3);
-    let out = s.handle(SessionInput::Blob {
+    let out = s.handle(UpgradeInput::Blob {
         epoch: e1,
         blob: BlobInput::Bytes(b"abd".to_vec()),
     });
     assert!(matches!(
         &out[..],
         [
-            SessionAction::Record(LocalStatus::Refused { .. }),
-            SessionAction::Report(UpgradeEvent::Refused { .. })
+            UpgradeAction::Record(LocalStatus::Refused { .. }),
+            UpgradeAction::Report(UpgradeEvent::Refused { .. })
         ]
     ));
 
     // The good path, with a failing install reported as the last attempt.
     let (mut s, _) = UpgradeSession::start(meta.clone(), e1, true, 2, 3);
-    let out = s.handle(SessionInput::Blob {
+    let out = s.handle(UpgradeInput::Blob {
         epoch: e1,
         blob: BlobInput::Bytes(b"abc".to_vec()),
     });
-    assert!(matches!(&out[1], SessionAction::Install { .. }));
-    let out = s.handle(SessionInput::InstallFinished {
+    assert!(matches!(&out[1], UpgradeAction::Install { .. }));
+    let out = s.handle(UpgradeInput::InstallFinished {
         epoch: e1,
         result: Err("boom".into()),
     });
     assert_eq!(
         out[1],
-        SessionAction::Report(UpgradeEvent::InstallFailed {
+        UpgradeAction::Report(UpgradeEvent::InstallFailed {
             reason: "boom".into(),
             attempts: 3,
             gave_up: true
         })
     );
     let (mut s, _) = UpgradeSession::start(meta, e1, true, 0, 3);
-    s.handle(SessionInput::Blob {
+    s.handle(UpgradeInput::Blob {
         epoch: e1,
         blob: BlobInput::Bytes(b"abc".to_vec()),
     });
-    let out = s.handle(SessionInput::InstallFinished {
+    let out = s.handle(UpgradeInput::InstallFinished {
         epoch: e1,
         result: Ok(()),
     });
-    assert!(out.contains(&SessionAction::WriteReady(UpgradeReady {
+    assert!(out.contains(&UpgradeAction::WriteReady(UpgradeReady {
         package_id: Hash32([1; 32]),
         version: V11
     })));

@@ -2,7 +2,7 @@
 //! ([`plan`]), and the pipeline of one package ([`UpgradeSession`]: fetch -> verify ->
 //! install -> `UpgradeReady`), fed the artifact (or its absence) and the install step's
 //! result, each with the [`MaintenanceEpoch`] observed at that moment, and answering with
-//! [`SessionAction`]s. The running node's driver (`tend_node::upgrade::apply`) does the
+//! [`UpgradeAction`]s. The running node's driver (`tend_node::upgrade::apply`) does the
 //! I/O; the simulator takes its decisions from [`plan`] too.
 
 use std::collections::BTreeMap;
@@ -85,7 +85,7 @@ pub enum BlobInput {
 
 /// An input to an [`UpgradeSession`], with the epoch the driver observed when it made it.
 #[derive(Clone, PartialEq, Eq, Debug)]
-pub enum SessionInput {
+pub enum UpgradeInput {
     Blob {
         epoch: MaintenanceEpoch,
         blob: BlobInput,
@@ -98,13 +98,13 @@ pub enum SessionInput {
 
 /// An effect the driver carries out for an [`UpgradeSession`].
 #[derive(Clone, PartialEq, Eq, Debug)]
-pub enum SessionAction {
-    /// Read the artifact's blob and feed it back as [`SessionInput::Blob`].
+pub enum UpgradeAction {
+    /// Read the artifact's blob and feed it back as [`UpgradeInput::Blob`].
     FetchBlob {
         cid: ContentId,
     },
     /// Write the verified artifact to a file and run the install step with its path; feed
-    /// the result back as [`SessionInput::InstallFinished`].
+    /// the result back as [`UpgradeInput::InstallFinished`].
     Install {
         package: UpgradeMetadata,
         artifact: Vec<u8>,
@@ -149,7 +149,7 @@ impl UpgradeSession {
         install: bool,
         attempts: u32,
         max_attempts: u32,
-    ) -> (Self, Vec<SessionAction>) {
+    ) -> (Self, Vec<UpgradeAction>) {
         let cid = artifact_cid(&package.artifact_hash);
         let s = Self {
             package,
@@ -159,7 +159,7 @@ impl UpgradeSession {
             max_attempts,
             stage: Stage::Fetching,
         };
-        (s, vec![SessionAction::FetchBlob { cid }])
+        (s, vec![UpgradeAction::FetchBlob { cid }])
     }
 
     /// The package this session is about.
@@ -177,47 +177,47 @@ impl UpgradeSession {
         self.stage == Stage::Aborted
     }
 
-    fn epoch_guard(&mut self, now: MaintenanceEpoch, out: &mut Vec<SessionAction>) -> bool {
+    fn epoch_guard(&mut self, now: MaintenanceEpoch, out: &mut Vec<UpgradeAction>) -> bool {
         if now.identity_epoch == self.epoch.identity_epoch {
             return true;
         }
         self.stage = Stage::Aborted;
-        out.push(SessionAction::Report(UpgradeEvent::Aborted {
+        out.push(UpgradeAction::Report(UpgradeEvent::Aborted {
             from: self.epoch.identity_epoch,
             to: now.identity_epoch,
         }));
         false
     }
 
-    fn ready(&mut self, out: &mut Vec<SessionAction>) {
-        out.push(SessionAction::WriteReady(UpgradeReady {
+    fn ready(&mut self, out: &mut Vec<UpgradeAction>) {
+        out.push(UpgradeAction::WriteReady(UpgradeReady {
             package_id: self.package.package_id,
             version: self.package.version,
         }));
-        out.push(SessionAction::Report(UpgradeEvent::Ready));
+        out.push(UpgradeAction::Report(UpgradeEvent::Ready));
         self.stage = Stage::Done;
     }
 
     /// Feeds one input in; inputs that do not fit the current stage are ignored.
-    pub fn handle(&mut self, input: SessionInput) -> Vec<SessionAction> {
+    pub fn handle(&mut self, input: UpgradeInput) -> Vec<UpgradeAction> {
         let mut out = Vec::new();
         match (self.stage, input) {
-            (Stage::Fetching, SessionInput::Blob { epoch, blob }) => {
+            (Stage::Fetching, UpgradeInput::Blob { epoch, blob }) => {
                 if !self.epoch_guard(epoch, &mut out) {
                     return out;
                 }
                 let refuse = |reason: String| {
                     vec![
-                        SessionAction::Record(LocalStatus::Refused {
+                        UpgradeAction::Record(LocalStatus::Refused {
                             reason: reason.clone(),
                         }),
-                        SessionAction::Report(UpgradeEvent::Refused { reason }),
+                        UpgradeAction::Report(UpgradeEvent::Refused { reason }),
                     ]
                 };
                 let bytes = match blob {
                     BlobInput::Missing => {
                         self.stage = Stage::Done;
-                        out.push(SessionAction::Report(UpgradeEvent::BlobMissing));
+                        out.push(UpgradeAction::Report(UpgradeEvent::BlobMissing));
                         return out;
                     }
                     BlobInput::Unreadable(e) => {
@@ -242,10 +242,10 @@ impl UpgradeSession {
                         self.package.artifact_size
                     ));
                 }
-                out.push(SessionAction::Report(UpgradeEvent::Verified));
+                out.push(UpgradeAction::Report(UpgradeEvent::Verified));
                 if self.install {
                     self.stage = Stage::Installing;
-                    out.push(SessionAction::Install {
+                    out.push(UpgradeAction::Install {
                         package: self.package.clone(),
                         artifact: bytes,
                     });
@@ -253,15 +253,15 @@ impl UpgradeSession {
                     self.ready(&mut out);
                 }
             }
-            (Stage::Installing, SessionInput::InstallFinished { epoch, result }) => {
+            (Stage::Installing, UpgradeInput::InstallFinished { epoch, result }) => {
                 match result {
                     Ok(()) => {
                         // Recorded before the epoch check: a retry under a new epoch then
                         // skips the install it already did and only writes readiness.
-                        out.push(SessionAction::Record(LocalStatus::Installed {
+                        out.push(UpgradeAction::Record(LocalStatus::Installed {
                             version: self.package.version,
                         }));
-                        out.push(SessionAction::Report(UpgradeEvent::Installed));
+                        out.push(UpgradeAction::Report(UpgradeEvent::Installed));
                         if self.epoch_guard(epoch, &mut out) {
                             self.ready(&mut out);
                         }
@@ -269,11 +269,11 @@ impl UpgradeSession {
                     Err(reason) => {
                         let attempts = self.attempts.saturating_add(1);
                         self.stage = Stage::Done;
-                        out.push(SessionAction::Record(LocalStatus::Failed {
+                        out.push(UpgradeAction::Record(LocalStatus::Failed {
                             reason: reason.clone(),
                             attempts,
                         }));
-                        out.push(SessionAction::Report(UpgradeEvent::InstallFailed {
+                        out.push(UpgradeAction::Report(UpgradeEvent::InstallFailed {
                             reason,
                             attempts,
                             gave_up: attempts >= self.max_attempts,
@@ -302,7 +302,7 @@ pub struct PlanConfig {
 /// What the pipeline does about one package.
 #[derive(Clone, Debug)]
 pub enum Decision {
-    Start(UpgradeSession, Vec<SessionAction>),
+    Start(UpgradeSession, Vec<UpgradeAction>),
     Skip(Skip),
 }
 

@@ -17,7 +17,7 @@ use tend_core::{
 };
 use tend_crypto::DkgSession;
 use tend_snapshot::{
-    CeremonyEvent, CeremonyInput, CeremonyOutput, Recipient, SignerKey, SnapshotEngine,
+    CeremonyAction, CeremonyEvent, CeremonyInput, Recipient, SignerKey, SnapshotEngine,
 };
 use tend_sync::{
     AbortReason, FenceStatus, LocalView, ManagerAction, ManagerConfig, ManagerError, PeerConfig,
@@ -27,7 +27,7 @@ use tend_sync::{
 
 use crate::device::{Core, Key, Settled};
 use tend_replica::upgrade::{
-    artifact_cid, plan, BlobInput, Decision, PlanConfig, SessionAction, SessionInput,
+    artifact_cid, plan, BlobInput, Decision, PlanConfig, UpgradeAction, UpgradeInput,
     UpgradeSession, DEFAULT_MAX_ATTEMPTS,
 };
 use tend_replica::Admission;
@@ -867,12 +867,12 @@ impl Sim {
         if !self.devices[d].online {
             return;
         }
-        let now_ms = self.clock(d).as_millis() as u64;
+        let now = self.clock(d);
         let dev = &mut self.devices[d];
         let Some(engine) = dev.engine.as_mut() else {
             return;
         };
-        let outputs = engine.handle(now_ms, &dev.core, input, &mut self.rng);
+        let outputs = engine.handle(now, &dev.core, input, &mut self.rng);
         // A signer's votes (one digest per target epoch, the engine's fix for seed 1447,
         // where a member signed two snapshots at one epoch and devices that pruned for
         // the one the reducer did not pick lost facts) are persisted before anything it
@@ -883,7 +883,7 @@ impl Sim {
         let inc = dev.inc;
         for o in outputs {
             match o {
-                CeremonyOutput::Send { to, message } => {
+                CeremonyAction::Send { to, message } => {
                     let bytes = message.to_bytes();
                     let targets: Vec<usize> = match to {
                         Recipient::All => {
@@ -912,16 +912,16 @@ impl Sim {
                         });
                     }
                 }
-                CeremonyOutput::WriteFact(f) => {
+                CeremonyAction::WriteFact(f) => {
                     self.devices[d].core.write_unsigned(f);
                 }
-                CeremonyOutput::StoreBlob { cid, bytes } => {
+                CeremonyAction::StoreBlob { cid, bytes } => {
                     self.devices[d].core.durable.blobs.insert(cid, bytes);
                 }
-                CeremonyOutput::Event(CeremonyEvent::Completed(_)) => {
+                CeremonyAction::Event(CeremonyEvent::Completed(_)) => {
                     self.stats.snapshots_completed += 1;
                 }
-                CeremonyOutput::Event(_) => {}
+                CeremonyAction::Event(_) => {}
             }
         }
         self.after(d);
@@ -1717,17 +1717,17 @@ impl Sim {
     fn drive_upgrade(&mut self, d: usize, mut session: UpgradeSession) -> Option<bool> {
         let epoch = |sim: &Self| sim.devices[d].core.state.maintenance_epoch();
         let mut crash_after = false;
-        let mut actions: VecDeque<SessionAction> = [SessionAction::FetchBlob {
+        let mut actions: VecDeque<UpgradeAction> = [UpgradeAction::FetchBlob {
             cid: artifact_cid(&session.package().artifact_hash),
         }]
         .into();
         while let Some(action) = actions.pop_front() {
             let input = match action {
-                SessionAction::FetchBlob { .. } => SessionInput::Blob {
+                UpgradeAction::FetchBlob { .. } => UpgradeInput::Blob {
                     epoch: epoch(self),
                     blob: BlobInput::Bytes(artifact_of(&session.package().package_id)),
                 },
-                SessionAction::Install { package, .. } => {
+                UpgradeAction::Install { package, .. } => {
                     let crash = !self.healing
                         && self.cfg.install_crash > 0.0
                         && self.rng.gen_bool(self.cfg.install_crash);
@@ -1739,12 +1739,12 @@ impl Sim {
                     crash_after |= crash;
                     let core = &mut self.devices[d].core;
                     core.durable.version = core.durable.version.max(package.version);
-                    SessionInput::InstallFinished {
+                    UpgradeInput::InstallFinished {
                         epoch: epoch(self),
                         result: Ok(()),
                     }
                 }
-                SessionAction::Record(status) => {
+                UpgradeAction::Record(status) => {
                     let id = session.package().package_id;
                     self.devices[d]
                         .core
@@ -1753,7 +1753,7 @@ impl Sim {
                         .insert(id, status);
                     continue;
                 }
-                SessionAction::WriteReady(ready) => {
+                UpgradeAction::WriteReady(ready) => {
                     let core = &mut self.devices[d].core;
                     let at = core
                         .state
@@ -1765,7 +1765,7 @@ impl Sim {
                     );
                     continue;
                 }
-                SessionAction::Report(_) => continue,
+                UpgradeAction::Report(_) => continue,
             };
             actions.extend(session.handle(input));
         }
@@ -1891,7 +1891,7 @@ impl Device {
         let mut rng = StdRng::seed_from_u64(0);
         for k in self.core.durable.keys.values() {
             e.handle(
-                0,
+                Duration::ZERO,
                 &self.core,
                 CeremonyInput::InstallKey(k.clone()),
                 &mut rng,

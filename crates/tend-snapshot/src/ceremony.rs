@@ -44,7 +44,7 @@ pub trait LocalJournal {
     /// The digest of the prefix `{ f : f.epoch < upto }`.
     fn prefix_digest(&self, upto: Epoch) -> Hash32;
     /// Builds the snapshot blob of the prefix below `upto`. A journal kept in memory
-    /// returns the bytes for the caller to store ([`CeremonyOutput::StoreBlob`]); a
+    /// returns the bytes for the caller to store ([`CeremonyAction::StoreBlob`]); a
     /// store-backed one may stream the blob into its store itself, when its CID is `keep`
     /// (a signer keeps the blob it signs, so it never fetches it) or `keep` is `None` (the
     /// proposer), and return no bytes, so a million-fact blob is never held in memory.
@@ -310,7 +310,7 @@ pub enum CeremonyEvent {
 
 /// An effect the caller carries out.
 #[derive(Debug)]
-pub enum CeremonyOutput {
+pub enum CeremonyAction {
     Send {
         to: Recipient,
         message: CeremonyMessage,
@@ -386,7 +386,7 @@ impl std::fmt::Debug for SnapshotEngine {
 /// also a signer), handled within the same call.
 struct Out {
     me: DeviceId,
-    out: Vec<CeremonyOutput>,
+    out: Vec<CeremonyAction>,
     inbox: VecDeque<CeremonyMessage>,
 }
 
@@ -394,15 +394,15 @@ impl Out {
     fn send(&mut self, to: Recipient, message: CeremonyMessage) {
         match to {
             Recipient::Device(d) if d == self.me => self.inbox.push_back(message),
-            Recipient::Device(_) => self.out.push(CeremonyOutput::Send { to, message }),
+            Recipient::Device(_) => self.out.push(CeremonyAction::Send { to, message }),
             Recipient::All => {
                 self.inbox.push_back(message.clone());
-                self.out.push(CeremonyOutput::Send { to, message });
+                self.out.push(CeremonyAction::Send { to, message });
             }
         }
     }
     fn event(&mut self, e: CeremonyEvent) {
-        self.out.push(CeremonyOutput::Event(e));
+        self.out.push(CeremonyAction::Event(e));
     }
 }
 
@@ -446,15 +446,17 @@ impl SnapshotEngine {
         self.coordinating.is_empty() && self.signing.is_empty() && self.retries.is_empty()
     }
 
-    /// Feeds one input. `now_ms` is the caller's monotonic clock; `local` is the device's
-    /// journal as of now; `rng` supplies FROST nonces.
+    /// Feeds one input. `now` is the caller's monotonic clock (the same time type as
+    /// tend-sync's state machines take; timeouts travel in milliseconds on the wire);
+    /// `local` is the device's journal as of now; `rng` supplies FROST nonces.
     pub fn handle(
         &mut self,
-        now_ms: u64,
+        now: std::time::Duration,
         local: &impl LocalJournal,
         input: CeremonyInput,
         rng: &mut (impl RngCore + CryptoRng),
-    ) -> Vec<CeremonyOutput> {
+    ) -> Vec<CeremonyAction> {
+        let now_ms = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
         let mut out = Out {
             me: self.me,
             out: Vec::new(),
@@ -583,7 +585,7 @@ impl SnapshotEngine {
     ) {
         // Our own signer side of the proposal ends with it.
         self.signing.remove(&proposal_id);
-        out.out.push(CeremonyOutput::Send {
+        out.out.push(CeremonyAction::Send {
             to: Recipient::All,
             message: CeremonyMessage {
                 proposal_id,
@@ -667,12 +669,12 @@ impl SnapshotEngine {
         };
         let fact_epoch = state.current_epoch().max(target_epoch);
         if let Some(bytes) = blob.bytes {
-            out.out.push(CeremonyOutput::StoreBlob {
+            out.out.push(CeremonyAction::StoreBlob {
                 cid: blob_cid,
                 bytes,
             });
         }
-        out.out.push(CeremonyOutput::WriteFact(UnsignedFact {
+        out.out.push(CeremonyAction::WriteFact(UnsignedFact {
             namespace,
             epoch: fact_epoch,
             payload: Payload::Maintenance(MaintenanceFact::SnapshotProposed(proposal.clone())),
@@ -746,7 +748,7 @@ impl SnapshotEngine {
         out: &mut Out,
     ) {
         let namespace = state.namespace;
-        out.out.push(CeremonyOutput::WriteFact(UnsignedFact {
+        out.out.push(CeremonyAction::WriteFact(UnsignedFact {
             namespace,
             epoch: fact_epoch,
             payload: Payload::Maintenance(MaintenanceFact::SnapshotCompleted(completed.clone())),
@@ -757,7 +759,7 @@ impl SnapshotEngine {
             .map(|l| l.snapshot.blob_cid)
             .filter(|cid| *cid != completed.snapshot.blob_cid);
         if let Some(cid) = superseded {
-            out.out.push(CeremonyOutput::WriteFact(UnsignedFact {
+            out.out.push(CeremonyAction::WriteFact(UnsignedFact {
                 namespace,
                 epoch: fact_epoch,
                 payload: Payload::Maintenance(MaintenanceFact::BlobTombstone(
@@ -867,7 +869,7 @@ impl SnapshotEngine {
                 self.votes.insert(target, digest);
                 // Kept, so once the snapshot completes this member holds its blob.
                 if let Some(bytes) = blob.bytes {
-                    out.out.push(CeremonyOutput::StoreBlob {
+                    out.out.push(CeremonyAction::StoreBlob {
                         cid: blob_cid,
                         bytes,
                     });
@@ -1041,7 +1043,7 @@ impl SnapshotEngine {
                     return;
                 };
                 out.out
-                    .push(CeremonyOutput::Event(CeremonyEvent::PeerRefused {
+                    .push(CeremonyAction::Event(CeremonyEvent::PeerRefused {
                         proposal_id: m.proposal_id,
                         from,
                         reason,

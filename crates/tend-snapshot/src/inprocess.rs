@@ -16,7 +16,7 @@ use tend_core::{
 use tend_crypto::{DeviceKey, DkgSession, KeyShare};
 
 use crate::ceremony::{
-    CeremonyEvent, CeremonyInput, CeremonyOutput, JournalView, Recipient, SignerKey, SnapshotEngine,
+    CeremonyAction, CeremonyEvent, CeremonyInput, JournalView, Recipient, SignerKey, SnapshotEngine,
 };
 
 /// Simulated one-way latency of a message, so deadlines are meaningful.
@@ -399,7 +399,7 @@ impl InProcessAuthority {
 
     /// Feeds one input to device `i` and carries out its outputs.
     fn feed(&mut self, i: usize, input: CeremonyInput) {
-        let now = self.now_ms;
+        let now = std::time::Duration::from_millis(self.now_ms);
         let namespace = self.namespace;
         let d = &mut self.devices[i];
         let state = d
@@ -411,7 +411,7 @@ impl InProcessAuthority {
         let me = self.devices[i].key.device_id();
         for o in outputs {
             match o {
-                CeremonyOutput::Send { to, message } => {
+                CeremonyAction::Send { to, message } => {
                     let bytes = message.to_bytes();
                     let targets: Vec<usize> = match to {
                         Recipient::All => (0..self.devices.len()).filter(|j| *j != i).collect(),
@@ -425,14 +425,14 @@ impl InProcessAuthority {
                         });
                     }
                 }
-                CeremonyOutput::WriteFact(f) => {
+                CeremonyAction::WriteFact(f) => {
                     // Facts are signed by the device and always accepted locally.
                     let _ = self.write_fact(i, f);
                 }
-                CeremonyOutput::StoreBlob { cid, bytes } => {
+                CeremonyAction::StoreBlob { cid, bytes } => {
                     self.devices[i].blobs.insert(cid, bytes);
                 }
-                CeremonyOutput::Event(e) => self.events.push((me, e)),
+                CeremonyAction::Event(e) => self.events.push((me, e)),
             }
         }
     }

@@ -11,7 +11,7 @@ pub mod inprocess;
 
 pub use blob::{BlobError, SnapshotBlob, SNAPSHOT_BLOB_VERSION};
 pub use ceremony::{
-    AbortReason, BuiltBlob, CeremonyEvent, CeremonyInput, CeremonyMessage, CeremonyOutput,
+    AbortReason, BuiltBlob, CeremonyAction, CeremonyEvent, CeremonyInput, CeremonyMessage,
     JournalView, LocalJournal, MessageBody, Recipient, Refusal, SignerKey, SnapshotEngine,
 };
 pub use hydrate::{hydrate, Coverage, HydrateError, Hydrated};

@@ -373,7 +373,7 @@ fn ceremony_messages_round_trip_and_carry_proposal_and_epoch() {
     let view = JournalView::new(&journal);
     let mut rng = StdRng::seed_from_u64(0);
     let out = engine.handle(
-        0,
+        std::time::Duration::ZERO,
         &view,
         CeremonyInput::Message {
             from: auth.device_ids()[0],
@@ -383,7 +383,7 @@ fn ceremony_messages_round_trip_and_carry_proposal_and_epoch() {
     );
     assert!(matches!(
         out.as_slice(),
-        [CeremonyOutput::Event(CeremonyEvent::Ignored { .. })]
+        [CeremonyAction::Event(CeremonyEvent::Ignored { .. })]
     ));
     let blob = SnapshotBlob::from_journal(auth.journal(0), e);
     let decoded = SnapshotBlob::decode(&blob.encode()).unwrap();

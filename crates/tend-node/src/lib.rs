@@ -21,6 +21,7 @@ pub mod node;
 pub mod peer_table;
 pub mod reissue;
 pub mod replica;
+mod signal;
 pub mod status;
 pub mod upgrade;
 mod votes;

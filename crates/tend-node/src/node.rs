@@ -959,33 +959,14 @@ pub fn run_blocking(
         .map_err(NodeError::Runtime)?;
     rt.block_on(async move {
         let node = Node::start(device, config).await?;
+        // Listening before the start is announced: a SIGTERM right after it stops the
+        // device cleanly instead of killing it.
+        let stop = crate::signal::stop_requested();
         on_start(&node);
-        wait_for_signal().await;
+        stop.await;
         node.shutdown().await;
         Ok(())
     })
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 impl SessionIndex for Inner {

@@ -148,29 +148,14 @@ pub fn run_blocking(
                 addr: listen,
                 source,
             })?;
+        let stop = crate::signal::stop_requested();
         on_start(addr);
         tokio::select! {
             _ = serve(listener, config) => {}
-            _ = wait_for_signal() => {}
+            _ = stop => {}
         }
         Ok(())
     })
-}
-
-/// SIGINT or SIGTERM.
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -93,6 +93,7 @@ async fn follow(home: &Path, peer: PeerAddr, want: u64) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = start.elapsed();
+    let (rss_held, peak_held) = (rss_mib("VmRSS:"), rss_mib("VmHWM:"));
     // Sessions are counted when they end.
     rounds.await.expect("rounds");
     if verbose {
@@ -101,6 +102,11 @@ async fn follow(home: &Path, peer: PeerAddr, want: u64) {
                 println!("    {line}");
             }
         }
+        // Where the peak falls: before the facts were held (the sessions) or after (the
+        // round's end: blob look-up, which folds the application state).
+        println!(
+            "    RSS when the facts were held {rss_held:.0} MiB, peak by then {peak_held:.0} MiB"
+        );
     }
     let bytes = metric(&node, "tend_sync_bytes_received_total");
     let facts = metric(&node, "tend_facts_received_total");
@@ -112,6 +118,16 @@ async fn follow(home: &Path, peer: PeerAddr, want: u64) {
         peak_rss_mib()
     );
     node.shutdown().await;
+}
+
+/// A memory figure of this process from /proc/self/status (`VmRSS:`, `VmHWM:`), in MiB.
+fn rss_mib(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 /// Runs the follower as a child process of this bench binary.

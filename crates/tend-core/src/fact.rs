@@ -371,7 +371,7 @@ pub struct VerifiedFact {
 
 impl VerifiedFact {
     fn from_parts(fact: Fact, bytes: Vec<u8>) -> Self {
-        let id = FactId(*blake3::hash(&bytes).as_bytes());
+        let id = FactId::of(&bytes);
         Self { fact, id, bytes }
     }
 

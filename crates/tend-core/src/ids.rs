@@ -80,6 +80,13 @@ impl Hash32 {
     }
 }
 
+impl FactId {
+    /// The id of the fact whose canonical encoding is `bytes` (whether or not they decode).
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(Hash32::of(bytes).0)
+    }
+}
+
 impl From<blake3::Hash> for Hash32 {
     fn from(h: blake3::Hash) -> Self {
         Self(*h.as_bytes())

@@ -214,6 +214,10 @@ impl<R: Replica> FactHost for Admission<'_, R> {
         Ok(true)
     }
 
+    fn holds(&self, _namespace: JournalNamespace, id: &FactId) -> bool {
+        self.pending_ids.contains(id) || self.replica.load_fact(id).is_some()
+    }
+
     fn is_authorized(&self, _namespace: JournalNamespace, peer: &DeviceId) -> bool {
         self.state
             .as_ref()

@@ -8,70 +8,35 @@
 
 #[path = "../tests/api_support/mod.rs"]
 mod api_support;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use api_support::Api;
+use common::{start_run, terminate, two_device_authority};
 
 const IDLE_PUTS: usize = 100;
 const LOAD_PER_SEC: u64 = 200;
 
-fn tend(home: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_tend"))
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .env_remove("TEND_HOME")
-        .output()
-        .expect("the tend binary runs");
-    assert!(
-        out.status.success(),
-        "tend {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// `tend --json run ARGS` with the HTTP API on; its start line.
-fn run(home: &Path, args: &[&str]) -> (Child, serde_json::Value) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tend"))
-        .arg("--home")
-        .arg(home)
-        .args([
-            "--json",
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-        ])
-        .args(["--sync-interval", "60"])
-        .args(args)
-        .env_remove("TEND_HOME")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tend run starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("start line");
-    (
-        child,
-        serde_json::from_str(&line).expect("a JSON start line"),
-    )
-}
-
-fn stop(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
+/// `tend run` with the HTTP API on and sync rounds a minute apart (only pushed rounds
+/// carry the writes); the process, its API and its start line.
+fn run(home: &std::path::Path, extra: &[&str]) -> (Child, Api, serde_json::Value) {
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--api",
+        "127.0.0.1:0",
+        "--sync-interval",
+        "60",
+    ];
+    args.extend_from_slice(extra);
+    let (child, info) = start_run(home, &args);
+    let api = Api::of(home, &info);
+    (child, api, info)
 }
 
 /// Two devices of one 2-of-2 authority, running: A pushes to B, B serves the feed.
@@ -83,29 +48,14 @@ struct Pair {
 
 fn pair() -> Pair {
     let dir = tempfile::tempdir().expect("a temp dir");
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    tend(&a, &["init"]);
-    tend(&b, &["init"]);
-    let member = b.to_str().expect("a UTF-8 temp path");
-    tend(
-        &a,
-        &[
-            "authority",
-            "create",
-            "--threshold",
-            "2",
-            "--member-home",
-            member,
-        ],
-    );
-    let (run_b, info_b) = run(&b, &[]);
+    let (a, b) = two_device_authority(dir.path());
+    let (run_b, api_b, info_b) = run(&b, &[]);
     let peer = format!(
         "{}@{}",
         info_b["device_id"].as_str().expect("device_id"),
         info_b["listen_addr"].as_str().expect("listen_addr")
     );
-    let (run_a, info_a) = run(&a, &["--peer", &peer]);
-    let (api_a, api_b) = (Api::of(&a, &info_a), Api::of(&b, &info_b));
+    let (run_a, api_a, _) = run(&a, &["--peer", &peer]);
     Pair {
         _dir: dir,
         a: (run_a, api_a),
@@ -187,6 +137,6 @@ fn main() {
         (seconds * LOAD_PER_SEC) as usize,
         Duration::from_micros(1_000_000 / LOAD_PER_SEC),
     );
-    stop(p.a.0);
-    stop(p.b.0);
+    terminate(p.a.0);
+    terminate(p.b.0);
 }

@@ -28,13 +28,12 @@ fn finished(actions: &[Action]) -> Option<SessionResult> {
     })
 }
 
-#[test]
-fn garbage_mid_session_fails_it_as_misbehaviour() {
-    let mut sim = Sim::new(2, 1, ManagerConfig::default());
-    sim.author(0, 50, 1);
+/// Device 0 of `sim` opens a session to device 1, which accepts it admitting through
+/// `host`: the initiator, the responder and the responder's first actions.
+fn opened(sim: &Sim, host: &mut dyn tend_sync::FactHost) -> (Session, Session, Vec<Action>) {
     let (a, b) = (&sim.devices[0], &sim.devices[1]);
     let now = Duration::ZERO;
-    let (mut ini, out) = Session::initiate(
+    let (ini, out) = Session::initiate(
         now,
         b.id,
         a.local_view(),
@@ -43,17 +42,26 @@ fn garbage_mid_session_fails_it_as_misbehaviour() {
     )
     .unwrap();
     let hello = sent(&out).remove(0);
-    let mut store_b = MemStore::new(&genesis(&[key(1), key(2)]));
-    let (mut res, out) = Session::accept(
+    let (res, out) = Session::accept(
         now,
         a.id,
         &hello,
         b.local_view(),
         b.store.items(),
         SessionConfig::default(),
-        &mut store_b,
+        host,
     )
     .unwrap();
+    (ini, res, out)
+}
+
+#[test]
+fn garbage_mid_session_fails_it_as_misbehaviour() {
+    let mut sim = Sim::new(2, 1, ManagerConfig::default());
+    sim.author(0, 50, 1);
+    let now = Duration::ZERO;
+    let mut store_b = MemStore::new(&genesis(&[key(1), key(2)]));
+    let (mut ini, mut res, out) = opened(&sim, &mut store_b);
     assert!(finished(&out).is_none());
     // The responder gets junk instead of the next message.
     let out = res.handle(now, b"\xff\x00junk", &mut store_b, None);
@@ -74,7 +82,7 @@ fn garbage_mid_session_fails_it_as_misbehaviour() {
         )))
     ));
     // A finished session ignores whatever comes later.
-    assert!(ini.handle(now, &hello, &mut store_a, None).is_empty());
+    assert!(ini.handle(now, b"\xff\x00later", &mut store_a, None).is_empty());
 }
 
 #[test]
@@ -243,17 +251,7 @@ fn a_fact_already_held_is_a_duplicate_without_a_second_check() {
     use tend_sync::FactHost;
     let mut sim = Sim::new(2, 1, ManagerConfig::default());
     sim.author(0, 5, 1);
-    let (a, b) = (&sim.devices[0], &sim.devices[1]);
     let now = Duration::ZERO;
-    let (_ini, out) = Session::initiate(
-        now,
-        b.id,
-        a.local_view(),
-        a.store.items(),
-        SessionConfig::default(),
-    )
-    .unwrap();
-    let hello = sent(&out).remove(0);
     let mut store_b = MemStore::new(&genesis(&[key(1), key(2)]));
     let junk = b"\xffnot a fact".to_vec();
     let mut host = Holding {
@@ -261,16 +259,7 @@ fn a_fact_already_held_is_a_duplicate_without_a_second_check() {
         held: tend_core::FactId::of(&junk),
     };
     assert!(host.holds(sim.namespace(), &tend_core::FactId::of(&junk)));
-    let (mut res, out) = Session::accept(
-        now,
-        a.id,
-        &hello,
-        b.local_view(),
-        b.store.items(),
-        SessionConfig::default(),
-        &mut host,
-    )
-    .unwrap();
+    let (_ini, mut res, out) = opened(&sim, &mut host);
     assert!(finished(&out).is_none());
     let facts = SyncMessage::Facts(vec![junk.clone(); 3]).encode();
     let out = res.handle(now, &facts, &mut host, None);

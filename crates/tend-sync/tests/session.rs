@@ -82,7 +82,9 @@ fn garbage_mid_session_fails_it_as_misbehaviour() {
         )))
     ));
     // A finished session ignores whatever comes later.
-    assert!(ini.handle(now, b"\xff\x00later", &mut store_a, None).is_empty());
+    assert!(ini
+        .handle(now, b"\xff\x00later", &mut store_a, None)
+        .is_empty());
 }
 
 #[test]

@@ -241,13 +241,14 @@ async fn a_device_below_the_fence_is_refused_with_a_reason_until_it_upgrades() {
 
     // a reaches c (which accepts: it had not seen the fork); c learns of the activation in
     // that session, ends it at once with the reason (a fence binds mid-session too), and
-    // now refuses sessions itself.
+    // now refuses sessions itself. (A round of b's, or a's own, can reach c first once it
+    // is unblocked: then c already refuses this session at its start, for the fence.)
     c.unblock_peer(&a.device_id());
     c.unblock_peer(&b.device_id());
     let pushed = a.sync_with(c.peer_addr()).await;
     assert!(
         pushed.ok
-            || pushed.result.contains("aborted by peer")
+            || (pushed.result.contains("aborted by peer") || pushed.result.contains("refused"))
                 && pushed.result.contains("activation fence"),
         "{}",
         pushed.result

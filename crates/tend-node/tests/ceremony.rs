@@ -150,6 +150,11 @@ async fn an_identity_epoch_advance_mid_ceremony_aborts_and_the_retry_completes()
     })
     .await;
     let first = a.open_ceremonies()[0];
+    // The sign requests go out on tasks of their own, which check the block when they run:
+    // unblocked before they ran, b would get the first proposal's request and sign it
+    // before the re-deal (seen under load). They run within milliseconds; a second covers
+    // a busy machine.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     a.unblock_peer(&b.device_id());
     b.unblock_peer(&a.device_id());
     // The admin re-deals the key among a and b: identity epoch 2, mid-ceremony.

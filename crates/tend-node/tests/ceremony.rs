@@ -145,7 +145,8 @@ async fn an_identity_epoch_advance_mid_ceremony_aborts_and_the_retry_completes()
             .propose_snapshot(None, Duration::from_secs(20))
             .await
     });
-    wait_until("the first proposal", Duration::from_secs(5), || {
+    // The proposer syncs first, and c is gone: its connect attempt can take seconds.
+    wait_until("the first proposal", Duration::from_secs(15), || {
         !a.open_ceremonies().is_empty()
     })
     .await;

@@ -158,16 +158,20 @@ pub fn settle<R: Replica>(
                 return;
             }
             // Below an unsettled base, what this device's own state supersedes or trims is
-            // not written again (a new copy would bring the old value back); a delete or a
-            // trim is, as a new copy of either is harmless.
+            // not written again (a new copy would bring the old value back); everything
+            // else is (a delete or a trim changes nothing twice, and nothing supersedes an
+            // application fact).
             let (covered, wanted) = if key.0 >= base {
                 (blob.items.binary_search(&key).is_ok(), true)
             } else {
-                let removes = matches!(
+                let supersedable = matches!(
                     fact.payload(),
-                    Payload::Data(DataOp::Delete(_) | DataOp::Trim(_))
+                    Payload::Data(DataOp::Put(_) | DataOp::CachePut(_) | DataOp::Append(_))
                 );
-                (carried(&key), removes || live_below_base.contains(&key))
+                (
+                    carried(&key),
+                    !supersedable || live_below_base.contains(&key),
+                )
             };
             if covered {
                 return;

@@ -185,3 +185,13 @@ fn regression_seed_42_a_device_that_skipped_a_snapshot_reissues_below_its_base()
     let report = Sim::new(s.config(42, STEPS)).run();
     assert!(report.violations.is_empty(), "{:#?}", report.violations);
 }
+
+/// Seed 20037: below a snapshot the device skipped, an application fact of its own (which
+/// no write supersedes) was dropped and not re-issued, as only live facts, deletes and
+/// trims were.
+#[test]
+fn regression_seed_20037_a_skipped_snapshot_reissues_application_facts_below_its_base() {
+    let s = find("crash-during-install").expect("scenario");
+    let report = Sim::new(s.config(20037, STEPS)).run();
+    assert!(report.violations.is_empty(), "{:#?}", report.violations);
+}

@@ -1,5 +1,10 @@
 //! Reconciliation benchmark: two in-memory item sets of n items differing by d, the
 //! difference clustered in the newest epochs or scattered at random, in either direction.
+//! The *recent* layouts put all n items in one epoch, written by `TEND_BENCH_DEVICES`
+//! devices (default 3) in turn, and the d missing items are recent writes of one device:
+//! scattered by id among everything, since a fact carries no time. `recent-id` keys items
+//! by `(epoch, id)` as sessions do; `recent-auth` keys them by `(epoch, author, id)`, the
+//! only finer clustering derivable from a signed fact, to measure what it would buy.
 //!
 //! Prints a table: negentropy round trips, bytes on the wire (whole sync messages: Hello,
 //! Accept, Reconcile, Want, Facts with d facts of 200 bytes, Done), the lower bound (the
@@ -30,6 +35,21 @@ const PER_EPOCH: usize = 1000;
 enum Layout {
     Clustered,
     Scattered,
+    /// One epoch, d recent writes of one device, items keyed by `(epoch, id)`.
+    RecentById,
+    /// The same, items keyed by `(epoch, author, id)`.
+    RecentByAuthor,
+}
+
+impl Layout {
+    fn name(self) -> &'static str {
+        match self {
+            Layout::Clustered => "clustered",
+            Layout::Scattered => "scattered",
+            Layout::RecentById => "recent-id",
+            Layout::RecentByAuthor => "recent-auth",
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -64,9 +84,41 @@ fn all_items(n: usize, rng: &mut StdRng) -> Vec<SyncItem> {
     v
 }
 
+/// One epoch of n items written by `devices` devices in turn, sorted by the layout's key,
+/// with device 0's d missing writes marked: the item set and the mask that goes with it.
+fn one_epoch(
+    n: usize,
+    d: usize,
+    devices: usize,
+    layout: Layout,
+    rng: &mut StdRng,
+) -> (Vec<SyncItem>, Vec<bool>) {
+    let own: Vec<usize> = (0..n).filter(|i| i % devices == 0).collect();
+    let mut miss = vec![false; n];
+    for k in rand::seq::index::sample(rng, own.len(), d.min(own.len())) {
+        miss[own[k]] = true;
+    }
+    let mut keyed: Vec<(SyncItem, bool)> = (0..n)
+        .map(|i| {
+            let author = match layout {
+                Layout::RecentByAuthor => (i % devices) as u64,
+                _ => 0,
+            };
+            let item = SyncItem {
+                epoch: Epoch(1 + author),
+                id: FactId(rng.gen()),
+            };
+            (item, miss[i])
+        })
+        .collect();
+    keyed.sort_unstable_by_key(|(item, _)| *item);
+    keyed.into_iter().unzip()
+}
+
 fn missing(n: usize, d: usize, layout: Layout, rng: &mut StdRng) -> Vec<bool> {
     let mut m = vec![false; n];
     match layout {
+        Layout::RecentById | Layout::RecentByAuthor => unreachable!("one_epoch marks these"),
         Layout::Clustered => m[n - d..].iter_mut().for_each(|x| *x = true),
         Layout::Scattered => {
             for i in rand::seq::index::sample(rng, n, d) {
@@ -223,14 +275,19 @@ fn main() {
     {
         cfg.frame_size_limit = f;
     }
+    let devices: usize = std::env::var("TEND_BENCH_DEVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     let mut rng = StdRng::seed_from_u64(7);
     let full = all_items(n, &mut rng);
     println!(
-        "n = {n}, {PER_EPOCH} items per epoch, frame size limit {} bytes, facts counted as {FACT_BYTES} bytes",
+        "n = {n}, {PER_EPOCH} items per epoch ({devices} devices, one epoch in the recent layouts), frame size limit {} bytes, facts counted as {FACT_BYTES} bytes",
         cfg.frame_size_limit
     );
     println!(
-        "{:<10} {:<5} {:>7} {:>6} {:>11} {:>11} {:>11} {:>7} {:>10} {:>10}",
+        "{:<11} {:<5} {:>7} {:>6} {:>11} {:>11} {:>11} {:>7} {:>10} {:>10}",
         "layout",
         "dir",
         "d",
@@ -242,14 +299,30 @@ fn main() {
         "init ms",
         "resp ms"
     );
-    for layout in [Layout::Clustered, Layout::Scattered] {
+    for layout in [
+        Layout::Clustered,
+        Layout::Scattered,
+        Layout::RecentById,
+        Layout::RecentByAuthor,
+    ] {
         for dir in [Direction::Push, Direction::Pull] {
             for d in [0usize, 1, 1_000, 100_000] {
                 if d > n {
                     continue;
                 }
-                let miss = missing(n, d, layout, &mut rng);
-                let row = run(&full, &miss, dir, &cfg);
+                let row = match layout {
+                    Layout::RecentById | Layout::RecentByAuthor => {
+                        if d > n / devices {
+                            continue;
+                        }
+                        let (items, miss) = one_epoch(n, d, devices, layout, &mut rng);
+                        run(&items, &miss, dir, &cfg)
+                    }
+                    _ => {
+                        let miss = missing(n, d, layout, &mut rng);
+                        run(&full, &miss, dir, &cfg)
+                    }
+                };
                 assert_eq!(row.found, d, "reconciliation found the difference");
                 let lower = d * FACT_BYTES;
                 let ratio = if d == 0 {
@@ -258,11 +331,8 @@ fn main() {
                     format!("{:.3}", row.wire_bytes as f64 / lower as f64)
                 };
                 println!(
-                    "{:<10} {:<5} {:>7} {:>6} {:>11} {:>11} {:>11} {:>7} {:>10.1} {:>10.1}",
-                    match layout {
-                        Layout::Clustered => "clustered",
-                        Layout::Scattered => "scattered",
-                    },
+                    "{:<11} {:<5} {:>7} {:>6} {:>11} {:>11} {:>11} {:>7} {:>10.1} {:>10.1}",
+                    layout.name(),
                     match dir {
                         Direction::Push => "push",
                         Direction::Pull => "pull",

@@ -64,6 +64,10 @@ mod tag {
     pub const CERTIFIED_ADMIN_REPLACEMENT: u64 = 25;
     pub const UPGRADE_WIDENED: u64 = 26;
     pub const UPGRADE_ACTIVATED_WHEN_READY: u64 = 27;
+    pub const VAULT_EPOCH_KEY: u64 = 28;
+    pub const VAULT_REKEY: u64 = 29;
+    pub const STORAGE_GRANT: u64 = 30;
+    pub const VAULT_COPY: u64 = 31;
     pub const AUTHORITY_GENESIS: u64 = 32;
     pub const MEMBERSHIP_CHANGED: u64 = 33;
 }
@@ -107,6 +111,10 @@ impl Payload {
                 M::UpgradeActivatedWhenReady(x) => {
                     (tag::UPGRADE_ACTIVATED_WHEN_READY, to_canonical(x))
                 }
+                M::VaultEpochKey(x) => (tag::VAULT_EPOCH_KEY, to_canonical(x)),
+                M::VaultRekey(x) => (tag::VAULT_REKEY, to_canonical(x)),
+                M::StorageGrant(x) => (tag::STORAGE_GRANT, to_canonical(x)),
+                M::VaultCopy(x) => (tag::VAULT_COPY, to_canonical(x)),
             },
         }
     }
@@ -144,6 +152,10 @@ impl Payload {
             tag::UPGRADE_ACTIVATED_WHEN_READY => {
                 m(M::UpgradeActivatedWhenReady(from_canonical(body)?))
             }
+            tag::VAULT_EPOCH_KEY => m(M::VaultEpochKey(from_canonical(body)?)),
+            tag::VAULT_REKEY => m(M::VaultRekey(from_canonical(body)?)),
+            tag::STORAGE_GRANT => m(M::StorageGrant(from_canonical(body)?)),
+            tag::VAULT_COPY => m(M::VaultCopy(from_canonical(body)?)),
             tag::AUTHORITY_GENESIS => {
                 Payload::Authority(AuthorityFact::Genesis(from_canonical::<AuthorityGenesis>(
                     body,
@@ -204,6 +216,10 @@ impl Payload {
                 M::CertifiedAdminReplacement(_) => "admin-replacement-certified",
                 M::UpgradeWidened(_) => "upgrade-widened",
                 M::UpgradeActivatedWhenReady(_) => "upgrade-activated-when-ready",
+                M::VaultEpochKey(_) => "vault-epoch-key",
+                M::VaultRekey(_) => "vault-rekey",
+                M::StorageGrant(_) => "storage-grant",
+                M::VaultCopy(_) => "vault-copy",
             }
             .into(),
         }

@@ -16,6 +16,7 @@ pub mod journal;
 pub mod maintenance;
 pub mod reduce;
 pub mod upgrade;
+pub mod vault;
 
 pub use app::{AppState, DataOp};
 pub use authority::{AuthorityFact, AuthorityGenesis, GroupKey, MembershipChange};

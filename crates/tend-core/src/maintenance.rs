@@ -238,6 +238,11 @@ pub enum MaintenanceFact {
     CertifiedAdminReplacement(CertifiedAdminReplacement),
     UpgradeWidened(UpgradeWidened),
     UpgradeActivatedWhenReady(UpgradeActivatedWhenReady),
+    /// The vault kinds (`crate::vault`, docs/ARCHITECTURE.md section 14).
+    VaultEpochKey(crate::vault::VaultEpochKey),
+    VaultRekey(crate::vault::VaultRekey),
+    StorageGrant(crate::vault::StorageGrant),
+    VaultCopy(crate::vault::VaultCopy),
 }
 
 impl MaintenanceFact {
@@ -250,6 +255,9 @@ impl MaintenanceFact {
                 | Self::AdminReplacement(_)
                 | Self::UpgradeWidened(_)
                 | Self::UpgradeActivatedWhenReady(_)
+                | Self::VaultEpochKey(_)
+                | Self::VaultRekey(_)
+                | Self::StorageGrant(_)
         )
     }
 }

@@ -118,6 +118,8 @@ pub struct MaintenanceState {
     pub tombstones: BTreeMap<ContentId, Epoch>,
     /// Facts kept as evidence but ignored by reduction (e.g. a retired admin's operations).
     pub ignored: BTreeSet<FactId>,
+    /// Epoch keys, re-encryption fragments, storage grants, encrypted copies.
+    pub vault: crate::vault::VaultState,
     max_fact_epoch: Epoch,
 }
 
@@ -151,6 +153,7 @@ impl MaintenanceState {
             device_metadata: BTreeMap::new(),
             tombstones: BTreeMap::new(),
             ignored: BTreeSet::new(),
+            vault: Default::default(),
             max_fact_epoch: Epoch::ZERO,
         }
     }
@@ -305,6 +308,21 @@ impl MaintenanceState {
                 let e = self.tombstones.entry(t.cid).or_insert(epoch);
                 *e = (*e).min(epoch);
             }
+            // Admin-only (checked above); bound to the identity epoch governing the fact.
+            MaintenanceFact::VaultEpochKey(k) => {
+                let at = crate::vault::identity_epoch_at(self, epoch);
+                if !self.vault.apply_epoch_key(k, at) {
+                    self.ignored.insert(f.id());
+                }
+            }
+            MaintenanceFact::VaultRekey(r) => {
+                let at = crate::vault::identity_epoch_at(self, epoch);
+                if !self.vault.apply_rekey(r, at) {
+                    self.ignored.insert(f.id());
+                }
+            }
+            MaintenanceFact::StorageGrant(g) => self.vault.apply_grant(g),
+            MaintenanceFact::VaultCopy(c) => self.vault.apply_copy(c),
         }
     }
 
@@ -380,6 +398,7 @@ impl MaintenanceState {
             (memberships, self.initial_admin, replacements, snapshot),
             (proposals, cache, upgrades, devices),
             (tombstones, ignored, self.max_fact_epoch),
+            self.vault.digest_body(),
         ));
         let mut h = blake3::Hasher::new();
         h.update(b"tend-maintenance-state-v1");

@@ -271,3 +271,39 @@ pub fn open_key_ring(
     plain.zeroize();
     ring
 }
+
+/// The age X25519 identity of a device, derived from its Ed25519 device key by the standard
+/// birational map (the clamped Ed25519 secret scalar is the X25519 secret, as libsodium's
+/// `crypto_sign_ed25519_sk_to_curve25519` and age's own `ssh-ed25519` recipients do). So the
+/// admin seals a key ring to a device it only knows by its id, even one that joins at this
+/// very membership change and could not yet publish anything. Using one key for Ed25519
+/// signatures and X25519 key agreement is analysed by Thormarker ("On using the same key
+/// pair for Ed25519 and an X25519 based KEM", 2021).
+pub fn device_age_identity(device_key: &ed25519_dalek::SigningKey) -> age::x25519::Identity {
+    let mut scalar = device_key.to_scalar_bytes();
+    let encoded = bech32::encode::<bech32::Bech32>(AGE_SECRET_HRP, &scalar);
+    scalar.zeroize();
+    let mut encoded = encoded
+        .expect("32 bytes fit a Bech32 string")
+        .to_uppercase();
+    let identity = encoded
+        .parse::<age::x25519::Identity>()
+        .expect("a Bech32 X25519 secret age just accepts");
+    encoded.zeroize();
+    identity
+}
+
+/// The age X25519 recipient of device `device` (its Ed25519 public key, 32 bytes): the
+/// Montgomery form of the point. Refuses bytes that are not an Ed25519 point.
+pub fn device_age_recipient(device: &[u8; 32]) -> Result<age::x25519::Recipient, VaultError> {
+    let key = ed25519_dalek::VerifyingKey::from_bytes(device)
+        .map_err(|_| malformed("device key", "not an Ed25519 point"))?;
+    let montgomery = key.to_montgomery().to_bytes();
+    bech32::encode::<bech32::Bech32>(AGE_PUBLIC_HRP, &montgomery)
+        .map_err(|_| malformed("device key", "not encodable"))?
+        .parse::<age::x25519::Recipient>()
+        .map_err(|_| malformed("device key", "not an X25519 recipient"))
+}
+
+const AGE_SECRET_HRP: bech32::Hrp = bech32::Hrp::parse_unchecked("AGE-SECRET-KEY-");
+const AGE_PUBLIC_HRP: bech32::Hrp = bech32::Hrp::parse_unchecked("age");

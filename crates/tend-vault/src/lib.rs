@@ -68,7 +68,10 @@ pub use blob::{
 };
 pub use envelope::{issue_advance_kfrags, SealedContentKey};
 pub use error::VaultError;
-pub use keys::{open_key_ring, seal_key_ring, EpochKeyRing, EpochPublicKey, EpochSecretKey};
+pub use keys::{
+    device_age_identity, device_age_recipient, open_key_ring, seal_key_ring, EpochKeyRing,
+    EpochPublicKey, EpochSecretKey,
+};
 pub use umbral::{
     generate_kfrags, reencrypt, Capsule, CapsuleFrag, KeyFrag, VerifiedCapsuleFrag, VerifiedKeyFrag,
 };

@@ -61,6 +61,21 @@ pub enum FrameError {
 /// a loopback address in tests and devnets). Never the N0 preset: it reaches for public
 /// relay and DNS servers.
 pub async fn bind(key: &DeviceKey, listen: SocketAddr) -> Result<Endpoint, EndpointError> {
+    bind_alpns(
+        key,
+        listen,
+        vec![SYNC_ALPN.to_vec(), MAINT_ALPN.to_vec(), BLOB_ALPN.to_vec()],
+    )
+    .await
+}
+
+/// [`bind`] accepting only `alpns` (none for an endpoint that only connects out; the
+/// storage peer's `tend/vault/1` alone for a storage peer).
+pub async fn bind_alpns(
+    key: &DeviceKey,
+    listen: SocketAddr,
+    alpns: Vec<Vec<u8>>,
+) -> Result<Endpoint, EndpointError> {
     let secret = SecretKey::from_bytes(&key.signing_key().to_bytes());
     Endpoint::builder(presets::Minimal)
         .secret_key(secret)
@@ -71,11 +86,7 @@ pub async fn bind(key: &DeviceKey, listen: SocketAddr) -> Result<Endpoint, Endpo
             addr: listen,
             detail: e.to_string(),
         })?
-        .alpns(vec![
-            SYNC_ALPN.to_vec(),
-            MAINT_ALPN.to_vec(),
-            BLOB_ALPN.to_vec(),
-        ])
+        .alpns(alpns)
         .bind()
         .await
         .map_err(|e| EndpointError::Bind(e.to_string()))

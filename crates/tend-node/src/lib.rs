@@ -24,6 +24,7 @@ pub mod replica;
 mod signal;
 pub mod status;
 pub mod upgrade;
+pub mod vault_peer;
 mod votes;
 pub mod write;
 

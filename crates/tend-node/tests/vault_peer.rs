@@ -1,0 +1,155 @@
+//! A storage peer on loopback (real iroh, real redb) and member devices (real homes) across
+//! two membership changes: a member added two epochs after a large value was written reads
+//! it from the storage peer alone, through re-encryption; a removed device is refused and
+//! cannot open a later blob; the storage peer's disk holds no plaintext.
+
+mod common;
+
+use common::{add_members, loopback, Fleet};
+use tend_core::{ContentId, DeviceId};
+use tend_node::vault_peer::{
+    authority_of, grant_storage_peer, key_current_epoch, StorageServer, VaultClient, VaultNetError,
+};
+use tend_node::Device;
+use tend_storage::{Request, Response};
+
+/// Copies every fact (maintenance ones included) `from` holds that `to` lacks.
+fn copy_journal(from: &Device, to: &Device) {
+    let ns = from.namespace();
+    let mut facts = Vec::new();
+    for stored in from.store().scan_maintenance(ns).unwrap() {
+        facts.push(stored.unwrap().verify().unwrap());
+    }
+    for stored in from.store().scan(ns, ..).unwrap() {
+        facts.push(stored.unwrap().verify().unwrap());
+    }
+    facts.sort_by_key(|f| f.order_key());
+    facts.dedup_by_key(|f| f.id());
+    to.store().insert_batch(&facts).unwrap();
+}
+
+/// The blob a large value was stored as (its plaintext CID).
+fn value_blob(d: &Device, value: &[u8]) -> ContentId {
+    let cid = ContentId::of_raw(value);
+    assert!(d
+        .store()
+        .value_blobs(d.namespace())
+        .unwrap()
+        .contains_key(&cid));
+    cid
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_member_reads_old_blobs_from_the_storage_peer_alone() {
+    // Epoch 1: a (admin) and b.
+    let mut fleet = Fleet::new(4, &[true, true, false, false]);
+    let (a, b, c, d) = (fleet.take(0), fleet.take(1), fleet.take(2), fleet.take(3));
+    add_members(&a, &[a.device_id(), b.device_id()], 1);
+    let peer_home = fleet.dir.path().join("storage");
+    let server = StorageServer::start(&peer_home, authority_of(&a).unwrap(), loopback())
+        .await
+        .unwrap();
+    let (peer_id, peer_addr) = (server.device_id(), server.local_addr().unwrap());
+    key_current_epoch(&a).unwrap();
+    grant_storage_peer(&a, peer_id, true).unwrap();
+    copy_journal(&a, &b);
+
+    // b writes a large value (a blob) with a marker and uploads it encrypted.
+    let marker0 = b"MARKER-EPOCH-ONE ".repeat(2000);
+    b.put("files", "old", &marker0).unwrap();
+    let old = value_blob(&b, &marker0);
+    let client = VaultClient::connect(b.key(), peer_id, peer_addr)
+        .await
+        .unwrap();
+    let report = client.upload_values(&b).await.unwrap();
+    assert_eq!(report.uploaded.len(), 1);
+    client.close().await;
+    copy_journal(&b, &a);
+
+    // Epoch 2: b removed, c added. Epoch 3: d added. The admin keys each epoch.
+    add_members(&a, &[a.device_id(), c.device_id()], 2);
+    key_current_epoch(&a).unwrap();
+    add_members(&a, &[a.device_id(), c.device_id(), d.device_id()], 3);
+    key_current_epoch(&a).unwrap();
+    copy_journal(&a, &c);
+    copy_journal(&a, &d);
+
+    // c writes a value after b's removal and uploads it (pushing the advances too).
+    let marker2 = b"MARKER-EPOCH-THREE ".repeat(2000);
+    c.put("files", "new", &marker2).unwrap();
+    let new = value_blob(&c, &marker2);
+    let client = VaultClient::connect(c.key(), peer_id, peer_addr)
+        .await
+        .unwrap();
+    client.upload_values(&c).await.unwrap();
+    client.close().await;
+    copy_journal(&c, &d);
+    assert_eq!(server.summary().unwrap(), (2, 3));
+
+    // The other members stop; d never had b's blob and reads it from the storage peer.
+    drop((a, c));
+    assert!(d.store().delete_blob(&old).unwrap() || !d.store().has_blob(&old).unwrap());
+    let client = VaultClient::connect(d.key(), peer_id, peer_addr)
+        .await
+        .unwrap();
+    assert_eq!(client.fetch(&d, old).await.unwrap(), marker0);
+    let entry = d
+        .store()
+        .app_state(d.namespace())
+        .unwrap()
+        .get("files", "old")
+        .unwrap();
+    assert_eq!(d.read_entry("old", &entry).unwrap().value.0, marker0);
+
+    // d can also fetch the raw bytes of c's blob, which b will never open.
+    let state = d.store().maintenance_state(d.namespace()).unwrap();
+    let encrypted_new = state.vault.copies[&new];
+    let Response::Blob {
+        blob, sealed_key, ..
+    } = client
+        .request(&Request::Get { cid: encrypted_new })
+        .await
+        .unwrap()
+    else {
+        panic!("d reads c's blob");
+    };
+    client.close().await;
+
+    // b, removed: refused by the storage peer, and its ring (epoch 1) opens nothing later.
+    let client = VaultClient::connect(b.key(), peer_id, peer_addr)
+        .await
+        .unwrap();
+    let refused = client.request(&Request::Get { cid: encrypted_new }).await;
+    assert!(
+        matches!(refused, Err(VaultNetError::Refused(_))),
+        "{refused:?}"
+    );
+    let refused = client.upload_values(&b).await;
+    assert!(
+        matches!(refused, Err(VaultNetError::Refused(_))),
+        "{refused:?}"
+    );
+    client.close().await;
+    let b_ring = tend_storage::member::open_ring(&state, b.key().signing_key()).unwrap();
+    assert_eq!(b_ring.current_epoch(), 1);
+    let opened = tend_storage::member::open_fetched(
+        &state,
+        &b_ring,
+        &encrypted_new,
+        &blob,
+        &sealed_key,
+        3,
+        &Vec::<Vec<u8>>::new(),
+    );
+    assert!(opened.is_err());
+
+    // No plaintext on the storage peer's disk.
+    server.shutdown().await;
+    for entry in std::fs::read_dir(&peer_home).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        for marker in [b"MARKER-EPOCH".as_slice(), b"files"] {
+            assert!(!bytes.windows(marker.len()).any(|w| w == marker));
+        }
+    }
+    let _: DeviceId = peer_id;
+}

@@ -70,6 +70,7 @@ mod tag {
     pub const VAULT_COPY: u64 = 31;
     pub const AUTHORITY_GENESIS: u64 = 32;
     pub const MEMBERSHIP_CHANGED: u64 = 33;
+    pub const SNAPSHOT_SETTLED: u64 = 34;
 }
 
 impl Payload {
@@ -115,6 +116,7 @@ impl Payload {
                 M::VaultRekey(x) => (tag::VAULT_REKEY, to_canonical(x)),
                 M::StorageGrant(x) => (tag::STORAGE_GRANT, to_canonical(x)),
                 M::VaultCopy(x) => (tag::VAULT_COPY, to_canonical(x)),
+                M::SnapshotSettled(x) => (tag::SNAPSHOT_SETTLED, to_canonical(x)),
             },
         }
     }
@@ -156,6 +158,7 @@ impl Payload {
             tag::VAULT_REKEY => m(M::VaultRekey(from_canonical(body)?)),
             tag::STORAGE_GRANT => m(M::StorageGrant(from_canonical(body)?)),
             tag::VAULT_COPY => m(M::VaultCopy(from_canonical(body)?)),
+            tag::SNAPSHOT_SETTLED => m(M::SnapshotSettled(from_canonical(body)?)),
             tag::AUTHORITY_GENESIS => {
                 Payload::Authority(AuthorityFact::Genesis(from_canonical::<AuthorityGenesis>(
                     body,
@@ -220,6 +223,7 @@ impl Payload {
                 M::VaultRekey(_) => "vault-rekey",
                 M::StorageGrant(_) => "storage-grant",
                 M::VaultCopy(_) => "vault-copy",
+                M::SnapshotSettled(_) => "snapshot-settled",
             }
             .into(),
         }

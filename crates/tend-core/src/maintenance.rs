@@ -221,6 +221,19 @@ pub struct BlobTombstone {
     pub cid: ContentId,
 }
 
+/// Its author has settled every snapshot up to `snapshot_epoch` (DESIGN rule 5: it has
+/// re-issued its own facts below it that the snapshot did not cover), so it will never
+/// need that snapshot's item blob (docs/ARCHITECTURE.md section 4a). Once every current
+/// member has said so, devices drop the item blob. A kind of its own (tag 34), so an
+/// older release stores and forwards it as unknown.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotSettled {
+    pub snapshot_epoch: Epoch,
+    /// The item blob the settled snapshot's blob names, if it names one (format 3).
+    pub item_blob: Option<ContentId>,
+}
+
 /// Every maintenance fact kind.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum MaintenanceFact {
@@ -243,6 +256,7 @@ pub enum MaintenanceFact {
     VaultRekey(crate::vault::VaultRekey),
     StorageGrant(crate::vault::StorageGrant),
     VaultCopy(crate::vault::VaultCopy),
+    SnapshotSettled(SnapshotSettled),
 }
 
 impl MaintenanceFact {

@@ -120,6 +120,11 @@ pub struct MaintenanceState {
     pub ignored: BTreeSet<FactId>,
     /// Epoch keys, re-encryption fragments, storage grants, encrypted copies.
     pub vault: crate::vault::VaultState,
+    /// Per device, the highest snapshot epoch it said it settled (`SnapshotSettled`).
+    /// Bookkeeping for dropping item blobs; not part of [`MaintenanceState::state_digest`].
+    pub snapshot_settled: BTreeMap<DeviceId, Epoch>,
+    /// Item blob -> epoch of the snapshot that names it, as settled facts report them.
+    pub item_blobs: BTreeMap<ContentId, Epoch>,
     max_fact_epoch: Epoch,
 }
 
@@ -154,6 +159,8 @@ impl MaintenanceState {
             tombstones: BTreeMap::new(),
             ignored: BTreeSet::new(),
             vault: Default::default(),
+            snapshot_settled: BTreeMap::new(),
+            item_blobs: BTreeMap::new(),
             max_fact_epoch: Epoch::ZERO,
         }
     }
@@ -323,6 +330,22 @@ impl MaintenanceState {
             }
             MaintenanceFact::StorageGrant(g) => self.vault.apply_grant(g),
             MaintenanceFact::VaultCopy(c) => self.vault.apply_copy(c),
+            // A device settles a snapshot only after it is in its journal, so a claim
+            // above the fact's own epoch is ignored.
+            MaintenanceFact::SnapshotSettled(s) if s.snapshot_epoch <= epoch => {
+                let e = self
+                    .snapshot_settled
+                    .entry(author)
+                    .or_insert(s.snapshot_epoch);
+                *e = (*e).max(s.snapshot_epoch);
+                if let Some(cid) = s.item_blob {
+                    let e = self.item_blobs.entry(cid).or_insert(s.snapshot_epoch);
+                    *e = (*e).min(s.snapshot_epoch);
+                }
+            }
+            MaintenanceFact::SnapshotSettled(_) => {
+                self.ignored.insert(f.id());
+            }
         }
     }
 
@@ -558,6 +581,26 @@ impl MaintenanceState {
         self.tombstones
             .iter()
             .filter(|(_, e)| self.is_prunable(**e))
+            .map(|(c, _)| *c)
+            .collect()
+    }
+
+    /// Whether every current member has settled the snapshot at `epoch` or a later one:
+    /// then no member needs its item blob any more (docs/ARCHITECTURE.md section 4a).
+    /// Never for a journal without members (a context journal).
+    pub fn settled_by_every_member(&self, epoch: Epoch) -> bool {
+        self.membership().is_some_and(|m| {
+            m.members
+                .iter()
+                .all(|d| self.snapshot_settled.get(d).is_some_and(|s| *s >= epoch))
+        })
+    }
+
+    /// Item blobs every current member has settled past: GC drops them.
+    pub fn reclaimable_item_blobs(&self) -> Vec<ContentId> {
+        self.item_blobs
+            .iter()
+            .filter(|(_, e)| self.settled_by_every_member(**e))
             .map(|(c, _)| *c)
             .collect()
     }

@@ -106,7 +106,8 @@ pub struct Wanted {
 }
 
 /// Blobs the reduced state references that the store lacks: every published upgrade's
-/// artifact and the latest snapshot's blob, unless tombstoned.
+/// artifact and the latest snapshot's blob, unless tombstoned, and the item blob settling
+/// waits for.
 pub fn wanted(store: &Store, state: &MaintenanceState) -> Result<Vec<Wanted>, StoreError> {
     let mut out = Vec::new();
     let referenced = state
@@ -123,6 +124,15 @@ pub fn wanted(store: &Store, state: &MaintenanceState) -> Result<Vec<Wanted>, St
     for w in referenced {
         if !state.tombstones.contains_key(&w.cid) && !store.has_blob(&w.cid)? {
             out.push(w);
+        }
+    }
+    // The item blob settling waits for (`tend_replica::Settlement::awaiting_items`).
+    let item_blob = store
+        .get_setting::<String>(crate::replica::ITEM_BLOB_WANTED)?
+        .and_then(|c| c.parse::<ContentId>().ok());
+    if let Some(cid) = item_blob {
+        if !store.has_blob(&cid)? {
+            out.push(Wanted { cid, size: None });
         }
     }
     // Large application values: every readable value's blob (tombstoned or not: another

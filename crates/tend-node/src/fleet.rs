@@ -20,7 +20,7 @@ use tend_core::{
 };
 use tend_crypto::dkg::{run_in_memory, DkgSession};
 use tend_crypto::share::KeyShare;
-use tend_snapshot::blob::{write_blob, BlobHead};
+use tend_snapshot::blob::{read_item_blob, write_blob, write_item_blob, BlobHead, ItemRef};
 use tend_snapshot::{
     BuiltBlob, CeremonyAction, CeremonyEvent, CeremonyInput, LocalJournal, Recipient, SignerKey,
     SnapshotBlob, SnapshotEngine,
@@ -63,54 +63,117 @@ impl<'a> StoreJournal<'a> {
         })
     }
 
-    /// The snapshot blob of the prefix below `upto`, decoded (tests and benchmarks; the
-    /// ceremony streams it with [`StoreJournal::write_snapshot_blob`]).
+    /// The snapshot blob of the prefix below `upto`, decoded, with the items of its item
+    /// blob (tests and benchmarks; the ceremony streams both with
+    /// [`StoreJournal::write_item_blob`] and [`StoreJournal::write_snapshot_blob`]).
     pub fn try_snapshot_blob(&self, upto: Epoch) -> Result<SnapshotBlob, StoreError> {
-        let mut bytes = Vec::new();
-        self.write_snapshot_blob(upto, &mut bytes)?;
-        SnapshotBlob::decode(&bytes).map_err(|e| StoreError::Corrupt {
+        let corrupt = |e: tend_snapshot::BlobError| StoreError::Corrupt {
             path: self.store.path().to_owned(),
             detail: format!("the snapshot blob built from it does not decode: {e}"),
-        })
+        };
+        let mut items = Vec::new();
+        let item_ref = self.write_item_blob(upto, &mut items)?;
+        let mut bytes = Vec::new();
+        self.write_snapshot_blob(upto, &item_ref, &mut bytes)?;
+        let mut blob = SnapshotBlob::decode(&bytes).map_err(corrupt)?;
+        blob.items = read_item_blob(&items[..], self.namespace, upto, blob.base, &item_ref)
+            .map_err(corrupt)?;
+        Ok(blob)
     }
 
-    /// Writes the snapshot blob of the prefix below `upto` to `out` as the store's index
-    /// streams by: the items, then the prefix's state facts and live application facts as
-    /// their stored canonical bytes, none of them decoded but the state facts. Memory
-    /// holds the state facts and the live set's keys, not the blob.
-    pub fn write_snapshot_blob(&self, upto: Epoch, out: &mut impl Write) -> Result<(), StoreError> {
-        let ns = self.namespace;
+    /// The prefix's state facts below `upto` and the base its digest chains on.
+    fn state_facts(
+        &self,
+        upto: Epoch,
+    ) -> Result<
+        (
+            Vec<tend_core::VerifiedFact>,
+            Option<tend_core::SnapshotBase>,
+        ),
+        StoreError,
+    > {
         let corrupt = |source| StoreError::FactCorrupt {
             path: self.store.path().to_owned(),
             source,
         };
         let mut state_facts = Vec::new();
-        for stored in self.store.scan_maintenance(ns)? {
+        for stored in self.store.scan_maintenance(self.namespace)? {
             let stored = stored?;
             if stored.epoch >= upto {
                 break;
             }
             state_facts.push(stored.trusted().map_err(corrupt)?);
         }
-        let live = self.store.live_below(ns, upto)?;
-        // The base and the state digest as `SnapshotBlob::from_parts` derives them.
-        let mut state = reduce(ns, &state_facts);
-        let base = state.snapshot_base(upto);
+        let base = reduce(self.namespace, &state_facts).snapshot_base(upto);
+        Ok((state_facts, base))
+    }
+
+    /// Writes the item blob of the prefix below `upto` to `out` (every `(epoch, id)` from
+    /// the base on, one key-only scan of the index) and returns the reference the snapshot
+    /// blob keeps of it.
+    pub fn write_item_blob(
+        &self,
+        upto: Epoch,
+        out: &mut impl Write,
+    ) -> Result<ItemRef, StoreError> {
+        let ns = self.namespace;
+        let (_, base) = self.state_facts(upto)?;
         let from = base.map_or(Epoch::ZERO, |b| b.epoch);
-        let mut items = 0u64;
-        let mut last_item = None;
+        let mut count = 0u64;
         for item in self.store.items(ns, from..upto)? {
-            last_item = Some(item?.0);
-            items += 1;
+            item?;
+            count += 1;
         }
-        if let Some(e) = last_item.max(live.last().map(|(e, _)| *e)) {
+        let items = self.store.items(ns, from..upto)?;
+        write_item_blob::<BuildError>(
+            out,
+            ns,
+            upto,
+            base,
+            count,
+            items.map(|r| r.map_err(BuildError::from)),
+        )
+        .map_err(|e| self.build_error(e))
+    }
+
+    fn build_error(&self, e: BuildError) -> StoreError {
+        match e {
+            BuildError::Store(e) => e,
+            BuildError::Io(source) => StoreError::Io {
+                path: self.store.path().to_owned(),
+                source,
+            },
+        }
+    }
+
+    /// Writes the snapshot blob of the prefix below `upto`, naming the item blob
+    /// `item_ref` ([`StoreJournal::write_item_blob`]), to `out` as the store's index streams
+    /// by: the prefix's state facts and live application facts as their stored canonical
+    /// bytes, none of them decoded but the state facts. Memory holds the state facts and
+    /// the live set's keys, not the blob.
+    pub fn write_snapshot_blob(
+        &self,
+        upto: Epoch,
+        item_ref: &ItemRef,
+        out: &mut impl Write,
+    ) -> Result<(), StoreError> {
+        let ns = self.namespace;
+        let (state_facts, base) = self.state_facts(upto)?;
+        let live = self.store.live_below(ns, upto)?;
+        // The state digest as `SnapshotBlob::from_parts` derives it.
+        let mut state = reduce(ns, &state_facts);
+        if let Some(e) = item_ref
+            .last
+            .map(|(e, _)| e)
+            .max(live.last().map(|(e, _)| *e))
+        {
             state.observe_epoch(e);
         }
         let head = BlobHead {
             namespace: ns,
             epoch: upto,
             base,
-            items,
+            item_ref: *item_ref,
             facts: (state_facts.len() + live.len()) as u64,
             state_digest: state.state_digest(),
         };
@@ -141,36 +204,40 @@ impl<'a> StoreJournal<'a> {
                 this.map(|r| r.map(|f| f.into_bytes()))
             }
         });
-        let items = self.store.items(ns, from..upto)?;
-        write_blob::<BuildError, _>(
-            out,
-            &head,
-            items.map(|r| r.map_err(BuildError::from)),
-            facts.map(|r| r.map_err(BuildError::from)),
-        )
-        .map_err(|e| match e {
-            BuildError::Store(e) => e,
-            BuildError::Io(source) => StoreError::Io {
-                path: self.store.path().to_owned(),
-                source,
-            },
-        })
+        write_blob::<BuildError, _>(out, &head, facts.map(|r| r.map_err(BuildError::from)))
+            .map_err(|e| self.build_error(e))
     }
 
-    /// Builds the blob as [`StoreJournal::write_snapshot_blob`] does, in one pass into a
-    /// [`ScratchBlob`] beside the store, hashed for its CID as it is written; if it is to
-    /// be kept and is not stored yet, it is copied into the store. One scan of the
-    /// journal, and memory holds a copy buffer, not the blob.
+    /// Builds the item blob and the snapshot blob as [`StoreJournal::write_item_blob`] and
+    /// [`StoreJournal::write_snapshot_blob`] do, each in one pass into a [`ScratchBlob`]
+    /// beside the store, hashed for its CID as it is written; if they are to be kept and
+    /// are not stored yet, they are copied into the store (the item blob first, so a
+    /// device holding a snapshot blob it built holds its items too). Memory holds a copy
+    /// buffer, not the blobs.
     fn build_and_keep(
         &self,
         upto: Epoch,
         keep: Option<ContentId>,
     ) -> Result<ContentId, StoreError> {
+        let mut items = ScratchBlob::create(self.store, ScratchKind::Built)?;
+        let item_ref = self.write_item_blob(upto, &mut items)?;
+        let items_cid = items.finish(CODEC_DAG_CBOR)?;
+        if items_cid != item_ref.cid {
+            return Err(StoreError::Corrupt {
+                path: self.store.path().to_owned(),
+                detail: "the item blob's bytes do not hash to its reference".into(),
+            });
+        }
         let mut scratch = ScratchBlob::create(self.store, ScratchKind::Built)?;
-        self.write_snapshot_blob(upto, &mut scratch)?;
+        self.write_snapshot_blob(upto, &item_ref, &mut scratch)?;
         let cid = scratch.finish(CODEC_DAG_CBOR)?;
-        if keep.is_none_or(|k| k == cid) && !self.store.has_blob(&cid)? {
-            scratch.store_as(self.store, &cid)?;
+        if keep.is_none_or(|k| k == cid) {
+            if !self.store.has_blob(&items_cid)? {
+                items.store_as(self.store, &items_cid)?;
+            }
+            if !self.store.has_blob(&cid)? {
+                scratch.store_as(self.store, &cid)?;
+            }
         }
         Ok(cid)
     }
@@ -209,13 +276,18 @@ impl LocalJournal for StoreJournal<'_> {
 
     fn snapshot_blob(&self, upto: Epoch, keep: Option<ContentId>) -> BuiltBlob {
         match self.build_and_keep(upto, keep) {
-            Ok(cid) => BuiltBlob { cid, bytes: None },
+            Ok(cid) => BuiltBlob {
+                cid,
+                bytes: None,
+                item_blob: None,
+            },
             Err(e) => {
                 // The CID of no blob: a proposer's proposal fails, a signer refuses.
                 tracing::warn!("cannot build the snapshot blob below {upto}: {e}");
                 BuiltBlob {
                     cid: SnapshotBlob::cid_of(&[]),
                     bytes: None,
+                    item_blob: None,
                 }
             }
         }

@@ -687,6 +687,23 @@ impl Node {
                 lock(&inner.unavailable_snapshots).insert(cid);
             }
         }
+        drop(held_set);
+        // An item blob settling waits for that every peer asked lacks: every member has
+        // settled and dropped it, and settling takes its fallback.
+        let store = inner.store();
+        if let Ok(Some(want)) = store.get_setting::<String>(crate::replica::ITEM_BLOB_WANTED) {
+            let gone = wanted
+                .iter()
+                .find(|w| w.cid.to_string() == want)
+                .map(|w| w.cid);
+            if let Some(cid) = gone.filter(|cid| asked > 0 && missing.get(cid) == Some(&asked)) {
+                tracing::warn!("no peer holds item blob {cid}: settling without it");
+                if let Err(e) = store.put_setting(crate::replica::ITEM_BLOB_UNAVAILABLE, &want) {
+                    tracing::warn!("cannot record the missing item blob: {e}");
+                }
+                self.after_new_data();
+            }
+        }
         fetched
     }
 

@@ -20,6 +20,11 @@ pub struct Reissued {
     pub snapshot_epoch: Option<Epoch>,
     /// New facts written (one per uncovered fact of this device).
     pub facts: Vec<VerifiedFact>,
+    /// The item blob settling waits for (fetched by the next round), if any.
+    pub awaiting_items: Option<tend_core::ContentId>,
+    /// Own facts that could not be told covered or uncovered, kept aside
+    /// ([`tend_replica::Settlement::set_aside`]; also in the `settle.set_aside` setting).
+    pub set_aside: Vec<VerifiedFact>,
 }
 
 /// Settles the latest verified snapshot once: re-issues this device's uncovered facts
@@ -38,8 +43,17 @@ pub fn reissue_uncovered(device: &Device) -> Result<Reissued, DeviceError> {
             }
         },
     )?;
+    if let Some(cid) = settled.awaiting_items {
+        // The next round fetches it (`blobs::wanted`), then settles again.
+        let store = device.store();
+        if store.get_setting::<String>(crate::replica::ITEM_BLOB_WANTED)? != Some(cid.to_string()) {
+            store.put_setting(crate::replica::ITEM_BLOB_WANTED, &cid.to_string())?;
+        }
+    }
     Ok(Reissued {
         snapshot_epoch: settled.snapshot_epoch,
         facts: settled.reissued,
+        awaiting_items: settled.awaiting_items,
+        set_aside: settled.set_aside,
     })
 }

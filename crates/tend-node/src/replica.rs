@@ -16,6 +16,19 @@ use crate::device::{Device, DeviceError};
 /// Setting: the snapshot epoch this device last settled ([`tend_replica::settle`]).
 const SETTLED: &str = "reissued_below_snapshot";
 
+/// Setting: this device's own facts that settling could neither re-issue nor drop
+/// silently (the snapshot's item blob was gone everywhere), as hex canonical bytes
+/// ([`tend_replica::Settlement::set_aside`]).
+pub const SET_ASIDE: &str = "settle.set_aside";
+
+/// Setting: the item blob settling waits for; the next round fetches it
+/// ([`crate::blobs::wanted`]).
+pub const ITEM_BLOB_WANTED: &str = "settle.item_blob_wanted";
+
+/// Setting: an item blob that no peer asked held ([`ITEM_BLOB_WANTED`]): settling takes
+/// its fallback ([`tend_replica::Settlement::set_aside`]).
+pub const ITEM_BLOB_UNAVAILABLE: &str = "settle.item_blob_unavailable";
+
 /// What a session driver keeps beside the store that admission needs.
 pub(crate) trait SessionIndex {
     /// The epoch of a fact offered or stored here (the store is keyed by `(epoch, id)`).
@@ -99,6 +112,12 @@ impl Replica for DeviceReplica<'_> {
         if self.session.is_some_and(|s| s.blob_unavailable(cid)) {
             return Ok(BlobAt::Unavailable);
         }
+        let store = self.device.store();
+        if store.get_setting::<String>(ITEM_BLOB_UNAVAILABLE)? == Some(cid.to_string())
+            && !store.has_blob(cid)?
+        {
+            return Ok(BlobAt::Unavailable);
+        }
         match self.device.store().blob_reader(cid)? {
             Some(reader) => Ok(BlobAt::Stored(Box::new(reader))),
             None => {
@@ -167,5 +186,12 @@ impl Replica for DeviceReplica<'_> {
 
     fn mark_settled(&mut self, epoch: Epoch) -> Result<(), DeviceError> {
         Ok(self.device.store().put_setting(SETTLED, &epoch.0)?)
+    }
+
+    fn set_aside(&mut self, facts: &[VerifiedFact]) -> Result<(), DeviceError> {
+        let store = self.device.store();
+        let mut kept: Vec<String> = store.get_setting(SET_ASIDE)?.unwrap_or_default();
+        kept.extend(facts.iter().map(|f| hex::encode(f.bytes())));
+        Ok(store.put_setting(SET_ASIDE, &kept)?)
     }
 }

@@ -10,8 +10,9 @@
 use std::collections::HashSet;
 
 use tend_core::app::is_data;
-use tend_core::{DataOp, Epoch, FactId, Payload, VerifiedFact};
-use tend_snapshot::blob::read_blob_keys;
+use tend_core::maintenance::SnapshotSettled;
+use tend_core::{ContentId, DataOp, Epoch, FactId, MaintenanceFact, Payload, VerifiedFact};
+use tend_snapshot::blob::{read_blob_keys, read_item_ref};
 
 use crate::{Adopted, BlobAt, Key, Replica, ReplicaError};
 
@@ -42,6 +43,17 @@ pub struct Settlement {
     pub retracted: Vec<Key>,
     /// Application facts below the snapshot that only looked live here, dropped.
     pub stale: Vec<Key>,
+    /// The snapshot's item blob, which settling needs (this device holds facts of its own
+    /// below the snapshot that its blob does not carry) and the device does not hold yet:
+    /// fetch it, then settle again. Nothing was changed meanwhile.
+    pub awaiting_items: Option<ContentId>,
+    /// This device's own facts below the snapshot that its blob does not carry and that
+    /// could not be told covered or uncovered, because no peer held the item blob any
+    /// more: dropped from the journal like the uncovered ones, but not re-issued (a covered
+    /// put re-issued would come back beside what superseded it). Kept aside
+    /// ([`Replica::set_aside`]) and reported, so an operator can write again what the
+    /// application still wants.
+    pub set_aside: Vec<VerifiedFact>,
 }
 
 /// Once the batch that adopted a snapshot is written: drops the maintenance and
@@ -112,13 +124,32 @@ pub fn settle<R: Replica>(
     };
     let settled = replica.settled().map_err(store)?;
     if settled >= Some(epoch) {
+        // Said once settled; again if a crash or a failed write came between.
+        if says_settled(replica, &state, epoch) {
+            let item_blob = match replica
+                .snapshot_blob(&latest.snapshot.blob_cid)
+                .map_err(store)?
+            {
+                BlobAt::Stored(reader) => read_item_ref(reader)?.map(|r| r.cid),
+                BlobAt::Fetching | BlobAt::Unavailable => None,
+            };
+            say_settled(replica, epoch, item_blob);
+        }
         return Ok(done);
     }
     // A device that holds exactly the snapshot's prefix (the common case: it signed, or
     // synced before the ceremony) has nothing uncovered below it, and its live set there
     // is the one the blob carries: nothing to re-issue or drop, and no blob to read.
     if replica.prefix_digest(epoch).map_err(store)? == latest.snapshot.digest {
-        replica.mark_settled(epoch).map_err(store)?;
+        // The item blob this device will not need, named from the blob's head if stored.
+        let item_blob = match replica
+            .snapshot_blob(&latest.snapshot.blob_cid)
+            .map_err(store)?
+        {
+            BlobAt::Stored(reader) => read_item_ref(reader)?.map(|r| r.cid),
+            BlobAt::Fetching | BlobAt::Unavailable => None,
+        };
+        finish(replica, epoch, item_blob).map_err(store)?;
         return Ok(done);
     }
     let BlobAt::Stored(reader) = replica
@@ -137,7 +168,6 @@ pub fn settle<R: Replica>(
     // though a value that a write this device never received superseded can come back).
     let base = blob.base.map_or(Epoch::ZERO, |b| b.epoch);
     let from = base.min(settled.unwrap_or(Epoch::ZERO));
-    let carried = |key: &Key| blob.facts.binary_search(key).is_ok();
     let live_below_base: HashSet<Key> = if from < base {
         replica
             .live_below(base)
@@ -149,7 +179,51 @@ pub fn settle<R: Replica>(
     };
     let me = replica.device_id();
     let mut out = done;
+    // From version 3 on the items are in the item blob. Only this device's own facts need
+    // them (only their author re-issues; the others' go unless carried, as the blob's
+    // facts are the prefix's whole live set), so it is read only when this device holds
+    // own facts from the base on that the blob does not carry (docs/ARCHITECTURE.md 4a).
+    let mut items_known = blob.item_ref.is_none();
+    let mut read_items = None;
+    if !items_known {
+        let mut needs_items = false;
+        replica
+            .scan(base, epoch, &mut |fact| {
+                needs_items |= fact.author() == me
+                    && is_data(fact.payload())
+                    && fact.payload().is_reissuable()
+                    && blob.facts.binary_search(&fact.order_key()).is_err();
+            })
+            .map_err(store)?;
+        if needs_items {
+            let r = blob
+                .item_ref
+                .expect("a blob without items inline names its item blob");
+            match replica.snapshot_blob(&r.cid).map_err(store)? {
+                BlobAt::Stored(reader) => {
+                    read_items = Some(blob.read_items(reader)?);
+                    items_known = true;
+                }
+                BlobAt::Fetching => {
+                    return Ok(Settlement {
+                        awaiting_items: Some(r.cid),
+                        ..Settlement::default()
+                    })
+                }
+                // Every member settled and dropped it: the fallback below.
+                BlobAt::Unavailable => {}
+            }
+        }
+    }
+    let carried_ids: HashSet<FactId> = if items_known {
+        HashSet::new()
+    } else {
+        blob.facts.iter().map(|(_, id)| *id).collect()
+    };
+    let items: &[Key] = read_items.as_deref().unwrap_or(&blob.items);
+    let carried = |key: &Key| blob.facts.binary_search(key).is_ok();
     let mut uncovered = Vec::new();
+    let mut set_aside = Vec::new();
     replica
         .scan(from, epoch, &mut |fact| {
             let key = fact.order_key();
@@ -157,12 +231,29 @@ pub fn settle<R: Replica>(
             if !is_data(fact.payload()) {
                 return;
             }
+            if key.0 >= base && !items_known {
+                // Without the items: a fact the blob does not carry is not live in the
+                // prefix whether or not the prefix holds it, so it goes either way. Only
+                // its author must know which, to re-issue an uncovered payload.
+                if carried(&key) {
+                    return;
+                }
+                out.retracted.push(key);
+                if fact.author() != me || !fact.payload().is_reissuable() {
+                    return;
+                }
+                match unresolved_fallback(fact.payload(), &carried_ids) {
+                    Fallback::Reissue => uncovered.push(fact.payload().clone()),
+                    Fallback::SetAside => set_aside.push(fact),
+                }
+                return;
+            }
             // Below an unsettled base, what this device's own state supersedes or trims is
             // not written again (a new copy would bring the old value back); everything
             // else is (a delete or a trim changes nothing twice, and nothing supersedes an
             // application fact).
             let (covered, wanted) = if key.0 >= base {
-                (blob.items.binary_search(&key).is_ok(), true)
+                (items.binary_search(&key).is_ok(), true)
             } else {
                 let supersedable = matches!(
                     fact.payload(),
@@ -185,6 +276,15 @@ pub fn settle<R: Replica>(
         .map_err(store)?;
     for payload in uncovered {
         out.reissued.push(replica.append(payload).map_err(store)?);
+    }
+    if !set_aside.is_empty() {
+        tracing::warn!(
+            "{} facts of this device below snapshot {epoch} cannot be told covered or \
+             uncovered (no peer holds its item blob any more): set aside, not re-issued",
+            set_aside.len()
+        );
+        replica.set_aside(&set_aside).map_err(store)?;
+        out.set_aside = set_aside;
     }
     // The originals are `Late` everywhere else: kept here they would be live here only
     // (a value or a log entry twice). Re-issued first, so a crash between the two steps
@@ -219,6 +319,69 @@ pub fn settle<R: Replica>(
             out.stale.extend(stale);
         }
     }
-    replica.mark_settled(epoch).map_err(store)?;
+    finish(replica, epoch, blob.item_ref.map(|r| r.cid)).map_err(store)?;
     Ok(out)
+}
+
+/// Records a settled snapshot, and tells the others (`SnapshotSettled`), so that once
+/// every member has, the item blob can go.
+fn finish<R: Replica>(
+    replica: &mut R,
+    epoch: Epoch,
+    item_blob: Option<ContentId>,
+) -> Result<(), R::Error> {
+    let state = replica.state()?;
+    if says_settled(replica, &state, epoch) {
+        say_settled(replica, epoch, item_blob);
+    }
+    replica.mark_settled(epoch)
+}
+
+/// Whether this device is a member that has not yet said it settled `epoch` (a device
+/// that is not a member could not write it, and is not waited for).
+fn says_settled<R: Replica>(
+    replica: &R,
+    state: &tend_core::MaintenanceState,
+    epoch: Epoch,
+) -> bool {
+    let me = replica.device_id();
+    state.membership().is_some_and(|m| m.members.contains(&me))
+        && state.snapshot_settled.get(&me).is_none_or(|e| *e < epoch)
+}
+
+/// Writes `SnapshotSettled`. A failure only delays dropping the item blob (the next
+/// settle says it again), so it is logged, not returned.
+fn say_settled<R: Replica>(replica: &mut R, epoch: Epoch, item_blob: Option<ContentId>) {
+    let fact = Payload::Maintenance(MaintenanceFact::SnapshotSettled(SnapshotSettled {
+        snapshot_epoch: epoch,
+        item_blob,
+    }));
+    if let Err(e) = replica.append(fact) {
+        tracing::warn!("cannot say that snapshot {epoch} is settled: {e}");
+    }
+}
+
+/// What settling does with one of this device's own facts that the snapshot's blob does
+/// not carry, when the item list that would say whether the snapshot covers it is gone.
+#[derive(Debug, PartialEq, Eq)]
+enum Fallback {
+    /// Re-issued: uncovered for certain, or harmless to write twice.
+    Reissue,
+    /// Neither: kept aside and reported.
+    SetAside,
+}
+
+/// A delete or a trim changes nothing written twice, so it is re-issued. A put that names
+/// among the writes it supersedes one the blob carries cannot be covered (covered, it
+/// would have superseded that write in the prefix, which would then not be live), so it
+/// is re-issued too. Any other put, cache put or log entry may be covered and superseded
+/// or trimmed there: re-issued it could come back, dropped silently it could be lost.
+fn unresolved_fallback(payload: &Payload, carried: &HashSet<FactId>) -> Fallback {
+    let names_carried = |ids: &[FactId]| ids.iter().any(|id| carried.contains(id));
+    match payload {
+        Payload::Data(DataOp::Delete(_) | DataOp::Trim(_)) => Fallback::Reissue,
+        Payload::Data(DataOp::Put(p)) if names_carried(&p.supersedes) => Fallback::Reissue,
+        Payload::Data(DataOp::CachePut(c)) if names_carried(&c.supersedes) => Fallback::Reissue,
+        _ => Fallback::SetAside,
+    }
 }

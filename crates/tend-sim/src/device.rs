@@ -45,6 +45,8 @@ pub struct Durable {
     pub signed: BTreeMap<Epoch, Hash32>,
     /// What its upgrade pipeline recorded per package (the node keeps it in settings).
     pub upgrade_outcomes: BTreeMap<Hash32, tend_replica::upgrade::LocalStatus>,
+    /// Own facts settling could not tell covered or uncovered (`Settlement::set_aside`).
+    pub set_aside: Vec<VerifiedFact>,
 }
 
 /// What settling a snapshot did, for the invariants.
@@ -119,6 +121,7 @@ impl Core {
             covered: BTreeSet::new(),
             signed: BTreeMap::new(),
             upgrade_outcomes: BTreeMap::new(),
+            set_aside: Vec::new(),
         };
         durable.facts.insert(genesis.order_key(), genesis.clone());
         let mut c = Self {
@@ -345,7 +348,21 @@ impl Core {
         if let Some(bytes) = self.durable.blobs.get(&s.snapshot.blob_cid) {
             let blob = SnapshotBlob::decode(bytes)
                 .map_err(|err| format!("blob of snapshot at {e} does not decode: {err}"))?;
-            if blob.epoch != e || blob.prefix_digest() != s.snapshot.digest {
+            // From version 3 on the items are in the item blob, checked against the
+            // blob's reference (and so against the signed digest) when held.
+            let items_ok = blob.item_ref.is_none_or(|r| {
+                self.durable.blobs.get(&r.cid).is_none_or(|bytes| {
+                    tend_snapshot::blob::read_item_blob(
+                        &bytes[..],
+                        blob.namespace,
+                        e,
+                        blob.base,
+                        &r,
+                    )
+                    .is_ok()
+                })
+            });
+            if blob.epoch != e || blob.prefix_digest() != s.snapshot.digest || !items_ok {
                 return Err(format!(
                     "blob of the verified snapshot at epoch {e} (base {:?}) does not hash to the signed digest",
                     blob.base.map(|b| b.epoch)
@@ -417,8 +434,35 @@ impl Core {
                 .filter(|k| k.0 < base)
                 .collect()
         };
-        covered.extend(blob.items.iter().copied().filter(|k| k.0 < e));
+        covered.extend(self.items_of(blob).into_iter().filter(|k| k.0 < e));
         covered
+    }
+
+    /// A blob's items: its own up to version 2, its item blob's from version 3 on (held
+    /// with the snapshot blob: the ceremony keeps both and `Sim::fetch_blobs` fetches both).
+    /// Without the item blob, the facts it carries from the base on.
+    fn items_of(&self, blob: &SnapshotBlob) -> Vec<Key> {
+        let Some(r) = blob.item_ref.filter(|r| blob.items.len() as u64 != r.count) else {
+            return blob.items.clone();
+        };
+        let read = self.durable.blobs.get(&r.cid).and_then(|bytes| {
+            tend_snapshot::blob::read_item_blob(
+                &bytes[..],
+                blob.namespace,
+                blob.epoch,
+                blob.base,
+                &r,
+            )
+            .ok()
+        });
+        read.unwrap_or_else(|| {
+            let base = blob.base.map_or(Epoch::ZERO, |b| b.epoch);
+            blob.facts
+                .iter()
+                .map(|f| f.order_key())
+                .filter(|k| k.0 >= base)
+                .collect()
+        })
     }
 
     /// Admits one fact as a session would (a batch of one).
@@ -607,6 +651,11 @@ impl Replica for Core {
         let f = self.write(payload);
         self.flush();
         Ok(f)
+    }
+
+    fn set_aside(&mut self, facts: &[VerifiedFact]) -> Result<(), Infallible> {
+        self.durable.set_aside.extend(facts.iter().cloned());
+        Ok(())
     }
 
     fn mark_settled(&mut self, epoch: Epoch) -> Result<(), Infallible> {

@@ -749,11 +749,20 @@ impl Sim {
         if !self.reachable(d, peer) {
             return;
         }
-        let want: Vec<_> = [&self.devices[d], &self.devices[peer]]
+        let mut want: Vec<_> = [&self.devices[d], &self.devices[peer]]
             .iter()
             .filter_map(|x| x.core.state.latest_snapshot.as_ref())
             .map(|s| s.snapshot.blob_cid)
             .collect();
+        // With each snapshot blob of version 3, the item blob it names (the node fetches
+        // it only when settling needs it; here the model's coverage bookkeeping does).
+        let items: Vec<_> = want
+            .iter()
+            .filter_map(|cid| self.devices[peer].core.durable.blobs.get(cid))
+            .filter_map(|b| tend_snapshot::blob::read_item_ref(&b[..]).ok().flatten())
+            .map(|r| r.cid)
+            .collect();
+        want.extend(items);
         for cid in want {
             if self.devices[d].core.durable.blobs.contains_key(&cid) {
                 continue;

@@ -4,11 +4,18 @@
 //! Wire form: `[version, namespace, epoch, base, items, facts, state_digest]` where
 //! - `base` is the verified snapshot the digest chains on (the latest one below `epoch`, as
 //!   the blob's facts reduce), or null for the first snapshot;
-//! - `items` is one byte string of 40-byte records `epoch (u64 big-endian) || fact id`,
-//!   strictly ascending: the prefix `{ f : base.epoch <= f.epoch < epoch }`, so a device can
-//!   recompute the signed digest and tell whether a late fact is covered. Facts below the
-//!   base were covered by the earlier snapshot and may be pruned everywhere. One byte string
-//!   instead of a million small arrays keeps encoding and decoding linear and cheap.
+//! - `items` is, up to version 2, one byte string of 40-byte records `epoch (u64
+//!   big-endian) || fact id`, strictly ascending: the prefix `{ f : base.epoch <= f.epoch <
+//!   epoch }`, so a device can recompute the signed digest and tell whether a late fact is
+//!   covered. Facts below the base were covered by the earlier snapshot and may be pruned
+//!   everywhere. One byte string instead of a million small arrays keeps encoding and
+//!   decoding linear and cheap. From version 3 on the list is history a device rarely
+//!   needs (40 bytes per fact written since the previous snapshot, beside a live state
+//!   that may be a hundredth of it), so it lives in an *item blob* of its own
+//!   (`[1, namespace, epoch, base, items]`, [`ItemBlob`]) and `items` is an [`ItemRef`]
+//!   `[cid, count, last item, prefix digest]`: the snapshot blob's CID is what the members
+//!   sign, so the item blob's CID is certified with it, and its items must also hash to the
+//!   signed prefix digest.
 //! - `facts` holds the canonical bytes, in `(epoch, id)` order, of the prefix's maintenance
 //!   and authority facts (all that reduction needs) and, from version 2 on, of its live
 //!   application facts (`tend_core::app`: current values and their conflicts, untrimmed log
@@ -35,18 +42,26 @@ use tend_core::{
 };
 
 /// The blob format this release writes (it also reads version 1, which carried no
-/// application facts).
-pub const SNAPSHOT_BLOB_VERSION: u64 = 2;
+/// application facts, and version 2, which carried its item list inline).
+pub const SNAPSHOT_BLOB_VERSION: u64 = 3;
+
+/// The format of an item blob ([`ItemBlob`]).
+pub const ITEM_BLOB_VERSION: u64 = 1;
 
 fn readable(version: u64) -> bool {
-    version == 1 || version == SNAPSHOT_BLOB_VERSION
+    (1..=SNAPSHOT_BLOB_VERSION).contains(&version)
+}
+
+/// Whether a blob of `version` names an item blob instead of listing its items.
+fn has_item_blob(version: u64) -> bool {
+    version >= 3
 }
 const ITEM_LEN: usize = 40;
 
 /// Why bytes are not a valid snapshot blob.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BlobError {
-    #[error("snapshot blob format version {0} is not supported (this release reads 1 and 2)")]
+    #[error("snapshot blob format version {0} is not supported (this release reads 1 to 3)")]
     UnsupportedVersion(u64),
     #[error("malformed snapshot blob: {0}")]
     Malformed(String),
@@ -73,13 +88,87 @@ pub struct SnapshotBlob {
     pub epoch: Epoch,
     /// The earlier snapshot this one chains on (derived from `facts`, checked on decode).
     pub base: Option<SnapshotBase>,
-    /// Every `(epoch, id)` of the prefix from the base's epoch on, strictly ascending.
+    /// Every `(epoch, id)` of the prefix from the base's epoch on, strictly ascending. Up
+    /// to version 2 the blob carries them; from version 3 on they are the item blob's, and
+    /// empty in a decoded blob (see [`SnapshotBlob::item_ref`]).
     pub items: Vec<(Epoch, FactId)>,
+    /// From version 3 on: the item blob this blob names.
+    pub item_ref: Option<ItemRef>,
     /// The prefix's maintenance and authority facts and its live application facts,
     /// ascending.
     pub facts: Vec<VerifiedFact>,
     /// [`MaintenanceState::state_digest`] of [`SnapshotBlob::reduced_state`].
     pub state_digest: Hash32,
+}
+
+/// What a snapshot blob of version 3 says of its item blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ItemRef {
+    /// The item blob's CID (DAG-CBOR).
+    pub cid: ContentId,
+    /// How many items it lists.
+    pub count: u64,
+    /// Its highest item (its epoch counts towards the reduced state's current epoch).
+    pub last: Option<(Epoch, FactId)>,
+    /// The prefix digest its items hash to (what the snapshot's `digest` is).
+    pub digest: Hash32,
+}
+
+type ItemRefWire = (ContentId, u64, Option<(Epoch, FactId)>, Hash32);
+
+impl ItemRef {
+    fn wire(&self) -> ItemRefWire {
+        (self.cid, self.count, self.last, self.digest)
+    }
+    fn from_wire((cid, count, last, digest): ItemRefWire) -> Self {
+        Self {
+            cid,
+            count,
+            last,
+            digest,
+        }
+    }
+}
+
+/// The item list of a version 3 snapshot: every `(epoch, id)` of the prefix from the base
+/// on. Wire form `[1, namespace, epoch, base, items]`, the items packed as in version 2.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ItemBlob {
+    pub namespace: JournalNamespace,
+    pub epoch: Epoch,
+    pub base: Option<SnapshotBase>,
+    pub items: Vec<(Epoch, FactId)>,
+}
+
+impl ItemBlob {
+    /// Canonical DAG-CBOR bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.items.len() * ITEM_LEN + 128);
+        write_item_blob::<io::Error>(
+            &mut out,
+            self.namespace,
+            self.epoch,
+            self.base,
+            self.items.len() as u64,
+            self.items.iter().map(|i| Ok(*i)),
+        )
+        .expect("writing to a vector does not fail");
+        out
+    }
+
+    /// The reference a snapshot blob keeps of these items.
+    pub fn item_ref(&self) -> ItemRef {
+        let mut d = DigestBuilder::chained(self.namespace, self.epoch, self.base);
+        for (e, id) in &self.items {
+            d.push(*e, *id);
+        }
+        ItemRef {
+            cid: SnapshotBlob::cid_of(&self.encode()),
+            count: self.items.len() as u64,
+            last: self.items.last().copied(),
+            digest: d.finish(),
+        }
+    }
 }
 
 /// Whether a fact's payload can change the maintenance state.
@@ -135,12 +224,19 @@ impl SnapshotBlob {
         if let Some(b) = base {
             items.retain(|(e, _)| *e >= b.epoch);
         }
+        let item_ref = ItemBlob {
+            namespace,
+            epoch,
+            base,
+            items,
+        };
         let mut blob = Self {
             version: SNAPSHOT_BLOB_VERSION,
             namespace,
             epoch,
             base,
-            items,
+            item_ref: Some(item_ref.item_ref()),
+            items: item_ref.items,
             facts,
             state_digest: Hash32([0; 32]),
         };
@@ -148,19 +244,43 @@ impl SnapshotBlob {
         blob
     }
 
+    /// The item blob of a version 3 blob built here ([`SnapshotBlob::from_parts`]), which
+    /// still holds its items; `None` for older versions and decoded blobs.
+    pub fn item_blob(&self) -> Option<ItemBlob> {
+        let r = self.item_ref.filter(|_| has_item_blob(self.version))?;
+        (r.count == self.items.len() as u64).then(|| ItemBlob {
+            namespace: self.namespace,
+            epoch: self.epoch,
+            base: self.base,
+            items: self.items.clone(),
+        })
+    }
+
+    /// The highest item of the prefix from the base on.
+    fn last_item(&self) -> Option<(Epoch, FactId)> {
+        match self.item_ref.filter(|_| has_item_blob(self.version)) {
+            Some(r) => r.last,
+            None => self.items.last().copied(),
+        }
+    }
+
     /// The maintenance state of the prefix.
     pub fn reduced_state(&self) -> MaintenanceState {
         let mut state = reduce(self.namespace, &self.facts);
         // Application facts are not in the blob, but their epochs count towards the
         // epoch a device stamps new facts with.
-        if let Some((e, _)) = self.items.last() {
-            state.observe_epoch(*e);
+        if let Some((e, _)) = self.last_item() {
+            state.observe_epoch(e);
         }
         state
     }
 
-    /// The digest of the prefix (what `SnapshotV1::digest` certifies).
+    /// The digest of the prefix (what `SnapshotV1::digest` certifies); from version 3 on,
+    /// what the blob says its item blob hashes to.
     pub fn prefix_digest(&self) -> Hash32 {
+        if let Some(r) = self.item_ref.filter(|_| has_item_blob(self.version)) {
+            return r.digest;
+        }
         let mut d = DigestBuilder::chained(self.namespace, self.epoch, self.base);
         for (e, id) in &self.items {
             d.push(*e, *id);
@@ -168,18 +288,30 @@ impl SnapshotBlob {
         d.finish()
     }
 
-    /// Canonical DAG-CBOR bytes.
+    /// Canonical DAG-CBOR bytes (of the blob's own version: a version 3 blob without an
+    /// item reference is encoded as version 2).
     pub fn encode(&self) -> Vec<u8> {
-        let mut packed = Vec::with_capacity(self.items.len() * ITEM_LEN);
-        for (e, id) in &self.items {
-            packed.extend_from_slice(&e.0.to_be_bytes());
-            packed.extend_from_slice(id.as_bytes());
-        }
         let facts: Vec<&serde_bytes::Bytes> = self
             .facts
             .iter()
             .map(|f| serde_bytes::Bytes::new(f.bytes()))
             .collect();
+        if let Some(r) = self.item_ref.filter(|_| has_item_blob(self.version)) {
+            return to_canonical(&(
+                self.version,
+                &self.namespace,
+                self.epoch,
+                self.base,
+                r.wire(),
+                facts,
+                self.state_digest,
+            ));
+        }
+        let mut packed = Vec::with_capacity(self.items.len() * ITEM_LEN);
+        for (e, id) in &self.items {
+            packed.extend_from_slice(&e.0.to_be_bytes());
+            packed.extend_from_slice(id.as_bytes());
+        }
         to_canonical(&(
             self.version,
             &self.namespace,
@@ -191,16 +323,16 @@ impl SnapshotBlob {
         ))
     }
 
-    /// The head of this blob's encoding, for [`write_blob`].
-    pub fn head(&self) -> BlobHead {
-        BlobHead {
+    /// The head of this blob's encoding, for [`write_blob`] (a version 3 blob built here).
+    pub fn head(&self) -> Option<BlobHead> {
+        Some(BlobHead {
             namespace: self.namespace,
             epoch: self.epoch,
             base: self.base,
-            items: self.items.len() as u64,
+            item_ref: self.item_ref?,
             facts: self.facts.len() as u64,
             state_digest: self.state_digest,
-        }
+        })
     }
 
     /// The CID of encoded blob bytes.
@@ -221,12 +353,55 @@ impl SnapshotBlob {
             Vec<ByteBuf>,
             Hash32,
         );
+        type WireV3 = (
+            u64,
+            JournalNamespace,
+            Epoch,
+            Option<SnapshotBase>,
+            ItemRefWire,
+            Vec<ByteBuf>,
+            Hash32,
+        );
         // Peek at the version first so a newer format gets a clear error.
-        if let Some(v) = peek_version(bytes).filter(|v| !readable(*v)) {
+        let peeked = peek_version(bytes);
+        if let Some(v) = peeked.filter(|v| !readable(*v)) {
             return Err(BlobError::UnsupportedVersion(v));
         }
-        let (version, namespace, epoch, base, packed, raw_facts, state_digest): Wire =
-            from_canonical(bytes).map_err(|e| BlobError::Malformed(e.to_string()))?;
+        let malformed = |e: tend_core::DecodeError| BlobError::Malformed(e.to_string());
+        let (version, namespace, epoch, base, packed, item_ref, raw_facts, state_digest) =
+            if peeked.is_some_and(has_item_blob) {
+                let (version, namespace, epoch, base, r, raw_facts, state_digest): WireV3 =
+                    from_canonical(bytes).map_err(malformed)?;
+                let r = ItemRef::from_wire(r);
+                let floor = base.map_or(Epoch::ZERO, |b| b.epoch);
+                if r.last.is_some_and(|(e, _)| e >= epoch || e < floor) {
+                    return Err(BlobError::Unsorted);
+                }
+                let none = ByteBuf::new();
+                (
+                    version,
+                    namespace,
+                    epoch,
+                    base,
+                    none,
+                    Some(r),
+                    raw_facts,
+                    state_digest,
+                )
+            } else {
+                let (version, namespace, epoch, base, packed, raw_facts, state_digest): Wire =
+                    from_canonical(bytes).map_err(malformed)?;
+                (
+                    version,
+                    namespace,
+                    epoch,
+                    base,
+                    packed,
+                    None,
+                    raw_facts,
+                    state_digest,
+                )
+            };
         if packed.len() % ITEM_LEN != 0 {
             return Err(BlobError::Malformed(
                 "item list length is not a multiple of 40".into(),
@@ -251,9 +426,11 @@ impl SnapshotBlob {
             if f.namespace() != namespace {
                 return Err(BlobError::BadFact(i, "fact of another namespace".into()));
             }
-            // Facts below the base were pruned from the item list, not from the state.
+            // Facts below the base were pruned from the item list, not from the state; a
+            // version 3 blob's items are in its item blob.
             let below_base = base.is_some_and(|b| f.epoch() < b.epoch);
-            if f.epoch() >= epoch || (!below_base && items.binary_search(&f.order_key()).is_err()) {
+            let listed = item_ref.is_some() || items.binary_search(&f.order_key()).is_ok();
+            if f.epoch() >= epoch || (!below_base && !listed) {
                 return Err(BlobError::BadFact(i, "fact is not in the prefix".into()));
             }
             if facts
@@ -270,6 +447,7 @@ impl SnapshotBlob {
             epoch,
             base,
             items,
+            item_ref,
             facts,
             state_digest,
         };
@@ -294,26 +472,100 @@ impl SnapshotBlob {
     }
 }
 
-/// What precedes and sizes a blob's item list and facts in its encoding (see
-/// [`write_blob`]).
+/// What precedes and sizes a blob's facts in its encoding (see [`write_blob`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlobHead {
     pub namespace: JournalNamespace,
     pub epoch: Epoch,
     pub base: Option<SnapshotBase>,
-    /// Number of `(epoch, id)` items that follow.
-    pub items: u64,
+    /// The item blob ([`write_item_blob`] returns it).
+    pub item_ref: ItemRef,
     /// Number of facts that follow.
     pub facts: u64,
     pub state_digest: Hash32,
 }
 
-/// Writes a blob of the current format as its parts stream by, byte for byte what
+fn wrong_count<E: From<io::Error>>(what: &str) -> E {
+    E::from(io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("the blob's {what} are not as many as its head says"),
+    ))
+}
+
+/// Writes the item blob of a snapshot as the items stream by (ascending, `count` of them),
+/// byte for byte what [`ItemBlob::encode`] writes, holding none of it, and returns the
+/// reference the snapshot blob keeps of it ([`ItemRef`], its CID hashed as it went).
+/// Fails with `InvalidData` if the items are fewer or more than `count`.
+pub fn write_item_blob<E: From<io::Error>>(
+    w: &mut impl io::Write,
+    namespace: JournalNamespace,
+    epoch: Epoch,
+    base: Option<SnapshotBase>,
+    count: u64,
+    items: impl IntoIterator<Item = Result<(Epoch, FactId), E>>,
+) -> Result<ItemRef, E> {
+    use io::Write as _;
+    let mut w = Hashing {
+        w,
+        hasher: blake3::Hasher::new(),
+    };
+    let item_bytes = count
+        .checked_mul(ITEM_LEN as u64)
+        .ok_or_else(|| wrong_count::<E>("items"))?;
+    write_cbor_head(&mut w, MAJOR_ARRAY, 5)?;
+    w.write_all(&to_canonical(&ITEM_BLOB_VERSION))?;
+    w.write_all(&to_canonical(&namespace))?;
+    w.write_all(&to_canonical(&epoch))?;
+    w.write_all(&to_canonical(&base))?;
+    write_cbor_head(&mut w, MAJOR_BYTES, item_bytes)?;
+    let mut digest = DigestBuilder::chained(namespace, epoch, base);
+    let mut n = 0u64;
+    let mut last = None;
+    let mut record = [0u8; ITEM_LEN];
+    for item in items {
+        let (e, id) = item?;
+        record[..8].copy_from_slice(&e.0.to_be_bytes());
+        record[8..].copy_from_slice(id.as_bytes());
+        w.write_all(&record)?;
+        digest.push(e, id);
+        last = Some((e, id));
+        n += 1;
+    }
+    if n != count {
+        return Err(wrong_count("items"));
+    }
+    Ok(ItemRef {
+        cid: ContentId::from_blake3(CODEC_DAG_CBOR, &Hash32(*w.hasher.finalize().as_bytes())),
+        count,
+        last,
+        digest: digest.finish(),
+    })
+}
+
+/// A writer that hashes what goes through it.
+struct Hashing<'a, W> {
+    w: &'a mut W,
+    hasher: blake3::Hasher,
+}
+
+impl<W: io::Write> io::Write for Hashing<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.w.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+}
+
+/// Writes a blob of the current format as its facts stream by, byte for byte what
 /// [`SnapshotBlob::encode`] writes for the same blob, holding none of it: the caller
-/// hands the items and the facts' canonical bytes in ascending order (a store reads
-/// them from its index without decoding a fact), so a device builds the blob of a
-/// million-fact prefix with a bounded buffer and hashes or stores it as it goes.
-/// Fails with `InvalidData` if the parts are fewer or more than `head` says.
+/// hands the facts' canonical bytes in ascending order (a store reads them from its index
+/// without decoding a fact), so a device builds the blob of a million-fact prefix with a
+/// bounded buffer and hashes or stores it as it goes. The items go to the item blob first
+/// ([`write_item_blob`]). Fails with `InvalidData` if the facts are fewer or more than
+/// `head` says.
 ///
 /// ```
 /// # use tend_snapshot::blob::{write_blob, SnapshotBlob};
@@ -321,43 +573,20 @@ pub struct BlobHead {
 /// let blob = SnapshotBlob::from_parts(
 ///     JournalNamespace::Context(ContextId([1; 32])), Epoch(2), vec![(Epoch(1), FactId([7; 32]))], vec![]);
 /// let mut out = Vec::new();
-/// write_blob(&mut out, &blob.head(), blob.items.iter().map(|i| Ok(*i)), std::iter::empty::<std::io::Result<&[u8]>>()).unwrap();
+/// write_blob(&mut out, &blob.head().unwrap(), std::iter::empty::<std::io::Result<&[u8]>>()).unwrap();
 /// assert_eq!(out, blob.encode());
 /// ```
 pub fn write_blob<E: From<io::Error>, B: AsRef<[u8]>>(
     w: &mut impl io::Write,
     head: &BlobHead,
-    items: impl IntoIterator<Item = Result<(Epoch, FactId), E>>,
     facts: impl IntoIterator<Item = Result<B, E>>,
 ) -> Result<(), E> {
-    let wrong_count = |what: &str| {
-        E::from(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("the blob's {what} are not as many as its head says"),
-        ))
-    };
-    let item_bytes = head
-        .items
-        .checked_mul(ITEM_LEN as u64)
-        .ok_or_else(|| wrong_count("items"))?;
     write_cbor_head(w, MAJOR_ARRAY, 7)?;
     w.write_all(&to_canonical(&SNAPSHOT_BLOB_VERSION))?;
     w.write_all(&to_canonical(&head.namespace))?;
     w.write_all(&to_canonical(&head.epoch))?;
     w.write_all(&to_canonical(&head.base))?;
-    write_cbor_head(w, MAJOR_BYTES, item_bytes)?;
-    let mut n = 0u64;
-    let mut record = [0u8; ITEM_LEN];
-    for item in items {
-        let (e, id) = item?;
-        record[..8].copy_from_slice(&e.0.to_be_bytes());
-        record[8..].copy_from_slice(id.as_bytes());
-        w.write_all(&record)?;
-        n += 1;
-    }
-    if n != head.items {
-        return Err(wrong_count("items"));
-    }
+    w.write_all(&to_canonical(&head.item_ref.wire()))?;
     write_cbor_head(w, MAJOR_ARRAY, head.facts)?;
     let mut n = 0u64;
     for fact in facts {
@@ -368,7 +597,7 @@ pub fn write_blob<E: From<io::Error>, B: AsRef<[u8]>>(
         n += 1;
     }
     if n != head.facts {
-        return Err(wrong_count("facts"));
+        return Err(wrong_count::<E>("facts"));
     }
     w.write_all(&to_canonical(&head.state_digest))?;
     Ok(())
@@ -445,6 +674,9 @@ pub struct BlobSummary {
     pub items: u64,
     /// The highest item.
     pub last_item: Option<(Epoch, FactId)>,
+    /// From version 3 on: the item blob the blob names (`items`, `last_item` and
+    /// `prefix_digest` are then what the blob says of it).
+    pub item_ref: Option<ItemRef>,
     /// Number of facts in the blob (the state facts and the live application facts).
     pub fact_count: u64,
     /// The highest epoch of an item or a fact (the facts a streamed read handed out
@@ -580,6 +812,12 @@ pub struct BlobKeys {
     pub facts: Vec<(Epoch, FactId)>,
     /// The ids of its maintenance and authority facts.
     pub state_facts: HashSet<FactId>,
+    /// From version 3 on: the item blob holding `items` (empty here then), read with
+    /// [`read_item_blob`] only by a device that needs them.
+    pub item_ref: Option<ItemRef>,
+    /// The epoch of the snapshot.
+    pub epoch: Epoch,
+    pub namespace: Option<JournalNamespace>,
 }
 
 /// Reads a certified blob in one pass and keeps only its keys ([`BlobKeys`]), with every
@@ -602,8 +840,103 @@ pub fn read_blob_keys(r: impl Read, blob: &CertifiedBlob) -> Result<BlobKeys, Bl
     keys.version = summary.version;
     keys.base = summary.base;
     keys.items = items;
+    keys.item_ref = summary.item_ref;
+    keys.epoch = summary.epoch;
+    keys.namespace = Some(summary.namespace);
     keys.state_facts = summary.facts.iter().map(|f| f.id()).collect();
     Ok(keys)
+}
+
+/// Reads an item blob ([`ItemBlob`]) in one pass and returns its items, with every check:
+/// its format, that it belongs to the snapshot at `epoch` of `namespace` chained on `base`,
+/// items strictly ascending from the base to the epoch, and its count, last item, prefix
+/// digest and CID exactly as `expected` (the certified snapshot blob's reference) says.
+pub fn read_item_blob(
+    r: impl Read,
+    namespace: JournalNamespace,
+    epoch: Epoch,
+    base: Option<SnapshotBase>,
+    expected: &ItemRef,
+) -> Result<Vec<(Epoch, FactId)>, BlobError> {
+    let mut src = Source {
+        r,
+        hasher: blake3::Hasher::new(),
+        n: 0,
+    };
+    let (major, fields) = src.head()?;
+    if major != MAJOR_ARRAY || fields != 5 {
+        return Err(malformed("not an item blob"));
+    }
+    let (major, version) = src.head()?;
+    if major != MAJOR_UINT {
+        return Err(malformed(
+            "the item blob's version is not an unsigned integer",
+        ));
+    }
+    if version != ITEM_BLOB_VERSION {
+        return Err(BlobError::Malformed(format!(
+            "item blob format version {version} is not supported (this release reads {ITEM_BLOB_VERSION})"
+        )));
+    }
+    let ns: JournalNamespace = src.small_item("namespace")?;
+    let e: Epoch = src.small_item("epoch")?;
+    let b: Option<SnapshotBase> = src.small_item("base")?;
+    if (ns, e, b) != (namespace, epoch, base) {
+        return Err(malformed("the item blob belongs to another snapshot"));
+    }
+    // The count is checked below; it only sizes the first allocation, within reason.
+    let mut items = Vec::with_capacity(usize::try_from(expected.count.min(1 << 20)).unwrap_or(0));
+    let read = read_inline_items(&mut src, namespace, epoch, base, None, Some(&mut items))?;
+    let (last, count, digest) = (read.last, read.count, read.digest);
+    if !src.at_end()? {
+        return Err(malformed("bytes follow the item blob"));
+    }
+    let cid = ContentId::from_blake3(CODEC_DAG_CBOR, &Hash32(*src.hasher.finalize().as_bytes()));
+    if cid != expected.cid {
+        return Err(BlobError::NotCertified);
+    }
+    if (count, last, digest) != (expected.count, expected.last, expected.digest) {
+        return Err(malformed(
+            "the item blob does not match what its snapshot blob says of it",
+        ));
+    }
+    Ok(items)
+}
+
+/// The item blob a stored snapshot blob names (`None` before version 3), read from the
+/// head of its bytes alone. The bytes must already be known to be the blob (a store checked
+/// their CID when it stored them): nothing after the reference is read or checked.
+pub fn read_item_ref(r: impl Read) -> Result<Option<ItemRef>, BlobError> {
+    let mut src = Source {
+        r,
+        hasher: blake3::Hasher::new(),
+        n: 0,
+    };
+    let (major, fields) = src.head()?;
+    let (vmajor, version) = src.head()?;
+    if major != MAJOR_ARRAY || fields != 7 || vmajor != MAJOR_UINT {
+        return Err(malformed("not a snapshot blob"));
+    }
+    if !readable(version) {
+        return Err(BlobError::UnsupportedVersion(version));
+    }
+    if !has_item_blob(version) {
+        return Ok(None);
+    }
+    let _: JournalNamespace = src.small_item("namespace")?;
+    let _: Epoch = src.small_item("epoch")?;
+    let _: Option<SnapshotBase> = src.small_item("base")?;
+    Ok(Some(ItemRef::from_wire(src.small_item("item blob")?)))
+}
+
+impl BlobKeys {
+    /// The items of a version 3 blob, read from its item blob ([`read_item_blob`]).
+    pub fn read_items(&self, r: impl Read) -> Result<Vec<(Epoch, FactId)>, BlobError> {
+        let (Some(expected), Some(ns)) = (self.item_ref.as_ref(), self.namespace) else {
+            return Ok(self.items.clone());
+        };
+        read_item_blob(r, ns, self.epoch, self.base, expected)
+    }
 }
 
 /// Where a one-pass read hands the blob's facts in batches.
@@ -615,7 +948,7 @@ fn read_blob_inner(
     certified: Option<&CertifiedBlob>,
     mut sink: Option<FactSink<'_>>,
     batch_len: usize,
-    mut items_out: Option<&mut Vec<(Epoch, FactId)>>,
+    items_out: Option<&mut Vec<(Epoch, FactId)>>,
 ) -> Result<BlobSummary, BlobError> {
     let mut src = Source {
         r,
@@ -641,65 +974,18 @@ fn read_blob_inner(
     let epoch: Epoch = src.small_item("epoch")?;
     let base: Option<SnapshotBase> = src.small_item("base")?;
 
-    // The items: checked, hashed into the prefix digest and merged against the facts
-    // given ahead, 64 KiB at a time.
-    let (major, len) = src.head()?;
-    if major != MAJOR_BYTES {
-        return Err(malformed("the item list is not a byte string"));
-    }
-    if len % ITEM_LEN as u64 != 0 {
-        return Err(malformed("item list length is not a multiple of 40"));
-    }
     let floor = base.map_or(Epoch::ZERO, |b| b.epoch);
-    // Facts below the base were pruned from the item list, not from the state.
-    let mut ahead = facts_ahead
-        .unwrap_or(&[])
-        .iter()
-        .enumerate()
-        .filter(|(_, f)| f.epoch() >= floor)
-        .peekable();
-    let mut digest = DigestBuilder::chained(namespace, epoch, base);
-    let mut last: Option<(Epoch, FactId)> = None;
-    let mut items = 0u64;
-    let mut left = len;
-    let mut buf = vec![0u8; ITEM_BUF.min(usize::try_from(len).unwrap_or(ITEM_BUF))];
-    while left > 0 {
-        let take = usize::try_from(left).map_or(ITEM_BUF, |l| l.min(ITEM_BUF));
-        let chunk = &mut buf[..take];
-        src.exact(chunk)?;
-        left -= take as u64;
-        for rec in chunk.chunks_exact(ITEM_LEN) {
-            let (e, id) = rec.split_at(8);
-            let e = Epoch(u64::from_be_bytes(
-                e.try_into().map_err(|_| BlobError::Unsorted)?,
-            ));
-            let id = FactId(id.try_into().map_err(|_| BlobError::Unsorted)?);
-            if e >= epoch || e < floor || last.is_some_and(|l| l >= (e, id)) {
-                return Err(BlobError::Unsorted);
-            }
-            while let Some((i, f)) = ahead.peek() {
-                match f.order_key().cmp(&(e, id)) {
-                    std::cmp::Ordering::Less => {
-                        return Err(BlobError::BadFact(*i, "fact is not in the prefix".into()))
-                    }
-                    std::cmp::Ordering::Equal => {
-                        ahead.next();
-                    }
-                    std::cmp::Ordering::Greater => break,
-                }
-            }
-            digest.push(e, id);
-            last = Some((e, id));
-            items += 1;
-            if let Some(out) = items_out.as_mut() {
-                out.push((e, id));
-            }
+    let (last, items, prefix_digest, item_ref) = if has_item_blob(version) {
+        // The items are in the item blob; what the blob says of them is all there is here.
+        let r = ItemRef::from_wire(src.small_item("item blob")?);
+        if r.last.is_some_and(|(e, _)| e >= epoch || e < floor) {
+            return Err(BlobError::Unsorted);
         }
-    }
-    drop(buf);
-    if let Some((i, _)) = ahead.next() {
-        return Err(BlobError::BadFact(i, "fact is not in the prefix".into()));
-    }
+        (r.last, r.count, r.digest, Some(r))
+    } else {
+        let read = read_inline_items(&mut src, namespace, epoch, base, facts_ahead, items_out)?;
+        (read.last, read.count, read.digest, None)
+    };
 
     let (major, count) = src.head()?;
     if major != MAJOR_ARRAY {
@@ -779,11 +1065,12 @@ fn read_blob_inner(
         base,
         items,
         last_item: last,
+        item_ref,
         fact_count: count,
         last_epoch: last.map(|(e, _)| e).max(last_fact.map(|(e, _)| e)),
         facts,
         state_digest,
-        prefix_digest: digest.finish(),
+        prefix_digest,
         cid: ContentId::from_blake3(CODEC_DAG_CBOR, &Hash32(*src.hasher.finalize().as_bytes())),
         bytes: src.n,
     };
@@ -800,6 +1087,89 @@ fn read_blob_inner(
         ));
     }
     Ok(summary)
+}
+
+/// Reads a version 1 or 2 blob's inline item list: checked, hashed into the prefix digest
+/// and merged against the facts given ahead, 64 KiB at a time. Returns the last item, the
+/// count and the prefix digest.
+fn read_inline_items<R: Read>(
+    src: &mut Source<R>,
+    namespace: JournalNamespace,
+    epoch: Epoch,
+    base: Option<SnapshotBase>,
+    facts_ahead: Option<&[VerifiedFact]>,
+    mut items_out: Option<&mut Vec<(Epoch, FactId)>>,
+) -> Result<InlineItems, BlobError> {
+    let (major, len) = src.head()?;
+    if major != MAJOR_BYTES {
+        return Err(malformed("the item list is not a byte string"));
+    }
+    if len % ITEM_LEN as u64 != 0 {
+        return Err(malformed("item list length is not a multiple of 40"));
+    }
+    let floor = base.map_or(Epoch::ZERO, |b| b.epoch);
+    // Facts below the base were pruned from the item list, not from the state.
+    let mut ahead = facts_ahead
+        .unwrap_or(&[])
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.epoch() >= floor)
+        .peekable();
+    let mut digest = DigestBuilder::chained(namespace, epoch, base);
+    let mut last: Option<(Epoch, FactId)> = None;
+    let mut items = 0u64;
+    let mut left = len;
+    let mut buf = vec![0u8; ITEM_BUF.min(usize::try_from(len).unwrap_or(ITEM_BUF))];
+    while left > 0 {
+        let take = usize::try_from(left).map_or(ITEM_BUF, |l| l.min(ITEM_BUF));
+        let chunk = &mut buf[..take];
+        src.exact(chunk)?;
+        left -= take as u64;
+        for rec in chunk.chunks_exact(ITEM_LEN) {
+            let (e, id) = rec.split_at(8);
+            let e = Epoch(u64::from_be_bytes(
+                e.try_into().map_err(|_| BlobError::Unsorted)?,
+            ));
+            let id = FactId(id.try_into().map_err(|_| BlobError::Unsorted)?);
+            if e >= epoch || e < floor || last.is_some_and(|l| l >= (e, id)) {
+                return Err(BlobError::Unsorted);
+            }
+            while let Some((i, f)) = ahead.peek() {
+                match f.order_key().cmp(&(e, id)) {
+                    std::cmp::Ordering::Less => {
+                        return Err(BlobError::BadFact(*i, "fact is not in the prefix".into()))
+                    }
+                    std::cmp::Ordering::Equal => {
+                        ahead.next();
+                    }
+                    std::cmp::Ordering::Greater => break,
+                }
+            }
+            digest.push(e, id);
+            last = Some((e, id));
+            items += 1;
+            if let Some(out) = items_out.as_mut() {
+                out.push((e, id));
+            }
+        }
+    }
+    drop(buf);
+    if let Some((i, _)) = ahead.next() {
+        return Err(BlobError::BadFact(i, "fact is not in the prefix".into()));
+    }
+
+    Ok(InlineItems {
+        last,
+        count: items,
+        digest: digest.finish(),
+    })
+}
+
+/// What [`read_inline_items`] found: the last item, how many, and their prefix digest.
+struct InlineItems {
+    last: Option<(Epoch, FactId)>,
+    count: u64,
+    digest: Hash32,
 }
 
 const MAJOR_UINT: u8 = 0;
@@ -1003,12 +1373,29 @@ mod tests {
             sorted.sort_by_key(|f| f.order_key());
             let items = sorted.iter().map(|f| f.order_key()).collect();
             let blob = SnapshotBlob::from_parts(ns, Epoch(9), items, sorted);
+            // The item blob streams to the bytes `ItemBlob::encode` writes, and its
+            // reference is the one the blob keeps.
+            let mut item_bytes = Vec::new();
+            let item_ref = write_item_blob(
+                &mut item_bytes,
+                ns,
+                Epoch(9),
+                blob.base,
+                blob.items.len() as u64,
+                blob.items.iter().map(|i| Ok::<_, io::Error>(*i)),
+            )
+            .unwrap();
+            assert_eq!(Some(item_ref), blob.item_ref);
+            assert_eq!(item_bytes, blob.item_blob().unwrap().encode());
+            assert_eq!(
+                read_item_blob(&item_bytes[..], ns, Epoch(9), blob.base, &item_ref).unwrap(),
+                blob.items
+            );
             let mut out = Vec::new();
             write_blob(
                 &mut out,
-                &blob.head(),
-                blob.items.iter().map(|i| Ok::<_, io::Error>(*i)),
-                blob.facts.iter().map(|f| Ok(f.bytes())),
+                &blob.head().unwrap(),
+                blob.facts.iter().map(|f| Ok::<_, io::Error>(f.bytes())),
             )
             .unwrap();
             assert_eq!(out, blob.encode(), "{n} facts");
@@ -1022,14 +1409,14 @@ mod tests {
             assert_eq!(streamed, blob.facts);
             assert_eq!(summary.fact_count, n as u64);
             assert_eq!(summary.reduced_state(), blob.reduced_state());
+            assert_eq!(summary.prefix_digest, blob.prefix_digest());
             // A head that promises more than is handed is refused.
-            let mut head = blob.head();
+            let mut head = blob.head().unwrap();
             head.facts += 1;
             let short = write_blob(
                 &mut Vec::new(),
                 &head,
-                blob.items.iter().map(|i| Ok::<_, io::Error>(*i)),
-                blob.facts.iter().map(|f| Ok(f.bytes())),
+                blob.facts.iter().map(|f| Ok::<_, io::Error>(f.bytes())),
             );
             assert_eq!(short.unwrap_err().kind(), io::ErrorKind::InvalidData);
         }
@@ -1092,7 +1479,71 @@ mod tests {
 
     #[test]
     fn the_one_pass_reader_refuses_damage_without_panicking() {
+        for version in [2, 3] {
+            let mut b = blob(50);
+            b.version = version;
+            refuses_damage(&b.encode());
+        }
+        // Items out of order (a version 2 blob lists them itself).
+        let mut b = blob(50);
+        b.version = 2;
+        b.items.swap(3, 4);
+        assert_eq!(read_blob(&b.encode()[..], None), Err(BlobError::Unsorted));
         let bytes = blob(50).encode();
+        // A newer version is named as such.
+        let mut v4 = bytes.clone();
+        v4[1] = 4;
+        assert_eq!(
+            read_blob(&v4[..], None),
+            Err(BlobError::UnsupportedVersion(4))
+        );
+        // Formats 1 and 2 still read.
+        for version in [1, 2] {
+            let mut old = blob(50);
+            old.version = version;
+            let read = read_blob(&old.encode()[..], None).unwrap();
+            assert_eq!(read.item_ref, None);
+            assert_eq!(read.prefix_digest, blob(50).prefix_digest());
+            let decoded = SnapshotBlob::decode(&old.encode()).unwrap();
+            assert_eq!(decoded.items, old.items);
+            assert_eq!(decoded.prefix_digest(), old.prefix_digest());
+        }
+    }
+
+    #[test]
+    fn an_item_blob_reads_only_as_the_one_its_snapshot_blob_names() {
+        let b = blob(120);
+        let r = b.item_ref.unwrap();
+        let items = b.item_blob().unwrap().encode();
+        let ns = b.namespace;
+        assert_eq!(
+            read_item_blob(&items[..], ns, b.epoch, b.base, &r).unwrap(),
+            b.items
+        );
+        // Every cut and every flipped byte is refused, never a panic.
+        for cut in 0..items.len() {
+            assert!(read_item_blob(&items[..cut], ns, b.epoch, b.base, &r).is_err());
+        }
+        for pos in 0..items.len() {
+            let mut bad = items.clone();
+            bad[pos] ^= 0x01;
+            assert!(
+                read_item_blob(&bad[..], ns, b.epoch, b.base, &r).is_err(),
+                "at {pos}"
+            );
+        }
+        // The items of another snapshot are refused, even if they are a valid item blob.
+        let other = blob(119).item_blob().unwrap().encode();
+        assert!(read_item_blob(&other[..], ns, b.epoch, b.base, &r).is_err());
+        assert!(read_item_blob(&items[..], ns, Epoch(101), b.base, &r).is_err());
+        // A snapshot blob of version 3 no longer holds the list: it is far smaller.
+        let mut v2 = b.clone();
+        v2.version = 2;
+        assert!(b.encode().len() + 120 * 40 <= v2.encode().len() + 200);
+    }
+
+    fn refuses_damage(bytes: &[u8]) {
+        let bytes = bytes.to_vec();
         for cut in 0..bytes.len() {
             assert!(read_blob(&bytes[..cut], None).is_err(), "cut at {cut}");
         }
@@ -1114,21 +1565,5 @@ mod tests {
                 assert_ne!(s.cid, SnapshotBlob::cid_of(&bytes));
             }
         }
-        // Items out of order.
-        let mut b = blob(50);
-        b.items.swap(3, 4);
-        assert_eq!(read_blob(&b.encode()[..], None), Err(BlobError::Unsorted));
-        // A newer version is named as such.
-        let mut v3 = bytes.clone();
-        v3[1] = 3;
-        assert_eq!(
-            read_blob(&v3[..], None),
-            Err(BlobError::UnsupportedVersion(3))
-        );
-        // Format 1 (no application facts) still reads.
-        let mut v1 = blob(50);
-        v1.version = 1;
-        assert!(read_blob(&v1.encode()[..], None).is_ok());
-        assert_eq!(SnapshotBlob::decode(&v1.encode()).unwrap(), v1);
     }
 }

@@ -58,15 +58,37 @@ pub struct BuiltBlob {
     /// The bytes, unless the journal stored the blob itself (or could not build it, in
     /// which case `cid` is that of no valid blob and every comparison fails).
     pub bytes: Option<Vec<u8>>,
+    /// The item blob it names, with its bytes, when they are returned for the caller to
+    /// store (kept with the snapshot blob, so a signer holds both).
+    pub item_blob: Option<(ContentId, Vec<u8>)>,
 }
 
 impl BuiltBlob {
-    /// A blob built in memory.
+    /// A blob built in memory, with its item blob.
     pub fn of(blob: &SnapshotBlob) -> Self {
         let bytes = blob.encode();
+        let item_blob = blob.item_blob().map(|i| {
+            let b = i.encode();
+            (SnapshotBlob::cid_of(&b), b)
+        });
         Self {
             cid: SnapshotBlob::cid_of(&bytes),
             bytes: Some(bytes),
+            item_blob,
+        }
+    }
+
+    /// The actions that keep it: the item blob first, so a device that holds the snapshot
+    /// blob holds its items too.
+    fn store(self, out: &mut Out) {
+        if let Some((cid, bytes)) = self.item_blob {
+            out.out.push(CeremonyAction::StoreBlob { cid, bytes });
+        }
+        if let Some(bytes) = self.bytes {
+            out.out.push(CeremonyAction::StoreBlob {
+                cid: self.cid,
+                bytes,
+            });
         }
     }
 }
@@ -317,7 +339,7 @@ pub enum CeremonyAction {
     },
     /// Sign with the device key and append to the journal.
     WriteFact(UnsignedFact),
-    /// Keep this blob (the snapshot blob a completed snapshot refers to).
+    /// Keep this blob (the snapshot blob a completed snapshot refers to, or its item blob).
     StoreBlob {
         cid: ContentId,
         bytes: Vec<u8>,
@@ -668,12 +690,7 @@ impl SnapshotEngine {
             blob_cid,
         };
         let fact_epoch = state.current_epoch().max(target_epoch);
-        if let Some(bytes) = blob.bytes {
-            out.out.push(CeremonyAction::StoreBlob {
-                cid: blob_cid,
-                bytes,
-            });
-        }
+        blob.store(out);
         out.out.push(CeremonyAction::WriteFact(UnsignedFact {
             namespace,
             epoch: fact_epoch,
@@ -868,12 +885,7 @@ impl SnapshotEngine {
                 self.votes.retain(|e, _| *e > ours.snapshot_epoch);
                 self.votes.insert(target, digest);
                 // Kept, so once the snapshot completes this member holds its blob.
-                if let Some(bytes) = blob.bytes {
-                    out.out.push(CeremonyAction::StoreBlob {
-                        cid: blob_cid,
-                        bytes,
-                    });
-                }
+                blob.store(out);
                 let snapshot = SnapshotV1 {
                     epoch: proposal.target_epoch,
                     digest,

@@ -8,7 +8,9 @@ use tend_core::{
     Epoch, FactId, GroupKey, Hash32, JournalError, JournalNamespace, MaintenanceState, VerifiedFact,
 };
 
-use crate::blob::{stream_blob_facts, BlobError, BlobSummary, BlobTrust, SnapshotBlob};
+use crate::blob::{
+    read_item_blob, stream_blob_facts, BlobError, BlobSummary, BlobTrust, ItemRef, SnapshotBlob,
+};
 
 /// Facts per batch of a streamed blob read.
 const STREAM_BATCH: usize = 10_000;
@@ -52,8 +54,13 @@ pub struct Hydrated {
     pub namespace: JournalNamespace,
     /// The snapshot epoch E.
     pub epoch: Epoch,
-    /// The snapshot's `(epoch, id)` items, ascending.
+    /// The snapshot's `(epoch, id)` items, ascending; for a blob of version 3, empty until
+    /// its item blob is attached ([`Hydrated::attach_items`]).
     pub covered: Vec<(Epoch, FactId)>,
+    /// The item blob a version 3 blob names, until its items are attached.
+    pub items_elsewhere: Option<ItemRef>,
+    /// The `(epoch, id)` of the blob's facts, ascending (covered whatever else is known).
+    carried: Vec<(Epoch, FactId)>,
     /// The prefix's maintenance and authority facts (to keep in the journal).
     pub facts: Vec<VerifiedFact>,
     /// The reduced state: the prefix, then every tail fact applied so far.
@@ -97,10 +104,13 @@ pub fn hydrate(
         return Err(HydrateError::DigestMismatch);
     }
     let state = blob.reduced_state();
+    let items_elsewhere = blob.item_ref.filter(|r| blob.items.len() as u64 != r.count);
     Ok(Hydrated {
         namespace,
         epoch: blob.epoch,
         covered: blob.items,
+        items_elsewhere,
+        carried: blob.facts.iter().map(|f| f.order_key()).collect(),
         facts: blob.facts,
         state,
         snapshot: completed.clone(),
@@ -155,11 +165,26 @@ pub fn hydrate_stream(
 }
 
 impl Hydrated {
-    /// Where a fact at `(epoch, id)` stands (DESIGN rule 5).
+    /// Attaches the items of a version 3 snapshot from its item blob (checked against what
+    /// the certified snapshot blob says of it), so [`Hydrated::coverage`] is exact.
+    pub fn attach_items(&mut self, item_blob: impl Read) -> Result<(), HydrateError> {
+        if let Some(r) = self.items_elsewhere {
+            let base = self.state.snapshot_base(self.epoch);
+            self.covered = read_item_blob(item_blob, self.namespace, self.epoch, base, &r)?;
+            self.items_elsewhere = None;
+        }
+        Ok(())
+    }
+
+    /// Where a fact at `(epoch, id)` stands (DESIGN rule 5). Without the items of a
+    /// version 3 snapshot only the facts its blob carries count as covered: answering
+    /// `Late` for the others is the safe side (the author re-issues; never lost).
     pub fn coverage(&self, epoch: Epoch, id: &FactId) -> Coverage {
         if epoch >= self.epoch {
             Coverage::Tail
-        } else if self.covered.binary_search(&(epoch, *id)).is_ok() {
+        } else if self.covered.binary_search(&(epoch, *id)).is_ok()
+            || self.carried.binary_search(&(epoch, *id)).is_ok()
+        {
             Coverage::Covered
         } else {
             Coverage::Late

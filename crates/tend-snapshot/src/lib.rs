@@ -9,7 +9,7 @@ pub mod ceremony;
 pub mod hydrate;
 pub mod inprocess;
 
-pub use blob::{BlobError, SnapshotBlob, SNAPSHOT_BLOB_VERSION};
+pub use blob::{BlobError, ItemBlob, ItemRef, SnapshotBlob, SNAPSHOT_BLOB_VERSION};
 pub use ceremony::{
     AbortReason, BuiltBlob, CeremonyAction, CeremonyEvent, CeremonyInput, CeremonyMessage,
     JournalView, LocalJournal, MessageBody, Recipient, Refusal, SignerKey, SnapshotEngine,

@@ -50,6 +50,13 @@ fn hydrates_to_device_0(
 ) -> Hydrated {
     let blob = auth.blob(&c.snapshot.blob_cid).unwrap().to_vec();
     let mut fresh = hydrate(&blob, c, auth.namespace(), group_key).expect("the blob hydrates");
+    if let Some(r) = fresh.items_elsewhere {
+        let items = auth
+            .blob(&r.cid)
+            .expect("the item blob is kept with the blob");
+        fresh.attach_items(items).unwrap();
+        assert!(fresh.items_elsewhere.is_none());
+    }
     let tail: Vec<_> = auth
         .journal(0)
         .iter()
@@ -387,7 +394,15 @@ fn ceremony_messages_round_trip_and_carry_proposal_and_epoch() {
     ));
     let blob = SnapshotBlob::from_journal(auth.journal(0), e);
     let decoded = SnapshotBlob::decode(&blob.encode()).unwrap();
-    assert_eq!(decoded, blob);
+    // The items are in the item blob, not in the snapshot blob's bytes.
+    assert!(decoded.items.is_empty());
+    assert_eq!(
+        SnapshotBlob {
+            items: blob.items.clone(),
+            ..decoded.clone()
+        },
+        blob
+    );
     assert_eq!(decoded.prefix_digest(), auth.journal(0).prefix_digest(e));
 }
 
@@ -414,7 +429,20 @@ fn a_second_snapshot_chains_on_the_first_and_hydrates() {
     let blob_bytes = auth.blob(&second.snapshot.blob_cid).unwrap().to_vec();
     let blob = SnapshotBlob::decode(&blob_bytes).unwrap();
     assert_eq!(blob.base, Some(base));
-    assert!(blob.items.iter().all(|(e, _)| *e >= e1 && *e < e2));
+    let item_ref = blob.item_ref.expect("a version 3 blob names its item blob");
+    let items_bytes = auth
+        .blob(&item_ref.cid)
+        .expect("kept with the snapshot blob");
+    let items = tend_snapshot::blob::read_item_blob(
+        items_bytes,
+        auth.namespace(),
+        e2,
+        blob.base,
+        &item_ref,
+    )
+    .unwrap();
+    assert_eq!(items.len() as u64, item_ref.count);
+    assert!(items.iter().all(|(e, _)| *e >= e1 && *e < e2));
 
     let full = auth.state(0);
     let completion_epoch = auth

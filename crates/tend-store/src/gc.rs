@@ -40,8 +40,8 @@ pub struct CompactReport {
 }
 
 impl Store {
-    /// Deletes the facts of `ns` below the latest verified snapshot's epoch and the blobs whose
-    /// tombstone precedes it. Maintenance and authority facts stay in the maintenance table, so
+    /// Deletes the facts of `ns` below the latest verified snapshot's epoch, the blobs whose
+    /// tombstone precedes it and the item blobs every member has settled past. Maintenance and authority facts stay in the maintenance table, so
     /// [`Store::maintenance_state`] is the same before and after. Fails with
     /// [`StoreError::NoSnapshot`] if `ns` has no verified `SnapshotCompleted`. The freed pages
     /// are reused by later writes; [`Store::compact`] returns them to the file system.
@@ -137,7 +137,18 @@ impl Store {
             }
             let _ = facts.len();
         }
-        for cid in state.prunable_blobs() {
+        // Tombstoned blobs below the snapshot, and the item blobs of snapshots every member
+        // has settled (docs/ARCHITECTURE.md section 4a: no member needs them any more, and
+        // the settled facts are the same on every device, so waiting for a later snapshot
+        // to cover a tombstone would only keep a list of all history for a period longer).
+        let latest_blob = state.latest_snapshot.as_ref().map(|l| l.snapshot.blob_cid);
+        let mut reclaimable = state.prunable_blobs();
+        for cid in state.reclaimable_item_blobs() {
+            if !reclaimable.contains(&cid) && Some(cid) != latest_blob {
+                reclaimable.push(cid);
+            }
+        }
+        for cid in reclaimable {
             if kept_blobs.contains_key(&cid) {
                 // Tombstoned by one write, still the value of another key.
                 continue;

@@ -246,6 +246,12 @@ pub fn complete_snapshot(d: &Device, epoch: Epoch, proposal: &[u8]) -> (Verified
         .try_snapshot_blob(epoch)
         .unwrap();
     let bytes = blob.encode();
+    // Kept with its item blob, as the ceremony keeps them.
+    if let Some(items) = blob.item_blob() {
+        d.store()
+            .put_blob(tend_core::ids::CODEC_DAG_CBOR, &items.encode())
+            .unwrap();
+    }
     let cid = d
         .store()
         .put_blob(tend_core::ids::CODEC_DAG_CBOR, &bytes)

@@ -392,7 +392,7 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
     let mut p = Progress {
         quiet: json,
         steps: Vec::new(),
-        total: 17,
+        total: 18,
     };
     let mut rng = rand::rngs::OsRng;
 
@@ -713,6 +713,16 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
         .map(|d| Arc::try_unwrap(d).map_err(|_| "a device is still shared"))
         .collect::<Result<_, _>>()?;
     devices.swap(0, 1);
+
+    let start = Instant::now();
+    let vault = crate::devnet_vault::storage_peer_step(dir)
+        .await
+        .map_err(|e| format!("devnet step \"storage peer\" failed: {e}"))?;
+    p.record(
+        "storage peer (encrypted blobs, re-encryption)",
+        vault,
+        start,
+    );
 
     let nodes = start_nodes(devices, &listen).await?;
     let start = Instant::now();

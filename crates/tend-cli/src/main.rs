@@ -10,6 +10,7 @@ mod cli;
 mod completions;
 mod data;
 mod devnet;
+mod devnet_vault;
 mod gc;
 mod limits;
 mod logs;
@@ -21,6 +22,7 @@ mod snapshot;
 mod status;
 mod target;
 mod upgrade;
+mod vault;
 
 use std::process::ExitCode;
 

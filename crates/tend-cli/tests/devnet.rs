@@ -47,7 +47,7 @@ fn devnet(dir: &Path, devices: usize, threshold: u16, facts: usize) -> serde_jso
         .iter()
         .map(|s| s["step"].as_str().unwrap())
         .collect();
-    assert_eq!(steps.len(), 17, "{steps:?}");
+    assert_eq!(steps.len(), 18, "{steps:?}");
     assert_eq!(
         steps.last(),
         Some(&"every live value reads the same everywhere")
@@ -71,6 +71,7 @@ fn devnet_walks_the_lifecycle_and_verifies_every_step() {
         "upgrade activated",
         "admin replacement",
         "backup and restore",
+        "storage peer (encrypted blobs, re-encryption)",
     ] {
         assert!(
             steps.contains(&wanted),

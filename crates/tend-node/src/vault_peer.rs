@@ -384,3 +384,48 @@ pub fn authority_of(device: &Device) -> Result<AuthorityId, VaultNetError> {
 pub fn vault_file(home: &Path) -> PathBuf {
     home.join(VAULT_FILE)
 }
+
+/// `tend storage`: runs the storage peer of `authority` from `home` on `listen` until
+/// SIGTERM or SIGINT; `started` is called once it listens (after the signal handlers are
+/// installed, so a signal right after the announcement stops it cleanly).
+pub fn run_blocking(
+    home: &Path,
+    authority: AuthorityId,
+    listen: SocketAddr,
+    started: impl FnOnce(DeviceId, SocketAddr),
+) -> Result<(), VaultNetError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| VaultNetError::Connect(e.to_string()))?;
+    runtime.block_on(async {
+        let server = StorageServer::start(home, authority, listen).await?;
+        let stop = crate::signal::stop_requested();
+        let addr = server.local_addr().unwrap_or(listen);
+        started(server.device_id(), addr);
+        stop.await;
+        server.shutdown().await;
+        Ok(())
+    })
+}
+
+/// Runs `f` with a client connected to the storage peer, on a runtime of its own (for the
+/// CLI, which works on a stopped device).
+pub fn with_client_blocking<T>(
+    key: &DeviceKey,
+    storage: DeviceId,
+    addr: SocketAddr,
+    f: impl AsyncFnOnce(&VaultClient) -> Result<T, VaultNetError>,
+) -> Result<T, VaultNetError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| VaultNetError::Connect(e.to_string()))?;
+    runtime.block_on(async {
+        let client = VaultClient::connect(key, storage, addr).await?;
+        let out = f(&client).await;
+        client.close().await;
+        out
+    })
+}

@@ -1,11 +1,13 @@
-//! Automated snapshot triggers: whether a device should propose a snapshot by itself,
-//! because the journal above the latest snapshot passed a fact count, a byte size or an
-//! age. The decision ([`decide`]) is a pure function; [`evaluate`] gathers its inputs
-//! from a store for the running node.
+//! Automated snapshot triggers, over a store: [`evaluate`] measures the journal above the
+//! latest snapshot and the age clock, and asks the pure decision (`tend_replica::trigger`,
+//! re-exported here) whether the running node should propose a snapshot by itself.
 
 use serde::{Deserialize, Serialize};
 use tend_core::maintenance::MaintenanceFact;
 use tend_core::{Epoch, JournalNamespace, MaintenanceState, Payload};
+pub use tend_replica::trigger::{
+    decide, JournalStats, SnapshotTriggers, TriggerDecision, TriggerReason,
+};
 use tend_store::{Store, StoreError};
 
 use crate::error::BackupError;
@@ -14,122 +16,6 @@ use crate::error::BackupError;
 pub const TRIGGERS_SETTING: &str = "snapshot_triggers";
 /// Store setting recording when the device first saw its latest snapshot (the age clock).
 pub const OBSERVED_SETTING: &str = "snapshot_triggers_observed";
-
-/// When a device proposes a snapshot by itself. A limit of 0 disables that trigger.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapshotTriggers {
-    /// Facts at or above the latest snapshot epoch.
-    pub facts: u64,
-    /// Bytes of those facts (canonical encoding).
-    pub bytes: u64,
-    /// Seconds since the device first saw the latest snapshot (or, before any snapshot,
-    /// since it first evaluated the triggers), provided some new fact was written.
-    pub age_secs: u64,
-}
-
-impl Default for SnapshotTriggers {
-    /// 100 000 facts, 64 MiB, one week.
-    fn default() -> Self {
-        Self {
-            facts: 100_000,
-            bytes: 64 << 20,
-            age_secs: 7 * 24 * 3600,
-        }
-    }
-}
-
-/// The journal figures the decision looks at.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct JournalStats {
-    /// Facts at or above the latest snapshot epoch (all facts without a snapshot).
-    pub facts_since: u64,
-    /// Their bytes.
-    pub bytes_since: u64,
-    /// Those that are not snapshot ceremony facts (proposals, completions): without any,
-    /// another snapshot would cover nothing new.
-    pub new_facts_since: u64,
-    /// When the age clock started, in seconds since the Unix epoch.
-    pub since_secs: Option<u64>,
-}
-
-/// Which limit was passed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "trigger", rename_all = "lowercase")]
-pub enum TriggerReason {
-    Facts { count: u64, limit: u64 },
-    Bytes { bytes: u64, limit: u64 },
-    Age { secs: u64, limit: u64 },
-}
-
-/// What the device should do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "decision", rename_all = "lowercase")]
-pub enum TriggerDecision {
-    /// No limit passed (or nothing new to cover, or no authority yet).
-    Idle,
-    /// A proposal is open: let its ceremony finish (or time out) first.
-    Pending { target_epoch: Epoch },
-    /// Propose a snapshot covering every fact below `target_epoch`.
-    Propose {
-        target_epoch: Epoch,
-        reason: TriggerReason,
-    },
-}
-
-/// Decides whether to propose a snapshot: a pure function of the reduced state, the
-/// journal figures, the settings and the time.
-///
-/// The target is `current_epoch + 1`, as `tend snapshot propose` picks it: every fact
-/// written so far falls below it, and the proposal moves writers to the target so the
-/// prefix stops growing.
-pub fn decide(
-    state: &MaintenanceState,
-    stats: &JournalStats,
-    triggers: &SnapshotTriggers,
-    now_secs: u64,
-) -> TriggerDecision {
-    if state.membership().is_none() {
-        return TriggerDecision::Idle;
-    }
-    if let Some(p) = state
-        .proposals
-        .values()
-        .map(|p| p.proposal.target_epoch)
-        .max()
-    {
-        return TriggerDecision::Pending { target_epoch: p };
-    }
-    if stats.new_facts_since == 0 {
-        return TriggerDecision::Idle;
-    }
-    let reason = if triggers.facts > 0 && stats.facts_since >= triggers.facts {
-        Some(TriggerReason::Facts {
-            count: stats.facts_since,
-            limit: triggers.facts,
-        })
-    } else if triggers.bytes > 0 && stats.bytes_since >= triggers.bytes {
-        Some(TriggerReason::Bytes {
-            bytes: stats.bytes_since,
-            limit: triggers.bytes,
-        })
-    } else {
-        stats
-            .since_secs
-            .map(|since| now_secs.saturating_sub(since))
-            .filter(|age| triggers.age_secs > 0 && *age >= triggers.age_secs)
-            .map(|secs| TriggerReason::Age {
-                secs,
-                limit: triggers.age_secs,
-            })
-    };
-    match reason {
-        Some(reason) => TriggerDecision::Propose {
-            target_epoch: state.current_epoch().next(),
-            reason,
-        },
-        None => TriggerDecision::Idle,
-    }
-}
 
 /// The device's trigger settings (the defaults when unset).
 pub fn load_triggers(store: &Store) -> Result<SnapshotTriggers, StoreError> {
@@ -171,47 +57,45 @@ pub fn age_clock_start(
     }
 }
 
-impl JournalStats {
-    /// Measures the journal above the latest snapshot of `ns`: one scan of the facts at
-    /// or above it (cost linear in the tail, which the triggers keep bounded).
-    pub fn measure(
-        store: &Store,
-        state: &MaintenanceState,
-        since_secs: Option<u64>,
-    ) -> Result<Self, BackupError> {
-        let ns: JournalNamespace = state.namespace;
-        let floor: Epoch = state.snapshot_epoch();
-        let mut stats = JournalStats {
-            since_secs,
-            ..Default::default()
-        };
-        for f in store.scan(ns, floor..)? {
-            let f = f?;
-            stats.facts_since += 1;
-            stats.bytes_since += f.bytes().len() as u64;
-        }
-        let mut ceremony = 0;
-        for f in store.scan_maintenance(ns)? {
-            let f = f?;
-            if f.epoch < floor {
-                continue;
-            }
-            let fact = f.verify().map_err(|source| StoreError::FactCorrupt {
-                path: store.path().to_owned(),
-                source,
-            })?;
-            if matches!(
-                fact.payload(),
-                Payload::Maintenance(
-                    MaintenanceFact::SnapshotProposed(_) | MaintenanceFact::SnapshotCompleted(_)
-                )
-            ) {
-                ceremony += 1;
-            }
-        }
-        stats.new_facts_since = stats.facts_since.saturating_sub(ceremony);
-        Ok(stats)
+/// Measures the journal above the latest snapshot of `ns`: one scan of the facts at or
+/// above it (cost linear in the tail, which the triggers keep bounded).
+pub fn measure(
+    store: &Store,
+    state: &MaintenanceState,
+    since_secs: Option<u64>,
+) -> Result<JournalStats, BackupError> {
+    let ns: JournalNamespace = state.namespace;
+    let floor: Epoch = state.snapshot_epoch();
+    let mut stats = JournalStats {
+        since_secs,
+        ..Default::default()
+    };
+    for f in store.scan(ns, floor..)? {
+        let f = f?;
+        stats.facts_since += 1;
+        stats.bytes_since += f.bytes().len() as u64;
     }
+    let mut ceremony = 0;
+    for f in store.scan_maintenance(ns)? {
+        let f = f?;
+        if f.epoch < floor {
+            continue;
+        }
+        let fact = f.verify().map_err(|source| StoreError::FactCorrupt {
+            path: store.path().to_owned(),
+            source,
+        })?;
+        if matches!(
+            fact.payload(),
+            Payload::Maintenance(
+                MaintenanceFact::SnapshotProposed(_) | MaintenanceFact::SnapshotCompleted(_)
+            )
+        ) {
+            ceremony += 1;
+        }
+    }
+    stats.new_facts_since = stats.facts_since.saturating_sub(ceremony);
+    Ok(stats)
 }
 
 /// Everything the running node needs on its timer: loads the settings, starts or reads
@@ -224,7 +108,7 @@ pub fn evaluate(
     let triggers = load_triggers(store)?;
     let state = store.maintenance_state(ns)?;
     let since = age_clock_start(store, &state, now_secs)?;
-    let stats = JournalStats::measure(store, &state, Some(since))?;
+    let stats = measure(store, &state, Some(since))?;
     Ok((decide(&state, &stats, &triggers, now_secs), stats))
 }
 

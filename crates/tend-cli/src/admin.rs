@@ -9,12 +9,11 @@ use std::path::Path;
 
 use clap::Subcommand;
 use tend_core::DeviceId;
-use tend_node::admin::{self, AdminStatus};
-use tend_node::control::ops::{self, AdminReplaced};
-use tend_node::Device;
+use tend_node::admin::AdminStatus;
+use tend_node::control::ops::{AdminReplaced, GetAdminStatus, ReplaceAdmin};
 
 use crate::output::{CmdResult, Output};
-use crate::target::{fleet, short, target_with_homes as target, MemberHomes, Target};
+use crate::target::{among_members, short, target_with_homes as target, MemberHomes, Target};
 
 #[derive(Subcommand, Debug)]
 pub enum AdminCommand {
@@ -48,36 +47,25 @@ pub fn admin(home: &Path, cmd: AdminCommand) -> CmdResult {
             old,
             homes,
         } => {
+            let op = ReplaceAdmin {
+                new: new.to_string(),
+                at_epoch,
+                threshold,
+                old: old.map(|o| o.to_string()),
+            };
             let r = match target(home, &homes)? {
                 // With --threshold, the running device's own share must reach the
                 // threshold: signing rounds with other members do not go over the
                 // network yet.
-                Target::Running(mut c) => c.admin_replace(
-                    new.to_string(),
-                    at_epoch,
-                    threshold,
-                    old.map(|o| o.to_string()),
-                )?,
+                Target::Running(mut c) => c.run(op)?,
                 Target::Stopped(d) => {
-                    let (me, fleet) = fleet(*d, &homes)?;
-                    let devices: Vec<&Device> = match &fleet {
-                        Some(f) => f.devices().iter().map(|d| &**d).collect(),
-                        None => vec![&me],
-                    };
-                    let r = ops::admin_replace(&devices, new, at_epoch, threshold, old)?;
-                    if let Some(f) = &fleet {
-                        f.sync()?;
-                    }
-                    r
+                    among_members(*d, &homes, |devices| Ok(op.run_among(devices)?))?
                 }
             };
             Ok(replaced_output(r))
         }
         AdminCommand::Status => {
-            let s = match Target::open(home)? {
-                Target::Running(mut c) => c.admin_status()?,
-                Target::Stopped(d) => admin::status(&d)?,
-            };
+            let s = Target::open(home)?.run(GetAdminStatus {})?;
             Ok(admin_status_output(s))
         }
     }

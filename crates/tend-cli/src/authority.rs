@@ -10,6 +10,7 @@ use std::path::Path;
 
 use clap::Subcommand;
 use tend_core::DeviceId;
+use tend_node::control::ops::GetAuthorityStatus;
 use tend_node::fleet::AuthorityCreated;
 use tend_node::AuthorityStatus;
 
@@ -71,10 +72,7 @@ pub fn authority(home: &Path, cmd: AuthorityCommand) -> CmdResult {
             Ok(created_output(created))
         }
         AuthorityCommand::Status => {
-            let s = match Target::open(home)? {
-                Target::Running(mut c) => c.authority_status()?,
-                Target::Stopped(d) => d.authority_status()?,
-            };
+            let s = Target::open(home)?.run(GetAuthorityStatus {})?;
             Ok(authority_status_output(s))
         }
     }

@@ -4,10 +4,11 @@
 use std::path::Path;
 
 use clap::Subcommand;
-use tend_core::Epoch;
-use tend_node::cache::{self, CacheCheck, Invalidation};
-use tend_node::control::ops;
+use tend_node::cache::{CacheCheck, Invalidation};
+use tend_node::control::ops::{CheckCache, InvalidateCache};
+use tend_node::data::{Bytes64, CacheRead, CacheValidity, DataRequest, DataResponse};
 
+use crate::data::{run, shown, unexpected, written};
 use crate::output::{CmdResult, Output};
 use crate::target::{short, Target};
 
@@ -39,20 +40,14 @@ pub enum CacheCommand {
 
 pub fn cache(home: &Path, cmd: CacheCommand) -> CmdResult {
     match cmd {
-        CacheCommand::Put { key, value } => crate::data::cache_put(home, key, value),
-        CacheCommand::Get { key } => crate::data::cache_get(home, key),
+        CacheCommand::Put { key, value } => cache_put(home, key, value),
+        CacheCommand::Get { key } => cache_get(home, key),
         CacheCommand::Invalidate { keys, floor, local } => {
-            let inv = match Target::open(home)? {
-                Target::Running(mut c) => c.cache_invalidate(keys, floor, local)?,
-                Target::Stopped(d) => ops::cache_invalidate(&d, &keys, floor, local)?,
-            };
+            let inv = Target::open(home)?.run(InvalidateCache { keys, floor, local })?;
             Ok(invalidation_output(inv, local))
         }
         CacheCommand::Check { key, epoch } => {
-            let c = match Target::open(home)? {
-                Target::Running(mut c) => c.cache_check(key, epoch)?,
-                Target::Stopped(d) => cache::check(&d, &key, Epoch(epoch))?,
-            };
+            let c = Target::open(home)?.run(CheckCache { key, epoch })?;
             Ok(check_output(c))
         }
     }
@@ -84,4 +79,46 @@ fn check_output(c: CacheCheck) -> Output {
         c.floor.map_or("none".into(), |f| f.to_string())
     );
     Output::new(c, human)
+}
+
+fn cache_put(home: &Path, key: String, value: String) -> CmdResult {
+    let what = format!("cached {key}");
+    written(
+        run(
+            home,
+            DataRequest::CachePut {
+                key,
+                value: Bytes64(value.into_bytes()),
+            },
+        )?,
+        what,
+    )
+}
+
+fn cache_get(home: &Path, key: String) -> CmdResult {
+    let DataResponse::Cache(c) = run(home, DataRequest::CacheGet { key })? else {
+        return Err(unexpected());
+    };
+    let CacheRead {
+        key,
+        validity,
+        value,
+        computed_at,
+        floor,
+    } = &c;
+    let floor = floor.map_or("none".into(), |f| f.to_string());
+    let human = match validity {
+        CacheValidity::Absent => format!("{key}: absent (floor {floor})"),
+        _ => format!(
+            "{key}: {} {} (computed at epoch {}, floor {floor})",
+            if *validity == CacheValidity::Valid {
+                "valid"
+            } else {
+                "stale"
+            },
+            value.as_ref().map_or(String::new(), |v| shown(&v.0)),
+            computed_at.unwrap_or_default(),
+        ),
+    };
+    Ok(Output::new(c, human))
 }

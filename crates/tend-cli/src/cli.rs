@@ -3,10 +3,8 @@
 use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use tend_core::Epoch;
-use tend_node::Device;
 
-use crate::output::{CmdResult, Output};
+use crate::output::CmdResult;
 
 /// tend keeps the journals of an authority's devices in step and bounded.
 #[derive(Parser, Debug)]
@@ -46,13 +44,13 @@ pub enum Command {
     Scan(crate::data::ScanArgs),
     /// Append-only logs: append, read from a cursor, trim.
     #[command(subcommand)]
-    Log(crate::data::LogCommand),
+    Log(crate::log::LogCommand),
     /// Write facts (`fact add --kind K` appends to log K).
     #[command(subcommand)]
-    Fact(FactCommand),
+    Fact(crate::fact::FactCommand),
     /// Inspect the journal.
     #[command(subcommand)]
-    Journal(JournalCommand),
+    Journal(crate::journal::JournalCommand),
     /// The authority: members, threshold key, identity epoch.
     #[command(subcommand)]
     Authority(crate::authority::AuthorityCommand),
@@ -65,19 +63,19 @@ pub enum Command {
     /// waits for a moment when no sync session holds the store.
     Gc(crate::gc::GcArgs),
     /// Run the device: sync with peers over the network until SIGINT or SIGTERM.
-    Run(crate::net::RunArgs),
+    Run(crate::run::RunArgs),
     /// Serve a rendezvous point: devices publish signed, expiring address records to it and
     /// look each other up (`tend run --rendezvous ADDR`). Needs no home.
-    Rendezvous(crate::net::RendezvousArgs),
+    Rendezvous(crate::rendezvous::RendezvousArgs),
     /// Peers of the running device, with their scores, statuses and last sync; or set a
     /// peer's trust, ban or unban it.
     Peers {
         #[command(subcommand)]
-        cmd: Option<crate::net::PeersCommand>,
+        cmd: Option<crate::peers::PeersCommand>,
     },
     /// Synchronise with peers.
     #[command(subcommand)]
-    Sync(crate::net::SyncCommand),
+    Sync(crate::sync::SyncCommand),
     /// Over-the-air upgrades: publish, apply, activate.
     #[command(subcommand)]
     Upgrade(crate::upgrade::UpgradeCommand),
@@ -90,45 +88,11 @@ pub enum Command {
     /// Encrypted backups: export, verify, restore into a new home.
     #[command(subcommand)]
     Backup(crate::backup::BackupCommand),
-    /// Run a storage peer: keeps the authority's encrypted blobs for its members and
-    /// re-encrypts their keys when membership changes, without reading them.
-    Storage(crate::vault::StorageArgs),
-    /// Encrypted blobs on a storage peer: key an epoch, grant a peer, upload, fetch.
-    #[command(subcommand)]
-    Vault(crate::vault::VaultCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell). Needs no home.
     Completions(crate::completions::CompletionsArgs),
     /// Print the man page of `tend` (roff), or write one page per command with --out DIR.
     /// Needs no home.
     Man(crate::man::ManArgs),
-}
-
-#[derive(Subcommand, Debug)]
-pub enum FactCommand {
-    /// Append an application fact to the device's journal.
-    Add {
-        /// The application's name for this kind of fact.
-        #[arg(long)]
-        kind: String,
-        /// The fact's data, as text.
-        #[arg(long)]
-        data: String,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-pub enum JournalCommand {
-    /// Facts per namespace, epochs, store size and digest.
-    Status,
-    /// List facts in (epoch, id) order.
-    List {
-        /// Start at this epoch.
-        #[arg(long, default_value_t = 0)]
-        from_epoch: u64,
-        /// At most this many facts.
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-    },
 }
 
 fn home(args: &Args) -> Result<PathBuf, Box<dyn std::error::Error>> {
@@ -151,64 +115,14 @@ pub fn run(args: Args) -> CmdResult {
         Command::Devnet(devnet) => crate::devnet::run(devnet, args.json),
         Command::Completions(c) => crate::completions::completions(c, Args::command()),
         Command::Man(m) => crate::man::man(m, Args::command()),
-        Command::Init => {
-            crate::backup::remove_stale_restores(&home);
-            let device = Device::init(&home, &mut rand::rngs::OsRng)?;
-            let id = device.device_id().to_string();
-            Ok(Output::new(
-                serde_json::json!({
-                    "device_id": id,
-                    "home": home,
-                    "namespace": device.namespace().to_string(),
-                }),
-                format!("initialised device {id}\nhome {}", home.display()),
-            ))
-        }
-        Command::Run(run) => crate::net::run(&home, run, args.json),
-        Command::Rendezvous(r) => crate::net::rendezvous(r, args.json),
-        Command::Peers { cmd } => crate::net::peers(&home, cmd),
+        Command::Init => crate::init::init(&home),
+        Command::Run(run) => crate::run::run(&home, run, args.json),
+        Command::Rendezvous(r) => crate::rendezvous::rendezvous(r, args.json),
+        Command::Peers { cmd } => crate::peers::peers(&home, cmd),
         Command::Status => crate::status::status(&home),
-        Command::Sync(cmd) => crate::net::sync(&home, cmd, args.json),
-        Command::Fact(FactCommand::Add { kind, data }) => {
-            if let Some(out) = crate::net::add_fact_via_socket(&home, &kind, &data)? {
-                return Ok(out);
-            }
-            let device = Device::open(&home)?;
-            let fact = device.add_application_fact(&kind, data.as_bytes())?;
-            Ok(Output::new(
-                serde_json::json!({ "id": fact.id().to_string(), "epoch": fact.epoch().0 }),
-                format!("added fact {} at epoch {}", fact.id(), fact.epoch()),
-            ))
-        }
-        Command::Journal(JournalCommand::Status) => {
-            let status = match crate::net::journal_status_via_socket(&home)? {
-                Some(status) => status,
-                None => Device::open(&home)?.status()?,
-            };
-            let mut human = format!(
-                "device   {}\nstore    {} bytes\n",
-                status.device_id, status.store_bytes
-            );
-            for ns in &status.namespaces {
-                human.push_str(&format!(
-                    "\n{}\n  facts {} in the journal index: application {}, maintenance and authority {}\n  maintenance state reduced from {} maintenance and authority facts: {} in the index, {} pruned from it\n  epochs {}..{}, current epoch {}\n  identity epoch {}, snapshot epoch {}\n  digest {}\n",
-                    ns.namespace,
-                    ns.facts,
-                    ns.application_facts,
-                    ns.maintenance_facts,
-                    ns.state_facts,
-                    ns.maintenance_facts,
-                    ns.state_facts_pruned,
-                    ns.min_epoch.map_or("-".into(), |e| e.to_string()),
-                    ns.max_epoch.map_or("-".into(), |e| e.to_string()),
-                    ns.current_epoch,
-                    ns.identity_epoch,
-                    ns.snapshot_epoch,
-                    ns.digest,
-                ));
-            }
-            Ok(Output::new(status, human))
-        }
+        Command::Sync(cmd) => crate::sync::sync(&home, cmd, args.json),
+        Command::Fact(cmd) => crate::fact::fact(&home, cmd),
+        Command::Journal(cmd) => crate::journal::journal(&home, cmd),
         Command::Authority(cmd) => crate::authority::authority(&home, cmd),
         Command::Snapshot(cmd) => crate::snapshot::snapshot(&home, cmd),
         Command::Gc(args) => crate::gc::gc(&home, args),
@@ -219,29 +133,7 @@ pub fn run(args: Args) -> CmdResult {
         Command::Get(a) => crate::data::get(&home, a),
         Command::Delete(a) => crate::data::delete(&home, a),
         Command::Scan(a) => crate::data::scan(&home, a),
-        Command::Log(cmd) => crate::data::log(&home, cmd),
+        Command::Log(cmd) => crate::log::log(&home, cmd),
         Command::Backup(cmd) => crate::backup::run(&home, cmd, args.json),
-        Command::Storage(a) => crate::vault::storage(&home, a, args.json),
-        Command::Vault(cmd) => crate::vault::vault(&home, cmd),
-        Command::Journal(JournalCommand::List { from_epoch, limit }) => {
-            let facts = match crate::target::Target::open(&home)? {
-                crate::target::Target::Running(mut c) => c.journal_list(from_epoch, limit)?,
-                crate::target::Target::Stopped(d) => d.list(Epoch(from_epoch), limit)?,
-            };
-            let human = facts
-                .iter()
-                .map(|f| {
-                    format!(
-                        "{:>6}  {}  {}  {}",
-                        f.epoch,
-                        &f.id[..16],
-                        f.kind,
-                        f.data.as_deref().unwrap_or("")
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("\n");
-            Ok(Output::new(facts, human))
-        }
     }
 }

@@ -1,14 +1,12 @@
-//! `tend put`, `get`, `delete`, `scan`, `log ...` and `cache put|get`: application data,
-//! through the running device's socket or on the stopped device's store, with one request
-//! type (`tend_node::data`) for both.
+//! `tend put`, `get`, `delete` and `scan` (collections), and what every data command
+//! (these, `tend log` and `tend cache put|get`) shares: one `tend_node::data` request,
+//! through the running device's socket or on the stopped device's store, and bulk import.
 
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 
-use clap::{Args as ClapArgs, Subcommand};
-use tend_node::data::{
-    self, Bytes64, CacheRead, CacheValidity, DataRequest, DataResponse, LogEntry, ValueRead,
-};
+use clap::Args as ClapArgs;
+use tend_node::data::{self, Bytes64, DataRequest, DataResponse, ValueRead};
 
 use crate::output::CmdResult;
 use crate::output::Output;
@@ -69,60 +67,15 @@ pub struct ScanArgs {
     pub limit: usize,
 }
 
-#[derive(Subcommand, Debug)]
-pub enum LogCommand {
-    /// Append an entry; prints its cursor. With --ndjson, append many.
-    Append {
-        log: String,
-        /// The entry, as given. Or use --data-file.
-        #[arg(
-            required_unless_present_any = ["data_file", "ndjson"],
-            conflicts_with_all = ["data_file", "ndjson"]
-        )]
-        data: Option<String>,
-        /// Read the entry from a file, or from stdin with `-`.
-        #[arg(long, value_name = "PATH", conflicts_with = "ndjson")]
-        data_file: Option<PathBuf>,
-        /// Bulk import: entries from newline-delimited JSON, a file or `-` for stdin, in
-        /// the order of the lines. Each line is one object, `{"data": "text"}`, or
-        /// `{"data_b64": "<base64>"}` for bytes; no other field; blank lines are skipped.
-        /// The entries are written in batches of --batch-size lines, each batch one
-        /// transaction. Every line of a batch is checked before the batch is sent: a bad
-        /// line is refused with its number and nothing of its batch, nor after it, is
-        /// written, while the batches before it stay written (the error names the line to
-        /// resume from). Works on a stopped device and through a running one's socket.
-        #[arg(long, value_name = "FILE", verbatim_doc_comment)]
-        ndjson: Option<PathBuf>,
-        /// Lines per transaction with --ndjson (through a running device's socket a batch
-        /// also stops short of the socket's request size limit).
-        #[arg(long, default_value_t = DEFAULT_IMPORT_BATCH, requires = "ndjson")]
-        batch_size: usize,
-    },
-    /// Untrimmed entries in order, after a cursor.
-    Read {
-        log: String,
-        #[arg(long)]
-        after: Option<String>,
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-    },
-    /// Drop the entries below a cursor (the cursor's own entry stays).
-    Trim {
-        log: String,
-        #[arg(long)]
-        before: String,
-    },
-}
-
 /// Runs one data request on the device in `home`.
-fn run(home: &Path, request: DataRequest) -> Result<DataResponse, Box<dyn std::error::Error>> {
-    Ok(match Target::open(home)? {
-        Target::Running(mut c) => c.data(request)?,
-        Target::Stopped(d) => data::run(&d, request)?,
-    })
+pub(crate) fn run(
+    home: &Path,
+    request: DataRequest,
+) -> Result<DataResponse, Box<dyn std::error::Error>> {
+    Target::open(home)?.run(request)
 }
 
-fn read_input(
+pub(crate) fn read_input(
     given: Option<String>,
     file: Option<PathBuf>,
 ) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
@@ -144,11 +97,11 @@ fn read_input(
     }
 }
 
-fn unexpected() -> Box<dyn std::error::Error> {
+pub(crate) fn unexpected() -> Box<dyn std::error::Error> {
     "the device answered with another kind of result".into()
 }
 
-fn written(r: DataResponse, what: String) -> CmdResult {
+pub(crate) fn written(r: DataResponse, what: String) -> CmdResult {
     let DataResponse::Written(w) = r else {
         return Err(unexpected());
     };
@@ -204,16 +157,6 @@ struct PutLine {
     value_b64: Option<Bytes64>,
 }
 
-/// A line of `tend log append --ndjson`.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AppendLine {
-    #[serde(default)]
-    data: Option<String>,
-    #[serde(default)]
-    data_b64: Option<Bytes64>,
-}
-
 /// What a bulk import wrote.
 #[derive(serde::Serialize)]
 struct Imported {
@@ -234,7 +177,7 @@ const SOCKET_BATCH_BYTES: usize = tend_node::control::MAX_REQUEST_BYTES - 1024;
 
 /// Writes the requests the lines of `input` make, in batches of `batch_size`, one
 /// transaction each, on the stopped device or through the running one's socket.
-fn import(
+pub(crate) fn import(
     home: &Path,
     input: &Path,
     batch_size: usize,
@@ -324,10 +267,7 @@ fn import(
             let batch = DataRequest::Batch {
                 ops: std::mem::take(&mut ops),
             };
-            let answer = match &mut target {
-                Target::Running(c) => c.data(batch).map_err(Into::into),
-                Target::Stopped(d) => data::run(d, batch).map_err(Into::into),
-            };
+            let answer = target.run(batch);
             let written = match answer {
                 Ok(DataResponse::Batch(w)) => w,
                 Ok(_) => return Err(unexpected()),
@@ -399,7 +339,7 @@ pub fn delete(home: &Path, a: KeyArgs) -> CmdResult {
 }
 
 /// A value for a terminal: text as it is, anything else as its size.
-fn shown(v: &[u8]) -> String {
+pub(crate) fn shown(v: &[u8]) -> String {
     match std::str::from_utf8(v) {
         Ok(s) if !s.chars().any(char::is_control) => s.to_owned(),
         _ => format!("<{} bytes>", v.len()),
@@ -432,110 +372,4 @@ pub fn scan(home: &Path, a: ScanArgs) -> CmdResult {
         .collect::<Vec<_>>()
         .join("\n");
     Ok(Output::new(rows, human))
-}
-
-pub fn log(home: &Path, cmd: LogCommand) -> CmdResult {
-    match cmd {
-        LogCommand::Append {
-            log,
-            data,
-            data_file,
-            ndjson: Some(input),
-            batch_size,
-        } => {
-            let what = format!("entries to {log}");
-            let to_request = move |line: &str| {
-                let l: AppendLine = serde_json::from_str(line)?;
-                let data = match (l.data, l.data_b64) {
-                    (Some(d), None) => d.into_bytes(),
-                    (None, Some(b)) => b.0,
-                    _ => return Err("give exactly one of \"data\" and \"data_b64\"".into()),
-                };
-                Ok(DataRequest::LogAppend {
-                    log: log.clone(),
-                    data: Bytes64(data),
-                })
-            };
-            let _ = (data, data_file);
-            import(home, &input, batch_size, &what, to_request)
-        }
-        LogCommand::Append {
-            log,
-            data,
-            data_file,
-            ndjson: None,
-            ..
-        } => {
-            let data = read_input(data, data_file)?;
-            let what = format!("appended to {log}");
-            written(
-                run(
-                    home,
-                    DataRequest::LogAppend {
-                        log,
-                        data: Bytes64(data),
-                    },
-                )?,
-                what,
-            )
-        }
-        LogCommand::Read { log, after, limit } => {
-            let DataResponse::Log(entries) = run(home, DataRequest::LogRead { log, after, limit })?
-            else {
-                return Err(unexpected());
-            };
-            let human = entries
-                .iter()
-                .map(|e: &LogEntry| format!("{}\t{}", e.cursor, shown(&e.data.0)))
-                .collect::<Vec<_>>()
-                .join("\n");
-            Ok(Output::new(entries, human))
-        }
-        LogCommand::Trim { log, before } => {
-            let what = format!("trimmed {log} before {before}");
-            written(run(home, DataRequest::LogTrim { log, before })?, what)
-        }
-    }
-}
-
-pub fn cache_put(home: &Path, key: String, value: String) -> CmdResult {
-    let what = format!("cached {key}");
-    written(
-        run(
-            home,
-            DataRequest::CachePut {
-                key,
-                value: Bytes64(value.into_bytes()),
-            },
-        )?,
-        what,
-    )
-}
-
-pub fn cache_get(home: &Path, key: String) -> CmdResult {
-    let DataResponse::Cache(c) = run(home, DataRequest::CacheGet { key })? else {
-        return Err(unexpected());
-    };
-    let CacheRead {
-        key,
-        validity,
-        value,
-        computed_at,
-        floor,
-    } = &c;
-    let floor = floor.map_or("none".into(), |f| f.to_string());
-    let human = match validity {
-        CacheValidity::Absent => format!("{key}: absent (floor {floor})"),
-        _ => format!(
-            "{key}: {} {} (computed at epoch {}, floor {floor})",
-            if *validity == CacheValidity::Valid {
-                "valid"
-            } else {
-                "stale"
-            },
-            value.as_ref().map_or(String::new(), |v| shown(&v.0)),
-            computed_at.unwrap_or_default(),
-        ),
-    };
-    Ok(Output::new(c, human))
 }

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use clap::Args as ClapArgs;
-use tend_node::control::ops;
+use tend_node::control::ops::SetGcPolicy;
 use tend_node::{GcPolicy, GcReport};
 
 use crate::output::{CmdResult, Output};
@@ -35,12 +35,9 @@ fn parse_policy(s: &str) -> Result<GcPolicy, String> {
 }
 
 pub fn gc(home: &Path, args: GcArgs) -> CmdResult {
-    let target = Target::open(home)?;
+    let mut target = Target::open(home)?;
     if let Some(policy) = args.policy {
-        let set = match target {
-            Target::Running(mut c) => c.set_gc_policy(policy)?,
-            Target::Stopped(d) => ops::set_gc_policy(&d, policy)?,
-        };
+        let set = target.run(SetGcPolicy { policy })?;
         let human = format!("gc policy set to {:?}", set.gc_policy);
         return Ok(Output::new(set, human));
     }

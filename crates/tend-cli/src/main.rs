@@ -10,19 +10,24 @@ mod cli;
 mod completions;
 mod data;
 mod devnet;
-mod devnet_vault;
+mod fact;
 mod gc;
+mod init;
+mod journal;
 mod limits;
+mod log;
 mod logs;
 mod man;
-mod net;
 mod output;
+mod peers;
 mod progress;
+mod rendezvous;
+mod run;
 mod snapshot;
 mod status;
+mod sync;
 mod target;
 mod upgrade;
-mod vault;
 
 use std::process::ExitCode;
 

@@ -12,6 +12,7 @@ use clap::Subcommand;
 use tend_backup::triggers::TRIGGERS_SETTING;
 use tend_backup::SnapshotTriggers;
 use tend_core::Epoch;
+use tend_node::control::ops::GetSnapshotStatus;
 use tend_node::control::Client;
 use tend_node::SnapshotStatus;
 
@@ -79,7 +80,7 @@ pub fn snapshot(home: &Path, cmd: SnapshotCommand) -> CmdResult {
         }
         SnapshotCommand::Status => match Target::open(home)? {
             Target::Running(mut c) => {
-                let s = c.snapshot_status()?;
+                let s = c.run(GetSnapshotStatus {})?;
                 let t = c
                     .get_setting::<SnapshotTriggers>(TRIGGERS_SETTING)?
                     .unwrap_or_default();

@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use serde::Serialize;
+use tend_node::control::ops::GetSnapshotStatus;
 use tend_node::{GcPolicy, JournalStatus, NamespaceStatus, PeerInfo, SnapshotStatus};
 
 use crate::output::{CmdResult, Output};
@@ -50,7 +51,7 @@ pub fn status(home: &Path) -> CmdResult {
     let s = match Target::open(home)? {
         Target::Running(mut c) => {
             let node = c.status()?;
-            let snap = c.snapshot_status()?;
+            let snap = c.run(GetSnapshotStatus {})?;
             let gc = match snap.latest {
                 Some(_) => Some(c.gc(true)?),
                 None => None,
@@ -200,7 +201,7 @@ fn render(s: &Status) -> String {
                     p.successful_syncs,
                     p.failed_syncs,
                     p.active_sessions,
-                    crate::net::ago(p.last_sync_unix_ms),
+                    crate::peers::ago(p.last_sync_unix_ms),
                     if p.blocked { "  blocked" } else { "" }
                 ));
             }

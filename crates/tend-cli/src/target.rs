@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tend_node::control::Client;
+use tend_node::control::ops::Op;
+use tend_node::control::{Client, Request};
 use tend_node::fleet::LocalFleet;
 use tend_node::Device;
 
@@ -26,6 +27,31 @@ impl Target {
             Some(client) => Target::Running(client),
             None => Target::Stopped(Box::new(Device::open(home)?)),
         })
+    }
+
+    /// Runs `op` on the device: sent through the socket to the running one, or run here
+    /// on the stopped one. Both run the same [`Op::run`].
+    pub fn run<O: Op + Into<Request>>(
+        &mut self,
+        op: O,
+    ) -> Result<O::Output, Box<dyn std::error::Error>> {
+        Ok(match self {
+            Target::Running(c) => c.run(op)?,
+            Target::Stopped(d) => op.run(d)?,
+        })
+    }
+
+    /// Like [`Target::run`], for a command that takes `--member-home` (refused with a
+    /// running device, which reaches its members over the network).
+    pub fn run_with_members<O: Op + Into<Request>>(
+        self,
+        op: O,
+        homes: &MemberHomes,
+    ) -> Result<O::Output, Box<dyn std::error::Error>> {
+        match self.without_member_homes(&homes.member_homes)? {
+            Target::Running(mut c) => Ok(c.run(op)?),
+            Target::Stopped(d) => among_members(*d, homes, |devices| Ok(op.run(devices[0])?)),
+        }
     }
 
     /// Refuses `--member-home` with a running device: its exchanges go over the network
@@ -61,12 +87,44 @@ pub(crate) fn fleet(
     Ok((me, Some(LocalFleet::new(devices))))
 }
 
+/// Runs `f` on this stopped device and the member homes (this one first), syncing them
+/// before (so it sees their facts) and after (so they hold its outcome).
+pub(crate) fn among_members<T>(
+    me: Device,
+    homes: &MemberHomes,
+    f: impl FnOnce(&[&Device]) -> Result<T, Box<dyn std::error::Error>>,
+) -> Result<T, Box<dyn std::error::Error>> {
+    let (me, fleet) = fleet(me, homes)?;
+    let devices: Vec<&Device> = match &fleet {
+        Some(f) => f.devices().iter().map(|d| &**d).collect(),
+        None => vec![&me],
+    };
+    if let Some(f) = &fleet {
+        f.sync()?;
+    }
+    let out = f(&devices)?;
+    if let Some(f) = &fleet {
+        f.sync()?;
+    }
+    Ok(out)
+}
+
 /// The target, with `--member-home` refused on a running device.
 pub(crate) fn target_with_homes(
     home: &Path,
     homes: &MemberHomes,
 ) -> Result<Target, Box<dyn std::error::Error>> {
     Target::open(home)?.without_member_homes(&homes.member_homes)
+}
+
+/// The error for a command that needs a running device and finds none.
+pub(crate) fn no_device(home: &Path) -> Box<dyn std::error::Error> {
+    format!(
+        "no device is running in {} (start one with `tend run --home {}`)",
+        home.display(),
+        home.display()
+    )
+    .into()
 }
 
 pub(crate) fn short(id: &str) -> &str {

@@ -11,11 +11,14 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 use tend_core::maintenance::UpgradePolicy;
 use tend_core::{Hash32, ProtocolVersion};
-use tend_node::control::ops::{self, Activated, Published, UpgradeSettings};
-use tend_node::upgrade::{self, ApplyReport, Skip, UpgradeEvent, UpgradeStatus};
+use tend_node::control::ops::{
+    ActivateUpgrade, Activated, ApplyUpgrades, ConfigureUpgrades, GetUpgradeStatus, PublishUpgrade,
+    Published, UpgradeSettings, WidenUpgrade,
+};
+use tend_node::upgrade::{ApplyReport, Skip, UpgradeEvent, UpgradeStatus};
 
 use crate::output::{CmdResult, Output};
-use crate::target::{fleet, short, target_with_homes as target, MemberHomes, Target};
+use crate::target::{short, MemberHomes, Target};
 
 #[derive(Subcommand, Debug)]
 pub enum UpgradeCommand {
@@ -110,23 +113,16 @@ pub fn upgrade(home: &Path, cmd: UpgradeCommand) -> CmdResult {
             cohort,
             homes,
         } => {
-            let published = match target(home, &homes)? {
-                Target::Running(mut c) => {
-                    // The device reads the file from its own working directory.
-                    let artifact = std::fs::canonicalize(&artifact).map_err(|e| {
-                        format!("cannot read --artifact {}: {e}", artifact.display())
-                    })?;
-                    c.upgrade_publish(artifact, version.to_string(), fence, cohort)?
-                }
-                Target::Stopped(d) => {
-                    let (me, fleet) = fleet(*d, &homes)?;
-                    let p = ops::upgrade_publish(&me, &artifact, version, fence, cohort)?;
-                    if let Some(f) = &fleet {
-                        f.sync()?;
-                    }
-                    p
-                }
+            // A running device reads the file from its own working directory.
+            let artifact = std::fs::canonicalize(&artifact)
+                .map_err(|e| format!("cannot read --artifact {}: {e}", artifact.display()))?;
+            let op = PublishUpgrade {
+                artifact,
+                version: version.to_string(),
+                fence,
+                cohort,
             };
+            let published = Target::open(home)?.run_with_members(op, &homes)?;
             Ok(published_output(published))
         }
         UpgradeCommand::Widen {
@@ -134,17 +130,11 @@ pub fn upgrade(home: &Path, cmd: UpgradeCommand) -> CmdResult {
             percent,
             homes,
         } => {
-            let widened = match target(home, &homes)? {
-                Target::Running(mut c) => c.upgrade_widen(package_id.to_string(), percent)?,
-                Target::Stopped(d) => {
-                    let (me, fleet) = fleet(*d, &homes)?;
-                    let p = ops::upgrade_widen(&me, &package_id, percent)?;
-                    if let Some(f) = &fleet {
-                        f.sync()?;
-                    }
-                    p
-                }
+            let op = WidenUpgrade {
+                package_id: package_id.to_string(),
+                percent,
             };
+            let widened = Target::open(home)?.run_with_members(op, &homes)?;
             let human = format!(
                 "widened package {} to {}% of devices (every device already in stays in)",
                 widened.package_id, widened.cohort_percent
@@ -152,10 +142,7 @@ pub fn upgrade(home: &Path, cmd: UpgradeCommand) -> CmdResult {
             Ok(Output::new(widened, human))
         }
         UpgradeCommand::Status => {
-            let s = match Target::open(home)? {
-                Target::Running(mut c) => c.upgrade_status()?,
-                Target::Stopped(d) => upgrade::status(&d)?,
-            };
+            let s = Target::open(home)?.run(GetUpgradeStatus {})?;
             Ok(status_output(s))
         }
         UpgradeCommand::Activate {
@@ -163,29 +150,17 @@ pub fn upgrade(home: &Path, cmd: UpgradeCommand) -> CmdResult {
             min_ready,
             homes,
         } => {
-            let a = match target(home, &homes)? {
-                Target::Running(mut c) => c.upgrade_activate(package_id.to_string(), min_ready)?,
-                Target::Stopped(d) => {
-                    let (me, fleet) = fleet(*d, &homes)?;
-                    // Gather the members' readiness first, and hand them the activation
-                    // after.
-                    if let Some(f) = &fleet {
-                        f.sync()?;
-                    }
-                    let a = ops::upgrade_activate(&me, &package_id, min_ready)?;
-                    if let Some(f) = &fleet {
-                        f.sync()?;
-                    }
-                    a
-                }
+            // With member homes, their readiness is gathered first and the activation
+            // handed to them after.
+            let op = ActivateUpgrade {
+                package_id: package_id.to_string(),
+                min_ready,
             };
+            let a = Target::open(home)?.run_with_members(op, &homes)?;
             Ok(activated_output(a))
         }
         UpgradeCommand::Apply { install_cmd, retry } => {
-            let report = match Target::open(home)? {
-                Target::Running(mut c) => c.upgrade_apply(install_cmd, retry)?,
-                Target::Stopped(d) => ops::upgrade_apply(&d, install_cmd, retry)?,
-            };
+            let report = Target::open(home)?.run(ApplyUpgrades { install_cmd, retry })?;
             apply_output(report)
         }
         UpgradeCommand::Configure {
@@ -193,15 +168,11 @@ pub fn upgrade(home: &Path, cmd: UpgradeCommand) -> CmdResult {
             policy,
             max_attempts,
         } => {
-            let settings = match Target::open(home)? {
-                Target::Running(mut c) => c.upgrade_configure(install_cmd, policy, max_attempts)?,
-                Target::Stopped(d) => ops::upgrade_configure(
-                    &d,
-                    install_cmd.as_deref(),
-                    policy.as_ref(),
-                    max_attempts,
-                )?,
-            };
+            let settings = Target::open(home)?.run(ConfigureUpgrades {
+                install_cmd,
+                policy,
+                max_attempts,
+            })?;
             Ok(settings_output(settings))
         }
     }

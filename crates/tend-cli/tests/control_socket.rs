@@ -257,7 +257,7 @@ fn a_bad_request_gets_an_error_and_the_connection_keeps_serving() {
         assert!(r.error.is_some_and(|e| !e.is_empty()), "{bad}");
         // Still the same connection, still serving.
         let s = client
-            .authority_status()
+            .run(tend_node::control::ops::GetAuthorityStatus {})
             .expect("the connection still serves");
         assert_eq!(s.threshold, 1);
     }

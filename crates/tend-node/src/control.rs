@@ -48,24 +48,19 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 
-use crate::admin::AdminStatus;
-use crate::cache::{CacheCheck, Invalidation};
 use crate::ceremony::{CeremonyError, DEFAULT_CEREMONY_TIMEOUT};
-use crate::device::{
-    AuthorityStatus, Device, FactSummary, GcPolicy, GcReport, JournalStatus, SnapshotStatus,
-};
+use crate::device::{Device, GcReport, JournalStatus};
 use crate::dkg::DkgNetError;
 use crate::fleet::AuthorityCreated;
 use crate::metrics::Metrics;
 use crate::peer_table::PeerTableError;
 use crate::status::{NodeStatus, PeerInfo, RoundReport};
-use crate::upgrade::{ApplyReport, UpgradeStatus};
 
 pub mod ops;
 
 pub use crate::error::error_line;
 
-use ops::{Activated, AdminReplaced, GcPolicySet, Published, UpgradeSettings};
+use ops::Op;
 
 /// File name of the control socket in a home.
 pub const CONTROL_SOCKET: &str = "control.sock";
@@ -299,17 +294,11 @@ pub enum Request {
         timeout_secs: Option<u64>,
     },
     /// Up to `limit` facts from `from_epoch` on, in `(epoch, id)` order.
-    JournalList {
-        /// Start at this epoch.
-        #[serde(default)]
-        from_epoch: u64,
-        /// At most this many facts.
-        limit: usize,
-    },
+    JournalList(ops::ListJournal),
     /// Members, threshold, group key, identity epoch and admin.
-    AuthorityStatus,
+    AuthorityStatus(ops::GetAuthorityStatus),
     /// The latest verified snapshot, open proposals and the GC policy.
-    SnapshotStatus,
+    SnapshotStatus(ops::GetSnapshotStatus),
     /// Prunes what the latest verified snapshot covers (or reports it, with `dry_run`),
     /// then compacts the store once no sync session holds it (see `GcReport::compacted`).
     Gc {
@@ -318,10 +307,7 @@ pub enum Request {
         dry_run: bool,
     },
     /// Sets the device's GC policy.
-    SetGcPolicy {
-        /// `prune` or `archive`.
-        policy: GcPolicy,
-    },
+    SetGcPolicy(ops::SetGcPolicy),
     /// A plug-in setting (one of [`PLUGIN_SETTINGS`]); `null` when unset.
     GetSetting {
         /// The setting's key.
@@ -335,20 +321,9 @@ pub enum Request {
         value: serde_json::Value,
     },
     /// Packages, readiness, this device's outcomes and fence status.
-    UpgradeStatus,
+    UpgradeStatus(ops::GetUpgradeStatus),
     /// Publishes an upgrade package (admin only).
-    UpgradePublish {
-        /// Absolute path of the artifact file (the device reads it; it runs as the same
-        /// user, the socket being owner-only).
-        artifact: PathBuf,
-        /// The protocol version it brings, `MAJOR.MINOR.PATCH`.
-        version: String,
-        /// Hard-fork fence epoch.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        fence: Option<u64>,
-        /// Staged rollout percentage.
-        cohort: u8,
-    },
+    UpgradePublish(ops::PublishUpgrade),
     /// Sets the operator's trust for a peer, in [0, 1] (absent: back to its role's).
     PeerTrust {
         /// The peer's device id (hex).
@@ -363,74 +338,21 @@ pub enum Request {
         banned: bool,
     },
     /// Widens a package's staged rollout (admin only).
-    UpgradeWiden {
-        /// The package id (hex).
-        package_id: String,
-        /// The new rollout percentage, above the current one.
-        percent: u8,
-    },
+    UpgradeWiden(ops::WidenUpgrade),
     /// Activates a package (admin only).
-    UpgradeActivate {
-        /// The package id (hex).
-        package_id: String,
-        /// Activate once this many members are ready (default: every eligible one).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        min_ready: Option<u16>,
-    },
+    UpgradeActivate(ops::ActivateUpgrade),
     /// Runs the upgrade pipeline now.
-    UpgradeApply {
-        /// Install with this shell command instead of the configured one.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        install_cmd: Option<String>,
-        /// Try refused or failed packages again.
-        #[serde(default)]
-        retry: bool,
-    },
+    UpgradeApply(ops::ApplyUpgrades),
     /// Sets the install command, upgrade policy or install attempts (those given).
-    UpgradeConfigure {
-        /// The shell command that installs an artifact.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        install_cmd: Option<String>,
-        /// The upgrade policy.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        policy: Option<tend_core::maintenance::UpgradePolicy>,
-        /// Failed installs before the device stops trying (at least 1).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        max_attempts: Option<u32>,
-    },
+    UpgradeConfigure(ops::ConfigureUpgrades),
     /// The admin in charge and its replacements.
-    AdminStatus,
+    AdminStatus(ops::GetAdminStatus),
     /// Hands the admin role to `new` from `at_epoch`.
-    AdminReplace {
-        /// The new admin's device id (hex).
-        new: String,
-        /// The epoch from which it is admin.
-        at_epoch: u64,
-        /// Threshold-signed by the authority (with this device's share alone).
-        #[serde(default)]
-        threshold: bool,
-        /// With `threshold`: the admin to replace (default: the current one).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        old: Option<String>,
-    },
+    AdminReplace(ops::ReplaceAdmin),
     /// Invalidates cache keys.
-    CacheInvalidate {
-        /// The keys.
-        keys: Vec<String>,
-        /// The epoch floor (default: the current epoch).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        floor: Option<u64>,
-        /// Raise the floors on this device only, without publishing.
-        #[serde(default)]
-        local: bool,
-    },
+    CacheInvalidate(ops::InvalidateCache),
     /// Whether an entry cached at `epoch` under `key` is still valid.
-    CacheCheck {
-        /// The cache key.
-        key: String,
-        /// The epoch the entry was cached at.
-        epoch: u64,
-    },
+    CacheCheck(ops::CheckCache),
     /// An application data operation (collections, logs, the replicated cache):
     /// `{"v":1,"cmd":"data","op":"put","collection":"c","key":"k","value":"<base64>"}`.
     Data(crate::data::DataRequest),
@@ -465,7 +387,7 @@ impl Request {
             Request::AuthorityCreate { timeout_secs, .. } => {
                 Duration::from_secs(timeout_secs.unwrap_or(60)) + margin
             }
-            Request::UpgradeApply { .. } => ops::INSTALL_TIMEOUT + margin,
+            Request::UpgradeApply(_) => ops::INSTALL_TIMEOUT + margin,
             Request::BackupExport { .. } => EXPORT_RESPONSE_TIMEOUT,
             _ => DEFAULT_RESPONSE_TIMEOUT,
         }
@@ -674,15 +596,49 @@ where
     .await
 }
 
-fn invalid(msg: String) -> ops::OpError {
-    ops::OpError::Invalid(msg)
+/// Runs one [`Op`] on the running device: the same `run` a stopped device's CLI calls.
+async fn run_op<O: Op>(node: &Served, op: O) -> Response {
+    if op.writes() {
+        write_on_node(node, move |n| op.run(n.device())).await
+    } else {
+        on_node(node, move |n| op.run(n.device())).await
+    }
+}
+
+/// Each [`Op`] is the request of one command.
+macro_rules! op_requests {
+    ($($op:ty => $variant:ident),* $(,)?) => {
+        $(impl From<$op> for Request {
+            fn from(op: $op) -> Request {
+                Request::$variant(op)
+            }
+        })*
+    };
+}
+
+op_requests! {
+    ops::ListJournal => JournalList,
+    ops::GetAuthorityStatus => AuthorityStatus,
+    ops::GetSnapshotStatus => SnapshotStatus,
+    ops::SetGcPolicy => SetGcPolicy,
+    ops::GetUpgradeStatus => UpgradeStatus,
+    ops::PublishUpgrade => UpgradePublish,
+    ops::WidenUpgrade => UpgradeWiden,
+    ops::ActivateUpgrade => UpgradeActivate,
+    ops::ApplyUpgrades => UpgradeApply,
+    ops::ConfigureUpgrades => UpgradeConfigure,
+    ops::GetAdminStatus => AdminStatus,
+    ops::ReplaceAdmin => AdminReplace,
+    ops::InvalidateCache => CacheInvalidate,
+    ops::CheckCache => CacheCheck,
+    crate::data::DataRequest => Data,
 }
 
 fn plugin_setting(key: &str) -> Result<(), ops::OpError> {
     if PLUGIN_SETTINGS.contains(&key) {
         Ok(())
     } else {
-        Err(invalid(format!(
+        Err(ops::OpError::Invalid(format!(
             "setting {key:?} is not available through the control socket"
         )))
     }
@@ -753,18 +709,11 @@ async fn answer(node: &Served, request: Request) -> Response {
                 Err(e) => Response::err(e.to_string()),
             }
         }
-        Request::JournalList { from_epoch, limit } => {
-            on_node(node, move |n| {
-                n.device().list(tend_core::Epoch(from_epoch), limit)
-            })
-            .await
-        }
-        Request::AuthorityStatus => on_node(node, |n| n.device().authority_status()).await,
-        Request::SnapshotStatus => on_node(node, |n| n.device().snapshot_status()).await,
+        Request::JournalList(op) => run_op(node, op).await,
+        Request::AuthorityStatus(op) => run_op(node, op).await,
+        Request::SnapshotStatus(op) => run_op(node, op).await,
         Request::Gc { dry_run } => write_on_node(node, move |n| n.gc(dry_run)).await,
-        Request::SetGcPolicy { policy } => {
-            on_node(node, move |n| ops::set_gc_policy(n.device(), policy)).await
-        }
+        Request::SetGcPolicy(op) => run_op(node, op).await,
         Request::GetSetting { key } => {
             on_node(node, move |n| {
                 plugin_setting(&key)?;
@@ -780,53 +729,11 @@ async fn answer(node: &Served, request: Request) -> Response {
             })
             .await
         }
-        Request::UpgradeStatus => on_node(node, |n| crate::upgrade::status(n.device())).await,
-        Request::UpgradePublish {
-            artifact,
-            version,
-            fence,
-            cohort,
-        } => {
-            write_on_node(node, move |n| {
-                // The device's working directory is not the client's.
-                if !artifact.is_absolute() {
-                    return Err(invalid(format!(
-                        "the artifact path {} is not absolute",
-                        artifact.display()
-                    )));
-                }
-                let version = version
-                    .parse()
-                    .map_err(|e| invalid(format!("bad version {version:?}: {e}")))?;
-                ops::upgrade_publish(n.device(), &artifact, version, fence, cohort)
-            })
-            .await
-        }
-        Request::UpgradeWiden {
-            package_id,
-            percent,
-        } => {
-            write_on_node(node, move |n| {
-                let id = package_id
-                    .parse()
-                    .map_err(|e| invalid(format!("bad package id {package_id:?}: {e}")))?;
-                ops::upgrade_widen(n.device(), &id, percent)
-            })
-            .await
-        }
-        Request::UpgradeActivate {
-            package_id,
-            min_ready,
-        } => {
-            write_on_node(node, move |n| {
-                let id = package_id
-                    .parse()
-                    .map_err(|e| invalid(format!("bad package id {package_id:?}: {e}")))?;
-                ops::upgrade_activate(n.device(), &id, min_ready)
-            })
-            .await
-        }
-        Request::UpgradeApply { install_cmd, retry } => {
+        Request::UpgradeStatus(op) => run_op(node, op).await,
+        Request::UpgradePublish(op) => run_op(node, op).await,
+        Request::UpgradeWiden(op) => run_op(node, op).await,
+        Request::UpgradeActivate(op) => run_op(node, op).await,
+        Request::UpgradeApply(op) => {
             // The node runs the pipeline by itself after rounds that bring data; two runs
             // at once could install twice.
             if node.upgrade_running() {
@@ -834,64 +741,14 @@ async fn answer(node: &Served, request: Request) -> Response {
                     "the device is running its upgrade pipeline right now; try again shortly",
                 );
             }
-            write_on_node(node, move |n| {
-                ops::upgrade_apply(n.device(), install_cmd, retry)
-            })
-            .await
+            run_op(node, op).await
         }
-        Request::UpgradeConfigure {
-            install_cmd,
-            policy,
-            max_attempts,
-        } => {
-            // Changing the policy advertises `DeviceMetadata`, a fact.
-            write_on_node(node, move |n| {
-                ops::upgrade_configure(
-                    n.device(),
-                    install_cmd.as_deref(),
-                    policy.as_ref(),
-                    max_attempts,
-                )
-            })
-            .await
-        }
-        Request::AdminStatus => on_node(node, |n| crate::admin::status(n.device())).await,
-        Request::AdminReplace {
-            new,
-            at_epoch,
-            threshold,
-            old,
-        } => {
-            write_on_node(node, move |n| {
-                let parse = |s: &str| {
-                    s.parse::<tend_core::DeviceId>()
-                        .map_err(|e| invalid(format!("bad device id {s:?}: {e}")))
-                };
-                let new = parse(&new)?;
-                let old = old.as_deref().map(parse).transpose()?;
-                ops::admin_replace(&[&**n.device()], new, at_epoch, threshold, old)
-            })
-            .await
-        }
-        Request::CacheInvalidate { keys, floor, local } => {
-            write_on_node(node, move |n| {
-                ops::cache_invalidate(n.device(), &keys, floor, local)
-            })
-            .await
-        }
-        Request::CacheCheck { key, epoch } => {
-            on_node(node, move |n| {
-                crate::cache::check(n.device(), &key, tend_core::Epoch(epoch))
-            })
-            .await
-        }
-        Request::Data(request) => {
-            if request.is_write() {
-                write_on_node(node, move |n| crate::data::run(n.device(), request)).await
-            } else {
-                on_node(node, move |n| crate::data::run(n.device(), request)).await
-            }
-        }
+        Request::UpgradeConfigure(op) => run_op(node, op).await,
+        Request::AdminStatus(op) => run_op(node, op).await,
+        Request::AdminReplace(op) => run_op(node, op).await,
+        Request::CacheInvalidate(op) => run_op(node, op).await,
+        Request::CacheCheck(op) => run_op(node, op).await,
+        Request::Data(op) => run_op(node, op).await,
         Request::BackupExport {
             out,
             passphrase_file,
@@ -1051,7 +908,13 @@ impl Client {
         &mut self,
         request: crate::data::DataRequest,
     ) -> Result<crate::data::DataResponse, ControlError> {
-        self.typed(Request::Data(request))
+        self.run(request)
+    }
+
+    /// Runs `op` on the running device: the same [`Op::run`] a stopped device runs in
+    /// the CLI, so the answer is the same struct either way.
+    pub fn run<O: Op + Into<Request>>(&mut self, op: O) -> Result<O::Output, ControlError> {
+        self.typed(op.into())
     }
 
     /// The device's status.
@@ -1107,33 +970,9 @@ impl Client {
         })
     }
 
-    /// Up to `limit` facts from `from_epoch` on.
-    pub fn journal_list(
-        &mut self,
-        from_epoch: u64,
-        limit: usize,
-    ) -> Result<Vec<FactSummary>, ControlError> {
-        self.typed(Request::JournalList { from_epoch, limit })
-    }
-
-    /// The authority as the device sees it.
-    pub fn authority_status(&mut self) -> Result<AuthorityStatus, ControlError> {
-        self.typed(Request::AuthorityStatus)
-    }
-
-    /// Snapshots and the GC policy.
-    pub fn snapshot_status(&mut self) -> Result<SnapshotStatus, ControlError> {
-        self.typed(Request::SnapshotStatus)
-    }
-
     /// Prunes (or with `dry_run` reports) what the latest verified snapshot covers.
     pub fn gc(&mut self, dry_run: bool) -> Result<GcReport, ControlError> {
         self.typed(Request::Gc { dry_run })
-    }
-
-    /// Sets the GC policy.
-    pub fn set_gc_policy(&mut self, policy: GcPolicy) -> Result<GcPolicySet, ControlError> {
-        self.typed(Request::SetGcPolicy { policy })
     }
 
     /// A plug-in setting (one of [`PLUGIN_SETTINGS`]), `None` when unset.
@@ -1155,27 +994,6 @@ impl Client {
         .map(drop)
     }
 
-    /// Packages, readiness and this device's outcomes.
-    pub fn upgrade_status(&mut self) -> Result<UpgradeStatus, ControlError> {
-        self.typed(Request::UpgradeStatus)
-    }
-
-    /// Publishes an upgrade package; `artifact` must be an absolute path.
-    pub fn upgrade_publish(
-        &mut self,
-        artifact: PathBuf,
-        version: String,
-        fence: Option<u64>,
-        cohort: u8,
-    ) -> Result<Published, ControlError> {
-        self.typed(Request::UpgradePublish {
-            artifact,
-            version,
-            fence,
-            cohort,
-        })
-    }
-
     /// Sets (or with `None` clears) the operator's trust for a peer.
     pub fn peer_trust(
         &mut self,
@@ -1191,89 +1009,6 @@ impl Client {
     /// Bans a peer or lifts a ban.
     pub fn peer_ban(&mut self, device_id: String, banned: bool) -> Result<PeerInfo, ControlError> {
         self.typed(Request::PeerBan { device_id, banned })
-    }
-
-    /// Widens a package's staged rollout.
-    pub fn upgrade_widen(
-        &mut self,
-        package_id: String,
-        percent: u8,
-    ) -> Result<Published, ControlError> {
-        self.typed(Request::UpgradeWiden {
-            package_id,
-            percent,
-        })
-    }
-
-    /// Activates a package.
-    pub fn upgrade_activate(
-        &mut self,
-        package_id: String,
-        min_ready: Option<u16>,
-    ) -> Result<Activated, ControlError> {
-        self.typed(Request::UpgradeActivate {
-            package_id,
-            min_ready,
-        })
-    }
-
-    /// Runs the upgrade pipeline on the running device.
-    pub fn upgrade_apply(
-        &mut self,
-        install_cmd: Option<String>,
-        retry: bool,
-    ) -> Result<ApplyReport, ControlError> {
-        self.typed(Request::UpgradeApply { install_cmd, retry })
-    }
-
-    /// Sets (some of) the upgrade settings and returns them all.
-    pub fn upgrade_configure(
-        &mut self,
-        install_cmd: Option<String>,
-        policy: Option<tend_core::maintenance::UpgradePolicy>,
-        max_attempts: Option<u32>,
-    ) -> Result<UpgradeSettings, ControlError> {
-        self.typed(Request::UpgradeConfigure {
-            install_cmd,
-            policy,
-            max_attempts,
-        })
-    }
-
-    /// The admin and its replacements.
-    pub fn admin_status(&mut self) -> Result<AdminStatus, ControlError> {
-        self.typed(Request::AdminStatus)
-    }
-
-    /// Hands the admin role over.
-    pub fn admin_replace(
-        &mut self,
-        new: String,
-        at_epoch: u64,
-        threshold: bool,
-        old: Option<String>,
-    ) -> Result<AdminReplaced, ControlError> {
-        self.typed(Request::AdminReplace {
-            new,
-            at_epoch,
-            threshold,
-            old,
-        })
-    }
-
-    /// Invalidates cache keys.
-    pub fn cache_invalidate(
-        &mut self,
-        keys: Vec<String>,
-        floor: Option<u64>,
-        local: bool,
-    ) -> Result<Invalidation, ControlError> {
-        self.typed(Request::CacheInvalidate { keys, floor, local })
-    }
-
-    /// Whether a cached entry is still valid.
-    pub fn cache_check(&mut self, key: String, epoch: u64) -> Result<CacheCheck, ControlError> {
-        self.typed(Request::CacheCheck { key, epoch })
     }
 
     /// Has the running device write a backup archive to `out` (absolute, as is
@@ -1298,17 +1033,26 @@ mod tests {
 
     #[test]
     fn a_request_round_trips_through_its_line() {
-        let req = Request::UpgradeConfigure {
+        let req = Request::from(ops::ConfigureUpgrades {
             install_cmd: Some("true".into()),
             policy: Some(tend_core::maintenance::UpgradePolicy::Manual),
             max_attempts: None,
-        };
+        });
         let line = encode_request(&req).unwrap();
         assert!(
             line.starts_with(r#"{"v":1,"cmd":"upgrade_configure""#),
             "{line}"
         );
         assert_eq!(parse_request(line.as_bytes()), Ok(req));
+        // A command without fields reads as before it became an `Op`.
+        assert_eq!(
+            parse_request(br#"{"v":1,"cmd":"upgrade_status"}"#),
+            Ok(Request::UpgradeStatus(ops::GetUpgradeStatus {}))
+        );
+        assert_eq!(
+            encode_request(&ops::GetAdminStatus {}.into()).unwrap(),
+            r#"{"v":1,"cmd":"admin_status"}"#
+        );
         // The newline the server strips may also be left on.
         assert_eq!(
             parse_request(b"{\"v\":1,\"cmd\":\"status\"}\n"),
@@ -1360,10 +1104,10 @@ mod tests {
             timeout_secs: Some(600),
         };
         assert!(propose.response_timeout() > Duration::from_secs(600));
-        let apply = Request::UpgradeApply {
+        let apply = Request::from(ops::ApplyUpgrades {
             install_cmd: None,
             retry: false,
-        };
+        });
         assert!(apply.response_timeout() > ops::INSTALL_TIMEOUT);
         assert_eq!(Request::Status.response_timeout(), DEFAULT_RESPONSE_TIMEOUT);
         let export = Request::BackupExport {

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use tend_core::{Epoch, Payload, UnsignedFact};
-use tend_node::control::{Client, ControlError, Request, MAX_RESPONSE_BYTES};
+use tend_node::control::{ops, Client, ControlError, Request, MAX_RESPONSE_BYTES};
 use tend_node::{Node, NodeConfig};
 
 fn with_socket() -> NodeConfig {
@@ -32,10 +32,14 @@ async fn store_requests_answer_what_the_device_says() {
     let (list, authority, snapshot, admin) = blocking(move || {
         let mut c = Client::connect(&h).unwrap().unwrap();
         (
-            c.journal_list(0, 10).unwrap(),
-            c.authority_status().unwrap(),
-            c.snapshot_status().unwrap(),
-            c.admin_status().unwrap(),
+            c.run(ops::ListJournal {
+                from_epoch: 0,
+                limit: 10,
+            })
+            .unwrap(),
+            c.run(ops::GetAuthorityStatus {}).unwrap(),
+            c.run(ops::GetSnapshotStatus {}).unwrap(),
+            c.run(ops::GetAdminStatus {}).unwrap(),
         )
     })
     .await;
@@ -50,8 +54,20 @@ async fn store_requests_answer_what_the_device_says() {
     let h = home.clone();
     let (inv, check) = blocking(move || {
         let mut c = Client::connect(&h).unwrap().unwrap();
-        let inv = c.cache_invalidate(vec!["k".into()], None, false).unwrap();
-        (inv, c.cache_check("k".into(), 0).unwrap())
+        let inv = c
+            .run(ops::InvalidateCache {
+                keys: vec!["k".into()],
+                floor: None,
+                local: false,
+            })
+            .unwrap();
+        let check = c
+            .run(ops::CheckCache {
+                key: "k".into(),
+                epoch: 0,
+            })
+            .unwrap();
+        (inv, check)
     })
     .await;
     assert!(inv.fact_id.is_some());
@@ -110,12 +126,15 @@ async fn an_answer_over_the_client_limit_is_refused_with_a_reason() {
     let node = Node::start(fleet.take(0), with_socket()).await.unwrap();
     let h = home.clone();
     let (too_long, fine) = blocking(move || {
-        let too_long = Client::connect(&h)
-            .unwrap()
-            .unwrap()
-            .journal_list(0, count + 10);
+        let too_long = Client::connect(&h).unwrap().unwrap().run(ops::ListJournal {
+            from_epoch: 0,
+            limit: count + 10,
+        });
         // A new connection with a smaller question works.
-        let fine = Client::connect(&h).unwrap().unwrap().journal_list(0, 10);
+        let fine = Client::connect(&h).unwrap().unwrap().run(ops::ListJournal {
+            from_epoch: 0,
+            limit: 10,
+        });
         (too_long, fine)
     })
     .await;

@@ -216,6 +216,9 @@ struct Inner {
     /// ask for exactly one more round, however many they are.
     push: Notify,
     round: tokio::sync::Mutex<()>,
+    /// Numbers the rounds: a round's sessions are one group of the session manager, which
+    /// asks for each missing fact once between them.
+    rounds: AtomicU64,
     start: Instant,
     closing: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -324,6 +327,7 @@ impl Node {
             wake: Notify::new(),
             push: Notify::new(),
             round: tokio::sync::Mutex::new(()),
+            rounds: AtomicU64::new(0),
             start: Instant::now(),
             closing: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
@@ -608,10 +612,13 @@ impl Node {
         let inner = self.inner.clone();
         let _round = inner.round.lock().await;
         let peers = inner.select_peers();
+        let group = inner.rounds.fetch_add(1, Ordering::SeqCst);
         let mut handles = Vec::new();
         for peer in peers {
             let inner = inner.clone();
-            handles.push(tokio::spawn(async move { sync_peer(inner, peer).await }));
+            handles.push(tokio::spawn(async move {
+                sync_peer(inner, peer, Some(group)).await
+            }));
         }
         let mut report = RoundReport::default();
         for h in handles {
@@ -810,7 +817,7 @@ impl Node {
     /// Syncs with one given peer now (adding it if unknown).
     pub async fn sync_with(&self, peer: PeerAddr) -> PeerOutcome {
         self.inner.learn(&[peer]);
-        sync_peer(self.inner.clone(), peer).await
+        sync_peer(self.inner.clone(), peer, None).await
     }
 
     /// Stops: closes sessions and the endpoint, stops every task, removes the control
@@ -1726,7 +1733,8 @@ async fn fetch_held_snapshots(inner: &Inner, peer: PeerAddr) -> bool {
 /// Syncs with one peer, retrying at once when an identity epoch change aborted it, and
 /// once more when the session held back a snapshot completion whose blob this device
 /// then fetched from the peer (so a device behind a snapshot catches up in one call).
-async fn sync_peer(inner: Arc<Inner>, peer: PeerAddr) -> PeerOutcome {
+/// Syncs with one peer, as one session of round `group` when there is one.
+async fn sync_peer(inner: Arc<Inner>, peer: PeerAddr, group: Option<u64>) -> PeerOutcome {
     // DESIGN rule 7: a device past a fence its running version does not meet starts no
     // session; the refusal names the package and the versions.
     let refusal = inner.state().ok().and_then(|st| {
@@ -1751,7 +1759,7 @@ async fn sync_peer(inner: Arc<Inner>, peer: PeerAddr) -> PeerOutcome {
     let mut fetched_held = false;
     loop {
         attempts += 1;
-        let (outcome, err) = match initiate(&inner, peer).await {
+        let (outcome, err) = match initiate(&inner, peer, group).await {
             Ok(o) => (Some(o), None),
             Err(e) => (None, Some(e)),
         };
@@ -1832,10 +1840,33 @@ fn room_for(inner: &Inner, peer: &DeviceId) -> Result<(), InitiateError> {
     })
 }
 
+/// Waits, up to [`SESSION_WAIT`], until no session with `peer` is open. A session the peer
+/// opened brings what it has and takes what it lacks; one of ours opened alongside would
+/// send the same facts a second time (every fact twice in a catch-up, where the peer pulls
+/// for minutes while this device's round starts). Opened after it, ours finds what is
+/// left. The bound keeps a peer that opens sessions back to back from holding a round.
+async fn wait_for_sessions_with(inner: &Inner, peer: &DeviceId) {
+    let until = Instant::now() + SESSION_WAIT;
+    while lock(&inner.manager).active_with(peer) > 0
+        && Instant::now() < until
+        && !inner.closing.load(Ordering::SeqCst)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The longest a session waits for another with the same peer to end
+/// ([`wait_for_sessions_with`]).
+const SESSION_WAIT: Duration = Duration::from_secs(60);
+
 /// One session as initiator. This device's own limits are checked before connecting and
 /// are never blamed on the peer; a failure to connect or open the stream counts as a
 /// failed sync with the peer and backs off.
-async fn initiate(inner: &Arc<Inner>, peer: PeerAddr) -> Result<Outcome, InitiateError> {
+async fn initiate(
+    inner: &Arc<Inner>,
+    peer: PeerAddr,
+    group: Option<u64>,
+) -> Result<Outcome, InitiateError> {
     let fail = |inner: &Inner, msg: String| {
         let mut book = lock(&inner.peers);
         let wait = book
@@ -1861,6 +1892,7 @@ async fn initiate(inner: &Arc<Inner>, peer: PeerAddr) -> Result<Outcome, Initiat
     if inner.closing.load(Ordering::SeqCst) {
         return Err(InitiateError::ShuttingDown);
     }
+    wait_for_sessions_with(inner, &peer.device).await;
     // Room first: a full manager is this device's state, not the peer's.
     room_for(inner, &peer.device)?;
     let addr = endpoint::endpoint_addr(peer.device, peer.addr)
@@ -1885,7 +1917,10 @@ async fn initiate(inner: &Arc<Inner>, peer: PeerAddr) -> Result<Outcome, Initiat
         let mut m = lock(&inner.manager);
         let known_floor = lock(&inner.peer_floors).get(&peer.device).copied();
         match inner.session_inputs(known_floor) {
-            Ok((local, items)) => match m.open(now, peer.device, local, items) {
+            Ok((local, items)) => match match group {
+                Some(g) => m.open_in_group(now, peer.device, local, items, g),
+                None => m.open(now, peer.device, local, items),
+            } {
                 Ok((sid, actions)) => {
                     lock(&inner.routes).insert(sid, tx.clone());
                     lock(&inner.awaiting_accept).insert(sid, peer.device);

@@ -335,3 +335,55 @@ async fn a_stopped_peer_is_unreachable_and_a_restarted_one_catches_up() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_waits_for_the_peers_session_so_each_fact_crosses_once() {
+    // b catches up from a (a sends at most 2,000 facts/s, so it takes about a second and a
+    // half); a's own round to b starts meanwhile. It waits for b's session to end instead
+    // of pushing the same facts alongside, then finds nothing left to send.
+    let mut fleet = Fleet::new(2, &[true, true]);
+    bulk_facts(fleet.device(0), "once", 3_000);
+    let paced = NodeConfig {
+        sync_interval: Duration::from_secs(3600),
+        manager: ManagerConfig {
+            max_per_peer: 2,
+            rate: RateConfig {
+                per_peer: Rate {
+                    facts_per_sec: NonZeroU32::new(2_000),
+                    bytes_per_sec: None,
+                },
+                global: Rate::UNLIMITED,
+                ..RateConfig::UNLIMITED
+            },
+            ..ManagerConfig::default()
+        },
+        ..quiet(vec![])
+    };
+    let a = Node::start(fleet.take(0), paced).await.unwrap();
+    let b = Node::start(
+        fleet.take(1),
+        NodeConfig {
+            sync_interval: Duration::from_secs(3600),
+            ..quiet(vec![])
+        },
+    )
+    .await
+    .unwrap();
+    a.add_peer(b.peer_addr()).unwrap();
+    let pull = {
+        let b = b.clone();
+        let peer = a.peer_addr();
+        tokio::spawn(async move { b.sync_with(peer).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fact_count(&b) < 3_002, "b's session ended too early");
+    let round = a.sync_now().await;
+    let pulled = pull.await.unwrap();
+    assert!(pulled.ok, "{pulled:?}");
+    assert!(round.sessions.iter().all(|s| s.ok), "{round:?}");
+    assert_eq!(digest(&a), digest(&b));
+    let sent = metric(&a.metrics().render(), "tend_facts_sent_total").unwrap_or(0.0);
+    assert_eq!(sent, 3_000.0, "every fact crossed once");
+    a.shutdown().await;
+    b.shutdown().await;
+}

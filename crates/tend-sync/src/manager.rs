@@ -4,10 +4,10 @@
 //! advances or a fence becomes unsatisfied, and releases each session's resources when it
 //! ends.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use tend_core::{DeviceId, JournalNamespace};
+use tend_core::{DeviceId, FactId, JournalError, JournalNamespace, VerifiedFact};
 
 use crate::items::SharedItems;
 use crate::message::{AbortReason, RefuseReason, SyncMessage};
@@ -89,12 +89,54 @@ pub enum ManagerError {
 }
 
 /// Owns the running sessions of a device.
+///
+/// Initiator sessions opened together as one group (a sync round with several peers,
+/// [`SessionManager::open_in_group`]) share their wants: a fact one of them asked for is
+/// not asked for by another of the group while both run. The caller waits for the whole
+/// group, which together still brings everything, while one session alone may end
+/// without some fact a sibling brings. A session that ends gives up its claims, so a
+/// sibling's later answers may ask for them again. The claims exist only while two or
+/// more sessions of a group run, so a lone session costs nothing.
 pub struct SessionManager {
     config: ManagerConfig,
     sessions: BTreeMap<SessionId, Session>,
     per_peer: BTreeMap<DeviceId, usize>,
     rate: RateLimits,
     next_id: u64,
+    /// The group of each grouped session.
+    group_of: HashMap<SessionId, u64>,
+    /// Per group with two or more running sessions: which session asked for each fact.
+    asked: HashMap<u64, HashMap<FactId, SessionId>>,
+}
+
+/// The host as one session of a group sees it: wants are claimed against the group's
+/// other sessions, everything else goes to the caller's host.
+struct Grouped<'a> {
+    host: &'a mut dyn FactHost,
+    session: SessionId,
+    asked: &'a mut HashMap<FactId, SessionId>,
+}
+
+impl FactHost for Grouped<'_> {
+    fn load_fact(&self, namespace: JournalNamespace, id: &FactId) -> Option<Vec<u8>> {
+        self.host.load_fact(namespace, id)
+    }
+
+    fn admit(&mut self, fact: VerifiedFact) -> Result<bool, JournalError> {
+        self.host.admit(fact)
+    }
+
+    fn holds(&self, namespace: JournalNamespace, id: &FactId) -> bool {
+        self.host.holds(namespace, id)
+    }
+
+    fn is_authorized(&self, namespace: JournalNamespace, peer: &DeviceId) -> bool {
+        self.host.is_authorized(namespace, peer)
+    }
+
+    fn claim_want(&mut self, id: &FactId) -> bool {
+        *self.asked.entry(*id).or_insert(self.session) == self.session && self.host.claim_want(id)
+    }
 }
 
 impl std::fmt::Debug for SessionManager {
@@ -116,6 +158,41 @@ impl SessionManager {
             per_peer: BTreeMap::new(),
             rate,
             next_id: 0,
+            group_of: HashMap::new(),
+            asked: HashMap::new(),
+        }
+    }
+
+    /// Runs `f` on session `id` with the host it should see: the caller's, or for a
+    /// session of a group with running siblings, one that claims its wants.
+    fn with_session<R>(
+        &mut self,
+        id: SessionId,
+        host: &mut dyn FactHost,
+        f: impl FnOnce(&mut Session, &mut dyn FactHost, &mut RateLimits) -> R,
+    ) -> Option<R> {
+        let session = self.sessions.get_mut(&id)?;
+        let asked = self.group_of.get(&id).and_then(|g| self.asked.get_mut(g));
+        Some(match asked {
+            Some(asked) => {
+                let mut grouped = Grouped {
+                    host,
+                    session: id,
+                    asked,
+                };
+                f(session, &mut grouped, &mut self.rate)
+            }
+            None => f(session, host, &mut self.rate),
+        })
+    }
+
+    /// Starts or drops a group's claims as its sessions come to overlap or stop.
+    fn update_group(&mut self, group: u64) {
+        let running = self.group_of.values().filter(|g| **g == group).count();
+        if running > 1 {
+            self.asked.entry(group).or_default();
+        } else {
+            self.asked.remove(&group);
         }
     }
 
@@ -181,6 +258,30 @@ impl SessionManager {
         let (session, actions) =
             Session::initiate(now, peer, local, items, self.config.session.clone())?;
         Ok(self.insert(session, actions))
+    }
+
+    /// Opens a session to `peer` as initiator, one of `group`: sessions of one group
+    /// (a sync round with several peers) ask for each missing fact once between them
+    /// while they run together, so the caller must wait for all of them.
+    pub fn open_in_group(
+        &mut self,
+        now: Duration,
+        peer: DeviceId,
+        local: LocalView,
+        items: SharedItems,
+        group: u64,
+    ) -> Result<(SessionId, Vec<ManagerAction>), ManagerError> {
+        if !self.has_room_for(&peer) {
+            return Err(self.capacity_error(&peer));
+        }
+        let (session, actions) =
+            Session::initiate(now, peer, local, items, self.config.session.clone())?;
+        let id = SessionId(self.next_id);
+        self.group_of.insert(id, group);
+        self.update_group(group);
+        let (inserted, actions) = self.insert(session, actions);
+        debug_assert_eq!(inserted, id);
+        Ok((inserted, actions))
     }
 
     /// Accepts an incoming session whose first message is `hello`:
@@ -274,11 +375,11 @@ impl SessionManager {
         host: &mut dyn FactHost,
     ) -> Vec<ManagerAction> {
         let mut out = Vec::new();
-        let Some(session) = self.sessions.get_mut(&id) else {
+        let Some((peer, actions)) = self.with_session(id, host, |session, host, rate| {
+            (session.peer(), session.handle(now, bytes, host, Some(rate)))
+        }) else {
             return out;
         };
-        let peer = session.peer();
-        let actions = session.handle(now, bytes, host, Some(&mut self.rate));
         self.translate(id, peer, actions, &mut out);
         out
     }
@@ -331,9 +432,9 @@ impl SessionManager {
         let mut out = Vec::new();
         let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
         for id in ids {
-            if let Some(session) = self.sessions.get_mut(&id) {
-                let peer = session.peer();
-                let actions = session.poll(now, host, Some(&mut self.rate));
+            if let Some((peer, actions)) = self.with_session(id, host, |session, host, rate| {
+                (session.peer(), session.poll(now, host, Some(rate)))
+            }) {
                 self.translate(id, peer, actions, &mut out);
             }
         }
@@ -410,6 +511,13 @@ impl SessionManager {
                 if *n == 0 {
                     self.per_peer.remove(&peer);
                 }
+            }
+            if let Some(group) = self.group_of.remove(&id) {
+                // What the session asked for and did not get may be asked for again.
+                if let Some(asked) = self.asked.get_mut(&group) {
+                    asked.retain(|_, by| *by != id);
+                }
+                self.update_group(group);
             }
         }
     }

@@ -81,6 +81,14 @@ pub trait FactHost {
     /// responder refuses a Hello from a peer this is false for with
     /// `RefuseReason::NotAuthorized`, before it reconciles or admits anything.
     fn is_authorized(&self, namespace: JournalNamespace, peer: &DeviceId) -> bool;
+
+    /// Whether the initiator should ask its peer for fact `id`. The
+    /// [`SessionManager`](crate::SessionManager) answers `false` when another session of
+    /// the same group (a sync round) already asked for it, so the sessions of a round with
+    /// several peers bring each missing fact once. By default, always.
+    fn claim_want(&mut self, _id: &FactId) -> bool {
+        true
+    }
 }
 
 /// Tunables of a session.
@@ -151,6 +159,9 @@ pub struct SessionStats {
     pub rejected: BTreeMap<&'static str, u64>,
     /// Ids we asked for.
     pub wanted: u64,
+    /// Ids we lacked but did not ask for, because another session of the same group
+    /// already had ([`FactHost::claim_want`]).
+    pub wants_left: u64,
     /// Time from start to end.
     pub duration: Duration,
 }
@@ -646,7 +657,7 @@ impl Session {
                 self.phase = Phase::Running;
                 self.peer_protocol = Some(a.protocol);
                 self.learn_peer_floor(a.epoch.snapshot_epoch);
-                self.on_answer(now, &a.reconcile, &mut out);
+                self.on_answer(now, &a.reconcile, host, &mut out);
                 if !self.is_finished() && a.reconcile == [NEGENTROPY_V1] {
                     // The responder found every range equal and has closed its side.
                     self.finish(now, SessionResult::Completed, &mut out);
@@ -654,7 +665,7 @@ impl Session {
                 }
             }
             (Phase::Running, Role::Initiator, SyncMessage::Reconcile(m)) if !self.recon_done => {
-                self.on_answer(now, &m, &mut out);
+                self.on_answer(now, &m, host, &mut out);
             }
             (Phase::Running, Role::Responder, SyncMessage::Reconcile(m)) if !self.peer_done => {
                 match self.recon.respond(&m) {
@@ -783,7 +794,13 @@ impl Session {
     }
 
     /// Initiator: one negentropy answer of the responder.
-    fn on_answer(&mut self, now: Duration, msg: &[u8], out: &mut Vec<Action>) {
+    fn on_answer(
+        &mut self,
+        now: Duration,
+        msg: &[u8],
+        host: &mut dyn FactHost,
+        out: &mut Vec<Action>,
+    ) {
         let step = match self.recon.step(msg) {
             Ok(s) => s,
             Err(e) => return self.fail(now, FailReason::Reconcile(e), out),
@@ -797,6 +814,14 @@ impl Session {
             .need
             .into_iter()
             .filter(|id| self.wanted.insert(*id))
+            .filter(|id| {
+                // Another session is bringing it: counted as left to that one.
+                let claimed = host.claim_want(id);
+                if !claimed {
+                    self.stats.wants_left += 1;
+                }
+                claimed
+            })
             .collect();
         // Ask for what we lack before the next query, so the peer's facts flow while
         // reconciliation goes on.

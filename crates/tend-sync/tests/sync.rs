@@ -367,3 +367,81 @@ proptest! {
         prop_assert!(sim.closed.iter().all(|c| c.outcome.result == SessionResult::Completed));
     }
 }
+
+/// Facts received by `device` over all its sessions since `from` (an index in `closed`).
+fn received_by(sim: &Sim, device: usize, from: usize) -> u64 {
+    sim.closed[from..]
+        .iter()
+        .filter(|c| c.device == device)
+        .map(|c| c.outcome.stats.facts_received)
+        .sum()
+}
+
+#[test]
+fn a_rounds_sessions_ask_for_each_fact_once() {
+    // Devices 0 and 1 hold the same facts; device 2 syncs with both at once, as one round,
+    // and asks for each missing fact from one of them only.
+    let mut sim = Sim::new(3, 12, config());
+    sim.author(0, 2_000, 1);
+    assert!(sim.open(0, 1).is_some());
+    sim.run();
+    assert!(sim.converged(&[0, 1]));
+    let from = sim.closed.len();
+    assert!(sim.open_in(2, 0, Some(1)).is_some());
+    assert!(sim.open_in(2, 1, Some(1)).is_some());
+    sim.run();
+    assert!(sim.converged(&[0, 1, 2]));
+    assert_eq!(received_by(&sim, 2, from), 2_000);
+    let left: u64 = sim.closed[from..]
+        .iter()
+        .map(|c| c.outcome.stats.wants_left)
+        .sum();
+    assert!(left > 0, "the second session found the same facts missing");
+    // Ungrouped sessions (separate calls) each bring what they find missing.
+    let mut sim = Sim::new(3, 12, config());
+    sim.author(0, 500, 1);
+    assert!(sim.open(0, 1).is_some());
+    sim.run();
+    let from = sim.closed.len();
+    assert!(sim.open_in(2, 0, Some(1)).is_some());
+    assert!(sim.open_in(2, 1, Some(2)).is_some());
+    sim.run();
+    assert!(sim.converged(&[0, 1, 2]));
+    assert_eq!(received_by(&sim, 2, from), 1_000);
+}
+
+#[test]
+fn a_round_session_that_fails_leaves_its_wants_to_the_next_round() {
+    // Device 2 syncs with 0 and 1 as one round; 0 goes away mid-round, so what 2 left to
+    // its session with 0 arrives in the next round.
+    let mut sim = Sim::new(3, 13, config());
+    sim.author(0, 3_000, 1);
+    assert!(sim.open(0, 1).is_some());
+    sim.run();
+    let to_0 = sim.open_in(2, 0, Some(1)).unwrap();
+    let to_1 = sim.open_in(2, 1, Some(1)).unwrap();
+    // Cut 0 off as soon as 2 asked it for facts and left them to it in the other session.
+    let stats = |sim: &Sim, id| {
+        sim.devices[2]
+            .manager
+            .session(id)
+            .map(|s| s.stats().clone())
+    };
+    loop {
+        assert!(sim.step(), "the sessions ended before both asked");
+        let (Some(a), Some(b)) = (stats(&sim, to_0), stats(&sim, to_1)) else {
+            panic!("a session ended before both asked");
+        };
+        if a.wanted > 0 && b.wants_left > 0 {
+            break;
+        }
+    }
+    sim.devices[0].online = false;
+    sim.blocked.insert((0, 2));
+    sim.blocked.insert((2, 0));
+    sim.run();
+    assert!(!sim.converged(&[1, 2]));
+    assert!(sim.open_in(2, 1, Some(2)).is_some());
+    sim.run();
+    assert!(sim.converged(&[1, 2]));
+}

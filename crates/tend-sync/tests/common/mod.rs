@@ -398,6 +398,11 @@ impl Sim {
 
     /// Device `a` opens a session to `b` if both have room.
     pub fn open(&mut self, a: usize, b: usize) -> Option<SessionId> {
+        self.open_in(a, b, None)
+    }
+
+    /// Device `a` opens a session to `b`, one of `group` if given (a round's sessions).
+    pub fn open_in(&mut self, a: usize, b: usize, group: Option<u64>) -> Option<SessionId> {
         let peer = self.devices[b].id;
         if !self.devices[a].manager.has_room_for(&peer) || !self.devices[a].online {
             return None;
@@ -405,7 +410,12 @@ impl Sim {
         let local = self.devices[a].local_view();
         let items = self.devices[a].store.items();
         let now = self.now;
-        match self.devices[a].manager.open(now, peer, local, items) {
+        let manager = &mut self.devices[a].manager;
+        let opened = match group {
+            Some(g) => manager.open_in_group(now, peer, local, items, g),
+            None => manager.open(now, peer, local, items),
+        };
+        match opened {
             Ok((sid, actions)) => {
                 self.devices[a].peers.session_started(&peer);
                 self.routes.insert((a, sid), (b, None));

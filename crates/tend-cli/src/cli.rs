@@ -88,6 +88,12 @@ pub enum Command {
     /// Encrypted backups: export, verify, restore into a new home.
     #[command(subcommand)]
     Backup(crate::backup::BackupCommand),
+    /// Run a storage peer: keeps the authority's encrypted blobs for its members and
+    /// re-encrypts their keys when membership changes, without reading them.
+    Storage(crate::vault::StorageArgs),
+    /// Encrypted blobs on a storage peer: key an epoch, grant a peer, upload, fetch.
+    #[command(subcommand)]
+    Vault(crate::vault::VaultCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell). Needs no home.
     Completions(crate::completions::CompletionsArgs),
     /// Print the man page of `tend` (roff), or write one page per command with --out DIR.
@@ -135,5 +141,7 @@ pub fn run(args: Args) -> CmdResult {
         Command::Scan(a) => crate::data::scan(&home, a),
         Command::Log(cmd) => crate::log::log(&home, cmd),
         Command::Backup(cmd) => crate::backup::run(&home, cmd, args.json),
+        Command::Storage(a) => crate::vault::storage(&home, a, args.json),
+        Command::Vault(cmd) => crate::vault::vault(&home, cmd),
     }
 }

@@ -10,6 +10,7 @@ mod cli;
 mod completions;
 mod data;
 mod devnet;
+mod devnet_vault;
 mod fact;
 mod gc;
 mod init;
@@ -28,6 +29,7 @@ mod status;
 mod sync;
 mod target;
 mod upgrade;
+mod vault;
 
 use std::process::ExitCode;
 

@@ -118,6 +118,25 @@ impl VaultStore {
         Ok(())
     }
 
+    /// Stores many checked blobs with their sealed keys in one transaction (an import).
+    pub fn put_many(
+        &self,
+        blobs: &[(ContentId, SealedContentKey, Vec<u8>)],
+    ) -> Result<(), StorageError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut bodies = tx.open_table(BLOBS)?;
+            let mut keys = tx.open_table(SEALED)?;
+            for (cid, sealed, blob) in blobs {
+                let key = cid.to_bytes();
+                bodies.insert(key.as_slice(), blob.as_slice())?;
+                keys.insert(key.as_slice(), sealed.to_bytes().as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// A stored blob with its fragments to `to_epoch`.
     pub fn get(&self, cid: &ContentId, to_epoch: u64) -> Result<Option<StoredBlob>, StorageError> {
         let key = cid.to_bytes();

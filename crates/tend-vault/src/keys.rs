@@ -4,8 +4,8 @@
 //! Delivery uses age (already a dependency of tend-backup) rather than a second ECIES of our
 //! own: its X25519 recipient stanza is a reviewed, specified format, a file sealed to several
 //! devices is one artifact, and a device removed at a membership change is simply not among
-//! the recipients of the new ring. Each device will publish its age recipient (not wired
-//! yet; see docs/ARCHITECTURE.md).
+//! the recipients of the new ring. A device's age identity is derived from its Ed25519 device
+//! key ([`device_age_identity`]), so its recipient follows from its id alone.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

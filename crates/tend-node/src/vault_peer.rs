@@ -19,7 +19,7 @@ use tend_core::maintenance::MaintenanceFact;
 use tend_core::vault::{StorageGrant, VaultCopy};
 use tend_core::{AuthorityId, ContentId, DeviceId, JournalNamespace, Payload, VerifiedFact};
 use tend_crypto::device::DeviceKey;
-use tend_storage::member::{current_ring, epoch_key_facts, open_fetched, seal_for_storage};
+use tend_storage::member::{epoch_key_facts, open_fetched, open_ring, seal_for_storage};
 use tend_storage::protocol::MAX_FRAME_BYTES;
 use tend_storage::{is_for_storage_peer, Request, Response, StorageError, StoragePeer, VAULT_ALPN};
 
@@ -295,7 +295,9 @@ impl VaultClient {
             .copies
             .get(&blob)
             .ok_or(VaultNetError::NoCopy(blob))?;
-        let ring = current_ring(&state, device.key().signing_key())?;
+        // The newest ring sealed to this device: right after a membership change, before the
+        // admin keys the new epoch, it still opens what was sealed to the previous one.
+        let ring = open_ring(&state, device.key().signing_key())?;
         let answer = self.request(&Request::Get { cid: encrypted }).await?;
         let Response::Blob {
             blob: bytes,

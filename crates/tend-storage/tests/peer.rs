@@ -316,4 +316,27 @@ fn bad_pushes_and_blobs_are_refused_before_anything_is_stored() {
         ));
     }
     assert_eq!(peer.store().blob_count().unwrap(), 0);
+
+    // Granted, a blob goes in; once the admin's revocation is pushed, nothing goes in or out.
+    let (request, cid) = seal_for_storage(&mut OsRng, &j.state(), b"kept").unwrap();
+    assert_eq!(
+        peer.handle(&mut OsRng, &id(&admin), request).unwrap(),
+        Response::Stored { cid }
+    );
+    j.write(
+        &admin,
+        Payload::Maintenance(MaintenanceFact::StorageGrant(StorageGrant {
+            peer: id(&storage),
+            granted: false,
+        })),
+    );
+    assert!(matches!(
+        push(&mut peer, &admin, &j),
+        Response::FactsAdmitted { new: 1 }
+    ));
+    assert!(matches!(
+        peer.handle(&mut OsRng, &id(&admin), Request::Get { cid })
+            .unwrap(),
+        Response::Refused { .. }
+    ));
 }

@@ -20,7 +20,7 @@ use tend_core::vault::{StorageGrant, VaultCopy};
 use tend_core::{AuthorityId, ContentId, DeviceId, JournalNamespace, Payload, VerifiedFact};
 use tend_crypto::device::DeviceKey;
 use tend_storage::member::{epoch_key_facts, open_fetched, open_ring, seal_for_storage};
-use tend_storage::protocol::MAX_FRAME_BYTES;
+use tend_storage::protocol::{MAX_FRAME_BYTES, MAX_VAULT_BLOB_BYTES};
 use tend_storage::{is_for_storage_peer, Request, Response, StorageError, StoragePeer, VAULT_ALPN};
 
 use crate::device::Device;
@@ -166,7 +166,10 @@ async fn answer(
     mut recv: RecvStream,
 ) -> Result<(), VaultNetError> {
     let bytes = endpoint::read_frame(&mut recv, MAX_FRAME_BYTES).await?;
-    let request = Request::decode(&bytes)?;
+    let mut request = Request::decode(&bytes)?;
+    if request.expects_body() {
+        request.set_body(endpoint::read_frame(&mut recv, MAX_VAULT_BLOB_BYTES).await?);
+    }
     // Checks, redb writes and re-encryption are blocking work.
     let response =
         tokio::task::spawn_blocking(move || lock(&peer).handle(&mut OsRng, &remote, request))
@@ -182,6 +185,9 @@ async fn answer(
         }
     };
     endpoint::write_frame(&mut send, &response.encode()).await?;
+    if let Some(body) = response.body() {
+        endpoint::write_frame(&mut send, body).await?;
+    }
     let _ = send.finish();
     let _ = send.stopped().await;
     Ok(())
@@ -232,9 +238,16 @@ impl VaultClient {
             .await
             .map_err(|e| VaultNetError::Connect(e.to_string()))?;
         endpoint::write_frame(&mut send, &request.encode()).await?;
+        if let Some(body) = request.body() {
+            endpoint::write_frame(&mut send, body).await?;
+        }
         let _ = send.finish();
         let bytes = endpoint::read_frame(&mut recv, MAX_FRAME_BYTES).await?;
-        match Response::decode(&bytes)? {
+        let mut response = Response::decode(&bytes)?;
+        if response.expects_body() {
+            response.set_body(endpoint::read_frame(&mut recv, MAX_VAULT_BLOB_BYTES).await?);
+        }
+        match response {
             Response::Refused { reason } => Err(VaultNetError::Refused(reason)),
             other => Ok(other),
         }

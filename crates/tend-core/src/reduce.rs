@@ -416,13 +416,29 @@ impl MaintenanceState {
         let devices: Vec<_> = self.device_metadata.iter().collect();
         let tombstones: Vec<_> = self.tombstones.iter().collect();
         let ignored: Vec<_> = self.ignored.iter().collect();
-        let body = to_canonical(&(
-            &self.namespace,
-            (memberships, self.initial_admin, replacements, snapshot),
-            (proposals, cache, upgrades, devices),
-            (tombstones, ignored, self.max_fact_epoch),
-            self.vault.digest_body(),
-        ));
+        let v = &self.vault;
+        let no_vault = v.epoch_keys.is_empty()
+            && v.rekeys.is_empty()
+            && v.storage_peers.is_empty()
+            && v.copies.is_empty();
+        // A state without vault facts digests as it did before the vault kinds existed:
+        // snapshot blobs written then carry that digest, and must still hydrate.
+        let body = if no_vault {
+            to_canonical(&(
+                &self.namespace,
+                (memberships, self.initial_admin, replacements, snapshot),
+                (proposals, cache, upgrades, devices),
+                (tombstones, ignored, self.max_fact_epoch),
+            ))
+        } else {
+            to_canonical(&(
+                &self.namespace,
+                (memberships, self.initial_admin, replacements, snapshot),
+                (proposals, cache, upgrades, devices),
+                (tombstones, ignored, self.max_fact_epoch),
+                self.vault.digest_body(),
+            ))
+        };
         let mut h = blake3::Hasher::new();
         h.update(b"tend-maintenance-state-v1");
         h.update(&body);

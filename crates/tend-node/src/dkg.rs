@@ -34,27 +34,23 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_bytes::ByteBuf;
-use tend_core::authority::{AuthorityFact, MembershipChange};
 use tend_core::{
-    AuthorityId, DeviceId, Hash32, JournalNamespace, MaintenanceEpoch, MaintenanceFact, Payload,
-    UnsignedFact, VerifiedFact,
+    AuthorityId, DeviceId, Hash32, JournalNamespace, MaintenanceEpoch, UnsignedFact, VerifiedFact,
 };
 use tend_crypto::dkg::{DkgAction, DkgMessage, DkgParticipant, DkgSession};
+use tend_replica::keygen::{self, Invitation, KeyGenError, KeyGenPlan, Refusal};
 use tend_store::StoreError;
 
 use crate::discovery::{is_configured_peer, PeerAddr};
 use crate::fleet::AuthorityCreated;
 use crate::maint::{
-    blocking, lock, send, show_epoch, DkgRun, MaintHandle, MaintMessage, MaintReply, SendError,
+    blocking, lock, send, DkgRun, MaintHandle, MaintMessage, MaintReply, SendError,
 };
 
 /// How long a member keeps an accepted key generation that has not finished.
 const MEMBER_RUN_TTL: Duration = Duration::from_secs(120);
 /// Round messages buffered per member before `DkgStart` arrives.
 const MAX_EARLY_PER_MEMBER: usize = 4;
-/// How a member's refusal for being at another maintenance epoch than the admin begins
-/// (the admin syncs and invites once more when it sees it).
-pub(crate) const EPOCH_MISMATCH: &str = "maintenance epoch mismatch";
 
 /// Why a key generation over the network failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,10 +59,8 @@ pub enum DkgNetError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
-    #[error("this device is not the admin of its authority")]
-    NotAdmin,
-    #[error("invalid authority shape: {0}")]
-    Shape(String),
+    #[error(transparent)]
+    KeyGen(#[from] KeyGenError),
     #[error("member {0} has no known address (give it with --peer)")]
     NoAddress(DeviceId),
     #[error("another key generation is running on this device")]
@@ -83,26 +77,8 @@ pub enum DkgNetError {
     Failed(String),
     #[error("key generation timed out after {0} s (are all members running?)")]
     TimedOut(u64),
-    #[error(
-        "members derived different group keys (a round-1 broadcast was not the same for everyone)"
-    )]
-    GroupKeyMismatch,
     #[error("the membership change was rejected: {0}")]
     Rejected(String),
-    #[error(
-        "this device's maintenance epoch moved during the key generation (from {from} to \
-         {to}): a snapshot or membership change completed meanwhile; run it again"
-    )]
-    EpochMoved { from: String, to: String },
-    #[error(
-        "member {member} finished the key generation at {theirs}, this device is at {ours}: \
-         sync and run it again"
-    )]
-    MemberEpochMoved {
-        member: DeviceId,
-        theirs: String,
-        ours: String,
-    },
 }
 
 impl DkgNetError {
@@ -110,8 +86,8 @@ impl DkgNetError {
     /// (worth another sync round and one more run).
     fn is_epoch_mismatch(&self) -> bool {
         match self {
-            Self::Refused { reason, .. } => reason.starts_with(EPOCH_MISMATCH),
-            Self::EpochMoved { .. } | Self::MemberEpochMoved { .. } => true,
+            Self::Refused { reason, .. } => Refusal::is_epoch_mismatch(reason),
+            Self::KeyGen(e) => e.is_epoch_mismatch(),
             _ => false,
         }
     }
@@ -308,8 +284,7 @@ fn receive_sync(h: &MaintHandle, peer: DeviceId, msg: MaintMessage) -> MaintRepl
             let mut guard = lock(&h.maint.dkg);
             match guard.as_mut() {
                 Some(r) if r.id == session && r.admin == me && r.names(&peer) => {
-                    r.finished.insert(peer, group_key);
-                    r.finished_epochs.insert(peer, maintenance_epoch);
+                    r.finished.insert(peer, (group_key, maintenance_epoch));
                     MaintReply::Accepted
                 }
                 _ => MaintReply::refused("no such key generation on this admin"),
@@ -352,52 +327,20 @@ fn invite(
             };
         }
     }
-    if let Err(e) = session.validate() {
-        return MaintReply::refused(e.to_string());
-    }
-    if !session.members.contains(&me) {
-        return MaintReply::refused("this device is not named in the key generation");
-    }
-    if !session.members.contains(&peer) {
-        return MaintReply::refused("the inviting device is not named in the key generation");
-    }
     let device = &h.device;
     let ns = device.namespace();
     let state = match device.store().maintenance_state(ns) {
         Ok(s) => s,
         Err(e) => return MaintReply::refused(format!("cannot read the journal: {e}")),
     };
-    let my_admin = state
-        .membership()
-        .is_some_and(|_| state.is_admin_at(&peer, state.current_epoch()));
-    let unattached = state
-        .membership()
-        .is_none_or(|m| m.members.len() == 1 && m.members.contains(&me));
-    if my_admin {
-        let ours = matches!(ns, JournalNamespace::Authority(a) if a.0 == session.context);
-        if !ours || session.identity_epoch != state.identity_epoch() + 1 {
-            return MaintReply::refused(
-                "a re-deal must be for this authority and its next identity epoch",
-            );
-        }
-        // Key generation is a maintenance session: every participant must be at the
-        // admin's maintenance epoch, snapshot epoch included. An admin that missed a
-        // snapshot would write the membership change below it, and members that completed
-        // the snapshot would fail to re-verify it under the new key and fall back
-        // (found by the simulator, seeds 447 and 863).
-        let mine = state.maintenance_epoch();
-        if mine != admin_epoch {
-            return MaintReply::refused(format!(
-                "{EPOCH_MISMATCH}: this device is at {}, the admin at {}: sync first",
-                show_epoch(mine),
-                show_epoch(admin_epoch)
-            ));
-        }
-    } else if !(unattached && is_configured_peer(h.device.store(), &peer)) {
-        return MaintReply::refused(
-            "only this device's admin, or a configured peer while this device is in no \
-             multi-device authority, may start a key generation here",
-        );
+    let invitation = Invitation {
+        session: &session,
+        inviter: peer,
+        admin_epoch,
+    };
+    let configured = is_configured_peer(device.store(), &peer);
+    if let Err(refusal) = keygen::answer_invitation(&state, ns, me, invitation, configured) {
+        return MaintReply::refused(refusal.to_string());
     }
     let mut map = HashMap::new();
     for (d, a) in addrs {
@@ -455,13 +398,7 @@ fn join(h: &MaintHandle, peer: DeviceId, session: Hash32, facts: Vec<ByteBuf>) -
         Ok(s) => s,
         Err(e) => return MaintReply::refused(format!("cannot read the journal: {e}")),
     };
-    let ok = state.membership().is_some_and(|m| {
-        m.identity_epoch == s.identity_epoch
-            && m.threshold == s.threshold
-            && m.group_key == share.group_key()
-            && m.members.iter().eq(s.members.iter())
-    });
-    if !ok {
+    if !keygen::joined(&state, &s, share.group_key()) {
         return MaintReply::refused("the membership change does not match the key generation");
     }
     if device.namespace() != ns {
@@ -523,38 +460,14 @@ async fn create_authority_once(
     let device = h.device.clone();
     let ns = device.namespace();
     let state = blocking(|| device.store().maintenance_state(ns))?;
-    if !state.is_admin_at(&me, state.current_epoch()) {
-        return Err(DkgNetError::NotAdmin);
-    }
-    let mut all = members.to_vec();
-    all.push(me);
-    all.sort();
-    all.dedup();
-    let n = all.len();
-    if n < 2 || threshold < 2 || usize::from(threshold) > n {
-        return Err(DkgNetError::Shape(format!(
-            "{threshold}-of-{n}: an authority of several devices needs 2 <= threshold <= members"
-        )));
-    }
-    let JournalNamespace::Authority(AuthorityId(context)) = ns else {
-        return Err(DkgNetError::Shape(
-            "the current journal is not an authority".into(),
-        ));
-    };
+    let plan = KeyGenPlan::new(&state, ns, me, members, threshold)?;
+    let session = plan.session.clone();
+    let all = session.members.clone();
     let mut addrs = vec![(me, h.listen.to_string())];
     for m in all.iter().filter(|m| **m != me) {
         let a = h.node.peer_address(m).ok_or(DkgNetError::NoAddress(*m))?;
         addrs.push((*m, a.to_string()));
     }
-    let session = DkgSession {
-        context,
-        identity_epoch: state.identity_epoch() + 1,
-        members: all.clone(),
-        threshold,
-    };
-    session
-        .validate()
-        .map_err(|e| DkgNetError::Shape(e.to_string()))?;
     let id = session.id();
     {
         let mut guard = lock(&h.maint.dkg);
@@ -569,16 +482,7 @@ async fn create_authority_once(
         *guard = Some(DkgRun::new(session.clone(), me, addrs, deadline));
     }
     let others: Vec<DeviceId> = all.iter().copied().filter(|d| *d != me).collect();
-    let result = run_as_admin(
-        h,
-        &session,
-        id,
-        &others,
-        addrs,
-        state.maintenance_epoch(),
-        timeout,
-    )
-    .await;
+    let result = run_as_admin(h, &plan, id, &others, addrs, timeout).await;
     if result.is_err() {
         let abort = MaintMessage::DkgAbort { session: id };
         for d in &others {
@@ -591,20 +495,21 @@ async fn create_authority_once(
 
 async fn run_as_admin(
     h: &MaintHandle,
-    session: &DkgSession,
+    plan: &KeyGenPlan,
     id: Hash32,
     others: &[DeviceId],
     addrs: Vec<(DeviceId, String)>,
-    epoch: MaintenanceEpoch,
     timeout: Duration,
 ) -> Result<AuthorityCreated, DkgNetError> {
     let started = Instant::now();
+    let session = &plan.session;
+    let me = h.device_id();
     // Everyone accepts before anyone broadcasts, so no round message meets a member
     // that does not know the session yet.
     let invite = MaintMessage::DkgInvite {
         session: session.clone(),
         addrs,
-        maintenance_epoch: epoch,
+        maintenance_epoch: plan.epoch,
     };
     tell_all(h, others, &invite).await?;
     tell_all(h, others, &MaintMessage::DkgStart { session: id }).await?;
@@ -619,24 +524,8 @@ async fn run_as_admin(
                 return Err(DkgNetError::Failed(f.clone()));
             }
             if let Some(share) = &run.share {
-                if run.finished.len() == others.len() {
-                    let gk = share.group_key();
-                    if run.finished.values().any(|k| *k != gk) {
-                        return Err(DkgNetError::GroupKeyMismatch);
-                    }
-                    // A member of this journal whose epoch moved since it accepted (a
-                    // snapshot completed without this device) would see the change
-                    // below it.
-                    for (m, e) in &run.finished_epochs {
-                        if let Some(e) = e.filter(|e| *e != epoch) {
-                            return Err(DkgNetError::MemberEpochMoved {
-                                member: *m,
-                                theirs: show_epoch(e),
-                                ours: show_epoch(epoch),
-                            });
-                        }
-                    }
-                    break gk;
+                if let Some(verdict) = plan.verdict(me, share.group_key(), &run.finished) {
+                    break verdict?;
                 }
             }
         }
@@ -649,40 +538,19 @@ async fn run_as_admin(
     let ns = device.namespace();
     let (change, facts) = blocking(|| -> Result<_, DkgNetError> {
         let state = device.store().maintenance_state(ns)?;
-        // The members checked the epoch at the invitation; a snapshot that completed
-        // since would put the change on the wrong side of it for some of them.
-        if state.maintenance_epoch() != epoch {
-            return Err(DkgNetError::EpochMoved {
-                from: show_epoch(epoch),
-                to: show_epoch(state.maintenance_epoch()),
-            });
-        }
+        plan.still_at(state.maintenance_epoch())?;
         let change = UnsignedFact {
             namespace: ns,
             epoch: state.current_epoch(),
-            payload: Payload::Authority(AuthorityFact::MembershipChanged(MembershipChange {
-                identity_epoch: session.identity_epoch,
-                members: session.members.clone(),
-                threshold: session.threshold,
-                group_key,
-            })),
+            payload: plan.membership_change(group_key),
         }
         .sign(device.key().signing_key());
-        // What a member needs to admit the change: the genesis, earlier membership
-        // changes and admin replacements. Everything else comes by sync.
         let mut facts = Vec::new();
         for f in device.store().scan_maintenance(ns)? {
             let f = f?
                 .verify()
                 .map_err(|e| DkgNetError::Failed(e.to_string()))?;
-            if matches!(
-                f.payload(),
-                Payload::Authority(_)
-                    | Payload::Maintenance(
-                        MaintenanceFact::AdminReplacement(_)
-                            | MaintenanceFact::CertifiedAdminReplacement(_)
-                    )
-            ) {
+            if keygen::carried_by_join(f.payload()) {
                 facts.push(ByteBuf::from(f.bytes().to_vec()));
             }
         }

@@ -11,15 +11,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::{CryptoRng, RngCore};
-use tend_core::authority::{AuthorityFact, MembershipChange};
 use tend_core::ids::CODEC_DAG_CBOR;
 use tend_core::maintenance::SnapshotCompleted;
 use tend_core::{
     reduce, ContentId, DeviceId, Epoch, FactId, GroupKey, Hash32, JournalNamespace,
-    MaintenanceEpoch, MaintenanceState, Payload,
+    MaintenanceEpoch, MaintenanceState,
 };
-use tend_crypto::dkg::{run_in_memory, DkgSession};
+use tend_crypto::dkg::run_in_memory;
 use tend_crypto::share::KeyShare;
+use tend_replica::keygen::{self, KeyGenError, KeyGenPlan};
 use tend_snapshot::blob::{read_item_blob, write_blob, write_item_blob, BlobHead, ItemRef};
 use tend_snapshot::{
     BuiltBlob, CeremonyAction, CeremonyEvent, CeremonyInput, LocalJournal, Recipient, SignerKey,
@@ -41,6 +41,8 @@ pub enum FleetError {
     Dkg(String),
     #[error("invalid authority shape: {0}")]
     Shape(String),
+    #[error(transparent)]
+    KeyGen(#[from] KeyGenError),
     #[error("snapshot ceremony did not complete: {0}")]
     Ceremony(String),
 }
@@ -344,53 +346,31 @@ impl LocalFleet {
         threshold: u16,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<AuthorityCreated, FleetError> {
-        let n = self.devices.len();
-        if n < 2 || threshold < 2 || usize::from(threshold) > n {
-            return Err(FleetError::Shape(format!(
-                "{threshold}-of-{n}: an authority of several devices needs 2 <= threshold <= members"
-            )));
-        }
         let admin = &self.devices[0];
         let namespace = admin.namespace();
-        let state = admin.store().maintenance_state(namespace)?;
-        if !state.is_admin_at(&admin.device_id(), state.current_epoch()) {
-            return Err(FleetError::Shape(format!(
-                "device {} is not the admin of its authority",
-                admin.device_id()
-            )));
-        }
-        let mut members: Vec<DeviceId> = self.devices.iter().map(|d| d.device_id()).collect();
-        members.sort();
-        members.dedup();
-        if members.len() != n {
+        let ids: Vec<DeviceId> = self.devices.iter().map(|d| d.device_id()).collect();
+        if ids.iter().collect::<HashSet<_>>().len() != ids.len() {
             return Err(FleetError::Shape("the same device was given twice".into()));
         }
-        // Key generation runs at one maintenance epoch (ARCHITECTURE section 10): every
-        // device already in the admin's journal must be at the admin's, snapshot epoch
-        // included, or the change could land below a snapshot some of them completed.
-        // Copying the journal between the devices first settles any difference.
-        let mut state = state;
-        if self.epoch_laggard(namespace, &state)?.is_some() {
+        // Key generation runs at one maintenance epoch (ARCHITECTURE section 10):
+        // copying the journal between the devices first settles any difference.
+        let mut state = admin.store().maintenance_state(namespace)?;
+        let mut plan = KeyGenPlan::new(&state, namespace, ids[0], &ids, threshold)?;
+        if self.epoch_laggard(namespace, plan.epoch)?.is_some() {
             self.sync()?;
             state = self.devices[0].store().maintenance_state(namespace)?;
-            if let Some((d, theirs)) = self.epoch_laggard(namespace, &state)? {
-                return Err(FleetError::Dkg(format!(
-                    "device {d} is at {}, the admin at {}: sync first",
-                    crate::maint::show_epoch(theirs),
-                    crate::maint::show_epoch(state.maintenance_epoch())
-                )));
+            plan = KeyGenPlan::new(&state, namespace, ids[0], &ids, threshold)?;
+            if let Some((member, theirs)) = self.epoch_laggard(namespace, plan.epoch)? {
+                return Err(KeyGenError::MemberAtAnotherEpoch {
+                    member,
+                    theirs,
+                    ours: plan.epoch,
+                }
+                .into());
             }
         }
-        let identity_epoch = state.identity_epoch() + 1;
-        let mut context = [0u8; 32];
-        context.copy_from_slice(&namespace.to_bytes()[1..]);
-        let session = DkgSession {
-            context,
-            identity_epoch,
-            members: members.clone(),
-            threshold,
-        };
-        let shares = run_in_memory(&session, rng).map_err(|e| FleetError::Dkg(e.to_string()))?;
+        let session = &plan.session;
+        let shares = run_in_memory(session, rng).map_err(|e| FleetError::Dkg(e.to_string()))?;
         let group_key: GroupKey = shares[0].group_key();
         for share in &shares {
             let home = self
@@ -403,43 +383,36 @@ impl LocalFleet {
                 .save(&home)
                 .map_err(|e| FleetError::Dkg(e.to_string()))?;
         }
-        let change = MembershipChange {
-            identity_epoch,
-            members: members.clone(),
-            threshold,
-            group_key,
-        };
-        self.devices[0].append(Payload::Authority(AuthorityFact::MembershipChanged(change)))?;
+        self.devices[0].append(plan.membership_change(group_key))?;
         for d in &self.devices[1..] {
             d.adopt_namespace(namespace)?;
         }
         self.sync()?;
         Ok(AuthorityCreated {
             namespace: namespace.to_string(),
-            identity_epoch,
+            identity_epoch: session.identity_epoch,
             threshold,
-            members: members.iter().map(ToString::to_string).collect(),
+            members: session.members.iter().map(ToString::to_string).collect(),
             group_key: hex::encode(group_key.0),
         })
     }
 
-    /// A device of the admin's journal at another maintenance epoch than the admin's
-    /// `state`, with its epoch.
+    /// A device of the admin's journal at another maintenance epoch than `admin_epoch`,
+    /// with its epoch.
     fn epoch_laggard(
         &self,
         namespace: JournalNamespace,
-        state: &MaintenanceState,
+        admin_epoch: MaintenanceEpoch,
     ) -> Result<Option<(DeviceId, MaintenanceEpoch)>, FleetError> {
+        let mut epochs = Vec::new();
         for d in &self.devices[1..] {
-            if d.namespace() != namespace {
-                continue;
-            }
-            let theirs = d.store().maintenance_state(namespace)?.maintenance_epoch();
-            if theirs != state.maintenance_epoch() {
-                return Ok(Some((d.device_id(), theirs)));
-            }
+            let theirs = (d.namespace() == namespace)
+                .then(|| d.store().maintenance_state(namespace))
+                .transpose()?
+                .map(|s| s.maintenance_epoch());
+            epochs.push((d.device_id(), theirs));
         }
-        Ok(None)
+        Ok(keygen::laggard(admin_epoch, epochs))
     }
 
     /// Copies every fact and blob of the admin's namespace between all devices (set union).

@@ -198,10 +198,8 @@ pub(crate) struct DkgRun {
     /// Round messages that arrived before `DkgStart`.
     pub(crate) early: Vec<DkgMessage>,
     pub(crate) share: Option<KeyShare>,
-    /// Group keys the members reported (on the admin).
-    pub(crate) finished: BTreeMap<DeviceId, GroupKey>,
-    /// Maintenance epochs the members reported with their group key (on the admin).
-    pub(crate) finished_epochs: BTreeMap<DeviceId, Option<MaintenanceEpoch>>,
+    /// Group keys the members reported, with their maintenance epochs (on the admin).
+    pub(crate) finished: BTreeMap<DeviceId, (GroupKey, Option<MaintenanceEpoch>)>,
     pub(crate) failed: Option<String>,
     pub(crate) deadline: Instant,
 }
@@ -223,7 +221,6 @@ impl DkgRun {
             early: Vec::new(),
             share: None,
             finished: BTreeMap::new(),
-            finished_epochs: BTreeMap::new(),
             failed: None,
             deadline,
         }
@@ -380,14 +377,6 @@ pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
         Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
         _ => f(),
     }
-}
-
-/// A maintenance epoch as the messages show it.
-pub(crate) fn show_epoch(e: MaintenanceEpoch) -> String {
-    format!(
-        "identity epoch {}, snapshot epoch {}",
-        e.identity_epoch, e.snapshot_epoch.0
-    )
 }
 
 /// Members of the device's current journal.

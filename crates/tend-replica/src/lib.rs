@@ -17,9 +17,12 @@
 //!   go (their authors re-issue them at the current epoch), and so do the ones that only
 //!   look live here because this device lacks what superseded them.
 //! - [`trigger::decide`]: whether the device proposes a snapshot by itself.
+//! - [`keygen`]: key generation's decisions (the admin's plan and verdict, a member's
+//!   answer to an invitation and its check of the join).
 
 mod admission;
 mod fence;
+pub mod keygen;
 mod settle;
 pub mod trigger;
 pub mod upgrade;
@@ -39,7 +42,7 @@ use tend_core::{
 /// The order key of a fact: `(epoch, id)`.
 pub type Key = (Epoch, FactId);
 
-/// Where a snapshot blob stands on this device.
+/// Where a snapshot blob (or its item blob) stands on this device.
 pub enum BlobAt {
     /// Stored; a reader over its bytes.
     Stored(Box<dyn Read + Send>),
@@ -68,7 +71,7 @@ pub trait Replica {
     /// The digest of the prefix below `upto`, chained as a snapshot's is
     /// ([`tend_snapshot::LocalJournal::prefix_digest`]).
     fn prefix_digest(&self, upto: Epoch) -> Result<Hash32, Self::Error>;
-    /// The blob of a snapshot, if stored.
+    /// A snapshot blob or an item blob, if stored.
     fn snapshot_blob(&self, cid: &ContentId) -> Result<BlobAt, Self::Error>;
     /// Hands `each` the stored facts with epochs in `[from, to)`, ascending.
     fn scan(
@@ -98,6 +101,9 @@ pub trait Replica {
     fn append(&mut self, payload: Payload) -> Result<VerifiedFact, Self::Error>;
     /// Records that the snapshot at `epoch` is settled.
     fn mark_settled(&mut self, epoch: Epoch) -> Result<(), Self::Error>;
+    /// Keeps aside (durably, beside the journal) this device's facts that settling could
+    /// not tell covered or uncovered ([`Settlement::set_aside`]), for an operator to see.
+    fn set_aside(&mut self, facts: &[VerifiedFact]) -> Result<(), Self::Error>;
 }
 
 /// Why a rule could not be applied.

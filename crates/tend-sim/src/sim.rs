@@ -16,6 +16,7 @@ use tend_core::{
     VerifiedFact,
 };
 use tend_crypto::DkgSession;
+use tend_replica::keygen;
 use tend_snapshot::{
     CeremonyAction, CeremonyEvent, CeremonyInput, Recipient, SignerKey, SnapshotEngine,
 };
@@ -1527,11 +1528,11 @@ impl Sim {
         // to the older snapshot while having pruned for the newer one (found by the
         // simulator, seed 447; seed 612 in the current random stream).
         let epoch = self.devices[a].core.state.maintenance_epoch();
-        if self.cfg.dkg_binds_maintenance_epoch
-            && next
-                .iter()
-                .any(|d| self.devices[*d].core.state.maintenance_epoch() != epoch)
-        {
+        let epochs = next.iter().map(|d| {
+            let state = &self.devices[*d].core.state;
+            (self.ids[*d], Some(state.maintenance_epoch()))
+        });
+        if self.cfg.dkg_binds_maintenance_epoch && keygen::laggard(epoch, epochs).is_some() {
             return;
         }
         next.sort_unstable();

@@ -118,14 +118,49 @@ impl StoragePeer {
                 continue;
             };
             let keys = self.store.sealed_keys_of(from)?;
-            let cfrags: Vec<_> = keys
-                .iter()
-                .map(|(cid, sealed)| (*cid, reencrypt_sealed(rng, &kfrags, sealed)))
-                .collect();
+            let cfrags = reencrypt_all(rng, &kfrags, &keys);
             self.store.store_rekey(from, to, &cfrags)?;
             report.sets += 1;
             report.keys += cfrags.len() as u64;
         }
         Ok(report)
     }
+}
+
+/// Re-encrypts every key on all cores: each capsule is independent, so the keys are split
+/// in one contiguous part per thread, each with its own RNG seeded from `rng`.
+fn reencrypt_all(
+    rng: &mut (impl RngCore + CryptoRng),
+    kfrags: &[tend_vault::VerifiedKeyFrag],
+    keys: &[(tend_core::ContentId, tend_vault::SealedContentKey)],
+) -> Vec<(tend_core::ContentId, Vec<Vec<u8>>)> {
+    use rand::{rngs::StdRng, SeedableRng};
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let part = keys.len().div_ceil(threads).max(1);
+    let seeds: Vec<[u8; 32]> = keys
+        .chunks(part)
+        .map(|_| {
+            let mut seed = [0u8; 32];
+            rng.fill_bytes(&mut seed);
+            seed
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = keys
+            .chunks(part)
+            .zip(seeds)
+            .map(|(part, seed)| {
+                scope.spawn(move || {
+                    let mut rng = StdRng::from_seed(seed);
+                    part.iter()
+                        .map(|(cid, sealed)| (*cid, reencrypt_sealed(&mut rng, kfrags, sealed)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
 }

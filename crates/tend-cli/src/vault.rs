@@ -120,11 +120,13 @@ pub fn vault(home: &Path, cmd: VaultCommand) -> CmdResult {
                     "facts_new": report.facts_new,
                     "uploaded": uploaded,
                     "already": report.already,
+                    "too_large": report.too_large.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
                 }),
                 format!(
-                    "{} values uploaded encrypted, {} already there; {} facts new to the storage peer",
+                    "{} values uploaded encrypted, {} already there, {} too large for the storage peer; {} facts new to it",
                     report.uploaded.len(),
                     report.already,
+                    report.too_large.len(),
                     report.facts_new
                 ),
             ))

@@ -19,7 +19,9 @@ use tend_core::maintenance::MaintenanceFact;
 use tend_core::vault::{StorageGrant, VaultCopy};
 use tend_core::{AuthorityId, ContentId, DeviceId, JournalNamespace, Payload, VerifiedFact};
 use tend_crypto::device::DeviceKey;
-use tend_storage::member::{epoch_key_facts, open_fetched, open_ring, seal_for_storage};
+use tend_storage::member::{
+    epoch_key_facts, fits_one_request, open_fetched, open_ring, seal_for_storage,
+};
 use tend_storage::protocol::{MAX_FRAME_BYTES, MAX_VAULT_BLOB_BYTES};
 use tend_storage::{is_for_storage_peer, Request, Response, StorageError, StoragePeer, VAULT_ALPN};
 
@@ -208,6 +210,9 @@ pub struct UploadReport {
     pub uploaded: Vec<(ContentId, ContentId)>,
     /// Large values already copied.
     pub already: u64,
+    /// Large values whose encrypted form would exceed what one request carries
+    /// (`tend_storage::protocol::MAX_VAULT_BLOB_BYTES`): left out, not failed.
+    pub too_large: Vec<ContentId>,
 }
 
 impl VaultClient {
@@ -272,9 +277,13 @@ impl VaultClient {
         };
         let ns = device.namespace();
         let state = device.store().maintenance_state(ns)?;
-        for (cid, _) in device.store().value_blobs(ns)? {
+        for (cid, len) in device.store().value_blobs(ns)? {
             if state.vault.copies.contains_key(&cid) {
                 report.already += 1;
+                continue;
+            }
+            if !fits_one_request(len) {
+                report.too_large.push(cid);
                 continue;
             }
             // A value whose blob this device lacks is another member's to upload.

@@ -150,6 +150,17 @@ pub fn epoch_key_facts(
     Ok(out)
 }
 
+/// Whether a plaintext of `len` bytes, once encrypted (a header and a tag per chunk), fits
+/// the one request that carries a blob to the storage peer.
+pub fn fits_one_request(len: u64) -> bool {
+    use tend_vault::blob::{HEADER_BYTES, TAG_BYTES};
+    let chunks = len / u64::from(tend_vault::DEFAULT_CHUNK_BYTES) + 1;
+    let encrypted = len
+        .saturating_add(HEADER_BYTES as u64)
+        .saturating_add(chunks.saturating_mul(TAG_BYTES as u64));
+    encrypted <= crate::protocol::MAX_VAULT_BLOB_BYTES as u64
+}
+
 /// Encrypts `plaintext` under a fresh content key sealed to the current epoch's key: the
 /// `Put` request for the storage peer and the CID of the ciphertext.
 pub fn seal_for_storage(

@@ -246,6 +246,18 @@ fn a_member_added_two_epochs_later_reads_history_through_re_encryption() {
 }
 
 #[test]
+fn only_values_whose_ciphertext_fits_a_request_are_uploaded() {
+    use tend_storage::member::fits_one_request;
+    use tend_storage::protocol::MAX_VAULT_BLOB_BYTES;
+    assert!(fits_one_request(16 << 20));
+    // The plaintext limit sits below the frame limit by the header and one tag per chunk.
+    let max = MAX_VAULT_BLOB_BYTES as u64;
+    assert!(!fits_one_request(max));
+    assert!(fits_one_request(max - 47 - 16 * (max / 65536 + 1)));
+    assert!(!fits_one_request(u64::MAX));
+}
+
+#[test]
 fn bad_pushes_and_blobs_are_refused_before_anything_is_stored() {
     let dir = tempfile::tempdir().unwrap();
     let [admin, storage] = std::array::from_fn(|_| SigningKey::generate(&mut OsRng));

@@ -43,12 +43,21 @@ pub fn reissue_uncovered(device: &Device) -> Result<Reissued, DeviceError> {
             }
         },
     )?;
-    if let Some(cid) = settled.awaiting_items {
+    let store = device.store();
+    let wanted = store.get_setting::<String>(crate::replica::ITEM_BLOB_WANTED)?;
+    match settled.awaiting_items {
         // The next round fetches it (`blobs::wanted`), then settles again.
-        let store = device.store();
-        if store.get_setting::<String>(crate::replica::ITEM_BLOB_WANTED)? != Some(cid.to_string()) {
+        Some(cid) if wanted != Some(cid.to_string()) => {
             store.put_setting(crate::replica::ITEM_BLOB_WANTED, &cid.to_string())?;
         }
+        Some(_) => {}
+        // Settled (or nothing to settle): no longer wanted, or every member dropping it
+        // at GC would have this device ask every round.
+        None if wanted.is_some() => {
+            store.delete_setting(crate::replica::ITEM_BLOB_WANTED)?;
+            store.delete_setting(crate::replica::ITEM_BLOB_UNAVAILABLE)?;
+        }
+        None => {}
     }
     Ok(Reissued {
         snapshot_epoch: settled.snapshot_epoch,

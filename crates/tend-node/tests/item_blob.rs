@@ -190,6 +190,11 @@ fn a_device_that_needs_the_item_blob_fetches_it_and_reissues_exactly_its_uncover
     );
     assert!(r.set_aside.is_empty());
     assert_eq!(get(a, "mine").as_deref(), Some(&b"v2"[..]));
+    // Settled, it wants the item blob no more (GC will drop it everywhere).
+    assert!(a.store().delete_blob(&items).unwrap());
+    let st = a.store().maintenance_state(a.namespace()).unwrap();
+    let wanted = tend_node::blobs::wanted(a.store(), &st).unwrap();
+    assert!(!wanted.iter().any(|w| w.cid == items));
     all.sync().unwrap();
     for d in [a, b, c] {
         assert_eq!(

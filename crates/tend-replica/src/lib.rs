@@ -16,6 +16,8 @@
 //! - [`settle`]: once per snapshot, the application facts below it that it does not cover
 //!   go (their authors re-issue them at the current epoch), and so do the ones that only
 //!   look live here because this device lacks what superseded them.
+//!   The snapshot's item blob is read only when this device's own facts need it, and a
+//!   member says it settled (`SnapshotSettled`), so the item blob can go once all have.
 //! - [`trigger::decide`]: whether the device proposes a snapshot by itself.
 //! - [`keygen`]: key generation's decisions (the admin's plan and verdict, a member's
 //!   answer to an invitation and its check of the join).

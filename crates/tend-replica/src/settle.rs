@@ -102,8 +102,9 @@ fn retract_maintenance<R: Replica>(
 /// Settles the latest verified snapshot, once: re-issues this device's facts below it that
 /// it does not cover, drops every uncovered fact there, and drops the application facts
 /// that only look live here. Does nothing until the snapshot's blob is stored (it says
-/// what is covered). Idempotent: a settled snapshot is remembered
-/// ([`Replica::mark_settled`]).
+/// what is covered), nor, from blob format 3 on, while the item blob it needs is not
+/// ([`Settlement::awaiting_items`]). Idempotent: a settled snapshot is remembered
+/// ([`Replica::mark_settled`]); a member then says so (`SnapshotSettled`).
 ///
 /// ```ignore
 /// let done = tend_replica::settle(&mut replica, Rules::default())?;

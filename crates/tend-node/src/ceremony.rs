@@ -82,16 +82,15 @@ fn step(h: &MaintHandle, input: CeremonyInput) -> Result<Vec<CeremonyAction>, St
     let mut rng = rand::rngs::OsRng;
     let mut out = Vec::new();
     let mut engine = lock(&maint.engine);
-    let mut persisted = lock(&maint.persisted_votes);
-    let saved = match *persisted {
-        Some(n) => n,
-        None => crate::votes::restore(device.store(), &mut engine)?,
-    };
+    let mut restored = lock(&maint.votes_restored);
+    if !*restored {
+        crate::votes::restore(device.store(), &mut engine)?;
+        *restored = true;
+    }
     if let Some(key) = key_to_install(h, view.state()) {
         out.extend(engine.handle(now, &view, CeremonyInput::InstallKey(key), &mut rng));
     }
     out.extend(engine.handle(now, &view, input, &mut rng));
-    *persisted = Some(crate::votes::save(device.store(), &engine, saved)?);
     Ok(out)
 }
 
@@ -132,6 +131,13 @@ fn carry_out(h: &MaintHandle, outputs: Vec<CeremonyAction>) {
             CeremonyAction::StoreBlob { cid, bytes } => {
                 if let Err(e) = blocking(|| h.device.store().put_blob(cid.codec(), &bytes)) {
                     tracing::warn!("cannot store snapshot blob {cid}: {e}");
+                }
+            }
+            CeremonyAction::SaveVotes(votes) => {
+                if let Err(e) = blocking(|| crate::votes::save(h.device.store(), &votes)) {
+                    // Nothing after it may leave: it carries the vote that was not kept.
+                    tracing::warn!("cannot keep this member's snapshot votes: {e}");
+                    break;
                 }
             }
             CeremonyAction::Event(e) => {

@@ -474,9 +474,8 @@ impl LocalFleet {
         self.sync()?;
         self.install_keys(rng)?;
         // Each member's votes, as its running node would hold them.
-        let mut saved = Vec::with_capacity(self.devices.len());
         for (d, engine) in self.devices.iter().zip(&mut self.engines) {
-            saved.push(crate::votes::restore(d.store(), engine)?);
+            crate::votes::restore(d.store(), engine)?;
         }
         let mut queue: VecDeque<(usize, CeremonyInput)> = VecDeque::new();
         queue.push_back((
@@ -495,7 +494,6 @@ impl LocalFleet {
                 let view = StoreJournal::new(self.devices[i].store(), ns)?;
                 self.engines[i].handle(self.now, &view, input, rng)
             };
-            saved[i] = crate::votes::save(self.devices[i].store(), &self.engines[i], saved[i])?;
             let me = self.devices[i].device_id();
             for out in outputs {
                 match out {
@@ -526,6 +524,9 @@ impl LocalFleet {
                     }
                     CeremonyAction::StoreBlob { cid, bytes } => {
                         self.devices[i].store().put_blob(cid.codec(), &bytes)?;
+                    }
+                    CeremonyAction::SaveVotes(votes) => {
+                        crate::votes::save(self.devices[i].store(), &votes)?;
                     }
                     CeremonyAction::Event(CeremonyEvent::Completed(c)) => completed = Some(c),
                     CeremonyAction::Event(

@@ -241,8 +241,8 @@ impl DkgRun {
 /// connections, the key generation it takes part in, and counters.
 pub struct Maint {
     pub(crate) engine: Mutex<SnapshotEngine>,
-    /// How many votes are saved in the store; `None` until they were loaded.
-    pub(crate) persisted_votes: Mutex<Option<usize>>,
+    /// Whether the votes kept in the store were handed to the engine (at its first step).
+    pub(crate) votes_restored: Mutex<bool>,
     /// The (identity epoch, group key) whose key the engine holds.
     pub(crate) installed: Mutex<Option<(u64, GroupKey)>>,
     pub(crate) waiters: Mutex<HashMap<Hash32, Waiter>>,
@@ -265,7 +265,7 @@ impl Maint {
     pub(crate) fn new(me: DeviceId) -> Self {
         Self {
             engine: Mutex::new(SnapshotEngine::new(me)),
-            persisted_votes: Mutex::new(None),
+            votes_restored: Mutex::new(false),
             installed: Mutex::new(None),
             waiters: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),

@@ -5,6 +5,8 @@
 //! use). Two snapshots completing at one epoch would let devices prune for different ones
 //! (found by tend-sim, seed 1447).
 
+use std::collections::BTreeMap;
+
 use tend_core::{Epoch, Hash32};
 use tend_snapshot::SnapshotEngine;
 use tend_store::{Store, StoreError};
@@ -12,25 +14,16 @@ use tend_store::{Store, StoreError};
 /// Setting holding the votes (target epoch -> digest signed).
 const VOTES: &str = "snapshot_votes";
 
-/// Gives `engine` the votes stored; returns how many it then holds.
-pub(crate) fn restore(store: &Store, engine: &mut SnapshotEngine) -> Result<usize, StoreError> {
+/// Gives `engine` the votes stored.
+pub(crate) fn restore(store: &Store, engine: &mut SnapshotEngine) -> Result<(), StoreError> {
     let votes: Vec<(Epoch, Hash32)> = store.get_setting(VOTES)?.unwrap_or_default();
     engine.restore_votes(votes);
-    Ok(engine.votes().len())
+    Ok(())
 }
 
-/// Stores the engine's votes if it cast one since `saved` were stored; returns how many
-/// are stored. Called before any output of the engine leaves the device, so a vote is
-/// durable before a signature share carrying it is sent.
-pub(crate) fn save(
-    store: &Store,
-    engine: &SnapshotEngine,
-    saved: usize,
-) -> Result<usize, StoreError> {
-    let votes = engine.votes();
-    if votes.len() != saved {
-        let list: Vec<(Epoch, Hash32)> = votes.iter().map(|(e, h)| (*e, *h)).collect();
-        store.put_setting(VOTES, &list)?;
-    }
-    Ok(votes.len())
+/// Keeps `votes` (the engine's `CeremonyAction::SaveVotes`), durably, before the driver
+/// carries out the engine's next action.
+pub(crate) fn save(store: &Store, votes: &BTreeMap<Epoch, Hash32>) -> Result<(), StoreError> {
+    let list: Vec<(Epoch, Hash32)> = votes.iter().map(|(e, h)| (*e, *h)).collect();
+    store.put_setting(VOTES, &list)
 }

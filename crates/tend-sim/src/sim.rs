@@ -883,13 +883,6 @@ impl Sim {
             return;
         };
         let outputs = engine.handle(now, &dev.core, input, &mut self.rng);
-        // A signer's votes (one digest per target epoch, the engine's fix for seed 1447,
-        // where a member signed two snapshots at one epoch and devices that pruned for
-        // the one the reducer did not pick lost facts) are persisted before anything it
-        // answers leaves, so a restart cannot make it vote twice either.
-        if self.cfg.signers_lock_epoch {
-            dev.core.durable.signed = engine.votes().clone();
-        }
         let inc = dev.inc;
         for o in outputs {
             match o {
@@ -927,6 +920,16 @@ impl Sim {
                 }
                 CeremonyAction::StoreBlob { cid, bytes } => {
                     self.devices[d].core.durable.blobs.insert(cid, bytes);
+                }
+                // A signer's votes (one digest per target epoch, the engine's fix for seed
+                // 1447, where a member signed two snapshots at one epoch and devices that
+                // pruned for the one the reducer did not pick lost facts) are durable
+                // before anything it answers leaves, so a restart cannot make it vote
+                // twice either.
+                CeremonyAction::SaveVotes(votes) => {
+                    if self.cfg.signers_lock_epoch {
+                        self.devices[d].core.durable.signed = votes;
+                    }
                 }
                 CeremonyAction::Event(CeremonyEvent::Completed(_)) => {
                     self.stats.snapshots_completed += 1;

@@ -344,6 +344,12 @@ pub enum CeremonyAction {
         cid: ContentId,
         bytes: Vec<u8>,
     },
+    /// Keep this member's votes (target epoch -> the digest it signed), durably, before
+    /// carrying out any action after this one, which include the share that carries the
+    /// vote: a restart must not let it sign a second digest for an epoch. A driver that
+    /// cannot save them drops the rest of the outputs; after a restart it hands the saved
+    /// votes back with [`SnapshotEngine::restore_votes`].
+    SaveVotes(BTreeMap<Epoch, Hash32>),
     Event(CeremonyEvent),
 }
 
@@ -452,14 +458,13 @@ impl SnapshotEngine {
     }
 
     /// Whether any session (coordinating, signing or awaiting retry) is open.
-    /// The digest this member committed to per target epoch. A node persists them before
-    /// sending the engine's outputs and restores them with [`SnapshotEngine::restore_votes`]
-    /// after a restart, so a crash cannot make it sign a second digest for an epoch.
+    /// The digest this member committed to per target epoch (what
+    /// [`CeremonyAction::SaveVotes`] asks the driver to keep).
     pub fn votes(&self) -> &BTreeMap<Epoch, Hash32> {
         &self.votes
     }
 
-    /// Restores votes persisted by [`SnapshotEngine::votes`] (after a restart).
+    /// Restores votes a [`CeremonyAction::SaveVotes`] kept (after a restart).
     pub fn restore_votes(&mut self, votes: impl IntoIterator<Item = (Epoch, Hash32)>) {
         self.votes.extend(votes);
     }
@@ -884,6 +889,7 @@ impl SnapshotEngine {
                 }
                 self.votes.retain(|e, _| *e > ours.snapshot_epoch);
                 self.votes.insert(target, digest);
+                out.out.push(CeremonyAction::SaveVotes(self.votes.clone()));
                 // Kept, so once the snapshot completes this member holds its blob.
                 blob.store(out);
                 let snapshot = SnapshotV1 {

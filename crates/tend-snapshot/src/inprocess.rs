@@ -432,6 +432,8 @@ impl InProcessAuthority {
                 CeremonyAction::StoreBlob { cid, bytes } => {
                     self.devices[i].blobs.insert(cid, bytes);
                 }
+                // The engines live as long as the driver: their votes need no keeping.
+                CeremonyAction::SaveVotes(_) => {}
                 CeremonyAction::Event(e) => self.events.push((me, e)),
             }
         }

@@ -567,6 +567,11 @@ async fn run_as_admin(
     if let Some(r) = report.rejected.first() {
         return Err(DkgNetError::Rejected(r.error.to_string()));
     }
+    // The admin keys the new epoch for the vault if the authority uses one (section 14);
+    // the change stands either way, and `tend vault key` can do it later.
+    if let Err(e) = blocking(|| crate::vault_peer::key_epoch_if_enabled(&device)) {
+        tracing::warn!("the new identity epoch has no vault key yet: {e}");
+    }
     h.node.after_local_write();
     tokio::spawn(h.node.sync_now());
     Ok(AuthorityCreated {

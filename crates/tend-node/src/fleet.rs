@@ -384,6 +384,11 @@ impl LocalFleet {
                 .map_err(|e| FleetError::Dkg(e.to_string()))?;
         }
         self.devices[0].append(plan.membership_change(group_key))?;
+        // The admin keys the new epoch for the vault if the authority uses one (section 14);
+        // the change stands either way, and `tend vault key` can do it later.
+        if let Err(e) = crate::vault_peer::key_epoch_if_enabled(&self.devices[0]) {
+            tracing::warn!("the new identity epoch has no vault key yet: {e}");
+        }
         for d in &self.devices[1..] {
             d.adopt_namespace(namespace)?;
         }

@@ -383,6 +383,16 @@ pub fn key_current_epoch(device: &Device) -> Result<Vec<VerifiedFact>, VaultNetE
         .collect()
 }
 
+/// After a membership change the admin wrote: [`key_current_epoch`] if the authority uses the
+/// vault (an earlier epoch has a key), else nothing.
+pub fn key_epoch_if_enabled(device: &Device) -> Result<Vec<VerifiedFact>, VaultNetError> {
+    let state = device.store().maintenance_state(device.namespace())?;
+    if state.vault.epoch_keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    key_current_epoch(device)
+}
+
 /// The admin grants (or revokes) storage peer `peer`.
 pub fn grant_storage_peer(
     device: &Device,

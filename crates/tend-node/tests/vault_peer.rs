@@ -153,3 +153,67 @@ async fn a_late_member_reads_old_blobs_from_the_storage_peer_alone() {
     }
     let _: DeviceId = peer_id;
 }
+
+/// Key generation over the network: once the vault is in use, the admin keys each new
+/// identity epoch by itself (its ring sealed to the members, fragments from the older one),
+/// so a member added by the re-deal opens the new epoch's ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_networked_re_deal_keys_the_new_epoch_when_the_vault_is_in_use() {
+    use std::time::Duration;
+    use tend_node::{Node, NodeConfig};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand::thread_rng();
+    let cfg = NodeConfig {
+        sync_interval: Duration::from_secs(3600),
+        upgrades: false,
+        ..common::config(vec![])
+    };
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let device = Device::init(&dir.path().join(format!("d{i}")), &mut rng).unwrap();
+        nodes.push(Node::start(device, cfg.clone()).await.unwrap());
+    }
+    for a in &nodes {
+        for b in &nodes {
+            if a.device_id() != b.device_id() {
+                a.add_peer(b.peer_addr()).unwrap();
+            }
+        }
+    }
+    let (b, c) = (nodes[1].device_id(), nodes[2].device_id());
+    nodes[0]
+        .create_authority(2, &[b], Duration::from_secs(20))
+        .await
+        .unwrap();
+    let admin = nodes[0].device();
+    let vault = |d: &Device| d.store().maintenance_state(d.namespace()).unwrap();
+    // Not in use yet: the first re-deal wrote no key; the admin enables the vault.
+    assert!(vault(admin).vault.epoch_keys.is_empty());
+    assert_eq!(key_current_epoch(admin).unwrap().len(), 1);
+
+    nodes[0]
+        .create_authority(2, &[b, c], Duration::from_secs(20))
+        .await
+        .unwrap();
+    let state = vault(admin);
+    assert_eq!(state.identity_epoch(), 2);
+    assert!(state.vault.epoch_keys.contains_key(&2));
+    assert!(state.vault.rekeys.contains_key(&(1, 2)));
+    nodes[2].sync_now().await;
+    common::wait_until(
+        "c holds the new epoch's key",
+        Duration::from_secs(10),
+        || vault(nodes[2].device()).vault.epoch_keys.contains_key(&2),
+    )
+    .await;
+    let ring = tend_storage::member::current_ring(
+        &vault(nodes[2].device()),
+        nodes[2].device().key().signing_key(),
+    )
+    .unwrap();
+    assert_eq!(ring.current_epoch(), 2);
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

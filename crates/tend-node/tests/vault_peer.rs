@@ -217,3 +217,54 @@ async fn a_networked_re_deal_keys_the_new_epoch_when_the_vault_is_in_use() {
         n.shutdown().await;
     }
 }
+
+/// Garbage on the storage peer's ALPN closes that connection and nothing else: a member
+/// connected beside it is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_vault_alpn_closes_only_that_connection() {
+    use tend_crypto::device::DeviceKey;
+    use tend_node::endpoint;
+
+    let mut fleet = Fleet::new(1, &[true]);
+    let a = fleet.take(0);
+    let server = StorageServer::start(
+        &fleet.dir.path().join("storage"),
+        authority_of(&a).unwrap(),
+        loopback(),
+    )
+    .await
+    .unwrap();
+    let (peer_id, peer_addr) = (server.device_id(), server.local_addr().unwrap());
+    key_current_epoch(&a).unwrap();
+    let member = VaultClient::connect(a.key(), peer_id, peer_addr)
+        .await
+        .unwrap();
+
+    let stranger = DeviceKey::generate(&mut rand::thread_rng());
+    let ep = endpoint::bind_alpns(&stranger, loopback(), Vec::new())
+        .await
+        .unwrap();
+    let conn = ep
+        .connect(
+            endpoint::endpoint_addr(peer_id, peer_addr).unwrap(),
+            tend_storage::VAULT_ALPN,
+        )
+        .await
+        .unwrap();
+    for garbage in [vec![0xff; 40], vec![]] {
+        let Ok((mut send, mut recv)) = conn.open_bi().await else {
+            break;
+        };
+        let _ = endpoint::write_frame(&mut send, &garbage).await;
+        let _ = send.finish();
+        // Either the stream ends without an answer or the connection is closed.
+        assert!(endpoint::read_frame(&mut recv, 1 << 20).await.is_err());
+    }
+    assert!(matches!(
+        member.push_facts(&a).await,
+        Ok(n) if n > 0
+    ));
+    member.close().await;
+    ep.close().await;
+    server.shutdown().await;
+}

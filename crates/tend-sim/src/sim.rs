@@ -44,7 +44,7 @@ pub struct SimConfig {
     /// Sync rounds the heal phase may take before convergence counts as failed.
     pub heal_rounds: usize,
     /// Whether a membership change's DKG makes every new member persist the change with
-    /// its share (the fix for seed 173, 1050 in the current random stream; off reproduces
+    /// its share (the fix for seed 173, 884 in the current random stream; off reproduces
     /// the split).
     pub dkg_persists_change: bool,
     /// Whether every DKG participant must be at the admin's `MaintenanceEpoch` (the fix

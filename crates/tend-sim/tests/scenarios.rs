@@ -145,7 +145,7 @@ fn bad_peer() {
 #[test]
 fn a_responder_that_ignores_the_peers_release_is_reported() {
     let s = find("fence-one-behind").expect("scenario");
-    for seed in [1, 2, 4] {
+    for seed in [1, 4, 5] {
         let mut broken = s.config(seed, STEPS);
         broken.responder_checks_peer_fence = false;
         let v = Sim::new(broken).run().violations;

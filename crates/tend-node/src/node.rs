@@ -1767,6 +1767,22 @@ async fn sync_peer(inner: Arc<Inner>, peer: PeerAddr, group: Option<u64>) -> Pee
         if retry && attempts <= inner.config.epoch_retries {
             continue;
         }
+        // Refused as busy while the peer runs a session of its own with us (both opened at
+        // once, see `yields_to_own_session`): once that session ends, ours finds what is
+        // left.
+        let busy = outcome.as_ref().is_some_and(|o| {
+            matches!(
+                o.result,
+                SessionResult::Refused {
+                    by_peer: true,
+                    reason: RefuseReason::Busy
+                }
+            )
+        });
+        if busy && attempts <= BUSY_RETRIES && lock(&inner.manager).active_with(&peer.device) > 0 {
+            wait_for_sessions_with(&inner, &peer.device, Instant::now() + SESSION_WAIT).await;
+            continue;
+        }
         let completed = outcome.as_ref().is_some_and(|o| o.result.is_success());
         if completed && !fetched_held && fetch_held_snapshots(&inner, peer).await {
             fetched_held = true;
@@ -1840,13 +1856,12 @@ fn room_for(inner: &Inner, peer: &DeviceId) -> Result<(), InitiateError> {
     })
 }
 
-/// Waits, up to [`SESSION_WAIT`], until no session with `peer` is open. A session the peer
+/// Waits, until `until` at most, for no session with `peer` to be open. A session the peer
 /// opened brings what it has and takes what it lacks; one of ours opened alongside would
 /// send the same facts a second time (every fact twice in a catch-up, where the peer pulls
 /// for minutes while this device's round starts). Opened after it, ours finds what is
 /// left. The bound keeps a peer that opens sessions back to back from holding a round.
-async fn wait_for_sessions_with(inner: &Inner, peer: &DeviceId) {
-    let until = Instant::now() + SESSION_WAIT;
+async fn wait_for_sessions_with(inner: &Inner, peer: &DeviceId, until: Instant) {
     while lock(&inner.manager).active_with(peer) > 0
         && Instant::now() < until
         && !inner.closing.load(Ordering::SeqCst)
@@ -1855,9 +1870,27 @@ async fn wait_for_sessions_with(inner: &Inner, peer: &DeviceId) {
     }
 }
 
+/// Whether an incoming session from `peer` is refused as busy because this device has a
+/// session of its own to `peer` running. Two devices that open sessions to each other at
+/// the same moment both pass [`wait_for_sessions_with`]; the one with the smaller id then
+/// keeps its own session and refuses the other's, and the refused side waits for the
+/// kept session to end and tries again ([`sync_peer`]), so each fact crosses once and
+/// both calls still return synced.
+fn yields_to_own_session(m: &SessionManager, me: DeviceId, peer: DeviceId) -> bool {
+    me < peer
+        && m.sessions_with(&peer).iter().any(|id| {
+            m.session(*id)
+                .is_some_and(|s| s.role() == tend_sync::Role::Initiator && !s.is_finished())
+        })
+}
+
 /// The longest a session waits for another with the same peer to end
 /// ([`wait_for_sessions_with`]).
 const SESSION_WAIT: Duration = Duration::from_secs(60);
+
+/// How many times [`sync_peer`] tries again after a busy refusal from a peer that runs a
+/// session with this device.
+const BUSY_RETRIES: u32 = 3;
 
 /// One session as initiator. This device's own limits are checked before connecting and
 /// are never blamed on the peer; a failure to connect or open the stream counts as a
@@ -1892,57 +1925,72 @@ async fn initiate(
     if inner.closing.load(Ordering::SeqCst) {
         return Err(InitiateError::ShuttingDown);
     }
-    wait_for_sessions_with(inner, &peer.device).await;
-    // Room first: a full manager is this device's state, not the peer's.
-    room_for(inner, &peer.device)?;
-    let addr = endpoint::endpoint_addr(peer.device, peer.addr)
-        .map_err(|e| InitiateError::Local(e.to_string()))?;
-    let conn = match tokio::time::timeout(
-        inner.config.connect_timeout,
-        inner.endpoint.connect(addr, endpoint::SYNC_ALPN),
-    )
-    .await
-    {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(fail(inner, format!("connect: {e}"))),
-        Err(_) => return Err(fail(inner, "connect: timed out".into())),
-    };
-    let (mut send, recv) = match conn.open_bi().await {
-        Ok(s) => s,
-        Err(e) => return Err(fail(inner, format!("open stream: {e}"))),
-    };
-    let (tx, rx) = mpsc::unbounded_channel();
-    let now = inner.now();
-    let opened = {
-        let mut m = lock(&inner.manager);
-        let known_floor = lock(&inner.peer_floors).get(&peer.device).copied();
-        match inner.session_inputs(known_floor) {
-            Ok((local, items)) => match match group {
-                Some(g) => m.open_in_group(now, peer.device, local, items, g),
-                None => m.open(now, peer.device, local, items),
-            } {
-                Ok((sid, actions)) => {
-                    lock(&inner.routes).insert(sid, tx.clone());
-                    lock(&inner.awaiting_accept).insert(sid, peer.device);
-                    Ok((sid, actions))
-                }
-                // Another session took the last slot while this one connected.
-                Err(ManagerError::AtCapacity {
-                    active, with_peer, ..
-                }) => {
-                    inner.metrics.sessions_skipped.inc();
-                    Err(InitiateError::NoRoom { active, with_peer })
-                }
-                Err(e) => Err(InitiateError::Local(e.to_string())),
-            },
-            Err(e) => Err(InitiateError::Local(e.to_string())),
-        }
-    };
-    let (sid, actions) = match opened {
-        Ok(x) => x,
-        Err(e) => {
-            conn.close(endpoint::code(close_code::DONE), b"no session");
-            return Err(e);
+    let until = Instant::now() + SESSION_WAIT;
+    let (conn, mut send, recv, tx, rx, sid, actions) = loop {
+        wait_for_sessions_with(inner, &peer.device, until).await;
+        // Room first: a full manager is this device's state, not the peer's.
+        room_for(inner, &peer.device)?;
+        let addr = endpoint::endpoint_addr(peer.device, peer.addr)
+            .map_err(|e| InitiateError::Local(e.to_string()))?;
+        let conn = match tokio::time::timeout(
+            inner.config.connect_timeout,
+            inner.endpoint.connect(addr, endpoint::SYNC_ALPN),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(fail(inner, format!("connect: {e}"))),
+            Err(_) => return Err(fail(inner, "connect: timed out".into())),
+        };
+        let (send, recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => return Err(fail(inner, format!("open stream: {e}"))),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        // Checked again under the lock that opens the session: connecting can take
+        // seconds, and the peer may have opened a session of its own meanwhile (through
+        // the very connection that let ours through). Then this connection goes, and the
+        // wait starts over.
+        let opened = {
+            let now = inner.now();
+            let mut m = lock(&inner.manager);
+            if m.active_with(&peer.device) > 0
+                && Instant::now() < until
+                && !inner.closing.load(Ordering::SeqCst)
+            {
+                None
+            } else {
+                let known_floor = lock(&inner.peer_floors).get(&peer.device).copied();
+                Some(match inner.session_inputs(known_floor) {
+                    Ok((local, items)) => match match group {
+                        Some(g) => m.open_in_group(now, peer.device, local, items, g),
+                        None => m.open(now, peer.device, local, items),
+                    } {
+                        Ok((sid, actions)) => {
+                            lock(&inner.routes).insert(sid, tx.clone());
+                            lock(&inner.awaiting_accept).insert(sid, peer.device);
+                            Ok((sid, actions))
+                        }
+                        // Another session took the last slot while this one connected.
+                        Err(ManagerError::AtCapacity {
+                            active, with_peer, ..
+                        }) => {
+                            inner.metrics.sessions_skipped.inc();
+                            Err(InitiateError::NoRoom { active, with_peer })
+                        }
+                        Err(e) => Err(InitiateError::Local(e.to_string())),
+                    },
+                    Err(e) => Err(InitiateError::Local(e.to_string())),
+                })
+            }
+        };
+        match opened {
+            Some(Ok((sid, actions))) => break (conn, send, recv, tx, rx, sid, actions),
+            Some(Err(e)) => {
+                conn.close(endpoint::code(close_code::DONE), b"no session");
+                return Err(e);
+            }
+            None => conn.close(endpoint::code(close_code::DONE), b"no session"),
         }
     };
     {
@@ -2107,6 +2155,11 @@ async fn respond(
                 tracing::warn!("cannot accept a session: {e}");
                 Err(None)
             }
+            Ok(_) if yields_to_own_session(&m, inner.device.device_id(), peer) => Err(Some((
+                "busy",
+                SyncMessage::Refuse(RefuseReason::Busy).encode(),
+                Duration::ZERO,
+            ))),
             Ok(admitted) => {
                 let mut replica = inner.replica();
                 let mut host = Admission::new(&mut replica);

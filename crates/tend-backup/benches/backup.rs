@@ -289,7 +289,7 @@ fn add_facts(device: &Device, n: u64, epochs: std::ops::RangeInclusive<u64>) {
 /// in-process fleet does (which dominates at 1M facts).
 fn snapshot_1_of_1(device: &Device, target: Epoch) {
     let ns = device.namespace();
-    let view = StoreJournal::new(device.store(), ns).expect("view");
+    let view = StoreJournal::new(device.store(), ns);
     let blob = view.try_snapshot_blob(target).expect("blob");
     let bytes = blob.encode();
     let cid = device

@@ -64,7 +64,7 @@ fn snapshot(d: &Device, epoch: Epoch) -> (Vec<u8>, u64, Duration) {
     let ns = d.namespace();
     let t = Instant::now();
     let blob = StoreJournal::new(d.store(), ns)
-        .and_then(|j| j.try_snapshot_blob(epoch))
+        .try_snapshot_blob(epoch)
         .expect("blob");
     let bytes = blob.encode();
     let items = blob.item_blob().map(|i| i.encode()).unwrap_or_default();

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use common::{n_facts, peak_rss_mib, sign_app_facts};
 use tend_core::DeviceId;
-use tend_node::fleet::StoreJournal;
+use tend_node::replica::DeviceReplica;
 use tend_node::{Device, Node, NodeConfig};
+use tend_replica::EngineView;
 use tend_snapshot::LocalJournal;
 
 fn config() -> NodeConfig {
@@ -125,7 +126,8 @@ async fn main() {
         .current_epoch()
         .next();
     let t = Instant::now();
-    let view = StoreJournal::new(store, ns).expect("view");
+    let replica = DeviceReplica::new(nodes[1].device());
+    let view = EngineView::new(&replica).expect("view");
     let view_time = t.elapsed();
     let t = Instant::now();
     let _ = view.prefix_digest(target);

@@ -26,16 +26,17 @@ use tend_snapshot::{
     AbortReason, CeremonyAction, CeremonyEvent, CeremonyInput, LocalJournal, Recipient, Refusal,
     SignerKey,
 };
-use tend_store::StoreError;
 use tokio::sync::oneshot;
 
+use crate::device::DeviceError;
 pub use crate::endpoint::MAINT_ALPN;
-use crate::fleet::StoreJournal;
 use crate::maint::{blocking, current_members, lock, send, Maint, MaintHandle, Waiter};
 pub use crate::maint::{
     CeremonyError, MaintMessage, MaintReply, MaintStats, SendError, SnapshotTrigger,
     MAX_MAINT_FRAME,
 };
+use crate::replica::DeviceReplica;
+use tend_replica::EngineView;
 
 /// How often the engine is ticked (deadlines, epoch changes, retries).
 const TICK: Duration = Duration::from_millis(200);
@@ -74,10 +75,11 @@ fn key_to_install(h: &MaintHandle, state: &MaintenanceState) -> Option<SignerKey
 }
 
 /// Feeds one input to the engine over the device's current journal.
-fn step(h: &MaintHandle, input: CeremonyInput) -> Result<Vec<CeremonyAction>, StoreError> {
+fn step(h: &MaintHandle, input: CeremonyInput) -> Result<Vec<CeremonyAction>, DeviceError> {
     let device = &h.device;
     let maint = &h.maint;
-    let view = StoreJournal::new(device.store(), device.namespace())?;
+    let replica = DeviceReplica::new(device);
+    let view = EngineView::new(&replica)?;
     let now = maint.start.elapsed();
     let mut rng = rand::rngs::OsRng;
     let mut out = Vec::new();

@@ -22,6 +22,7 @@ pub mod peer_table;
 pub mod reissue;
 pub mod replica;
 mod signal;
+pub mod snapshot_blob;
 pub mod status;
 pub mod upgrade;
 pub mod vault_peer;

@@ -123,6 +123,8 @@ pub enum SendError {
 pub enum CeremonyError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
     #[error("the snapshot proposal was rejected: {0}")]
     Rejected(String),
     #[error("the snapshot ceremony timed out after {secs} s{detail}")]

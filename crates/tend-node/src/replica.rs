@@ -9,9 +9,11 @@ use tend_core::{
     VerifiedFact,
 };
 use tend_replica::{BlobAt, Key, Replica};
+use tend_snapshot::BuiltBlob;
 use tend_store::StoreError;
 
 use crate::device::{Device, DeviceError};
+use crate::snapshot_blob::StoreJournal;
 
 /// Setting: the snapshot epoch this device last settled ([`tend_replica::settle`]).
 const SETTLED: &str = "reissued_below_snapshot";
@@ -76,6 +78,20 @@ impl<'a> DeviceReplica<'a> {
 
 impl Replica for DeviceReplica<'_> {
     type Error = DeviceError;
+
+    fn build_snapshot_blob(
+        &self,
+        upto: Epoch,
+        keep: Option<ContentId>,
+    ) -> Result<BuiltBlob, DeviceError> {
+        let store = self.device.store();
+        let cid = StoreJournal::new(store, self.device.namespace()).build_and_keep(upto, keep)?;
+        Ok(BuiltBlob {
+            cid,
+            bytes: None,
+            item_blob: None,
+        })
+    }
 
     fn namespace(&self) -> JournalNamespace {
         self.device.namespace()

@@ -13,6 +13,8 @@
 //! - [`adopt`]: once that batch is written, the maintenance facts below the adopted
 //!   snapshot that its blob does not list go, and this device re-issues its own.
 //! - [`fence_abort`]: which open sessions an activated upgrade fence ends.
+//! - [`EngineView`]: the snapshot engine's view of the device (`LocalJournal`), so the
+//!   engine sees a device through [`Replica`] like every other rule here.
 //! - [`settle`]: once per snapshot, the application facts below it that it does not cover
 //!   go (their authors re-issue them at the current epoch), and so do the ones that only
 //!   look live here because this device lacks what superseded them.
@@ -23,6 +25,7 @@
 //!   answer to an invitation and its check of the join).
 
 mod admission;
+mod engine_view;
 mod fence;
 pub mod keygen;
 mod settle;
@@ -30,6 +33,7 @@ pub mod trigger;
 pub mod upgrade;
 
 pub use admission::{Admission, Adopted};
+pub use engine_view::EngineView;
 pub use fence::fence_abort;
 pub use settle::{adopt, settle, Rules, Settlement};
 
@@ -75,6 +79,14 @@ pub trait Replica {
     fn prefix_digest(&self, upto: Epoch) -> Result<Hash32, Self::Error>;
     /// A snapshot blob or an item blob, if stored.
     fn snapshot_blob(&self, cid: &ContentId) -> Result<BlobAt, Self::Error>;
+    /// Builds the snapshot blob of the prefix below `upto` (and its item blob), keeping
+    /// them unless `keep` names another CID: what the ceremony engine asks for through
+    /// [`EngineView`].
+    fn build_snapshot_blob(
+        &self,
+        upto: Epoch,
+        keep: Option<ContentId>,
+    ) -> Result<tend_snapshot::BuiltBlob, Self::Error>;
     /// Hands `each` the stored facts with epochs in `[from, to)`, ascending.
     fn scan(
         &self,

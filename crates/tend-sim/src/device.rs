@@ -15,7 +15,7 @@ use tend_core::{
     JournalNamespace, MaintenanceState, Payload, ProtocolVersion, UnsignedFact, VerifiedFact,
 };
 use tend_replica::{Admission, Adopted, BlobAt, Replica, Rules};
-use tend_snapshot::{BuiltBlob, LocalJournal, SignerKey, SnapshotBlob};
+use tend_snapshot::{BuiltBlob, SignerKey, SnapshotBlob};
 use tend_sync::{FenceStatus, MemItems, SharedItems, SyncItem};
 
 /// The order key of a fact: `(epoch, id)`.
@@ -503,25 +503,6 @@ impl Core {
     }
 }
 
-impl LocalJournal for Core {
-    fn state(&self) -> &MaintenanceState {
-        &self.state
-    }
-
-    fn prefix_digest(&self, upto: Epoch) -> Hash32 {
-        // The same chaining rule as tend-snapshot's `JournalView`.
-        let mut d = DigestBuilder::chained(self.namespace, upto, self.state.snapshot_base(upto));
-        for (e, id) in self.effective_items(false).range(..(upto, FactId([0; 32]))) {
-            d.push(*e, *id);
-        }
-        d.finish()
-    }
-
-    fn snapshot_blob(&self, upto: Epoch, _keep: Option<ContentId>) -> BuiltBlob {
-        BuiltBlob::of(&self.own_blob(upto))
-    }
-}
-
 impl Core {
     /// The snapshot blob of this device's prefix below `upto`.
     fn own_blob(&self, upto: Epoch) -> SnapshotBlob {
@@ -568,7 +549,20 @@ impl Replica for Core {
     }
 
     fn prefix_digest(&self, upto: Epoch) -> Result<Hash32, Infallible> {
-        Ok(LocalJournal::prefix_digest(self, upto))
+        // The same chaining rule as tend-snapshot's `JournalView`.
+        let mut d = DigestBuilder::chained(self.namespace, upto, self.state.snapshot_base(upto));
+        for (e, id) in self.effective_items(false).range(..(upto, FactId([0; 32]))) {
+            d.push(*e, *id);
+        }
+        Ok(d.finish())
+    }
+
+    fn build_snapshot_blob(
+        &self,
+        upto: Epoch,
+        _keep: Option<ContentId>,
+    ) -> Result<BuiltBlob, Infallible> {
+        Ok(BuiltBlob::of(&self.own_blob(upto)))
     }
 
     fn snapshot_blob(&self, cid: &ContentId) -> Result<BlobAt, Infallible> {

@@ -31,7 +31,7 @@ use tend_replica::upgrade::{
     artifact_cid, plan, BlobInput, Decision, PlanConfig, UpgradeAction, UpgradeInput,
     UpgradeSession, DEFAULT_MAX_ATTEMPTS,
 };
-use tend_replica::Admission;
+use tend_replica::{Admission, EngineView};
 
 /// The shape of one run.
 #[derive(Clone, Debug)]
@@ -882,7 +882,8 @@ impl Sim {
         let Some(engine) = dev.engine.as_mut() else {
             return;
         };
-        let outputs = engine.handle(now, &dev.core, input, &mut self.rng);
+        let view = EngineView::new(&dev.core).unwrap_or_else(|e| match e {});
+        let outputs = engine.handle(now, &view, input, &mut self.rng);
         let inc = dev.inc;
         for o in outputs {
             match o {
@@ -1902,10 +1903,11 @@ impl Device {
         let mut e = SnapshotEngine::new(self.core.me);
         e.restore_votes(self.core.durable.signed.clone());
         let mut rng = StdRng::seed_from_u64(0);
+        let view = EngineView::new(&self.core).unwrap_or_else(|e| match e {});
         for k in self.core.durable.keys.values() {
             e.handle(
                 Duration::ZERO,
-                &self.core,
+                &view,
                 CeremonyInput::InstallKey(k.clone()),
                 &mut rng,
             );

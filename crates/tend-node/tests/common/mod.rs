@@ -242,7 +242,6 @@ pub fn complete_snapshot(d: &Device, epoch: Epoch, proposal: &[u8]) -> (Verified
     use tend_core::maintenance::{MaintenanceFact, SnapshotCompleted, SnapshotV1};
     let ns = d.namespace();
     let blob = tend_node::fleet::StoreJournal::new(d.store(), ns)
-        .unwrap()
         .try_snapshot_blob(epoch)
         .unwrap();
     let bytes = blob.encode();

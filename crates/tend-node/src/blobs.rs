@@ -24,6 +24,14 @@ use crate::endpoint::{self, close_code, FrameError, BLOB_ALPN};
 use crate::metrics::Metrics;
 use crate::upgrade::artifact_cid;
 
+/// Setting: the item blob settling waits for; the next round fetches it
+/// ([`wanted`]).
+pub const ITEM_BLOB_WANTED: &str = "settle.item_blob_wanted";
+
+/// Setting: an item blob that no peer asked held ([`ITEM_BLOB_WANTED`]): settling takes
+/// its fallback ([`tend_replica::Settlement::set_aside`]).
+pub const ITEM_BLOB_UNAVAILABLE: &str = "settle.item_blob_unavailable";
+
 /// The default largest blob a device serves or accepts: room for a snapshot blob that
 /// carries a million live records and more (blobs stream to disk, never held whole).
 pub const DEFAULT_MAX_BLOB_BYTES: u64 = 4 << 30;
@@ -128,7 +136,7 @@ pub fn wanted(store: &Store, state: &MaintenanceState) -> Result<Vec<Wanted>, St
     }
     // The item blob settling waits for (`tend_replica::Settlement::awaiting_items`).
     let item_blob = store
-        .get_setting::<String>(crate::replica::ITEM_BLOB_WANTED)?
+        .get_setting::<String>(ITEM_BLOB_WANTED)?
         .and_then(|c| c.parse::<ContentId>().ok());
     if let Some(cid) = item_blob {
         if !store.has_blob(&cid)? {

@@ -23,13 +23,7 @@ const SETTLED: &str = "reissued_below_snapshot";
 /// ([`tend_replica::Settlement::set_aside`]).
 pub const SET_ASIDE: &str = "settle.set_aside";
 
-/// Setting: the item blob settling waits for; the next round fetches it
-/// ([`crate::blobs::wanted`]).
-pub const ITEM_BLOB_WANTED: &str = "settle.item_blob_wanted";
-
-/// Setting: an item blob that no peer asked held ([`ITEM_BLOB_WANTED`]): settling takes
-/// its fallback ([`tend_replica::Settlement::set_aside`]).
-pub const ITEM_BLOB_UNAVAILABLE: &str = "settle.item_blob_unavailable";
+pub use crate::blobs::{ITEM_BLOB_UNAVAILABLE, ITEM_BLOB_WANTED};
 
 /// What a session driver keeps beside the store that admission needs.
 pub(crate) trait SessionIndex {

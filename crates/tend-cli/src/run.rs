@@ -46,6 +46,11 @@ pub struct RunArgs {
     /// in HOME/api.token (made when absent).
     #[arg(long, value_name = "IP:PORT")]
     pub api: Option<SocketAddr>,
+    /// A storage peer (`tend storage`), DEVICE_ID@IP:PORT: keep this device's large values
+    /// there, encrypted, uploading new ones every sync interval (the admin must have run
+    /// `tend vault key` and `tend vault grant`).
+    #[arg(long, value_name = "DEVICE_ID@IP:PORT")]
+    pub storage: Option<PeerAddr>,
     /// Rate limits, incoming and outgoing, per peer and for the device (on by default).
     #[command(flatten)]
     pub limits: crate::limits::RateArgs,
@@ -57,6 +62,7 @@ pub fn run(home: &Path, args: RunArgs, json: bool) -> CmdResult {
         return Err("--sync-interval must be a positive number of seconds".into());
     }
     let sync_interval = Duration::from_secs_f64(args.sync_interval);
+    let storage = args.storage;
     crate::backup::remove_stale_restores(home);
     let mut config = NodeConfig {
         listen: args.listen,
@@ -97,6 +103,16 @@ pub fn run(home: &Path, args: RunArgs, json: bool) -> CmdResult {
         // `tend backup export` while the device runs: the node writes the archive from
         // its open store (`backup_export` on the control socket).
         node.set_backup_exporter(crate::backup::exporter());
+        if let Some(s) = storage {
+            let n = node.clone();
+            tend_node::vault_peer::keep_on_storage_peer(
+                node.device().clone(),
+                s.device,
+                s.addr,
+                sync_interval,
+                move || n.after_local_write(),
+            );
+        }
         let api_addr =
             api.and_then(
                 |(token, listener)| match tend_node::api::serve(node, listener, token) {

@@ -7,8 +7,9 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
-use common::{fails_in_one_line, ok_json, terminate};
+use common::{fails_in_one_line, ok_json, start_run, terminate, wait_until};
 
 fn start_storage(home: &Path, authority: &str) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tend"))
@@ -89,5 +90,48 @@ fn a_value_goes_to_the_storage_peer_encrypted_and_comes_back() {
         assert!(!bytes
             .windows(b"STORAGE-PEER-MARKER".len())
             .any(|w| w == b"STORAGE-PEER-MARKER"));
+    }
+}
+
+/// A running device keeps its large values on the storage peer by itself (`tend run
+/// --storage`): a value written through it gets its encrypted copy within a few sync
+/// intervals, and once the device stops the copy comes back from the peer.
+#[test]
+fn a_running_device_keeps_its_large_values_on_the_storage_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, storage) = (dir.path().join("a"), dir.path().join("s"));
+    ok_json(&a, &["init"]);
+    let keyed = ok_json(&a, &["vault", "key"]);
+    let authority = keyed["authority"].as_str().unwrap().to_owned();
+    let (peer, target) = start_storage(&storage, &authority);
+    let peer_id = target.split('@').next().unwrap().to_owned();
+    ok_json(&a, &["vault", "grant", &peer_id]);
+
+    let (run, _) = start_run(&a, &["--storage", &target, "--sync-interval", "0.2"]);
+    let marker = "RUNNING-DEVICE-MARKER ".repeat(2500);
+    ok_json(&a, &["put", "files", "big", &marker]);
+    wait_until(
+        "the value's encrypted copy",
+        Duration::from_secs(30),
+        || {
+            let facts = ok_json(&a, &["journal", "list", "--limit", "1000"]);
+            facts
+                .as_array()
+                .is_some_and(|l| l.iter().any(|f| f["kind"] == "vault-copy"))
+        },
+    );
+    terminate(run);
+
+    let fetched = ok_json(
+        &a,
+        &["vault", "fetch", "files", "big", "--storage", &target],
+    );
+    assert_eq!(fetched["bytes"], marker.len());
+    terminate(peer);
+    for entry in std::fs::read_dir(&storage).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(!bytes
+            .windows(b"RUNNING-DEVICE-MARKER".len())
+            .any(|w| w == b"RUNNING-DEVICE-MARKER"));
     }
 }

@@ -3,9 +3,10 @@
 //!
 //! One request and one answer per bi-stream, each one frame (`endpoint::write_frame`). The
 //! storage peer's home holds its device key (`device.key`, its endpoint id, which the
-//! admin's `StorageGrant` names) and `vault.redb`. Members work on a stopped device: they
-//! bind an outgoing-only endpoint with their device key, so the storage peer sees their
-//! device id.
+//! admin's `StorageGrant` names) and `vault.redb`. Members bind an outgoing-only endpoint
+//! with their device key, so the storage peer sees their device id: on a stopped device
+//! (`tend vault`), or from a running one that keeps its large values on the storage peer
+//! ([`keep_on_storage_peer`], `tend run --storage`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -193,6 +194,53 @@ async fn answer(
     let _ = send.finish();
     let _ = send.stopped().await;
     Ok(())
+}
+
+/// Keeps a running device's large values on the storage peer `storage` at `addr`: every
+/// `interval` it connects, pushes the facts the peer takes and uploads, encrypted, each
+/// large value without a copy yet (what `tend vault upload` does), then calls `wrote` when
+/// it wrote `VaultCopy` facts, so the device's sessions carry them. A failed pass (the
+/// peer down, no grant or vault key yet) is logged and tried again at the next interval;
+/// the task ends with the runtime.
+pub fn keep_on_storage_peer(
+    device: Arc<Device>,
+    storage: DeviceId,
+    addr: SocketAddr,
+    interval: std::time::Duration,
+    wrote: impl Fn() + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last_failure = String::new();
+        loop {
+            tokio::time::sleep(interval).await;
+            let pass = async {
+                let client = VaultClient::connect(device.key(), storage, addr).await?;
+                let report = client.upload_values(&device).await;
+                client.close().await;
+                report
+            };
+            match pass.await {
+                Ok(report) => {
+                    last_failure.clear();
+                    if !report.uploaded.is_empty() {
+                        tracing::info!(
+                            "{} large values kept on storage peer {storage}",
+                            report.uploaded.len()
+                        );
+                        wrote();
+                    }
+                }
+                // Said once per kind of failure, not at every interval.
+                Err(e) => {
+                    let why = e.to_string();
+                    if why != last_failure {
+                        tracing::warn!("storage peer {storage}: {why}");
+                        last_failure = why;
+                    }
+                }
+            }
+        }
+    })
 }
 
 /// A member's connection to a storage peer.

@@ -121,13 +121,15 @@ pub fn vault(home: &Path, cmd: VaultCommand) -> CmdResult {
                     "uploaded": uploaded,
                     "already": report.already,
                     "too_large": report.too_large.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+                    "dropped": report.dropped,
                 }),
                 format!(
-                    "{} values uploaded encrypted, {} already there, {} too large for the storage peer; {} facts new to it",
+                    "{} values uploaded encrypted, {} already there, {} too large for the storage peer; {} facts new to it; {} reclaimed copies deleted there",
                     report.uploaded.len(),
                     report.already,
                     report.too_large.len(),
-                    report.facts_new
+                    report.facts_new,
+                    report.dropped
                 ),
             ))
         }

@@ -78,6 +78,19 @@ fn a_value_goes_to_the_storage_peer_encrypted_and_comes_back() {
         &["vault", "fetch", "files", "big", "--storage", &target],
     );
     assert_eq!(fetched["bytes"], marker.len());
+    assert_eq!(again["dropped"], 0);
+
+    // Deleted, and the delete covered by a snapshot: GC reclaims the value here, and the
+    // next upload has the storage peer delete its copy.
+    ok_json(&a, &["delete", "files", "big"]);
+    ok_json(&a, &["snapshot", "propose"]);
+    ok_json(&a, &["gc"]);
+    let after_gc = ok_json(&a, &["vault", "upload", "--storage", &target]);
+    assert_eq!(after_gc["dropped"], 1, "{after_gc}");
+    assert_eq!(
+        ok_json(&a, &["vault", "upload", "--storage", &target])["dropped"],
+        0
+    );
 
     // A device of another authority is refused; so is a malformed authority id.
     let err = fails_in_one_line(&outsider, &["vault", "upload", "--storage", &target]);

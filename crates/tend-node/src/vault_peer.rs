@@ -18,7 +18,9 @@ use rand::rngs::OsRng;
 use serde_bytes::ByteBuf;
 use tend_core::maintenance::MaintenanceFact;
 use tend_core::vault::{StorageGrant, VaultCopy};
-use tend_core::{AuthorityId, ContentId, DeviceId, JournalNamespace, Payload, VerifiedFact};
+use tend_core::{
+    AuthorityId, ContentId, DeviceId, JournalNamespace, MaintenanceState, Payload, VerifiedFact,
+};
 use tend_crypto::device::DeviceKey;
 use tend_storage::member::{
     epoch_key_facts, fits_one_request, open_fetched, open_ring, seal_for_storage,
@@ -261,6 +263,8 @@ pub struct UploadReport {
     /// Large values whose encrypted form would exceed what one request carries
     /// (`tend_storage::protocol::MAX_VAULT_BLOB_BYTES`): left out, not failed.
     pub too_large: Vec<ContentId>,
+    /// Encrypted copies the peer deleted because GC reclaimed their values.
+    pub dropped: u64,
 }
 
 impl VaultClient {
@@ -351,7 +355,26 @@ impl VaultClient {
             )))?;
             report.uploaded.push((cid, encrypted));
         }
+        report.dropped = self.drop_reclaimed(&state).await?;
         Ok(report)
+    }
+
+    /// Asks the peer to delete the encrypted copies of values whose tombstone a snapshot
+    /// covers (GC reclaims their plaintext the same way), so the peer's storage stays
+    /// bounded like the members'. Returns how many it still held.
+    pub async fn drop_reclaimed(&self, state: &MaintenanceState) -> Result<u64, VaultNetError> {
+        let cids: Vec<ContentId> = state
+            .prunable_blobs()
+            .iter()
+            .filter_map(|blob| state.vault.copies.get(blob).copied())
+            .collect();
+        if cids.is_empty() {
+            return Ok(0);
+        }
+        match self.request(&Request::Drop { cids }).await? {
+            Response::Dropped { removed } => Ok(removed),
+            other => Err(VaultNetError::Unexpected(format!("{other:?}"))),
+        }
     }
 
     /// Fetches the encrypted copy of blob `blob` (a plaintext CID of the journal), opens it

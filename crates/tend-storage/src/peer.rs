@@ -102,6 +102,14 @@ impl StoragePeer {
                     None => Response::Missing { cid },
                 })
             }
+            Request::Drop { cids } => {
+                if let Err(e) = self.rules.authorize(peer) {
+                    return Ok(refused(e));
+                }
+                Ok(Response::Dropped {
+                    removed: self.store.remove(&cids)?,
+                })
+            }
         }
     }
 

@@ -33,6 +33,9 @@ pub enum Request {
     },
     /// Fetch an encrypted blob by the CID of its ciphertext.
     Get { cid: ContentId },
+    /// Delete these encrypted blobs (by ciphertext CID), their sealed keys and fragments:
+    /// a member asks once GC reclaimed their plaintext, so the peer's storage stays bounded.
+    Drop { cids: Vec<ContentId> },
 }
 
 /// What the storage peer answers.
@@ -57,6 +60,10 @@ pub enum Response {
     },
     Missing {
         cid: ContentId,
+    },
+    /// How many of the blobs a `Drop` named were stored (and are now gone).
+    Dropped {
+        removed: u64,
     },
     Refused {
         reason: String,

@@ -137,6 +137,34 @@ impl VaultStore {
         Ok(())
     }
 
+    /// Removes blobs with their sealed keys and every fragment of them, in one
+    /// transaction; returns how many were stored.
+    pub fn remove(&self, cids: &[ContentId]) -> Result<u64, StorageError> {
+        let tx = self.db.begin_write()?;
+        let mut removed = 0;
+        {
+            let mut bodies = tx.open_table(BLOBS)?;
+            let mut keys = tx.open_table(SEALED)?;
+            let mut frags = tx.open_table(CFRAGS)?;
+            for cid in cids {
+                let key = cid.to_bytes();
+                if bodies.remove(key.as_slice())?.is_some() {
+                    removed += 1;
+                }
+                keys.remove(key.as_slice())?;
+                let epochs: Vec<u64> = frags
+                    .range((key.as_slice(), 0)..=(key.as_slice(), u64::MAX))?
+                    .map(|e| e.map(|(k, _)| k.value().1))
+                    .collect::<Result<_, _>>()?;
+                for to in epochs {
+                    frags.remove((key.as_slice(), to))?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(removed)
+    }
+
     /// A stored blob with its fragments to `to_epoch`.
     pub fn get(&self, cid: &ContentId, to_epoch: u64) -> Result<Option<StoredBlob>, StorageError> {
         let key = cid.to_bytes();

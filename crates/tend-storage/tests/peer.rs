@@ -352,3 +352,45 @@ fn bad_pushes_and_blobs_are_refused_before_anything_is_stored() {
         Response::Refused { .. }
     ));
 }
+
+#[test]
+fn a_member_deletes_reclaimed_copies_and_an_outsider_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let [admin, storage, outsider] = std::array::from_fn(|_| SigningKey::generate(&mut OsRng));
+    let mut j = Journal::new(&admin, &[&admin]);
+    j.key_epoch(&admin);
+    j.write(
+        &admin,
+        Payload::Maintenance(MaintenanceFact::StorageGrant(StorageGrant {
+            peer: id(&storage),
+            granted: true,
+        })),
+    );
+    let JournalNamespace::Authority(authority) = j.ns else {
+        unreachable!()
+    };
+    let mut peer =
+        StoragePeer::open(&dir.path().join("vault.redb"), authority, id(&storage)).unwrap();
+    push(&mut peer, &admin, &j);
+    let kept = put(&mut peer, &admin, &j, b"kept");
+    let reclaimed = put(&mut peer, &admin, &j, b"reclaimed");
+    let drop = |cids| Request::Drop { cids };
+    assert!(matches!(
+        peer.handle(&mut OsRng, &id(&outsider), drop(vec![reclaimed]))
+            .unwrap(),
+        Response::Refused { .. }
+    ));
+    assert_eq!(peer.store().blob_count().unwrap(), 2);
+    assert_eq!(
+        peer.handle(&mut OsRng, &id(&admin), drop(vec![reclaimed, reclaimed]))
+            .unwrap(),
+        Response::Dropped { removed: 1 }
+    );
+    assert_eq!(
+        peer.handle(&mut OsRng, &id(&admin), Request::Get { cid: reclaimed })
+            .unwrap(),
+        Response::Missing { cid: reclaimed }
+    );
+    assert_eq!(read(&mut peer, &admin, &j, &kept).unwrap(), b"kept");
+    assert_eq!(peer.store().blob_count().unwrap(), 1);
+}

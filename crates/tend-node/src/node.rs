@@ -13,7 +13,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -183,9 +183,11 @@ struct Inner {
     routes: Mutex<HashMap<SessionId, mpsc::UnboundedSender<Ev>>>,
     peers: Mutex<PeerBook>,
     sources: Mutex<Vec<Box<dyn AddressSource>>>,
-    /// Epoch of every fact id handed to a session, so `load_fact` can find the fact (the
-    /// store has no index by id alone).
-    epochs: Mutex<HashMap<FactId, Epoch>>,
+    /// The item lists handed to sessions that are still held (by a session or the cache):
+    /// `load_fact` finds a fact's epoch in them (the store has no index by id alone). A
+    /// peer asks only for facts it was offered, so these are enough, and memory follows
+    /// the running sessions rather than every id this node ever offered or received.
+    offered: Mutex<Vec<Weak<MemItems>>>,
     /// The items the last session was given, with the store's last change and the floor
     /// they were read at: sessions reuse them until a fact is admitted (every admission
     /// appends a change) or the floor moves, instead of reading a million items each.
@@ -313,7 +315,7 @@ impl Node {
                 backoff: HashMap::new(),
             }),
             sources: Mutex::new(sources),
-            epochs: Mutex::new(HashMap::new()),
+            offered: Mutex::new(Vec::new()),
             items_cache: Mutex::new(None),
             identity_epoch: AtomicU64::new(state.identity_epoch()),
             peer_floors: Mutex::new(HashMap::new()),
@@ -1009,7 +1011,13 @@ pub fn run_blocking(
 
 impl SessionIndex for Inner {
     fn epoch_of(&self, id: &FactId) -> Option<Epoch> {
-        lock(&self.epochs).get(id).copied()
+        let offered = lock(&self.offered);
+        // Newest first: the current cache holds nearly every fact a peer asks for.
+        offered
+            .iter()
+            .rev()
+            .filter_map(Weak::upgrade)
+            .find_map(|items| items.epoch_of(id))
     }
 
     fn blob_unavailable(&self, cid: &ContentId) -> bool {
@@ -1211,13 +1219,13 @@ impl Inner {
             let (epoch, id) = item?;
             items.push(SyncItem { epoch, id });
         }
+        let items = Arc::new(MemItems::new(self.namespace(), items));
         {
-            let mut epochs = lock(&self.epochs);
-            for i in &items {
-                epochs.insert(i.id, i.epoch);
-            }
+            let mut offered = lock(&self.offered);
+            offered.retain(|o| o.strong_count() > 0);
+            offered.push(Arc::downgrade(&items));
         }
-        let items: SharedItems = Arc::new(MemItems::new(self.namespace(), items));
+        let items: SharedItems = items;
         *lock(&self.items_cache) = Some((change, floor, items.clone()));
         Ok((local, items))
     }
@@ -1258,11 +1266,6 @@ impl Inner {
             Ok(report) => {
                 self.facts_stored
                     .fetch_add(report.inserted, Ordering::SeqCst);
-                let mut epochs = lock(&self.epochs);
-                for f in facts {
-                    epochs.insert(f.id(), f.epoch());
-                }
-                drop(epochs);
                 for r in &report.rejected {
                     self.metrics.reject(r.error.reason(), 1);
                 }

@@ -27,14 +27,16 @@ pub use crate::blobs::{ITEM_BLOB_UNAVAILABLE, ITEM_BLOB_WANTED};
 
 /// What a session driver keeps beside the store that admission needs.
 pub(crate) trait SessionIndex {
-    /// The epoch of a fact offered or stored here (the store is keyed by `(epoch, id)`).
+    /// The epoch of a fact offered to a running session (the store is keyed by
+    /// `(epoch, id)`). A fact received but not yet offered is not found: a copy of it that
+    /// a second session brings is then checked and admitted as a duplicate.
     fn epoch_of(&self, id: &FactId) -> Option<Epoch>;
     /// Whether no peer holds this snapshot blob (its completion is then admitted alone).
     fn blob_unavailable(&self, cid: &ContentId) -> bool;
     /// Notes a snapshot blob that is not stored, for the next round to fetch.
     fn fetch_blob(&self, cid: &ContentId);
-    /// Writes admitted facts in one transaction (counting and indexing them); whether
-    /// any were given and written.
+    /// Writes admitted facts in one transaction (counting them); whether any were given
+    /// and written.
     fn store_facts(&self, facts: &[VerifiedFact]) -> bool;
 }
 

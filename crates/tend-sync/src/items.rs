@@ -126,6 +126,33 @@ impl MemItems {
     pub fn as_slice(&self) -> &[SyncItem] {
         &self.items
     }
+
+    /// The epoch of the item with this id, if it is one of these items: one binary search
+    /// per epoch present, so a holder needs no map from id to epoch beside its items.
+    ///
+    /// ```
+    /// # use tend_core::{AuthorityId, Epoch, FactId, JournalNamespace};
+    /// # use tend_sync::{MemItems, SyncItem};
+    /// let id = FactId([7; 32]);
+    /// let items = MemItems::new(
+    ///     JournalNamespace::Authority(AuthorityId([1; 32])),
+    ///     [SyncItem { epoch: Epoch(3), id }, SyncItem { epoch: Epoch(1), id: FactId([9; 32]) }],
+    /// );
+    /// assert_eq!(items.epoch_of(&id), Some(Epoch(3)));
+    /// assert_eq!(items.epoch_of(&FactId([8; 32])), None);
+    /// ```
+    pub fn epoch_of(&self, id: &FactId) -> Option<Epoch> {
+        let mut rest = self.items.as_slice();
+        while let Some(first) = rest.first() {
+            let epoch = first.epoch;
+            let run = rest.partition_point(|i| i.epoch == epoch);
+            if rest[..run].binary_search_by(|i| i.id.cmp(id)).is_ok() {
+                return Some(epoch);
+            }
+            rest = &rest[run..];
+        }
+        None
+    }
 }
 
 impl OrderedItems for MemItems {

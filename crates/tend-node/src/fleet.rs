@@ -5,13 +5,13 @@
 //! `--member-home`) and `devnet` run them; the ceremony state machine is the same one a
 //! networked device runs, it only sees messages and a journal view.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::{CryptoRng, RngCore};
 use tend_core::maintenance::SnapshotCompleted;
-use tend_core::{DeviceId, Epoch, FactId, GroupKey, JournalNamespace, MaintenanceEpoch};
+use tend_core::{ContentId, DeviceId, Epoch, FactId, GroupKey, JournalNamespace, MaintenanceEpoch};
 use tend_crypto::dkg::run_in_memory;
 use tend_crypto::share::KeyShare;
 use tend_replica::keygen::{self, KeyGenError, KeyGenPlan};
@@ -172,39 +172,60 @@ impl LocalFleet {
     pub fn sync(&self) -> Result<u64, FleetError> {
         let ns = self.devices[0].namespace();
         // Journals that already agree (the usual case around a ceremony) cost one keys-only
-        // scan each. Otherwise each store takes, in one batch per source, only the facts it
-        // lacks, and only those are verified: copying every fact into every store checked
-        // a signature per fact and device (minutes at a million facts).
+        // scan each. Otherwise each store's keys are read once, and each store takes only
+        // the facts it lacks, read by key from one holder and verified: copying every
+        // fact into every store checked a signature per fact and device (minutes at a
+        // million facts), and scanning every source's journal for every destination
+        // made a ceremony of 20 devices 58 times slower than one of 3.
         let mut digests = Vec::with_capacity(self.devices.len());
         for d in &self.devices {
             digests.push(d.store().journal_digest(ns)?);
         }
-        let agree = digests.windows(2).all(|w| w[0] == w[1]);
         let mut inserted = 0;
-        for (to, dest) in self.devices.iter().enumerate() {
-            let mut held: HashSet<(Epoch, FactId)> = if agree {
-                HashSet::new()
-            } else {
-                dest.store().items(ns, ..)?.collect::<Result<_, _>>()?
-            };
-            for (from, source) in self.devices.iter().enumerate() {
-                if to == from {
-                    continue;
+        if !digests.windows(2).all(|w| w[0] == w[1]) {
+            let mut held = Vec::with_capacity(self.devices.len());
+            for d in &self.devices {
+                held.push(
+                    d.store()
+                        .items(ns, ..)?
+                        .collect::<Result<HashSet<_>, _>>()?,
+                );
+            }
+            let mut holder: BTreeMap<(Epoch, FactId), usize> = BTreeMap::new();
+            for (i, keys) in held.iter().enumerate() {
+                for key in keys {
+                    holder.entry(*key).or_insert(i);
                 }
-                if !agree {
-                    let mut missing = Vec::new();
-                    for stored in source.store().scan(ns, ..)? {
-                        let stored = stored?;
-                        if !held.contains(&(stored.epoch, stored.id)) {
+            }
+            for (to, dest) in self.devices.iter().enumerate() {
+                let lacking: Vec<_> = holder
+                    .iter()
+                    .filter(|(key, _)| !held[to].contains(key))
+                    .collect();
+                // In batches, so a store that lacks a whole journal is not copied in one.
+                for batch in lacking.chunks(10_000) {
+                    let mut missing = Vec::with_capacity(batch.len());
+                    for ((epoch, id), from) in batch {
+                        let source = &self.devices[**from];
+                        if let Some(stored) = source.store().get(ns, *epoch, id)? {
                             missing.push(verify(source, &stored)?);
                         }
                     }
-                    held.extend(missing.iter().map(|f| f.order_key()));
                     inserted += dest.store().insert_batch(&missing)?.inserted;
                 }
-                for (cid, _) in source.store().blobs()? {
-                    if !dest.store().has_blob(&cid)? {
-                        if let Some(bytes) = source.store().get_blob(&cid)? {
+            }
+        }
+        let mut blobs = Vec::with_capacity(self.devices.len());
+        for d in &self.devices {
+            let cids: HashSet<ContentId> = d.store().blobs()?.into_iter().map(|(c, _)| c).collect();
+            blobs.push(cids);
+        }
+        for (to, dest) in self.devices.iter().enumerate() {
+            let mut copied = HashSet::new();
+            for (from, source) in self.devices.iter().enumerate() {
+                for cid in blobs[from].difference(&blobs[to]) {
+                    if copied.insert(*cid) {
+                        if let Some(bytes) = source.store().get_blob(cid)? {
                             dest.store().put_blob(cid.codec(), &bytes)?;
                         }
                     }
@@ -372,5 +393,54 @@ mod tests {
                 d.device_id()
             );
         }
+    }
+
+    /// The fleet's sync is a set union: every device ends with every fact and blob that
+    /// any of them held, each fact checked, none lost or doubled.
+    #[test]
+    fn sync_gives_every_device_the_union_of_facts_and_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let devices: Vec<Arc<Device>> = ["a", "b", "c"]
+            .iter()
+            .map(|n| Arc::new(Device::init(&dir.path().join(n), &mut rng).unwrap()))
+            .collect();
+        let mut fleet = LocalFleet::new(devices.clone());
+        fleet.create_authority(2, &mut rng).unwrap();
+        for (i, d) in devices.iter().enumerate() {
+            for n in 0..=i {
+                d.add_application_fact("note", format!("{i}/{n}").as_bytes())
+                    .unwrap();
+            }
+        }
+        let cid = devices[2]
+            .store()
+            .put_blob(tend_core::ids::CODEC_RAW, b"a large value")
+            .unwrap();
+        let ns = devices[0].namespace();
+        let total: u64 = devices
+            .iter()
+            .map(|d| d.store().stats(ns).unwrap().map_or(0, |s| s.facts))
+            .sum();
+        let inserted = fleet.sync().unwrap();
+        let digests: Vec<_> = devices
+            .iter()
+            .map(|d| d.store().journal_digest(ns).unwrap())
+            .collect();
+        assert!(digests.windows(2).all(|w| w[0] == w[1]), "{digests:?}");
+        let each = devices[0].store().stats(ns).unwrap().map_or(0, |s| s.facts);
+        // Each device took exactly the facts it lacked.
+        assert_eq!(inserted, 3 * each - total);
+        for d in &devices {
+            assert_eq!(
+                d.store().get_blob(&cid).unwrap().as_deref(),
+                Some(&b"a large value"[..])
+            );
+        }
+        assert_eq!(
+            fleet.sync().unwrap(),
+            0,
+            "a second sync has nothing to copy"
+        );
     }
 }

@@ -225,6 +225,19 @@ pub fn settle<R: Replica>(
     let carried = |key: &Key| blob.facts.binary_search(key).is_ok();
     let mut uncovered = Vec::new();
     let mut set_aside = Vec::new();
+    // The data facts kept below the snapshot that it does not carry: only these can be
+    // stale (below), so a device whose facts the blob all carries (a member that just
+    // hydrated from it) never materialises its live set.
+    let mut not_carried = Vec::new();
+    if from > Epoch::ZERO {
+        replica
+            .scan(Epoch::ZERO, from, &mut |fact| {
+                if is_data(fact.payload()) && !carried(&fact.order_key()) {
+                    not_carried.push(fact.order_key());
+                }
+            })
+            .map_err(store)?;
+    }
     replica
         .scan(from, epoch, &mut |fact| {
             let key = fact.order_key();
@@ -266,6 +279,11 @@ pub fn settle<R: Replica>(
                 )
             };
             if covered {
+                // In the prefix but not live there (for a fact below the base, covered
+                // means carried).
+                if !carried(&key) {
+                    not_carried.push(key);
+                }
                 return;
             }
             out.retracted.push(key);
@@ -306,13 +324,16 @@ pub fn settle<R: Replica>(
     // the prefix's live set, certified by the members: what is live here below the
     // snapshot but not carried by it goes. Dropping one can uncover an older write it
     // superseded here, so until none is left (each round removes facts, so it ends).
-    if blob.version >= 2 && rules.drop_stale {
+    // What is live below the snapshot and not carried is among `not_carried`: every other
+    // data fact kept there is carried, or was just retracted.
+    if blob.version >= 2 && rules.drop_stale && !not_carried.is_empty() {
+        not_carried.sort_unstable();
         loop {
             let stale: Vec<Key> = replica
                 .live_below(epoch)
                 .map_err(store)?
                 .into_iter()
-                .filter(|k| !carried(k))
+                .filter(|k| not_carried.binary_search(k).is_ok())
                 .collect();
             if stale.is_empty() || replica.retract_data(&stale).map_err(store)? == 0 {
                 break;

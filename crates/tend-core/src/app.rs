@@ -343,6 +343,35 @@ impl AppState {
         live
     }
 
+    /// How many of the facts [`AppState::live_facts`] lists are below `below`, counted
+    /// without listing them (each live fact is one key's head, one log's entry or one
+    /// unknown fact, so the parts add up).
+    pub fn live_len_below(&self, floors: &BTreeMap<String, Epoch>, below: Epoch) -> usize {
+        let heads: usize = self
+            .registers
+            .iter()
+            .map(|((space, _, key), reg)| {
+                reg.put_heads()
+                    .filter(|(at, _)| {
+                        at.0 < below
+                            && (*space == Space::Collection || Self::cache_valid(floors, key, at.0))
+                    })
+                    .count()
+            })
+            .sum();
+        let first_at_below = LogCursor {
+            epoch: below,
+            seq: 0,
+            id: FactId([0; 32]),
+        };
+        let entries: usize = self
+            .logs
+            .values()
+            .map(|l| l.entries.range(..first_at_below).count())
+            .sum();
+        self.unknown.range(..(below, FactId([0; 32]))).count() + heads + entries
+    }
+
     /// The put heads of every collection key: the facts whose values can be read (and so
     /// whose blobs must stay), ascending.
     pub fn value_heads(&self) -> BTreeSet<(Epoch, FactId)> {

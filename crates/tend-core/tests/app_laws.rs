@@ -248,6 +248,11 @@ proptest! {
         let floors: BTreeMap<String, Epoch> =
             [("ck0".to_owned(), Epoch(floor))].into_iter().collect();
         let live = full.live_facts(&floors);
+        // GC counts the live set to skip listing it when nothing is to be pruned.
+        for below in [Epoch(0), Epoch(floor), Epoch(3), Epoch(u64::MAX)] {
+            let listed = live.iter().filter(|k| k.0 < below).count();
+            prop_assert_eq!(full.live_len_below(&floors, below), listed);
+        }
         let kept: Vec<_> = facts.iter().filter(|f| live.contains(&f.order_key())).cloned().collect();
         let pruned = AppState::of(&kept);
         prop_assert_eq!(visible(&full), visible(&pruned));

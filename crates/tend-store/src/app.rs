@@ -83,12 +83,22 @@ impl Store {
         below: Epoch,
     ) -> Result<BTreeSet<(Epoch, FactId)>, StoreError> {
         let floors = self.prefix_maintenance_state(ns, below)?.cache_floors;
+        self.live_below_under(ns, below, &floors)
+    }
+
+    /// [`Store::live_below`] under the prefix's cache floors, already read.
+    pub(crate) fn live_below_under(
+        &self,
+        ns: JournalNamespace,
+        below: Epoch,
+        floors: &BTreeMap<String, Epoch>,
+    ) -> Result<BTreeSet<(Epoch, FactId)>, StoreError> {
         // Nothing at or above `below` (a snapshot of everything so far, the usual
         // proposal): the prefix's application state is the cached one, no fold needed.
         if self.scan(ns, below..)?.next().is_none() {
-            return Ok(self.app_state(ns)?.live_facts(&floors));
+            return Ok(self.app_state(ns)?.live_facts(floors));
         }
-        Ok(self.fold_app(ns, ..below)?.live_facts(&floors))
+        Ok(self.fold_app(ns, ..below)?.live_facts(floors))
     }
 
     /// The live data facts below `below` ([`Store::live_below`]), ascending.

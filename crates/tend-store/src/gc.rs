@@ -63,7 +63,7 @@ impl Store {
         })?;
         // What the state needs below the floor stays (DESIGN rule 4: the reduced state,
         // application state included, is the same before and after).
-        let live = self.live_below(ns, floor)?;
+        let live = self.live_below_or_all(ns, floor)?;
         let kept_blobs = self.value_blobs(ns)?;
         let mut report = PruneReport {
             namespace: ns,
@@ -175,9 +175,33 @@ impl Store {
         } else {
             tx.commit().map_err(|e| self.err(e))?;
             // The cached state is still right, but holds what the pruned facts superseded.
-            self.app_forget(ns);
+            if report.facts > 0 {
+                self.app_forget(ns);
+            }
         }
         Ok(report)
+    }
+
+    /// The live set below `floor` ([`Store::live_below`]), or [`Live::All`] when every fact
+    /// stored below it is live, told by counting: then there is nothing to prune (a device
+    /// that has just hydrated from a snapshot, or GC run again), and a million live keys
+    /// are not listed for nothing.
+    fn live_below_or_all(&self, ns: JournalNamespace, floor: Epoch) -> Result<Live, StoreError> {
+        // A fact below the floor that is live in the whole journal's state is live in the
+        // prefix's too (the prefix has fewer writes to supersede or trim it, and lower
+        // cache floors), and the prefix's live facts are stored facts below the floor: if
+        // the first are as many as the last, all three are the same.
+        let floors = self.prefix_maintenance_state(ns, floor)?.cache_floors;
+        let live = self.app_state(ns)?.live_len_below(&floors, floor);
+        let mut stored = 0;
+        for item in self.items(ns, ..floor)? {
+            item?;
+            stored += 1;
+        }
+        if stored == live {
+            return Ok(Live::All);
+        }
+        Ok(Live::Set(self.live_below_under(ns, floor, &floors)?))
     }
 
     /// Compacts the file, returning freed space to the file system. It needs the store to
@@ -211,6 +235,23 @@ impl Store {
     fn busy(&self) -> StoreError {
         StoreError::Busy {
             path: self.path.clone(),
+        }
+    }
+}
+
+/// The facts below the floor that GC keeps.
+enum Live {
+    /// Every stored one.
+    All,
+    /// These.
+    Set(std::collections::BTreeSet<(Epoch, tend_core::FactId)>),
+}
+
+impl Live {
+    fn contains(&self, key: &(Epoch, tend_core::FactId)) -> bool {
+        match self {
+            Self::All => true,
+            Self::Set(set) => set.contains(key),
         }
     }
 }

@@ -229,3 +229,46 @@ fn prune_keeps_live_values_and_their_blobs() {
     let s = Store::open(&path).unwrap();
     assert_eq!(s.app_state(ns).unwrap().digest(&floors), before);
 }
+
+/// GC keeps what the prefix's state needs; run again with nothing left to prune (which
+/// it tells by counting, without listing the live set) it removes nothing; and a value
+/// that a write above the snapshot superseded stays (the whole journal's state no longer
+/// reads it, the prefix's does).
+#[test]
+fn prune_keeps_the_prefix_live_set_and_a_second_prune_removes_nothing() {
+    use tend_core::app::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::create(dir.path().join("s.redb")).unwrap();
+    let k = key(1);
+    let (ns, genesis) = authority(&k);
+    let inline = |b: &[u8]| Value::Inline(serde_bytes::ByteBuf::from(b.to_vec()));
+    let a1 = put(ns, 1, &k, "a", inline(b"1"), vec![]);
+    let b1 = put(ns, 1, &k, "b", inline(b"1"), vec![]);
+    let b2 = put(ns, 2, &k, "b", inline(b"2"), vec![b1.id()]);
+    s.insert_batch(&[genesis, a1.clone(), b1.clone(), b2.clone()])
+        .unwrap();
+    let digest = s.prefix_digest(ns, Epoch(5)).unwrap();
+    s.insert_batch(&[snapshot_completed(ns, &k, 5, 5, digest)])
+        .unwrap();
+    let floors = s.maintenance_state(ns).unwrap().cache_floors;
+    let first = s.prune(ns).unwrap();
+    // b1, and the genesis from the journal index (it stays in the maintenance table).
+    assert_eq!((first.facts, first.maintenance), (2, 1), "{first:?}");
+    assert!(!s.contains(ns, b1.epoch(), &b1.id()).unwrap());
+    let again = s.prune(ns).unwrap();
+    assert_eq!((again.facts, again.live_kept), (0, 2), "{again:?}");
+    // Above the floor, a write superseding a1.
+    let a2 = put(ns, 6, &k, "a", inline(b"2"), vec![a1.id()]);
+    s.insert_batch(std::slice::from_ref(&a2)).unwrap();
+    let before = s.app_state(ns).unwrap().digest(&floors);
+    let third = s.prune(ns).unwrap();
+    assert_eq!((third.facts, third.live_kept), (0, 2), "{third:?}");
+    for kept in [&a1, &b2, &a2] {
+        assert!(s.contains(ns, kept.epoch(), &kept.id()).unwrap());
+    }
+    assert_eq!(s.app_state(ns).unwrap().digest(&floors), before);
+    assert_eq!(
+        s.app_state(ns).unwrap().get("c", "a").unwrap().winner,
+        a2.order_key()
+    );
+}

@@ -175,8 +175,8 @@ impl LocalFleet {
         // scan each. Otherwise each store's keys are read once, and each store takes only
         // the facts it lacks, read by key from one holder and verified: copying every
         // fact into every store checked a signature per fact and device (minutes at a
-        // million facts), and scanning every source's journal for every destination
-        // made a ceremony of 20 devices 58 times slower than one of 3.
+        // million facts), and scanning every source's journal for every destination, at
+        // every fact a ceremony writes, took 4.3 s for 20 devices (under 1 s now).
         let mut digests = Vec::with_capacity(self.devices.len());
         for d in &self.devices {
             digests.push(d.store().journal_digest(ns)?);

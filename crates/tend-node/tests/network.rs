@@ -180,7 +180,17 @@ async fn identity_epoch_advancing_mid_session_aborts_and_the_retry_succeeds() {
         let peer = b.peer_addr();
         tokio::spawn(async move { a.sync_with(peer).await })
     };
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The change must land while this session carries the facts: under load the session
+    // can take longer than a fixed pause to start, and the change's push-on-write round
+    // would then carry them instead (and this one find nothing left, on its first try).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while fact_count(&b) < 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(
         fact_count(&b) < 1202,
         "the session ended too early to be interrupted"

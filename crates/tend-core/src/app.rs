@@ -330,35 +330,33 @@ impl AppState {
     /// the cache floors of the same journal (`MaintenanceState::cache_floors`).
     pub fn live_facts(&self, floors: &BTreeMap<String, Epoch>) -> BTreeSet<(Epoch, FactId)> {
         let mut live = self.unknown.clone();
-        for ((space, _, key), reg) in &self.registers {
-            for (at, _) in reg.put_heads() {
-                if *space == Space::Collection || Self::cache_valid(floors, key, at.0) {
-                    live.insert(*at);
-                }
-            }
-        }
+        live.extend(self.live_heads(floors));
         for log in self.logs.values() {
             live.extend(log.entries.iter().map(|c| (c.epoch, c.id)));
         }
         live
     }
 
+    /// The put heads the state needs: every collection key's, and those of cache keys
+    /// that their floor has not invalidated.
+    fn live_heads<'a>(
+        &'a self,
+        floors: &'a BTreeMap<String, Epoch>,
+    ) -> impl Iterator<Item = (Epoch, FactId)> + 'a {
+        self.registers
+            .iter()
+            .flat_map(move |((space, _, key), reg)| {
+                reg.put_heads().map(|(at, _)| *at).filter(move |at| {
+                    *space == Space::Collection || Self::cache_valid(floors, key, at.0)
+                })
+            })
+    }
+
     /// How many of the facts [`AppState::live_facts`] lists are below `below`, counted
     /// without listing them (each live fact is one key's head, one log's entry or one
     /// unknown fact, so the parts add up).
     pub fn live_len_below(&self, floors: &BTreeMap<String, Epoch>, below: Epoch) -> usize {
-        let heads: usize = self
-            .registers
-            .iter()
-            .map(|((space, _, key), reg)| {
-                reg.put_heads()
-                    .filter(|(at, _)| {
-                        at.0 < below
-                            && (*space == Space::Collection || Self::cache_valid(floors, key, at.0))
-                    })
-                    .count()
-            })
-            .sum();
+        let heads = self.live_heads(floors).filter(|at| at.0 < below).count();
         let first_at_below = LogCursor {
             epoch: below,
             seq: 0,

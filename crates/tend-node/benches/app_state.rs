@@ -300,11 +300,8 @@ fn hydrate(n: usize, dir: &std::path::Path) {
     let rss_before = peak_rss_mib();
     let t = Instant::now();
     // With a device's page cache (redb's default would keep up to 1 GiB of pages).
-    let opts = tend_store::StoreOptions {
-        cache_size: Some(tend_node::device::STORE_CACHE_BYTES),
-        ..tend_store::StoreOptions::default()
-    };
-    let store = Store::create_with(dir.join("b.redb"), &opts).expect("create");
+    let store = Store::create_with(dir.join("b.redb"), &tend_node::device::store_options())
+        .expect("create");
     // Streamed from the file, as a fetched blob arrives, so the peak is hydration's own
     // (the store checks the bytes against the CID at commit).
     let mut file = std::fs::File::open(dir.join("blob")).expect("blob");

@@ -32,7 +32,8 @@ pub const STORE_FILE: &str = "store.redb";
 /// through the operating system's page cache.
 pub const STORE_CACHE_BYTES: usize = 64 << 20;
 
-fn store_options() -> StoreOptions {
+/// The store options a device opens its store with (its page cache, above).
+pub fn store_options() -> StoreOptions {
     StoreOptions {
         cache_size: Some(STORE_CACHE_BYTES),
         ..StoreOptions::default()

@@ -229,7 +229,8 @@ pub fn settle<R: Replica>(
     // stale (below), so a device whose facts the blob all carries (a member that just
     // hydrated from it) never materialises its live set.
     let mut not_carried = Vec::new();
-    if from > Epoch::ZERO {
+    let drops_stale = blob.version >= 2 && rules.drop_stale;
+    if drops_stale && from > Epoch::ZERO {
         replica
             .scan(Epoch::ZERO, from, &mut |fact| {
                 if is_data(fact.payload()) && !carried(&fact.order_key()) {
@@ -326,7 +327,7 @@ pub fn settle<R: Replica>(
     // superseded here, so until none is left (each round removes facts, so it ends).
     // What is live below the snapshot and not carried is among `not_carried`: every other
     // data fact kept there is carried, or was just retracted.
-    if blob.version >= 2 && rules.drop_stale && !not_carried.is_empty() {
+    if drops_stale && !not_carried.is_empty() {
         not_carried.sort_unstable();
         loop {
             let stale: Vec<Key> = replica

@@ -155,6 +155,9 @@ pub struct MaintStats {
     pub ignored: u64,
     /// Ceremonies this node coordinated to completion.
     pub completed: u64,
+    /// Messages this node could not deliver (peer blocked, no address, unreachable).
+    #[serde(default)]
+    pub undelivered: u64,
 }
 
 /// The counters behind [`MaintStats`].
@@ -166,6 +169,7 @@ pub(crate) struct Counters {
     pub(crate) dkg_messages: AtomicU64,
     pub(crate) ignored: AtomicU64,
     pub(crate) completed: AtomicU64,
+    pub(crate) undelivered: AtomicU64,
 }
 
 /// Decides whether this device should propose a snapshot now: given the store, the
@@ -290,6 +294,7 @@ impl Maint {
             dkg_messages: g(&c.dkg_messages),
             ignored: g(&c.ignored),
             completed: g(&c.completed),
+            undelivered: g(&c.undelivered),
         }
     }
 
@@ -403,6 +408,18 @@ fn address_of(h: &MaintHandle, device: &DeviceId) -> Option<SocketAddr> {
 /// Sends one message to `to` and returns its reply. Reuses a cached connection (ours or
 /// one the peer opened), and dials afresh once if that fails.
 pub(crate) async fn send(
+    h: &MaintHandle,
+    to: DeviceId,
+    msg: &MaintMessage,
+) -> Result<MaintReply, SendError> {
+    let sent = deliver(h, to, msg).await;
+    if sent.is_err() {
+        h.maint.counters.undelivered.fetch_add(1, Ordering::Relaxed);
+    }
+    sent
+}
+
+async fn deliver(
     h: &MaintHandle,
     to: DeviceId,
     msg: &MaintMessage,

@@ -139,6 +139,7 @@ async fn an_identity_epoch_advance_mid_ceremony_aborts_and_the_retry_completes()
     // The proposal reaches nobody: b is cut off and c is gone.
     a.block_peer(b.device_id());
     b.block_peer(a.device_id());
+    let undelivered = a.maint_stats().undelivered;
     let proposer = a.clone();
     let ceremony = tokio::spawn(async move {
         proposer
@@ -153,9 +154,11 @@ async fn an_identity_epoch_advance_mid_ceremony_aborts_and_the_retry_completes()
     let first = a.open_ceremonies()[0];
     // The sign requests go out on tasks of their own, which check the block when they run:
     // unblocked before they ran, b would get the first proposal's request and sign it
-    // before the re-deal (seen under load). They run within milliseconds; a second covers
-    // a busy machine.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // before the re-deal. Both (to b, blocked, and to c, gone) must have failed first.
+    wait_until("the sign requests fail", Duration::from_secs(20), || {
+        a.maint_stats().undelivered >= undelivered + 2
+    })
+    .await;
     a.unblock_peer(&b.device_id());
     b.unblock_peer(&a.device_id());
     // The admin re-deals the key among a and b: identity epoch 2, mid-ceremony.

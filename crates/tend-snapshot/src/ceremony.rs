@@ -593,7 +593,18 @@ impl SnapshotEngine {
             return;
         }
         for r in std::mem::take(&mut self.retries) {
-            if let Some(new) = self.propose(now, local, r.target_epoch, r.timeout_ms, out, rng) {
+            // A fact below the target can arrive between the first proposal and its retry
+            // (a member that missed the proposal writes at its own, lower, epoch). The
+            // digest then differs, and every member that signed the first one, this device
+            // included, refuses a second digest at that target. A later target covers all
+            // the first one did.
+            let target = match self.votes.get(&r.target_epoch) {
+                Some(voted) if *voted != local.prefix_digest(r.target_epoch) => {
+                    r.target_epoch.max(local.state().current_epoch().next())
+                }
+                _ => r.target_epoch,
+            };
+            if let Some(new) = self.propose(now, local, target, r.timeout_ms, out, rng) {
                 out.event(CeremonyEvent::Retried {
                     old: r.old,
                     new,

@@ -294,6 +294,46 @@ fn identity_epoch_advance_mid_ceremony_aborts_and_retries_under_the_new_key() {
 }
 
 #[test]
+fn a_retry_whose_prefix_grew_meanwhile_moves_past_the_signed_target() {
+    let mut auth = authority(3, 2, 8);
+    let e = with_history(&mut auth);
+    let below = auth.state(1).current_epoch();
+    auth.propose(0, e, 60_000);
+    // The sign requests and a commitment: every member has voted for the first digest.
+    for _ in 0..3 {
+        auth.step();
+    }
+    // A member that missed the proposal wrote below its target meanwhile.
+    let late = UnsignedFact {
+        namespace: auth.namespace(),
+        epoch: below,
+        payload: Payload::Application {
+            kind: "note".into(),
+            data: b"late".to_vec(),
+        },
+    }
+    .sign(auth.device_key(1).signing_key());
+    for i in 0..3 {
+        auth.insert_fact(i, late.clone()).unwrap();
+    }
+    auth.run_dkg().unwrap();
+    auth.run_until_quiet();
+    let completed = events_of(&mut auth)
+        .into_iter()
+        .find_map(|ev| match ev {
+            CeremonyEvent::Completed(c) => Some(c),
+            _ => None,
+        })
+        .expect("the retry completed");
+    assert!(completed.snapshot.epoch > e, "{:?}", completed.snapshot);
+    assert_eq!(
+        completed.snapshot.digest,
+        auth.journal(0).prefix_digest(completed.snapshot.epoch)
+    );
+    check_accepted(&auth, &completed);
+}
+
+#[test]
 fn hydrating_from_the_blob_plus_tail_gives_the_same_state() {
     let mut auth = authority(5, 3, 9);
     let e = with_history(&mut auth);

@@ -74,8 +74,8 @@ fn export_restore_100k_facts_reproduces_state_and_fact_set() {
     );
     let floors = &state.cache_floors;
     assert_eq!(
-        rs.app_state(ns).unwrap().digest(floors),
-        d.store().app_state(ns).unwrap().digest(floors)
+        rs.app_digest(ns, floors).unwrap(),
+        d.store().app_digest(ns, floors).unwrap()
     );
     assert_eq!(maintenance_ids(rs, ns), maintenance_ids(d.store(), ns));
     let cid = state.latest_snapshot.as_ref().unwrap().snapshot.blob_cid;

@@ -99,7 +99,7 @@ fn state_digests(
 ) -> Result<(tend_core::Hash32, tend_core::Hash32), Box<dyn std::error::Error>> {
     let ns = d.namespace();
     let state = d.store().maintenance_state(ns)?;
-    let app = d.store().app_state(ns)?.digest(&state.cache_floors);
+    let app = d.store().app_digest(ns, &state.cache_floors)?;
     Ok((state.state_digest(), app))
 }
 

@@ -118,10 +118,45 @@ impl Entry {
 
 #[derive(Clone, Default, Debug)]
 struct Log {
-    entries: BTreeSet<LogCursor>,
     trimmed_before: Option<LogCursor>,
     /// The highest `seq` of any entry or trim seen (the Lamport clock of the log).
     max_seq: u64,
+    /// Untrimmed entries, wherever they are kept.
+    len: u64,
+}
+
+/// Where a state keeps its untrimmed log entries: in memory ([`MemLogIndex`], what
+/// [`AppState::apply`] uses), or in a store's tables, so that a state of a million entries
+/// does not hold them in memory. The state decides what is added and dropped; the index
+/// only keeps it.
+pub trait LogIndex {
+    type Error;
+    /// Adds `entry` to `log`; whether it was new.
+    fn add(&mut self, log: &str, entry: LogCursor) -> Result<bool, Self::Error>;
+    /// Drops every entry of `log` below `before`; how many went.
+    fn drop_below(&mut self, log: &str, before: LogCursor) -> Result<u64, Self::Error>;
+}
+
+/// Log entries in memory, by log.
+#[derive(Clone, Default, Debug)]
+pub struct MemLogIndex(BTreeMap<String, BTreeSet<LogCursor>>);
+
+impl LogIndex for MemLogIndex {
+    type Error = std::convert::Infallible;
+
+    fn add(&mut self, log: &str, entry: LogCursor) -> Result<bool, Self::Error> {
+        Ok(self.0.entry(log.to_owned()).or_default().insert(entry))
+    }
+
+    fn drop_below(&mut self, log: &str, before: LogCursor) -> Result<u64, Self::Error> {
+        let Some(entries) = self.0.get_mut(log) else {
+            return Ok(0);
+        };
+        let kept = entries.split_off(&before);
+        let dropped = entries.len() as u64;
+        *entries = kept;
+        Ok(dropped)
+    }
 }
 
 /// The application state of a journal: an index of fact ids (values are read from the facts
@@ -130,6 +165,11 @@ struct Log {
 pub struct AppState {
     registers: BTreeMap<(Space, String, String), Register>,
     logs: BTreeMap<String, Log>,
+    /// The entries of the logs, unless they are kept elsewhere ([`AppState::indexed`]).
+    entries: MemLogIndex,
+    /// The entries are kept in a [`LogIndex`] outside the state: the methods that list
+    /// them ([`AppState::log_entries`], [`AppState::live_facts`], ...) must not be used.
+    indexed: bool,
     /// Data facts of kinds this release does not know: always live.
     unknown: BTreeSet<(Epoch, FactId)>,
 }
@@ -157,9 +197,32 @@ impl AppState {
         self.apply_parts(f.order_key(), f.author(), f.payload());
     }
 
+    /// An empty state whose log entries are kept in a [`LogIndex`] outside it: fold it with
+    /// [`AppState::apply_indexed`], and read entries from the index.
+    pub fn indexed() -> Self {
+        Self {
+            indexed: true,
+            ..Self::default()
+        }
+    }
+
     /// [`AppState::apply`] from a fact's parts (for a store that verified the fact before it
     /// stored it and reads back only its payload).
     pub fn apply_parts(&mut self, at: (Epoch, FactId), author: DeviceId, payload: &Payload) {
+        debug_assert!(!self.indexed, "an indexed state folds with apply_indexed");
+        let mut entries = std::mem::take(&mut self.entries);
+        let Ok(()) = self.apply_indexed(at, author, payload, &mut entries);
+        self.entries = entries;
+    }
+
+    /// [`AppState::apply_parts`], keeping log entries in `index`.
+    pub fn apply_indexed<I: LogIndex>(
+        &mut self,
+        at: (Epoch, FactId),
+        author: DeviceId,
+        payload: &Payload,
+        index: &mut I,
+    ) -> Result<(), I::Error> {
         let mut reg = |space, coll: &str, key: &str, deleted, sup: &[FactId]| {
             self.registers
                 .entry((space, coll.to_owned(), key.to_owned()))
@@ -189,18 +252,18 @@ impl AppState {
                 log.max_seq = log.max_seq.max(t.before.seq);
                 if log.trimmed_before.is_none_or(|b| b < t.before) {
                     log.trimmed_before = Some(t.before);
-                    log.entries = log.entries.split_off(&t.before);
+                    log.len = log.len.saturating_sub(index.drop_below(&t.log, t.before)?);
                 }
             }
             Payload::Application { kind: name, .. }
             | Payload::Data(DataOp::Append(Append { log: name, .. })) => {
                 let log = self.logs.entry(name.clone()).or_default();
                 let Some(cursor) = LogCursor::of_parts(at, payload) else {
-                    return;
+                    return Ok(());
                 };
                 log.max_seq = log.max_seq.max(cursor.seq);
-                if log.trimmed_before.is_none_or(|b| cursor >= b) {
-                    log.entries.insert(cursor);
+                if log.trimmed_before.is_none_or(|b| cursor >= b) && index.add(name, cursor)? {
+                    log.len += 1;
                 }
             }
             Payload::Unknown { .. } => {
@@ -208,6 +271,13 @@ impl AppState {
             }
             Payload::Maintenance(_) | Payload::Authority(_) => {}
         }
+        Ok(())
+    }
+
+    /// Sets the entry counts of an indexed state from its index (after folding it against
+    /// an index that already held the entries, which then reported none as new).
+    pub fn set_log_len(&mut self, log: &str, len: u64) {
+        self.logs.entry(log.to_owned()).or_default().len = len;
     }
 
     /// What `collection`/`key` reads as, or `None` when absent or deleted.
@@ -289,13 +359,15 @@ impl AppState {
             .count()
     }
 
-    /// The untrimmed entries of `log` after `after` (exclusive), ascending.
+    /// The untrimmed entries of `log` after `after` (exclusive), ascending. Not for an
+    /// [`AppState::indexed`] state (its index lists them).
     pub fn log_entries<'a>(
         &'a self,
         log: &str,
         after: Option<LogCursor>,
     ) -> impl Iterator<Item = LogCursor> + 'a {
-        let entries = self.logs.get(log).map(|l| &l.entries);
+        debug_assert!(!self.indexed, "an indexed state's entries are in its index");
+        let entries = self.entries.0.get(log);
         entries.into_iter().flat_map(move |e| match after {
             Some(a) => e
                 .range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
@@ -312,12 +384,17 @@ impl AppState {
 
     /// The logs and their untrimmed entry counts.
     pub fn logs(&self) -> impl Iterator<Item = (&str, usize)> {
-        self.logs.iter().map(|(n, l)| (n.as_str(), l.entries.len()))
+        self.logs.iter().map(|(n, l)| (n.as_str(), l.len as usize))
+    }
+
+    /// Whether any log has been trimmed.
+    pub fn logs_trimmed(&self) -> bool {
+        self.logs.values().any(|l| l.trimmed_before.is_some())
     }
 
     /// Untrimmed log entries in all logs.
     pub fn log_len(&self) -> usize {
-        self.logs.values().map(|l| l.entries.len()).sum()
+        self.logs.values().map(|l| l.len as usize).sum()
     }
 
     /// Whether the cache entry written at `computed_at` under `key` is valid under `floors`
@@ -328,12 +405,25 @@ impl AppState {
 
     /// The facts the state needs, ascending (see the module documentation). `floors` are
     /// the cache floors of the same journal (`MaintenanceState::cache_floors`).
+    /// Not for an [`AppState::indexed`] state: there, [`AppState::live_beside_entries`]
+    /// plus the index's entries.
     pub fn live_facts(&self, floors: &BTreeMap<String, Epoch>) -> BTreeSet<(Epoch, FactId)> {
+        debug_assert!(!self.indexed, "an indexed state's entries are in its index");
+        let mut live = self.live_beside_entries(floors);
+        for entries in self.entries.0.values() {
+            live.extend(entries.iter().map(|c| (c.epoch, c.id)));
+        }
+        live
+    }
+
+    /// The live facts that are not log entries: the put heads the state needs and the
+    /// facts of unknown kinds.
+    pub fn live_beside_entries(
+        &self,
+        floors: &BTreeMap<String, Epoch>,
+    ) -> BTreeSet<(Epoch, FactId)> {
         let mut live = self.unknown.clone();
         live.extend(self.live_heads(floors));
-        for log in self.logs.values() {
-            live.extend(log.entries.iter().map(|c| (c.epoch, c.id)));
-        }
         live
     }
 
@@ -355,19 +445,28 @@ impl AppState {
     /// How many of the facts [`AppState::live_facts`] lists are below `below`, counted
     /// without listing them (each live fact is one key's head, one log's entry or one
     /// unknown fact, so the parts add up).
+    /// Not for an [`AppState::indexed`] state: there,
+    /// [`AppState::live_len_below_beside_entries`] plus the index's entries below.
     pub fn live_len_below(&self, floors: &BTreeMap<String, Epoch>, below: Epoch) -> usize {
-        let heads = self.live_heads(floors).filter(|at| at.0 < below).count();
-        let first_at_below = LogCursor {
-            epoch: below,
-            seq: 0,
-            id: FactId([0; 32]),
-        };
+        debug_assert!(!self.indexed, "an indexed state's entries are in its index");
+        let first_at_below = LogCursor::first_at(below);
         let entries: usize = self
-            .logs
+            .entries
+            .0
             .values()
-            .map(|l| l.entries.range(..first_at_below).count())
+            .map(|e| e.range(..first_at_below).count())
             .sum();
-        self.unknown.range(..(below, FactId([0; 32]))).count() + heads + entries
+        self.live_len_below_beside_entries(floors, below) + entries
+    }
+
+    /// [`AppState::live_len_below`] without the log entries.
+    pub fn live_len_below_beside_entries(
+        &self,
+        floors: &BTreeMap<String, Epoch>,
+        below: Epoch,
+    ) -> usize {
+        let heads = self.live_heads(floors).filter(|at| at.0 < below).count();
+        self.unknown.range(..(below, FactId([0; 32]))).count() + heads
     }
 
     /// The put heads of every collection key: the facts whose values can be read (and so
@@ -383,12 +482,29 @@ impl AppState {
     /// A digest of the visible state: every live fact (by id, which hashes its content) in
     /// order. Two replicas with the same digest read the same values, conflicts and logs.
     pub fn digest(&self, floors: &BTreeMap<String, Epoch>) -> Hash32 {
-        let mut h = blake3::Hasher::new();
-        h.update(b"tend-app-state-v1");
-        for (e, id) in self.live_facts(floors) {
-            h.update(&e.0.to_be_bytes());
-            h.update(&id.0);
+        digest_of_live(&self.live_facts(floors))
+    }
+}
+
+/// [`AppState::digest`] of a live set (for an indexed state, its own live facts and its
+/// index's entries).
+pub fn digest_of_live(live: &BTreeSet<(Epoch, FactId)>) -> Hash32 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"tend-app-state-v1");
+    for (e, id) in live {
+        h.update(&e.0.to_be_bytes());
+        h.update(&id.0);
+    }
+    Hash32(*h.finalize().as_bytes())
+}
+
+impl LogCursor {
+    /// The lowest cursor of epoch `epoch`: every entry of an earlier epoch sorts below it.
+    pub fn first_at(epoch: Epoch) -> Self {
+        Self {
+            epoch,
+            seq: 0,
+            id: FactId([0; 32]),
         }
-        Hash32(*h.finalize().as_bytes())
     }
 }

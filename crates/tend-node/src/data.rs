@@ -74,9 +74,11 @@ pub fn run(device: &Device, request: DataRequest) -> Result<DataResponse, Device
             let limit = check_limit(limit)?;
             let after = after.map(|a| a.parse::<LogCursor>()).transpose();
             let after = check(after)?;
-            let state = device.store().app_state(device.namespace())?;
+            let entries = device
+                .store()
+                .log_entries(device.namespace(), &log, after, limit)?;
             let mut out = Vec::new();
-            for c in state.log_entries(&log, after).take(limit) {
+            for c in entries {
                 let (f_author, payload) = device.load_payload(c.epoch, c.id)?;
                 let data = match payload {
                     Payload::Application { data, .. } => data,

@@ -255,7 +255,7 @@ async fn a_member_joining_after_gc_reads_every_live_value() {
             .maintenance_state(d.namespace())
             .unwrap()
             .cache_floors;
-        d.store().app_state(d.namespace()).unwrap().digest(&floors)
+        d.store().app_digest(d.namespace(), &floors).unwrap()
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while read(&b, "notes", "large").as_deref() != Some(&large[..]) {

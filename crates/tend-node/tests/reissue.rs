@@ -132,7 +132,7 @@ fn a_value_deleted_below_a_snapshot_is_not_kept_by_a_device_that_missed_the_dele
     assert_eq!(get(&b, "kept").as_deref(), Some(&b"stays"[..]));
     let digest = |d: &Device| {
         let floors = d.store().maintenance_state(ns).unwrap().cache_floors;
-        d.store().app_state(ns).unwrap().digest(&floors)
+        d.store().app_digest(ns, &floors).unwrap()
     };
     assert_eq!(digest(&b), digest(&a));
 }

@@ -337,11 +337,19 @@ impl Store {
         report.duplicates += (before - sorted.len()) as u64;
 
         let mut writer = self.lock_writer();
+        // The application state is folded in the transaction that stores its facts (its
+        // log entries are rows of it), so it is loaded first.
+        for group in sorted.chunk_by(|a, b| a.namespace() == b.namespace()) {
+            if group.iter().any(|f| tend_core::app::is_data(f.payload())) {
+                self.app_state_locked(group[0].namespace(), &writer)?;
+            }
+        }
         let tx = self.db().begin_write().map_err(|e| self.err(e))?;
         let mut new_authors: HashMap<DeviceId, u32> = HashMap::new();
         let mut new_states = Vec::new();
         let mut new_data: Vec<&VerifiedFact> = Vec::new();
         let mut data_dropped = Vec::new();
+        let mut app_states = Vec::new();
         let last_change;
         {
             let mut changes = crate::changes::ChangeWriter::open(self, &tx)?;
@@ -457,13 +465,27 @@ impl Store {
                         new_data.push(f);
                     }
                 }
+                let group_data: Vec<&VerifiedFact> = new_data
+                    .iter()
+                    .filter(|f| f.namespace() == ns && tend_core::app::is_data(f.payload()))
+                    .copied()
+                    .collect();
+                let mut app = None;
+                if !group_data.is_empty() {
+                    app = self.app_admit_in(&tx, ns, rec.no, &group_data)?;
+                }
                 if let Some(since) = membership_changed {
                     let dropped = self.drop_inadmissible(&mut t, &mut rec, &state, since)?;
                     if dropped > 0 {
                         data_dropped.push(ns);
                         report.dropped += dropped;
                         state = self.reduce_in(&t.maint, &t.author_by_no, ns, &rec)?;
+                        crate::app::invalidate_rows(self, &tx, rec.no)?;
+                        app = None;
                     }
+                }
+                if let Some(app) = app {
+                    app_states.push((ns, app));
                 }
                 t.namespaces
                     .insert(&ns.to_bytes(), &rec.to_bytes())
@@ -479,8 +501,8 @@ impl Store {
             states.insert(ns, s);
         }
         drop(states);
-        for group in new_data.chunk_by(|a, b| a.namespace() == b.namespace()) {
-            self.app_admitted(group[0].namespace(), group);
+        for (ns, app) in app_states {
+            self.app_install(ns, app);
         }
         for ns in data_dropped {
             self.app_forget(ns);
@@ -590,9 +612,14 @@ impl Store {
             namespaces
                 .insert(&ns.to_bytes(), &rec.to_bytes())
                 .map_err(|e| self.err(e))?;
+            if dropped > 0 {
+                crate::app::invalidate_rows(self, &tx, rec.no)?;
+            }
         }
         tx.commit().map_err(|e| self.err(e))?;
-        self.app_forget(ns);
+        if dropped > 0 {
+            self.app_forget(ns);
+        }
         Ok(dropped)
     }
 

@@ -63,8 +63,9 @@ impl Store {
         })?;
         // What the state needs below the floor stays (DESIGN rule 4: the reduced state,
         // application state included, is the same before and after).
-        let live = self.live_below_or_all(ns, floor)?;
-        let kept_blobs = self.value_blobs(ns)?;
+        let app = self.app_state_locked(ns, &_writer)?;
+        let live = self.live_below_or_all(ns, &app, floor)?;
+        let kept_blobs = self.value_blobs_of(ns, &app)?;
         let mut report = PruneReport {
             namespace: ns,
             floor,
@@ -121,6 +122,12 @@ impl Store {
                     namespaces
                         .insert(&ns.to_bytes(), &rec.to_bytes())
                         .map_err(|e| self.err(e))?;
+                    // Pruning drops no untrimmed entry (they are live), but it may drop a
+                    // trim, and a fold without it keeps entries above the floor that the
+                    // rows no longer hold: then they are built again.
+                    if app.logs_trimmed() {
+                        crate::app::invalidate_rows(self, &tx, rec.no)?;
+                    }
                     // The feed's entries of the pruned facts go too, so it stays bounded
                     // like the journal: a reader resuming from an older cursor misses
                     // nothing live (what it skips was superseded below the snapshot).
@@ -186,13 +193,18 @@ impl Store {
     /// stored below it is live, told by counting: then there is nothing to prune (a device
     /// that has just hydrated from a snapshot, or GC run again), and a million live keys
     /// are not listed for nothing.
-    fn live_below_or_all(&self, ns: JournalNamespace, floor: Epoch) -> Result<Live, StoreError> {
+    fn live_below_or_all(
+        &self,
+        ns: JournalNamespace,
+        app: &tend_core::AppState,
+        floor: Epoch,
+    ) -> Result<Live, StoreError> {
         // A fact below the floor that is live in the whole journal's state is live in the
         // prefix's too (the prefix has fewer writes to supersede or trim it, and lower
         // cache floors), and the prefix's live facts are stored facts below the floor: if
         // the first are as many as the last, all three are the same.
         let floors = self.prefix_maintenance_state(ns, floor)?.cache_floors;
-        let live = self.app_state(ns)?.live_len_below(&floors, floor);
+        let live = self.app_live_len_below(ns, app, &floors, floor)?;
         let mut stored = 0;
         for item in self.items(ns, ..floor)? {
             item?;

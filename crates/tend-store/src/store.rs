@@ -212,6 +212,8 @@ impl Store {
                 .map_err(|e| StoreError::db(path, e))?;
             tx.open_table(BLOB_CHUNKS)
                 .map_err(|e| StoreError::db(path, e))?;
+            tx.open_table(crate::app::APP_LOG)
+                .map_err(|e| StoreError::db(path, e))?;
             tx.open_table(crate::changes::CHANGES)
                 .map_err(|e| StoreError::db(path, e))?;
         }

@@ -214,7 +214,7 @@ fn prune_keeps_live_values_and_their_blobs() {
     s.insert_batch(&[snapshot_completed(ns, &k, 5, 5, digest)])
         .unwrap();
     let floors = s.maintenance_state(ns).unwrap().cache_floors;
-    let before = s.app_state(ns).unwrap().digest(&floors);
+    let before = s.app_digest(ns, &floors).unwrap();
     let r = s.prune(ns).unwrap();
     assert_eq!(r.live_kept, 3, "a2, b1 and c2 stay: {r:?}");
     assert_eq!(r.blobs, 0, "b still names the tombstoned content");
@@ -222,12 +222,12 @@ fn prune_keeps_live_values_and_their_blobs() {
     for gone in [&a1, &c1] {
         assert!(!s.contains(ns, gone.epoch(), &gone.id()).unwrap());
     }
-    assert_eq!(s.app_state(ns).unwrap().digest(&floors), before);
+    assert_eq!(s.app_digest(ns, &floors).unwrap(), before);
     let e = s.app_state(ns).unwrap().get("c", "a").unwrap();
     assert_eq!(e.winner, a2.order_key());
     drop(s);
     let s = Store::open(&path).unwrap();
-    assert_eq!(s.app_state(ns).unwrap().digest(&floors), before);
+    assert_eq!(s.app_digest(ns, &floors).unwrap(), before);
 }
 
 /// GC keeps what the prefix's state needs; run again with nothing left to prune (which
@@ -260,13 +260,13 @@ fn prune_keeps_the_prefix_live_set_and_a_second_prune_removes_nothing() {
     // Above the floor, a write superseding a1.
     let a2 = put(ns, 6, &k, "a", inline(b"2"), vec![a1.id()]);
     s.insert_batch(std::slice::from_ref(&a2)).unwrap();
-    let before = s.app_state(ns).unwrap().digest(&floors);
+    let before = s.app_digest(ns, &floors).unwrap();
     let third = s.prune(ns).unwrap();
     assert_eq!((third.facts, third.live_kept), (0, 2), "{third:?}");
     for kept in [&a1, &b2, &a2] {
         assert!(s.contains(ns, kept.epoch(), &kept.id()).unwrap());
     }
-    assert_eq!(s.app_state(ns).unwrap().digest(&floors), before);
+    assert_eq!(s.app_digest(ns, &floors).unwrap(), before);
     assert_eq!(
         s.app_state(ns).unwrap().get("c", "a").unwrap().winner,
         a2.order_key()

@@ -32,7 +32,8 @@ pub(crate) const APP_LOG: TableDefinition<&[u8], ()> = TableDefinition::new("app
 fn log_prefix(ns_no: u32, log: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(6 + log.len() + 48);
     k.extend_from_slice(&ns_no.to_be_bytes());
-    // Names are at most 256 bytes (tend_core::app::check_name).
+    // A name fits in 16 bits: the whole fact that carries it is at most 64 KiB
+    // (tend_core::MAX_FACT_BYTES) with its other fields.
     k.extend_from_slice(&(log.len() as u16).to_be_bytes());
     k.extend_from_slice(log.as_bytes());
     k

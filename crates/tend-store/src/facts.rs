@@ -365,6 +365,7 @@ impl Store {
                 .map_err(|_| self.corrupt("author dictionary too large"))?;
             for group in sorted.chunk_by(|a, b| a.namespace() == b.namespace()) {
                 let ns = group[0].namespace();
+                let group_start = new_data.len();
                 let mut rec = match self.ns_record(&t.namespaces, &ns)? {
                     Some(r) => r,
                     None => {
@@ -465,9 +466,9 @@ impl Store {
                         new_data.push(f);
                     }
                 }
-                let group_data: Vec<&VerifiedFact> = new_data
+                let group_data: Vec<&VerifiedFact> = new_data[group_start..]
                     .iter()
-                    .filter(|f| f.namespace() == ns && tend_core::app::is_data(f.payload()))
+                    .filter(|f| tend_core::app::is_data(f.payload()))
                     .copied()
                     .collect();
                 let mut app = None;

@@ -45,6 +45,15 @@ impl LogCursor {
         Self::of_parts(f.order_key(), f.payload())
     }
 
+    /// The lowest cursor of epoch `epoch`: every entry of an earlier epoch sorts below it.
+    pub fn first_at(epoch: Epoch) -> Self {
+        Self {
+            epoch,
+            seq: 0,
+            id: FactId([0; 32]),
+        }
+    }
+
     fn of_parts((epoch, id): (Epoch, FactId), payload: &Payload) -> Option<Self> {
         let seq = match payload {
             Payload::Application { .. } => 0,
@@ -496,15 +505,4 @@ pub fn digest_of_live(live: &BTreeSet<(Epoch, FactId)>) -> Hash32 {
         h.update(&id.0);
     }
     Hash32(*h.finalize().as_bytes())
-}
-
-impl LogCursor {
-    /// The lowest cursor of epoch `epoch`: every entry of an earlier epoch sorts below it.
-    pub fn first_at(epoch: Epoch) -> Self {
-        Self {
-            epoch,
-            seq: 0,
-            id: FactId([0; 32]),
-        }
-    }
 }

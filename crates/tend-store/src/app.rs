@@ -182,7 +182,7 @@ impl Store {
         let state = if marked {
             let mut state = AppState::indexed();
             self.fold_into(ns, .., &mut state, &mut RowsHeld)?;
-            for (log, len) in self.count_rows(rec.no)? {
+            for (log, len) in self.count_rows(&ns)? {
                 state.set_log_len(&log, len);
             }
             state
@@ -221,10 +221,10 @@ impl Store {
         Ok(state)
     }
 
-    /// The number of rows of each log of namespace `no`.
-    fn count_rows(&self, no: u32) -> Result<BTreeMap<String, u64>, StoreError> {
+    /// The number of rows of each log of `ns`.
+    fn count_rows(&self, ns: &JournalNamespace) -> Result<BTreeMap<String, u64>, StoreError> {
         let mut out: BTreeMap<String, u64> = BTreeMap::new();
-        self.for_each_row(no, |log, _| {
+        self.for_each_row(ns, |log, _| {
             let log = String::from_utf8_lossy(log);
             match out.get_mut(log.as_ref()) {
                 Some(n) => *n += 1,
@@ -236,15 +236,22 @@ impl Store {
         Ok(out)
     }
 
-    /// Calls `f` with every entry row of namespace `no`, by log, in cursor order.
-    fn for_each_row(&self, no: u32, mut f: impl FnMut(&[u8], LogCursor)) -> Result<(), StoreError> {
+    /// Calls `f` with every entry row of `ns`, by log, in cursor order.
+    fn for_each_row(
+        &self,
+        ns: &JournalNamespace,
+        mut f: impl FnMut(&[u8], LogCursor),
+    ) -> Result<(), StoreError> {
         let rtx = self.read_txn()?;
+        let Some(rec) = self.ns_record(&self.open_ro(&rtx, NAMESPACES)?, ns)? else {
+            return Ok(());
+        };
         let rows = match rtx.open_table(APP_LOG) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
             Err(e) => return Err(crate::store::table_err(&self.path, e)),
         };
-        let start = no.to_be_bytes();
+        let start = rec.no.to_be_bytes();
         for item in rows
             .range::<&[u8]>(start.as_slice()..)
             .map_err(|e| self.err(e))?
@@ -311,11 +318,9 @@ impl Store {
     ) -> Result<BTreeSet<(Epoch, FactId)>, StoreError> {
         let state = self.app_state(ns)?;
         let mut live = state.live_beside_entries(floors);
-        if let Some(no) = self.ns_no(&ns)? {
-            self.for_each_row(no, |_, c| {
-                live.insert((c.epoch, c.id));
-            })?;
-        }
+        self.for_each_row(&ns, |_, c| {
+            live.insert((c.epoch, c.id));
+        })?;
         Ok(live)
     }
 
@@ -337,21 +342,12 @@ impl Store {
         below: Epoch,
     ) -> Result<usize, StoreError> {
         let mut n = state.live_len_below_beside_entries(floors, below);
-        if let Some(no) = self.ns_no(&ns)? {
-            self.for_each_row(no, |_, c| {
-                if c.epoch < below {
-                    n += 1;
-                }
-            })?;
-        }
+        self.for_each_row(&ns, |_, c| {
+            if c.epoch < below {
+                n += 1;
+            }
+        })?;
         Ok(n)
-    }
-
-    fn ns_no(&self, ns: &JournalNamespace) -> Result<Option<u32>, StoreError> {
-        let rtx = self.read_txn()?;
-        Ok(self
-            .ns_record(&self.open_ro(&rtx, NAMESPACES)?, ns)?
-            .map(|r| r.no))
     }
 
     /// The application state of the facts of `ns` in `epochs`, entries in memory.

@@ -91,11 +91,7 @@ pub fn trim_notes(
         epoch: Epoch(epoch),
         payload: Payload::Data(tend_core::DataOp::Trim(tend_core::app::Trim {
             log: "note".into(),
-            before: tend_core::app::LogCursor {
-                epoch: Epoch(before_epoch),
-                seq: 0,
-                id: tend_core::FactId([0; 32]),
-            },
+            before: tend_core::app::LogCursor::first_at(Epoch(before_epoch)),
         })),
     }
     .sign(k)

@@ -19,6 +19,22 @@ fn with_history(auth: &mut InProcessAuthority) -> Epoch {
     auth.state(0).current_epoch().next()
 }
 
+/// An application fact by device `by` at `epoch`, put into every device's journal.
+fn note_everywhere(auth: &mut InProcessAuthority, by: usize, epoch: Epoch, data: &[u8]) {
+    let fact = UnsignedFact {
+        namespace: auth.namespace(),
+        epoch,
+        payload: Payload::Application {
+            kind: "note".into(),
+            data: data.to_vec(),
+        },
+    }
+    .sign(auth.device_key(by).signing_key());
+    for i in 0..auth.device_ids().len() {
+        auth.insert_fact(i, fact.clone()).unwrap();
+    }
+}
+
 fn events_of(auth: &mut InProcessAuthority) -> Vec<CeremonyEvent> {
     auth.take_events().into_iter().map(|(_, e)| e).collect()
 }
@@ -304,18 +320,7 @@ fn a_retry_whose_prefix_grew_meanwhile_moves_past_the_signed_target() {
         auth.step();
     }
     // A member that missed the proposal wrote below its target meanwhile.
-    let late = UnsignedFact {
-        namespace: auth.namespace(),
-        epoch: below,
-        payload: Payload::Application {
-            kind: "note".into(),
-            data: b"late".to_vec(),
-        },
-    }
-    .sign(auth.device_key(1).signing_key());
-    for i in 0..3 {
-        auth.insert_fact(i, late.clone()).unwrap();
-    }
+    note_everywhere(&mut auth, 1, below, b"late");
     auth.run_dkg().unwrap();
     auth.run_until_quiet();
     let completed = events_of(&mut auth)
@@ -522,21 +527,9 @@ fn a_second_snapshot_chains_on_the_first_and_hydrates() {
 fn a_target_at_or_below_the_last_completion_is_stale_and_one_above_hydrates() {
     let mut auth = authority(3, 2, 33);
     let e1 = with_history(&mut auth);
-    let ns = auth.namespace();
     // A fact two epochs above the target, on every device: the proposal and completion
     // are stamped at the current epoch, above E1.
-    let high = UnsignedFact {
-        namespace: ns,
-        epoch: Epoch(e1.0 + 2),
-        payload: Payload::Application {
-            kind: "note".into(),
-            data: b"high".to_vec(),
-        },
-    }
-    .sign(auth.device_key(0).signing_key());
-    for i in 0..3 {
-        auth.insert_fact(i, high.clone()).unwrap();
-    }
+    note_everywhere(&mut auth, 0, Epoch(e1.0 + 2), b"high");
     auth.run_snapshot(e1).unwrap();
     let completed_at = auth.state(0).latest_snapshot.unwrap().completed_at;
     assert!(completed_at > e1);

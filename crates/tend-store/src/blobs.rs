@@ -19,8 +19,10 @@ use redb::{ReadOnlyTable, ReadableTable, Table, WriteTransaction};
 use tend_core::ids::{Hash32, CODEC_DAG_CBOR, CODEC_RAW};
 use tend_core::ContentId;
 
+use crate::blob_refs::{FactTables, RefCursor, BLOB_REFS, BY_REFERENCE};
+use crate::codec::FactKey;
 use crate::error::StoreError;
-use crate::store::{Store, WriterCache, BLOB_CHUNKS, BLOB_INDEX};
+use crate::store::{Store, WriterCache, AUTHOR_BY_NO, BLOB_CHUNKS, BLOB_INDEX, FACTS, MAINT};
 
 /// Bytes per blob chunk: 256 KiB less 256 bytes of room for redb's leaf header and the key
 /// (about 53 bytes), so a chunk fills a 256 KiB page exactly instead of spilling into the next
@@ -32,7 +34,7 @@ use crate::store::{Store, WriterCache, BLOB_CHUNKS, BLOB_INDEX};
 pub const BLOB_CHUNK_BYTES: usize = 256 * 1024 - 256;
 
 /// The key of chunk `n` of the blob whose CID bytes are `cid`.
-type ChunkKey<'a> = (&'a [u8], u32);
+pub(crate) type ChunkKey<'a> = (&'a [u8], u32);
 
 fn check_codec(store: &Store, codec: u64) -> Result<(), StoreError> {
     if codec != CODEC_RAW && codec != CODEC_DAG_CBOR {
@@ -76,6 +78,11 @@ pub(crate) fn remove_blob_in(
     // Every chunk number, not only the ones the length implies: a damaged index entry must
     // not leave chunks behind.
     chunks
+        .retain_in::<ChunkKey, _>((key, 0)..=(key, u32::MAX), |_, _| false)
+        .map_err(|e| store.err(e))?;
+    // A blob kept by reference has a recipe instead of chunks; its facts stay.
+    tx.open_table(BLOB_REFS)
+        .map_err(|e| store.err(e))?
         .retain_in::<ChunkKey, _>((key, 0)..=(key, u32::MAX), |_, _| false)
         .map_err(|e| store.err(e))?;
     Ok(Some(len))
@@ -142,22 +149,35 @@ impl Store {
         else {
             return Ok(None);
         };
-        if chunk_count(len, chunk).is_none() {
-            return Err(self.corrupt(format!(
-                "blob {cid}: index entry of {len} bytes in chunks of {chunk}"
-            )));
-        }
-        let chunks = self.open_ro(&rtx, BLOB_CHUNKS)?;
+        let source = if chunk == BY_REFERENCE {
+            Source::Facts {
+                key,
+                cursor: None,
+                recipes: self.open_ro(&rtx, BLOB_REFS)?,
+                facts: self.open_ro(&rtx, FACTS)?,
+                maint: self.open_ro(&rtx, MAINT)?,
+                authors: self.open_ro(&rtx, AUTHOR_BY_NO)?,
+            }
+        } else {
+            if chunk_count(len, chunk).is_none() {
+                return Err(self.corrupt(format!(
+                    "blob {cid}: index entry of {len} bytes in chunks of {chunk}"
+                )));
+            }
+            Source::Chunks {
+                key,
+                chunk_bytes: chunk,
+                chunks: self.open_ro(&rtx, BLOB_CHUNKS)?,
+                next_chunk: 0,
+            }
+        };
         Ok(Some(BlobReader {
             path: self.path.clone(),
             cid: *cid,
-            key,
             len,
-            chunk_bytes: chunk,
-            chunks,
+            source,
             current: None,
             at: 0,
-            next_chunk: 0,
             loaded: 0,
             hasher: blake3::Hasher::new(),
             verified: false,
@@ -285,25 +305,58 @@ impl Store {
     }
 }
 
-/// Reads a stored blob chunk by chunk (see [`Store::blob_reader`]). Holds one chunk (a redb
-/// page) at a time and keeps its read transaction open until dropped.
+/// Reads a stored blob chunk by chunk (see [`Store::blob_reader`]), or, for a blob kept by
+/// reference, fact by fact (see [`Store::keep_blob_as_facts`]). Holds one chunk (a redb page)
+/// or one fact at a time and keeps its read transaction open until dropped.
 pub struct BlobReader {
     path: std::path::PathBuf,
     cid: ContentId,
-    key: Vec<u8>,
     len: u64,
-    chunk_bytes: u32,
-    chunks: ReadOnlyTable<ChunkKey<'static>, &'static [u8]>,
-    /// The chunk being handed out; `at` is the position in it.
-    current: Option<redb::AccessGuard<'static, &'static [u8]>>,
+    source: Source,
+    /// The piece being handed out; `at` is the position in it.
+    current: Option<Piece>,
     at: usize,
-    next_chunk: u32,
     /// Bytes of the blob loaded (and hashed) so far.
     loaded: u64,
     hasher: blake3::Hasher,
     verified: bool,
     /// Set once the blob was found damaged; every later read fails too.
     corrupt: bool,
+}
+
+/// Where a reader's bytes come from.
+enum Source {
+    /// The blob's own chunks.
+    Chunks {
+        key: Vec<u8>,
+        chunk_bytes: u32,
+        chunks: ReadOnlyTable<ChunkKey<'static>, &'static [u8]>,
+        next_chunk: u32,
+    },
+    /// Its recipe and the facts it names; the cursor is opened at the first read.
+    Facts {
+        key: Vec<u8>,
+        cursor: Option<RefCursor>,
+        recipes: ReadOnlyTable<ChunkKey<'static>, &'static [u8]>,
+        facts: ReadOnlyTable<&'static FactKey, &'static [u8]>,
+        maint: ReadOnlyTable<&'static FactKey, &'static [u8]>,
+        authors: ReadOnlyTable<u32, &'static [u8; 32]>,
+    },
+}
+
+/// A piece of a blob: a stored chunk, or bytes rebuilt from a recipe.
+enum Piece {
+    Page(redb::AccessGuard<'static, &'static [u8]>),
+    Rebuilt(Vec<u8>),
+}
+
+impl Piece {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Page(g) => g.value(),
+            Self::Rebuilt(b) => b,
+        }
+    }
 }
 
 impl std::fmt::Debug for BlobReader {
@@ -337,7 +390,10 @@ impl BlobReader {
     pub fn rewind(&mut self) {
         self.current = None;
         self.at = 0;
-        self.next_chunk = 0;
+        match &mut self.source {
+            Source::Chunks { next_chunk, .. } => *next_chunk = 0,
+            Source::Facts { cursor, .. } => *cursor = None,
+        }
         self.loaded = 0;
         self.hasher = blake3::Hasher::new();
         self.verified = false;
@@ -376,22 +432,55 @@ impl BlobReader {
         io::Error::new(io::ErrorKind::InvalidData, e)
     }
 
-    /// Loads the next chunk, checking its length, and the CID once the last one is in.
+    /// Loads the next piece, checking its length, and the CID once the last one is in.
     fn load_next(&mut self) -> Result<(), StoreError> {
-        let chunk = u64::from(self.chunk_bytes);
-        let want = (self.len - self.loaded).min(chunk);
-        let guard = self
-            .chunks
-            .get((self.key.as_slice(), self.next_chunk))
-            .map_err(|e| StoreError::db(&self.path, e))?
-            .ok_or_else(|| self.corrupt_error())?;
-        if guard.value().len() as u64 != want {
-            return Err(self.corrupt_error());
-        }
-        self.hasher.update(guard.value());
-        self.loaded += want;
-        self.next_chunk += 1;
-        self.current = Some(guard);
+        let left = self.len - self.loaded;
+        let piece = match &mut self.source {
+            Source::Chunks {
+                key,
+                chunk_bytes,
+                chunks,
+                next_chunk,
+            } => {
+                let want = left.min(u64::from(*chunk_bytes));
+                let guard = chunks
+                    .get((key.as_slice(), *next_chunk))
+                    .map_err(|e| StoreError::db(&self.path, e))?
+                    .filter(|g| g.value().len() as u64 == want);
+                *next_chunk += 1;
+                guard.map(Piece::Page)
+            }
+            Source::Facts {
+                key,
+                cursor,
+                recipes,
+                facts,
+                maint,
+                authors,
+            } => {
+                let cursor = match cursor {
+                    Some(c) => c,
+                    None => cursor.insert(RefCursor::open(recipes, &self.path, key.clone())?),
+                };
+                let tables = FactTables {
+                    facts,
+                    maint,
+                    authors,
+                };
+                let mut piece = None;
+                while let Some(p) = cursor.next_piece(recipes, &tables, &self.path)? {
+                    if !p.is_empty() {
+                        piece = Some(p);
+                        break;
+                    }
+                }
+                piece.filter(|p| p.len() as u64 <= left).map(Piece::Rebuilt)
+            }
+        };
+        let piece = piece.ok_or_else(|| self.corrupt_error())?;
+        self.hasher.update(piece.bytes());
+        self.loaded += piece.bytes().len() as u64;
+        self.current = Some(piece);
         self.at = 0;
         self.verify_if_complete()
     }
@@ -417,7 +506,7 @@ impl Read for BlobReader {
             return Ok(0);
         }
         let exhausted = match &self.current {
-            Some(c) => self.at >= c.value().len(),
+            Some(c) => self.at >= c.bytes().len(),
             None => true,
         };
         if exhausted {
@@ -435,7 +524,7 @@ impl Read for BlobReader {
         let Some(c) = &self.current else {
             return Ok(0);
         };
-        let src = &c.value()[self.at..];
+        let src = &c.bytes()[self.at..];
         let n = src.len().min(buf.len());
         buf[..n].copy_from_slice(&src[..n]);
         self.at += n;

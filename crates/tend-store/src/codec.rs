@@ -172,7 +172,8 @@ fn put_head(out: &mut Vec<u8>, major: u8, n: u64) {
     }
 }
 
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+/// Appends `b` as a CBOR byte string.
+pub(crate) fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     put_head(out, 2, b.len() as u64);
     out.extend_from_slice(b);
 }

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::{Bound, RangeBounds};
+use std::path::Path;
 
 use redb::{ReadOnlyTable, ReadableTable, ReadableTableMetadata, Table, TableDefinition};
 use tend_core::journal::DigestBuilder;
@@ -111,22 +112,30 @@ pub(crate) struct AuthorResolver<'t, T> {
 
 impl<'t, T: ReadableTable<u32, &'static [u8; 32]>> AuthorResolver<'t, T> {
     pub(crate) fn new(table: &'t T) -> Self {
-        Self {
-            table,
-            memo: HashMap::new(),
-        }
+        Self::with_memo(table, HashMap::new())
     }
 
-    fn get(&mut self, store: &Store, no: u32) -> Result<DeviceId, StoreError> {
+    /// A resolver that starts from what an earlier one learned ([`AuthorResolver::into_memo`]).
+    pub(crate) fn with_memo(table: &'t T, memo: HashMap<u32, DeviceId>) -> Self {
+        Self { table, memo }
+    }
+
+    pub(crate) fn into_memo(self) -> HashMap<u32, DeviceId> {
+        self.memo
+    }
+
+    fn get(&mut self, path: &Path, no: u32) -> Result<DeviceId, StoreError> {
         if let Some(d) = self.memo.get(&no) {
             return Ok(*d);
         }
         let d = self
             .table
             .get(no)
-            .map_err(|e| store.err(e))?
+            .map_err(|e| StoreError::db(path, e))?
             .map(|g| DeviceId(*g.value()))
-            .ok_or_else(|| store.corrupt(format!("author number {no} is not in the dictionary")))?;
+            .ok_or_else(|| {
+                StoreError::corrupt(path, format!("author number {no} is not in the dictionary"))
+            })?;
         self.memo.insert(no, d);
         Ok(d)
     }
@@ -134,18 +143,22 @@ impl<'t, T: ReadableTable<u32, &'static [u8; 32]>> AuthorResolver<'t, T> {
     /// Rebuilds a stored fact from its key and value, checking it hashes to its id.
     pub(crate) fn load(
         &mut self,
-        store: &Store,
+        path: &Path,
         ns: JournalNamespace,
         key: &FactKey,
         value: &[u8],
     ) -> Result<StoredFact, StoreError> {
         let (_, epoch, id) = codec::split_key(key);
-        let sv = codec::decode_value(value)
-            .ok_or_else(|| store.corrupt(format!("fact {id} has a malformed record")))?;
-        let author = self.get(store, sv.author_no)?;
+        let sv = codec::decode_value(value).ok_or_else(|| {
+            StoreError::corrupt(path, format!("fact {id} has a malformed record"))
+        })?;
+        let author = self.get(path, sv.author_no)?;
         let bytes = codec::rebuild_wire(&ns, epoch, &author, &sv);
         if blake3::hash(&bytes).as_bytes() != &id.0 {
-            return Err(store.corrupt(format!("fact {id} in {ns} does not match its id")));
+            return Err(StoreError::corrupt(
+                path,
+                format!("fact {id} in {ns} does not match its id"),
+            ));
         }
         Ok(StoredFact {
             namespace: ns,
@@ -238,7 +251,7 @@ impl Iterator for FactIter<'_> {
                 table,
                 memo: std::mem::take(&mut self.memo),
             };
-            let out = resolver.load(self.store, self.ns, k.value(), v.value());
+            let out = resolver.load(&self.store.path, self.ns, k.value(), v.value());
             self.memo = resolver.memo;
             out
         })();
@@ -301,7 +314,7 @@ impl Store {
                 let (_, epoch, id) = codec::split_key(&key);
                 let sv = codec::decode_value(v.value())
                     .ok_or_else(|| self.corrupt(format!("fact {id} has a malformed record")))?;
-                let author = resolver.get(self, sv.author_no)?;
+                let author = resolver.get(&self.path, sv.author_no)?;
                 if !state.is_member_at(&author, epoch) {
                     doomed.push(key);
                 }
@@ -556,7 +569,7 @@ impl Store {
                 let key = *k.value();
                 let (_, _, id) = codec::split_key(&key);
                 if !covered.contains(&id) {
-                    doomed.push((key, resolver.load(self, ns, &key, v.value())?));
+                    doomed.push((key, resolver.load(&self.path, ns, &key, v.value())?));
                 }
             }
             if doomed.is_empty() {
@@ -593,6 +606,14 @@ impl Store {
         let _writer = self.lock_writer();
         let tx = self.db().begin_write().map_err(|e| self.err(e))?;
         let mut dropped = 0;
+        let ns_no = {
+            let namespaces = tx.open_table(NAMESPACES).map_err(|e| self.err(e))?;
+            self.ns_record(&namespaces, &ns)?.map(|r| r.no)
+        };
+        if let Some(no) = ns_no {
+            let going: HashSet<(Epoch, FactId)> = keys.iter().copied().collect();
+            crate::blob_refs::release_in(self, &tx, no, |e, id| going.contains(&(e, *id)), &[])?;
+        }
         {
             let mut facts = tx.open_table(FACTS).map_err(|e| self.err(e))?;
             let maint = tx.open_table(MAINT).map_err(|e| self.err(e))?;
@@ -710,7 +731,7 @@ impl Store {
         for def in [FACTS, MAINT] {
             let table = self.open_ro(&rtx, def)?;
             if let Some(v) = table.get(&key).map_err(|e| self.err(e))? {
-                return authors.load(self, ns, &key, v.value()).map(Some);
+                return authors.load(&self.path, ns, &key, v.value()).map(Some);
             }
         }
         Ok(None)

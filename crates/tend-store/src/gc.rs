@@ -77,7 +77,40 @@ impl Store {
             blob_bytes: 0,
             dry_run,
         };
+        // Tombstoned blobs below the snapshot, and the item blobs of snapshots every member
+        // has settled (docs/ARCHITECTURE.md section 4a: no member needs them any more, and
+        // the settled facts are the same on every device, so waiting for a later snapshot
+        // to cover a tombstone would only keep a list of all history for a period longer).
+        let latest_blob = state.latest_snapshot.as_ref().map(|l| l.snapshot.blob_cid);
+        let mut reclaimable = state.prunable_blobs();
+        for cid in state.reclaimable_item_blobs() {
+            if !reclaimable.contains(&cid) && Some(cid) != latest_blob {
+                reclaimable.push(cid);
+            }
+        }
         let tx = self.db().begin_write().map_err(|e| self.err(e))?;
+        if !dry_run {
+            // A blob kept by reference that names a fact about to go is turned back into
+            // bytes first (unless it goes too).
+            let ns_no = {
+                let namespaces = tx.open_table(NAMESPACES).map_err(|e| self.err(e))?;
+                self.ns_record(&namespaces, &ns)?.map(|r| r.no)
+            };
+            if let Some(no) = ns_no {
+                let going: Vec<_> = reclaimable
+                    .iter()
+                    .filter(|cid| !kept_blobs.contains_key(cid))
+                    .copied()
+                    .collect();
+                crate::blob_refs::release_in(
+                    self,
+                    &tx,
+                    no,
+                    |epoch, id| epoch < floor && !live.contains(&(epoch, *id)),
+                    &going,
+                )?;
+            }
+        }
         {
             let mut namespaces = tx.open_table(NAMESPACES).map_err(|e| self.err(e))?;
             let mut facts = tx.open_table(FACTS).map_err(|e| self.err(e))?;
@@ -143,17 +176,6 @@ impl Store {
                 }
             }
             let _ = facts.len();
-        }
-        // Tombstoned blobs below the snapshot, and the item blobs of snapshots every member
-        // has settled (docs/ARCHITECTURE.md section 4a: no member needs them any more, and
-        // the settled facts are the same on every device, so waiting for a later snapshot
-        // to cover a tombstone would only keep a list of all history for a period longer).
-        let latest_blob = state.latest_snapshot.as_ref().map(|l| l.snapshot.blob_cid);
-        let mut reclaimable = state.prunable_blobs();
-        for cid in state.reclaimable_item_blobs() {
-            if !reclaimable.contains(&cid) && Some(cid) != latest_blob {
-                reclaimable.push(cid);
-            }
         }
         for cid in reclaimable {
             if kept_blobs.contains_key(&cid) {

@@ -21,6 +21,7 @@
 //!   reads (see the `store` module).
 
 pub mod app;
+mod blob_refs;
 pub mod blobs;
 pub mod changes;
 mod codec;

@@ -54,7 +54,7 @@ impl Store {
         .map_err(|e| self.err(e))?;
         for item in range {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            let stored = resolver.load(self, ns, k.value(), v.value())?;
+            let stored = resolver.load(&self.path, ns, k.value(), v.value())?;
             let fact =
                 VerifiedFact::decode(stored.bytes()).map_err(|source| StoreError::FactCorrupt {
                     path: self.path.clone(),

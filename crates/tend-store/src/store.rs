@@ -24,13 +24,15 @@ use crate::codec::FactKey;
 use crate::error::StoreError;
 use crate::overlay::OverlayBackend;
 
-/// The store format this release writes and reads. Format 3 adds the changes feed
+/// The store format this release writes and reads. Format 4 may keep a blob as references
+/// to the facts it carries (`blob_fact_refs`, see the `blob_refs` module), which a release
+/// of format 3 would read as a damaged blob. Format 3 adds the changes feed
 /// (`changes`, see the `changes` module); format 2 keeps blobs in chunks (`blob_index` and
 /// `blob_chunks`, see the `blobs` module); format 1 kept each blob as one value in `blobs`.
 /// Older formats are migrated when opened, one step per transaction. A release that knows
 /// only format 2 refuses a format 3 store (newer format) instead of admitting facts the
 /// feed would miss.
-pub const STORE_FORMAT_VERSION: u32 = 3;
+pub const STORE_FORMAT_VERSION: u32 = 4;
 /// The oldest format [`Store::open`] migrates; older ones are refused.
 const OLDEST_MIGRATED_FORMAT: u32 = 1;
 /// The marker stored under `magic` in the `meta` table.
@@ -212,6 +214,8 @@ impl Store {
                 .map_err(|e| StoreError::db(path, e))?;
             tx.open_table(BLOB_CHUNKS)
                 .map_err(|e| StoreError::db(path, e))?;
+            tx.open_table(crate::blob_refs::BLOB_REFS)
+                .map_err(|e| StoreError::db(path, e))?;
             tx.open_table(crate::app::APP_LOG)
                 .map_err(|e| StoreError::db(path, e))?;
             tx.open_table(crate::changes::CHANGES)
@@ -264,6 +268,9 @@ impl Store {
         if version < 3 {
             store.migrate_v2()?;
         }
+        if version < 4 {
+            store.migrate_v3()?;
+        }
         store.load_writer_cache()?;
         Ok(store)
     }
@@ -289,6 +296,20 @@ impl Store {
         tx.open_table(META)
             .map_err(|e| self.err(e))?
             .insert("format_version", 2u32.to_be_bytes().as_slice())
+            .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Format 3 -> 4: adds the (empty) table of blob recipes and records format 4, in one
+    /// transaction. Every stored blob stays as it is, in chunks.
+    fn migrate_v3(&self) -> Result<(), StoreError> {
+        let _writer = self.lock_writer();
+        let tx = self.db().begin_write().map_err(|e| self.err(e))?;
+        tx.open_table(crate::blob_refs::BLOB_REFS)
+            .map_err(|e| self.err(e))?;
+        tx.open_table(META)
+            .map_err(|e| self.err(e))?
+            .insert("format_version", 4u32.to_be_bytes().as_slice())
             .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))
     }
@@ -548,6 +569,7 @@ impl Store {
         usage!(MAINT, "maintenance_facts");
         usage!(BLOB_INDEX, "blob_index");
         usage!(BLOB_CHUNKS, "blob_chunks");
+        usage!(crate::blob_refs::BLOB_REFS, "blob_fact_refs");
         usage!(NAMESPACES, "namespaces");
         usage!(AUTHORS, "authors");
         usage!(AUTHOR_BY_NO, "author_numbers");

@@ -233,7 +233,7 @@ fn a_format_2_store_gets_a_feed_of_everything_it_holds() {
     assert_eq!(s.last_change().unwrap(), held.len() as u64 + 1);
     drop(s);
     assert_eq!(format_version(&p), STORE_FORMAT_VERSION);
-    assert_eq!(STORE_FORMAT_VERSION, 3);
+    assert_eq!(STORE_FORMAT_VERSION, 4);
     // Reopening a migrated store is a plain open.
     let s = Store::open(&p).unwrap();
     assert_eq!(s.last_change().unwrap(), held.len() as u64 + 1);

@@ -21,6 +21,7 @@ use tend_store::{CompactReport, Store, StoreError, StoreOptions};
 
 pub use crate::error::DeviceError;
 use crate::write::{WriteQueue, WriteTarget};
+use crate::snapshot_blob::StoreJournal;
 
 /// File name of the store inside a home directory.
 pub const STORE_FILE: &str = "store.redb";
@@ -165,6 +166,10 @@ pub struct GcReport {
     /// Whether the file was compacted: not on a dry run, nor on a running device whose
     /// store stayed busy (the next `tend gc` compacts it).
     pub compacted: bool,
+    /// Whether the latest snapshot blob is kept as references to the facts below it that
+    /// GC kept, instead of a second copy of them (docs/ARCHITECTURE.md section 4a).
+    #[serde(default)]
+    pub snapshot_blob_as_facts: bool,
 }
 
 /// One fact, as `tend journal list` shows it.
@@ -488,11 +493,14 @@ impl Device {
             return Err(DeviceError::ArchiveDevice);
         }
         let before = self.store.file_size()?;
-        let (report, compacted) = if dry_run {
-            (self.store.prune_dry_run(self.namespace())?, None)
+        let (report, compacted, as_facts) = if dry_run {
+            let report = self.store.prune_dry_run(self.namespace())?;
+            (report, None, false)
         } else {
             let report = self.store.prune(self.namespace())?;
-            (report, compact_when_idle(&self.store)?)
+            let as_facts =
+                StoreJournal::new(&self.store, self.namespace()).keep_latest_blob_as_facts()?;
+            (report, compact_when_idle(&self.store)?, as_facts)
         };
         Ok(GcReport {
             dry_run,
@@ -505,6 +513,7 @@ impl Device {
             store_bytes_before: before,
             store_bytes_after: compacted.as_ref().map_or(before, |c| c.bytes_after),
             compacted: compacted.is_some(),
+            snapshot_blob_as_facts: as_facts,
         })
     }
 

@@ -6,7 +6,9 @@ use std::io::Write;
 
 use tend_core::ids::CODEC_DAG_CBOR;
 use tend_core::{reduce, ContentId, Epoch, JournalNamespace};
-use tend_snapshot::blob::{read_item_blob, write_blob, write_item_blob, BlobHead, ItemRef};
+use tend_snapshot::blob::{
+    read_blob_keys, read_item_blob, write_blob, write_item_blob, BlobHead, ItemRef,
+};
 use tend_snapshot::SnapshotBlob;
 use tend_store::{Store, StoreError};
 
@@ -206,6 +208,37 @@ impl<'a> StoreJournal<'a> {
             }
         }
         Ok(cid)
+    }
+}
+
+impl StoreJournal<'_> {
+    /// Keeps the latest snapshot blob as references to the facts it carries
+    /// ([`Store::keep_blob_as_facts`]) once they are all stored: after GC they are the
+    /// prefix's live facts and state facts, which the store keeps anyway, so it then holds
+    /// them once instead of twice (docs/ARCHITECTURE.md section 4a). Returns whether the
+    /// blob is kept that way now; `false` if there is no snapshot, its blob is not stored or
+    /// a fact it carries is not (a device that has not caught up: the next GC tries again).
+    pub fn keep_latest_blob_as_facts(&self) -> Result<bool, StoreError> {
+        let state = self.store.maintenance_state(self.namespace)?;
+        let Some(latest) = state.latest_snapshot.as_ref() else {
+            return Ok(false);
+        };
+        let cid = latest.snapshot.blob_cid;
+        if self.store.blob_kept_as_facts(&cid)? {
+            return Ok(true);
+        }
+        let Some(keys) = self
+            .store
+            .with_blob(&cid, |r| read_blob_keys(r, &latest.certified))?
+        else {
+            return Ok(false);
+        };
+        let keys = keys.map_err(|e| StoreError::Corrupt {
+            path: self.store.path().to_owned(),
+            detail: format!("the latest snapshot blob {cid} does not read: {e}"),
+        })?;
+        self.store
+            .keep_blob_as_facts(&cid, self.namespace, keys.facts_at, keys.facts)
     }
 }
 

@@ -237,6 +237,9 @@ async fn a_member_joining_after_gc_reads_every_live_value() {
         "a=0 and the put and delete of gone: {r:?}"
     );
     assert_eq!(read(&a, "notes", "a").as_deref(), Some(&b"1"[..]));
+    // a keeps its snapshot blob as references to the facts GC kept: b hydrates from the
+    // bytes a rebuilds from them.
+    assert!(r.snapshot_blob_as_facts, "{r:?}");
 
     let b = Node::start(
         fleet.take(1),

@@ -269,3 +269,53 @@ fn without_the_item_blob_a_device_reissues_what_is_safe_and_sets_aside_the_rest(
         assert_eq!(get(d, "mine").as_deref(), Some(&b"v2"[..]));
     }
 }
+
+/// After GC a device keeps the latest snapshot blob as references to the live facts below
+/// it (store format 4, docs/ARCHITECTURE.md section 4a), so it holds them once. Through a
+/// second snapshot that supersedes every value the first carried, each blob still reads
+/// byte for byte as it was built: the first is turned back into bytes before GC prunes
+/// the puts it names.
+#[test]
+fn gc_keeps_the_latest_snapshot_blob_as_facts_and_every_blob_reads_as_built() {
+    let (_dir, devices, mut rng) = three(22);
+    let a = &devices[0];
+    let mut all = LocalFleet::new(devices.clone());
+    let puts = |round: u32| DataRequest::Batch {
+        ops: (0..200u32)
+            .map(|i| DataRequest::Put {
+                collection: "notes".into(),
+                key: format!("k{}", i % 20),
+                value: Bytes64(vec![round as u8; 200 + i as usize]),
+            })
+            .collect(),
+    };
+    let mut blobs = Vec::new();
+    for round in 0..2u32 {
+        run(a, puts(round)).unwrap();
+        all.sync().unwrap();
+        let target = Epoch(a.snapshot_status().unwrap().current_epoch + 1);
+        let done = all.snapshot(0, target, &mut rng).unwrap();
+        all.sync().unwrap();
+        let cid = done.snapshot.blob_cid;
+        let built = a.store().get_blob(&cid).unwrap().unwrap();
+        for d in &devices {
+            reissue_uncovered(d).unwrap();
+        }
+        all.sync().unwrap();
+        for d in &devices {
+            let r = d.gc(false).unwrap();
+            assert!(r.snapshot_blob_as_facts, "{r:?}");
+            assert!(d.store().blob_kept_as_facts(&cid).unwrap());
+            assert_eq!(d.store().get_blob(&cid).unwrap().unwrap(), built);
+        }
+        blobs.push((cid, built));
+    }
+    let (first, first_bytes) = &blobs[0];
+    for d in &devices {
+        // Its tombstone (written when the second completed) is not covered yet.
+        assert!(d.store().has_blob(first).unwrap());
+        assert!(!d.store().blob_kept_as_facts(first).unwrap());
+        assert_eq!(&d.store().get_blob(first).unwrap().unwrap(), first_bytes);
+        assert_eq!(get(d, "k19"), Some(vec![1u8; 399]));
+    }
+}

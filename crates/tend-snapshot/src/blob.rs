@@ -679,6 +679,9 @@ pub struct BlobSummary {
     pub item_ref: Option<ItemRef>,
     /// Number of facts in the blob (the state facts and the live application facts).
     pub fact_count: u64,
+    /// The byte offset of the first fact: the facts follow as DAG-CBOR byte strings of
+    /// their canonical bytes, ascending, then the state digest.
+    pub facts_at: u64,
     /// The highest epoch of an item or a fact (the facts a streamed read handed out
     /// included), which the reduced state has observed.
     pub last_epoch: Option<Epoch>,
@@ -812,6 +815,8 @@ pub struct BlobKeys {
     pub facts: Vec<(Epoch, FactId)>,
     /// The ids of its maintenance and authority facts.
     pub state_facts: HashSet<FactId>,
+    /// Where its facts start ([`BlobSummary::facts_at`]).
+    pub facts_at: u64,
     /// From version 3 on: the item blob holding `items` (empty here then), read with
     /// [`read_item_blob`] only by a device that needs them.
     pub item_ref: Option<ItemRef>,
@@ -838,6 +843,7 @@ pub fn read_blob_keys(r: impl Read, blob: &CertifiedBlob) -> Result<BlobKeys, Bl
         Some(&mut items),
     )?;
     keys.version = summary.version;
+    keys.facts_at = summary.facts_at;
     keys.base = summary.base;
     keys.items = items;
     keys.item_ref = summary.item_ref;
@@ -991,6 +997,7 @@ fn read_blob_inner(
     if major != MAJOR_ARRAY {
         return Err(malformed("the fact list is not an array"));
     }
+    let facts_at = src.n;
     if let Some(ahead) = facts_ahead {
         if count != ahead.len() as u64 {
             return Err(malformed("its facts differ from the facts given ahead"));
@@ -1067,6 +1074,7 @@ fn read_blob_inner(
         last_item: last,
         item_ref,
         fact_count: count,
+        facts_at,
         last_epoch: last.map(|(e, _)| e).max(last_fact.map(|(e, _)| e)),
         facts,
         state_digest,

@@ -68,6 +68,8 @@ fn values_survive_snapshot_gc_and_backup_restore() {
     assert!(gc["facts_pruned"].as_u64().unwrap() >= 4, "{gc}");
     assert_eq!(gc["blobs_pruned"].as_u64(), Some(1), "{gc}");
     assert!(facts_in_index(&home) < before);
+    // The snapshot blob is now rebuilt from the kept facts, which the backup below reads.
+    assert_eq!(gc["snapshot_blob_as_facts"], true, "{gc}");
 
     let check = |home: &Path| {
         assert_eq!(stdout(home, &["get", "notes", "a"]), b"1");

@@ -188,7 +188,10 @@ fn puts_then_gc(n: usize) {
     );
     // The snapshot blob is kept as references to the live facts GC kept, and still reads
     // byte for byte as built.
-    assert!(gc.snapshot_blob_as_facts, "the snapshot blob is kept as facts");
+    assert!(
+        gc.snapshot_blob_as_facts,
+        "the snapshot blob is kept as facts"
+    );
     let cid = tend_core::ContentId::of(tend_core::ids::CODEC_DAG_CBOR, &blob);
     assert!(d.store().get_blob(&cid).unwrap().unwrap() == blob);
     for u in d.store().table_usage().unwrap() {

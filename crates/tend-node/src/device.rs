@@ -20,8 +20,8 @@ use tend_crypto::device::DeviceKey;
 use tend_store::{CompactReport, Store, StoreError, StoreOptions};
 
 pub use crate::error::DeviceError;
-use crate::write::{WriteQueue, WriteTarget};
 use crate::snapshot_blob::StoreJournal;
+use crate::write::{WriteQueue, WriteTarget};
 
 /// File name of the store inside a home directory.
 pub const STORE_FILE: &str = "store.redb";

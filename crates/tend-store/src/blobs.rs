@@ -150,14 +150,14 @@ impl Store {
             return Ok(None);
         };
         let source = if chunk == BY_REFERENCE {
-            Source::Facts {
+            Source::Facts(Box::new(FactSource {
                 key,
                 cursor: None,
                 recipes: self.open_ro(&rtx, BLOB_REFS)?,
                 facts: self.open_ro(&rtx, FACTS)?,
                 maint: self.open_ro(&rtx, MAINT)?,
                 authors: self.open_ro(&rtx, AUTHOR_BY_NO)?,
-            }
+            }))
         } else {
             if chunk_count(len, chunk).is_none() {
                 return Err(self.corrupt(format!(
@@ -333,15 +333,19 @@ enum Source {
         chunks: ReadOnlyTable<ChunkKey<'static>, &'static [u8]>,
         next_chunk: u32,
     },
-    /// Its recipe and the facts it names; the cursor is opened at the first read.
-    Facts {
-        key: Vec<u8>,
-        cursor: Option<RefCursor>,
-        recipes: ReadOnlyTable<ChunkKey<'static>, &'static [u8]>,
-        facts: ReadOnlyTable<&'static FactKey, &'static [u8]>,
-        maint: ReadOnlyTable<&'static FactKey, &'static [u8]>,
-        authors: ReadOnlyTable<u32, &'static [u8; 32]>,
-    },
+    /// Its recipe and the facts it names (boxed: four table handles).
+    Facts(Box<FactSource>),
+}
+
+/// A blob kept by reference: its recipe and the facts it names; the cursor is opened at
+/// the first read.
+struct FactSource {
+    key: Vec<u8>,
+    cursor: Option<RefCursor>,
+    recipes: ReadOnlyTable<ChunkKey<'static>, &'static [u8]>,
+    facts: ReadOnlyTable<&'static FactKey, &'static [u8]>,
+    maint: ReadOnlyTable<&'static FactKey, &'static [u8]>,
+    authors: ReadOnlyTable<u32, &'static [u8; 32]>,
 }
 
 /// A piece of a blob: a stored chunk, or bytes rebuilt from a recipe.
@@ -392,7 +396,7 @@ impl BlobReader {
         self.at = 0;
         match &mut self.source {
             Source::Chunks { next_chunk, .. } => *next_chunk = 0,
-            Source::Facts { cursor, .. } => *cursor = None,
+            Source::Facts(f) => f.cursor = None,
         }
         self.loaded = 0;
         self.hasher = blake3::Hasher::new();
@@ -450,14 +454,15 @@ impl BlobReader {
                 *next_chunk += 1;
                 guard.map(Piece::Page)
             }
-            Source::Facts {
-                key,
-                cursor,
-                recipes,
-                facts,
-                maint,
-                authors,
-            } => {
+            Source::Facts(f) => {
+                let FactSource {
+                    key,
+                    cursor,
+                    recipes,
+                    facts,
+                    maint,
+                    authors,
+                } = &mut **f;
                 let cursor = match cursor {
                     Some(c) => c,
                     None => cursor.insert(RefCursor::open(recipes, &self.path, key.clone())?),

@@ -42,6 +42,8 @@ pub(crate) const BY_REFERENCE: u32 = 0;
 
 /// The longest literal segment: a reader holds one segment at a time.
 const LITERAL_MAX: usize = 64 * 1024;
+/// The most bytes before or after a blob's facts that a recipe keeps literally.
+const LITERAL_LIMIT: u64 = 1 << 20;
 /// The most ids in one run, so a writer holds at most this many.
 const RUN_MAX: usize = 4096;
 const TAG_LITERAL: u8 = 0;
@@ -557,10 +559,9 @@ impl Store {
             let Some(rec) = self.ns_record(&namespaces, &ns)? else {
                 return Ok(false);
             };
-            let Ok(head_len) = usize::try_from(facts_at) else {
-                return Ok(false);
-            };
-            if facts_at > len {
+            // Held in memory while checked; a blob with more bytes around its facts (a
+            // format 2 snapshot blob, whose head holds its item list) stays as bytes.
+            if facts_at > LITERAL_LIMIT.min(len) {
                 return Ok(false);
             }
             let mut chunks = tx.open_table(BLOB_CHUNKS).map_err(|e| self.err(e))?;
@@ -579,7 +580,7 @@ impl Store {
                 let mut stored = ChunkStream::new(key.clone());
                 let mut recipe = RecipeWriter::new(&mut recipes, path, key.clone(), rec.no, &ns)?;
                 let mut hasher = blake3::Hasher::new();
-                let mut head = vec![0u8; head_len];
+                let mut head = vec![0u8; facts_at as usize];
                 stored.read_all(&chunks, path, &mut head)?;
                 hasher.update(&head);
                 recipe.literal(&mut recipes, path, &head)?;
@@ -599,7 +600,10 @@ impl Store {
                     hasher.update(&entry);
                     recipe.fact(&mut recipes, path, epoch, id)?;
                 }
-                let mut tail = vec![0u8; usize::try_from(len - at).unwrap_or(usize::MAX)];
+                if len - at > LITERAL_LIMIT {
+                    return Ok(false);
+                }
+                let mut tail = vec![0u8; (len - at) as usize];
                 stored.read_all(&chunks, path, &mut tail)?;
                 hasher.update(&tail);
                 recipe.literal(&mut recipes, path, &tail)?;

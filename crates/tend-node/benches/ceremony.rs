@@ -41,12 +41,28 @@ async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> boo
 /// Signs `n` facts by the first device and puts them into every store, in a process of its
 /// own, so the nodes' peak memory is not the signed facts'.
 fn fill(homes: &[std::path::PathBuf], n: usize) {
-    let facts = sign_app_facts(&Device::open(&homes[0]).expect("open"), n, "ceremony");
+    let facts = sign_app_facts(&open_when_free(&homes[0]), n, "ceremony");
     for home in homes {
-        let device = Device::open(home).expect("open");
+        let device = open_when_free(home);
         for chunk in facts.chunks(10_000) {
             let r = device.store().insert_batch(chunk).expect("insert");
             assert!(r.rejected.is_empty(), "{:?}", r.rejected.first());
+        }
+    }
+}
+
+/// Opens a home the parent's nodes held: a task of a node that was shut down may still be
+/// dropping its handle on the store for a moment.
+fn open_when_free(home: &std::path::Path) -> Device {
+    let start = Instant::now();
+    loop {
+        match Device::open(home) {
+            Err(tend_node::DeviceError::Store(tend_store::StoreError::Locked { .. }))
+                if start.elapsed() < Duration::from_secs(10) =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => return r.expect("open"),
         }
     }
 }

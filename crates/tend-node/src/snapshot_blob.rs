@@ -4,15 +4,21 @@
 
 use std::io::Write;
 
+use std::collections::BTreeSet;
 use tend_core::ids::CODEC_DAG_CBOR;
-use tend_core::{reduce, ContentId, Epoch, JournalNamespace};
+
+use tend_core::{reduce, ContentId, Epoch, FactId, JournalNamespace, VerifiedFact};
 use tend_snapshot::blob::{
     read_blob_keys, read_item_blob, write_blob, write_item_blob, BlobHead, ItemRef,
 };
 use tend_snapshot::SnapshotBlob;
-use tend_store::{Store, StoreError};
+use tend_store::{FactBlob, Store, StoreError};
 
 use crate::blobs::{ScratchBlob, ScratchKind};
+
+/// A snapshot blob's head, the prefix's state facts and the keys of its live application
+/// facts ([`StoreJournal::snapshot_parts`]).
+type SnapshotParts = (BlobHead, Vec<VerifiedFact>, BTreeSet<(Epoch, FactId)>);
 
 /// Builds one device's snapshot blobs (and item blobs) from its store, streaming.
 pub struct StoreJournal<'a> {
@@ -111,17 +117,10 @@ impl<'a> StoreJournal<'a> {
         }
     }
 
-    /// Writes the snapshot blob of the prefix below `upto`, naming the item blob
-    /// `item_ref` ([`StoreJournal::write_item_blob`]), to `out` as the store's index streams
-    /// by: the prefix's state facts and live application facts as their stored canonical
-    /// bytes, none of them decoded but the state facts. Memory holds the state facts and
-    /// the live set's keys, not the blob.
-    pub fn write_snapshot_blob(
-        &self,
-        upto: Epoch,
-        item_ref: &ItemRef,
-        out: &mut impl Write,
-    ) -> Result<(), StoreError> {
+    /// The head of the snapshot blob of the prefix below `upto` that names the item blob
+    /// `item_ref`, with the prefix's state facts and the keys of its live application
+    /// facts, which follow the head in `(epoch, id)` order.
+    fn snapshot_parts(&self, upto: Epoch, item_ref: &ItemRef) -> Result<SnapshotParts, StoreError> {
         let ns = self.namespace;
         let (state_facts, base) = self.state_facts(upto)?;
         let live = self.store.live_below(ns, upto)?;
@@ -142,12 +141,27 @@ impl<'a> StoreJournal<'a> {
             facts: (state_facts.len() + live.len()) as u64,
             state_digest: state.state_digest(),
         };
+        Ok((head, state_facts, live))
+    }
+
+    /// Writes the snapshot blob of the prefix below `upto`, naming the item blob
+    /// `item_ref` ([`StoreJournal::write_item_blob`]), to `out` as the store's index streams
+    /// by: the prefix's state facts and live application facts as their stored canonical
+    /// bytes, none of them decoded but the state facts. Memory holds the state facts and
+    /// the live set's keys, not the blob.
+    pub fn write_snapshot_blob(
+        &self,
+        upto: Epoch,
+        item_ref: &ItemRef,
+        out: &mut impl Write,
+    ) -> Result<(), StoreError> {
+        let (head, state_facts, live) = self.snapshot_parts(upto, item_ref)?;
         // The facts in `(epoch, id)` order: the state facts merged into one scan of the
         // prefix that keeps the live application facts.
         let mut state_facts = state_facts.into_iter().peekable();
         let mut scan = self
             .store
-            .scan(ns, ..upto)?
+            .scan(self.namespace, ..upto)?
             .filter(|r| r.as_ref().map_or(true, |f| live.contains(&(f.epoch, f.id))));
         let mut next_live = scan.next();
         let facts = std::iter::from_fn(|| {
@@ -173,15 +187,39 @@ impl<'a> StoreJournal<'a> {
             .map_err(|e| self.build_error(e))
     }
 
-    /// Builds the item blob and the snapshot blob as [`StoreJournal::write_item_blob`] and
-    /// [`StoreJournal::write_snapshot_blob`] do, each in one pass into a [`ScratchBlob`]
-    /// beside the store, hashed for its CID as it is written; if they are to be kept and
-    /// are not stored yet, they are copied into the store (the item blob first, so a
-    /// device holding a snapshot blob it built holds its items too). Memory holds a copy
-    /// buffer, not the blobs.
+    /// The snapshot blob of the prefix below `upto`, naming the item blob `item_ref`, as
+    /// the store hashes it from the facts it names ([`Store::plan_fact_blob`]): byte for
+    /// byte what [`StoreJournal::write_snapshot_blob`] writes, never held or written out.
+    pub fn plan_snapshot_blob(
+        &self,
+        upto: Epoch,
+        item_ref: &ItemRef,
+    ) -> Result<FactBlob, StoreError> {
+        let (head, state_facts, live) = self.snapshot_parts(upto, item_ref)?;
+        let mut keys: Vec<(Epoch, FactId)> = Vec::with_capacity(head.facts as usize);
+        keys.extend(state_facts.iter().map(|f| f.order_key()));
+        keys.extend(live);
+        keys.sort_unstable();
+        self.store.plan_fact_blob(
+            CODEC_DAG_CBOR,
+            self.namespace,
+            head.leading_bytes(),
+            keys,
+            head.trailing_bytes(),
+        )
+    }
+
     /// Builds the snapshot blob of the prefix below `upto` and its item blob, and keeps
     /// both unless `keep` names another CID (a signer checking a proposal keeps only the
     /// blob it signs). Returns the snapshot blob's CID.
+    ///
+    /// The item blob is written in one pass into a [`ScratchBlob`] beside the store, hashed
+    /// as it goes, and copied into the store if kept. The snapshot blob is hashed by the
+    /// store from the facts it carries ([`StoreJournal::plan_snapshot_blob`]) and kept as
+    /// references to them ([`Store::put_fact_blob`]): its live facts are never written a
+    /// second time (docs/ARCHITECTURE.md section 4a). The item blob goes in first, so a
+    /// device holding a snapshot blob it built holds its items too. Memory holds a copy
+    /// buffer and the keys of the blob's facts, not the blobs.
     pub fn build_and_keep(
         &self,
         upto: Epoch,
@@ -196,16 +234,13 @@ impl<'a> StoreJournal<'a> {
                 detail: "the item blob's bytes do not hash to its reference".into(),
             });
         }
-        let mut scratch = ScratchBlob::create(self.store, ScratchKind::Built)?;
-        self.write_snapshot_blob(upto, &item_ref, &mut scratch)?;
-        let cid = scratch.finish(CODEC_DAG_CBOR)?;
+        let blob = self.plan_snapshot_blob(upto, &item_ref)?;
+        let cid = *blob.cid();
         if keep.is_none_or(|k| k == cid) {
             if !self.store.has_blob(&items_cid)? {
                 items.store_as(self.store, &items_cid)?;
             }
-            if !self.store.has_blob(&cid)? {
-                scratch.store_as(self.store, &cid)?;
-            }
+            self.store.put_fact_blob(&blob)?;
         }
         Ok(cid)
     }

@@ -270,8 +270,9 @@ fn without_the_item_blob_a_device_reissues_what_is_safe_and_sets_aside_the_rest(
     }
 }
 
-/// After GC a device keeps the latest snapshot blob as references to the live facts below
-/// it (store format 4, docs/ARCHITECTURE.md section 4a), so it holds them once. Through a
+/// A device keeps the snapshot blob it builds as references to the facts it carries (store
+/// format 4, docs/ARCHITECTURE.md section 4a), and GC keeps those facts, so it holds them
+/// once. Through a
 /// second snapshot that supersedes every value the first carried, each blob still reads
 /// byte for byte as it was built: the first is turned back into bytes before GC prunes
 /// the puts it names.
@@ -297,7 +298,15 @@ fn gc_keeps_the_latest_snapshot_blob_as_facts_and_every_blob_reads_as_built() {
         let done = all.snapshot(0, target, &mut rng).unwrap();
         all.sync().unwrap();
         let cid = done.snapshot.blob_cid;
+        // Built by the ceremony as references to the facts it carries, and byte for byte
+        // the blob streamed from the journal.
         let built = a.store().get_blob(&cid).unwrap().unwrap();
+        let streamed = tend_node::fleet::StoreJournal::new(a.store(), a.namespace())
+            .try_snapshot_blob(target)
+            .unwrap()
+            .encode();
+        assert_eq!(built, streamed);
+        assert!(a.store().blob_kept_as_facts(&cid).unwrap());
         for d in &devices {
             reissue_uncovered(d).unwrap();
         }

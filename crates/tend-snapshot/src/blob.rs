@@ -581,13 +581,7 @@ pub fn write_blob<E: From<io::Error>, B: AsRef<[u8]>>(
     head: &BlobHead,
     facts: impl IntoIterator<Item = Result<B, E>>,
 ) -> Result<(), E> {
-    write_cbor_head(w, MAJOR_ARRAY, 7)?;
-    w.write_all(&to_canonical(&SNAPSHOT_BLOB_VERSION))?;
-    w.write_all(&to_canonical(&head.namespace))?;
-    w.write_all(&to_canonical(&head.epoch))?;
-    w.write_all(&to_canonical(&head.base))?;
-    w.write_all(&to_canonical(&head.item_ref.wire()))?;
-    write_cbor_head(w, MAJOR_ARRAY, head.facts)?;
+    w.write_all(&head.leading_bytes())?;
     let mut n = 0u64;
     for fact in facts {
         let fact = fact?;
@@ -599,8 +593,30 @@ pub fn write_blob<E: From<io::Error>, B: AsRef<[u8]>>(
     if n != head.facts {
         return Err(wrong_count::<E>("facts"));
     }
-    w.write_all(&to_canonical(&head.state_digest))?;
+    w.write_all(&head.trailing_bytes())?;
     Ok(())
+}
+
+impl BlobHead {
+    /// The bytes of a blob with this head before its first fact ([`write_blob`]).
+    pub fn leading_bytes(&self) -> Vec<u8> {
+        let mut w = Vec::new();
+        // Writing into a Vec cannot fail.
+        let _ = write_cbor_head(&mut w, MAJOR_ARRAY, 7);
+        w.extend_from_slice(&to_canonical(&SNAPSHOT_BLOB_VERSION));
+        w.extend_from_slice(&to_canonical(&self.namespace));
+        w.extend_from_slice(&to_canonical(&self.epoch));
+        w.extend_from_slice(&to_canonical(&self.base));
+        w.extend_from_slice(&to_canonical(&self.item_ref.wire()));
+        let _ = write_cbor_head(&mut w, MAJOR_ARRAY, self.facts);
+        w
+    }
+
+    /// The bytes of a blob with this head after its last fact: the state digest. Between
+    /// the two, each fact is the DAG-CBOR byte string of its canonical bytes.
+    pub fn trailing_bytes(&self) -> Vec<u8> {
+        to_canonical(&self.state_digest)
+    }
 }
 
 /// A CBOR head (major type and argument) in its shortest form, as canonical DAG-CBOR wants.

@@ -367,32 +367,103 @@ where
                 None => return Ok(None),
             },
         };
+        self.entry_of(path, ns, &key, value.value(), memo).map(Some)
+    }
+
+    /// [`FactTables::entry`] of the stored value `value` of fact `key`.
+    fn entry_of(
+        &self,
+        path: &Path,
+        ns: JournalNamespace,
+        key: &FactKey,
+        value: &[u8],
+        memo: &mut HashMap<u32, DeviceId>,
+    ) -> Result<Vec<u8>, StoreError> {
         let mut authors = AuthorResolver::with_memo(self.authors, std::mem::take(memo));
-        let loaded = authors.load(path, ns, &key, value.value());
+        let loaded = authors.load(path, ns, key, value);
         *memo = authors.into_memo();
         let bytes = loaded?.into_bytes();
         let mut entry = Vec::with_capacity(bytes.len() + 9);
         codec::put_bytes(&mut entry, &bytes);
-        Ok(Some(entry))
+        Ok(entry)
     }
 }
 
-/// Rebuilds the bytes of a blob kept by reference, one piece at a time (a literal segment
-/// or one fact).
-pub(crate) struct RefCursor {
-    recipe: Recipe,
-    memo: HashMap<u32, DeviceId>,
+/// A fact table's values at ascending keys, found by walking one range instead of a
+/// lookup per key (a snapshot blob names its facts in key order).
+struct Ascending<I> {
+    range: I,
+    /// The first entry at or after the last key asked for.
+    current: Option<(FactKey, Vec<u8>)>,
 }
 
-impl RefCursor {
+type FactEntry<'a> = (
+    redb::AccessGuard<'a, &'static FactKey>,
+    redb::AccessGuard<'a, &'static [u8]>,
+);
+
+impl<'a, I: Iterator<Item = Result<FactEntry<'a>, redb::StorageError>>> Ascending<I> {
+    fn new(range: I) -> Self {
+        Self {
+            range,
+            current: None,
+        }
+    }
+
+    /// The value at `key`, which must not be below a key asked for before.
+    fn get(&mut self, path: &Path, key: &FactKey) -> Result<Option<&[u8]>, StoreError> {
+        loop {
+            if matches!(&self.current, Some((k, _)) if k >= key) {
+                break;
+            }
+            match self.range.next() {
+                None => {
+                    self.current = None;
+                    return Ok(None);
+                }
+                Some(item) => {
+                    let (k, v) = item.map_err(db(path))?;
+                    self.current = Some((*k.value(), v.value().to_vec()));
+                }
+            }
+        }
+        Ok(match &self.current {
+            Some((k, v)) if k == key => Some(v),
+            _ => None,
+        })
+    }
+}
+
+/// Whether `facts` are strictly ascending, as [`Ascending`] needs.
+fn ascending(facts: &[(Epoch, FactId)]) -> bool {
+    facts.windows(2).all(|w| w[0] < w[1])
+}
+
+/// Rebuilds the bytes of a blob kept by reference, one piece at a time (a literal segment
+/// or one fact), reading its facts along one range of the journal index while they come
+/// in key order (a snapshot blob's do), by lookup otherwise.
+pub(crate) struct RefCursor<I> {
+    recipe: Recipe,
+    memo: HashMap<u32, DeviceId>,
+    held: Ascending<I>,
+    last: Option<FactKey>,
+}
+
+impl<'a, I: Iterator<Item = Result<FactEntry<'a>, redb::StorageError>>> RefCursor<I> {
+    /// Opens the recipe of blob `key`; `range` gives the journal index from a key on.
     pub(crate) fn open<T: ReadableTable<ChunkKey<'static>, &'static [u8]>>(
         recipes: &T,
         path: &Path,
         key: Vec<u8>,
+        range: impl FnOnce(&FactKey) -> Result<I, StoreError>,
     ) -> Result<Self, StoreError> {
+        let recipe = Recipe::open(recipes, path, key)?;
+        let held = Ascending::new(range(&codec::epoch_start(recipe.ns_no, Epoch::ZERO))?);
         Ok(Self {
-            recipe: Recipe::open(recipes, path, key)?,
+            recipe,
             memo: HashMap::new(),
+            held,
+            last: None,
         })
     }
 
@@ -409,19 +480,28 @@ impl RefCursor {
         A: ReadableTable<u32, &'static [u8; 32]>,
     {
         let (ns, ns_no) = (self.recipe.ns, self.recipe.ns_no);
-        match self.recipe.next(recipes, path)? {
-            None => Ok(None),
-            Some(Step::Literal(bytes)) => Ok(Some(bytes)),
-            Some(Step::Fact(epoch, id)) => facts
-                .entry(path, ns, ns_no, (epoch, id), &mut self.memo)?
-                .map(Some)
-                .ok_or_else(|| {
-                    StoreError::corrupt(
-                        path,
-                        format!("a blob kept by reference names fact {id}, which is not stored"),
-                    )
-                }),
-        }
+        let (epoch, id) = match self.recipe.next(recipes, path)? {
+            None => return Ok(None),
+            Some(Step::Literal(bytes)) => return Ok(Some(bytes)),
+            Some(Step::Fact(epoch, id)) => (epoch, id),
+        };
+        let key = codec::fact_key(ns_no, epoch, &id);
+        let in_order = self.last.is_none_or(|last| last < key);
+        self.last = Some(key);
+        let found = match in_order {
+            true => self.held.get(path, &key)?,
+            false => None,
+        };
+        let entry = match found {
+            Some(value) => Some(facts.entry_of(path, ns, &key, value, &mut self.memo)?),
+            None => facts.entry(path, ns, ns_no, (epoch, id), &mut self.memo)?,
+        };
+        entry.map(Some).ok_or_else(|| {
+            StoreError::corrupt(
+                path,
+                format!("a blob kept by reference names fact {id}, which is not stored"),
+            )
+        })
     }
 }
 
@@ -494,7 +574,9 @@ fn materialize_in(store: &Store, tx: &WriteTransaction, key: &[u8]) -> Result<()
             maint: &maint,
             authors: &authors,
         };
-        let mut cursor = RefCursor::open(&recipes, path, key.to_vec())?;
+        let mut cursor = RefCursor::open(&recipes, path, key.to_vec(), |from| {
+            facts.range::<&FactKey>(from..).map_err(db(path))
+        })?;
         let mut sink = ChunkSink::new(key.to_vec());
         let mut hasher = blake3::Hasher::new();
         let mut written = 0u64;
@@ -520,7 +602,171 @@ fn materialize_in(store: &Store, tx: &WriteTransaction, key: &[u8]) -> Result<()
     Ok(())
 }
 
+/// A blob made of stored facts between a head and a tail, hashed by the store
+/// ([`Store::plan_fact_blob`]) and not stored yet ([`Store::put_fact_blob`]). Only the store
+/// makes one, so its CID is the hash of the facts the store holds under its keys.
+#[derive(Debug)]
+pub struct FactBlob {
+    cid: ContentId,
+    len: u64,
+    ns: JournalNamespace,
+    head: Vec<u8>,
+    facts: Vec<(Epoch, FactId)>,
+    tail: Vec<u8>,
+}
+
+impl FactBlob {
+    /// The blob's CID.
+    pub fn cid(&self) -> &ContentId {
+        &self.cid
+    }
+
+    /// The blob's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the blob has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 impl Store {
+    /// Hashes the blob `head`, then each of `facts` of `ns` as the DAG-CBOR byte string of
+    /// its canonical bytes, then `tail` (the layout of a snapshot blob), reading the facts
+    /// in one read transaction, without holding the bytes. Fails with
+    /// [`StoreError::BlobMismatch`] if one of the facts is not stored. Store it with
+    /// [`Store::put_fact_blob`]: kept by reference from the start, it never holds the facts
+    /// a second time.
+    pub fn plan_fact_blob(
+        &self,
+        codec: u64,
+        ns: JournalNamespace,
+        head: Vec<u8>,
+        facts: Vec<(Epoch, FactId)>,
+        tail: Vec<u8>,
+    ) -> Result<FactBlob, StoreError> {
+        let path = self.path();
+        let rtx = self.read_txn()?;
+        let namespaces = self.open_ro(&rtx, NAMESPACES)?;
+        let no = self.ns_record(&namespaces, &ns)?.map(|r| r.no);
+        let facts_t = self.open_ro(&rtx, FACTS)?;
+        let maint = self.open_ro(&rtx, MAINT)?;
+        let authors = self.open_ro(&rtx, AUTHOR_BY_NO)?;
+        let tables = FactTables {
+            facts: &facts_t,
+            maint: &maint,
+            authors: &authors,
+        };
+        let mismatch = |detail: String| StoreError::BlobMismatch {
+            path: path.to_owned(),
+            cid: Box::new(ContentId::of(codec, &head)),
+            detail,
+        };
+        if !ascending(&facts) {
+            return Err(mismatch("its facts are not in ascending order".into()));
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&head);
+        let mut len = head.len() as u64;
+        let mut memo = HashMap::new();
+        let start = match (no, facts.first()) {
+            (Some(no), Some(&(epoch, id))) => codec::fact_key(no, epoch, &id),
+            _ => [0xff; codec::KEY_LEN],
+        };
+        let mut held = Ascending::new(facts_t.range::<&FactKey>(&start..).map_err(db(path))?);
+        for &(epoch, id) in &facts {
+            let missing = || {
+                mismatch(format!(
+                    "fact {id} at epoch {} of {ns} is not stored",
+                    epoch.0
+                ))
+            };
+            let no = no.ok_or_else(missing)?;
+            let key = codec::fact_key(no, epoch, &id);
+            let entry = match held.get(path, &key)? {
+                Some(value) => tables.entry_of(path, ns, &key, value, &mut memo)?,
+                // A state fact below a pruned floor lives in the maintenance table only.
+                None => tables
+                    .entry(path, ns, no, (epoch, id), &mut memo)?
+                    .ok_or_else(missing)?,
+            };
+            hasher.update(&entry);
+            len += entry.len() as u64;
+        }
+        hasher.update(&tail);
+        len += tail.len() as u64;
+        let cid = ContentId::from_blake3(codec, &Hash32::from(hasher.finalize()));
+        Ok(FactBlob {
+            cid,
+            len,
+            ns,
+            head,
+            facts,
+            tail,
+        })
+    }
+
+    /// Stores `blob` kept by reference (see the module docs), in one transaction, unless a
+    /// blob of its CID is stored already. Fails with [`StoreError::BlobMismatch`], storing
+    /// nothing, if one of its facts is no longer stored. A fact's key names its bytes (its
+    /// id is their hash, checked on every read), so the facts found are the ones hashed.
+    pub fn put_fact_blob(&self, blob: &FactBlob) -> Result<(), StoreError> {
+        let path = self.path();
+        let _writer = self.lock_writer();
+        let tx = self.db().begin_write().map_err(|e| self.err(e))?;
+        let key = blob.cid.to_bytes();
+        {
+            let mut index = tx.open_table(BLOB_INDEX).map_err(|e| self.err(e))?;
+            if index
+                .get(key.as_slice())
+                .map_err(|e| self.err(e))?
+                .is_some()
+            {
+                return Ok(());
+            }
+            let gone = |id: &FactId| StoreError::BlobMismatch {
+                path: path.to_owned(),
+                cid: Box::new(blob.cid),
+                detail: format!("fact {id} is no longer stored"),
+            };
+            let namespaces = tx.open_table(NAMESPACES).map_err(|e| self.err(e))?;
+            let Some(rec) = self.ns_record(&namespaces, &blob.ns)? else {
+                return match blob.facts.first() {
+                    Some((_, id)) => Err(gone(id)),
+                    None => Ok(()),
+                };
+            };
+            let mut recipes = tx.open_table(BLOB_REFS).map_err(|e| self.err(e))?;
+            let facts = tx.open_table(FACTS).map_err(|e| self.err(e))?;
+            let maint = tx.open_table(MAINT).map_err(|e| self.err(e))?;
+            let mut recipe = RecipeWriter::new(&mut recipes, path, key.clone(), rec.no, &blob.ns)?;
+            recipe.literal(&mut recipes, path, &blob.head)?;
+            let start = match blob.facts.first() {
+                Some(&(epoch, id)) => codec::fact_key(rec.no, epoch, &id),
+                None => [0xff; codec::KEY_LEN],
+            };
+            let mut held =
+                Ascending::new(facts.range::<&FactKey>(&start..).map_err(|e| self.err(e))?);
+            for &(epoch, id) in &blob.facts {
+                let k = codec::fact_key(rec.no, epoch, &id);
+                let stored = held.get(path, &k)?.is_some()
+                    || maint.get(&k).map_err(|e| self.err(e))?.is_some();
+                if !stored {
+                    return Err(gone(&id));
+                }
+                recipe.fact(&mut recipes, path, epoch, id)?;
+            }
+            recipe.literal(&mut recipes, path, &blob.tail)?;
+            recipe.finish(&mut recipes, path)?;
+            index
+                .insert(key.as_slice(), (blob.len, BY_REFERENCE))
+                .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
     /// Keeps blob `cid` as references to the facts of `ns` it carries instead of as bytes
     /// (see the module docs), when every one of them is stored: the blob's bytes are the
     /// first `facts_at` bytes, then `facts` as DAG-CBOR byte strings of their canonical

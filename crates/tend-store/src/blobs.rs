@@ -341,7 +341,7 @@ enum Source {
 /// the first read.
 struct FactSource {
     key: Vec<u8>,
-    cursor: Option<RefCursor>,
+    cursor: Option<RefCursor<redb::Range<'static, &'static FactKey, &'static [u8]>>>,
     recipes: ReadOnlyTable<ChunkKey<'static>, &'static [u8]>,
     facts: ReadOnlyTable<&'static FactKey, &'static [u8]>,
     maint: ReadOnlyTable<&'static FactKey, &'static [u8]>,
@@ -465,7 +465,13 @@ impl BlobReader {
                 } = &mut **f;
                 let cursor = match cursor {
                     Some(c) => c,
-                    None => cursor.insert(RefCursor::open(recipes, &self.path, key.clone())?),
+                    None => {
+                        cursor.insert(RefCursor::open(recipes, &self.path, key.clone(), |from| {
+                            facts
+                                .range::<&FactKey>(from..)
+                                .map_err(|e| StoreError::db(&self.path, e))
+                        })?)
+                    }
                 };
                 let tables = FactTables {
                     facts,

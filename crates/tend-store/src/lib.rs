@@ -21,7 +21,7 @@
 //!   reads (see the `store` module).
 
 pub mod app;
-mod blob_refs;
+pub mod blob_refs;
 pub mod blobs;
 pub mod changes;
 mod codec;
@@ -33,6 +33,7 @@ pub mod settings;
 pub mod state;
 pub mod store;
 
+pub use blob_refs::FactBlob;
 pub use blobs::{BlobReader, BlobWriter, BLOB_CHUNK_BYTES};
 pub use changes::Change;
 pub use error::StoreError;

@@ -214,3 +214,55 @@ fn a_format_3_store_opens_as_format_4_with_its_blobs_as_bytes() {
         .unwrap());
     assert_eq!(s.get_blob(&cid).unwrap().unwrap(), bytes);
 }
+
+#[test]
+fn a_blob_planned_from_stored_facts_is_stored_by_reference_only_while_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::create(dir.path().join("s.redb")).unwrap();
+    let (ns, facts) = journal(&s);
+    let notes: Vec<&VerifiedFact> = facts
+        .iter()
+        .filter(|f| matches!(f.payload(), Payload::Application { .. }))
+        .collect();
+    let tail = vec![0x41, 0x07];
+    let plan = |named: &[&VerifiedFact]| {
+        s.plan_fact_blob(
+            CODEC_DAG_CBOR,
+            ns,
+            b"head".to_vec(),
+            keys(named),
+            tail.clone(),
+        )
+    };
+    // The CID the store computes is the hash of the blob's bytes.
+    let bytes = blob_of(b"head", &notes, &tail);
+    let planned = plan(&notes).unwrap();
+    assert_eq!(*planned.cid(), ContentId::of(CODEC_DAG_CBOR, &bytes));
+    assert_eq!(planned.len(), bytes.len() as u64);
+    assert!(!s.has_blob(planned.cid()).unwrap());
+    s.put_fact_blob(&planned).unwrap();
+    assert!(s.blob_kept_as_facts(planned.cid()).unwrap());
+    assert_eq!(s.get_blob(planned.cid()).unwrap().unwrap(), bytes);
+    assert_eq!(chunk_entries(&s, "blob_chunks"), 0);
+
+    // A fact that is not stored cannot be planned; one retracted after planning fails the
+    // put, which stores nothing.
+    let stranger = app(ns, 3, &key(1), &[5u8; 300]);
+    let mut with_stranger = notes.clone();
+    with_stranger.push(&stranger);
+    with_stranger.sort_by_key(|f| f.order_key());
+    assert!(matches!(
+        plan(&with_stranger),
+        Err(tend_store::StoreError::BlobMismatch { .. })
+    ));
+    let fewer = plan(&notes[1..]).unwrap();
+    assert_eq!(s.retract_data(ns, &[notes[2].order_key()]).unwrap(), 1);
+    assert!(matches!(
+        s.put_fact_blob(&fewer),
+        Err(tend_store::StoreError::BlobMismatch { .. })
+    ));
+    assert!(!s.has_blob(fewer.cid()).unwrap());
+    // The first blob named the retracted fact: it holds its bytes now.
+    assert!(!s.blob_kept_as_facts(planned.cid()).unwrap());
+    assert_eq!(s.get_blob(planned.cid()).unwrap().unwrap(), bytes);
+}

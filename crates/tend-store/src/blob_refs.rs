@@ -439,14 +439,58 @@ fn ascending(facts: &[(Epoch, FactId)]) -> bool {
     facts.windows(2).all(|w| w[0] < w[1])
 }
 
-/// Rebuilds the bytes of a blob kept by reference, one piece at a time (a literal segment
-/// or one fact), reading its facts along one range of the journal index while they come
-/// in key order (a snapshot blob's do), by lookup otherwise.
-pub(crate) struct RefCursor<I> {
-    recipe: Recipe,
-    memo: HashMap<u32, DeviceId>,
+/// Finds facts along one range of the journal index while they come in key order (a
+/// snapshot blob's do), by a lookup per fact otherwise.
+pub(crate) struct Lookup<I> {
     held: Ascending<I>,
     last: Option<FactKey>,
+    memo: HashMap<u32, DeviceId>,
+}
+
+impl<'a, I: Iterator<Item = Result<FactEntry<'a>, redb::StorageError>>> Lookup<I> {
+    /// Along `range`, the journal index from the first key that will be asked for on.
+    fn new(range: I) -> Self {
+        Self {
+            held: Ascending::new(range),
+            last: None,
+            memo: HashMap::new(),
+        }
+    }
+
+    /// [`FactTables::entry`] of fact `(epoch, id)` of `ns`, numbered `ns_no`.
+    fn entry<F, A>(
+        &mut self,
+        tables: &FactTables<'_, F, A>,
+        path: &Path,
+        (ns, ns_no): (JournalNamespace, u32),
+        (epoch, id): (Epoch, FactId),
+    ) -> Result<Option<Vec<u8>>, StoreError>
+    where
+        F: ReadableTable<&'static FactKey, &'static [u8]>,
+        A: ReadableTable<u32, &'static [u8; 32]>,
+    {
+        let key = codec::fact_key(ns_no, epoch, &id);
+        let in_order = self.last.is_none_or(|last| last < key);
+        self.last = Some(key);
+        let found = match in_order {
+            true => self.held.get(path, &key)?,
+            false => None,
+        };
+        match found {
+            Some(value) => tables
+                .entry_of(path, ns, &key, value, &mut self.memo)
+                .map(Some),
+            // Out of order, or only in the maintenance table (a state fact below a floor).
+            None => tables.entry(path, ns, ns_no, (epoch, id), &mut self.memo),
+        }
+    }
+}
+
+/// Rebuilds the bytes of a blob kept by reference, one piece at a time (a literal segment
+/// or one fact).
+pub(crate) struct RefCursor<I> {
+    recipe: Recipe,
+    lookup: Lookup<I>,
 }
 
 impl<'a, I: Iterator<Item = Result<FactEntry<'a>, redb::StorageError>>> RefCursor<I> {
@@ -458,13 +502,8 @@ impl<'a, I: Iterator<Item = Result<FactEntry<'a>, redb::StorageError>>> RefCurso
         range: impl FnOnce(&FactKey) -> Result<I, StoreError>,
     ) -> Result<Self, StoreError> {
         let recipe = Recipe::open(recipes, path, key)?;
-        let held = Ascending::new(range(&codec::epoch_start(recipe.ns_no, Epoch::ZERO))?);
-        Ok(Self {
-            recipe,
-            memo: HashMap::new(),
-            held,
-            last: None,
-        })
+        let lookup = Lookup::new(range(&codec::epoch_start(recipe.ns_no, Epoch::ZERO))?);
+        Ok(Self { recipe, lookup })
     }
 
     /// The next piece of the blob, `None` at its end.
@@ -485,17 +524,7 @@ impl<'a, I: Iterator<Item = Result<FactEntry<'a>, redb::StorageError>>> RefCurso
             Some(Step::Literal(bytes)) => return Ok(Some(bytes)),
             Some(Step::Fact(epoch, id)) => (epoch, id),
         };
-        let key = codec::fact_key(ns_no, epoch, &id);
-        let in_order = self.last.is_none_or(|last| last < key);
-        self.last = Some(key);
-        let found = match in_order {
-            true => self.held.get(path, &key)?,
-            false => None,
-        };
-        let entry = match found {
-            Some(value) => Some(facts.entry_of(path, ns, &key, value, &mut self.memo)?),
-            None => facts.entry(path, ns, ns_no, (epoch, id), &mut self.memo)?,
-        };
+        let entry = self.lookup.entry(facts, path, (ns, ns_no), (epoch, id))?;
         entry.map(Some).ok_or_else(|| {
             StoreError::corrupt(
                 path,
@@ -670,12 +699,11 @@ impl Store {
         let mut hasher = blake3::Hasher::new();
         hasher.update(&head);
         let mut len = head.len() as u64;
-        let mut memo = HashMap::new();
         let start = match (no, facts.first()) {
             (Some(no), Some(&(epoch, id))) => codec::fact_key(no, epoch, &id),
             _ => [0xff; codec::KEY_LEN],
         };
-        let mut held = Ascending::new(facts_t.range::<&FactKey>(&start..).map_err(db(path))?);
+        let mut lookup = Lookup::new(facts_t.range::<&FactKey>(&start..).map_err(db(path))?);
         for &(epoch, id) in &facts {
             let missing = || {
                 mismatch(format!(
@@ -684,14 +712,9 @@ impl Store {
                 ))
             };
             let no = no.ok_or_else(missing)?;
-            let key = codec::fact_key(no, epoch, &id);
-            let entry = match held.get(path, &key)? {
-                Some(value) => tables.entry_of(path, ns, &key, value, &mut memo)?,
-                // A state fact below a pruned floor lives in the maintenance table only.
-                None => tables
-                    .entry(path, ns, no, (epoch, id), &mut memo)?
-                    .ok_or_else(missing)?,
-            };
+            let entry = lookup
+                .entry(&tables, path, (ns, no), (epoch, id))?
+                .ok_or_else(missing)?;
             hasher.update(&entry);
             len += entry.len() as u64;
         }
@@ -830,11 +853,15 @@ impl Store {
                 stored.read_all(&chunks, path, &mut head)?;
                 hasher.update(&head);
                 recipe.literal(&mut recipes, path, &head)?;
-                let mut memo = HashMap::new();
+                let mut lookup = Lookup::new(
+                    facts_t
+                        .range::<&FactKey>(&codec::epoch_start(rec.no, Epoch::ZERO)..)
+                        .map_err(db(path))?,
+                );
                 let mut at = facts_at;
                 let mut was = Vec::new();
                 for (epoch, id) in facts {
-                    let Some(entry) = tables.entry(path, ns, rec.no, (epoch, id), &mut memo)?
+                    let Some(entry) = lookup.entry(&tables, path, (ns, rec.no), (epoch, id))?
                     else {
                         return Ok(false);
                     };

@@ -1,24 +1,26 @@
 //! Blobs kept as references to the stored facts they carry (store format 4).
 //!
 //! A snapshot blob is mostly its live facts, which GC keeps in the journal index below the
-//! snapshot anyway: stored as bytes, the store would hold them twice. Once every fact a blob
-//! carries is stored, [`Store::keep_blob_as_facts`] replaces the blob's chunks by a
-//! *recipe* that names those facts, and every read rebuilds the bytes from them and checks
-//! them against the CID, as any blob read does.
+//! snapshot anyway: stored as bytes, the store would hold them twice. So such a blob is
+//! kept as a *recipe* that names those facts, and every read rebuilds the bytes from them
+//! and checks them against the CID, as any blob read does. A recipe comes from a blob the
+//! store hashed from its facts ([`Store::plan_fact_blob`], then [`Store::put_fact_blob`]:
+//! a device building a snapshot blob never writes its bytes), or replaces the chunks of a
+//! stored blob once every fact it carries is stored ([`Store::keep_blob_as_facts`]).
 //!
 //! A recipe is kept in `blob_fact_refs` in chunks, as a blob's bytes are (see the `blobs`
 //! module), and the blob's `blob_index` entry says [`BY_REFERENCE`] where a chunk size
 //! would be. Its bytes:
 //! - the namespace number (u32 BE) and the namespace (33 bytes) whose facts it names;
 //! - then segments, each led by a tag byte:
-//!   - `0`, literal bytes: their length (u32 BE, at most [`LITERAL_MAX`]) and the bytes;
+//!   - `0`, literal bytes: their length (u32 BE, at most 64 KiB) and the bytes;
 //!   - `1`, a run of facts of one epoch: the epoch (u64 BE), the count (u32 BE), then that
 //!     many fact ids (32 bytes each). Each fact stands for the DAG-CBOR byte string of its
 //!     canonical bytes, which is how a snapshot blob lists its facts.
 //!
 //! What keeps a recipe readable: every fact it names stays stored. Whatever deletes facts a
 //! recipe may name (pruning, retracting application facts) first turns such a blob back
-//! into bytes ([`release_in`]), in the transaction that deletes them.
+//! into bytes, in the transaction that deletes them.
 
 use std::collections::HashMap;
 use std::path::Path;

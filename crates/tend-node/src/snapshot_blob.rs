@@ -2,11 +2,10 @@
 //! streamed (the ceremony engine asks for them through `tend_replica::EngineView`, the
 //! benchmarks and tests read them decoded).
 
+use std::collections::BTreeSet;
 use std::io::Write;
 
-use std::collections::BTreeSet;
 use tend_core::ids::CODEC_DAG_CBOR;
-
 use tend_core::{reduce, ContentId, Epoch, FactId, JournalNamespace, VerifiedFact};
 use tend_snapshot::blob::{
     read_blob_keys, read_item_blob, write_blob, write_item_blob, BlobHead, ItemRef,
@@ -244,9 +243,7 @@ impl<'a> StoreJournal<'a> {
         }
         Ok(cid)
     }
-}
 
-impl StoreJournal<'_> {
     /// Keeps the latest snapshot blob as references to the facts it carries
     /// ([`Store::keep_blob_as_facts`]) once they are all stored: after GC they are the
     /// prefix's live facts and state facts, which the store keeps anyway, so it then holds

@@ -541,10 +541,11 @@ fn cid_of(cid: &ContentId, hasher: &blake3::Hasher) -> ContentId {
 }
 
 /// Turns back into bytes, inside `tx`, every blob of namespace number `ns_no` kept by
-/// reference that names a fact `doomed` says is about to be deleted (blobs in `skip` are
-/// deleted in the same transaction and left alone). Call it before deleting the facts, and
-/// before opening the tables it uses (the blob, fact and author tables). Returns how many
-/// blobs it turned back.
+/// reference that names a fact `doomed` says is about to leave the journal index and that
+/// the maintenance table does not keep either (a reader finds a fact in either; blobs in
+/// `skip` are deleted in the same transaction and left alone). Call it before deleting the
+/// facts, and before opening the tables it uses (the blob, fact and author tables).
+/// Returns how many blobs it turned back.
 pub(crate) fn release_in(
     store: &Store,
     tx: &WriteTransaction,
@@ -557,6 +558,11 @@ pub(crate) fn release_in(
     let mut todo = Vec::new();
     {
         let recipes = tx.open_table(BLOB_REFS).map_err(|e| store.err(e))?;
+        let maint = tx.open_table(MAINT).map_err(|e| store.err(e))?;
+        let kept_elsewhere = |epoch, id: &FactId| -> Result<bool, StoreError> {
+            let key = codec::fact_key(ns_no, epoch, id);
+            Ok(maint.get(&key).map_err(|e| store.err(e))?.is_some())
+        };
         let mut keys = Vec::new();
         for item in recipes.iter().map_err(|e| store.err(e))? {
             let (k, _) = item.map_err(|e| store.err(e))?;
@@ -571,9 +577,11 @@ pub(crate) fn release_in(
                 continue;
             }
             while let Some(step) = recipe.next(&recipes, path)? {
-                if matches!(step, Step::Fact(epoch, id) if doomed(epoch, &id)) {
-                    todo.push(key);
-                    break;
+                if let Step::Fact(epoch, id) = step {
+                    if doomed(epoch, &id) && !kept_elsewhere(epoch, &id)? {
+                        todo.push(key);
+                        break;
+                    }
                 }
             }
         }

@@ -610,7 +610,7 @@ impl Store {
             let namespaces = tx.open_table(NAMESPACES).map_err(|e| self.err(e))?;
             self.ns_record(&namespaces, &ns)?.map(|r| r.no)
         };
-        if let Some(no) = ns_no {
+        if let Some(no) = ns_no.filter(|_| !keys.is_empty()) {
             let going: HashSet<(Epoch, FactId)> = keys.iter().copied().collect();
             crate::blob_refs::release_in(self, &tx, no, |e, id| going.contains(&(e, *id)), &[])?;
         }

@@ -89,7 +89,9 @@ impl Store {
             }
         }
         let tx = self.db().begin_write().map_err(|e| self.err(e))?;
-        if !dry_run {
+        // With every fact below the floor live, only maintenance facts leave the index,
+        // and the maintenance table keeps them: no blob kept by reference loses one.
+        if !dry_run && !matches!(live, Live::All) {
             // A blob kept by reference that names a fact about to go is turned back into
             // bytes first (unless it goes too).
             let ns_no = {

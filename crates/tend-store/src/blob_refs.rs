@@ -29,7 +29,7 @@ use redb::{ReadableTable, Table, WriteTransaction};
 use tend_core::ids::Hash32;
 use tend_core::{ContentId, DeviceId, Epoch, FactId, JournalNamespace};
 
-use crate::blobs::{ChunkKey, BLOB_CHUNK_BYTES};
+use crate::blobs::{cid_matches, ChunkKey, BLOB_CHUNK_BYTES};
 use crate::codec::{self, FactKey};
 use crate::error::StoreError;
 use crate::facts::AuthorResolver;
@@ -393,10 +393,10 @@ where
 
 /// A fact table's values at ascending keys, found by walking one range instead of a
 /// lookup per key (a snapshot blob names its facts in key order).
-struct Ascending<I> {
+struct Ascending<'a, I> {
     range: I,
     /// The first entry at or after the last key asked for.
-    current: Option<(FactKey, Vec<u8>)>,
+    current: Option<(FactKey, redb::AccessGuard<'a, &'static [u8]>)>,
 }
 
 type FactEntry<'a> = (
@@ -404,7 +404,7 @@ type FactEntry<'a> = (
     redb::AccessGuard<'a, &'static [u8]>,
 );
 
-impl<'a, I: Iterator<Item = Result<FactEntry<'a>, redb::StorageError>>> Ascending<I> {
+impl<'a, I: Iterator<Item = Result<FactEntry<'a>, redb::StorageError>>> Ascending<'a, I> {
     fn new(range: I) -> Self {
         Self {
             range,
@@ -425,12 +425,12 @@ impl<'a, I: Iterator<Item = Result<FactEntry<'a>, redb::StorageError>>> Ascendin
                 }
                 Some(item) => {
                     let (k, v) = item.map_err(db(path))?;
-                    self.current = Some((*k.value(), v.value().to_vec()));
+                    self.current = Some((*k.value(), v));
                 }
             }
         }
         Ok(match &self.current {
-            Some((k, v)) if k == key => Some(v),
+            Some((k, v)) if k == key => Some(v.value()),
             _ => None,
         })
     }
@@ -443,13 +443,13 @@ fn ascending(facts: &[(Epoch, FactId)]) -> bool {
 
 /// Finds facts along one range of the journal index while they come in key order (a
 /// snapshot blob's do), by a lookup per fact otherwise.
-pub(crate) struct Lookup<I> {
-    held: Ascending<I>,
+pub(crate) struct Lookup<'a, I> {
+    held: Ascending<'a, I>,
     last: Option<FactKey>,
     memo: HashMap<u32, DeviceId>,
 }
 
-impl<'a, I: Iterator<Item = Result<FactEntry<'a>, redb::StorageError>>> Lookup<I> {
+impl<'a, I: Iterator<Item = Result<FactEntry<'a>, redb::StorageError>>> Lookup<'a, I> {
     /// Along `range`, the journal index from the first key that will be asked for on.
     fn new(range: I) -> Self {
         Self {
@@ -490,12 +490,12 @@ impl<'a, I: Iterator<Item = Result<FactEntry<'a>, redb::StorageError>>> Lookup<I
 
 /// Rebuilds the bytes of a blob kept by reference, one piece at a time (a literal segment
 /// or one fact).
-pub(crate) struct RefCursor<I> {
+pub(crate) struct RefCursor<'a, I> {
     recipe: Recipe,
-    lookup: Lookup<I>,
+    lookup: Lookup<'a, I>,
 }
 
-impl<'a, I: Iterator<Item = Result<FactEntry<'a>, redb::StorageError>>> RefCursor<I> {
+impl<'a, I: Iterator<Item = Result<FactEntry<'a>, redb::StorageError>>> RefCursor<'a, I> {
     /// Opens the recipe of blob `key`; `range` gives the journal index from a key on.
     pub(crate) fn open<T: ReadableTable<ChunkKey<'static>, &'static [u8]>>(
         recipes: &T,
@@ -534,10 +534,6 @@ impl<'a, I: Iterator<Item = Result<FactEntry<'a>, redb::StorageError>>> RefCurso
             )
         })
     }
-}
-
-fn cid_of(cid: &ContentId, hasher: &blake3::Hasher) -> ContentId {
-    ContentId::from_blake3(cid.codec(), &Hash32::from(hasher.finalize()))
 }
 
 /// Turns back into bytes, inside `tx`, every blob of namespace number `ns_no` kept by
@@ -625,7 +621,7 @@ fn materialize_in(store: &Store, tx: &WriteTransaction, key: &[u8]) -> Result<()
             sink.write(&mut chunks, path, &piece)?;
         }
         sink.flush(&mut chunks, path)?;
-        if written != len || cid_of(&cid, &hasher) != cid {
+        if written != len || !cid_matches(&cid, &hasher) {
             return Err(StoreError::BlobCorrupt {
                 path: path.to_owned(),
                 cid,
@@ -891,7 +887,7 @@ impl Store {
                 hasher.update(&tail);
                 recipe.literal(&mut recipes, path, &tail)?;
                 recipe.finish(&mut recipes, path)?;
-                if cid_of(cid, &hasher) != *cid {
+                if !cid_matches(cid, &hasher) {
                     return Err(StoreError::BlobCorrupt {
                         path: path.to_owned(),
                         cid: *cid,

@@ -47,7 +47,7 @@ fn check_codec(store: &Store, codec: u64) -> Result<(), StoreError> {
 }
 
 /// Whether the BLAKE3 digest of a blob's bytes is the one its CID names.
-fn cid_matches(cid: &ContentId, hasher: &blake3::Hasher) -> bool {
+pub(crate) fn cid_matches(cid: &ContentId, hasher: &blake3::Hasher) -> bool {
     ContentId::from_blake3(cid.codec(), &Hash32::from(hasher.finalize())) == *cid
 }
 
@@ -341,7 +341,7 @@ enum Source {
 /// the first read.
 struct FactSource {
     key: Vec<u8>,
-    cursor: Option<RefCursor<redb::Range<'static, &'static FactKey, &'static [u8]>>>,
+    cursor: Option<RefCursor<'static, redb::Range<'static, &'static FactKey, &'static [u8]>>>,
     recipes: ReadOnlyTable<ChunkKey<'static>, &'static [u8]>,
     facts: ReadOnlyTable<&'static FactKey, &'static [u8]>,
     maint: ReadOnlyTable<&'static FactKey, &'static [u8]>,

@@ -188,24 +188,39 @@ async fn run(n: usize) {
         .await
         .expect("the ceremony completes");
     let proposer = t.elapsed();
-    for node in &nodes {
-        wait_until(
-            "the completion everywhere",
-            Duration::from_secs(600),
-            || {
-                node.device().store().maintenance_state(ns).is_ok_and(|s| {
+    // Each device's own arrival time, polled together.
+    let mut arrived: Vec<Option<Duration>> = vec![None; nodes.len()];
+    while arrived.iter().any(Option::is_none) {
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "timed out waiting for the completion everywhere"
+        );
+        for (node, at) in nodes.iter().zip(arrived.iter_mut()) {
+            if at.is_none()
+                && node.device().store().maintenance_state(ns).is_ok_and(|s| {
                     s.latest_snapshot
                         .is_some_and(|l| l.snapshot == done.snapshot)
                 })
-            },
-        )
-        .await;
+            {
+                *at = Some(t.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let everywhere = t.elapsed();
     println!("facts per device: {n}");
     println!("sign and insert into three stores (another process): {insert:.2?}");
     println!("coordinator phases: view {view_time:.2?}, digest {digest_time:.2?}, blob (built and hashed) {blob_time:.2?}, a sync round over equal stores {round_time:.2?}");
     println!("ceremony: completed at the proposer after {proposer:.2?}, on every device after {everywhere:.2?}");
+    let each: Vec<String> = arrived
+        .iter()
+        .flatten()
+        .map(|d| format!("{d:.2?}"))
+        .collect();
+    println!(
+        "completion in each device's journal (the proposer second): {}",
+        each.join(", ")
+    );
     println!(
         "peak RSS of the process (three nodes; the facts were signed and stored by another): {:.0} MiB",
         peak_rss_mib()

@@ -1214,12 +1214,18 @@ impl Inner {
                 return Ok((local, items.clone()));
             }
         }
+        let started = Instant::now();
         let mut items = Vec::new();
         for item in self.store().items(self.namespace(), floor..)? {
             let (epoch, id) = item?;
             items.push(SyncItem { epoch, id });
         }
         let items = Arc::new(MemItems::new(self.namespace(), items));
+        tracing::debug!(
+            "read {} items in {:?}",
+            items.as_slice().len(),
+            started.elapsed()
+        );
         {
             let mut offered = lock(&self.offered);
             offered.retain(|o| o.strong_count() > 0);
@@ -1459,6 +1465,14 @@ impl Inner {
     /// Books a finished session: peer score, metrics.
     fn record(&self, peer: DeviceId, outcome: &Outcome) {
         let s = &outcome.stats;
+        tracing::debug!(
+            "session with {peer}: {:?} in {:?}, {} rounds, {} facts sent, {} received",
+            outcome.result,
+            s.duration,
+            s.reconcile_rounds,
+            s.facts_sent,
+            s.facts_received
+        );
         let m = &self.metrics;
         m.sync_latency.observe(s.duration.as_secs_f64());
         m.facts_sent.inc_by(s.facts_sent);

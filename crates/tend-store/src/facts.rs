@@ -328,6 +328,15 @@ impl Store {
         Ok(doomed.len() as u64)
     }
 
+    /// Forgets the prefix digests that cover facts just added or removed, after the
+    /// commit (see [`crate::digests`]).
+    pub(crate) fn touched(&self, spans: &[(JournalNamespace, (Epoch, Epoch))]) {
+        let mut memo = self.lock_digests();
+        for &(ns, (lowest, highest)) in spans {
+            memo.touched(ns, lowest, highest);
+        }
+    }
+
     /// Stores a batch of verified facts in one transaction.
     ///
     /// Facts already stored count as duplicates. New facts are admitted per namespace, an
@@ -363,6 +372,7 @@ impl Store {
         let mut new_data: Vec<&VerifiedFact> = Vec::new();
         let mut data_dropped = Vec::new();
         let mut app_states = Vec::new();
+        let mut touched = Vec::new();
         let last_change;
         {
             let mut changes = crate::changes::ChangeWriter::open(self, &tx)?;
@@ -400,6 +410,8 @@ impl Store {
                     None => self.reduce_in(&t.maint, &t.author_by_no, ns, &rec)?,
                 };
                 let mut last_maint = last_key(self, &t.maint, rec.no)?;
+                // The epochs of the facts this batch adds or removes, for the digest memo.
+                let mut span: Option<(Epoch, Epoch)> = None;
                 // The lowest epoch of a membership change admitted in this batch.
                 let mut membership_changed: Option<Epoch> = None;
                 for f in group {
@@ -456,6 +468,9 @@ impl Store {
                         continue;
                     }
                     report.inserted += 1;
+                    span = Some(span.map_or((f.epoch(), f.epoch()), |(lo, hi)| {
+                        (lo.min(f.epoch()), hi.max(f.epoch()))
+                    }));
                     changes.push(self, &key)?;
                     rec.count += 1;
                     rec.max_epoch = rec.max_epoch.max(f.epoch().0);
@@ -491,6 +506,8 @@ impl Store {
                 if let Some(since) = membership_changed {
                     let dropped = self.drop_inadmissible(&mut t, &mut rec, &state, since)?;
                     if dropped > 0 {
+                        let lo = span.map_or(since, |(lo, _)| lo.min(since));
+                        span = Some((lo, Epoch(u64::MAX)));
                         data_dropped.push(ns);
                         report.dropped += dropped;
                         state = self.reduce_in(&t.maint, &t.author_by_no, ns, &rec)?;
@@ -505,10 +522,14 @@ impl Store {
                     .insert(&ns.to_bytes(), &rec.to_bytes())
                     .map_err(|e| self.err(e))?;
                 new_states.push((ns, state));
+                if let Some(span) = span {
+                    touched.push((ns, span));
+                }
             }
             last_change = changes.finish(self)?;
         }
         tx.commit().map_err(|e| self.err(e))?;
+        self.touched(&touched);
         writer.authors.extend(new_authors);
         let mut states = self.lock_states();
         for (ns, s) in new_states {
@@ -589,6 +610,7 @@ impl Store {
             dropped = doomed.into_iter().map(|(_, f)| f).collect();
         }
         tx.commit().map_err(|e| self.err(e))?;
+        self.touched(&[(ns, (Epoch::ZERO, below))]);
         self.lock_states().insert(ns, state);
         Ok(dropped)
     }
@@ -640,6 +662,9 @@ impl Store {
         }
         tx.commit().map_err(|e| self.err(e))?;
         if dropped > 0 {
+            let lowest = keys.iter().map(|k| k.0).min().unwrap_or(Epoch::ZERO);
+            let highest = keys.iter().map(|k| k.0).max().unwrap_or(Epoch::ZERO);
+            self.touched(&[(ns, (lowest, highest))]);
             self.app_forget(ns);
         }
         Ok(dropped)
@@ -767,13 +792,19 @@ impl Store {
     /// the facts from its epoch on, which the store keeps even after pruning.
     pub fn prefix_digest(&self, ns: JournalNamespace, upto: Epoch) -> Result<Hash32, StoreError> {
         let base = self.maintenance_state(ns)?.snapshot_base(upto);
+        let generation = match self.lock_digests().get(ns, upto, base) {
+            Ok(digest) => return Ok(digest),
+            Err(generation) => generation,
+        };
         let from = base.map_or(Epoch::ZERO, |b| b.epoch);
         let mut d = DigestBuilder::chained(ns, upto, base);
         for item in self.items(ns, from..upto)? {
             let (e, id) = item?;
             d.push(e, id);
         }
-        Ok(d.finish())
+        let digest = d.finish();
+        self.lock_digests().keep(generation, ns, upto, base, digest);
+        Ok(digest)
     }
 
     /// The digest of every fact of `ns` in the journal index.

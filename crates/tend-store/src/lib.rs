@@ -25,6 +25,7 @@ pub mod blob_refs;
 pub mod blobs;
 pub mod changes;
 mod codec;
+mod digests;
 pub mod error;
 pub mod facts;
 pub mod gc;

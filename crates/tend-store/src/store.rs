@@ -143,6 +143,8 @@ pub struct Store {
     pub(crate) app_states: Mutex<HashMap<JournalNamespace, std::sync::Arc<tend_core::AppState>>>,
     /// Told the last sequence number after each commit that appended changes.
     pub(crate) change_listeners: Mutex<Vec<crate::changes::ChangeListener>>,
+    /// Prefix digests computed since the last commit that changed the facts they cover.
+    pub(crate) digests: Mutex<crate::digests::DigestMemo>,
 }
 
 impl std::fmt::Debug for Store {
@@ -229,6 +231,7 @@ impl Store {
             states: Mutex::new(HashMap::new()),
             app_states: Mutex::new(HashMap::new()),
             change_listeners: Mutex::new(Vec::new()),
+            digests: Mutex::default(),
         })
     }
 
@@ -261,6 +264,7 @@ impl Store {
             states: Mutex::new(HashMap::new()),
             app_states: Mutex::new(HashMap::new()),
             change_listeners: Mutex::new(Vec::new()),
+            digests: Mutex::default(),
         };
         if version < 2 {
             store.migrate_v1()?;
@@ -374,6 +378,10 @@ impl Store {
         &self,
     ) -> MutexGuard<'_, HashMap<JournalNamespace, std::sync::Arc<tend_core::AppState>>> {
         self.app_states.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn lock_digests(&self) -> MutexGuard<'_, crate::digests::DigestMemo> {
+        self.digests.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn lock_states(

@@ -320,3 +320,84 @@ fn a_membership_change_learned_late_drops_the_facts_it_makes_invalid() {
     );
     assert_eq!(late.stats(ns).unwrap(), ordered.stats(ns).unwrap());
 }
+
+/// What the store is asked in [`prefix_digests_follow_every_change`].
+#[derive(Clone, Debug)]
+enum DigestStep {
+    Insert {
+        epoch: u64,
+    },
+    Retract {
+        nth: usize,
+    },
+    Digest {
+        upto: u64,
+    },
+    /// A snapshot at this epoch of the prefix as it stands, then GC.
+    SnapshotAndPrune {
+        epoch: u64,
+    },
+}
+
+fn digest_step() -> impl proptest::strategy::Strategy<Value = DigestStep> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (1u64..12).prop_map(|epoch| DigestStep::Insert { epoch }),
+        1 => any::<usize>().prop_map(|nth| DigestStep::Retract { nth }),
+        4 => (0u64..14).prop_map(|upto| DigestStep::Digest { upto }),
+        1 => (2u64..10).prop_map(|epoch| DigestStep::SnapshotAndPrune { epoch }),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    /// The store keeps prefix digests it computed; each one it gives must still equal the
+    /// digest of the facts it holds, whatever was added, retracted or pruned in between.
+    #[test]
+    fn prefix_digests_follow_every_change(steps in proptest::collection::vec(digest_step(), 1..40)) {
+        let (_d, s) = new_store();
+        let k = key(1);
+        let (ns, genesis) = authority(&k);
+        s.insert_batch(&[genesis]).unwrap();
+        let mut written = 0u64;
+        for step in steps {
+            match step {
+                DigestStep::Insert { epoch } => {
+                    written += 1;
+                    // Refused below a snapshot (`Late`), as on any device.
+                    s.insert_batch(&[app(ns, epoch, &k, &written.to_le_bytes())]).unwrap();
+                }
+                DigestStep::Retract { nth } => {
+                    let items: Vec<_> = s.items(ns, Epoch(1)..).unwrap().map(|i| i.unwrap()).collect();
+                    if !items.is_empty() {
+                        s.retract_data(ns, &[items[nth % items.len()]]).unwrap();
+                    }
+                }
+                DigestStep::Digest { upto } => {
+                    let upto = Epoch(upto);
+                    let base = s.maintenance_state(ns).unwrap().snapshot_base(upto);
+                    let mut held = Journal::new(ns);
+                    for f in s.scan(ns, ..).unwrap() {
+                        held.insert(f.unwrap().verify().unwrap()).unwrap();
+                    }
+                    let expected = held.chained_prefix_digest(upto, base);
+                    proptest::prop_assert_eq!(s.prefix_digest(ns, upto).unwrap(), expected);
+                    // Asked again (now from the memo), the same.
+                    proptest::prop_assert_eq!(s.prefix_digest(ns, upto).unwrap(), expected);
+                }
+                DigestStep::SnapshotAndPrune { epoch } => {
+                    let state = s.maintenance_state(ns).unwrap();
+                    if state.snapshot_epoch() >= Epoch(epoch) {
+                        continue;
+                    }
+                    let digest = s.prefix_digest(ns, Epoch(epoch)).unwrap();
+                    let at = state.current_epoch().0.max(epoch);
+                    let done = snapshot_completed(ns, &k, at, epoch, digest);
+                    let r = s.insert_batch(&[done]).unwrap();
+                    proptest::prop_assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+                    s.prune(ns).unwrap();
+                }
+            }
+        }
+    }
+}

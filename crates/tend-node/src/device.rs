@@ -164,8 +164,13 @@ pub struct GcReport {
     pub store_bytes_before: u64,
     pub store_bytes_after: u64,
     /// Whether the file was compacted: not on a dry run, nor on a running device whose
-    /// store stayed busy (the next `tend gc` compacts it).
+    /// store stayed busy (the next `tend gc` compacts it), nor by automatic GC when it
+    /// was not worth it (`compaction_skipped`).
     pub compacted: bool,
+    /// Automatic GC only: pruning freed too little of the file to be worth rewriting it
+    /// ([`Device::gc_automatic`]).
+    #[serde(default)]
+    pub compaction_skipped: bool,
     /// Whether the latest snapshot blob is kept as references to the facts below it that
     /// GC kept, instead of a second copy of them (docs/ARCHITECTURE.md section 4a).
     #[serde(default)]
@@ -489,18 +494,42 @@ impl Device {
     /// file; with `dry_run`, only reports what would go. On a running device compaction
     /// waits for a moment when no sync session holds the store (see [`compact_when_idle`]).
     pub fn gc(&self, dry_run: bool) -> Result<GcReport, DeviceError> {
+        self.collect(dry_run, false)
+    }
+
+    /// [`Device::gc`] as a running device runs it by itself after each snapshot: it
+    /// compacts only when pruning freed at least an eighth of the file (or turned a fetched
+    /// snapshot blob into references). Compacting rewrites the whole file, and no
+    /// transaction of the store can begin meanwhile (seconds at a million facts), so
+    /// doing it after every snapshot would stall the device's sessions and API for the
+    /// sake of a few freed pages, which later writes reuse anyway.
+    pub fn gc_automatic(&self) -> Result<GcReport, DeviceError> {
+        self.collect(false, true)
+    }
+
+    fn collect(&self, dry_run: bool, only_if_worth_it: bool) -> Result<GcReport, DeviceError> {
         if !dry_run && self.gc_policy()? == GcPolicy::Archive {
             return Err(DeviceError::ArchiveDevice);
         }
         let before = self.store.file_size()?;
+        let mut skipped = false;
         let (report, compacted, as_facts) = if dry_run {
             let report = self.store.prune_dry_run(self.namespace())?;
             (report, None, false)
         } else {
             let report = self.store.prune(self.namespace())?;
-            let as_facts =
-                StoreJournal::new(&self.store, self.namespace()).keep_latest_blob_as_facts()?;
-            (report, compact_when_idle(&self.store)?, as_facts)
+            let journal = StoreJournal::new(&self.store, self.namespace());
+            let latest_as_facts_before = journal.latest_blob_kept_as_facts()?;
+            let as_facts = journal.keep_latest_blob_as_facts()?;
+            let freed = report.fact_bytes + report.blob_bytes;
+            skipped =
+                only_if_worth_it && freed < before / 8 && (latest_as_facts_before || !as_facts);
+            let compacted = if skipped {
+                None
+            } else {
+                compact_when_idle(&self.store)?
+            };
+            (report, compacted, as_facts)
         };
         Ok(GcReport {
             dry_run,
@@ -513,6 +542,7 @@ impl Device {
             store_bytes_before: before,
             store_bytes_after: compacted.as_ref().map_or(before, |c| c.bytes_after),
             compacted: compacted.is_some(),
+            compaction_skipped: skipped,
             snapshot_blob_as_facts: as_facts,
         })
     }
@@ -532,10 +562,6 @@ impl Device {
     }
 }
 
-/// Compacts the store once no transaction of it is alive, trying for up to two seconds
-/// (a running device's sync sessions hold a read snapshot only while they reconcile);
-/// `None` if it stayed busy. Sessions wait while the compaction runs, under a second for a
-/// 200 MB store.
 impl WriteTarget for Device {
     fn store(&self) -> &Store {
         Device::store(self)
@@ -550,6 +576,10 @@ impl WriteTarget for Device {
     }
 }
 
+/// Compacts the store once no transaction of it is alive, trying for up to two seconds
+/// (a running device's sync sessions hold a read snapshot only while they reconcile);
+/// `None` if it stayed busy. Sessions wait while the compaction runs, under a second for a
+/// 200 MB store.
 fn compact_when_idle(store: &Store) -> Result<Option<CompactReport>, StoreError> {
     for _ in 0..40 {
         match store.compact() {

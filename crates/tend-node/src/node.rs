@@ -1393,6 +1393,8 @@ impl Inner {
 
     /// A frame arrived for session `sid`.
     fn handle(&self, sid: SessionId, bytes: &[u8]) {
+        /// Frames slower than this to handle are logged (debug): the session lock is held.
+        const SLOW_FRAME: Duration = Duration::from_millis(100);
         let initiated = lock(&self.awaiting_accept).remove(&sid);
         if let Some(peer) = initiated {
             // The first answer of an initiated session: note the peer's GC floor.
@@ -1403,12 +1405,23 @@ impl Inner {
             }
         }
         let now = self.now();
+        let started = Instant::now();
         let actions = {
             let mut m = lock(&self.manager);
+            let locked = started.elapsed();
             let mut replica = self.replica();
             let mut host = Admission::new(&mut replica);
             let mut actions = m.handle(now, sid, bytes, &mut host);
+            let handled = started.elapsed();
             actions.extend(self.flush(host, &mut m));
+            if started.elapsed() > SLOW_FRAME {
+                tracing::debug!(
+                    "a frame of session {sid:?} took {:?}: {locked:?} waiting for the session lock, {:?} checking and admitting, {:?} writing",
+                    started.elapsed(),
+                    handled - locked,
+                    started.elapsed() - handled
+                );
+            }
             actions
         };
         self.dispatch(actions);

@@ -250,6 +250,15 @@ impl<'a> StoreJournal<'a> {
     /// them once instead of twice (docs/ARCHITECTURE.md section 4a). Returns whether the
     /// blob is kept that way now; `false` if there is no snapshot, its blob is not stored or
     /// a fact it carries is not (a device that has not caught up: the next GC tries again).
+    /// Whether the latest snapshot blob is kept as references to its facts already.
+    pub fn latest_blob_kept_as_facts(&self) -> Result<bool, StoreError> {
+        let state = self.store.maintenance_state(self.namespace)?;
+        match state.latest_snapshot.as_ref() {
+            Some(latest) => self.store.blob_kept_as_facts(&latest.snapshot.blob_cid),
+            None => Ok(false),
+        }
+    }
+
     pub fn keep_latest_blob_as_facts(&self) -> Result<bool, StoreError> {
         let state = self.store.maintenance_state(self.namespace)?;
         let Some(latest) = state.latest_snapshot.as_ref() else {

@@ -6,10 +6,10 @@
 //! whether the latest verified snapshot is newer than the last one collected. Once that
 //! snapshot's blob is in the store, one collection runs off the async workers: first this
 //! device's facts below the snapshot that it does not cover are re-issued (so pruning
-//! never drops the only copy of one), then [`Device::gc`] prunes and compacts (waiting for
-//! a moment when no session holds the store, and trying again at the next check if none
-//! came). The epoch collected is kept in the store's
-//! settings, so a restart does not collect the same snapshot again but does collect one
+//! never drops the only copy of one), then [`Device::gc_automatic`] prunes, and compacts
+//! when that freed enough to be worth rewriting the file (waiting for a moment when no
+//! session holds the store, and trying again at the next check if none came). The epoch
+//! collected is kept in the store's settings, so a restart does not collect the same snapshot again but does collect one
 //! it missed while stopped. A `manual` or `archive` device is left alone; one switched to
 //! `prune` while running collects from its next snapshot (or its next start).
 
@@ -125,7 +125,7 @@ fn collect(device: &Device, metrics: &Metrics, done: &AtomicU64, epoch: u64) {
             return;
         }
     }
-    match device.gc(false) {
+    match device.gc_automatic() {
         Ok(report) => {
             metrics.gc_runs.inc();
             metrics.gc_facts_pruned.inc_by(report.facts_pruned);
@@ -142,13 +142,15 @@ fn collect(device: &Device, metrics: &Metrics, done: &AtomicU64, epoch: u64) {
                 report.store_bytes_after,
                 if report.compacted {
                     ""
+                } else if report.compaction_skipped {
+                    " (not compacted: too little freed to rewrite the file)"
                 } else {
                     " (compaction left for later: the store stayed busy)"
                 }
             );
-            // Not compacted (sessions kept the store busy for two seconds): the next
+            // Not compacted because sessions kept the store busy for two seconds: the next
             // check prunes nothing more and tries to compact again.
-            if report.compacted {
+            if report.compacted || report.compaction_skipped {
                 done.fetch_max(epoch, Ordering::SeqCst);
                 if let Err(e) = device.store().put_setting(COLLECTED, &epoch) {
                     tracing::warn!("cannot record the automatic GC: {e}");

@@ -170,6 +170,21 @@ struct PeerBook {
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
+/// The items sessions were last given ([`Inner::session_inputs`]), with what they were
+/// read at: the changes feed's last sequence number, the floor, and the store's count of
+/// removing commits ([`tend_store::Store::removals`]).
+#[derive(Clone)]
+struct ItemsCache {
+    change: u64,
+    floor: Epoch,
+    removals: u64,
+    items: Arc<MemItems>,
+}
+
+/// Up to this many admissions since the items were read are merged into them from the
+/// changes feed; more (a catch-up) are read afresh from the index.
+const FOLLOWED_CHANGES: u64 = 100_000;
+
 struct Inner {
     device: Arc<Device>,
     /// Snapshot ceremonies and key generation over `tend/maint/1`.
@@ -188,10 +203,10 @@ struct Inner {
     /// peer asks only for facts it was offered, so these are enough, and memory follows
     /// the running sessions rather than every id this node ever offered or received.
     offered: Mutex<Vec<Weak<MemItems>>>,
-    /// The items the last session was given, with the store's last change and the floor
-    /// they were read at: sessions reuse them until a fact is admitted (every admission
-    /// appends a change) or the floor moves, instead of reading a million items each.
-    items_cache: Mutex<Option<(u64, Epoch, SharedItems)>>,
+    /// The items the last session was given: sessions reuse them until a fact is admitted
+    /// (every admission appends a change) or the floor moves, and then bring them up to
+    /// date from the changes feed, instead of reading a million items each.
+    items_cache: Mutex<Option<ItemsCache>>,
     /// The identity epoch sessions were last told about.
     identity_epoch: AtomicU64,
     /// Each peer's GC floor (latest verified snapshot epoch) as of its last handshake:
@@ -1206,23 +1221,38 @@ impl Inner {
             epoch: state.maintenance_epoch(),
             fence: FenceStatus::from_state(&state, state.current_epoch(), running),
         };
-        // Read before the items: a fact admitted in between makes the key stale, never the
-        // items (removals happen only below the snapshot epoch, under every floor).
+        // Read before the items: a fact admitted or removed in between makes the key
+        // stale, never the items.
+        let (removals, highest_removed) = self.store().removals(self.namespace());
         let change = self.store().last_change()?;
-        if let Some((c, f, items)) = lock(&self.items_cache).as_ref() {
-            if (*c, *f) == (change, floor) {
-                return Ok((local, items.clone()));
-            }
-        }
+        let cached = lock(&self.items_cache).clone();
         let started = Instant::now();
-        let mut items = Vec::new();
-        for item in self.store().items(self.namespace(), floor..)? {
-            let (epoch, id) = item?;
-            items.push(SyncItem { epoch, id });
-        }
-        let items = Arc::new(MemItems::new(self.namespace(), items));
+        let items = match cached {
+            Some(c) if (c.change, c.floor, c.removals) == (change, floor, removals) => {
+                return Ok((local, c.items));
+            }
+            // What was removed since is all below the floor (pruning and settling remove
+            // only below the latest snapshot), so the items from the floor on are the
+            // ones read plus those the changes feed lists since.
+            Some(c)
+                if floor >= c.floor
+                    && (c.removals == removals || highest_removed.is_none_or(|h| h < floor))
+                    && change - c.change <= FOLLOWED_CHANGES =>
+            {
+                self.follow_changes(&c.items, c.change, change, floor)?
+            }
+            _ => {
+                let mut items = Vec::new();
+                for item in self.store().items(self.namespace(), floor..)? {
+                    let (epoch, id) = item?;
+                    items.push(SyncItem { epoch, id });
+                }
+                MemItems::from_sorted(self.namespace(), items)
+            }
+        };
+        let items = Arc::new(items);
         tracing::debug!(
-            "read {} items in {:?}",
+            "{} items for sessions in {:?}",
             items.as_slice().len(),
             started.elapsed()
         );
@@ -1231,9 +1261,47 @@ impl Inner {
             offered.retain(|o| o.strong_count() > 0);
             offered.push(Arc::downgrade(&items));
         }
-        let items: SharedItems = items;
-        *lock(&self.items_cache) = Some((change, floor, items.clone()));
+        *lock(&self.items_cache) = Some(ItemsCache {
+            change,
+            floor,
+            removals,
+            items: items.clone(),
+        });
         Ok((local, items))
+    }
+
+    /// `items` (read when the changes feed was at `from`) from `floor` on, with the facts
+    /// of this journal at or above `floor` admitted after `from` up to at least `to`.
+    fn follow_changes(
+        &self,
+        items: &MemItems,
+        from: u64,
+        to: u64,
+        floor: Epoch,
+    ) -> Result<MemItems, StoreError> {
+        let ns = self.namespace();
+        let kept = items.as_slice();
+        let kept = &kept[kept.partition_point(|i| i.epoch < floor)..];
+        let mut all = Vec::with_capacity(kept.len() + (to - from) as usize);
+        all.extend_from_slice(kept);
+        let mut after = from;
+        while after < to {
+            let page = self.store().changes_since(after, 4096)?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            all.extend(
+                page.iter()
+                    .filter(|c| c.namespace == ns && c.epoch >= floor)
+                    .map(|c| SyncItem {
+                        epoch: c.epoch,
+                        id: c.id,
+                    }),
+            );
+        }
+        // A sorted run and a short unsorted tail: the stable sort merges them in one pass.
+        all.sort();
+        all.dedup();
+        Ok(MemItems::from_sorted(ns, all))
     }
 
     /// The store as a session's state machine admits into it ([`tend_replica::Admission`]).

@@ -48,6 +48,13 @@ pub struct Change {
 /// client that saw one would skip the fact that reused it).
 const LAST_SEQ: &str = "changes_last";
 
+/// Commits that removed facts since the store was opened ([`Store::removals`]).
+#[derive(Default)]
+pub(crate) struct Removals {
+    commits: u64,
+    highest: HashMap<JournalNamespace, Epoch>,
+}
+
 /// Appends entries to the changes table inside a write transaction.
 pub(crate) struct ChangeWriter<'txn> {
     table: Table<'txn, u64, &'static FactKey>,
@@ -161,6 +168,25 @@ impl Store {
         let changes = self.open_ro(&rtx, CHANGES)?;
         let meta = self.open_ro(&rtx, META)?;
         high_water(self, &changes, &meta)
+    }
+
+    /// How many commits have removed facts since the store was opened, and the highest
+    /// epoch of `ns` any of them removed. Removals leave no entry in the changes feed, so
+    /// a reader that keeps the items it read at count `n` and follows the feed from there
+    /// knows its items from epoch `e` on are still all held when the count is still `n`,
+    /// or when the highest epoch removed is below `e` (pruning and settling remove only
+    /// below the latest snapshot).
+    pub fn removals(&self, ns: JournalNamespace) -> (u64, Option<Epoch>) {
+        let removals = self.lock_removals();
+        (removals.commits, removals.highest.get(&ns).copied())
+    }
+
+    /// Records a commit that removed facts of `ns`, up to epoch `highest`.
+    pub(crate) fn removed(&self, ns: JournalNamespace, highest: Epoch) {
+        let mut removals = self.lock_removals();
+        removals.commits += 1;
+        let h = removals.highest.entry(ns).or_insert(highest);
+        *h = (*h).max(highest);
     }
 
     /// Registers a callback told the last sequence number after every commit that appended

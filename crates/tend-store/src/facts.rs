@@ -298,7 +298,7 @@ impl Store {
         rec: &mut NsRecord,
         state: &tend_core::MaintenanceState,
         since: Epoch,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<(u64, Option<Epoch>), StoreError> {
         let (start, end) = codec::epoch_range(rec.no, since.next(), None);
         let mut doomed = Vec::new();
         {
@@ -325,7 +325,8 @@ impl Store {
             t.maint.remove(key).map_err(|e| self.err(e))?;
         }
         rec.count = rec.count.saturating_sub(doomed.len() as u64);
-        Ok(doomed.len() as u64)
+        let highest = doomed.iter().map(|k| codec::split_key(k).1).max();
+        Ok((doomed.len() as u64, highest))
     }
 
     /// Forgets the prefix digests that cover facts just added or removed, after the
@@ -373,6 +374,7 @@ impl Store {
         let mut data_dropped = Vec::new();
         let mut app_states = Vec::new();
         let mut touched = Vec::new();
+        let mut removed = Vec::new();
         let last_change;
         {
             let mut changes = crate::changes::ChangeWriter::open(self, &tx)?;
@@ -504,10 +506,14 @@ impl Store {
                     app = self.app_admit_in(&tx, ns, rec.no, &group_data)?;
                 }
                 if let Some(since) = membership_changed {
-                    let dropped = self.drop_inadmissible(&mut t, &mut rec, &state, since)?;
+                    let (dropped, highest) =
+                        self.drop_inadmissible(&mut t, &mut rec, &state, since)?;
+                    if let Some(highest) = highest {
+                        let (lo, hi) = span.unwrap_or((since, highest));
+                        span = Some((lo.min(since), hi.max(highest)));
+                        removed.push((ns, highest));
+                    }
                     if dropped > 0 {
-                        let lo = span.map_or(since, |(lo, _)| lo.min(since));
-                        span = Some((lo, Epoch(u64::MAX)));
                         data_dropped.push(ns);
                         report.dropped += dropped;
                         state = self.reduce_in(&t.maint, &t.author_by_no, ns, &rec)?;
@@ -530,6 +536,9 @@ impl Store {
         }
         tx.commit().map_err(|e| self.err(e))?;
         self.touched(&touched);
+        for (ns, highest) in removed {
+            self.removed(ns, highest);
+        }
         writer.authors.extend(new_authors);
         let mut states = self.lock_states();
         for (ns, s) in new_states {
@@ -611,6 +620,7 @@ impl Store {
         }
         tx.commit().map_err(|e| self.err(e))?;
         self.touched(&[(ns, (Epoch::ZERO, below))]);
+        self.removed(ns, below);
         self.lock_states().insert(ns, state);
         Ok(dropped)
     }
@@ -665,6 +675,7 @@ impl Store {
             let lowest = keys.iter().map(|k| k.0).min().unwrap_or(Epoch::ZERO);
             let highest = keys.iter().map(|k| k.0).max().unwrap_or(Epoch::ZERO);
             self.touched(&[(ns, (lowest, highest))]);
+            self.removed(ns, highest);
             self.app_forget(ns);
         }
         Ok(dropped)

@@ -205,7 +205,9 @@ impl Store {
             tx.abort().map_err(|e| self.err(e))?;
         } else {
             tx.commit().map_err(|e| self.err(e))?;
-            self.touched(&[(ns, (Epoch::ZERO, Epoch(floor.0.saturating_sub(1))))]);
+            let highest = Epoch(floor.0.saturating_sub(1));
+            self.touched(&[(ns, (Epoch::ZERO, highest))]);
+            self.removed(ns, highest);
             // The cached state is still right, but holds what the pruned facts superseded.
             if report.facts > 0 {
                 self.app_forget(ns);

@@ -145,6 +145,7 @@ pub struct Store {
     pub(crate) change_listeners: Mutex<Vec<crate::changes::ChangeListener>>,
     /// Prefix digests computed since the last commit that changed the facts they cover.
     pub(crate) digests: Mutex<crate::digests::DigestMemo>,
+    pub(crate) removals: Mutex<crate::changes::Removals>,
 }
 
 impl std::fmt::Debug for Store {
@@ -232,6 +233,7 @@ impl Store {
             app_states: Mutex::new(HashMap::new()),
             change_listeners: Mutex::new(Vec::new()),
             digests: Mutex::default(),
+            removals: Mutex::default(),
         })
     }
 
@@ -265,6 +267,7 @@ impl Store {
             app_states: Mutex::new(HashMap::new()),
             change_listeners: Mutex::new(Vec::new()),
             digests: Mutex::default(),
+            removals: Mutex::default(),
         };
         if version < 2 {
             store.migrate_v1()?;
@@ -378,6 +381,10 @@ impl Store {
         &self,
     ) -> MutexGuard<'_, HashMap<JournalNamespace, std::sync::Arc<tend_core::AppState>>> {
         self.app_states.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn lock_removals(&self) -> MutexGuard<'_, crate::changes::Removals> {
+        self.removals.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn lock_digests(&self) -> MutexGuard<'_, crate::digests::DigestMemo> {

@@ -401,3 +401,29 @@ proptest::proptest! {
         }
     }
 }
+
+/// Removals leave no entry in the changes feed; `removals` says how many commits removed
+/// facts and how high, so a reader of the items knows which of them are still held.
+#[test]
+fn removals_say_how_high_facts_were_removed() {
+    let (_d, s) = new_store();
+    let k = key(1);
+    let (ns, genesis) = authority(&k);
+    let low = app(ns, 2, &k, b"low");
+    let high = app(ns, 7, &k, b"high");
+    s.insert_batch(&[genesis, low, high.clone()]).unwrap();
+    assert_eq!(s.removals(ns), (0, None));
+    s.retract_data(ns, &[high.order_key()]).unwrap();
+    assert_eq!(s.removals(ns), (1, Some(Epoch(7))));
+    // Nothing removed: not counted.
+    s.retract_data(ns, &[high.order_key()]).unwrap();
+    assert_eq!(s.removals(ns).0, 1);
+    let digest = s.prefix_digest(ns, Epoch(5)).unwrap();
+    s.insert_batch(&[snapshot_completed(ns, &k, 5, 5, digest)])
+        .unwrap();
+    let pruned = s.prune(ns).unwrap();
+    assert!(pruned.facts > 0);
+    // Pruning removes below the snapshot only; the highest stays the retraction's.
+    assert_eq!(s.removals(ns), (2, Some(Epoch(7))));
+    assert_eq!(s.removals(context(9)), (2, None));
+}

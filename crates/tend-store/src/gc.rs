@@ -89,9 +89,10 @@ impl Store {
             }
         }
         let tx = self.db().begin_write().map_err(|e| self.err(e))?;
-        // With every fact below the floor live, only maintenance facts leave the index,
-        // and the maintenance table keeps them: no blob kept by reference loses one.
-        if !dry_run && !matches!(live, Live::All) {
+        // With every application fact below the floor live, only maintenance facts leave
+        // the index, and the maintenance table keeps them: no blob kept by reference
+        // loses one.
+        if !dry_run && matches!(live, Live::Set(_)) {
             // A blob kept by reference that names a fact about to go is turned back into
             // bytes first (unless it goes too).
             let ns_no = {
@@ -116,7 +117,39 @@ impl Store {
         {
             let mut namespaces = tx.open_table(NAMESPACES).map_err(|e| self.err(e))?;
             let mut facts = tx.open_table(FACTS).map_err(|e| self.err(e))?;
-            if let Some(mut rec) = self.ns_record(&namespaces, &ns)? {
+            if let (Some(mut rec), Live::AllBut { kept, going }) =
+                (self.ns_record(&namespaces, &ns)?, &live)
+            {
+                // Only maintenance facts go, and they are few: no walk of the million
+                // facts kept. Their entries in the changes feed stay (readers skip an
+                // entry whose fact is gone) until a pruning that walks the feed.
+                report.live_kept = *kept;
+                for (epoch, id) in going {
+                    let key = codec::fact_key(rec.no, *epoch, id);
+                    let len = if dry_run {
+                        facts
+                            .get(&key)
+                            .map_err(|e| self.err(e))?
+                            .map(|v| v.value().len())
+                    } else {
+                        facts
+                            .remove(&key)
+                            .map_err(|e| self.err(e))?
+                            .map(|v| v.value().len())
+                    };
+                    if let Some(len) = len {
+                        report.facts += 1;
+                        report.maintenance += 1;
+                        report.fact_bytes += (codec::KEY_LEN + len) as u64;
+                    }
+                }
+                if !dry_run && report.facts > 0 {
+                    rec.count = rec.count.saturating_sub(report.facts);
+                    namespaces
+                        .insert(&ns.to_bytes(), &rec.to_bytes())
+                        .map_err(|e| self.err(e))?;
+                }
+            } else if let Some(mut rec) = self.ns_record(&namespaces, &ns)? {
                 let start = codec::epoch_start(rec.no, Epoch::ZERO);
                 let end = codec::epoch_start(rec.no, floor);
                 for item in facts
@@ -216,10 +249,11 @@ impl Store {
         Ok(report)
     }
 
-    /// The live set below `floor` ([`Store::live_below`]), or [`Live::All`] when every fact
-    /// stored below it is live, told by counting: then there is nothing to prune (a device
-    /// that has just hydrated from a snapshot, or GC run again), and a million live keys
-    /// are not listed for nothing.
+    /// The live set below `floor` ([`Store::live_below`]), or [`Live::AllBut`] when every
+    /// application fact stored below it is live, told by counting: then only maintenance
+    /// facts leave the index (the first GC after a snapshot of live records, a device that
+    /// has just hydrated, GC run again), and a million live keys are not listed for
+    /// nothing.
     fn live_below_or_all(
         &self,
         ns: JournalNamespace,
@@ -237,10 +271,44 @@ impl Store {
             item?;
             stored += 1;
         }
-        if stored == live {
-            return Ok(Live::All);
+        let going = self.maintenance_in_index(ns, floor)?;
+        if stored == live + going.len() {
+            return Ok(Live::AllBut {
+                kept: live as u64,
+                going,
+            });
         }
         Ok(Live::Set(self.live_below_under(ns, floor, &floors)?))
+    }
+
+    /// The maintenance facts below `floor` still in the journal index: pruning takes them
+    /// out of it (the maintenance table keeps them).
+    fn maintenance_in_index(
+        &self,
+        ns: JournalNamespace,
+        floor: Epoch,
+    ) -> Result<std::collections::BTreeSet<(Epoch, tend_core::FactId)>, StoreError> {
+        let rtx = self.read_txn()?;
+        let namespaces = self.open_ro(&rtx, NAMESPACES)?;
+        let mut going = std::collections::BTreeSet::new();
+        let Some(rec) = self.ns_record(&namespaces, &ns)? else {
+            return Ok(going);
+        };
+        let facts = self.open_ro(&rtx, FACTS)?;
+        let maint = self.open_ro(&rtx, crate::store::MAINT)?;
+        let start = codec::epoch_start(rec.no, Epoch::ZERO);
+        let end = codec::epoch_start(rec.no, floor);
+        for item in maint
+            .range::<&FactKey>(&start..&end)
+            .map_err(|e| self.err(e))?
+        {
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            if facts.get(k.value()).map_err(|e| self.err(e))?.is_some() {
+                let (_, epoch, id) = codec::split_key(k.value());
+                going.insert((epoch, id));
+            }
+        }
+        Ok(going)
     }
 
     /// Compacts the file, returning freed space to the file system. It needs the store to
@@ -280,8 +348,12 @@ impl Store {
 
 /// The facts below the floor that GC keeps.
 enum Live {
-    /// Every stored one.
-    All,
+    /// Every stored one (`kept` of them) but the maintenance facts `going`, which the
+    /// maintenance table keeps.
+    AllBut {
+        kept: u64,
+        going: std::collections::BTreeSet<(Epoch, tend_core::FactId)>,
+    },
     /// These.
     Set(std::collections::BTreeSet<(Epoch, tend_core::FactId)>),
 }
@@ -289,7 +361,7 @@ enum Live {
 impl Live {
     fn contains(&self, key: &(Epoch, tend_core::FactId)) -> bool {
         match self {
-            Self::All => true,
+            Self::AllBut { going, .. } => !going.contains(key),
             Self::Set(set) => set.contains(key),
         }
     }

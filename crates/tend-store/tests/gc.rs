@@ -272,3 +272,52 @@ fn prune_keeps_the_prefix_live_set_and_a_second_prune_removes_nothing() {
         a2.order_key()
     );
 }
+
+/// The first GC after a snapshot of live records only takes the maintenance facts out of
+/// the index (they stay in the maintenance table), whatever a dry run or the state says.
+#[test]
+fn with_every_record_live_only_maintenance_facts_leave_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::create(dir.path().join("s.redb")).unwrap();
+    let k = key(1);
+    let (ns, genesis) = authority(&k);
+    let entries: Vec<_> = (0..50u64)
+        .map(|i| app(ns, 1 + i % 4, &k, &i.to_le_bytes()))
+        .collect();
+    let mut batch = vec![genesis.clone()];
+    batch.extend(entries.iter().cloned());
+    s.insert_batch(&batch).unwrap();
+    let digest = s.prefix_digest(ns, Epoch(5)).unwrap();
+    let done = snapshot_completed(ns, &k, 5, 5, digest);
+    s.insert_batch(std::slice::from_ref(&done)).unwrap();
+    let state = s.maintenance_state(ns).unwrap();
+    let app_digest = s.app_digest(ns, &state.cache_floors).unwrap();
+
+    let dry = s.prune_dry_run(ns).unwrap();
+    let pruned = s.prune(ns).unwrap();
+    assert_eq!(
+        (pruned.facts, pruned.maintenance, pruned.live_kept),
+        (1, 1, 50),
+        "{pruned:?}"
+    );
+    assert_eq!(
+        (dry.facts, dry.maintenance, dry.live_kept, dry.fact_bytes),
+        (
+            pruned.facts,
+            pruned.maintenance,
+            pruned.live_kept,
+            pruned.fact_bytes
+        )
+    );
+    // The genesis left the index (items) but not the store; every entry is still there.
+    let items: Vec<_> = s.items(ns, ..).unwrap().map(|i| i.unwrap()).collect();
+    assert!(!items.contains(&genesis.order_key()));
+    assert!(s.contains(ns, genesis.epoch(), &genesis.id()).unwrap());
+    for e in &entries {
+        assert!(items.contains(&e.order_key()));
+    }
+    assert_eq!(s.maintenance_state(ns).unwrap(), state);
+    assert_eq!(s.app_digest(ns, &state.cache_floors).unwrap(), app_digest);
+    let again = s.prune(ns).unwrap();
+    assert_eq!((again.facts, again.live_kept), (0, 50), "{again:?}");
+}

@@ -12,12 +12,26 @@ use tend_core::{Epoch, Hash32, JournalNamespace};
 /// How many digests are kept; a ceremony needs one or two.
 const KEPT: usize = 8;
 
+/// How many recent commits are remembered, to tell whether one that landed while a
+/// digest was computed touched what it covers.
+const RECENT: usize = 64;
+
 #[derive(Default)]
 pub(crate) struct DigestMemo {
-    /// Bumped by every commit that adds or removes facts: a digest computed across a
-    /// bump may have read either side of it, so it is not kept.
+    /// Bumped by every commit that adds or removes facts.
     generation: u64,
+    /// The latest commits' generations and what they touched: a digest computed across
+    /// one of them that touched its span may have read either side of it.
+    recent: std::collections::VecDeque<(u64, Span)>,
     entries: Vec<Entry>,
+}
+
+/// Facts of a namespace at epochs `lowest..=highest`.
+#[derive(Clone, Copy)]
+struct Span {
+    ns: JournalNamespace,
+    lowest: Epoch,
+    highest: Epoch,
 }
 
 struct Entry {
@@ -28,10 +42,10 @@ struct Entry {
 }
 
 impl Entry {
-    /// The epochs whose facts the digest covers: from its base (or the start) below `upto`.
-    fn covers(&self, lowest: Epoch, highest: Epoch) -> bool {
+    /// Whether the digest covers a fact in `span`: from its base (or the start) below `upto`.
+    fn covers(&self, span: &Span) -> bool {
         let from = self.base.map_or(Epoch::ZERO, |b| b.epoch);
-        lowest < self.upto && highest >= from
+        span.ns == self.ns && span.lowest < self.upto && span.highest >= from
     }
 }
 
@@ -53,7 +67,7 @@ impl DigestMemo {
     }
 
     /// Keeps a digest computed from a read transaction begun at `generation`, unless a
-    /// commit has changed facts since.
+    /// commit since then changed facts it covers (or is too old to tell).
     pub(crate) fn keep(
         &mut self,
         generation: u64,
@@ -62,7 +76,15 @@ impl DigestMemo {
         base: Option<SnapshotBase>,
         digest: Hash32,
     ) {
-        if generation != self.generation {
+        let entry = Entry {
+            ns,
+            upto,
+            base,
+            digest,
+        };
+        let since = self.generation - generation;
+        let recent = self.recent.iter().rev().take(since as usize);
+        if since as usize > self.recent.len() || recent.clone().any(|(_, s)| entry.covers(s)) {
             return;
         }
         self.entries
@@ -70,20 +92,23 @@ impl DigestMemo {
         if self.entries.len() == KEPT {
             self.entries.remove(0);
         }
-        self.entries.push(Entry {
-            ns,
-            upto,
-            base,
-            digest,
-        });
+        self.entries.push(entry);
     }
 
     /// Called after a commit that added or removed facts of `ns` at epochs in
     /// `lowest..=highest`: forgets every digest covering one of them.
     pub(crate) fn touched(&mut self, ns: JournalNamespace, lowest: Epoch, highest: Epoch) {
+        let span = Span {
+            ns,
+            lowest,
+            highest,
+        };
         self.generation += 1;
-        self.entries
-            .retain(|e| e.ns != ns || !e.covers(lowest, highest));
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((self.generation, span));
+        self.entries.retain(|e| !e.covers(&span));
     }
 }
 
@@ -123,11 +148,23 @@ mod tests {
     }
 
     #[test]
-    fn a_digest_computed_across_a_commit_is_not_kept() {
+    fn a_digest_computed_across_a_commit_it_covers_is_not_kept() {
         let mut memo = DigestMemo::default();
         let g = memo.get(NS, Epoch(5), None).unwrap_err();
-        memo.touched(NS, Epoch(7), Epoch(7));
+        memo.touched(NS, Epoch(4), Epoch(7));
         memo.keep(g, NS, Epoch(5), None, Hash32([7; 32]));
         assert!(memo.get(NS, Epoch(5), None).is_err());
+        // Commits above its end (a ceremony's own facts) do not stop it.
+        let g = memo.get(NS, Epoch(5), None).unwrap_err();
+        memo.touched(NS, Epoch(5), Epoch(7));
+        memo.keep(g, NS, Epoch(5), None, Hash32([7; 32]));
+        assert_eq!(memo.get(NS, Epoch(5), None), Ok(Hash32([7; 32])));
+        // Too many commits since to tell: not kept.
+        let g = memo.get(NS, Epoch(6), None).unwrap_err();
+        for _ in 0..=RECENT {
+            memo.touched(NS, Epoch(9), Epoch(9));
+        }
+        memo.keep(g, NS, Epoch(6), None, Hash32([8; 32]));
+        assert!(memo.get(NS, Epoch(6), None).is_err());
     }
 }

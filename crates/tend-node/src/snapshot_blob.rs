@@ -244,12 +244,6 @@ impl<'a> StoreJournal<'a> {
         Ok(cid)
     }
 
-    /// Keeps the latest snapshot blob as references to the facts it carries
-    /// ([`Store::keep_blob_as_facts`]) once they are all stored: after GC they are the
-    /// prefix's live facts and state facts, which the store keeps anyway, so it then holds
-    /// them once instead of twice (docs/ARCHITECTURE.md section 4a). Returns whether the
-    /// blob is kept that way now; `false` if there is no snapshot, its blob is not stored or
-    /// a fact it carries is not (a device that has not caught up: the next GC tries again).
     /// Whether the latest snapshot blob is kept as references to its facts already.
     pub fn latest_blob_kept_as_facts(&self) -> Result<bool, StoreError> {
         let state = self.store.maintenance_state(self.namespace)?;
@@ -259,6 +253,12 @@ impl<'a> StoreJournal<'a> {
         }
     }
 
+    /// Keeps the latest snapshot blob as references to the facts it carries
+    /// ([`Store::keep_blob_as_facts`]) once they are all stored: after GC they are the
+    /// prefix's live facts and state facts, which the store keeps anyway, so it then holds
+    /// them once instead of twice (docs/ARCHITECTURE.md section 4a). Returns whether the
+    /// blob is kept that way now; `false` if there is no snapshot, its blob is not stored or
+    /// a fact it carries is not (a device that has not caught up: the next GC tries again).
     pub fn keep_latest_blob_as_facts(&self) -> Result<bool, StoreError> {
         let state = self.store.maintenance_state(self.namespace)?;
         let Some(latest) = state.latest_snapshot.as_ref() else {

@@ -110,7 +110,7 @@ pub struct SnapshotBase {
 /// Streaming digest of `(epoch, id)` items given in ascending order. Used for snapshot
 /// prefixes and whole-journal digests alike, so the store can compute either with one scan.
 pub struct DigestBuilder {
-    hasher: blake3::Hasher,
+    hasher: crate::hashing::BufferedHasher,
     upto: Option<Epoch>,
     /// Items below this epoch are summarised by the base snapshot and skipped.
     floor: Epoch,
@@ -126,7 +126,7 @@ impl DigestBuilder {
     /// A prefix digest chained on the previous verified snapshot: items below
     /// `base.epoch` are ignored and the base's epoch and digest are hashed instead.
     pub fn chained(namespace: JournalNamespace, upto: Epoch, base: Option<SnapshotBase>) -> Self {
-        let mut hasher = blake3::Hasher::new();
+        let mut hasher = crate::hashing::BufferedHasher::new();
         hasher.update(match base {
             None => b"tend-prefix-digest-v1".as_slice(),
             Some(_) => b"tend-chained-prefix-digest-v1".as_slice(),
@@ -147,7 +147,7 @@ impl DigestBuilder {
 
     /// A digest over every item, whatever its epoch.
     pub fn whole(namespace: JournalNamespace) -> Self {
-        let mut hasher = blake3::Hasher::new();
+        let mut hasher = crate::hashing::BufferedHasher::new();
         hasher.update(b"tend-journal-digest-v1");
         hasher.update(&namespace.to_bytes());
         Self {

@@ -11,6 +11,7 @@ pub mod data;
 pub mod encoding;
 pub mod error;
 pub mod fact;
+pub mod hashing;
 pub mod ids;
 pub mod journal;
 pub mod maintenance;

@@ -26,6 +26,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use redb::{ReadableTable, Table, WriteTransaction};
+use tend_core::hashing::BufferedHasher;
 use tend_core::ids::Hash32;
 use tend_core::{ContentId, DeviceId, Epoch, FactId, JournalNamespace};
 
@@ -613,7 +614,7 @@ fn materialize_in(store: &Store, tx: &WriteTransaction, key: &[u8]) -> Result<()
             facts.range::<&FactKey>(from..).map_err(db(path))
         })?;
         let mut sink = ChunkSink::new(key.to_vec());
-        let mut hasher = blake3::Hasher::new();
+        let mut hasher = BufferedHasher::new();
         let mut written = 0u64;
         while let Some(piece) = cursor.next_piece(&recipes, &tables, path)? {
             hasher.update(&piece);
@@ -702,7 +703,7 @@ impl Store {
         if !ascending(&facts) {
             return Err(mismatch("its facts are not in ascending order".into()));
         }
-        let mut hasher = blake3::Hasher::new();
+        let mut hasher = BufferedHasher::new();
         hasher.update(&head);
         let mut len = head.len() as u64;
         let start = match (no, facts.first()) {
@@ -854,7 +855,7 @@ impl Store {
                 // the recipe is written as they go, and dropped with the transaction if not.
                 let mut stored = ChunkStream::new(key.clone());
                 let mut recipe = RecipeWriter::new(&mut recipes, path, key.clone(), rec.no, &ns)?;
-                let mut hasher = blake3::Hasher::new();
+                let mut hasher = BufferedHasher::new();
                 let mut head = vec![0u8; facts_at as usize];
                 stored.read_all(&chunks, path, &mut head)?;
                 hasher.update(&head);

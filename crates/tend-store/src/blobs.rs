@@ -16,6 +16,7 @@ use std::io::{self, Read, Write};
 use std::sync::MutexGuard;
 
 use redb::{ReadOnlyTable, ReadableTable, Table, WriteTransaction};
+use tend_core::hashing::BufferedHasher;
 use tend_core::ids::{Hash32, CODEC_DAG_CBOR, CODEC_RAW};
 use tend_core::ContentId;
 
@@ -47,7 +48,7 @@ fn check_codec(store: &Store, codec: u64) -> Result<(), StoreError> {
 }
 
 /// Whether the BLAKE3 digest of a blob's bytes is the one its CID names.
-pub(crate) fn cid_matches(cid: &ContentId, hasher: &blake3::Hasher) -> bool {
+pub(crate) fn cid_matches(cid: &ContentId, hasher: &BufferedHasher) -> bool {
     ContentId::from_blake3(cid.codec(), &Hash32::from(hasher.finalize())) == *cid
 }
 
@@ -179,7 +180,7 @@ impl Store {
             current: None,
             at: 0,
             loaded: 0,
-            hasher: blake3::Hasher::new(),
+            hasher: BufferedHasher::new(),
             verified: false,
             corrupt: false,
         }))
@@ -240,7 +241,7 @@ impl Store {
             buf: Vec::new(),
             next_chunk: 0,
             written: 0,
-            hasher: blake3::Hasher::new(),
+            hasher: BufferedHasher::new(),
             failed: None,
         })
     }
@@ -318,7 +319,7 @@ pub struct BlobReader {
     at: usize,
     /// Bytes of the blob loaded (and hashed) so far.
     loaded: u64,
-    hasher: blake3::Hasher,
+    hasher: BufferedHasher,
     verified: bool,
     /// Set once the blob was found damaged; every later read fails too.
     corrupt: bool,
@@ -399,7 +400,7 @@ impl BlobReader {
             Source::Facts(f) => f.cursor = None,
         }
         self.loaded = 0;
-        self.hasher = blake3::Hasher::new();
+        self.hasher = BufferedHasher::new();
         self.verified = false;
     }
 
@@ -560,7 +561,7 @@ pub struct BlobWriter<'s> {
     buf: Vec<u8>,
     next_chunk: u32,
     written: u64,
-    hasher: blake3::Hasher,
+    hasher: BufferedHasher,
     /// The first failure; the writer refuses everything after it and cannot commit.
     failed: Option<StoreError>,
 }

@@ -241,8 +241,9 @@ impl Store {
             let highest = Epoch(floor.0.saturating_sub(1));
             self.touched(&[(ns, (Epoch::ZERO, highest))]);
             self.removed(ns, highest);
-            // The cached state is still right, but holds what the pruned facts superseded.
-            if report.facts > 0 {
+            // The cached state is still right, but holds what the pruned application facts
+            // superseded (maintenance facts are not in it).
+            if report.facts > report.maintenance {
                 self.app_forget(ns);
             }
         }

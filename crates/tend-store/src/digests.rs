@@ -20,9 +20,9 @@ const RECENT: usize = 64;
 pub(crate) struct DigestMemo {
     /// Bumped by every commit that adds or removes facts.
     generation: u64,
-    /// The latest commits' generations and what they touched: a digest computed across
-    /// one of them that touched its span may have read either side of it.
-    recent: std::collections::VecDeque<(u64, Span)>,
+    /// What the latest commits touched, oldest first: a digest computed across one that
+    /// touched its span may have read either side of it.
+    recent: std::collections::VecDeque<Span>,
     entries: Vec<Entry>,
 }
 
@@ -84,7 +84,7 @@ impl DigestMemo {
         };
         let since = self.generation - generation;
         let recent = self.recent.iter().rev().take(since as usize);
-        if since as usize > self.recent.len() || recent.clone().any(|(_, s)| entry.covers(s)) {
+        if since as usize > self.recent.len() || recent.clone().any(|s| entry.covers(s)) {
             return;
         }
         self.entries
@@ -107,7 +107,7 @@ impl DigestMemo {
         if self.recent.len() == RECENT {
             self.recent.pop_front();
         }
-        self.recent.push_back((self.generation, span));
+        self.recent.push_back(span);
         self.entries.retain(|e| !e.covers(&span));
     }
 }

@@ -175,6 +175,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// removing commits ([`tend_store::Store::removals`]).
 #[derive(Clone)]
 struct ItemsCache {
+    /// The journal they are of: a device that joins an authority changes journal.
+    namespace: JournalNamespace,
     change: u64,
     floor: Epoch,
     removals: u64,
@@ -1227,7 +1229,8 @@ impl Inner {
         let change = self.store().last_change()?;
         let cached = lock(&self.items_cache).clone();
         let started = Instant::now();
-        let items = match cached {
+        let namespace = self.namespace();
+        let items = match cached.filter(|c| c.namespace == namespace) {
             Some(c) if (c.change, c.floor, c.removals) == (change, floor, removals) => {
                 return Ok((local, c.items));
             }
@@ -1243,11 +1246,11 @@ impl Inner {
             }
             _ => {
                 let mut items = Vec::new();
-                for item in self.store().items(self.namespace(), floor..)? {
+                for item in self.store().items(namespace, floor..)? {
                     let (epoch, id) = item?;
                     items.push(SyncItem { epoch, id });
                 }
-                MemItems::from_sorted(self.namespace(), items)
+                MemItems::from_sorted(namespace, items)
             }
         };
         let items = Arc::new(items);
@@ -1262,6 +1265,7 @@ impl Inner {
             offered.push(Arc::downgrade(&items));
         }
         *lock(&self.items_cache) = Some(ItemsCache {
+            namespace,
             change,
             floor,
             removals,
@@ -1279,7 +1283,7 @@ impl Inner {
         to: u64,
         floor: Epoch,
     ) -> Result<MemItems, StoreError> {
-        let ns = self.namespace();
+        let ns = tend_sync::OrderedItems::namespace(items);
         let kept = items.as_slice();
         let kept = &kept[kept.partition_point(|i| i.epoch < floor)..];
         let mut all = Vec::with_capacity(kept.len() + (to - from) as usize);

@@ -17,7 +17,7 @@ use tend_crypto::share::KeyShare;
 use tend_replica::keygen::{self, KeyGenError, KeyGenPlan};
 use tend_replica::EngineView;
 use tend_snapshot::{
-    CeremonyAction, CeremonyEvent, CeremonyInput, LocalJournal, Recipient, SignerKey,
+    CeremonyAction, CeremonyEvent, CeremonyInput, LocalJournal, Recipient, Refusal, SignerKey,
     SnapshotEngine,
 };
 use tend_store::StoreError;
@@ -235,14 +235,49 @@ impl LocalFleet {
         Ok(inserted)
     }
 
-    /// Runs a snapshot ceremony proposed by device `proposer` for `target_epoch` and
-    /// returns the completed snapshot; every device has it (and the blob) afterwards.
+    /// Runs a snapshot ceremony proposed by device `proposer` for `target_epoch` (or a
+    /// later one) and returns the completed snapshot; every device has it (and the blob)
+    /// afterwards.
+    ///
+    /// The devices may belong to running nodes, which write facts of their own (metadata,
+    /// settlement) at any moment: one written below the target after the proposer
+    /// digested its prefix makes members refuse with a digest mismatch. Then the devices
+    /// sync and the proposer proposes again, at a new target (a member votes once per
+    /// target), up to three times, as a running node's `propose_snapshot` does.
     pub fn snapshot(
         &mut self,
         proposer: usize,
         target_epoch: Epoch,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<SnapshotCompleted, FleetError> {
+        const ATTEMPTS: usize = 3;
+        let mut target = target_epoch;
+        let mut attempt = 1;
+        loop {
+            match self.snapshot_once(proposer, target, rng)? {
+                Ok(completed) => return Ok(completed),
+                Err((refusals, prefix_differs)) if prefix_differs && attempt < ATTEMPTS => {
+                    attempt += 1;
+                    tracing::info!(
+                        "snapshot proposal refused ({refusals}); syncing and proposing again"
+                    );
+                    let state = self.devices[proposer]
+                        .store()
+                        .maintenance_state(self.devices[proposer].namespace())?;
+                    target = target.next().max(state.current_epoch().next());
+                }
+                Err((refusals, _)) => return Err(FleetError::Ceremony(refusals)),
+            }
+        }
+    }
+
+    /// One proposal: the completion, or the refusals and whether a member's prefix differed.
+    fn snapshot_once(
+        &mut self,
+        proposer: usize,
+        target_epoch: Epoch,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<Result<SnapshotCompleted, (String, bool)>, FleetError> {
         // Devices agree on a prefix only after they exchanged their facts.
         self.sync()?;
         self.install_keys(rng)?;
@@ -260,6 +295,7 @@ impl LocalFleet {
         ));
         let mut completed = None;
         let mut refusals = Vec::new();
+        let mut prefix_differs = false;
         while let Some((i, input)) = queue.pop_front() {
             self.now += Duration::from_millis(1);
             let outputs = {
@@ -306,7 +342,10 @@ impl LocalFleet {
                         CeremonyEvent::Refused { reason, .. }
                         | CeremonyEvent::PeerRefused { reason, .. }
                         | CeremonyEvent::ProposalRejected { reason, .. },
-                    ) => refusals.push(format!("{reason:?}")),
+                    ) => {
+                        prefix_differs |= matches!(reason, Refusal::DigestMismatch { .. });
+                        refusals.push(format!("{reason:?}"))
+                    }
                     CeremonyAction::Event(CeremonyEvent::Aborted { reason, .. }) => {
                         refusals.push(format!("aborted: {reason:?}"))
                     }
@@ -315,13 +354,14 @@ impl LocalFleet {
             }
         }
         self.sync()?;
-        completed.ok_or_else(|| {
-            FleetError::Ceremony(if refusals.is_empty() {
+        Ok(completed.ok_or_else(|| {
+            let refusals = if refusals.is_empty() {
                 "not enough signature shares".into()
             } else {
                 refusals.join("; ")
-            })
-        })
+            };
+            (refusals, prefix_differs)
+        }))
     }
 
     /// Gives every engine the key for the current identity epoch: the FROST share from the

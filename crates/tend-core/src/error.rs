@@ -7,7 +7,7 @@ use crate::ids::{Epoch, FactId, JournalNamespace};
 pub enum DecodeError {
     #[error("fact is {len} bytes, larger than the limit of {max}")]
     Oversized { len: usize, max: usize },
-    #[error("fact format version {0} is not supported (this release reads version 1)")]
+    #[error("fact format version {0} is not supported (this release reads versions 1 and 2)")]
     UnsupportedVersion(u64),
     #[error("malformed encoding: {0}")]
     Malformed(String),

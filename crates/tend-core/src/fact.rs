@@ -1,8 +1,12 @@
 //! Signed facts, their canonical wire encoding, and `VerifiedFact`, the only form the rest
 //! of tend accepts.
 //!
-//! Wire form (DAG-CBOR array):
-//! `[version, namespace, epoch, author, payload_tag, payload_body, signature]`.
+//! Wire forms (DAG-CBOR arrays):
+//! - format 1: `[1, namespace, epoch, author, payload_tag, payload_body, signature]`;
+//! - format 2: `[2, time_ms, namespace, epoch, author, payload_tag, payload_body, signature]`,
+//!   the same with its author's clock, which orders it among recent facts (see
+//!   [`FactId::of`]).
+//!
 //! The payload body is a byte string holding the canonical encoding of the payload, so a
 //! payload whose tag this release does not know is stored and forwarded byte for byte.
 
@@ -19,12 +23,24 @@ use crate::error::DecodeError;
 use crate::ids::{DeviceId, Epoch, FactId, JournalNamespace};
 use crate::maintenance::*;
 
-/// The fact format this release writes and reads.
+/// The original fact format, without a time. Every release reads it; a device writes it
+/// until every member reads [`TIMED_FACT_FORMAT`] (and for facts that need no time).
 pub const FACT_FORMAT_VERSION: u64 = 1;
+/// The fact format that carries its author's clock, from release 1.0.1 on
+/// ([`TIMED_FACTS_SINCE`]).
+pub const TIMED_FACT_FORMAT: u64 = 2;
+/// The first release that reads [`TIMED_FACT_FORMAT`]: a device writes timed facts only when
+/// every member announced at least this version (`MaintenanceState::timed_facts_readable`).
+pub const TIMED_FACTS_SINCE: crate::ids::ProtocolVersion = crate::ids::ProtocolVersion {
+    major: 1,
+    minor: 0,
+    patch: 1,
+};
 /// Facts larger than this are rejected before decoding.
 pub const MAX_FACT_BYTES: usize = 64 * 1024;
 
 const SIGNING_DOMAIN: &[u8] = b"tend-fact-v1";
+const TIMED_SIGNING_DOMAIN: &[u8] = b"tend-fact-v2";
 
 /// What a fact says.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -253,47 +269,123 @@ impl UnsignedFact {
     /// assert_eq!(tend_core::VerifiedFact::decode(fact.bytes()).unwrap().id(), fact.id());
     /// ```
     pub fn sign(self, key: &SigningKey) -> VerifiedFact {
+        self.sign_as(key, None)
+    }
+
+    /// Signs the fact in the timed format (2), stamped with `time_ms`, the author's clock in
+    /// milliseconds since the Unix epoch. Its id then starts with that time, so facts
+    /// written about the same time sit together in sync order ([`FactId::of`]). Only for a
+    /// journal whose members all read format 2 (`MaintenanceState::timed_facts_readable`):
+    /// older releases refuse it.
+    ///
+    /// ```
+    /// use tend_core::{UnsignedFact, Payload, JournalNamespace, ContextId, Epoch};
+    /// let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+    /// let note = |text: &[u8]| UnsignedFact {
+    ///     namespace: JournalNamespace::Context(ContextId([0; 32])),
+    ///     epoch: Epoch(1),
+    ///     payload: Payload::Application { kind: "note".into(), data: text.to_vec() },
+    /// };
+    /// let earlier = note(b"b").sign_timed(&key, 1_000);
+    /// let later = note(b"a").sign_timed(&key, 2_000);
+    /// assert!(earlier.id() < later.id());
+    /// assert_eq!(tend_core::VerifiedFact::decode(later.bytes()).unwrap().time_ms(), Some(2_000));
+    /// ```
+    pub fn sign_timed(self, key: &SigningKey, time_ms: u64) -> VerifiedFact {
+        self.sign_as(key, Some(time_ms))
+    }
+
+    fn sign_as(self, key: &SigningKey, time_ms: Option<u64>) -> VerifiedFact {
         let author = DeviceId(key.verifying_key().to_bytes());
         let (tag, body) = self.payload.to_tag_body();
-        let msg = signing_message(&self.namespace, self.epoch, &author, tag, &body);
+        let msg = signing_message(&self.namespace, self.epoch, &author, time_ms, tag, &body);
         let signature = key.sign(&msg).to_bytes();
+        let (ns, body, sig) = (&self.namespace, Bytes::new(&body), Bytes::new(&signature));
+        let bytes = match time_ms {
+            None => to_canonical(&(FACT_FORMAT_VERSION, ns, self.epoch, &author, tag, body, sig)),
+            Some(t) => to_canonical(&(
+                TIMED_FACT_FORMAT,
+                t,
+                ns,
+                self.epoch,
+                &author,
+                tag,
+                body,
+                sig,
+            )),
+        };
         let fact = Fact {
             namespace: self.namespace,
             epoch: self.epoch,
             author,
+            time_ms,
             payload: self.payload,
             signature,
         };
-        let bytes = to_canonical(&(
-            FACT_FORMAT_VERSION,
-            &fact.namespace,
-            fact.epoch,
-            &author,
-            tag,
-            Bytes::new(&body),
-            Bytes::new(&signature),
-        ));
         VerifiedFact::from_parts(fact, bytes)
     }
 }
 
+/// What the author signs: a domain separator per format, then the fact without its signature.
 fn signing_message(
     ns: &JournalNamespace,
     epoch: Epoch,
     author: &DeviceId,
+    time_ms: Option<u64>,
     tag: u64,
     body: &[u8],
 ) -> Vec<u8> {
-    let mut msg = SIGNING_DOMAIN.to_vec();
-    msg.extend_from_slice(&to_canonical(&(
-        FACT_FORMAT_VERSION,
-        ns,
-        epoch,
-        author,
-        tag,
-        Bytes::new(body),
-    )));
-    msg
+    let body = Bytes::new(body);
+    match time_ms {
+        None => {
+            let mut msg = SIGNING_DOMAIN.to_vec();
+            msg.extend_from_slice(&to_canonical(&(
+                FACT_FORMAT_VERSION,
+                ns,
+                epoch,
+                author,
+                tag,
+                body,
+            )));
+            msg
+        }
+        Some(t) => {
+            let mut msg = TIMED_SIGNING_DOMAIN.to_vec();
+            msg.extend_from_slice(&to_canonical(&(
+                TIMED_FACT_FORMAT,
+                t,
+                ns,
+                epoch,
+                author,
+                tag,
+                body,
+            )));
+            msg
+        }
+    }
+}
+
+/// The author's clock of format-2 fact bytes, read from their fixed start
+/// (`[2, time_ms, ...]`: an 8-element array head, 2, then the time), or `None` for anything
+/// else. Total on any input, since [`FactId::of`] is.
+pub(crate) fn timed_fact_clock(bytes: &[u8]) -> Option<u64> {
+    const ARRAY_OF_8: u8 = 0x88;
+    match bytes {
+        [ARRAY_OF_8, 0x02, head, rest @ ..] if head >> 5 == 0 => {
+            let n = match head & 0x1f {
+                v @ 0..=23 => return Some(u64::from(v)),
+                24 => 1,
+                25 => 2,
+                26 => 4,
+                27 => 8,
+                _ => return None,
+            };
+            let mut be = [0u8; 8];
+            be[8 - n..].copy_from_slice(rest.get(..n)?);
+            Some(u64::from_be_bytes(be))
+        }
+        _ => None,
+    }
 }
 
 /// The author and payload of canonical fact bytes, without checking the signature: only for
@@ -301,8 +393,16 @@ fn signing_message(
 /// against its id). Anything that crosses a trust boundary goes through
 /// [`VerifiedFact::decode`].
 pub fn read_stored_payload(bytes: &[u8]) -> Result<(DeviceId, Payload), DecodeError> {
-    let (_, _, _, author, tag, body, _): WireTuple =
-        serde_ipld_dagcbor::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let malformed = |e: serde_ipld_dagcbor::DecodeError<_>| DecodeError::Malformed(e.to_string());
+    let (author, tag, body) = if timed_fact_clock(bytes).is_some() {
+        let (_, _, _, _, author, tag, body, _): TimedWireTuple =
+            serde_ipld_dagcbor::from_slice(bytes).map_err(malformed)?;
+        (author, tag, body)
+    } else {
+        let (_, _, _, author, tag, body, _): WireTuple =
+            serde_ipld_dagcbor::from_slice(bytes).map_err(malformed)?;
+        (author, tag, body)
+    };
     Ok((author, Payload::from_tag_body(tag, &body)?))
 }
 
@@ -312,6 +412,10 @@ pub struct Fact {
     pub namespace: JournalNamespace,
     pub epoch: Epoch,
     pub author: DeviceId,
+    /// The author's clock when it wrote the fact, in milliseconds since the Unix epoch
+    /// (format 2; `None` for format 1). Nothing checks it against any clock, since devices
+    /// must agree on validity: it only orders the fact among others of its epoch.
+    pub time_ms: Option<u64>,
     pub payload: Payload,
     pub signature: [u8; 64],
 }
@@ -340,6 +444,16 @@ impl<'de> Deserialize<'de> for VersionPeek {
 }
 
 type WireTuple = (
+    u64,
+    JournalNamespace,
+    Epoch,
+    DeviceId,
+    u64,
+    ByteBuf,
+    ByteBuf,
+);
+type TimedWireTuple = (
+    u64,
     u64,
     JournalNamespace,
     Epoch,
@@ -482,10 +596,18 @@ impl VerifiedFact {
         }
         let VersionPeek(version) = serde_ipld_dagcbor::from_slice(bytes)
             .map_err(|e| DecodeError::Malformed(e.to_string()))?;
-        if version != FACT_FORMAT_VERSION {
-            return Err(DecodeError::UnsupportedVersion(version));
-        }
-        let (_, namespace, epoch, author, tag, body, signature): WireTuple = from_canonical(bytes)?;
+        let (time_ms, namespace, epoch, author, tag, body, signature) = match version {
+            FACT_FORMAT_VERSION => {
+                let (_, ns, epoch, author, tag, body, sig): WireTuple = from_canonical(bytes)?;
+                (None, ns, epoch, author, tag, body, sig)
+            }
+            TIMED_FACT_FORMAT => {
+                let (_, t, ns, epoch, author, tag, body, sig): TimedWireTuple =
+                    from_canonical(bytes)?;
+                (Some(t), ns, epoch, author, tag, body, sig)
+            }
+            other => return Err(DecodeError::UnsupportedVersion(other)),
+        };
         let signature: [u8; 64] = signature
             .as_slice()
             .try_into()
@@ -493,7 +615,7 @@ impl VerifiedFact {
         let payload = Payload::from_tag_body(tag, &body)?;
         if let Some(keys) = keys {
             let key = keys.get(&author)?;
-            let msg = signing_message(&namespace, epoch, &author, tag, &body);
+            let msg = signing_message(&namespace, epoch, &author, time_ms, tag, &body);
             key.verify_strict(&msg, &ed25519_dalek::Signature::from_bytes(&signature))
                 .map_err(|_| DecodeError::BadSignature)?;
         }
@@ -501,15 +623,22 @@ impl VerifiedFact {
             namespace,
             epoch,
             author,
+            time_ms,
             payload,
             signature,
         };
         Ok(Self::from_parts(fact, bytes.to_vec()))
     }
 
-    /// The fact id: BLAKE3 of the canonical encoding.
+    /// The fact id ([`FactId::of`] its canonical encoding).
     pub fn id(&self) -> FactId {
         self.id
+    }
+
+    /// The author's clock when it wrote the fact (format 2), in milliseconds since the Unix
+    /// epoch; untrusted, it only orders facts.
+    pub fn time_ms(&self) -> Option<u64> {
+        self.fact.time_ms
     }
 
     /// The canonical encoding.

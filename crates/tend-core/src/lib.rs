@@ -22,7 +22,10 @@ pub mod vault;
 pub use app::{AppState, DataOp};
 pub use authority::{AuthorityFact, AuthorityGenesis, GroupKey, MembershipChange};
 pub use error::{DecodeError, JournalError};
-pub use fact::{Fact, Payload, UnsignedFact, VerifiedFact, FACT_FORMAT_VERSION, MAX_FACT_BYTES};
+pub use fact::{
+    Fact, Payload, UnsignedFact, VerifiedFact, FACT_FORMAT_VERSION, MAX_FACT_BYTES,
+    TIMED_FACTS_SINCE, TIMED_FACT_FORMAT,
+};
 pub use ids::{
     AuthorityId, ContentId, ContextId, DeviceId, Epoch, FactId, Hash32, JournalNamespace,
     MaintenanceEpoch, ProtocolVersion,

@@ -629,6 +629,21 @@ impl MaintenanceState {
             .is_none_or(|floor| current > *floor)
     }
 
+    /// Whether every current member announced (in its latest `DeviceMetadata`) a running
+    /// version that reads timed facts ([`crate::TIMED_FACTS_SINCE`]), so a device may write
+    /// them: an older release refuses a fact format it does not know, and would take the
+    /// peer that sent one for a misbehaving device. `false` before the membership or a
+    /// member's metadata is known, and again when a member joins until it announces itself.
+    pub fn timed_facts_readable(&self) -> bool {
+        self.membership().is_some_and(|m| {
+            m.members.iter().all(|d| {
+                self.device_metadata
+                    .get(d)
+                    .is_some_and(|md| md.running_version >= crate::TIMED_FACTS_SINCE)
+            })
+        })
+    }
+
     /// The strongest fence of any activated upgrade, with the version that set it.
     pub fn active_fence(&self) -> Option<(Epoch, ProtocolVersion)> {
         self.upgrades

@@ -82,16 +82,21 @@ fn payload_strategy() -> impl Strategy<Value = Payload> {
     ]
 }
 
+/// Facts of both formats: untimed (format 1) and timed (format 2, any clock value).
 fn facts_strategy(ns: JournalNamespace) -> impl Strategy<Value = Vec<VerifiedFact>> {
-    prop::collection::vec((0u8..3, 0u64..6, payload_strategy()), 0..24).prop_map(move |v| {
+    let time = prop_oneof![Just(None), any::<u64>().prop_map(Some)];
+    prop::collection::vec((0u8..3, 0u64..6, payload_strategy(), time), 0..24).prop_map(move |v| {
         v.into_iter()
-            .map(|(author, epoch, payload)| {
-                UnsignedFact {
+            .map(|(author, epoch, payload, time)| {
+                let f = UnsignedFact {
                     namespace: ns,
                     epoch: Epoch(epoch),
                     payload,
+                };
+                match time {
+                    None => f.sign(&key(author)),
+                    Some(t) => f.sign_timed(&key(author), t),
                 }
-                .sign(&key(author))
             })
             .collect()
     })
@@ -161,8 +166,32 @@ proptest! {
         for f in facts {
             let decoded = VerifiedFact::decode(f.bytes()).unwrap();
             prop_assert_eq!(decoded.id(), f.id());
+            prop_assert_eq!(decoded.id(), tend_core::FactId::of(f.bytes()));
             prop_assert_eq!(decoded.fact(), f.fact());
+            let (author, payload) = tend_core::fact::read_stored_payload(f.bytes()).unwrap();
+            prop_assert_eq!(author, f.author());
+            prop_assert_eq!(&payload, f.payload());
         }
+    }
+
+    /// A timed fact's id starts with its time, so ids of one epoch sort by when they were
+    /// written, whatever they say; the rest of the id is the hash of the bytes.
+    #[test]
+    fn timed_ids_sort_by_time(
+        a in payload_strategy(),
+        b in payload_strategy(),
+        t in 0u64..(1 << 48) - 1,
+        later in 1u64..1_000_000,
+    ) {
+        let t2 = (t + later).min((1 << 48) - 1);
+        prop_assume!(t2 > t);
+        let sign = |p: Payload, t: u64| UnsignedFact { namespace: ctx(), epoch: Epoch(1), payload: p }
+            .sign_timed(&key(0), t);
+        let (first, second) = (sign(a, t), sign(b, t2));
+        prop_assert!(first.id() < second.id());
+        prop_assert_eq!(&first.id().0[..6], &t.to_be_bytes()[2..]);
+        let hash = blake3::hash(first.bytes());
+        prop_assert_eq!(&first.id().0[6..], &hash.as_bytes()[..26]);
     }
 
     #[test]
@@ -182,6 +211,93 @@ proptest! {
             Ok(g) => prop_assert_ne!(g.id(), f.id()),
         }
     }
+}
+
+/// Ids of format-1 facts are BLAKE3 of their bytes, as every release before format 2
+/// computed them: a journal's existing ids, references and snapshots stay valid.
+#[test]
+fn untimed_ids_are_the_hash_of_the_bytes() {
+    let f = UnsignedFact {
+        namespace: ctx(),
+        epoch: Epoch(4),
+        payload: Payload::Application {
+            kind: "a".into(),
+            data: vec![7; 40],
+        },
+    }
+    .sign(&key(2));
+    assert_eq!(f.bytes()[..2], [0x87, 0x01]);
+    assert_eq!(f.id().0, *blake3::hash(f.bytes()).as_bytes());
+    assert_eq!(f.time_ms(), None);
+}
+
+/// The time is signed: a timed fact whose time is changed, or that is re-labelled as the
+/// other format, does not verify.
+#[test]
+fn the_time_of_a_timed_fact_is_signed() {
+    use tend_core::encoding::to_canonical;
+    use tend_core::DecodeError;
+    let f = UnsignedFact {
+        namespace: ctx(),
+        epoch: Epoch(2),
+        payload: Payload::Application {
+            kind: "a".into(),
+            data: vec![1],
+        },
+    }
+    .sign_timed(&key(1), 1_765_000_000_000);
+    let x = f.fact();
+    let (tag, body) = x.payload.to_tag_body();
+    let body = serde_bytes::Bytes::new(&body);
+    let sig = serde_bytes::Bytes::new(&x.signature);
+    let moved = to_canonical(&(
+        2u64,
+        1_765_000_000_001u64,
+        x.namespace,
+        x.epoch,
+        x.author,
+        tag,
+        body,
+        sig,
+    ));
+    assert_eq!(VerifiedFact::decode(&moved), Err(DecodeError::BadSignature));
+    let untimed = to_canonical(&(1u64, x.namespace, x.epoch, x.author, tag, body, sig));
+    assert_eq!(
+        VerifiedFact::decode(&untimed),
+        Err(DecodeError::BadSignature)
+    );
+    let same = to_canonical(&(
+        2u64,
+        1_765_000_000_000u64,
+        x.namespace,
+        x.epoch,
+        x.author,
+        tag,
+        body,
+        sig,
+    ));
+    assert_eq!(VerifiedFact::decode(&same).map(|g| g.id()), Ok(f.id()));
+}
+
+/// The id is a total function: bytes that start like a timed fact but are cut short or
+/// carry a bad time head still get an id (the hash), never a panic.
+#[test]
+fn fact_ids_of_junk_are_hashes() {
+    for junk in [
+        &[0x88u8, 0x02][..],
+        &[0x88, 0x02, 0x1b, 1, 2],
+        &[0x88, 0x02, 0x1f],
+        &[0x88, 0x02, 0x40],
+    ] {
+        assert_eq!(
+            tend_core::FactId::of(junk).0,
+            *blake3::hash(junk).as_bytes()
+        );
+    }
+    assert_eq!(
+        &tend_core::FactId::of(&[0x88, 0x02, 0x05]).0[..6],
+        &[0, 0, 0, 0, 0, 5]
+    );
 }
 
 #[test]
@@ -230,10 +346,10 @@ fn decoding_rejects_bad_input_with_typed_errors() {
     // A newer format version (the first array element is the version).
     let mut newer = bytes.to_vec();
     assert_eq!(newer[1], 1);
-    newer[1] = 2;
+    newer[1] = 3;
     assert_eq!(
         VerifiedFact::decode(&newer),
-        Err(DecodeError::UnsupportedVersion(2))
+        Err(DecodeError::UnsupportedVersion(3))
     );
     // Non-canonical: the epoch 1 written as a two-byte integer (0x18 0x01) instead of 0x01.
     let pos = 1 + 1 + 36; // array header, version, namespace [kind, bytes32]

@@ -154,7 +154,7 @@ impl<'t, T: ReadableTable<u32, &'static [u8; 32]>> AuthorResolver<'t, T> {
         })?;
         let author = self.get(path, sv.author_no)?;
         let bytes = codec::rebuild_wire(&ns, epoch, &author, &sv);
-        if blake3::hash(&bytes).as_bytes() != &id.0 {
+        if FactId::of(&bytes) != id {
             return Err(StoreError::corrupt(
                 path,
                 format!("fact {id} in {ns} does not match its id"),

@@ -16,7 +16,8 @@ fn fact(spec: &(u8, u64, u8, u8), auth: JournalNamespace) -> VerifiedFact {
     match kind {
         0 => cache_invalidated(ns, epoch, &k, &format!("key{}", b % 3), u64::from(b)),
         1 => tombstone(ns, epoch, &k, tend_core::ContentId::of_raw(&[b])),
-        _ => app(ns, epoch, &k, &[b, kind]),
+        2 => app(ns, epoch, &k, &[b, kind]),
+        _ => app_timed(ns, epoch, &k, &[b, kind], u64::from(b) * 1_000),
     }
 }
 

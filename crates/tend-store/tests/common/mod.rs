@@ -78,6 +78,25 @@ pub fn app(ns: JournalNamespace, epoch: u64, k: &SigningKey, data: &[u8]) -> Ver
     .sign(k)
 }
 
+/// [`app`] in the timed fact format, written at `time_ms`.
+pub fn app_timed(
+    ns: JournalNamespace,
+    epoch: u64,
+    k: &SigningKey,
+    data: &[u8],
+    time_ms: u64,
+) -> VerifiedFact {
+    UnsignedFact {
+        namespace: ns,
+        epoch: Epoch(epoch),
+        payload: Payload::Application {
+            kind: "note".into(),
+            data: data.to_vec(),
+        },
+    }
+    .sign_timed(k, time_ms)
+}
+
 /// `trim("note", before (before_epoch, 0))`: every entry of the `app` log below that epoch
 /// goes (a trim written at `epoch`).
 pub fn trim_notes(

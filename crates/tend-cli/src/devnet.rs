@@ -431,9 +431,26 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
 
     let nodes = start_nodes(devices, &[]).await?;
     let listen: Vec<SocketAddr> = nodes.iter().map(Node::listen_addr).collect();
+    // Each node announced its release when it started; once every device holds every
+    // announcement, writes are timed (format 2), as in a fleet that has been running.
+    wait_for(
+        &nodes,
+        Duration::from_secs(60),
+        "release announcements",
+        |n| {
+            let d = n.device();
+            Ok(d.store()
+                .maintenance_state(d.namespace())?
+                .timed_facts_readable())
+        },
+    )
+    .await?;
     p.step("nodes on loopback", || {
         let addrs: Vec<String> = nodes.iter().map(|n| n.listen_addr().to_string()).collect();
-        Ok(((), addrs.join(" ")))
+        Ok((
+            (),
+            format!("{}; every release announced, writes timed", addrs.join(" ")),
+        ))
     })?;
 
     p.step("application facts", || {

@@ -314,20 +314,29 @@ impl Device {
         Ok(())
     }
 
-    /// Signs `payload` at the journal's current epoch and stores it.
+    /// Signs `payload` at the journal's current epoch and stores it, in the timed format
+    /// once every member reads it.
     pub fn append(&self, payload: Payload) -> Result<VerifiedFact, DeviceError> {
         let state = self.store.maintenance_state(self.namespace())?;
-        self.write(UnsignedFact {
+        let fact = UnsignedFact {
             namespace: self.namespace(),
             epoch: state.current_epoch(),
             payload,
+        };
+        let key = self.key.signing_key();
+        self.store_signed(match state.timed_facts_readable() {
+            true => fact.sign_timed(key, crate::write::now_ms()),
+            false => fact.sign(key),
         })
     }
 
     /// Signs a fact exactly as given (its namespace and epoch chosen by the caller, e.g. the
     /// snapshot ceremony) and stores it.
     pub fn write(&self, fact: UnsignedFact) -> Result<VerifiedFact, DeviceError> {
-        let fact = fact.sign(self.key.signing_key());
+        self.store_signed(fact.sign(self.key.signing_key()))
+    }
+
+    fn store_signed(&self, fact: VerifiedFact) -> Result<VerifiedFact, DeviceError> {
         let report = self.store.insert_batch(std::slice::from_ref(&fact))?;
         match report.rejected.first() {
             Some(r) => Err(DeviceError::Rejected(r.error.to_string())),

@@ -52,6 +52,14 @@ fn signing_threads() -> usize {
     *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(16)))
 }
 
+/// The wall clock in milliseconds since the Unix epoch, as timed facts carry it (a clock
+/// set before 1970 reads as 0: the time only orders facts for sync).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Writes being prepared on a device; nothing is stored before [`WritePlan::commit`].
 ///
 /// Facts are planned unsigned and signed together, on every core, when the plan commits or
@@ -61,6 +69,8 @@ pub struct WritePlan<'d> {
     device: &'d dyn WriteTarget,
     state: Arc<AppState>,
     epoch: Epoch,
+    /// The time the plan's facts carry (the timed format), when every member reads it.
+    time_ms: Option<u64>,
     /// The fact this plan wrote last for a key, by its index in the plan.
     heads: HashMap<KeyOf, usize>,
     /// The next clock value of the logs this plan appended to.
@@ -112,10 +122,12 @@ impl<'d> WritePlan<'d> {
     /// A plan against the device's current state and epoch.
     pub fn new(device: &'d dyn WriteTarget) -> Result<Self, DeviceError> {
         let ns = device.namespace();
+        let maintenance = device.store().maintenance_state(ns)?;
         Ok(Self {
             device,
             state: device.store().app_state(ns)?,
-            epoch: device.store().maintenance_state(ns)?.current_epoch(),
+            epoch: maintenance.current_epoch(),
+            time_ms: maintenance.timed_facts_readable().then(now_ms),
             heads: HashMap::new(),
             seqs: HashMap::new(),
             signed: Vec::new(),
@@ -217,9 +229,14 @@ impl<'d> WritePlan<'d> {
     fn sign_pending(&mut self) {
         let pending = std::mem::take(&mut self.unsigned);
         let key = self.device.key().signing_key();
+        let time_ms = self.time_ms;
+        let sign = move |f: UnsignedFact| match time_ms {
+            Some(t) => f.sign_timed(key, t),
+            None => f.sign(key),
+        };
         let threads = signing_threads();
         if threads < 2 || pending.len() < PARALLEL_SIGN_MIN {
-            self.signed.extend(pending.into_iter().map(|f| f.sign(key)));
+            self.signed.extend(pending.into_iter().map(sign));
             return;
         }
         let per = pending.len().div_ceil(threads);
@@ -235,9 +252,7 @@ impl<'d> WritePlan<'d> {
         std::thread::scope(|s| {
             let handles: Vec<_> = runs
                 .into_iter()
-                .map(|run| {
-                    s.spawn(move || run.into_iter().map(|f| f.sign(key)).collect::<Vec<_>>())
-                })
+                .map(|run| s.spawn(move || run.into_iter().map(sign).collect::<Vec<_>>()))
                 .collect();
             for h in handles {
                 // Signing does not fail; a panic in a signing thread is a bug to surface.

@@ -265,7 +265,11 @@ fn a_device_below_the_fence_is_refused_until_it_upgrades() {
     let refusal = upgrade::fence_check(c).unwrap().unwrap_err();
     let text = refusal.to_string();
     assert!(
-        text.contains("version 1.1.0 mandatory") && text.contains("this device runs version 1.0.0"),
+        text.contains("version 1.1.0 mandatory")
+            && text.contains(&format!(
+                "this device runs version {}",
+                ProtocolVersion::CURRENT
+            )),
         "{text}"
     );
     assert!(matches!(
@@ -277,7 +281,10 @@ fn a_device_below_the_fence_is_refused_until_it_upgrades() {
     let peer = st
         .fence_check_peer(st.current_epoch(), ProtocolVersion::CURRENT)
         .unwrap_err();
-    assert!(peer.to_string().contains("the peer runs version 1.0.0"));
+    assert!(peer.to_string().contains(&format!(
+        "the peer runs version {}",
+        ProtocolVersion::CURRENT
+    )));
     assert!(upgrade::status(c).unwrap().fence_refusal.is_some());
 
     // The operator upgrades c (the artifact arrived before the fork): accepted again.

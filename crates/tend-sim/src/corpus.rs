@@ -202,12 +202,17 @@ fn facts(rng: &mut StdRng) -> (JournalNamespace, Vec<VerifiedFact>) {
         .into_iter()
         .enumerate()
         .map(|(i, payload)| {
-            UnsignedFact {
+            let f = UnsignedFact {
                 namespace: ns,
                 epoch: Epoch(i as u64),
                 payload,
+            };
+            // Both fact formats: every other seed is timed.
+            let key = &keys[i % keys.len()];
+            match i % 2 {
+                0 => f.sign(key),
+                _ => f.sign_timed(key, 1_765_000_000_000 + i as u64),
             }
-            .sign(&keys[i % keys.len()])
         })
         .collect();
     (ns, facts)

@@ -247,6 +247,18 @@ impl Core {
         })
     }
 
+    /// [`Core::write`] in the timed format, stamped `time_ms`.
+    pub fn write_timed(&mut self, payload: Payload, time_ms: u64) -> VerifiedFact {
+        let f = UnsignedFact {
+            namespace: self.namespace,
+            epoch: self.state.current_epoch(),
+            payload,
+        }
+        .sign_timed(&self.key, time_ms);
+        self.insert_buffered(f.clone());
+        f
+    }
+
     /// Stores a fact durably at once, bypassing admission (a DKG result delivered with
     /// the key share).
     pub fn install_durable(&mut self, f: VerifiedFact) {

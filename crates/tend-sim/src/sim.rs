@@ -1461,7 +1461,15 @@ impl Sim {
             Payload::Data(op)
         };
         self.stats.app_facts += 1;
-        self.devices[d].core.write(payload);
+        // Half the writes in the timed format (a fleet between releases writes both), by
+        // a clock that runs d * 7 s ahead on device d: nothing may depend on clocks agreeing.
+        if roll.is_multiple_of(2) {
+            let skewed = self.now + Duration::from_secs(7 * d as u64);
+            let time_ms = u64::try_from(skewed.as_millis()).unwrap_or(u64::MAX);
+            self.devices[d].core.write_timed(payload, time_ms);
+        } else {
+            self.devices[d].core.write(payload);
+        }
     }
 
     fn pick_cursor(&mut self, from: &[LogCursor]) -> Option<LogCursor> {

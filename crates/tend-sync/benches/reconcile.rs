@@ -1,17 +1,20 @@
 //! Reconciliation benchmark: two in-memory item sets of n items differing by d, the
 //! difference clustered in the newest epochs or scattered at random, in either direction.
 //! The *recent* layouts put all n items in one epoch, written by `TEND_BENCH_DEVICES`
-//! devices (default 3) in turn, and the d missing items are recent writes of one device:
-//! scattered by id among everything, since a fact carries no time. `recent-id` keys items
-//! by `(epoch, id)` as sessions do; `recent-auth` keys them by `(epoch, author, id)`, the
-//! only finer clustering derivable from a signed fact, to measure what it would buy.
+//! devices (default 3) in turn, 10 ms apart, and the d missing items are the d latest
+//! writes of one device (one cut off while it wrote them). `recent-id` gives every item a
+//! random id, as untimed facts (format 1) have: the d writes scatter over the epoch.
+//! `recent-auth` keys those by `(epoch, author, id)`, the only finer clustering derivable
+//! from an untimed fact. `recent-time` gives every item the id a timed fact (format 2) has,
+//! [`FactId::timed`] of its write time, so the d writes are one recent range.
 //!
 //! Prints a table: negentropy round trips, bytes on the wire (whole sync messages: Hello,
 //! Accept, Reconcile, Want, Facts with d facts of 200 bytes, Done), the lower bound (the
 //! missing facts' own bytes, 200 per fact), their ratio, and the CPU time each side spends
 //! in reconciliation. Run with `cargo bench -p tend-sync` (release profile); set
-//! `TEND_BENCH_N` to change n (default 1,000,000) and `TEND_BENCH_FRAME` to change the
-//! frame size limit (default: the session default).
+//! `TEND_BENCH_N` to change n (default 1,000,000), `TEND_BENCH_FRAME` to change the
+//! frame size limit (default: the session default) and `TEND_BENCH_LAYOUTS` to run only
+//! some layouts (names as printed, comma-separated).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,6 +42,8 @@ enum Layout {
     RecentById,
     /// The same, items keyed by `(epoch, author, id)`.
     RecentByAuthor,
+    /// The same, every id a timed fact's: its write time first.
+    RecentByTime,
 }
 
 impl Layout {
@@ -48,6 +53,7 @@ impl Layout {
             Layout::Scattered => "scattered",
             Layout::RecentById => "recent-id",
             Layout::RecentByAuthor => "recent-auth",
+            Layout::RecentByTime => "recent-time",
         }
     }
 }
@@ -95,18 +101,23 @@ fn one_epoch(
 ) -> (Vec<SyncItem>, Vec<bool>) {
     let own: Vec<usize> = (0..n).filter(|i| i % devices == 0).collect();
     let mut miss = vec![false; n];
-    for k in rand::seq::index::sample(rng, own.len(), d.min(own.len())) {
-        miss[own[k]] = true;
+    for i in &own[own.len() - d.min(own.len())..] {
+        miss[*i] = true;
     }
+    const START_MS: u64 = 1_765_000_000_000;
     let mut keyed: Vec<(SyncItem, bool)> = (0..n)
         .map(|i| {
             let author = match layout {
                 Layout::RecentByAuthor => (i % devices) as u64,
                 _ => 0,
             };
+            let id = match layout {
+                Layout::RecentByTime => FactId::timed(START_MS + 10 * i as u64, &rng.gen()),
+                _ => FactId(rng.gen()),
+            };
             let item = SyncItem {
                 epoch: Epoch(1 + author),
-                id: FactId(rng.gen()),
+                id,
             };
             (item, miss[i])
         })
@@ -118,7 +129,9 @@ fn one_epoch(
 fn missing(n: usize, d: usize, layout: Layout, rng: &mut StdRng) -> Vec<bool> {
     let mut m = vec![false; n];
     match layout {
-        Layout::RecentById | Layout::RecentByAuthor => unreachable!("one_epoch marks these"),
+        Layout::RecentById | Layout::RecentByAuthor | Layout::RecentByTime => {
+            unreachable!("one_epoch marks these")
+        }
         Layout::Clustered => m[n - d..].iter_mut().for_each(|x| *x = true),
         Layout::Scattered => {
             for i in rand::seq::index::sample(rng, n, d) {
@@ -299,19 +312,27 @@ fn main() {
         "init ms",
         "resp ms"
     );
+    let only = std::env::var("TEND_BENCH_LAYOUTS").ok();
     for layout in [
         Layout::Clustered,
         Layout::Scattered,
         Layout::RecentById,
         Layout::RecentByAuthor,
+        Layout::RecentByTime,
     ] {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|l| l == layout.name()))
+        {
+            continue;
+        }
         for dir in [Direction::Push, Direction::Pull] {
             for d in [0usize, 1, 1_000, 100_000] {
                 if d > n {
                     continue;
                 }
                 let row = match layout {
-                    Layout::RecentById | Layout::RecentByAuthor => {
+                    Layout::RecentById | Layout::RecentByAuthor | Layout::RecentByTime => {
                         if d > n / devices {
                             continue;
                         }

@@ -479,11 +479,17 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
         ))
     })?;
 
-    let start = Instant::now();
+    let sync_bytes =
+        |nodes: &[Node]| -> u64 { nodes.iter().map(|n| n.metrics().bytes_sent.get()).sum() };
+    let (start, bytes_before) = (Instant::now(), sync_bytes(&nodes));
     let (digest, rounds) = converge(&nodes, Duration::from_secs(60)).await?;
     p.record(
         "automatic sync",
-        format!("one digest {} after {rounds} rounds", &digest[..16]),
+        format!(
+            "one digest {} after {rounds} rounds, {} bytes of sync messages",
+            &digest[..16],
+            sync_bytes(&nodes) - bytes_before
+        ),
         start,
     );
 
@@ -614,7 +620,7 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
         Ok(((), format!("new admin in effect from epoch {handover}, the retired admin's later publish ignored, entries at or below the cache floor stale, on every device ({rounds} sync rounds)")))
     })?;
 
-    let bytes_sent: u64 = nodes.iter().map(|n| n.metrics().bytes_sent.get()).sum();
+    let bytes_sent = sync_bytes(&nodes);
     let bytes_received: u64 = nodes.iter().map(|n| n.metrics().bytes_received.get()).sum();
     let before: Vec<u64> = nodes
         .iter()

@@ -181,8 +181,9 @@ impl Store {
         (removals.commits, removals.highest.get(&ns).copied())
     }
 
-    /// Records a commit that removed facts of `ns`, up to epoch `highest`.
-    pub(crate) fn removed(&self, ns: JournalNamespace, highest: Epoch) {
+    /// Records a commit that removed facts of `ns`, up to epoch `highest` (through
+    /// [`Store::committed`]).
+    pub(crate) fn record_removal(&self, ns: JournalNamespace, highest: Epoch) {
         let mut removals = self.lock_removals();
         removals.commits += 1;
         let h = removals.highest.entry(ns).or_insert(highest);

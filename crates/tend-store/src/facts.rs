@@ -329,12 +329,22 @@ impl Store {
         Ok((doomed.len() as u64, highest))
     }
 
-    /// Forgets the prefix digests that cover facts just added or removed, after the
-    /// commit (see [`crate::digests`]).
-    pub(crate) fn touched(&self, spans: &[(JournalNamespace, (Epoch, Epoch))]) {
+    /// After a commit that added or removed facts: forgets the prefix digests covering
+    /// the epochs it changed (`spans`, see [`crate::digests`]) and records the removals
+    /// (`removed`: each namespace that lost facts, up to which epoch; see
+    /// [`Store::removals`]). Every such commit calls this once, so neither is forgotten.
+    pub(crate) fn committed(
+        &self,
+        spans: &[(JournalNamespace, (Epoch, Epoch))],
+        removed: &[(JournalNamespace, Epoch)],
+    ) {
         let mut memo = self.lock_digests();
         for &(ns, (lowest, highest)) in spans {
             memo.touched(ns, lowest, highest);
+        }
+        drop(memo);
+        for &(ns, highest) in removed {
+            self.record_removal(ns, highest);
         }
     }
 
@@ -535,10 +545,7 @@ impl Store {
             last_change = changes.finish(self)?;
         }
         tx.commit().map_err(|e| self.err(e))?;
-        self.touched(&touched);
-        for (ns, highest) in removed {
-            self.removed(ns, highest);
-        }
+        self.committed(&touched, &removed);
         writer.authors.extend(new_authors);
         let mut states = self.lock_states();
         for (ns, s) in new_states {
@@ -619,8 +626,7 @@ impl Store {
             dropped = doomed.into_iter().map(|(_, f)| f).collect();
         }
         tx.commit().map_err(|e| self.err(e))?;
-        self.touched(&[(ns, (Epoch::ZERO, below))]);
-        self.removed(ns, below);
+        self.committed(&[(ns, (Epoch::ZERO, below))], &[(ns, below)]);
         self.lock_states().insert(ns, state);
         Ok(dropped)
     }
@@ -674,8 +680,7 @@ impl Store {
         if dropped > 0 {
             let lowest = keys.iter().map(|k| k.0).min().unwrap_or(Epoch::ZERO);
             let highest = keys.iter().map(|k| k.0).max().unwrap_or(Epoch::ZERO);
-            self.touched(&[(ns, (lowest, highest))]);
-            self.removed(ns, highest);
+            self.committed(&[(ns, (lowest, highest))], &[(ns, highest)]);
             self.app_forget(ns);
         }
         Ok(dropped)

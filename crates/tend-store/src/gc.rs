@@ -92,7 +92,7 @@ impl Store {
         // With every application fact below the floor live, only maintenance facts leave
         // the index, and the maintenance table keeps them: no blob kept by reference
         // loses one.
-        if !dry_run && matches!(live, Live::Set(_)) {
+        if !dry_run && matches!(live.live, Live::Set(_)) {
             // A blob kept by reference that names a fact about to go is turned back into
             // bytes first (unless it goes too).
             let ns_no = {
@@ -117,14 +117,13 @@ impl Store {
         {
             let mut namespaces = tx.open_table(NAMESPACES).map_err(|e| self.err(e))?;
             let mut facts = tx.open_table(FACTS).map_err(|e| self.err(e))?;
-            if let (Some(mut rec), Live::AllBut { kept, going }) =
-                (self.ns_record(&namespaces, &ns)?, &live)
-            {
+            let rec = self.ns_record(&namespaces, &ns)?;
+            if let (Some(mut rec), Live::All { kept }) = (rec, &live.live) {
                 // Only maintenance facts go, and they are few: no walk of the million
                 // facts kept. Their entries in the changes feed stay (readers skip an
                 // entry whose fact is gone) until a pruning that walks the feed.
                 report.live_kept = *kept;
-                for (epoch, id) in going {
+                for (epoch, id) in &live.maintenance {
                     let key = codec::fact_key(rec.no, *epoch, id);
                     let len = if dry_run {
                         facts
@@ -149,7 +148,7 @@ impl Store {
                         .insert(&ns.to_bytes(), &rec.to_bytes())
                         .map_err(|e| self.err(e))?;
                 }
-            } else if let Some(mut rec) = self.ns_record(&namespaces, &ns)? {
+            } else if let Some(mut rec) = rec {
                 let start = codec::epoch_start(rec.no, Epoch::ZERO);
                 let end = codec::epoch_start(rec.no, floor);
                 for item in facts
@@ -165,20 +164,8 @@ impl Store {
                     report.facts += 1;
                     report.fact_bytes += (codec::KEY_LEN + v.value().len()) as u64;
                 }
-                // The maintenance table is small: count its facts still in this range.
-                let maint = tx
-                    .open_table(crate::store::MAINT)
-                    .map_err(|e| self.err(e))?;
-                for item in maint
-                    .range::<&FactKey>(&start..&end)
-                    .map_err(|e| self.err(e))?
-                {
-                    let (k, _) = item.map_err(|e| self.err(e))?;
-                    if facts.get(k.value()).map_err(|e| self.err(e))?.is_some() {
-                        report.maintenance += 1;
-                    }
-                }
-                drop(maint);
+                // Counted under the same writer lock: still exactly these.
+                report.maintenance = live.maintenance.len() as u64;
                 if !dry_run && report.facts > 0 {
                     facts
                         .retain_in::<&FactKey, _>(&start..&end, |k, _| {
@@ -239,8 +226,7 @@ impl Store {
         } else {
             tx.commit().map_err(|e| self.err(e))?;
             let highest = Epoch(floor.0.saturating_sub(1));
-            self.touched(&[(ns, (Epoch::ZERO, highest))]);
-            self.removed(ns, highest);
+            self.committed(&[(ns, (Epoch::ZERO, highest))], &[(ns, highest)]);
             // The cached state is still right, but holds what the pruned application facts
             // superseded (maintenance facts are not in it).
             if report.facts > report.maintenance {
@@ -250,17 +236,17 @@ impl Store {
         Ok(report)
     }
 
-    /// The live set below `floor` ([`Store::live_below`]), or [`Live::AllBut`] when every
-    /// application fact stored below it is live, told by counting: then only maintenance
-    /// facts leave the index (the first GC after a snapshot of live records, a device that
-    /// has just hydrated, GC run again), and a million live keys are not listed for
-    /// nothing.
+    /// What stays below `floor`: the live set ([`Store::live_below`]), or [`Live::All`]
+    /// when every application fact stored below it is live, told by counting: then only
+    /// maintenance facts leave the index (the first GC after a snapshot of live records, a
+    /// device that has just hydrated, GC run again), and a million live keys are not
+    /// listed for nothing.
     fn live_below_or_all(
         &self,
         ns: JournalNamespace,
         app: &tend_core::AppState,
         floor: Epoch,
-    ) -> Result<Live, StoreError> {
+    ) -> Result<Below, StoreError> {
         // A fact below the floor that is live in the whole journal's state is live in the
         // prefix's too (the prefix has fewer writes to supersede or trim it, and lower
         // cache floors), and the prefix's live facts are stored facts below the floor: if
@@ -272,14 +258,13 @@ impl Store {
             item?;
             stored += 1;
         }
-        let going = self.maintenance_in_index(ns, floor)?;
-        if stored == live + going.len() {
-            return Ok(Live::AllBut {
-                kept: live as u64,
-                going,
-            });
-        }
-        Ok(Live::Set(self.live_below_under(ns, floor, &floors)?))
+        let maintenance = self.maintenance_in_index(ns, floor)?;
+        let live = if stored == live + maintenance.len() {
+            Live::All { kept: live as u64 }
+        } else {
+            Live::Set(self.live_below_under(ns, floor, &floors)?)
+        };
+        Ok(Below { live, maintenance })
     }
 
     /// The maintenance facts below `floor` still in the journal index: pruning takes them
@@ -349,21 +334,24 @@ impl Store {
 
 /// The facts below the floor that GC keeps.
 enum Live {
-    /// Every stored one (`kept` of them) but the maintenance facts `going`, which the
-    /// maintenance table keeps.
-    AllBut {
-        kept: u64,
-        going: std::collections::BTreeSet<(Epoch, tend_core::FactId)>,
-    },
+    /// Every stored one (`kept` of them) but the maintenance facts.
+    All { kept: u64 },
     /// These.
     Set(std::collections::BTreeSet<(Epoch, tend_core::FactId)>),
 }
 
-impl Live {
+/// Below the floor: what stays, and the maintenance facts still in the index, which go
+/// (the maintenance table keeps them).
+struct Below {
+    live: Live,
+    maintenance: std::collections::BTreeSet<(Epoch, tend_core::FactId)>,
+}
+
+impl Below {
     fn contains(&self, key: &(Epoch, tend_core::FactId)) -> bool {
-        match self {
-            Self::AllBut { going, .. } => !going.contains(key),
-            Self::Set(set) => set.contains(key),
+        match &self.live {
+            Live::All { .. } => !self.maintenance.contains(key),
+            Live::Set(set) => set.contains(key),
         }
     }
 }

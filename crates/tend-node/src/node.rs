@@ -2430,3 +2430,95 @@ async fn round_loop(node: Node) {
         node.sync_now().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tend_core::authority::{AuthorityFact, MembershipChange};
+    use tend_core::{GroupKey, Payload, UnsignedFact, VerifiedFact};
+
+    fn all_facts(device: &Device) -> Vec<VerifiedFact> {
+        let ns = device.namespace();
+        let store = device.store();
+        store
+            .scan(ns, ..)
+            .expect("scan")
+            .chain(store.scan_maintenance(ns).expect("scan"))
+            .map(|f| f.expect("fact").verify().expect("verify"))
+            .collect()
+    }
+
+    /// A device that has run sessions in its own journal and then joins an authority
+    /// offers that authority's facts, including those stored before it switched: the
+    /// items it last offered belong to the other journal and are not followed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn session_items_belong_to_the_journal_the_device_is_in() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut rng = rand::thread_rng();
+        let config = NodeConfig {
+            control_socket: false,
+            ..NodeConfig::default()
+        };
+        let node = Node::start(
+            Device::init(&dir.path().join("joiner"), &mut rng).expect("init"),
+            config,
+        )
+        .await
+        .expect("start");
+        let solo = node.device().namespace();
+        let (_, before) = node.inner.session_inputs(None).expect("items");
+        assert!(!before.is_empty(), "the solo journal's genesis");
+
+        // An admin's authority adds this device; its facts arrive before the switch.
+        let admin = Device::init(&dir.path().join("admin"), &mut rng).expect("init");
+        let authority = admin.namespace();
+        let mut members = vec![admin.device_id(), node.device().device_id()];
+        members.sort();
+        admin
+            .write(UnsignedFact {
+                namespace: authority,
+                epoch: Epoch(1),
+                payload: Payload::Authority(AuthorityFact::MembershipChanged(MembershipChange {
+                    identity_epoch: 1,
+                    members,
+                    threshold: 1,
+                    group_key: GroupKey(admin.device_id().0),
+                })),
+            })
+            .expect("membership");
+        for i in 0..5 {
+            admin.add_application_fact("notes", &[i]).expect("append");
+        }
+        let facts = all_facts(&admin);
+        let report = node.device().store().insert_batch(&facts).expect("insert");
+        assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+        node.device().adopt_namespace(authority).expect("adopt");
+        assert_ne!(solo, authority);
+
+        let (_, after) = node.inner.session_inputs(None).expect("items");
+        let expected: Vec<SyncItem> = node
+            .device()
+            .store()
+            .items(authority, ..)
+            .expect("items")
+            .map(|i| {
+                let (epoch, id) = i.expect("item");
+                SyncItem { epoch, id }
+            })
+            .collect();
+        assert_eq!(tend_sync::OrderedItems::namespace(&*after), authority);
+        assert_eq!(after.contiguous(), Some(expected.as_slice()));
+        for f in &facts {
+            let item = SyncItem {
+                epoch: f.epoch(),
+                id: f.id(),
+            };
+            assert!(
+                expected.binary_search(&item).is_ok(),
+                "{} is offered",
+                f.id()
+            );
+        }
+        node.shutdown().await;
+    }
+}

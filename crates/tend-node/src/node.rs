@@ -862,7 +862,7 @@ impl Node {
         }
         let now = inner.now();
         let actions = {
-            let mut m = lock(&inner.manager);
+            let mut m = inner.lock_sessions();
             let ids: Vec<SessionId> = lock(&inner.routes).keys().copied().collect();
             let mut out = Vec::new();
             for id in ids {
@@ -1051,6 +1051,18 @@ impl SessionIndex for Inner {
 }
 
 impl Inner {
+    /// The session manager, locked. Its holder may be waiting for the store's writer lock
+    /// (a frame's facts being written while GC prunes), so a caller that finds it taken
+    /// waits as a blocking call: on an async worker the runtime hands that worker's other
+    /// tasks to another thread rather than stall with it.
+    fn lock_sessions(&self) -> MutexGuard<'_, SessionManager> {
+        match self.manager.try_lock() {
+            Ok(m) => m,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => blocking(|| lock(&self.manager)),
+        }
+    }
+
     fn now(&self) -> Duration {
         self.start.elapsed()
     }
@@ -1420,7 +1432,7 @@ impl Inner {
 
     fn after_local_write(&self) {
         let actions = {
-            let mut m = lock(&self.manager);
+            let mut m = self.lock_sessions();
             self.check_rules(&mut m)
         };
         self.dispatch(actions);
@@ -1440,7 +1452,7 @@ impl Inner {
         loop {
             let now = self.now();
             let admit = {
-                let mut m = lock(&self.manager);
+                let mut m = self.lock_sessions();
                 let admit = m.admit_incoming(peer, len, now, &mut ticket);
                 for (what, n) in m.take_limited() {
                     self.metrics.limited(&what, n);
@@ -1479,7 +1491,7 @@ impl Inner {
         let now = self.now();
         let started = Instant::now();
         let actions = {
-            let mut m = lock(&self.manager);
+            let mut m = self.lock_sessions();
             let locked = started.elapsed();
             let mut replica = self.replica();
             let mut host = Admission::new(&mut replica);
@@ -1503,7 +1515,7 @@ impl Inner {
     fn poll(&self) {
         let now = self.now();
         let actions = {
-            let mut m = lock(&self.manager);
+            let mut m = self.lock_sessions();
             let mut replica = self.replica();
             let mut host = Admission::new(&mut replica);
             let mut actions = m.poll(now, &mut host);
@@ -1516,7 +1528,7 @@ impl Inner {
     /// Ends session `sid` from our side.
     fn close(&self, sid: SessionId) {
         let now = self.now();
-        let actions = lock(&self.manager).close(now, sid);
+        let actions = self.lock_sessions().close(now, sid);
         self.dispatch(actions);
     }
 
@@ -1964,7 +1976,7 @@ enum InitiateError {
 
 /// Whether this node has a session slot for `peer`; if not, why not (counted as skipped).
 fn room_for(inner: &Inner, peer: &DeviceId) -> Result<(), InitiateError> {
-    let m = lock(&inner.manager);
+    let m = inner.lock_sessions();
     if m.has_room_for(peer) {
         return Ok(());
     }
@@ -1981,7 +1993,7 @@ fn room_for(inner: &Inner, peer: &DeviceId) -> Result<(), InitiateError> {
 /// for minutes while this device's round starts). Opened after it, ours finds what is
 /// left. The bound keeps a peer that opens sessions back to back from holding a round.
 async fn wait_for_sessions_with(inner: &Inner, peer: &DeviceId, until: Instant) {
-    while lock(&inner.manager).active_with(peer) > 0
+    while inner.lock_sessions().active_with(peer) > 0
         && Instant::now() < until
         && !inner.closing.load(Ordering::SeqCst)
     {
@@ -2080,7 +2092,7 @@ async fn initiate(
         // wait starts over.
         let opened = {
             let now = inner.now();
-            let mut m = lock(&inner.manager);
+            let mut m = inner.lock_sessions();
             if m.active_with(&peer.device) > 0
                 && Instant::now() < until
                 && !inner.closing.load(Ordering::SeqCst)
@@ -2264,7 +2276,7 @@ async fn respond(
     let (tx, rx) = mpsc::unbounded_channel();
     let now = inner.now();
     let accepted = {
-        let mut m = lock(&inner.manager);
+        let mut m = inner.lock_sessions();
         // Rate and room first: a refused attempt costs no store scan.
         match m.admit_session(now, peer) {
             Err(ManagerError::AtCapacity { refusal, .. }) => {
@@ -2314,7 +2326,7 @@ async fn respond(
     let (sid, actions) = match accepted {
         Ok(x) => x,
         Err(refusal) => {
-            for (what, n) in lock(&inner.manager).take_limited() {
+            for (what, n) in inner.lock_sessions().take_limited() {
                 inner.metrics.limited(&what, n);
             }
             if let Some((reason, bytes, hold)) = refusal {

@@ -1,0 +1,62 @@
+//! What checking a received fact costs: one `VerifiedFact::decode` (canonical decoding and
+//! an Ed25519 `verify_strict`) on one core, and `decode_batch` of 512 facts (a sync
+//! `Facts` batch) on every core. This is the ceiling of a catch-up without a snapshot and
+//! of backup verification: every fact's signature is checked once.
+//!
+//! `cargo bench -p tend-core --bench verify`.
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use ed25519_dalek::SigningKey;
+use tend_core::{ContextId, Epoch, JournalNamespace, Payload, UnsignedFact, VerifiedFact};
+
+/// 512 facts of about 200 bytes by three authors, as a sync batch carries them.
+fn batch(timed: bool) -> Vec<Vec<u8>> {
+    let keys: Vec<SigningKey> = (1..=3u8)
+        .map(|i| SigningKey::from_bytes(&[i; 32]))
+        .collect();
+    (0..512u32)
+        .map(|i| {
+            let f = UnsignedFact {
+                namespace: JournalNamespace::Context(ContextId([9; 32])),
+                epoch: Epoch(7),
+                payload: Payload::Application {
+                    kind: "bench".into(),
+                    data: vec![i as u8; 60],
+                },
+            };
+            let key = &keys[i as usize % keys.len()];
+            let f = match timed {
+                true => f.sign_timed(key, 1_765_000_000_000 + u64::from(i)),
+                false => f.sign(key),
+            };
+            f.bytes().to_vec()
+        })
+        .collect()
+}
+
+fn verify(c: &mut Criterion) {
+    let mut g = c.benchmark_group("verify");
+    for (name, timed) in [("untimed", false), ("timed", true)] {
+        let facts = batch(timed);
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(format!("decode_one_{name}"), |b| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % facts.len();
+                VerifiedFact::decode(&facts[i]).expect("valid")
+            })
+        });
+        g.throughput(Throughput::Elements(facts.len() as u64));
+        g.bench_function(format!("decode_batch_512_{name}"), |b| {
+            b.iter_batched(
+                || facts.clone(),
+                |facts| VerifiedFact::decode_batch(&facts),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, verify);
+criterion_main!(benches);

@@ -529,8 +529,9 @@ impl VerifiedFact {
     }
 
     /// Decodes a fact this device verified before it stored it, read back from its own
-    /// store, which checks every fact it reads against its id (BLAKE3 of these bytes): every
-    /// check of [`VerifiedFact::decode`] but the signature, which was checked on the way in.
+    /// store, which checks every fact it reads against its id ([`FactId::of`] these
+    /// bytes): every check of [`VerifiedFact::decode`] but the signature, which was
+    /// checked on the way in.
     /// Only for a store's own read path (building a snapshot blob of a million facts must not
     /// verify a million signatures again); anything that crosses a trust boundary goes
     /// through [`VerifiedFact::decode`].

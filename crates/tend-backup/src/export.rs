@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tend_core::journal::DigestBuilder;
-use tend_core::maintenance::MaintenanceFact;
+use tend_core::maintenance::{CertifiedBlob, MaintenanceFact};
 use tend_core::{ContentId, Epoch, FactId, JournalNamespace, MaintenanceState, Payload};
-use tend_snapshot::blob::read_blob;
+use tend_snapshot::blob::{stream_blob_facts, BlobTrust};
 use tend_store::{BlobReader, Store, StoreError};
 
 use crate::error::BackupError;
@@ -408,6 +408,8 @@ struct SnapshotParts {
     /// The completion's fact id.
     completion: FactId,
     cid: ContentId,
+    /// The blob as the verified completion certifies it.
+    certified: CertifiedBlob,
     blob_cid: String,
     digest: String,
     completion_id: String,
@@ -421,24 +423,43 @@ fn write_snapshot<W: Write>(
     s: &SnapshotParts,
     blob: &mut BlobReader,
 ) -> Result<(u64, u64, u64), BackupError> {
-    // One pass over the blob checks it once more (its structure, its facts verify, its
-    // state digest holds; the store checked the CID), so a damaged blob fails here rather
-    // than at restore time, and yields its facts for the prefix member: they come after
-    // the items inside the blob, and a reader needs them first to check the blob in one
-    // pass. The item list is only counted, never decoded into memory. (That each fact is
-    // among the items needs the facts ahead; the reader checks it.)
-    let summary = read_blob(&mut *blob, None).map_err(tend_snapshot::HydrateError::from)?;
-    let mut prefix = Vec::new();
-    for f in &summary.facts {
-        frame(&mut prefix, f.bytes());
-    }
-    w.append(member::PREFIX, &prefix)?;
+    // One pass over the blob checks it once more (its structure, its state digest, that it
+    // hashes to the certified CID; the store checked the CID too), so a damaged blob
+    // fails here rather than at restore time, and yields its facts for the prefix member:
+    // they come after the items inside the blob, and a reader needs them first to check
+    // the blob in one pass. The completion's threshold signature vouches for every fact,
+    // so none is verified again (a million Ed25519 checks took most of an export), and
+    // they go to a scratch file as they stream by: a blob of a million live records is
+    // never held in memory. (That each fact is among the items needs the facts ahead;
+    // the reader checks it.)
+    let mut scratch = BufWriter::new(tempfile::tempfile().map_err(damaged_out)?);
+    let mut prefix_len = 0u64;
+    let mut framed = Vec::new();
+    let summary = stream_blob_facts(
+        &mut *blob,
+        BlobTrust::Certified(&s.certified),
+        10_000,
+        |facts| -> Result<(), BackupError> {
+            for f in facts {
+                framed.clear();
+                frame(&mut framed, f.bytes());
+                prefix_len += framed.len() as u64;
+                scratch.write_all(&framed).map_err(damaged_out)?;
+            }
+            Ok(())
+        },
+    )?;
+    let mut scratch = scratch
+        .into_inner()
+        .map_err(|e| damaged_out(e.into_error()))?;
+    io::Seek::rewind(&mut scratch).map_err(damaged_out)?;
+    w.append_reader(member::PREFIX, prefix_len, scratch)?;
     w.append(member::ANCHOR, &s.anchor)?;
     // The second pass, in the same read transaction, straight into the archive.
     blob.rewind();
     let len = blob.len();
     w.append_reader(member::BLOB, len, blob)?;
-    Ok((summary.items, summary.facts.len() as u64, len))
+    Ok((summary.items, summary.fact_count, len))
 }
 
 fn snapshot_parts(
@@ -486,6 +507,7 @@ fn snapshot_parts(
         anchor_ids,
         completion: completion.id,
         cid,
+        certified: latest.certified,
         blob_cid: cid.to_string(),
         digest: latest.snapshot.digest.to_string(),
         completion_id: completion.id.to_string(),

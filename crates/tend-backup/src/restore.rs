@@ -655,32 +655,11 @@ fn read_raw_frame(
 /// Verifies a batch of facts on every core (signature checks dominate a restore), in
 /// order; the error names the first fact that fails.
 fn decode_parallel(raw: &[Vec<u8>]) -> Result<Vec<VerifiedFact>, (usize, DecodeError)> {
-    let decode_run = |offset: usize, run: &[Vec<u8>]| {
-        run.iter()
-            .enumerate()
-            .map(|(i, b)| VerifiedFact::decode(b).map_err(|e| (offset + i, e)))
-            .collect::<Result<Vec<_>, _>>()
-    };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    if threads < 2 || raw.len() < 512 {
-        return decode_run(0, raw);
-    }
-    let per = raw.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = raw
-            .chunks(per)
-            .enumerate()
-            .map(|(k, run)| s.spawn(move || decode_run(k * per, run)))
-            .collect();
-        let mut out = Vec::with_capacity(raw.len());
-        for (k, h) in handles.into_iter().enumerate() {
-            let part = h.join().unwrap_or_else(|_| {
-                Err((k * per, DecodeError::Malformed("the decoder failed".into())))
-            })?;
-            out.extend(part);
-        }
-        Ok(out)
-    })
+    VerifiedFact::decode_batch(raw)
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.map_err(|e| (i, e)))
+        .collect()
 }
 
 /// Verifies the snapshot and hydrates from it: the group key comes from the membership

@@ -662,6 +662,30 @@ fn decode_parallel(raw: &[Vec<u8>]) -> Result<Vec<VerifiedFact>, (usize, DecodeE
         .collect()
 }
 
+/// Stores checked tail facts in one transaction; a refusal means the archive and the
+/// replayed state disagree.
+fn store_batch(store: &Store, batch: &[VerifiedFact]) -> Result<(), BackupError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let report = store.insert_batch(batch)?;
+    match report.rejected.first() {
+        Some(r) => Err(BackupError::RestoreMismatch(format!(
+            "the store refused fact {}: {}",
+            r.id, r.error
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn join_storing(
+    handle: std::thread::ScopedJoinHandle<'_, Result<(), BackupError>>,
+) -> Result<(), BackupError> {
+    handle
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
 /// Verifies the snapshot and hydrates from it: the group key comes from the membership
 /// chain of the blob's own facts (`prefix`, carried ahead of the blob), followed through
 /// the anchor's state facts up to the completion; nothing in the archive's header or
@@ -971,51 +995,71 @@ impl Replay {
         &self.state
     }
 
-    /// Streams the framed facts of one tail chunk.
+    /// Streams the framed facts of one tail chunk. In a restore, each full batch is
+    /// stored on a thread of its own while the next one is read and verified: the store
+    /// writes on one core, verification on all of them.
     fn read_chunk(
         &mut self,
         r: &mut impl Read,
         name: &str,
         store: Option<&Store>,
     ) -> Result<(), BackupError> {
-        // Bounded batches: at most BATCH_FACTS facts or BATCH_BYTES bytes are held,
-        // whatever the member's size.
-        let mut index = 0u64;
-        loop {
-            let mut raw = Vec::new();
-            let mut bytes = 0;
-            while raw.len() < BATCH_FACTS && bytes < BATCH_BYTES {
-                match read_raw_frame(r, name, index + raw.len() as u64)? {
-                    Some(b) => {
-                        bytes += b.len();
-                        raw.push(b);
+        std::thread::scope(|scope| {
+            let mut storing: Option<std::thread::ScopedJoinHandle<'_, _>> = None;
+            // Bounded batches: at most BATCH_FACTS facts or BATCH_BYTES bytes are read at
+            // once, and one batch more is being stored, whatever the member's size.
+            let mut index = 0u64;
+            loop {
+                let mut raw = Vec::new();
+                let mut bytes = 0;
+                while raw.len() < BATCH_FACTS && bytes < BATCH_BYTES {
+                    match read_raw_frame(r, name, index + raw.len() as u64)? {
+                        Some(b) => {
+                            bytes += b.len();
+                            raw.push(b);
+                        }
+                        None => break,
                     }
-                    None => break,
+                }
+                if raw.is_empty() {
+                    break;
+                }
+                let n = raw.len() as u64;
+                let facts = decode_parallel(&raw).map_err(|(i, source)| BackupError::BadFact {
+                    member: name.into(),
+                    index: index + i as u64,
+                    source,
+                })?;
+                drop(raw);
+                for (i, fact) in facts.into_iter().enumerate() {
+                    self.push(fact, name, index + i as u64, store.is_some())?;
+                }
+                index += n;
+                if let Some(store) = store {
+                    if self.batch.len() >= BATCH_FACTS || self.batch_bytes >= BATCH_BYTES {
+                        let batch = std::mem::take(&mut self.batch);
+                        self.batch_bytes = 0;
+                        if let Some(previous) = storing.take() {
+                            join_storing(previous)?;
+                        }
+                        storing = Some(scope.spawn(move || store_batch(store, &batch)));
+                    }
                 }
             }
-            if raw.is_empty() {
-                return Ok(());
+            match storing {
+                Some(last) => join_storing(last),
+                None => Ok(()),
             }
-            let n = raw.len() as u64;
-            let facts = decode_parallel(&raw).map_err(|(i, source)| BackupError::BadFact {
-                member: name.into(),
-                index: index + i as u64,
-                source,
-            })?;
-            drop(raw);
-            for (i, fact) in facts.into_iter().enumerate() {
-                self.push(fact, name, index + i as u64, store)?;
-            }
-            index += n;
-        }
+        })
     }
 
+    /// Checks a tail fact and folds it in; keeps it for the store when `keep`.
     fn push(
         &mut self,
         f: VerifiedFact,
         name: &str,
         index: u64,
-        store: Option<&Store>,
+        keep: bool,
     ) -> Result<(), BackupError> {
         if f.namespace() != self.ns {
             return Err(BackupError::WrongNamespace {
@@ -1050,27 +1094,15 @@ impl Replay {
         self.min_epoch.get_or_insert(f.epoch().0);
         self.max_epoch = Some(f.epoch().0);
         self.expected_anchor.remove(&f.id());
-        if let Some(store) = store {
+        if keep {
             self.batch_bytes += f.bytes().len();
             self.batch.push(f);
-            if self.batch.len() >= BATCH_FACTS || self.batch_bytes >= BATCH_BYTES {
-                self.flush(store)?;
-            }
         }
         Ok(())
     }
 
     fn flush(&mut self, store: &Store) -> Result<(), BackupError> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        let report = store.insert_batch(&self.batch)?;
-        if let Some(r) = report.rejected.first() {
-            return Err(BackupError::RestoreMismatch(format!(
-                "the store refused fact {}: {}",
-                r.id, r.error
-            )));
-        }
+        store_batch(store, &self.batch)?;
         self.batch.clear();
         self.batch_bytes = 0;
         Ok(())

@@ -269,7 +269,7 @@ impl UnsignedFact {
     /// assert_eq!(tend_core::VerifiedFact::decode(fact.bytes()).unwrap().id(), fact.id());
     /// ```
     pub fn sign(self, key: &SigningKey) -> VerifiedFact {
-        self.sign_as(key, None)
+        self.sign_with(key, None)
     }
 
     /// Signs the fact in the timed format (2), stamped with `time_ms`, the author's clock in
@@ -292,10 +292,12 @@ impl UnsignedFact {
     /// assert_eq!(tend_core::VerifiedFact::decode(later.bytes()).unwrap().time_ms(), Some(2_000));
     /// ```
     pub fn sign_timed(self, key: &SigningKey, time_ms: u64) -> VerifiedFact {
-        self.sign_as(key, Some(time_ms))
+        self.sign_with(key, Some(time_ms))
     }
 
-    fn sign_as(self, key: &SigningKey, time_ms: Option<u64>) -> VerifiedFact {
+    /// [`UnsignedFact::sign_timed`] when `time_ms` is given, else [`UnsignedFact::sign`]:
+    /// for a writer that decides per batch whether every member reads timed facts.
+    pub fn sign_with(self, key: &SigningKey, time_ms: Option<u64>) -> VerifiedFact {
         let author = DeviceId(key.verifying_key().to_bytes());
         let (tag, body) = self.payload.to_tag_body();
         let msg = signing_message(&self.namespace, self.epoch, &author, time_ms, tag, &body);
@@ -336,33 +338,17 @@ fn signing_message(
     body: &[u8],
 ) -> Vec<u8> {
     let body = Bytes::new(body);
-    match time_ms {
-        None => {
-            let mut msg = SIGNING_DOMAIN.to_vec();
-            msg.extend_from_slice(&to_canonical(&(
-                FACT_FORMAT_VERSION,
-                ns,
-                epoch,
-                author,
-                tag,
-                body,
-            )));
-            msg
-        }
-        Some(t) => {
-            let mut msg = TIMED_SIGNING_DOMAIN.to_vec();
-            msg.extend_from_slice(&to_canonical(&(
-                TIMED_FACT_FORMAT,
-                t,
-                ns,
-                epoch,
-                author,
-                tag,
-                body,
-            )));
-            msg
-        }
-    }
+    let (domain, unsigned) = match time_ms {
+        None => (
+            SIGNING_DOMAIN,
+            to_canonical(&(FACT_FORMAT_VERSION, ns, epoch, author, tag, body)),
+        ),
+        Some(t) => (
+            TIMED_SIGNING_DOMAIN,
+            to_canonical(&(TIMED_FACT_FORMAT, t, ns, epoch, author, tag, body)),
+        ),
+    };
+    [domain, &unsigned].concat()
 }
 
 /// The author's clock of format-2 fact bytes, read from their fixed start

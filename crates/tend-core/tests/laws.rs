@@ -250,32 +250,16 @@ fn the_time_of_a_timed_fact_is_signed() {
     let (tag, body) = x.payload.to_tag_body();
     let body = serde_bytes::Bytes::new(&body);
     let sig = serde_bytes::Bytes::new(&x.signature);
-    let moved = to_canonical(&(
-        2u64,
-        1_765_000_000_001u64,
-        x.namespace,
-        x.epoch,
-        x.author,
-        tag,
-        body,
-        sig,
-    ));
+    let timed_at =
+        |t: u64| to_canonical(&(2u64, t, x.namespace, x.epoch, x.author, tag, body, sig));
+    let moved = timed_at(1_765_000_000_001);
     assert_eq!(VerifiedFact::decode(&moved), Err(DecodeError::BadSignature));
     let untimed = to_canonical(&(1u64, x.namespace, x.epoch, x.author, tag, body, sig));
     assert_eq!(
         VerifiedFact::decode(&untimed),
         Err(DecodeError::BadSignature)
     );
-    let same = to_canonical(&(
-        2u64,
-        1_765_000_000_000u64,
-        x.namespace,
-        x.epoch,
-        x.author,
-        tag,
-        body,
-        sig,
-    ));
+    let same = timed_at(1_765_000_000_000);
     assert_eq!(VerifiedFact::decode(&same).map(|g| g.id()), Ok(f.id()));
 }
 

@@ -323,11 +323,8 @@ impl Device {
             epoch: state.current_epoch(),
             payload,
         };
-        let key = self.key.signing_key();
-        self.store_signed(match state.timed_facts_readable() {
-            true => fact.sign_timed(key, crate::write::now_ms()),
-            false => fact.sign(key),
-        })
+        let time_ms = state.timed_facts_readable().then(crate::write::now_ms);
+        self.store_signed(fact.sign_with(self.key.signing_key(), time_ms))
     }
 
     /// Signs a fact exactly as given (its namespace and epoch chosen by the caller, e.g. the

@@ -230,10 +230,7 @@ impl<'d> WritePlan<'d> {
         let pending = std::mem::take(&mut self.unsigned);
         let key = self.device.key().signing_key();
         let time_ms = self.time_ms;
-        let sign = move |f: UnsignedFact| match time_ms {
-            Some(t) => f.sign_timed(key, t),
-            None => f.sign(key),
-        };
+        let sign = move |f: UnsignedFact| f.sign_with(key, time_ms);
         let threads = signing_threads();
         if threads < 2 || pending.len() < PARALLEL_SIGN_MIN {
             self.signed.extend(pending.into_iter().map(sign));

@@ -67,6 +67,10 @@ pub fn context(n: u8) -> JournalNamespace {
 }
 
 pub fn app(ns: JournalNamespace, epoch: u64, k: &SigningKey, data: &[u8]) -> VerifiedFact {
+    note(ns, epoch, data).sign(k)
+}
+
+fn note(ns: JournalNamespace, epoch: u64, data: &[u8]) -> UnsignedFact {
     UnsignedFact {
         namespace: ns,
         epoch: Epoch(epoch),
@@ -75,7 +79,6 @@ pub fn app(ns: JournalNamespace, epoch: u64, k: &SigningKey, data: &[u8]) -> Ver
             data: data.to_vec(),
         },
     }
-    .sign(k)
 }
 
 /// [`app`] in the timed fact format, written at `time_ms`.
@@ -86,15 +89,7 @@ pub fn app_timed(
     data: &[u8],
     time_ms: u64,
 ) -> VerifiedFact {
-    UnsignedFact {
-        namespace: ns,
-        epoch: Epoch(epoch),
-        payload: Payload::Application {
-            kind: "note".into(),
-            data: data.to_vec(),
-        },
-    }
-    .sign_timed(k, time_ms)
+    note(ns, epoch, data).sign_timed(k, time_ms)
 }
 
 /// `trim("note", before (before_epoch, 0))`: every entry of the `app` log below that epoch

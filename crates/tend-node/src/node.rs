@@ -187,6 +187,10 @@ struct ItemsCache {
 /// changes feed; more (a catch-up) are read afresh from the index.
 const FOLLOWED_CHANGES: u64 = 100_000;
 
+/// The longest the peer table goes without a durable write of its own
+/// ([`Inner::persist_peers`]).
+const PEERS_DURABLE_EVERY: Duration = Duration::from_secs(30);
+
 struct Inner {
     device: Arc<Device>,
     /// Snapshot ceremonies and key generation over `tend/maint/1`.
@@ -209,6 +213,8 @@ struct Inner {
     /// (every admission appends a change) or the floor moves, and then bring them up to
     /// date from the changes feed, instead of reading a million items each.
     items_cache: Mutex<Option<ItemsCache>>,
+    /// When the peer table was last written durably.
+    peers_durable_at: Mutex<Option<Instant>>,
     /// The identity epoch sessions were last told about.
     identity_epoch: AtomicU64,
     /// Each peer's GC floor (latest verified snapshot epoch) as of its last handshake:
@@ -334,6 +340,7 @@ impl Node {
             sources: Mutex::new(sources),
             offered: Mutex::new(Vec::new()),
             items_cache: Mutex::new(None),
+            peers_durable_at: Mutex::new(None),
             identity_epoch: AtomicU64::new(state.identity_epoch()),
             peer_floors: Mutex::new(HashMap::new()),
             awaiting_accept: Mutex::new(HashMap::new()),
@@ -873,6 +880,10 @@ impl Node {
         inner.dispatch(actions);
         for t in lock(&inner.tasks).drain(..) {
             t.abort();
+        }
+        let records = lock(&inner.peers).manager.records();
+        if let Err(e) = crate::peer_table::save_records(inner.store(), records, true) {
+            tracing::warn!("cannot persist the peer table: {e}");
         }
         // An automatic GC in progress holds the store: let it finish, so the store can be
         // reopened once this returns.
@@ -1627,10 +1638,21 @@ impl Inner {
     }
 
     /// Writes the peer table, so scores, statuses and sync times survive a restart.
-    /// Takes the records rather than the book, so the durable write happens after the
-    /// peer lock is released.
+    /// Takes the records rather than the book, so the write happens after the peer lock
+    /// is released. Sessions end every few seconds, and an fsync each time was a
+    /// sizeable part of a busy fleet's work: the table is written durably at most every
+    /// [`PEERS_DURABLE_EVERY`] (and at shutdown), and in between it rides on the store's
+    /// next durable commit, so a crash loses at most that much of its history.
     fn persist_peers(&self, records: Vec<(DeviceId, tend_sync::PeerRecord)>) {
-        if let Err(e) = crate::peer_table::save_records(self.store(), records) {
+        let durable = {
+            let mut last = lock(&self.peers_durable_at);
+            let due = last.is_none_or(|t| t.elapsed() >= PEERS_DURABLE_EVERY);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if let Err(e) = crate::peer_table::save_records(self.store(), records, durable) {
             tracing::warn!("cannot persist the peer table: {e}");
         }
     }

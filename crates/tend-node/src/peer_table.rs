@@ -85,16 +85,24 @@ pub fn load(store: &Store) -> Result<BTreeMap<DeviceId, PeerRecord>, StoreError>
 
 /// Writes every peer's record.
 pub fn save(store: &Store, manager: &PeerManager) -> Result<(), StoreError> {
-    save_records(store, manager.records())
+    save_records(store, manager.records(), true)
 }
 
-/// Writes the table from records taken out of a [`PeerManager`].
-pub fn save_records(store: &Store, records: Vec<(DeviceId, PeerRecord)>) -> Result<(), StoreError> {
+/// Writes the table from records taken out of a [`PeerManager`]; `durable: false` leaves it
+/// for the store's next durable commit ([`Store::put_setting_unsynced`]).
+pub fn save_records(
+    store: &Store,
+    records: Vec<(DeviceId, PeerRecord)>,
+    durable: bool,
+) -> Result<(), StoreError> {
     let table: BTreeMap<String, PeerRecord> = records
         .into_iter()
         .map(|(d, r)| (d.to_string(), r))
         .collect();
-    store.put_setting(SETTING, &table)
+    match durable {
+        true => store.put_setting(SETTING, &table),
+        false => store.put_setting_unsynced(SETTING, &table),
+    }
 }
 
 /// Checks an operator's trust figure.

@@ -29,13 +29,35 @@ impl Store {
         key: &str,
         value: &T,
     ) -> Result<(), StoreError> {
+        self.put_setting_with(key, value, redb::Durability::Immediate)
+    }
+
+    /// Sets `key` to `value` without waiting for the disk: the next durable commit of this
+    /// store (any write of facts, any [`Store::put_setting`]) persists it, and a crash
+    /// before one loses it. For what is worth keeping but not an fsync each time (the
+    /// peer table after every session).
+    pub fn put_setting_unsynced<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        self.put_setting_with(key, value, redb::Durability::None)
+    }
+
+    fn put_setting_with<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        durability: redb::Durability,
+    ) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Setting {
             path: self.path.clone(),
             key: key.into(),
             detail: format!("cannot encode value: {e}"),
         })?;
         let _writer = self.lock_writer();
-        let tx = self.db().begin_write().map_err(|e| self.err(e))?;
+        let mut tx = self.db().begin_write().map_err(|e| self.err(e))?;
+        tx.set_durability(durability).map_err(|e| self.err(e))?;
         tx.open_table(SETTINGS)
             .map_err(|e| self.err(e))?
             .insert(key, bytes.as_slice())

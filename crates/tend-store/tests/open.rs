@@ -274,3 +274,26 @@ fn store_is_shareable_between_threads() {
     fn check<T: Send + Sync>() {}
     check::<Store>();
 }
+
+/// A setting written without waiting for the disk reads back at once, and the next
+/// durable commit persists it with its own: both are there after reopening.
+#[test]
+fn unsynced_settings_persist_with_the_next_durable_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    {
+        let store = Store::create(&path).unwrap();
+        store.put_setting_unsynced("peers", &vec![1u32, 2]).unwrap();
+        assert_eq!(
+            store.get_setting::<Vec<u32>>("peers").unwrap(),
+            Some(vec![1, 2])
+        );
+        store.put_setting("other", &7u32).unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(
+        store.get_setting::<Vec<u32>>("peers").unwrap(),
+        Some(vec![1, 2])
+    );
+    assert_eq!(store.get_setting::<u32>("other").unwrap(), Some(7));
+}

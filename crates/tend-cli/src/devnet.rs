@@ -307,11 +307,20 @@ async fn start_nodes(devices: Vec<Device>, listen: &[SocketAddr]) -> Result<Vec<
     Ok(nodes)
 }
 
+/// Shuts the nodes down at once: each waits up to 2 s for its connections to close, and
+/// one after the other that was most of a devnet's wall time.
+async fn shutdown_all(nodes: &[Node]) {
+    let mut closing = tokio::task::JoinSet::new();
+    for n in nodes {
+        let n = n.clone();
+        closing.spawn(async move { n.shutdown().await });
+    }
+    while closing.join_next().await.is_some() {}
+}
+
 /// Stops the nodes and waits until every store is closed (so it can be reopened).
 async fn stop_nodes(nodes: Vec<Node>, homes: &[PathBuf]) -> Result<Vec<Device>, DynError> {
-    for n in &nodes {
-        n.shutdown().await;
-    }
+    shutdown_all(&nodes).await;
     drop(nodes);
     let mut devices = Vec::new();
     for home in homes {
@@ -794,9 +803,7 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
     if !rows.iter().any(|r| r.device_id == restored_id.to_string()) {
         return Err("the restored device is missing from the fleet".into());
     }
-    for n in &nodes {
-        n.shutdown().await;
-    }
+    shutdown_all(&nodes).await;
     Ok(Summary {
         verified: true,
         devices: rows,
@@ -826,9 +833,7 @@ async fn keep_running(dir: &Path, n: usize, json: bool) -> Result<(), DynError> 
         eprintln!("press Ctrl-C to stop");
     }
     tokio::signal::ctrl_c().await?;
-    for n in &nodes {
-        n.shutdown().await;
-    }
+    shutdown_all(&nodes).await;
     Ok(())
 }
 

@@ -425,35 +425,23 @@ fn write_snapshot<W: Write>(
 ) -> Result<(u64, u64, u64), BackupError> {
     // One pass over the blob checks it once more (its structure, its state digest, that it
     // hashes to the certified CID; the store checked the CID too), so a damaged blob
-    // fails here rather than at restore time, and yields its facts for the prefix member:
-    // they come after the items inside the blob, and a reader needs them first to check
-    // the blob in one pass. The completion's threshold signature vouches for every fact,
-    // so none is verified again (a million Ed25519 checks took most of an export), and
-    // they go to a scratch file as they stream by: a blob of a million live records is
-    // never held in memory. (That each fact is among the items needs the facts ahead;
-    // the reader checks it.)
-    let mut scratch = BufWriter::new(tempfile::tempfile().map_err(damaged_out)?);
-    let mut prefix_len = 0u64;
-    let mut framed = Vec::new();
+    // fails here rather than at restore time, and yields its state facts for the prefix
+    // member: they come after the items inside the blob, and a reader needs them first
+    // (the membership chain gives the group key). The completion's threshold signature
+    // vouches for every fact, so none is verified again (a million Ed25519 checks took
+    // most of an export), and the live application facts stream by in batches, never
+    // held: the blob itself carries them.
     let summary = stream_blob_facts(
         &mut *blob,
         BlobTrust::Certified(&s.certified),
         10_000,
-        |facts| -> Result<(), BackupError> {
-            for f in facts {
-                framed.clear();
-                frame(&mut framed, f.bytes());
-                prefix_len += framed.len() as u64;
-                scratch.write_all(&framed).map_err(damaged_out)?;
-            }
-            Ok(())
-        },
+        |_| Ok::<(), BackupError>(()),
     )?;
-    let mut scratch = scratch
-        .into_inner()
-        .map_err(|e| damaged_out(e.into_error()))?;
-    io::Seek::rewind(&mut scratch).map_err(damaged_out)?;
-    w.append_reader(member::PREFIX, prefix_len, scratch)?;
+    let mut prefix = Vec::new();
+    for f in &summary.facts {
+        frame(&mut prefix, f.bytes());
+    }
+    w.append(member::PREFIX, &prefix)?;
     w.append(member::ANCHOR, &s.anchor)?;
     // The second pass, in the same read transaction, straight into the archive.
     blob.rewind();

@@ -6,7 +6,8 @@
 //! ```text
 //! tend-backup/HEADER.json              format, version, journal, whether a snapshot follows
 //! tend-backup/snapshot/prefix.facts    framed facts: the blob's own maintenance and authority
-//!                                      facts, ahead of it (version 2; only with a snapshot)
+//!                                      facts, ahead of it (from version 2; only with a
+//!                                      snapshot)
 //! tend-backup/snapshot/anchor.facts    framed facts: the state facts in [E, completion),
 //!                                      then the SnapshotCompleted fact (only with a snapshot)
 //! tend-backup/snapshot/blob.dagcbor    the snapshot blob, exactly as stored (only with one)
@@ -21,15 +22,21 @@
 //!
 //! Version 2 added `prefix.facts`: the blob lists its facts after its (large) item list,
 //! and a reader that knows them ahead checks the blob in one pass without holding the
-//! items (`tend_snapshot::blob::read_blob`). Version 1 archives are still read, holding
-//! their blob in memory.
+//! items (`tend_snapshot::blob::read_blob`). Version 2 writers put every fact of the blob
+//! there, its live application facts too once blobs carried them (a second copy of most of
+//! the blob); version 3 puts only its state facts, which are what a reader needs ahead
+//! (the membership chain that gives the group key), and a reader checks them against the
+//! blob's state facts. Versions 1 and 2 are still read, version 1 holding its blob in
+//! memory.
 
 use serde::{Deserialize, Serialize};
 
 /// The archive format this release writes and reads.
-pub const ARCHIVE_FORMAT_VERSION: u64 = 2;
+pub const ARCHIVE_FORMAT_VERSION: u64 = 3;
 /// The first version with `snapshot/prefix.facts`.
 pub(crate) const PREFIX_SINCE_VERSION: u64 = 2;
+/// The first version whose `snapshot/prefix.facts` holds only the blob's state facts.
+pub(crate) const STATE_PREFIX_SINCE_VERSION: u64 = 3;
 /// The `format` field of the header and manifest.
 pub const ARCHIVE_FORMAT_NAME: &str = "tend-backup";
 /// Upper bound of a tail chunk's size: export never holds more of the tail in memory.
@@ -43,7 +50,7 @@ pub const FRAME_LEN: usize = 4;
 pub mod member {
     /// The leading header.
     pub const HEADER: &str = "tend-backup/HEADER.json";
-    /// The blob's maintenance and authority facts, ahead of the blob (version 2).
+    /// The blob's maintenance and authority facts, ahead of the blob (from version 2).
     pub const PREFIX: &str = "tend-backup/snapshot/prefix.facts";
     /// The state facts from E up to the completion, and the completion.
     pub const ANCHOR: &str = "tend-backup/snapshot/anchor.facts";

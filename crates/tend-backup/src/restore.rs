@@ -46,7 +46,7 @@ use crate::export::{sibling, sibling_prefix, HashingReader, Progress};
 use crate::format::{
     member, Header, Manifest, MemberHash, ARCHIVE_FORMAT_NAME, ARCHIVE_FORMAT_VERSION, FRAME_LEN,
     MAX_ANCHOR_BYTES, MAX_BLOB_BYTES, MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, MAX_PREFIX_BYTES,
-    MAX_V1_BLOB_BYTES, PREFIX_SINCE_VERSION,
+    MAX_V1_BLOB_BYTES, PREFIX_SINCE_VERSION, STATE_PREFIX_SINCE_VERSION,
 };
 use crate::keys::Decryption;
 
@@ -359,7 +359,8 @@ fn read_plain<T: RestoreTarget>(
         }
         let before_blob = replay.is_none() && anchor.is_none();
         if name == member::PREFIX && has_prefix && prefix.is_none() && before_blob {
-            prefix = Some(read.state_facts(&mut entry, &name, ns, MAX_PREFIX_BYTES)?);
+            let state_only = header.version >= STATE_PREFIX_SINCE_VERSION;
+            prefix = Some(read.state_facts(&mut entry, &name, ns, MAX_PREFIX_BYTES, state_only)?);
         } else if name == member::ANCHOR
             && header.has_snapshot
             && before_blob
@@ -524,16 +525,18 @@ impl ReadMembers {
         Ok(out)
     }
 
-    /// The state facts ([`is_state_fact`]) of a member of framed facts, each checked,
-    /// skipping the application facts unchecked: the prefix carries them ahead of the blob
-    /// for readers that check them against its items, but a restore takes them from the
-    /// certified blob itself, so it neither holds nor verifies a million of them here.
+    /// The state facts ([`is_state_fact`]) of a member of framed facts, each checked. A
+    /// version 2 prefix also holds the blob's application facts, skipped unchecked here: a
+    /// restore takes them from the certified blob itself, so it neither holds nor
+    /// verifies a million of them. A version 3 prefix (`state_only`) holds state facts
+    /// only, and anything else in it is refused.
     fn state_facts(
         &mut self,
         entry: &mut impl Read,
         name: &str,
         ns: JournalNamespace,
         max: u64,
+        state_only: bool,
     ) -> Result<PrefixFacts, BackupError> {
         let mut hashing = HashingReader::new(entry.take(max + 1));
         let mut out = Vec::new();
@@ -556,6 +559,10 @@ impl ReadMembers {
                     });
                 }
                 out.push(fact);
+            } else if state_only {
+                return Err(BackupError::NotABackup(format!(
+                    "fact {index} of {name} is not a maintenance or authority fact"
+                )));
             }
             index += 1;
         }
@@ -565,7 +572,11 @@ impl ReadMembers {
             )));
         }
         self.push(name, hashing.finish().map_err(damaged)?);
-        Ok(PrefixFacts { state: out, all })
+        Ok(PrefixFacts {
+            state: out,
+            all,
+            state_only,
+        })
     }
 
     fn push(&mut self, name: &str, mut hash: MemberHash) {
@@ -740,7 +751,11 @@ fn hydrate_snapshot(
             let mut all = FactListHash::default();
             facts.iter().for_each(|f| all.push(f.bytes()));
             let state = facts.into_iter().filter(is_state_fact).collect();
-            PrefixFacts { state, all }
+            PrefixFacts {
+                state,
+                all,
+                state_only: false,
+            }
         }
     };
     // The chain: the prefix's state (its genesis must certify `ns`, or the reducer keeps
@@ -800,12 +815,15 @@ fn hydrate_snapshot(
         };
         let mut blob_facts = FactListHash::default();
         let r = hydrate_stream(&mut tee, &completed, ns, &group_key, |batch| {
-            batch.iter().for_each(|f| blob_facts.push(f.bytes()));
+            batch
+                .iter()
+                .filter(|f| !prefix.state_only || is_state_fact(f))
+                .for_each(|f| blob_facts.push(f.bytes()));
             Ok(())
         })
         .map_err(snapshot_err)?;
         // The group key came from the prefix's state facts: the prefix must be the
-        // certified blob's own facts, byte for byte.
+        // certified blob's own facts (its state facts, from version 3), byte for byte.
         if blob_facts != prefix.all {
             return Err(BackupError::NotABackup(format!(
                 "member {} is not the snapshot blob's facts",
@@ -878,10 +896,12 @@ fn hydrate_snapshot(
 
 /// A failure of the blob's source is damage under it (age, zstd, tar), not a bad snapshot.
 /// What a restore keeps of the facts carried ahead of the blob: the state facts (the
-/// root of the group key) and a hash of them all, to compare with the blob's.
+/// root of the group key) and a hash of them all, to compare with the blob's (all of its
+/// facts, or only its state facts when `state_only`: archive version 3).
 struct PrefixFacts {
     state: Vec<VerifiedFact>,
     all: FactListHash,
+    state_only: bool,
 }
 
 /// A running hash of a list of facts' canonical bytes, each length-prefixed, with its count.

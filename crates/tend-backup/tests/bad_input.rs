@@ -405,3 +405,42 @@ fn a_version_1_archive_still_restores_and_a_prefix_must_match_the_blob() {
         "{e}"
     );
 }
+
+/// Version 2 put every fact of the blob ahead of it, application facts too; such an
+/// archive still restores to the same state. From version 3 the prefix holds the blob's
+/// state facts only, and an application fact in it is refused.
+#[test]
+fn a_version_2_archive_still_restores_and_a_version_3_prefix_holds_state_facts_only() {
+    let f = fixture(30);
+    let ns = f.device.namespace();
+    let members = unpack(&f.bytes, &f.dec);
+    let member_bytes = |name: &str| members.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    let prefix = frames(&member_bytes(member::PREFIX));
+    let every_fact = tend_snapshot::blob::read_blob(member_bytes(member::BLOB).as_slice(), None)
+        .unwrap()
+        .facts;
+    assert!(
+        every_fact.len() > prefix.len(),
+        "the blob carries application facts the prefix leaves out"
+    );
+    assert!(prefix.iter().all(tend_snapshot::blob::is_state_fact));
+    let mut full = members.clone();
+    for (n, d) in full.iter_mut() {
+        if n == member::PREFIX {
+            *d = framed(&every_fact);
+        }
+    }
+    let mut v2 = full.clone();
+    with_version(&mut v2, 2);
+    let p = write(&f.root, "v2.age", &repack(&v2, &f.enc, false));
+    let report = restore(&p, &f.dec, &f.root.join("from-v2")).unwrap();
+    let want = f
+        .device
+        .store()
+        .maintenance_state(ns)
+        .unwrap()
+        .state_digest();
+    assert_eq!(report.state_digest, want.to_string());
+    let e = refused_bytes(&f, "v3-full.age", &repack(&full, &f.enc, false), &f.dec);
+    assert!(matches!(e, BackupError::NotABackup(_)), "{e}");
+}

@@ -221,6 +221,28 @@ fn write_corpus() {
     set_version(&mut v1, 1);
     seeds.push(("valid-version-1", pack(&v1, false, &[])));
     seeds.push(("valid-repacked", pack(&m, false, &[])));
+    // Version 2 carried every fact of the blob ahead of it, application facts too.
+    let mut v2 = m.clone();
+    let blob = m.iter().find(|(n, _)| n == member::BLOB).unwrap().1.clone();
+    let every_fact = tend_snapshot::blob::read_blob(blob.as_slice(), None)
+        .unwrap()
+        .facts;
+    replace(&mut v2, member::PREFIX, |d| {
+        d.clear();
+        for f in &every_fact {
+            d.extend_from_slice(&(f.bytes().len() as u32).to_be_bytes());
+            d.extend_from_slice(f.bytes());
+        }
+    });
+    set_version(&mut v2, 2);
+    seeds.push(("valid-version-2", pack(&v2, false, &[])));
+    // From version 3 that list is refused: the prefix holds state facts only.
+    let mut v3_full = v2.clone();
+    set_version(&mut v3_full, 3);
+    seeds.push((
+        "invalid-prefix-with-application-facts",
+        pack(&v3_full, false, &[]),
+    ));
 
     seeds.push(("invalid-empty", Vec::new()));
     seeds.push(("invalid-not-zstd", b"tend-backup/HEADER.json".to_vec()));
@@ -258,31 +280,19 @@ fn write_corpus() {
     replace(&mut frame, &member::tail(0), |d| d[..FRAME_LEN].fill(0xff));
     seeds.push(("invalid-frame-length", pack(&frame, false, &[])));
     let blob = &m.iter().find(|(n, _)| n == member::BLOB).unwrap().1;
-    // The item list's head: a byte string of 40 bytes per covered fact, followed by the
-    // fact list's array head.
-    let manifest: Manifest =
-        serde_json::from_slice(&m.iter().find(|(n, _)| n == member::MANIFEST).unwrap().1).unwrap();
-    let items_len = 40 * manifest.snapshot.as_ref().unwrap().covered_facts as usize;
-    let old_head: Vec<u8> = match items_len {
-        0..=23 => vec![0x40 + items_len as u8],
-        24..=255 => vec![0x58, items_len as u8],
-        _ => vec![0x59, (items_len >> 8) as u8, items_len as u8],
-    };
-    let items_at = (0..blob.len())
-        .find(|&i| {
-            blob[i..].starts_with(&old_head)
-                && blob
-                    .get(i + old_head.len() + items_len)
-                    .is_some_and(|b| (0x80..0x98).contains(b))
-        })
-        .expect("the item list's byte string head");
-    let mut huge_items = m.clone();
-    replace(&mut huge_items, member::BLOB, |d| {
+    // A byte string in the blob claiming an absurd length: the namespace's 32-byte id (a
+    // blob of format 3 keeps its item list in an item blob of its own, so the items'
+    // byte string of the earlier formats is not there to mutate).
+    let ns_at = (0..blob.len())
+        .find(|&i| blob[i..].starts_with(&[0x58, 0x20]))
+        .expect("a 32-byte byte string in the blob");
+    let mut huge_string = m.clone();
+    replace(&mut huge_string, member::BLOB, |d| {
         let mut head = vec![0x5b];
         head.extend_from_slice(&(40u64 << 55).to_be_bytes());
-        d.splice(items_at..items_at + old_head.len(), head);
+        d.splice(ns_at..ns_at + 2, head);
     });
-    seeds.push(("invalid-blob-item-length", pack(&huge_items, false, &[])));
+    seeds.push(("invalid-blob-length-field", pack(&huge_string, false, &[])));
     let mut flipped_blob = m.clone();
     replace(&mut flipped_blob, member::BLOB, |d| {
         let i = d.len() / 2;

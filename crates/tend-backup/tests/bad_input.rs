@@ -331,6 +331,13 @@ fn export_refuses_to_overwrite() {
 }
 
 /// The archive with its header and manifest rewritten to `version` (`members` unpacked).
+/// The exported device's maintenance state digest, as a restore reports it.
+fn source_state_digest(f: &Fixture) -> String {
+    let d = &f.device;
+    let state = d.store().maintenance_state(d.namespace()).unwrap();
+    state.state_digest().to_string()
+}
+
 fn with_version(members: &mut [(String, Vec<u8>)], version: u64) {
     for (name, data) in members.iter_mut() {
         if name == member::HEADER {
@@ -348,7 +355,6 @@ fn with_version(members: &mut [(String, Vec<u8>)], version: u64) {
 #[test]
 fn a_version_1_archive_still_restores_and_a_prefix_must_match_the_blob() {
     let f = fixture(30);
-    let ns = f.device.namespace();
     // Version 1 had no prefix member: the blob's facts are found in the blob itself.
     let mut v1 = unpack(&f.bytes, &f.dec);
     v1.retain(|(n, _)| n != member::PREFIX);
@@ -356,13 +362,7 @@ fn a_version_1_archive_still_restores_and_a_prefix_must_match_the_blob() {
     let p = write(&f.root, "v1.age", &repack(&v1, &f.enc, false));
     let home = f.root.join("from-v1");
     let report = restore(&p, &f.dec, &home).unwrap();
-    let want = f
-        .device
-        .store()
-        .maintenance_state(ns)
-        .unwrap()
-        .state_digest();
-    assert_eq!(report.state_digest, want.to_string());
+    assert_eq!(report.state_digest, source_state_digest(&f));
     // The same layout under version 2 lacks its prefix.
     let mut v2 = v1.clone();
     with_version(&mut v2, 2);
@@ -412,7 +412,6 @@ fn a_version_1_archive_still_restores_and_a_prefix_must_match_the_blob() {
 #[test]
 fn a_version_2_archive_still_restores_and_a_version_3_prefix_holds_state_facts_only() {
     let f = fixture(30);
-    let ns = f.device.namespace();
     let members = unpack(&f.bytes, &f.dec);
     let member_bytes = |name: &str| members.iter().find(|(n, _)| n == name).unwrap().1.clone();
     let prefix = frames(&member_bytes(member::PREFIX));
@@ -434,13 +433,7 @@ fn a_version_2_archive_still_restores_and_a_version_3_prefix_holds_state_facts_o
     with_version(&mut v2, 2);
     let p = write(&f.root, "v2.age", &repack(&v2, &f.enc, false));
     let report = restore(&p, &f.dec, &f.root.join("from-v2")).unwrap();
-    let want = f
-        .device
-        .store()
-        .maintenance_state(ns)
-        .unwrap()
-        .state_digest();
-    assert_eq!(report.state_digest, want.to_string());
+    assert_eq!(report.state_digest, source_state_digest(&f));
     let e = refused_bytes(&f, "v3-full.age", &repack(&full, &f.enc, false), &f.dec);
     assert!(matches!(e, BackupError::NotABackup(_)), "{e}");
 }

@@ -64,7 +64,7 @@ impl Store {
         // What the state needs below the floor stays (DESIGN rule 4: the reduced state,
         // application state included, is the same before and after).
         let app = self.app_state_locked(ns, &_writer)?;
-        let live = self.live_below_or_all(ns, &app, floor)?;
+        let below = self.live_below_or_all(ns, &app, floor)?;
         let kept_blobs = self.value_blobs_of(ns, &app)?;
         let mut report = PruneReport {
             namespace: ns,
@@ -92,7 +92,7 @@ impl Store {
         // With every application fact below the floor live, only maintenance facts leave
         // the index, and the maintenance table keeps them: no blob kept by reference
         // loses one.
-        if !dry_run && matches!(live.live, Live::Set(_)) {
+        if !dry_run && matches!(below.live, Live::Set(_)) {
             // A blob kept by reference that names a fact about to go is turned back into
             // bytes first (unless it goes too).
             let ns_no = {
@@ -109,7 +109,7 @@ impl Store {
                     self,
                     &tx,
                     no,
-                    |epoch, id| epoch < floor && !live.contains(&(epoch, *id)),
+                    |epoch, id| epoch < floor && !below.keeps(&(epoch, *id)),
                     &going,
                 )?;
             }
@@ -118,12 +118,12 @@ impl Store {
             let mut namespaces = tx.open_table(NAMESPACES).map_err(|e| self.err(e))?;
             let mut facts = tx.open_table(FACTS).map_err(|e| self.err(e))?;
             let rec = self.ns_record(&namespaces, &ns)?;
-            if let (Some(mut rec), Live::All { kept }) = (rec, &live.live) {
+            if let (Some(mut rec), Live::All { kept }) = (rec, &below.live) {
                 // Only maintenance facts go, and they are few: no walk of the million
                 // facts kept. Their entries in the changes feed stay (readers skip an
                 // entry whose fact is gone) until a pruning that walks the feed.
                 report.live_kept = *kept;
-                for (epoch, id) in &live.maintenance {
+                for (epoch, id) in &below.maintenance {
                     let key = codec::fact_key(rec.no, *epoch, id);
                     let len = if dry_run {
                         facts
@@ -157,7 +157,7 @@ impl Store {
                 {
                     let (k, v) = item.map_err(|e| self.err(e))?;
                     let (_, epoch, id) = codec::split_key(k.value());
-                    if live.contains(&(epoch, id)) {
+                    if below.keeps(&(epoch, id)) {
                         report.live_kept += 1;
                         continue;
                     }
@@ -165,12 +165,12 @@ impl Store {
                     report.fact_bytes += (codec::KEY_LEN + v.value().len()) as u64;
                 }
                 // Counted under the same writer lock: still exactly these.
-                report.maintenance = live.maintenance.len() as u64;
+                report.maintenance = below.maintenance.len() as u64;
                 if !dry_run && report.facts > 0 {
                     facts
                         .retain_in::<&FactKey, _>(&start..&end, |k, _| {
                             let (_, epoch, id) = codec::split_key(k);
-                            live.contains(&(epoch, id))
+                            below.keeps(&(epoch, id))
                         })
                         .map_err(|e| self.err(e))?;
                     rec.count = rec.count.saturating_sub(report.facts);
@@ -192,7 +192,7 @@ impl Store {
                     changes
                         .retain(|_, k| {
                             let (no, epoch, id) = codec::split_key(k);
-                            no != rec.no || epoch >= floor || live.contains(&(epoch, id))
+                            no != rec.no || epoch >= floor || below.keeps(&(epoch, id))
                         })
                         .map_err(|e| self.err(e))?;
                 }
@@ -348,7 +348,8 @@ struct Below {
 }
 
 impl Below {
-    fn contains(&self, key: &(Epoch, tend_core::FactId)) -> bool {
+    /// Whether GC keeps the fact at `key` in the index.
+    fn keeps(&self, key: &(Epoch, tend_core::FactId)) -> bool {
         match &self.live {
             Live::All { .. } => !self.maintenance.contains(key),
             Live::Set(set) => set.contains(key),

@@ -1,16 +1,19 @@
 //! What checking a received fact costs: one `VerifiedFact::decode` (canonical decoding and
-//! an Ed25519 `verify_strict`) on one core, and `decode_batch` of 512 facts (a sync
-//! `Facts` batch) on every core. This is the ceiling of a catch-up without a snapshot and
-//! of backup verification: every fact's signature is checked once.
+//! an Ed25519 check) on one core, and `decode_batch` of 512 facts (a sync `Facts` batch) on
+//! every core, for each fact format (formats 1 and 2: `verify_strict` per fact; format 3:
+//! ZIP-215, one batch equation per thread). This is the ceiling of a catch-up without a
+//! snapshot and of backup verification: every fact's signature is checked once.
 //!
 //! `cargo bench -p tend-core --bench verify`.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use ed25519_dalek::SigningKey;
-use tend_core::{ContextId, Epoch, JournalNamespace, Payload, UnsignedFact, VerifiedFact};
+use tend_core::{
+    ContextId, Epoch, FactFormat, JournalNamespace, Payload, UnsignedFact, VerifiedFact,
+};
 
 /// 512 facts of about 200 bytes by three authors, as a sync batch carries them.
-fn batch(timed: bool) -> Vec<Vec<u8>> {
+fn batch(format: impl Fn(u32) -> FactFormat) -> Vec<Vec<u8>> {
     let keys: Vec<SigningKey> = (1..=3u8)
         .map(|i| SigningKey::from_bytes(&[i; 32]))
         .collect();
@@ -25,19 +28,25 @@ fn batch(timed: bool) -> Vec<Vec<u8>> {
                 },
             };
             let key = &keys[i as usize % keys.len()];
-            let f = match timed {
-                true => f.sign_timed(key, 1_765_000_000_000 + u64::from(i)),
-                false => f.sign(key),
-            };
-            f.bytes().to_vec()
+            f.sign_with(key, format(i)).bytes().to_vec()
         })
         .collect()
 }
 
 fn verify(c: &mut Criterion) {
     let mut g = c.benchmark_group("verify");
-    for (name, timed) in [("untimed", false), ("timed", true)] {
-        let facts = batch(timed);
+    let time_ms = |i: u32| 1_765_000_000_000 + u64::from(i);
+    let formats: [(&str, &dyn Fn(u32) -> FactFormat); 3] = [
+        ("untimed", &|_| FactFormat::Untimed),
+        ("timed", &|i| FactFormat::Timed {
+            time_ms: time_ms(i),
+        }),
+        ("zip215", &|i| FactFormat::TimedZip215 {
+            time_ms: time_ms(i),
+        }),
+    ];
+    for (name, format) in formats {
+        let facts = batch(format);
         g.throughput(Throughput::Elements(1));
         g.bench_function(format!("decode_one_{name}"), |b| {
             let mut i = 0;

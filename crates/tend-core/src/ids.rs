@@ -85,7 +85,7 @@ impl FactId {
     const TIME_BYTES: usize = 6;
 
     /// The id of the fact whose canonical encoding is `bytes` (whether or not they decode):
-    /// the BLAKE3 hash of the bytes, except that a timed fact (format 2) puts its author's
+    /// the BLAKE3 hash of the bytes, except that a timed fact (formats 2 and 3) puts its author's
     /// clock first, as [`FactId::timed`] does. Sync orders items by `(epoch, id)`, so the
     /// facts of an epoch written about the same time are neighbours there, and the facts a
     /// device wrote while cut off are one range of recent ids, not a scatter over the whole
@@ -228,7 +228,7 @@ impl ProtocolVersion {
     pub const CURRENT: ProtocolVersion = ProtocolVersion {
         major: 1,
         minor: 0,
-        patch: 1,
+        patch: 2,
     };
 }
 

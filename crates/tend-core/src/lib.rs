@@ -23,8 +23,8 @@ pub use app::{AppState, DataOp};
 pub use authority::{AuthorityFact, AuthorityGenesis, GroupKey, MembershipChange};
 pub use error::{DecodeError, JournalError};
 pub use fact::{
-    Fact, Payload, UnsignedFact, VerifiedFact, FACT_FORMAT_VERSION, MAX_FACT_BYTES,
-    TIMED_FACTS_SINCE, TIMED_FACT_FORMAT,
+    Fact, FactFormat, Payload, UnsignedFact, VerifiedFact, FACT_FORMAT_VERSION, MAX_FACT_BYTES,
+    TIMED_FACTS_SINCE, TIMED_FACT_FORMAT, ZIP215_FACTS_SINCE, ZIP215_FACT_FORMAT,
 };
 pub use ids::{
     AuthorityId, ContentId, ContextId, DeviceId, Epoch, FactId, Hash32, JournalNamespace,

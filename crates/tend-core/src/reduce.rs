@@ -629,19 +629,35 @@ impl MaintenanceState {
             .is_none_or(|floor| current > *floor)
     }
 
-    /// Whether every current member announced (in its latest `DeviceMetadata`) a running
-    /// version that reads timed facts ([`crate::TIMED_FACTS_SINCE`]), so a device may write
-    /// them: an older release refuses a fact format it does not know, and would take the
-    /// peer that sent one for a misbehaving device. `false` before the membership or a
+    /// The oldest running version that a current member announced in its latest
+    /// `DeviceMetadata`: what every member reads. `None` before the membership or a
     /// member's metadata is known, and again when a member joins until it announces itself.
+    pub fn oldest_member_version(&self) -> Option<ProtocolVersion> {
+        let members = &self.membership()?.members;
+        // `None` sorts first: one member that has not announced makes the answer `None`.
+        members
+            .iter()
+            .map(|d| self.device_metadata.get(d).map(|md| md.running_version))
+            .min()
+            .flatten()
+    }
+
+    /// The format a device writes a fact in now, `now_ms` being its clock: the newest that
+    /// every member reads ([`crate::FactFormat::newest_readable_by`]), since an older release
+    /// refuses a fact format it does not know, and would take the peer that sent one for a
+    /// misbehaving device. Format 1 while [`MaintenanceState::oldest_member_version`] is
+    /// unknown.
+    pub fn write_format(&self, now_ms: impl FnOnce() -> u64) -> crate::FactFormat {
+        match self.oldest_member_version() {
+            Some(oldest) => crate::FactFormat::newest_readable_by(oldest, now_ms()),
+            None => crate::FactFormat::Untimed,
+        }
+    }
+
+    /// Whether every current member reads timed facts ([`crate::TIMED_FACTS_SINCE`]).
     pub fn timed_facts_readable(&self) -> bool {
-        self.membership().is_some_and(|m| {
-            m.members.iter().all(|d| {
-                self.device_metadata
-                    .get(d)
-                    .is_some_and(|md| md.running_version >= crate::TIMED_FACTS_SINCE)
-            })
-        })
+        self.oldest_member_version()
+            .is_some_and(|v| v >= crate::TIMED_FACTS_SINCE)
     }
 
     /// The strongest fence of any activated upgrade, with the version that set it.

@@ -8,8 +8,8 @@ use tend_core::maintenance::{
     AdminReplacement, CacheInvalidated, MaintenanceFact, SnapshotProposed,
 };
 use tend_core::{
-    reduce, ContextId, DeviceId, Epoch, Hash32, Journal, JournalNamespace, Payload, UnsignedFact,
-    VerifiedFact,
+    reduce, ContextId, DeviceId, Epoch, FactFormat, Hash32, Journal, JournalNamespace, Payload,
+    UnsignedFact, VerifiedFact,
 };
 
 fn key(i: u8) -> SigningKey {
@@ -82,21 +82,23 @@ fn payload_strategy() -> impl Strategy<Value = Payload> {
     ]
 }
 
-/// Facts of both formats: untimed (format 1) and timed (format 2, any clock value).
+/// Facts of every format: untimed (1), timed (2) and timed under ZIP-215 (3), at any clock
+/// value.
 fn facts_strategy(ns: JournalNamespace) -> impl Strategy<Value = Vec<VerifiedFact>> {
-    let time = prop_oneof![Just(None), any::<u64>().prop_map(Some)];
-    prop::collection::vec((0u8..3, 0u64..6, payload_strategy(), time), 0..24).prop_map(move |v| {
+    let format = prop_oneof![
+        Just(FactFormat::Untimed),
+        any::<u64>().prop_map(|time_ms| FactFormat::Timed { time_ms }),
+        any::<u64>().prop_map(|time_ms| FactFormat::TimedZip215 { time_ms }),
+    ];
+    prop::collection::vec((0u8..3, 0u64..6, payload_strategy(), format), 0..24).prop_map(move |v| {
         v.into_iter()
-            .map(|(author, epoch, payload, time)| {
-                let f = UnsignedFact {
+            .map(|(author, epoch, payload, format)| {
+                UnsignedFact {
                     namespace: ns,
                     epoch: Epoch(epoch),
                     payload,
-                };
-                match time {
-                    None => f.sign(&key(author)),
-                    Some(t) => f.sign_timed(&key(author), t),
                 }
+                .sign_with(&key(author), format)
             })
             .collect()
     })
@@ -231,8 +233,8 @@ fn untimed_ids_are_the_hash_of_the_bytes() {
     assert_eq!(f.time_ms(), None);
 }
 
-/// The time is signed: a timed fact whose time is changed, or that is re-labelled as the
-/// other format, does not verify.
+/// The time is signed: a timed fact whose time is changed, or that is re-labelled as
+/// another format, does not verify.
 #[test]
 fn the_time_of_a_timed_fact_is_signed() {
     use tend_core::encoding::to_canonical;
@@ -257,6 +259,20 @@ fn the_time_of_a_timed_fact_is_signed() {
     let untimed = to_canonical(&(1u64, x.namespace, x.epoch, x.author, tag, body, sig));
     assert_eq!(
         VerifiedFact::decode(&untimed),
+        Err(DecodeError::BadSignature)
+    );
+    let zip215 = to_canonical(&(
+        3u64,
+        1_765_000_000_000u64,
+        x.namespace,
+        x.epoch,
+        x.author,
+        tag,
+        body,
+        sig,
+    ));
+    assert_eq!(
+        VerifiedFact::decode(&zip215),
         Err(DecodeError::BadSignature)
     );
     let same = timed_at(1_765_000_000_000);
@@ -330,10 +346,10 @@ fn decoding_rejects_bad_input_with_typed_errors() {
     // A newer format version (the first array element is the version).
     let mut newer = bytes.to_vec();
     assert_eq!(newer[1], 1);
-    newer[1] = 3;
+    newer[1] = 4;
     assert_eq!(
         VerifiedFact::decode(&newer),
-        Err(DecodeError::UnsupportedVersion(3))
+        Err(DecodeError::UnsupportedVersion(4))
     );
     // Non-canonical: the epoch 1 written as a two-byte integer (0x18 0x01) instead of 0x01.
     let pos = 1 + 1 + 36; // array header, version, namespace [kind, bytes32]
@@ -367,12 +383,19 @@ fn merging_different_namespaces_is_an_error() {
 }
 
 /// `decode_batch` is `decode` of each fact, in order, whatever the batch's size (one thread
-/// or several) and mix: valid facts of more authors than its key cache holds, forged
-/// signatures, an author key that is not a curve point, a small-order author key (which
-/// `verify_strict` refuses and a plain verification would not), garbage.
+/// or several) and mix: every fact format (format 3's signatures checked in one batch
+/// equation), valid facts of more authors than its key cache holds, forged signatures, an
+/// author key that is not a curve point, a small-order author key (which `verify_strict`
+/// and format 3 refuse and a plain verification would not), garbage.
 #[test]
 fn batch_decoding_gives_exactly_what_decoding_each_fact_gives() {
     let sign = |i: usize| {
+        let time_ms = 1_765_000_000_000 + i as u64;
+        let format = match i % 3 {
+            0 => FactFormat::Untimed,
+            1 => FactFormat::Timed { time_ms },
+            _ => FactFormat::TimedZip215 { time_ms },
+        };
         UnsignedFact {
             namespace: ctx(),
             epoch: Epoch(i as u64 % 4),
@@ -381,7 +404,7 @@ fn batch_decoding_gives_exactly_what_decoding_each_fact_gives() {
                 data: i.to_le_bytes().to_vec(),
             },
         }
-        .sign(&key((i % 20) as u8))
+        .sign_with(&key((i % 20) as u8), format)
         .bytes()
         .to_vec()
     };

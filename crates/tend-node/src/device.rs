@@ -323,8 +323,8 @@ impl Device {
             epoch: state.current_epoch(),
             payload,
         };
-        let time_ms = state.timed_facts_readable().then(crate::write::now_ms);
-        self.store_signed(fact.sign_with(self.key.signing_key(), time_ms))
+        let format = state.write_format(crate::write::now_ms);
+        self.store_signed(fact.sign_with(self.key.signing_key(), format))
     }
 
     /// Signs a fact exactly as given (its namespace and epoch chosen by the caller, e.g. the

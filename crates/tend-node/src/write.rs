@@ -17,8 +17,8 @@ use tend_core::app::{
 };
 use tend_core::maintenance::{BlobTombstone, MaintenanceFact};
 use tend_core::{
-    AppState, ContentId, DataOp, Epoch, FactId, JournalNamespace, Payload, UnsignedFact,
-    VerifiedFact,
+    AppState, ContentId, DataOp, Epoch, FactFormat, FactId, JournalNamespace, Payload,
+    UnsignedFact, VerifiedFact,
 };
 use tend_crypto::device::DeviceKey;
 use tend_store::Store;
@@ -69,8 +69,8 @@ pub struct WritePlan<'d> {
     device: &'d dyn WriteTarget,
     state: Arc<AppState>,
     epoch: Epoch,
-    /// The time the plan's facts carry (the timed format), when every member reads it.
-    time_ms: Option<u64>,
+    /// The format the plan's facts are written in: the newest every member reads.
+    format: FactFormat,
     /// The fact this plan wrote last for a key, by its index in the plan.
     heads: HashMap<KeyOf, usize>,
     /// The next clock value of the logs this plan appended to.
@@ -127,7 +127,7 @@ impl<'d> WritePlan<'d> {
             device,
             state: device.store().app_state(ns)?,
             epoch: maintenance.current_epoch(),
-            time_ms: maintenance.timed_facts_readable().then(now_ms),
+            format: maintenance.write_format(now_ms),
             heads: HashMap::new(),
             seqs: HashMap::new(),
             signed: Vec::new(),
@@ -229,8 +229,8 @@ impl<'d> WritePlan<'d> {
     fn sign_pending(&mut self) {
         let pending = std::mem::take(&mut self.unsigned);
         let key = self.device.key().signing_key();
-        let time_ms = self.time_ms;
-        let sign = move |f: UnsignedFact| f.sign_with(key, time_ms);
+        let format = self.format;
+        let sign = move |f: UnsignedFact| f.sign_with(key, format);
         let threads = signing_threads();
         if threads < 2 || pending.len() < PARALLEL_SIGN_MIN {
             self.signed.extend(pending.into_iter().map(sign));

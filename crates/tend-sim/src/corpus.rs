@@ -12,9 +12,9 @@ use rand::{Rng, SeedableRng};
 use serde_bytes::ByteBuf;
 use tend_core::maintenance::*;
 use tend_core::{
-    AuthorityFact, AuthorityGenesis, ContentId, DeviceId, Epoch, FactId, GroupKey, Hash32, Journal,
-    JournalNamespace, MaintenanceEpoch, MaintenanceFact, MembershipChange, Payload,
-    ProtocolVersion, UnsignedFact, VerifiedFact,
+    AuthorityFact, AuthorityGenesis, ContentId, DeviceId, Epoch, FactFormat, FactId, GroupKey,
+    Hash32, Journal, JournalNamespace, MaintenanceEpoch, MaintenanceFact, MembershipChange,
+    Payload, ProtocolVersion, UnsignedFact, VerifiedFact,
 };
 use tend_snapshot::{CeremonyMessage, MessageBody, Refusal, SnapshotBlob};
 use tend_sync::message::DEFAULT_MAX_MESSAGE_BYTES;
@@ -207,11 +207,13 @@ fn facts(rng: &mut StdRng) -> (JournalNamespace, Vec<VerifiedFact>) {
                 epoch: Epoch(i as u64),
                 payload,
             };
-            // Both fact formats: every other seed is timed.
+            // Every fact format, in turn.
             let key = &keys[i % keys.len()];
-            match i % 2 {
+            let time_ms = 1_765_000_000_000 + i as u64;
+            match i % 3 {
                 0 => f.sign(key),
-                _ => f.sign_timed(key, 1_765_000_000_000 + i as u64),
+                1 => f.sign_timed(key, time_ms),
+                _ => f.sign_with(key, FactFormat::TimedZip215 { time_ms }),
             }
         })
         .collect();

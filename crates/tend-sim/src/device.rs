@@ -11,8 +11,9 @@ use std::sync::Arc;
 use ed25519_dalek::SigningKey;
 use tend_core::journal::{journal_digest, DigestBuilder};
 use tend_core::{
-    reduce, AppState, AuthorityFact, ContentId, DeviceId, Epoch, FactId, Hash32, JournalError,
-    JournalNamespace, MaintenanceState, Payload, ProtocolVersion, UnsignedFact, VerifiedFact,
+    reduce, AppState, AuthorityFact, ContentId, DeviceId, Epoch, FactFormat, FactId, Hash32,
+    JournalError, JournalNamespace, MaintenanceState, Payload, ProtocolVersion, UnsignedFact,
+    VerifiedFact,
 };
 use tend_replica::{Admission, Adopted, BlobAt, Replica, Rules};
 use tend_snapshot::{BuiltBlob, SignerKey, SnapshotBlob};
@@ -247,14 +248,14 @@ impl Core {
         })
     }
 
-    /// [`Core::write`] in the timed format, stamped `time_ms`.
-    pub fn write_timed(&mut self, payload: Payload, time_ms: u64) -> VerifiedFact {
+    /// [`Core::write`] in `format`.
+    pub fn write_in(&mut self, payload: Payload, format: FactFormat) -> VerifiedFact {
         let f = UnsignedFact {
             namespace: self.namespace,
             epoch: self.state.current_epoch(),
             payload,
         }
-        .sign_timed(&self.key, time_ms);
+        .sign_with(&self.key, format);
         self.insert_buffered(f.clone());
         f
     }

@@ -11,9 +11,9 @@ use serde_bytes::ByteBuf;
 use tend_core::app::{Delete, LogCursor, Put, Space, Trim, Value};
 use tend_core::maintenance::{AdminReplacement, UpgradeActivated, UpgradeMetadata, UpgradePolicy};
 use tend_core::{
-    AuthorityFact, AuthorityGenesis, DataOp, DeviceId, Epoch, GroupKey, Hash32, JournalNamespace,
-    MaintenanceEpoch, MaintenanceFact, MembershipChange, Payload, ProtocolVersion, UnsignedFact,
-    VerifiedFact,
+    AuthorityFact, AuthorityGenesis, DataOp, DeviceId, Epoch, FactFormat, GroupKey, Hash32,
+    JournalNamespace, MaintenanceEpoch, MaintenanceFact, MembershipChange, Payload,
+    ProtocolVersion, UnsignedFact, VerifiedFact,
 };
 use tend_crypto::DkgSession;
 use tend_replica::keygen;
@@ -1461,15 +1461,16 @@ impl Sim {
             Payload::Data(op)
         };
         self.stats.app_facts += 1;
-        // Half the writes in the timed format (a fleet between releases writes both), by
-        // a clock that runs d * 7 s ahead on device d: nothing may depend on clocks agreeing.
-        if roll.is_multiple_of(2) {
-            let skewed = self.now + Duration::from_secs(7 * d as u64);
-            let time_ms = u64::try_from(skewed.as_millis()).unwrap_or(u64::MAX);
-            self.devices[d].core.write_timed(payload, time_ms);
-        } else {
-            self.devices[d].core.write(payload);
-        }
+        // Every fact format (a fleet between releases writes them all), the timed ones by a
+        // clock that runs d * 7 s ahead on device d: nothing may depend on clocks agreeing.
+        let skewed = self.now + Duration::from_secs(7 * d as u64);
+        let time_ms = u64::try_from(skewed.as_millis()).unwrap_or(u64::MAX);
+        let format = match roll % 3 {
+            0 => FactFormat::Untimed,
+            1 => FactFormat::Timed { time_ms },
+            _ => FactFormat::TimedZip215 { time_ms },
+        };
+        self.devices[d].core.write_in(payload, format);
     }
 
     fn pick_cursor(&mut self, from: &[LogCursor]) -> Option<LogCursor> {

@@ -4,21 +4,19 @@
 //! so a namespace's facts are contiguous and sorted by `(epoch, id)`.
 //!
 //! Value: `author number (LEB128) | payload tag (LEB128) | signature (64) | payload body`,
-//! and for a timed fact (format 2) `2^32 + author number (LEB128) | time (LEB128) | ...`:
-//! author numbers are `u32`, so a first number of 2^32 or more marks the format without
-//! changing the values stores already hold.
+//! and for a timed fact (format 2 or 3) `(format - 1) * 2^32 + author number (LEB128) |
+//! time (LEB128) | ...`: author numbers are `u32`, so a first number of 2^32 or more marks
+//! the format without changing the values stores already hold.
 //! The namespace and epoch live in the key and the 32-byte author key in a dictionary, so
 //! none of them is repeated per fact. The canonical wire bytes are rebuilt on read (their
 //! layout is fixed: `[1, [kind, ns-id], epoch, author, tag, body, signature]`, or
-//! `[2, time, [kind, ns-id], ...]`), and the rebuilt bytes are checked against the fact id,
+//! `[format, time, [kind, ns-id], ...]`), and the rebuilt bytes are checked against the fact id,
 //! so a damaged record is detected on every read.
 
-use tend_core::{
-    DeviceId, Epoch, FactId, JournalNamespace, VerifiedFact, FACT_FORMAT_VERSION, TIMED_FACT_FORMAT,
-};
+use tend_core::{DeviceId, Epoch, FactFormat, FactId, JournalNamespace, VerifiedFact};
 
-/// Added to the author number of a timed fact's value.
-const TIMED_MARK: u64 = 1 << 32;
+/// A value's first number is `(format - 1) * FORMAT_MARK + author number`.
+const FORMAT_MARK: u64 = 1 << 32;
 
 /// Length of a fact index key.
 pub(crate) const KEY_LEN: usize = 44;
@@ -66,7 +64,7 @@ pub(crate) fn split_key(k: &FactKey) -> (u32, Epoch, FactId) {
 
 /// The parts of a canonical fact that the value stores.
 pub(crate) struct WireParts<'a> {
-    pub time_ms: Option<u64>,
+    pub format: FactFormat,
     pub author: [u8; 32],
     pub tag: u64,
     pub body: &'a [u8],
@@ -77,9 +75,9 @@ pub(crate) struct WireParts<'a> {
 /// it (which a `VerifiedFact` always has; the caller treats `None` as a bug, not as input).
 pub(crate) fn parse_wire(bytes: &[u8]) -> Option<WireParts<'_>> {
     let mut r = Reader { b: bytes, pos: 0 };
-    let time_ms = match (r.head(4)?, r.head(0)?) {
-        (7, FACT_FORMAT_VERSION) => None,
-        (8, TIMED_FACT_FORMAT) => Some(r.head(0)?),
+    let format = match (r.head(4)?, r.head(0)?) {
+        (7, 1) => FactFormat::Untimed,
+        (8, version @ 2..) => FactFormat::from_version(version, r.head(0)?)?,
         _ => return None,
     };
     if r.head(4)? != 2 {
@@ -93,7 +91,7 @@ pub(crate) fn parse_wire(bytes: &[u8]) -> Option<WireParts<'_>> {
     let body = r.bytes()?;
     let signature = r.bytes()?;
     (signature.len() == 64 && r.pos == bytes.len()).then_some(WireParts {
-        time_ms,
+        format,
         author,
         tag,
         body,
@@ -104,12 +102,10 @@ pub(crate) fn parse_wire(bytes: &[u8]) -> Option<WireParts<'_>> {
 /// Encodes the stored value of a fact whose author has dictionary number `author_no`.
 pub(crate) fn encode_value(author_no: u32, parts: &WireParts<'_>) -> Vec<u8> {
     let mut v = Vec::with_capacity(20 + 64 + parts.body.len());
-    match parts.time_ms {
-        None => put_varint(&mut v, u64::from(author_no)),
-        Some(t) => {
-            put_varint(&mut v, TIMED_MARK + u64::from(author_no));
-            put_varint(&mut v, t);
-        }
+    let mark = (parts.format.version() - 1) * FORMAT_MARK;
+    put_varint(&mut v, mark + u64::from(author_no));
+    if let Some(t) = parts.format.time_ms() {
+        put_varint(&mut v, t);
     }
     put_varint(&mut v, parts.tag);
     v.extend_from_slice(parts.signature);
@@ -120,7 +116,7 @@ pub(crate) fn encode_value(author_no: u32, parts: &WireParts<'_>) -> Vec<u8> {
 /// A stored value, split but not yet rebuilt.
 pub(crate) struct StoredValue<'a> {
     pub author_no: u32,
-    pub time_ms: Option<u64>,
+    pub format: FactFormat,
     pub tag: u64,
     pub signature: &'a [u8],
     pub body: &'a [u8],
@@ -130,17 +126,17 @@ pub(crate) struct StoredValue<'a> {
 pub(crate) fn decode_value(v: &[u8]) -> Option<StoredValue<'_>> {
     let mut pos = 0;
     let first = get_varint(v, &mut pos)?;
-    let (author_no, time_ms) = match first.checked_sub(TIMED_MARK) {
-        None => (first, None),
-        Some(no) => (no, Some(get_varint(v, &mut pos)?)),
+    let author_no = u32::try_from(first % FORMAT_MARK).ok()?;
+    let format = match first / FORMAT_MARK {
+        0 => FactFormat::Untimed,
+        mark => FactFormat::from_version(mark + 1, get_varint(v, &mut pos)?)?,
     };
-    let author_no = u32::try_from(author_no).ok()?;
     let tag = get_varint(v, &mut pos)?;
     let signature = v.get(pos..pos + 64)?;
     let body = v.get(pos + 64..)?;
     Some(StoredValue {
         author_no,
-        time_ms,
+        format,
         tag,
         signature,
         body,
@@ -156,14 +152,14 @@ pub(crate) fn rebuild_wire(
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(120 + v.body.len());
     let ns_bytes = ns.to_bytes();
-    match v.time_ms {
+    match v.format.time_ms() {
         None => {
             put_head(&mut out, 4, 7);
-            put_head(&mut out, 0, FACT_FORMAT_VERSION);
+            put_head(&mut out, 0, v.format.version());
         }
         Some(t) => {
             put_head(&mut out, 4, 8);
-            put_head(&mut out, 0, TIMED_FACT_FORMAT);
+            put_head(&mut out, 0, v.format.version());
             put_head(&mut out, 0, t);
         }
     }
@@ -287,13 +283,14 @@ mod tests {
             (300, 300),
             (u64::MAX, 70_000),
         ] {
-            for time in [
-                None,
-                Some(0),
-                Some(24),
-                Some(1_765_000_000_000),
-                Some(u64::MAX),
-            ] {
+            let times = [0, 24, 1_765_000_000_000, u64::MAX];
+            let formats = std::iter::once(FactFormat::Untimed).chain(times.iter().flat_map(|&t| {
+                [
+                    FactFormat::Timed { time_ms: t },
+                    FactFormat::TimedZip215 { time_ms: t },
+                ]
+            }));
+            for format in formats {
                 let f = UnsignedFact {
                     namespace: JournalNamespace::Context(ContextId([9; 32])),
                     epoch: Epoch(epoch),
@@ -301,15 +298,12 @@ mod tests {
                         kind: "k".into(),
                         data: vec![7; len.min(60_000)],
                     },
-                };
-                let f = match time {
-                    None => f.sign(&key),
-                    Some(t) => f.sign_timed(&key, t),
-                };
+                }
+                .sign_with(&key, format);
                 for author_no in [0, 300, u32::MAX] {
                     let v = value_of(&f, author_no).expect("layout");
                     let sv = decode_value(&v).unwrap();
-                    assert_eq!((sv.author_no, sv.time_ms), (author_no, time));
+                    assert_eq!((sv.author_no, sv.format), (author_no, format));
                     assert_eq!(
                         rebuild_wire(&f.namespace(), f.epoch(), &f.author(), &sv),
                         f.bytes()

@@ -6,6 +6,7 @@
 //! cargo bench -p tend-backup --bench backup            # 1M facts, half of them in the tail
 //! TEND_BENCH_FACTS=200000 cargo bench -p tend-backup --bench backup
 //! TEND_BENCH_RUNS=5 ...                                # runs per phase (default 3), medians
+//! TEND_BENCH_FACT_FORMAT=1 ...                         # facts in format 1 or 2 (default 3)
 //! ```
 //!
 //! Both the source (export) and the restore target are opened with
@@ -18,7 +19,7 @@ use std::time::Instant;
 use ed25519_dalek::Signer;
 use tend_backup::{BackupError, Decryption, Encryption, ExportOptions};
 use tend_core::maintenance::{MaintenanceFact, SnapshotCompleted, SnapshotProposed, SnapshotV1};
-use tend_core::{Epoch, Hash32, Payload, UnsignedFact};
+use tend_core::{Epoch, FactFormat, Hash32, Payload, UnsignedFact};
 use tend_node::fleet::StoreJournal;
 use tend_node::Device;
 use tend_store::Store;
@@ -259,6 +260,17 @@ fn phase(args: &[String]) {
     }
 }
 
+/// The format of the `i`th fact: `TEND_BENCH_FACT_FORMAT` (1, 2 or 3), else 3, the format a
+/// fleet on this release writes; formats 1 and 2 measure a journal written before 1.0.2.
+fn fact_format(i: u64) -> FactFormat {
+    let time_ms = 1_765_000_000_000 + i;
+    match std::env::var("TEND_BENCH_FACT_FORMAT").as_deref() {
+        Ok("1") => FactFormat::Untimed,
+        Ok("2") => FactFormat::Timed { time_ms },
+        _ => FactFormat::TimedZip215 { time_ms },
+    }
+}
+
 fn add_facts(device: &Device, n: u64, epochs: std::ops::RangeInclusive<u64>) {
     let ns = device.namespace();
     let key = device.key().signing_key();
@@ -274,7 +286,7 @@ fn add_facts(device: &Device, n: u64, epochs: std::ops::RangeInclusive<u64>) {
                     data: format!("fact {i:010} with some application payload").into_bytes(),
                 },
             }
-            .sign(key),
+            .sign_with(key, fact_format(i)),
         );
         if batch.len() == 10_000 || i + 1 == n {
             let r = device.store().insert_batch(&batch).expect("insert");

@@ -441,7 +441,8 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
     let nodes = start_nodes(devices, &[]).await?;
     let listen: Vec<SocketAddr> = nodes.iter().map(Node::listen_addr).collect();
     // Each node announced its release when it started; once every device holds every
-    // announcement, writes are timed (format 2), as in a fleet that has been running.
+    // announcement, writes are in the newest format (3: timed, ZIP-215 signatures), as in
+    // a fleet that has been running.
     wait_for(
         &nodes,
         Duration::from_secs(60),
@@ -450,7 +451,8 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
             let d = n.device();
             Ok(d.store()
                 .maintenance_state(d.namespace())?
-                .timed_facts_readable())
+                .oldest_member_version()
+                .is_some_and(|v| v >= tend_core::ZIP215_FACTS_SINCE))
         },
     )
     .await?;
@@ -458,7 +460,10 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
         let addrs: Vec<String> = nodes.iter().map(|n| n.listen_addr().to_string()).collect();
         Ok((
             (),
-            format!("{}; every release announced, writes timed", addrs.join(" ")),
+            format!(
+                "{}; every release announced, writes in fact format 3",
+                addrs.join(" ")
+            ),
         ))
     })?;
 

@@ -849,7 +849,7 @@ impl VerifiedFact {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::ContextId;
+    use crate::ids::{ContextId, ProtocolVersion};
     use curve25519_dalek::constants::{ED25519_BASEPOINT_POINT as B, EIGHT_TORSION};
     use curve25519_dalek::{EdwardsPoint, Scalar};
     use sha2::{Digest, Sha512};
@@ -966,6 +966,24 @@ mod tests {
         assert_eq!(
             decoded_both_ways(&crafted, format),
             Err(DecodeError::BadAuthorKey)
+        );
+    }
+
+    /// A device writes the newest format the oldest member's release reads.
+    #[test]
+    fn the_written_format_follows_the_oldest_member() {
+        let v = |patch| crate::ids::ProtocolVersion {
+            major: 1,
+            minor: 0,
+            patch,
+        };
+        let newest = |oldest| FactFormat::newest_readable_by(oldest, 5);
+        assert_eq!(newest(v(0)), FactFormat::Untimed);
+        assert_eq!(newest(v(1)), FactFormat::Timed { time_ms: 5 });
+        assert_eq!(newest(v(2)), FactFormat::TimedZip215 { time_ms: 5 });
+        assert_eq!(
+            newest(ProtocolVersion::CURRENT),
+            FactFormat::TimedZip215 { time_ms: 5 }
         );
     }
 

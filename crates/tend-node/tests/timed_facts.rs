@@ -1,4 +1,4 @@
-//! Timed facts (format 2) in the running device: a device writes them only once every
+//! Timed facts (formats 2 and 3) in the running device: a device writes them only once every
 //! member announced a release that reads them, stops when a member joins that has not,
 //! and a fleet writing them converges. Real devices and nodes on 127.0.0.1.
 
@@ -55,6 +55,11 @@ fn a_device_writes_timed_facts_only_when_every_member_reads_them() {
     assert!(r.rejected.is_empty(), "{:?}", r.rejected);
     let timed = note(a, "every member reads it");
     let t = timed.time_ms().expect("a timed fact once both announced");
+    assert_eq!(
+        timed.format(),
+        tend_core::FactFormat::TimedZip215 { time_ms: t },
+        "both run this release, which reads format 3"
+    );
     assert_eq!(
         &timed.id().0[..6],
         &t.to_be_bytes()[2..],

@@ -1,8 +1,9 @@
-//! What tend-node's benchmarks share: the size knob, peak memory, and signed facts.
+//! What tend-node's benchmarks share: the size and format knobs, peak memory, and signed
+//! facts.
 
 #![allow(dead_code)]
 
-use tend_core::{Payload, UnsignedFact, VerifiedFact};
+use tend_core::{FactFormat, Payload, UnsignedFact, VerifiedFact};
 use tend_node::Device;
 
 /// Facts per run: `TEND_BENCH_FACTS`, else a million.
@@ -11,6 +12,18 @@ pub fn n_facts() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000)
+}
+
+/// The format of the `i`th fact a bench writes: `TEND_BENCH_FACT_FORMAT` (1, 2 or 3), else
+/// 3, the format a fleet on this release writes (`MaintenanceState::write_format`).
+/// Formats 1 and 2 measure a journal written before release 1.0.2.
+pub fn fact_format(i: usize) -> FactFormat {
+    let time_ms = 1_765_000_000_000 + i as u64;
+    match std::env::var("TEND_BENCH_FACT_FORMAT").as_deref() {
+        Ok("1") => FactFormat::Untimed,
+        Ok("2") => FactFormat::Timed { time_ms },
+        _ => FactFormat::TimedZip215 { time_ms },
+    }
 }
 
 /// Peak resident memory of this process, in MiB (Linux).
@@ -23,8 +36,8 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-/// `n` application facts (log entries) by `device` at its current epoch, signed on two
-/// threads.
+/// `n` application facts (log entries) by `device` at its current epoch, in
+/// [`fact_format`], signed on two threads.
 pub fn sign_app_facts(device: &Device, n: usize, label: &str) -> Vec<VerifiedFact> {
     let ns = device.namespace();
     let epoch = device
@@ -42,7 +55,7 @@ pub fn sign_app_facts(device: &Device, n: usize, label: &str) -> Vec<VerifiedFac
                 data: format!("fact {i:08} of the {label} bench").into_bytes(),
             },
         }
-        .sign(key)
+        .sign_with(key, fact_format(i))
     };
     std::thread::scope(|s| {
         let a = s.spawn(|| (0..n / 2).map(make).collect::<Vec<_>>());

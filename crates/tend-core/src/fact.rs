@@ -666,21 +666,15 @@ impl Unverified {
 /// each one's cofactored equation holds (but with probability 2^-128 over the random
 /// coefficients), so the result is the same as checking each alone.
 fn verify_zip215(items: Vec<(usize, ed25519_zebra::batch::Item)>) -> Vec<usize> {
-    if let [(i, item)] = &items[..] {
-        return item
-            .clone()
-            .verify_single()
-            .err()
-            .map(|_| *i)
-            .into_iter()
-            .collect();
-    }
-    let mut batch = ed25519_zebra::batch::Verifier::new();
-    for (_, item) in &items {
-        batch.queue(item.clone());
-    }
-    if batch.verify(rand::thread_rng()).is_ok() {
-        return Vec::new();
+    // A batch equation of one costs more than the plain check.
+    if items.len() >= 2 {
+        let mut batch = ed25519_zebra::batch::Verifier::new();
+        for (_, item) in &items {
+            batch.queue(item.clone());
+        }
+        if batch.verify(rand::thread_rng()).is_ok() {
+            return Vec::new();
+        }
     }
     items
         .into_iter()

@@ -96,7 +96,7 @@ impl RateConfig {
     /// The limits a running device (`tend run`) starts with. An honest device stays well
     /// below them: it opens one session per peer per round (every 10 s; 0.4 s in tests
     /// and devnets) plus a few immediate retries and a round after each local write, and
-    /// a session moves at most 512 facts / 256 KiB per message. A flooding peer is held
+    /// a session moves at most 2,048 facts / 512 KiB per message. A flooding peer is held
     /// to the per-peer figures, so it can take at most a quarter (sessions) to half
     /// (facts, bytes) or a fifth (messages) of the device's global budget.
     ///

@@ -115,8 +115,8 @@ impl Default for SessionConfig {
         Self {
             frame_size_limit: 256 * 1024,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
-            max_batch_facts: 512,
-            max_batch_bytes: 256 * 1024,
+            max_batch_facts: 2048,
+            max_batch_bytes: 512 * 1024,
             max_want_ids: 4096,
             idle_timeout: Duration::from_secs(30),
             max_invalid_facts: 0,

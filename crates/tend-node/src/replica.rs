@@ -44,6 +44,10 @@ pub(crate) trait SessionIndex {
 pub struct DeviceReplica<'a> {
     device: &'a Device,
     session: Option<&'a dyn SessionIndex>,
+    /// In a session (one frame's admission, then dropped): one read transaction for the
+    /// membership tests of the frame's facts, made at the first and dropped when this
+    /// replica writes.
+    lookup: std::cell::OnceCell<tend_store::FactLookup<'a>>,
 }
 
 impl<'a> DeviceReplica<'a> {
@@ -52,6 +56,7 @@ impl<'a> DeviceReplica<'a> {
         Self {
             device,
             session: None,
+            lookup: std::cell::OnceCell::new(),
         }
     }
 
@@ -60,6 +65,7 @@ impl<'a> DeviceReplica<'a> {
         Self {
             device,
             session: Some(session),
+            lookup: std::cell::OnceCell::new(),
         }
     }
 
@@ -102,7 +108,17 @@ impl Replica for DeviceReplica<'_> {
     }
 
     fn contains(&self, (epoch, id): Key) -> Result<bool, DeviceError> {
-        Ok(self.device.store().contains(self.namespace(), epoch, &id)?)
+        if self.session.is_none() {
+            return Ok(self.device.store().contains(self.namespace(), epoch, &id)?);
+        }
+        let lookup = match self.lookup.get() {
+            Some(l) => l,
+            None => {
+                let l = self.device.store().lookup(self.namespace())?;
+                self.lookup.get_or_init(|| l)
+            }
+        };
+        Ok(lookup.contains(epoch, &id)?)
     }
 
     fn load_fact(&self, id: &FactId) -> Option<Vec<u8>> {
@@ -164,6 +180,7 @@ impl Replica for DeviceReplica<'_> {
     }
 
     fn store(&mut self, facts: &[VerifiedFact]) -> Result<(), DeviceError> {
+        self.lookup.take();
         match self.session {
             Some(session) => {
                 session.store_facts(facts);
@@ -189,18 +206,22 @@ impl Replica for DeviceReplica<'_> {
     }
 
     fn retract_data(&mut self, keys: &[Key]) -> Result<u64, DeviceError> {
+        self.lookup.take();
         Ok(self.device.store().retract_data(self.namespace(), keys)?)
     }
 
     fn append(&mut self, payload: Payload) -> Result<VerifiedFact, DeviceError> {
+        self.lookup.take();
         self.device.append(payload)
     }
 
     fn mark_settled(&mut self, epoch: Epoch) -> Result<(), DeviceError> {
+        self.lookup.take();
         Ok(self.device.store().put_setting(SETTLED, &epoch.0)?)
     }
 
     fn set_aside(&mut self, facts: &[VerifiedFact]) -> Result<(), DeviceError> {
+        self.lookup.take();
         let store = self.device.store();
         let mut kept: Vec<String> = store.get_setting(SET_ASIDE)?.unwrap_or_default();
         kept.extend(facts.iter().map(|f| hex::encode(f.bytes())));

@@ -38,6 +38,8 @@ pub use blob_refs::FactBlob;
 pub use blobs::{BlobReader, BlobWriter, BLOB_CHUNK_BYTES};
 pub use changes::Change;
 pub use error::StoreError;
-pub use facts::{FactIter, InsertReport, ItemIter, NamespaceStats, Rejected, StoredFact};
+pub use facts::{
+    FactIter, FactLookup, InsertReport, ItemIter, NamespaceStats, Rejected, StoredFact,
+};
 pub use gc::{CompactReport, PruneReport};
 pub use store::{Store, StoreOptions, TableUsage, STORE_FORMAT_VERSION, STORE_MAGIC};

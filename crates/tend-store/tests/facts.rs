@@ -100,6 +100,37 @@ fn facts_come_back_in_epoch_id_order_and_verify() {
     assert!(s.file_size().unwrap() > 0);
 }
 
+/// One lookup answers for many facts as the store was when it was made: application and
+/// maintenance facts, not another namespace's, not facts stored after it.
+#[test]
+fn a_lookup_sees_the_store_as_it_was_when_made() {
+    let (_d, s) = new_store();
+    let k = key(1);
+    let (ns, genesis) = authority(&k);
+    let before = app(ns, 1, &k, b"before");
+    s.insert_batch(&[genesis.clone(), before.clone()]).unwrap();
+    let lookup = s.lookup(ns).unwrap();
+    let after = app(ns, 1, &k, b"after");
+    s.insert_batch(std::slice::from_ref(&after)).unwrap();
+    assert!(lookup.contains(before.epoch(), &before.id()).unwrap());
+    assert!(lookup.contains(genesis.epoch(), &genesis.id()).unwrap());
+    assert!(!lookup
+        .contains(before.epoch().next(), &before.id())
+        .unwrap());
+    assert!(!lookup.contains(after.epoch(), &after.id()).unwrap());
+    assert!(s
+        .lookup(ns)
+        .unwrap()
+        .contains(after.epoch(), &after.id())
+        .unwrap());
+    let (other, _) = authority(&key(2));
+    assert!(!s
+        .lookup(other)
+        .unwrap()
+        .contains(before.epoch(), &before.id())
+        .unwrap());
+}
+
 #[test]
 fn reinsert_is_idempotent() {
     let (_d, s) = new_store();

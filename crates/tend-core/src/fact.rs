@@ -33,7 +33,7 @@ pub const FACT_FORMAT_VERSION: u64 = 1;
 /// ([`TIMED_FACTS_SINCE`]).
 pub const TIMED_FACT_FORMAT: u64 = 2;
 /// The first release that reads [`TIMED_FACT_FORMAT`]: a device writes timed facts only when
-/// every member announced at least this version (`MaintenanceState::timed_facts_readable`).
+/// every member announced at least this version (`MaintenanceState::write_format`).
 pub const TIMED_FACTS_SINCE: crate::ids::ProtocolVersion = crate::ids::ProtocolVersion {
     major: 1,
     minor: 0,
@@ -772,25 +772,29 @@ impl VerifiedFact {
     }
 
     /// Decodes and verifies a chunk on this thread, its format-3 signatures in one batch.
+    /// A fact becomes a `VerifiedFact` only once that batch has passed it.
     fn decode_chunk<B: AsRef<[u8]>>(chunk: &[B]) -> Vec<Result<Self, DecodeError>> {
         let mut keys = KeyCache::default();
         let mut zip215 = Vec::new();
-        let mut out: Vec<_> = chunk
+        let mut checked: Vec<_> = chunk
             .iter()
             .enumerate()
             .map(|(i, bytes)| {
-                let bytes = bytes.as_ref();
-                let fact = Unverified::parse(bytes)?;
+                let fact = Unverified::parse(bytes.as_ref())?;
                 if let Some(item) = fact.check_or_defer(&mut keys)? {
                     zip215.push((i, item));
                 }
-                Ok(fact.into_verified(bytes))
+                Ok(fact)
             })
             .collect();
         for bad in verify_zip215(zip215) {
-            out[bad] = Err(DecodeError::BadSignature);
+            checked[bad] = Err(DecodeError::BadSignature);
         }
-        out
+        checked
+            .into_iter()
+            .zip(chunk)
+            .map(|(fact, bytes)| fact.map(|f| f.into_verified(bytes.as_ref())))
+            .collect()
     }
 
     /// The fact id ([`FactId::of`] its canonical encoding).

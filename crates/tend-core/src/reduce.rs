@@ -654,12 +654,6 @@ impl MaintenanceState {
         }
     }
 
-    /// Whether every current member reads timed facts ([`crate::TIMED_FACTS_SINCE`]).
-    pub fn timed_facts_readable(&self) -> bool {
-        self.oldest_member_version()
-            .is_some_and(|v| v >= crate::TIMED_FACTS_SINCE)
-    }
-
     /// The strongest fence of any activated upgrade, with the version that set it.
     pub fn active_fence(&self) -> Option<(Epoch, ProtocolVersion)> {
         self.upgrades

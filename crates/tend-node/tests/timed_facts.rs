@@ -92,7 +92,7 @@ async fn a_fleet_writing_timed_facts_converges() {
                 let d = n.device();
                 d.store()
                     .maintenance_state(d.namespace())
-                    .is_ok_and(|s| s.timed_facts_readable())
+                    .is_ok_and(|s| s.write_format(|| 0).time_ms().is_some())
             })
         },
     )

@@ -100,8 +100,9 @@ fn facts_come_back_in_epoch_id_order_and_verify() {
     assert!(s.file_size().unwrap() > 0);
 }
 
-/// One lookup answers for many facts as the store was when it was made: application and
-/// maintenance facts, not another namespace's, not facts stored after it.
+/// One lookup answers for many facts as the store was when it was made: the facts stored
+/// before it (an authority genesis and an application fact), not facts stored after it,
+/// nor another namespace's.
 #[test]
 fn a_lookup_sees_the_store_as_it_was_when_made() {
     let (_d, s) = new_store();

@@ -5,7 +5,9 @@
 //! coordinator's engine runs (digest, blob) measured on its own.
 //!
 //! `cargo bench -p tend-node --bench ceremony` (release profile). `TEND_BENCH_FACTS=100000`
-//! for the size the 1M figure is compared with.
+//! for the size the 1M figure is compared with; `TEND_BENCH_DEVICES=20
+//! TEND_BENCH_THRESHOLD=11` for a larger fleet (issue 17, target 7), every device a node of
+//! this process.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -81,7 +83,20 @@ fn main() {
         .block_on(run(n));
 }
 
+/// Devices and threshold: `TEND_BENCH_DEVICES` and `TEND_BENCH_THRESHOLD`, else 2 of 3.
+fn fleet_size() -> (usize, u16) {
+    let var = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+    };
+    let devices = var("TEND_BENCH_DEVICES").unwrap_or(3).max(2);
+    let threshold = var("TEND_BENCH_THRESHOLD").unwrap_or(devices / 2 + 1);
+    (devices, threshold.clamp(2, devices) as u16)
+}
+
 async fn run(n: usize) {
+    let (devices, threshold) = fleet_size();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
@@ -89,7 +104,7 @@ async fn run(n: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut rng = rand::thread_rng();
     let mut nodes = Vec::new();
-    for i in 0..3 {
+    for i in 0..devices {
         let device = Device::init(&dir.path().join(format!("d{i}")), &mut rng).expect("init");
         nodes.push(Node::start(device, config()).await.expect("start"));
     }
@@ -100,10 +115,10 @@ async fn run(n: usize) {
             }
         }
     }
-    eprintln!("three nodes started; key generation");
+    eprintln!("{devices} nodes started; key generation ({threshold} of {devices})");
     let others: Vec<DeviceId> = nodes[1..].iter().map(|n| n.device_id()).collect();
     nodes[0]
-        .create_authority(2, &others, Duration::from_secs(60))
+        .create_authority(threshold, &others, Duration::from_secs(60))
         .await
         .expect("key generation over the network");
     let ns = nodes[0].device().namespace();
@@ -114,19 +129,21 @@ async fn run(n: usize) {
                     .device()
                     .store()
                     .maintenance_state(ns)
-                    .is_ok_and(|s| s.membership().is_some_and(|m| m.members.len() == 3))
+                    .is_ok_and(|s| s.membership().is_some_and(|m| m.members.len() == devices))
         })
         .await;
     }
     eprintln!("authority made; signing {n} facts");
     // Every maintenance fact everywhere first, so the prefixes agree.
-    nodes[0].sync_now().await;
-    nodes[1].sync_now().await;
-    nodes[2].sync_now().await;
+    for node in &nodes {
+        node.sync_now().await;
+    }
 
     // The facts go into the stores while the nodes are down, as if each device had
     // received them long ago: a running node keeps its sessions' view of its own items.
-    let homes: Vec<_> = (0..3).map(|i| dir.path().join(format!("d{i}"))).collect();
+    let homes: Vec<_> = (0..devices)
+        .map(|i| dir.path().join(format!("d{i}")))
+        .collect();
     for node in nodes.drain(..) {
         node.shutdown().await;
     }
@@ -219,8 +236,8 @@ async fn run(n: usize) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let everywhere = t.elapsed();
-    println!("facts per device: {n}");
-    println!("sign and insert into three stores (another process): {insert:.2?}");
+    println!("devices: {devices}, threshold {threshold}; facts per device: {n}");
+    println!("sign and insert into every store (another process): {insert:.2?}");
     println!("coordinator phases: view {view_time:.2?}, digest {digest_time:.2?}, blob (built and hashed) {blob_time:.2?}, a sync round over equal stores {round_time:.2?}");
     println!("ceremony: completed at the proposer after {proposer:.2?}, on every device after {everywhere:.2?}");
     let each: Vec<String> = arrived
@@ -233,7 +250,7 @@ async fn run(n: usize) {
         each.join(", ")
     );
     println!(
-        "peak RSS of the process (three nodes; the facts were signed and stored by another): {:.0} MiB",
+        "peak RSS of the process (every node; the facts were signed and stored by another): {:.0} MiB",
         peak_rss_mib()
     );
     for node in nodes {

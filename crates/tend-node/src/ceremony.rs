@@ -149,6 +149,9 @@ fn carry_out(h: &MaintHandle, outputs: Vec<CeremonyAction>) {
                     break;
                 }
             }
+            CeremonyAction::Event(CeremonyEvent::CompletionAnnounced { coordinator, .. }) => {
+                tokio::spawn(h.node.sync_with(coordinator));
+            }
             CeremonyAction::Event(e) => {
                 count_outcome(h, &e);
                 on_event(&h.maint, e)
@@ -224,6 +227,7 @@ fn on_event(maint: &Maint, e: CeremonyEvent) {
             reason,
         } => tracing::info!("refused to sign proposal {proposal_id}: {reason:?}"),
         CeremonyEvent::Proposed { .. }
+        | CeremonyEvent::CompletionAnnounced { .. }
         | CeremonyEvent::ProposalRejected { .. }
         | CeremonyEvent::Signed { .. } => {}
     }

@@ -343,6 +343,8 @@ pub(crate) trait MaintHost: Send + Sync {
     fn after_local_write(&self);
     /// Runs one sync round.
     fn sync_now(&self) -> BoxFuture<'static, ()>;
+    /// Runs one sync session with `device`, if its address is known.
+    fn sync_with(&self, device: DeviceId) -> BoxFuture<'static, ()>;
     /// Handles one message from the authenticated `peer`.
     fn receive(&self, peer: DeviceId, msg: MaintMessage) -> BoxFuture<'static, MaintReply>;
 }

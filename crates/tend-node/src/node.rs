@@ -1007,6 +1007,16 @@ impl MaintHost for Node {
         })
     }
 
+    fn sync_with(&self, device: DeviceId) -> BoxFuture<'static, ()> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let addr = lock(&inner.peers).addrs.get(&device).copied();
+            if let Some(addr) = addr {
+                sync_peer(inner, PeerAddr { device, addr }, None).await;
+            }
+        })
+    }
+
     fn receive(&self, peer: DeviceId, msg: MaintMessage) -> BoxFuture<'static, MaintReply> {
         let h = self.maint_handle();
         Box::pin(async move { ceremony::receive(&h, peer, msg).await })

@@ -18,6 +18,10 @@ use tend_node::{Device, Node};
 /// Three devices, each created by `tend init` (its own one-device authority), running and
 /// knowing each other's addresses.
 async fn three_nodes() -> (TempDir, Vec<PathBuf>, Vec<Node>) {
+    three_nodes_with(config(vec![])).await
+}
+
+async fn three_nodes_with(config: tend_node::NodeConfig) -> (TempDir, Vec<PathBuf>, Vec<Node>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut rng = rand::thread_rng();
     let mut homes = Vec::new();
@@ -25,7 +29,7 @@ async fn three_nodes() -> (TempDir, Vec<PathBuf>, Vec<Node>) {
     for i in 0..3 {
         let home = dir.path().join(format!("d{i}"));
         let device = Device::init(&home, &mut rng).expect("init");
-        nodes.push(Node::start(device, config(vec![])).await.expect("start"));
+        nodes.push(Node::start(device, config.clone()).await.expect("start"));
         homes.push(home);
     }
     for a in &nodes {
@@ -104,6 +108,47 @@ async fn dkg_over_the_network_then_a_snapshot_ceremony_completes_everywhere() {
         .await;
     }
     assert_eq!(nodes[1].maint_stats().completed, 1);
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}
+
+/// The coordinator's `Closed` tells each member that answered where the completion is, and
+/// a member that lacks it fetches it at once: with rounds reaching one peer and far apart,
+/// and no pushes, every member still holds the completion within moments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_fetch_the_completion_when_told_rather_than_at_their_next_round() {
+    let (_dir, _homes, nodes) = three_nodes_with(tend_node::NodeConfig {
+        sync_interval: Duration::from_secs(600),
+        fanout: 1,
+        push_on_write: false,
+        ..config(vec![])
+    })
+    .await;
+    authority(&nodes).await;
+    // No timed rounds here: each node syncs by hand until they agree.
+    for _ in 0..20 {
+        let d: Vec<_> = nodes.iter().map(digest).collect();
+        if d.windows(2).all(|w| w[0] == w[1]) {
+            break;
+        }
+        for n in &nodes {
+            n.sync_now().await;
+        }
+    }
+    let done = nodes[0]
+        .propose_snapshot(None, Duration::from_secs(15))
+        .await
+        .expect("ceremony over the network");
+    for n in &nodes {
+        wait_until("the completion everywhere", Duration::from_secs(5), || {
+            state(n)
+                .latest_snapshot
+                .as_ref()
+                .is_some_and(|s| s.snapshot == done.snapshot)
+        })
+        .await;
+    }
     for n in &nodes {
         n.shutdown().await;
     }

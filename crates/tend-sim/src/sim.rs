@@ -935,6 +935,14 @@ impl Sim {
                 CeremonyAction::Event(CeremonyEvent::Completed(_)) => {
                     self.stats.snapshots_completed += 1;
                 }
+                // As the node does: a session with the coordinator, now.
+                CeremonyAction::Event(CeremonyEvent::CompletionAnnounced {
+                    coordinator, ..
+                }) => {
+                    if let Some(c) = self.ids.iter().position(|x| *x == coordinator) {
+                        self.open(d, c);
+                    }
+                }
                 CeremonyAction::Event(_) => {}
             }
         }

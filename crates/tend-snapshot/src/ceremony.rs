@@ -11,7 +11,8 @@
 //! 3. With T commitments the coordinator sends those T signers a `SignPackage`; each
 //!    answers with its `Share`.
 //! 4. The coordinator aggregates, checks the signature against the group key and writes
-//!    `SnapshotCompleted`, then broadcasts `Closed` so the others drop their state.
+//!    `SnapshotCompleted`, then broadcasts `Closed` so the others drop their state (and a
+//!    member that lacks the completion fetches it from the coordinator at once).
 //!
 //! Every message carries the proposal id and the `MaintenanceEpoch`. When a device's
 //! maintenance epoch changes (a membership change re-dealt the key, or another snapshot
@@ -313,6 +314,14 @@ pub enum CeremonyEvent {
         proposal_id: Hash32,
     },
     Completed(SnapshotCompleted),
+    /// The coordinator of a proposal this device answered says it completed, and this
+    /// journal does not hold the completion yet: the driver syncs with the coordinator,
+    /// which wrote it before saying so, rather than wait for its next round (in a fleet
+    /// larger than a round's fanout, a member may otherwise wait a whole sync interval).
+    CompletionAnnounced {
+        proposal_id: Hash32,
+        coordinator: DeviceId,
+    },
     Aborted {
         proposal_id: Hash32,
         reason: AbortReason,
@@ -391,6 +400,10 @@ pub struct SnapshotEngine {
     keys: BTreeMap<u64, SignerKey>,
     coordinating: BTreeMap<Hash32, Coordinator>,
     signing: BTreeMap<Hash32, SignerSession>,
+    /// Proposals this member sent its share for: coordinator and deadline. The session
+    /// ends with the share, but the coordinator's `Closed` still says where the completion
+    /// is (`CompletionAnnounced`).
+    signed: BTreeMap<Hash32, (DeviceId, u64)>,
     retries: Vec<PendingRetry>,
     /// The digest committed to for each target epoch (this member's vote).
     votes: BTreeMap<Epoch, Hash32>,
@@ -442,6 +455,7 @@ impl SnapshotEngine {
             keys: BTreeMap::new(),
             coordinating: BTreeMap::new(),
             signing: BTreeMap::new(),
+            signed: BTreeMap::new(),
             retries: Vec::new(),
             votes: BTreeMap::new(),
         }
@@ -579,6 +593,7 @@ impl SnapshotEngine {
             keep
         });
         self.retries.retain(|r| now < r.deadline);
+        self.signed.retain(|_, (_, deadline)| now < *deadline);
     }
 
     fn run_retries(
@@ -994,10 +1009,11 @@ impl SnapshotEngine {
                     tend_crypto::sign_share(share_key, nonces, &map, &s.message)
                         .map_err(|_| Refusal::BadPackage)
                 });
-                let (proposal_id, epoch) = (m.proposal_id, s.epoch);
+                let (proposal_id, epoch, deadline) = (m.proposal_id, s.epoch, s.deadline);
                 self.signing.remove(&proposal_id);
                 let body = match result {
                     Ok(share) => {
+                        self.signed.insert(proposal_id, (from, deadline));
                         out.event(CeremonyEvent::Signed { proposal_id });
                         MessageBody::Share {
                             share: ByteBuf::from(share.to_bytes()),
@@ -1051,8 +1067,10 @@ impl SnapshotEngine {
                             threshold_signature: signature,
                         };
                         let fact_epoch = state.current_epoch().max(c.proposal.target_epoch);
-                        self.close(m.proposal_id, c.epoch, true, out);
+                        // Written before `Closed` leaves: a member told of the completion
+                        // asks this device for it at once (`CompletionAnnounced`).
                         self.finish(fact_epoch, state, completed, out);
+                        self.close(m.proposal_id, c.epoch, true, out);
                     }
                     Err(e) => {
                         let culprits = match e {
@@ -1105,6 +1123,25 @@ impl SnapshotEngine {
                         out.event(CeremonyEvent::Aborted {
                             proposal_id: m.proposal_id,
                             reason: AbortReason::ClosedByCoordinator,
+                        });
+                    }
+                }
+                let signed = self
+                    .signed
+                    .get(&m.proposal_id)
+                    .is_some_and(|(coordinator, _)| *coordinator == from);
+                if signed {
+                    self.signed.remove(&m.proposal_id);
+                }
+                if mine || signed {
+                    let held = state
+                        .latest_snapshot
+                        .as_ref()
+                        .is_some_and(|l| l.proposal_id == m.proposal_id);
+                    if completed && from != self.me && !held {
+                        out.event(CeremonyEvent::CompletionAnnounced {
+                            proposal_id: m.proposal_id,
+                            coordinator: from,
                         });
                     }
                 }

@@ -594,3 +594,56 @@ fn a_member_signs_at_most_one_digest_per_target_epoch() {
     );
     assert_eq!(auth.state(1).latest_snapshot, None);
 }
+
+/// A member told that a proposal it answered completed, whose journal lacks the
+/// completion, is asked to fetch it from the coordinator (which wrote it before telling);
+/// one that holds it already, or is told of an abort, is not.
+#[test]
+fn members_lacking_the_completion_are_told_to_fetch_it_from_the_coordinator() {
+    for auto_sync in [false, true] {
+        let mut auth = authority(5, 3, 41);
+        let e = with_history(&mut auth);
+        auth.auto_sync = auto_sync;
+        let c = auth.run_snapshot(e).unwrap();
+        let ids = auth.device_ids();
+        let coordinator = ids[0];
+        let mut told: Vec<_> = auth
+            .take_events()
+            .into_iter()
+            .filter_map(|(d, e)| match e {
+                CeremonyEvent::CompletionAnnounced {
+                    proposal_id,
+                    coordinator: from,
+                } => {
+                    assert_eq!((proposal_id, from), (c.proposal_id, coordinator));
+                    Some(d)
+                }
+                _ => None,
+            })
+            .collect();
+        told.sort();
+        if auto_sync {
+            assert!(
+                told.is_empty(),
+                "every member holds the completion: {told:?}"
+            );
+        } else {
+            let mut members = ids[1..].to_vec();
+            members.sort();
+            assert_eq!(told, members, "every other member answered the request");
+            // Only the coordinator's journal has it, and it had it before saying so.
+            assert!(auth.state(0).latest_snapshot.is_some());
+            assert!((1..5).all(|i| auth.state(i).latest_snapshot.is_none()));
+        }
+    }
+
+    // An aborted proposal (3-of-3 with one refusal) announces nothing.
+    let mut auth = authority(3, 3, 42);
+    let e = with_history(&mut auth);
+    auth.auto_sync = false;
+    auth.append_application_facts(1, 1, false).unwrap();
+    assert!(auth.run_snapshot(e).is_err());
+    assert!(!events_of(&mut auth)
+        .iter()
+        .any(|e| matches!(e, CeremonyEvent::CompletionAnnounced { .. })));
+}

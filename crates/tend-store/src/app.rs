@@ -317,11 +317,14 @@ impl Store {
         floors: &BTreeMap<String, Epoch>,
     ) -> Result<BTreeSet<(Epoch, FactId)>, StoreError> {
         let state = self.app_state(ns)?;
-        let mut live = state.live_beside_entries(floors);
-        self.for_each_row(&ns, |_, c| {
-            live.insert((c.epoch, c.id));
-        })?;
-        Ok(live)
+        let beside = state.live_beside_entries(floors);
+        // Collected and built in one go (`FromIterator` sorts, then fills the tree's nodes
+        // in order): a million inserts one by one were a tenth of a ceremony step's CPU
+        // at 1M entries, and as many allocations.
+        let mut live = Vec::with_capacity(beside.len());
+        live.extend(beside);
+        self.for_each_row(&ns, |_, c| live.push((c.epoch, c.id)))?;
+        Ok(live.into_iter().collect())
     }
 
     /// [`AppState::digest`] of the whole journal of `ns`.

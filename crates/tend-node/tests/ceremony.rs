@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use serde_bytes::ByteBuf;
 use tempfile::TempDir;
+use tend_core::maintenance::SnapshotCompleted;
 use tend_core::{DeviceId, MaintenanceState};
 use tend_crypto::dkg::DkgSession;
 use tend_crypto::KeyShare;
@@ -45,6 +46,19 @@ async fn three_nodes_with(config: tend_node::NodeConfig) -> (TempDir, Vec<PathBu
 fn state(node: &Node) -> MaintenanceState {
     let d = node.device();
     d.store().maintenance_state(d.namespace()).expect("state")
+}
+
+/// Waits until every node's journal holds the completion `done`; panics after `timeout`.
+async fn snapshot_everywhere(nodes: &[Node], done: &SnapshotCompleted, timeout: Duration) {
+    for n in nodes {
+        wait_until("the completion everywhere", timeout, || {
+            state(n)
+                .latest_snapshot
+                .as_ref()
+                .is_some_and(|s| s.snapshot == done.snapshot)
+        })
+        .await;
+    }
 }
 
 /// Creates a 2-of-3 authority of the three nodes over the network and waits until every
@@ -98,15 +112,7 @@ async fn dkg_over_the_network_then_a_snapshot_ceremony_completes_everywhere() {
         .propose_snapshot(None, Duration::from_secs(15))
         .await
         .expect("ceremony over the network");
-    for n in &nodes {
-        wait_until("the snapshot everywhere", Duration::from_secs(15), || {
-            state(n)
-                .latest_snapshot
-                .as_ref()
-                .is_some_and(|s| s.snapshot == done.snapshot)
-        })
-        .await;
-    }
+    snapshot_everywhere(&nodes, &done, Duration::from_secs(15)).await;
     assert_eq!(nodes[1].maint_stats().completed, 1);
     for n in &nodes {
         n.shutdown().await;
@@ -140,15 +146,7 @@ async fn members_fetch_the_completion_when_told_rather_than_at_their_next_round(
         .propose_snapshot(None, Duration::from_secs(15))
         .await
         .expect("ceremony over the network");
-    for n in &nodes {
-        wait_until("the completion everywhere", Duration::from_secs(5), || {
-            state(n)
-                .latest_snapshot
-                .as_ref()
-                .is_some_and(|s| s.snapshot == done.snapshot)
-        })
-        .await;
-    }
+    snapshot_everywhere(&nodes, &done, Duration::from_secs(5)).await;
     for n in &nodes {
         n.shutdown().await;
     }

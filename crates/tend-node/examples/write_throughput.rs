@@ -36,8 +36,15 @@ fn append(i: u64) -> DataRequest {
     }
 }
 
+/// A device that has announced its release, as a running node does at start, so it
+/// writes the newest fact format (3: timed ids, which land at the end of the store's
+/// index) rather than format 1, which a device writes until its release is known.
 fn new_device(dir: &tempfile::TempDir, name: &str) -> Device {
-    Device::init(&dir.path().join(name), &mut rand::thread_rng()).expect("init")
+    let d = Device::init(&dir.path().join(name), &mut rand::thread_rng()).expect("init");
+    tend_node::upgrade::advertise(&d).expect("announce the release");
+    let state = d.store().maintenance_state(d.namespace()).expect("state");
+    assert_eq!(state.write_format(|| 1).version(), 3, "writes in format 3");
+    d
 }
 
 /// The floor under any signed write path: one Ed25519 signature (and the fact's encoding

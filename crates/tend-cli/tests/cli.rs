@@ -83,6 +83,26 @@ fn init_refuses_an_existing_home() {
     assert_eq!(std::fs::read(home.join("device.key")).unwrap(), key_before);
 }
 
+/// `tend init` announces the device's release, so writes made before it ever runs are in
+/// the newest fact format (3: timed ids, ZIP-215 signatures), not format 1.
+#[test]
+fn a_new_device_writes_the_newest_fact_format_before_it_ever_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("dev");
+    ok_json(&home, &["init"]);
+    ok_json(&home, &["log", "append", "events", "first"]);
+    let device = tend_node::Device::open(&home).unwrap();
+    let ns = device.namespace();
+    let entry = device
+        .store()
+        .scan(ns, ..)
+        .unwrap()
+        .map(|f| f.unwrap().trusted().unwrap())
+        .find(|f| tend_core::app::is_data(f.payload()))
+        .expect("the appended entry");
+    assert_eq!(entry.format().version(), 3);
+}
+
 #[test]
 fn truncated_and_foreign_store_files_are_refused_and_left_untouched() {
     let dir = tempfile::tempdir().unwrap();

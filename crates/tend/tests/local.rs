@@ -359,3 +359,23 @@ async fn a_subscription_sees_local_writes_in_order_and_resumes_after_a_restart()
     assert_eq!(everything[0], "put todo/0=item 0");
     assert_eq!(everything[8], "put todo/6=item 6");
 }
+
+/// A device created by the library announces its release at once, so what it writes
+/// before it ever starts is in the newest fact format (3), not format 1.
+#[test]
+fn a_created_device_writes_the_newest_fact_format_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("dev");
+    let device = Device::create(&home).unwrap();
+    device.log_append("events", b"first").unwrap();
+    drop(device);
+    let device = tend_node::Device::open(&home).unwrap();
+    let entry = device
+        .store()
+        .scan(device.namespace(), ..)
+        .unwrap()
+        .map(|f| f.unwrap().trusted().unwrap())
+        .find(|f| tend_core::app::is_data(f.payload()))
+        .expect("the appended entry");
+    assert_eq!(entry.format().version(), 3);
+}

@@ -596,10 +596,7 @@ async fn walk(args: &DevnetArgs, dir: &Path, json: bool) -> Result<Summary, DynE
     };
     while !nodes
         .iter()
-        .map(held)
-        .collect::<Result<Vec<_>, _>>()?
-        .iter()
-        .all(|h| *h)
+        .try_fold(true, |all, n| Ok::<_, DynError>(all && held(n)?))?
     {
         if start.elapsed() > Duration::from_secs(60) {
             return Err("devnet step \"snapshot ceremony\": a device did not verify the completion within 60 s".into());

@@ -317,12 +317,10 @@ impl Store {
         floors: &BTreeMap<String, Epoch>,
     ) -> Result<BTreeSet<(Epoch, FactId)>, StoreError> {
         let state = self.app_state(ns)?;
-        let beside = state.live_beside_entries(floors);
         // Collected and built in one go (`FromIterator` sorts, then fills the tree's nodes
         // in order): a million inserts one by one were a tenth of a ceremony step's CPU
         // at 1M entries, and as many allocations.
-        let mut live = Vec::with_capacity(beside.len());
-        live.extend(beside);
+        let mut live: Vec<_> = state.live_beside_entries(floors).into_iter().collect();
         self.for_each_row(&ns, |_, c| live.push((c.epoch, c.id)))?;
         Ok(live.into_iter().collect())
     }

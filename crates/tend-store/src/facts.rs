@@ -885,6 +885,25 @@ impl Store {
         Ok(out)
     }
 
+    /// How many facts of `ns` the journal index holds below `upto`, read in one
+    /// transaction as the namespace's count less the facts from `upto` on: after a
+    /// snapshot at `upto` those are the few written since, where counting the ones below
+    /// would walk the whole journal.
+    pub(crate) fn count_below(&self, ns: JournalNamespace, upto: Epoch) -> Result<u64, StoreError> {
+        let rtx = self.read_txn()?;
+        let namespaces = self.open_ro(&rtx, NAMESPACES)?;
+        let Some(rec) = self.ns_record(&namespaces, &ns)? else {
+            return Ok(0);
+        };
+        let facts = self.open_ro(&rtx, FACTS)?;
+        let mut from_upto = 0u64;
+        for item in open_range(self, &facts, rec.no, &(upto..))? {
+            item.map_err(|e| self.err(e))?;
+            from_upto += 1;
+        }
+        Ok(rec.count.saturating_sub(from_upto))
+    }
+
     /// Figures for one namespace (`None` if the store has never seen it).
     pub fn stats(&self, ns: JournalNamespace) -> Result<Option<NamespaceStats>, StoreError> {
         let rtx = self.read_txn()?;

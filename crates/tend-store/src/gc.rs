@@ -253,18 +253,11 @@ impl Store {
         // the first are as many as the last, all three are the same.
         let floors = self.prefix_maintenance_state(ns, floor)?.cache_floors;
         let live = self.app_live_len_below(ns, app, &floors, floor)?;
-        // Counted from the namespace's fact count and the few facts at or above the floor
-        // (those written since the snapshot's epoch), not by walking the million below it:
-        // that walk was a third of a device's CPU in the second after a 1M completion. A
-        // wrong count only picks the slower `Live::Set`, or keeps dead facts until the
-        // next GC; it never prunes a live one.
-        let total = self.stats(ns)?.map_or(0, |s| s.facts);
-        let mut above = 0u64;
-        for item in self.items(ns, floor..)? {
-            item?;
-            above += 1;
-        }
-        let stored = usize::try_from(total.saturating_sub(above)).unwrap_or(usize::MAX);
+        // Not by walking the million facts below the floor (`Store::count_below`): that
+        // walk was a third of a device's CPU in the second after a 1M completion. A wrong
+        // count only picks the slower `Live::Set`, or keeps dead facts until the next GC;
+        // it never prunes a live one.
+        let stored = usize::try_from(self.count_below(ns, floor)?).unwrap_or(usize::MAX);
         let maintenance = self.maintenance_in_index(ns, floor)?;
         let live = if stored == live + maintenance.len() {
             Live::All { kept: live as u64 }

@@ -1008,9 +1008,8 @@ impl MaintHost for Node {
     }
 
     fn sync_with(&self, device: DeviceId) -> BoxFuture<'static, ()> {
-        let inner = self.inner.clone();
+        let (inner, addr) = (self.inner.clone(), self.peer_address(&device));
         Box::pin(async move {
-            let addr = lock(&inner.peers).addrs.get(&device).copied();
             if let Some(addr) = addr {
                 sync_peer(inner, PeerAddr { device, addr }, None).await;
             }

@@ -17,9 +17,9 @@
 //! the token in `HOME/api.token` (0600, made when absent); without it the answer is 401
 //! and nothing is read or written. The page holds no data: it asks for the token and
 //! sends it with each of its own requests.
-//! Errors are JSON `{"error": "..."}`. Writes go through [`crate::data::run`], as the
-//! control socket's do, and running sessions hear about them. Store work runs off the
-//! async workers.
+//! Errors are JSON `{"error": "..."}`. Writes go through the device's group commit with
+//! [`crate::data::write`], as the control socket's do, and running sessions hear about
+//! them. Store work runs off the async workers.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -309,15 +309,33 @@ where
         .map_err(|e| HttpError::internal(format!("the request failed: {e}")))?
 }
 
-/// Runs a data request through [`data::run`]; after a write, running sessions hear of it
-/// (as the control socket does).
+/// Runs a data read through [`data::run`].
 fn run_data(node: &Node, request: DataRequest) -> Result<DataResponse, HttpError> {
-    let write = request.is_write();
-    let r = data::run(node.device(), request);
-    if write {
-        node.after_local_write();
-    }
-    Ok(r?)
+    Ok(data::run(node.device(), request)?)
+}
+
+/// Writes through the device's group commit without holding a thread while it waits
+/// ([`data::write`]); running sessions hear of the write, as from the control socket.
+async fn write_data(node: &Node, request: DataRequest) -> Result<DataResponse, HttpError> {
+    let after = node.clone();
+    Ok(data::write(node.device(), request, move || after.after_local_write()).await?)
+}
+
+/// With `If-Match`, refuses the write unless the key reads as the expected version now.
+async fn if_version(
+    node: &Node,
+    collection: &str,
+    key: &str,
+    expected: Option<String>,
+) -> Result<(), HttpError> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let (collection, key) = (collection.to_owned(), key.to_owned());
+    blocking(node, move |n| {
+        check_version(n.device(), &collection, &key, &expected)
+    })
+    .await
 }
 
 fn unexpected() -> HttpError {
@@ -426,21 +444,16 @@ async fn put_value(
     let Path((collection, key)) = path?;
     let expected = if_match(&headers)?;
     let value = body?;
-    blocking(&st.node, move |n| {
-        if let Some(expected) = &expected {
-            check_version(n.device(), &collection, &key, expected)?;
-        }
-        let request = DataRequest::Put {
-            collection,
-            key,
-            value: Bytes64(value.to_vec()),
-        };
-        match run_data(n, request)? {
-            DataResponse::Written(w) => Ok(Json(w)),
-            _ => Err(unexpected()),
-        }
-    })
-    .await
+    if_version(&st.node, &collection, &key, expected).await?;
+    let request = DataRequest::Put {
+        collection,
+        key,
+        value: Bytes64(value.to_vec()),
+    };
+    match write_data(&st.node, request).await? {
+        DataResponse::Written(w) => Ok(Json(w)),
+        _ => Err(unexpected()),
+    }
 }
 
 async fn delete_value(
@@ -450,16 +463,11 @@ async fn delete_value(
 ) -> Result<Json<Written>, HttpError> {
     let Path((collection, key)) = path?;
     let expected = if_match(&headers)?;
-    blocking(&st.node, move |n| {
-        if let Some(expected) = &expected {
-            check_version(n.device(), &collection, &key, expected)?;
-        }
-        match run_data(n, DataRequest::Delete { collection, key })? {
-            DataResponse::Written(w) => Ok(Json(w)),
-            _ => Err(unexpected()),
-        }
-    })
-    .await
+    if_version(&st.node, &collection, &key, expected).await?;
+    match write_data(&st.node, DataRequest::Delete { collection, key }).await? {
+        DataResponse::Written(w) => Ok(Json(w)),
+        _ => Err(unexpected()),
+    }
 }
 
 #[derive(Deserialize)]
@@ -524,7 +532,7 @@ async fn log_append(
         log,
         data: Bytes64(data.to_vec()),
     };
-    match blocking(&st.node, move |n| run_data(n, request)).await? {
+    match write_data(&st.node, request).await? {
         DataResponse::Written(w) => Ok((StatusCode::CREATED, Json(w))),
         _ => Err(unexpected()),
     }

@@ -748,6 +748,14 @@ async fn answer(node: &Served, request: Request) -> Response {
         Request::AdminReplace(op) => run_op(node, op).await,
         Request::CacheInvalidate(op) => run_op(node, op).await,
         Request::CacheCheck(op) => run_op(node, op).await,
+        Request::Data(op) if op.is_write() => {
+            let after = node.clone();
+            let written = crate::data::write(node.device(), op, move || after.after_local_write());
+            match written.await {
+                Ok(v) => Response::ok(v),
+                Err(e) => Response::err(error_line(&e)),
+            }
+        }
         Request::Data(op) => run_op(node, op).await,
         Request::BackupExport {
             out,

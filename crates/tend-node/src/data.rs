@@ -4,6 +4,8 @@
 //!
 //! Values are bytes everywhere: base64 in JSON, raw on the CLI's stdout.
 
+use std::sync::Arc;
+
 use tend_core::app::{check_key, check_name, Entry, LogCursor, Value};
 use tend_core::{DataOp, Epoch, FactId, Payload};
 
@@ -17,12 +19,7 @@ use crate::device::{Device, DeviceError};
 /// One write, committed in the device's next group commit (see
 /// [`crate::write::WriteQueue`]): concurrent single writes share one transaction.
 fn write_one(device: &Device, request: DataRequest) -> Result<Written, DeviceError> {
-    device
-        .write_queue()
-        .submit(device, vec![request])?
-        .into_iter()
-        .next()
-        .ok_or_else(|| DeviceError::InvalidInput("nothing was written".into()))
+    only_write(device.write_queue().submit(device, vec![request])?)
 }
 
 /// Carries out a data request on a device.
@@ -34,12 +31,7 @@ pub fn run(device: &Device, request: DataRequest) -> Result<DataResponse, Device
         | DataRequest::LogTrim { .. }
         | DataRequest::CachePut { .. }) => DataResponse::Written(write_one(device, r)?),
         DataRequest::Batch { ops } => {
-            if ops.len() > MAX_BATCH {
-                return Err(DeviceError::InvalidInput(format!(
-                    "a batch holds at most {MAX_BATCH} writes, not {}",
-                    ops.len()
-                )));
-            }
+            check_batch(&ops)?;
             DataResponse::Batch(device.write_queue().submit(device, ops)?)
         }
         DataRequest::Get { collection, key } => {
@@ -133,6 +125,61 @@ pub fn run(device: &Device, request: DataRequest) -> Result<DataResponse, Device
             })
         }
     })
+}
+
+/// Carries out a data write on a running device from an async task: [`run`]'s writes, but
+/// waiting for the group commit without holding a thread (see
+/// [`crate::write::WriteQueue::enqueue`]). `after_group` runs after each group commit this
+/// task has to lead (the node tells its sessions of the write); a group led by a caller of
+/// [`crate::node::Node::data`] is followed by that caller's own call. Reads are not
+/// writes: call [`run`] on a blocking thread.
+pub async fn write(
+    device: &Arc<Device>,
+    request: DataRequest,
+    after_group: impl Fn() + Send + 'static,
+) -> Result<DataResponse, DeviceError> {
+    let (ops, batch) = match request {
+        DataRequest::Batch { ops } => {
+            check_batch(&ops)?;
+            (ops, true)
+        }
+        r if r.is_write() => (vec![r], false),
+        _ => {
+            return Err(DeviceError::InvalidInput(
+                "only writes go through the group commit".into(),
+            ))
+        }
+    };
+    let (answer, leader) = device.write_queue().enqueue(ops);
+    if let Some(leader) = leader {
+        let device = Arc::clone(device);
+        tokio::task::spawn_blocking(move || leader.run(&*device, &after_group));
+    }
+    let written = answer
+        .await
+        .unwrap_or_else(|_| Err(crate::write::group_lost()))?;
+    Ok(if batch {
+        DataResponse::Batch(written)
+    } else {
+        DataResponse::Written(only_write(written)?)
+    })
+}
+
+fn check_batch(ops: &[DataRequest]) -> Result<(), DeviceError> {
+    if ops.len() > MAX_BATCH {
+        return Err(DeviceError::InvalidInput(format!(
+            "a batch holds at most {MAX_BATCH} writes, not {}",
+            ops.len()
+        )));
+    }
+    Ok(())
+}
+
+fn only_write(written: Vec<Written>) -> Result<Written, DeviceError> {
+    written
+        .into_iter()
+        .next()
+        .ok_or_else(|| DeviceError::InvalidInput("nothing was written".into()))
 }
 
 fn check_limit(limit: usize) -> Result<usize, DeviceError> {

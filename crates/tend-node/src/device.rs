@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rand::{CryptoRng, RngCore};
@@ -53,7 +53,7 @@ pub struct Device {
     /// The journal this device writes to; changes only when it joins an authority.
     namespace: RwLock<JournalNamespace>,
     /// Data writes waiting for the next group commit.
-    writes: WriteQueue,
+    writes: Arc<WriteQueue>,
 }
 
 /// Per-namespace status, as `tend journal status` shows it.
@@ -297,7 +297,7 @@ impl Device {
 
     /// The queue of data writes whose group commit stores concurrent writers' facts
     /// together (see [`crate::write::WriteQueue`]).
-    pub fn write_queue(&self) -> &WriteQueue {
+    pub fn write_queue(&self) -> &Arc<WriteQueue> {
         &self.writes
     }
 

@@ -521,14 +521,37 @@ fn written(f: &VerifiedFact, cursor: Option<LogCursor>, blob: Option<ContentId>)
 /// One caller's writes waiting for a group commit, and where its answer goes.
 struct Job {
     ops: Vec<DataRequest>,
-    answer: mpsc::Sender<Result<Vec<Written>, DeviceError>>,
+    answer: Answer,
+}
+
+/// What a group commit answers a caller.
+pub type WriteResult = Result<Vec<Written>, DeviceError>;
+
+/// Where a job's answer goes: a thread blocked in [`WriteQueue::submit_all`], or a task
+/// awaiting [`WriteQueue::enqueue`]'s receiver (which holds no thread while it waits).
+enum Answer {
+    Thread(mpsc::Sender<WriteResult>),
+    Task(tokio::sync::oneshot::Sender<WriteResult>),
+}
+
+impl Answer {
+    fn send(self, result: WriteResult) {
+        // A caller that gave up waiting has nobody to tell.
+        let _ = match self {
+            Answer::Thread(tx) => tx.send(result).map_err(drop),
+            Answer::Task(tx) => tx.send(result).map_err(drop),
+        };
+    }
 }
 
 /// Group commit: writers that arrive while a commit runs wait in a queue, and the next
 /// commit stores all of their writes in one transaction (one fsync for many callers).
 ///
 /// There is no writer thread: the first caller to find no commit running leads, taking the
-/// queue, committing it and answering everyone, until the queue is empty. Each caller's
+/// queue, committing it and answering everyone, until the queue is empty. A caller on an
+/// async runtime ([`WriteQueue::enqueue`]) awaits its answer without a thread and, when it
+/// must lead, leads on one blocking thread for the whole run of groups: the control socket
+/// and the HTTP API no longer park a blocking thread per write. Each caller's
 /// writes are planned against the state plus the writes of the callers before it in the
 /// group (as in one [`WritePlan`]); a caller whose write is refused when planned is
 /// answered at once and rolled back from the plan, and the others commit without it.
@@ -583,45 +606,121 @@ impl WriteQueue {
         &self,
         device: &dyn WriteTarget,
         writes: Vec<Vec<DataRequest>>,
-    ) -> Vec<Result<Vec<Written>, DeviceError>> {
+    ) -> Vec<WriteResult> {
         let mut answered = Vec::with_capacity(writes.len());
         let mut q = self.lock();
         for ops in writes {
             let (answer, rx) = mpsc::channel();
-            q.jobs.push(Job { ops, answer });
+            q.jobs.push(Job {
+                ops,
+                answer: Answer::Thread(answer),
+            });
             answered.push(rx);
         }
-        if !q.leading {
-            q.leading = true;
-            loop {
-                let jobs = std::mem::take(&mut q.jobs);
-                if jobs.is_empty() {
-                    q.leading = false;
-                    break;
-                }
-                q.stats.groups += 1;
-                q.stats.jobs += jobs.len() as u64;
-                drop(q);
-                // A panic while committing drops the group's answer senders (its callers
-                // get an error below) and must not leave the queue without a leader.
-                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    commit_group(device, jobs)
-                }));
-                q = self.lock();
-            }
-        }
+        let must_lead = !std::mem::replace(&mut q.leading, true);
         drop(q);
+        if must_lead {
+            self.lead(device, &|| {});
+        }
         answered
             .into_iter()
-            .map(|rx| {
-                rx.recv().unwrap_or_else(|_| {
-                    Err(DeviceError::SharedCommit(
-                        "the commit of this write's group failed unexpectedly".into(),
-                    ))
-                })
-            })
+            .map(|rx| rx.recv().unwrap_or_else(|_| Err(group_lost())))
             .collect()
     }
+
+    /// Queues `ops` (planned in order, all or none) for the next group commit; the
+    /// receiver gets what they made once they are durable. With `Some`, no commit was
+    /// running and the caller must run the returned [`Leader`] on a thread that may block
+    /// (dropping it unrun answers the queue with an error rather than stall it).
+    ///
+    /// ```no_run
+    /// # async fn write(device: std::sync::Arc<tend_node::device::Device>, ops: Vec<tend_node::data::DataRequest>) {
+    /// let (answer, leader) = device.write_queue().enqueue(ops);
+    /// if let Some(leader) = leader {
+    ///     let device = device.clone();
+    ///     tokio::task::spawn_blocking(move || leader.run(&*device, &|| {}));
+    /// }
+    /// let written = answer.await;
+    /// # }
+    /// ```
+    pub fn enqueue(
+        self: &Arc<Self>,
+        ops: Vec<DataRequest>,
+    ) -> (tokio::sync::oneshot::Receiver<WriteResult>, Option<Leader>) {
+        let (answer, rx) = tokio::sync::oneshot::channel();
+        let mut q = self.lock();
+        q.jobs.push(Job {
+            ops,
+            answer: Answer::Task(answer),
+        });
+        let must_lead = !std::mem::replace(&mut q.leading, true);
+        let leader = must_lead.then(|| Leader {
+            queue: Some(Arc::clone(self)),
+        });
+        (rx, leader)
+    }
+
+    /// Commits group after group until the queue is empty, then gives up the lead; calls
+    /// `after_group` after each group's callers are answered. The caller holds the lead.
+    fn lead(&self, device: &dyn WriteTarget, after_group: &dyn Fn()) {
+        let mut q = self.lock();
+        loop {
+            let jobs = std::mem::take(&mut q.jobs);
+            if jobs.is_empty() {
+                q.leading = false;
+                return;
+            }
+            q.stats.groups += 1;
+            q.stats.jobs += jobs.len() as u64;
+            drop(q);
+            // A panic while committing drops the group's answer senders (its callers
+            // get an error) and must not leave the queue without a leader.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                commit_group(device, jobs)
+            }));
+            after_group();
+            q = self.lock();
+        }
+    }
+}
+
+/// The lead of a [`WriteQueue`] handed to an async caller by [`WriteQueue::enqueue`], to
+/// run on a thread that may block.
+#[must_use = "a queue whose leader is dropped unrun answers its writers with an error"]
+pub struct Leader {
+    queue: Option<Arc<WriteQueue>>,
+}
+
+impl Leader {
+    /// Commits the queued writes of `device` (whose queue this is) group after group;
+    /// `after_group` runs after each group's callers are answered.
+    pub fn run(mut self, device: &dyn WriteTarget, after_group: &dyn Fn()) {
+        if let Some(queue) = self.queue.take() {
+            queue.lead(device, after_group);
+        }
+    }
+}
+
+impl Drop for Leader {
+    /// A leader dropped unrun (its blocking task cancelled as the runtime shuts down)
+    /// answers the waiting writers and frees the lead, so that nothing waits forever.
+    fn drop(&mut self) {
+        if let Some(queue) = self.queue.take() {
+            let mut q = queue.lock();
+            let jobs = std::mem::take(&mut q.jobs);
+            q.leading = false;
+            drop(q);
+            answer_all_failed(
+                jobs,
+                DeviceError::SharedCommit("the device stopped before committing this write".into()),
+            );
+        }
+    }
+}
+
+/// The answer of a caller whose group's leader went away without answering it.
+pub(crate) fn group_lost() -> DeviceError {
+    DeviceError::SharedCommit("the commit of this write's group failed unexpectedly".into())
 }
 
 /// Times a group is planned again when the journal's epoch moved between planning and
@@ -667,7 +766,7 @@ fn commit_group_once(
             Ok(()) => planned.push((job, mark, plan.len(), plan.written.len())),
             Err(e) => {
                 plan.rollback(mark);
-                let _ = job.answer.send(Err(e));
+                job.answer.send(Err(e));
             }
         }
     }
@@ -698,7 +797,7 @@ fn commit_group_once(
         let refused = rejected
             .iter()
             .find(|(i, _)| (mark.facts..facts_end).contains(i) || *i == usize::MAX);
-        let _ = job.answer.send(match refused {
+        job.answer.send(match refused {
             Some((_, why)) => Err(DeviceError::Rejected(why.clone())),
             None => Ok(mine),
         });
@@ -712,15 +811,12 @@ fn answer_all_failed(jobs: Vec<Job>, e: DeviceError) {
 
 /// The first caller gets the error itself, the others a copy of its message (errors are
 /// not `Clone`: they may hold an I/O error).
-fn answer_all_failed_to(
-    mut answers: impl Iterator<Item = mpsc::Sender<Result<Vec<Written>, DeviceError>>>,
-    e: DeviceError,
-) {
+fn answer_all_failed_to(mut answers: impl Iterator<Item = Answer>, e: DeviceError) {
     let line = crate::error::error_line(&e);
     if let Some(first) = answers.next() {
-        let _ = first.send(Err(e));
+        first.send(Err(e));
     }
     for a in answers {
-        let _ = a.send(Err(DeviceError::SharedCommit(line.clone())));
+        a.send(Err(DeviceError::SharedCommit(line.clone())));
     }
 }

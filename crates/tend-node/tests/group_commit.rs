@@ -302,3 +302,134 @@ fn writes_planned_while_a_snapshot_completes_are_planned_again_at_the_new_epoch(
             >= 3
     );
 }
+
+#[test]
+fn writers_on_tasks_and_on_threads_share_commits_and_every_write_is_durable() {
+    const TASKS: usize = 16;
+    const THREADS: usize = 4;
+    const EACH: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("a");
+    let d = Arc::new(Device::init(&home, &mut rand::thread_rng()).unwrap());
+    let after_group = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let acknowledged: Vec<Written> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let d = d.clone();
+                s.spawn(move || {
+                    (0..EACH)
+                        .map(|i| match run(&d, append("shared", &format!("t{t}-{i}"))) {
+                            Ok(DataResponse::Written(w)) => w,
+                            other => panic!("a thread's append is written: {other:?}"),
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let tasks = rt.block_on(async {
+            let tasks: Vec<_> = (0..TASKS)
+                .map(|w| {
+                    let (d, after_group) = (d.clone(), after_group.clone());
+                    tokio::spawn(async move {
+                        let mut mine = Vec::new();
+                        for i in 0..EACH {
+                            let counter = after_group.clone();
+                            let r = tend_node::data::write(
+                                &d,
+                                append("shared", &format!("w{w}-{i}")),
+                                move || {
+                                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                },
+                            )
+                            .await;
+                            match r {
+                                Ok(DataResponse::Written(w)) => mine.push(w),
+                                other => panic!("a task's append is written: {other:?}"),
+                            }
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.unwrap());
+            }
+            all
+        });
+        threads
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .chain(tasks)
+            .collect()
+    });
+    let total = (TASKS + THREADS) * EACH;
+    let stats = d.write_queue().stats();
+    assert_eq!(
+        stats.jobs, total as u64,
+        "every write went through the queue"
+    );
+    assert!(
+        stats.groups < stats.jobs,
+        "writers shared commits: {stats:?}"
+    );
+    assert!(
+        after_group.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the groups led for tasks told the node"
+    );
+    let ids: HashSet<&str> = acknowledged.iter().map(|w| w.id.as_str()).collect();
+    assert_eq!(ids.len(), total, "each caller got its own fact");
+
+    drop(rt);
+    drop(d);
+    let d = Device::open(&home).unwrap();
+    assert!(acknowledged.iter().all(|w| stored(&d, w)));
+    let entries = log_data(&d, "shared");
+    assert_eq!(entries.len(), total);
+    for w in 0..TASKS {
+        let mine: Vec<&String> = entries
+            .iter()
+            .filter(|e| e.starts_with(&format!("w{w}-")))
+            .collect();
+        let expected: Vec<String> = (0..EACH).map(|i| format!("w{w}-{i}")).collect();
+        assert_eq!(
+            mine,
+            expected.iter().collect::<Vec<_>>(),
+            "a task's entries read in the order it wrote them"
+        );
+    }
+}
+
+#[test]
+fn a_lead_dropped_unrun_answers_its_writers_and_frees_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Device::init(&dir.path().join("a"), &mut rand::thread_rng()).unwrap();
+    let (first, leader) = d.write_queue().enqueue(vec![append("l", "one")]);
+    let leader = leader.expect("the first writer of an idle queue leads");
+    let (second, none) = d.write_queue().enqueue(vec![append("l", "two")]);
+    assert!(none.is_none(), "one leader at a time");
+    // As when the runtime shuts down before the blocking task that would lead runs.
+    drop(leader);
+    for answer in [first, second] {
+        let refused = answer
+            .blocking_recv()
+            .expect("the writer is answered")
+            .expect_err("nothing was committed");
+        assert!(
+            matches!(refused, DeviceError::SharedCommit(_)),
+            "{refused:?}"
+        );
+    }
+    assert!(log_data(&d, "l").is_empty());
+    // The queue was freed: the next writer leads and commits.
+    let DataResponse::Written(w) = run(&d, append("l", "three")).unwrap() else {
+        panic!("a single write answers with its fact")
+    };
+    assert!(stored(&d, &w));
+    assert_eq!(log_data(&d, "l"), ["three"]);
+}

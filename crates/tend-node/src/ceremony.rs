@@ -23,8 +23,8 @@ use tend_core::maintenance::SnapshotCompleted;
 use tend_core::{DeviceId, Epoch, MaintenanceState};
 use tend_crypto::KeyShare;
 use tend_snapshot::{
-    AbortReason, CeremonyAction, CeremonyEvent, CeremonyInput, LocalJournal, MessageBody,
-    Recipient, Refusal, SignerKey,
+    AbortReason, CeremonyAction, CeremonyEvent, CeremonyInput, LocalJournal, Recipient, Refusal,
+    SignerKey,
 };
 use tokio::sync::oneshot;
 
@@ -101,13 +101,6 @@ fn step(h: &MaintHandle, input: CeremonyInput) -> Result<Vec<CeremonyAction>, De
 /// are stored, events settle waiting proposers.
 fn carry_out(h: &MaintHandle, outputs: Vec<CeremonyAction>) {
     let mut wrote = false;
-    // A signer commits once it has built and stored the blob. One too slow to be chosen
-    // may have been offered the completion meanwhile and held it back for want of that
-    // blob: a round now takes it, rather than the next one or a fetch of the blob.
-    let committed = outputs.iter().any(|o| {
-        matches!(o, CeremonyAction::Send { message, .. }
-            if matches!(message.body, MessageBody::Commit { .. }))
-    });
     for o in outputs {
         match o {
             CeremonyAction::Send { to, message } => {
@@ -161,7 +154,7 @@ fn carry_out(h: &MaintHandle, outputs: Vec<CeremonyAction>) {
     if wrote {
         h.node.after_local_write();
     }
-    if wrote || committed {
+    if wrote {
         tokio::spawn(h.node.sync_now());
     }
 }

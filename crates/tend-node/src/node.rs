@@ -1940,8 +1940,10 @@ async fn sync_peer(inner: Arc<Inner>, peer: PeerAddr, group: Option<u64>) -> Pee
         });
         if busy && attempts <= BUSY_RETRIES {
             // The peer's own session may still be on its way here: give it a moment to
-            // arrive, then wait for it to end.
-            tokio::time::sleep(BUSY_PAUSE).await;
+            // arrive, then wait for it to end. The moment is drawn at random: a peer whose
+            // every slot is taken (a coordinator that 19 members ask for the completion at
+            // once) otherwise refuses all of them again together.
+            tokio::time::sleep(busy_pause()).await;
             wait_for_sessions_with(&inner, &peer.device, Instant::now() + SESSION_WAIT).await;
             continue;
         }
@@ -2055,8 +2057,13 @@ const SESSION_WAIT: Duration = Duration::from_secs(60);
 const ROUND_STAGGER: Duration = Duration::from_secs(2);
 
 /// How long [`sync_peer`] pauses after a busy refusal before it waits for the peer's
-/// session and tries again.
-const BUSY_PAUSE: Duration = Duration::from_millis(100);
+/// session and tries again: 20 to 100 ms at random. A session on loopback or a LAN
+/// arrives in a few milliseconds, and one over the internet is seen by
+/// [`wait_for_sessions_with`] on the next try at the latest.
+fn busy_pause() -> Duration {
+    use rand::Rng as _;
+    Duration::from_millis(rand::thread_rng().gen_range(20..=100))
+}
 
 /// How many times [`sync_peer`] tries again after a busy refusal (the peer refuses while
 /// its own session with this device runs, `yields_to_own_session`).

@@ -85,6 +85,28 @@ async fn http(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_reaches_the_peer_long_before_the_next_round() {
     let (_fleet, a, b) = pair().await;
+    // Both sides count each session between them: a session of the setup that one side
+    // has counted and the other not yet, or one about to start (b's first round with a
+    // peer it was just told of), would pass for a pushed one below. Wait for the counts
+    // to agree and stay put.
+    let counts = || {
+        (
+            a.metrics().sessions_opened.get(),
+            b.metrics().sessions_opened.get(),
+        )
+    };
+    let settling = Instant::now();
+    loop {
+        let before = counts();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if before.0 == before.1 && counts() == before {
+            break;
+        }
+        assert!(
+            settling.elapsed() < PUSHED_WITHIN,
+            "the setup's sessions never settled"
+        );
+    }
     let sessions_on_b = b.metrics().sessions_opened.get();
 
     // Node::data (the library's and the control socket's path).

@@ -130,9 +130,10 @@ pub fn run(device: &Device, request: DataRequest) -> Result<DataResponse, Device
 /// Carries out a data write on a running device from an async task: [`run`]'s writes, but
 /// waiting for the group commit without holding a thread (see
 /// [`crate::write::WriteQueue::enqueue`]). `after_group` runs after each group commit this
-/// task has to lead (the node tells its sessions of the write); a group led by a caller of
-/// [`crate::node::Node::data`] is followed by that caller's own call. Reads are not
-/// writes: call [`run`] on a blocking thread.
+/// task has to lead, just after the group's callers are answered (the node tells its
+/// sessions of the write; the order does not matter for data writes, which change no
+/// membership); a group led by a caller of [`crate::node::Node::data`] is followed by
+/// that caller's own call. Reads are not writes: call [`run`] on a blocking thread.
 pub async fn write(
     device: &Arc<Device>,
     request: DataRequest,

@@ -673,12 +673,13 @@ impl WriteQueue {
             q.stats.groups += 1;
             q.stats.jobs += jobs.len() as u64;
             drop(q);
-            // A panic while committing drops the group's answer senders (its callers
-            // get an error) and must not leave the queue without a leader.
+            // A panic while committing (or in `after_group`) drops the group's answer
+            // senders (its callers get an error) and must not leave the queue without
+            // a leader.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                commit_group(device, jobs)
+                commit_group(device, jobs);
+                after_group();
             }));
-            after_group();
             q = self.lock();
         }
     }

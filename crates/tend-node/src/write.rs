@@ -530,15 +530,23 @@ pub type WriteResult = Result<Vec<Written>, DeviceError>;
 /// Where a job's answer goes: a thread blocked in [`WriteQueue::submit_all`], or a task
 /// awaiting [`WriteQueue::enqueue`]'s receiver (which holds no thread while it waits).
 enum Answer {
-    Thread(mpsc::Sender<WriteResult>),
+    Thread(mpsc::Sender<Reply>),
     Task(tokio::sync::oneshot::Sender<WriteResult>),
+}
+
+/// What a thread waiting in [`WriteQueue::submit_all`] hears: its answer, or that it
+/// leads now (the leader before it got all of its own answers and hands over rather than
+/// keep committing others' groups while its caller waits).
+enum Reply {
+    Written(WriteResult),
+    Lead,
 }
 
 impl Answer {
     fn send(self, result: WriteResult) {
         // A caller that gave up waiting has nobody to tell.
         let _ = match self {
-            Answer::Thread(tx) => tx.send(result).map_err(drop),
+            Answer::Thread(tx) => tx.send(Reply::Written(result)).map_err(drop),
             Answer::Task(tx) => tx.send(result).map_err(drop),
         };
     }
@@ -607,7 +615,7 @@ impl WriteQueue {
         device: &dyn WriteTarget,
         writes: Vec<Vec<DataRequest>>,
     ) -> Vec<WriteResult> {
-        let mut answered = Vec::with_capacity(writes.len());
+        let mut waiting = Vec::with_capacity(writes.len());
         let mut q = self.lock();
         for ops in writes {
             let (answer, rx) = mpsc::channel();
@@ -615,17 +623,39 @@ impl WriteQueue {
                 ops,
                 answer: Answer::Thread(answer),
             });
-            answered.push(rx);
+            waiting.push(rx);
         }
-        let must_lead = !std::mem::replace(&mut q.leading, true);
+        let mut lead = !std::mem::replace(&mut q.leading, true);
         drop(q);
-        if must_lead {
-            self.lead(device, &|| {});
+        let mut answers: Vec<Option<WriteResult>> = waiting.iter().map(|_| None).collect();
+        loop {
+            if lead {
+                // Leads until this caller's own writes are answered, then hands over.
+                self.lead(device, &|| {}, &mut || {
+                    take_ready(&waiting, &mut answers);
+                    answers.iter().all(Option::is_some)
+                });
+                lead = false;
+            }
+            // In order: the queue answers one caller's writes in the order they were
+            // queued, and hands the lead to the first waiting write.
+            for (rx, answer) in waiting.iter().zip(answers.iter_mut()) {
+                if answer.is_some() {
+                    continue;
+                }
+                match rx.recv() {
+                    Ok(Reply::Written(r)) => *answer = Some(r),
+                    Ok(Reply::Lead) => {
+                        lead = true;
+                        break;
+                    }
+                    Err(_) => *answer = Some(Err(group_lost())),
+                }
+            }
+            if !lead {
+                return answers.into_iter().flatten().collect();
+            }
         }
-        answered
-            .into_iter()
-            .map(|rx| rx.recv().unwrap_or_else(|_| Err(group_lost())))
-            .collect()
     }
 
     /// Queues `ops` (planned in order, all or none) for the next group commit; the
@@ -662,14 +692,26 @@ impl WriteQueue {
 
     /// Commits group after group until the queue is empty, then gives up the lead; calls
     /// `after_group` after each group's callers are answered. The caller holds the lead.
-    fn lead(&self, device: &dyn WriteTarget, after_group: &dyn Fn()) {
+    /// Once `done` says the leading caller has its own answers, the lead passes to the
+    /// first thread still waiting in the queue instead (a caller is not kept committing
+    /// other writers' groups for as long as they keep writing); tasks cannot take it, so
+    /// with only tasks waiting the leader goes on.
+    fn lead(
+        &self,
+        device: &dyn WriteTarget,
+        after_group: &dyn Fn(),
+        done: &mut dyn FnMut() -> bool,
+    ) {
         let mut q = self.lock();
         loop {
-            let jobs = std::mem::take(&mut q.jobs);
-            if jobs.is_empty() {
+            if q.jobs.is_empty() {
                 q.leading = false;
                 return;
             }
+            if done() && q.hand_over() {
+                return;
+            }
+            let jobs = std::mem::take(&mut q.jobs);
             q.stats.groups += 1;
             q.stats.jobs += jobs.len() as u64;
             drop(q);
@@ -681,6 +723,29 @@ impl WriteQueue {
                 after_group();
             }));
             q = self.lock();
+        }
+    }
+}
+
+impl QueueState {
+    /// Tells the first thread waiting in the queue that it leads now; `false` if no
+    /// waiting thread could be told.
+    fn hand_over(&self) -> bool {
+        self.jobs.iter().any(|job| match &job.answer {
+            Answer::Thread(tx) => tx.send(Reply::Lead).is_ok(),
+            Answer::Task(_) => false,
+        })
+    }
+}
+
+/// Moves the answers that have arrived into `answers` (a hand-over cannot arrive while
+/// this caller leads).
+fn take_ready(waiting: &[mpsc::Receiver<Reply>], answers: &mut [Option<WriteResult>]) {
+    for (rx, answer) in waiting.iter().zip(answers.iter_mut()) {
+        if answer.is_none() {
+            if let Ok(Reply::Written(r)) = rx.try_recv() {
+                *answer = Some(r);
+            }
         }
     }
 }
@@ -697,7 +762,7 @@ impl Leader {
     /// `after_group` runs after each group's callers are answered.
     pub fn run(mut self, device: &dyn WriteTarget, after_group: &dyn Fn()) {
         if let Some(queue) = self.queue.take() {
-            queue.lead(device, after_group);
+            queue.lead(device, after_group, &mut || false);
         }
     }
 }

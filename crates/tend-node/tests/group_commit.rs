@@ -453,3 +453,39 @@ fn a_lead_dropped_unrun_answers_its_writers_and_frees_the_queue() {
     assert!(stored(&d, &w));
     assert_eq!(log_data(&d, "l"), ["three"]);
 }
+
+#[test]
+fn a_writer_that_leads_returns_while_the_others_keep_writing() {
+    const WRITERS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Arc::new(Device::init(&dir.path().join("a"), &mut rand::thread_rng()).unwrap());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let writes: Vec<usize> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let (d, stop) = (d.clone(), &stop);
+                s.spawn(move || {
+                    let mut n = 0;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        run(&d, append("busy", &format!("{w}-{n}"))).expect("written");
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Each writer gets about the same share. A writer kept leading other writers' groups
+    // for as long as they wrote (one caller's `put` not returning under load) got a few
+    // writes in while the others got a thousand each.
+    let mut sorted = writes.clone();
+    sorted.sort_unstable();
+    let median = sorted[WRITERS / 2];
+    assert!(
+        sorted[0] * 4 >= median,
+        "a writer stayed leading the others' groups instead of returning: {writes:?}"
+    );
+}

@@ -556,10 +556,11 @@ impl Answer {
 /// commit stores all of their writes in one transaction (one fsync for many callers).
 ///
 /// There is no writer thread: the first caller to find no commit running leads, taking the
-/// queue, committing it and answering everyone, until the queue is empty. A caller on an
+/// queue, committing it and answering everyone, until the queue is empty, or until its own
+/// writes are answered and another waiting thread can take the lead over. A caller on an
 /// async runtime ([`WriteQueue::enqueue`]) awaits its answer without a thread and, when it
 /// must lead, leads on one blocking thread for the whole run of groups: the control socket
-/// and the HTTP API no longer park a blocking thread per write. Each caller's
+/// and the HTTP API do not park a blocking thread per write. Each caller's
 /// writes are planned against the state plus the writes of the callers before it in the
 /// group (as in one [`WritePlan`]); a caller whose write is refused when planned is
 /// answered at once and rolled back from the plan, and the others commit without it.

@@ -320,6 +320,24 @@ pub fn fence_check(
     Ok(state.fence_check(state.current_epoch(), running))
 }
 
+/// Creates a device ([`Device::init`]) that has announced its release ([`advertise`]), as
+/// `tend init` and the library's `Device::create` make one: until its release is in its
+/// journal a device writes fact format 1 (untimed ids, one signature check each), so a
+/// device written to before it ever ran would fill its journal with the slower format.
+pub fn init_announced(
+    home: &Path,
+    rng: &mut (impl rand::RngCore + rand::CryptoRng),
+) -> Result<Device, DeviceError> {
+    let device = Device::init(home, rng)?;
+    advertise(&device).map_err(|e| match e {
+        UpgradeError::Device(e) => e,
+        UpgradeError::Store(e) => e.into(),
+        // Publishing and activating packages fail otherwise; announcing does not.
+        other => DeviceError::InvalidInput(other.to_string()),
+    })?;
+    Ok(device)
+}
+
 /// Publishes `DeviceMetadata` (running and supported versions, policy) when the journal
 /// does not already say exactly that. Returns whether a fact was written.
 pub fn advertise(device: &Device) -> Result<bool, UpgradeError> {

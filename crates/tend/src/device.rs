@@ -227,19 +227,9 @@ impl Device {
     /// store, and an authority of this device alone, so it can write at once. Refuses a
     /// directory that already holds a device.
     pub fn create(home: impl AsRef<Path>) -> Result<Device> {
-        let device = tend_node::Device::init(home.as_ref(), &mut rand::rngs::OsRng)?;
-        // The release is announced now, as `tend init` does, not at the first start: until
-        // it is known the device writes fact format 1 (untimed ids, one signature check
-        // each), which writes made before `start` would otherwise be.
-        use tend_node::upgrade::UpgradeError;
-        tend_node::upgrade::advertise(&device).map_err(|e| match e {
-            UpgradeError::Device(e) => Error::from(e),
-            UpgradeError::Store(e) => Error::from(e),
-            // Publishing and activating packages fail otherwise; announcing does not.
-            other => Error::Device(Box::new(tend_node::DeviceError::InvalidInput(
-                other.to_string(),
-            ))),
-        })?;
+        // Announced at once, as `tend init` does, so writes made before `start` are in the
+        // newest fact format.
+        let device = tend_node::upgrade::init_announced(home.as_ref(), &mut rand::rngs::OsRng)?;
         Device::wrap(device)
     }
 

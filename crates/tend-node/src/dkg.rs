@@ -303,7 +303,9 @@ fn receive_sync(h: &MaintHandle, peer: DeviceId, msg: MaintMessage) -> MaintRepl
                 MaintReply::refused("no such key generation from this admin")
             }
         }
-        MaintMessage::Ceremony(_) => MaintReply::refused("not a key generation message"),
+        MaintMessage::Ceremony(_) | MaintMessage::Completion { .. } => {
+            MaintReply::refused("not a key generation message")
+        }
     }
 }
 

@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use tend_core::encoding::{from_canonical, to_canonical};
 use tend_core::maintenance::SnapshotCompleted;
-use tend_core::{DeviceId, Epoch, GroupKey, Hash32, JournalNamespace, MaintenanceEpoch};
+use tend_core::{
+    DeviceId, Epoch, GroupKey, Hash32, JournalNamespace, MaintenanceEpoch, VerifiedFact,
+};
 use tend_crypto::dkg::{DkgMessage, DkgParticipant, DkgSession};
 use tend_crypto::KeyShare;
 use tend_snapshot::{Refusal, SnapshotEngine};
@@ -74,6 +76,12 @@ pub enum MaintMessage {
     },
     /// Admin to a member: the key generation failed; forget it.
     DkgAbort { session: Hash32 },
+    /// Coordinator to a member of its ceremony, just before `Closed { completed: true }`:
+    /// the facts it wrote on completing it (the `SnapshotCompleted`, and the tombstone of
+    /// the blob it supersedes), so the member holds the completion without a sync session.
+    /// A node of an older release cannot decode it, refuses it, and fetches the
+    /// completion when `Closed` arrives, as before.
+    Completion { facts: Vec<ByteBuf> },
 }
 
 impl MaintMessage {
@@ -347,6 +355,10 @@ pub(crate) trait MaintHost: Send + Sync {
     fn sync_with(&self, device: DeviceId) -> BoxFuture<'static, ()>;
     /// Handles one message from the authenticated `peer`.
     fn receive(&self, peer: DeviceId, msg: MaintMessage) -> BoxFuture<'static, MaintReply>;
+    /// Admits facts a peer sent outside a session, as a session's facts are admitted
+    /// (checked against the reduced state, a newer snapshot with its blob's facts), and
+    /// writes them in one transaction. Blocks on the store.
+    fn admit_facts(&self, facts: Vec<VerifiedFact>) -> Result<(), String>;
 }
 
 /// All that snapshot ceremonies and key generation are handed of the running node: its

@@ -28,9 +28,10 @@ use tend_core::{
 use tend_replica::Admission;
 use tend_store::{Store, StoreError};
 use tend_sync::{
-    AbortReason, FailReason, FenceStatus, LocalView, ManagerAction, ManagerConfig, ManagerError,
-    MemItems, MessageError, Outcome, PeerConfig, PeerManager, PeerStatus, RefuseReason, SessionId,
-    SessionManager, SessionResult, SessionStats, SharedItems, SyncItem, SyncMessage,
+    AbortReason, FactHost, FailReason, FenceStatus, LocalView, ManagerAction, ManagerConfig,
+    ManagerError, MemItems, MessageError, Outcome, PeerConfig, PeerManager, PeerStatus,
+    RefuseReason, SessionId, SessionManager, SessionResult, SessionStats, SharedItems, SyncItem,
+    SyncMessage,
 };
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -1020,6 +1021,10 @@ impl MaintHost for Node {
         let h = self.maint_handle();
         Box::pin(async move { ceremony::receive(&h, peer, msg).await })
     }
+
+    fn admit_facts(&self, facts: Vec<VerifiedFact>) -> Result<(), String> {
+        self.inner.admit_pushed(facts)
+    }
 }
 
 /// Opens the device in `home`, runs a node until SIGINT or SIGTERM, then shuts it down.
@@ -1529,6 +1534,26 @@ impl Inner {
             actions
         };
         self.dispatch(actions);
+    }
+
+    /// Admits facts a peer sent outside a session (a ceremony's completion) as a frame's
+    /// facts are: under the session lock, through the same admission, in one write. The
+    /// first refusal is returned once the rest are written.
+    fn admit_pushed(&self, facts: Vec<VerifiedFact>) -> Result<(), String> {
+        let mut refused = None;
+        let actions = {
+            let mut m = self.lock_sessions();
+            let mut replica = self.replica();
+            let mut host = Admission::new(&mut replica);
+            for f in facts {
+                if let Err(e) = host.admit(f) {
+                    refused.get_or_insert(e.to_string());
+                }
+            }
+            self.flush(host, &mut m)
+        };
+        self.dispatch(actions);
+        refused.map_or(Ok(()), Err)
     }
 
     /// Timers of every session.

@@ -9,8 +9,10 @@ use std::time::Duration;
 use common::*;
 use serde_bytes::ByteBuf;
 use tempfile::TempDir;
-use tend_core::maintenance::SnapshotCompleted;
-use tend_core::{DeviceId, MaintenanceState};
+use tend_core::maintenance::{SnapshotCompleted, SnapshotV1};
+use tend_core::{
+    ContentId, DeviceId, Hash32, MaintenanceFact, MaintenanceState, Payload, UnsignedFact,
+};
 use tend_crypto::dkg::DkgSession;
 use tend_crypto::KeyShare;
 use tend_node::ceremony::{CeremonyError, MaintMessage, MaintReply};
@@ -119,11 +121,12 @@ async fn dkg_over_the_network_then_a_snapshot_ceremony_completes_everywhere() {
     }
 }
 
-/// The coordinator's `Closed` tells each member that answered where the completion is, and
-/// a member that lacks it fetches it at once: with rounds reaching one peer and far apart,
-/// and no pushes, every member still holds the completion within moments.
+/// The coordinator sends each member the completion it wrote, just before `Closed`: with
+/// rounds reaching one peer and far apart, and no pushes, every member holds the
+/// completion within moments, and no member opens a session for it (the only session of
+/// the ceremony is the proposer's round before proposing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn members_fetch_the_completion_when_told_rather_than_at_their_next_round() {
+async fn members_get_the_completion_from_the_coordinator_without_a_session() {
     let (_dir, _homes, nodes) = three_nodes_with(tend_node::NodeConfig {
         sync_interval: Duration::from_secs(600),
         fanout: 1,
@@ -142,11 +145,24 @@ async fn members_fetch_the_completion_when_told_rather_than_at_their_next_round(
             n.sync_now().await;
         }
     }
+    let sessions = || -> u64 {
+        nodes
+            .iter()
+            .map(|n| n.metrics().sessions_opened.get())
+            .sum()
+    };
+    let before = sessions();
     let done = nodes[0]
         .propose_snapshot(None, Duration::from_secs(15))
         .await
         .expect("ceremony over the network");
     snapshot_everywhere(&nodes, &done, Duration::from_secs(5)).await;
+    // Both sides count a session: the proposer's round (fanout 1) is two.
+    assert!(
+        sessions() - before <= 2,
+        "{} sessions during the ceremony",
+        sessions() - before
+    );
     for n in &nodes {
         n.shutdown().await;
     }
@@ -227,6 +243,123 @@ async fn an_identity_epoch_advance_mid_ceremony_aborts_and_the_retry_completes()
     }
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// A completion sent outside a session is taken only from a member, and only as a
+/// completion of this journal whose threshold signature verifies, followed by nothing but
+/// the tombstone of the blob it supersedes: a member cannot use it to write facts around
+/// the sync rate limits. Everything else is refused and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sent_completion_is_taken_only_as_a_members_valid_completion() {
+    // No rounds but the ones the test starts, so c learns nothing but what it is sent.
+    let (dir, _homes, nodes) = three_nodes_with(tend_node::NodeConfig {
+        sync_interval: Duration::from_secs(600),
+        fanout: 1,
+        push_on_write: false,
+        ..config(vec![])
+    })
+    .await;
+    authority(&nodes).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    for n in &nodes {
+        n.sync_now().await;
+    }
+    // a and b complete a snapshot while c is cut off.
+    for n in [a, b] {
+        n.block_peer(c.device_id());
+        c.block_peer(n.device_id());
+    }
+    let done = a
+        .propose_snapshot(None, Duration::from_secs(15))
+        .await
+        .expect("a and b complete a snapshot");
+    snapshot_everywhere(&nodes[..2], &done, Duration::from_secs(5)).await;
+    b.unblock_peer(&c.device_id());
+    c.unblock_peer(&b.device_id());
+    let ns = a.device().namespace();
+    let latest = state(a).latest_snapshot.expect("the completion");
+    let completion = a
+        .device()
+        .store()
+        .get(ns, latest.completed_at, &latest.fact_id)
+        .expect("read")
+        .expect("the completion fact");
+    let completion = ByteBuf::from(completion.bytes().to_vec());
+    // A valid fact of the journal, but not a completion.
+    let note = b.add_fact("note", b"not a completion").expect("write");
+    // A completion whose threshold signature is not the authority's.
+    let forged = UnsignedFact {
+        namespace: ns,
+        epoch: state(b).current_epoch(),
+        payload: Payload::Maintenance(MaintenanceFact::SnapshotCompleted(SnapshotCompleted {
+            proposal_id: Hash32([7; 32]),
+            snapshot: SnapshotV1 {
+                epoch: state(b).current_epoch(),
+                digest: Hash32([1; 32]),
+                blob_cid: ContentId::of_raw(b"no such blob"),
+            },
+            threshold_signature: [3; 64],
+        })),
+    }
+    .sign(b.device().key().signing_key());
+    let bytes = |f: &tend_core::VerifiedFact| ByteBuf::from(f.bytes().to_vec());
+    for (facts, why) in [
+        (
+            vec![completion.clone(), bytes(&note)],
+            "more than the completion",
+        ),
+        (
+            vec![completion.clone(), completion.clone()],
+            "more than the completion",
+        ),
+        (vec![bytes(&note)], "not a snapshot completion"),
+        (vec![bytes(&forged)], "threshold signature does not verify"),
+        (vec![ByteBuf::from(vec![0x80, 1, 2])], "bad fact"),
+        (vec![], "no completion"),
+    ] {
+        let r = b
+            .send_maint(c.device_id(), &MaintMessage::Completion { facts })
+            .await;
+        assert!(
+            matches!(&r, Ok(MaintReply::Refused { reason }) if reason.contains(why)),
+            "{why}: {r:?}"
+        );
+    }
+    // From a configured peer that is not a member, even the real completion.
+    let outsider = Node::start(
+        Device::init(&dir.path().join("x"), &mut rand::thread_rng()).unwrap(),
+        config(vec![c.peer_addr()]),
+    )
+    .await
+    .unwrap();
+    c.add_peer(outsider.peer_addr()).unwrap();
+    let r = outsider
+        .send_maint(
+            c.device_id(),
+            &MaintMessage::Completion {
+                facts: vec![completion.clone()],
+            },
+        )
+        .await;
+    assert!(
+        matches!(&r, Ok(MaintReply::Refused { reason }) if reason.contains("not a member")),
+        "{r:?}"
+    );
+    let holds = |f: &tend_core::VerifiedFact| {
+        c.device()
+            .store()
+            .contains(ns, f.epoch(), &f.id())
+            .expect("lookup")
+    };
+    assert!(
+        !holds(&note) && !holds(&forged),
+        "a refused fact was written"
+    );
+    assert!(state(c).latest_snapshot.is_none());
+    outsider.shutdown().await;
+    for n in &nodes {
+        n.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

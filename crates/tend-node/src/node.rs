@@ -2480,19 +2480,32 @@ fn push_gap(config: &NodeConfig) -> Duration {
         })
 }
 
-/// A sync round every `sync_interval`, and a pushed round soon after each local write
-/// (push on write): at most one round runs at a time, writes made meanwhile ask for one
-/// more, and pushed rounds start at least [`push_gap`] apart.
+/// The wait before the next timed round: `interval` stretched or shrunk by up to half at
+/// random, the mean unchanged. Devices started together (a fleet after an outage, a
+/// devnet) would otherwise open their sessions at the same instants for as long as they
+/// run, each round a burst of busy refusals.
+fn jittered(interval: Duration) -> Duration {
+    use rand::Rng as _;
+    interval.mul_f64(rand::thread_rng().gen_range(0.5..1.5))
+}
+
+/// A sync round at once, then every `sync_interval` on average ([`jittered`]), and a
+/// pushed round soon after each local write (push on write): at most one round runs at a
+/// time, writes made meanwhile ask for one more, and pushed rounds start at least
+/// [`push_gap`] apart.
 async fn round_loop(node: Node) {
-    let mut tick = tokio::time::interval(node.inner.config.sync_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let interval = node.inner.config.sync_interval;
+    let mut next_timed = tokio::time::Instant::now();
     let gap = push_gap(&node.inner.config);
     let mut last_push: Option<tokio::time::Instant> = None;
     loop {
         let pushed = tokio::select! {
-            _ = tick.tick() => false,
+            _ = tokio::time::sleep_until(next_timed) => false,
             _ = node.inner.push.notified() => true,
         };
+        if !pushed {
+            next_timed = tokio::time::Instant::now() + jittered(interval);
+        }
         if pushed {
             let soonest = tokio::time::Instant::now() + PUSH_DEBOUNCE;
             let start = last_push.map_or(soonest, |last| (last + gap).max(soonest));
@@ -2521,6 +2534,22 @@ mod tests {
             .chain(store.scan_maintenance(ns).expect("scan"))
             .map(|f| f.expect("fact").verify().expect("verify"))
             .collect()
+    }
+
+    /// Timed rounds of devices started together drift apart: each wait is drawn anew
+    /// within half an interval either way.
+    #[test]
+    fn timed_rounds_are_spread_around_the_interval() {
+        let interval = Duration::from_secs(10);
+        let waits: Vec<Duration> = (0..200).map(|_| jittered(interval)).collect();
+        assert!(waits
+            .iter()
+            .all(|w| *w >= interval / 2 && *w < interval * 3 / 2));
+        let (min, max) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
+        assert!(
+            *min < interval * 3 / 4 && *max > interval * 5 / 4,
+            "{min:?}..{max:?}"
+        );
     }
 
     /// A device that has run sessions in its own journal and then joins an authority

@@ -76,12 +76,16 @@ pub enum MaintMessage {
     },
     /// Admin to a member: the key generation failed; forget it.
     DkgAbort { session: Hash32 },
-    /// Coordinator to a member of its ceremony, just before `Closed { completed: true }`:
-    /// the facts it wrote on completing it (the `SnapshotCompleted`, and the tombstone of
-    /// the blob it supersedes), so the member holds the completion without a sync session.
-    /// A node of an older release cannot decode it, refuses it, and fetches the
-    /// completion when `Closed` arrives, as before.
-    Completion { facts: Vec<ByteBuf> },
+    /// Coordinator to a member of its ceremony: the facts it wrote on completing it (the
+    /// `SnapshotCompleted`, and the tombstone of the blob it supersedes), then its
+    /// `Closed { completed: true }` for the member (the bytes of a `CeremonyMessage`),
+    /// handled once the facts are in: the member holds the completion without a sync
+    /// session. A member that refuses it (a node of an older release cannot decode it)
+    /// is sent the `Closed` alone, and fetches the completion when it arrives, as before.
+    Completion {
+        facts: Vec<ByteBuf>,
+        closed: ByteBuf,
+    },
 }
 
 impl MaintMessage {

@@ -121,7 +121,7 @@ async fn dkg_over_the_network_then_a_snapshot_ceremony_completes_everywhere() {
     }
 }
 
-/// The coordinator sends each member the completion it wrote, just before `Closed`: with
+/// The coordinator sends each member the completion it wrote, with `Closed`: with
 /// rounds reaching one peer and far apart, and no pushes, every member holds the
 /// completion within moments, and no member opens a session for it (the only session of
 /// the ceremony is the proposer's round before proposing).
@@ -318,7 +318,13 @@ async fn a_sent_completion_is_taken_only_as_a_members_valid_completion() {
         (vec![], "no completion"),
     ] {
         let r = b
-            .send_maint(c.device_id(), &MaintMessage::Completion { facts })
+            .send_maint(
+                c.device_id(),
+                &MaintMessage::Completion {
+                    facts,
+                    closed: ByteBuf::new(),
+                },
+            )
             .await;
         assert!(
             matches!(&r, Ok(MaintReply::Refused { reason }) if reason.contains(why)),
@@ -338,6 +344,7 @@ async fn a_sent_completion_is_taken_only_as_a_members_valid_completion() {
             c.device_id(),
             &MaintMessage::Completion {
                 facts: vec![completion.clone()],
+                closed: ByteBuf::new(),
             },
         )
         .await;

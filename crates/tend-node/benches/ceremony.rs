@@ -125,7 +125,8 @@ fn bound_arenas() {
 /// `ready <digest>` once started; `sync` runs a round (`synced`); `mark` notes the CPU
 /// time and the latest snapshot, and from then on `holds` is printed once the journal
 /// holds a newer one; `propose` runs a ceremony (`proposed`); `stop` (or the end of
-/// stdin) prints `cpu <seconds since the mark> rss <peak MiB>` and stops the node.
+/// stdin) prints `cpu <seconds since the mark> rss <peak MiB since the mark> before <peak
+/// MiB before it>` and stops the node.
 async fn node_process(home: &Path, listen: SocketAddr) {
     let device = open_when_free(home);
     let node = Node::start(device, NodeConfig { listen, ..config() })
@@ -158,6 +159,7 @@ async fn node_process(home: &Path, listen: SocketAddr) {
             .map(|l| l.proposal_id)
     };
     let mut cpu = process_cpu_time();
+    let mut before = f64::NAN;
     let mut watching = None;
     loop {
         tokio::select! {
@@ -168,6 +170,10 @@ async fn node_process(home: &Path, listen: SocketAddr) {
                 }
                 Some("mark") => {
                     cpu = process_cpu_time();
+                    before = peak_rss_mib();
+                    // Linux: the peak starts again from the current RSS, so the one
+                    // reported at the end is the ceremony's.
+                    let _ = std::fs::write("/proc/self/clear_refs", "5");
                     watching = Some(latest(&node));
                 }
                 Some("propose") => {
@@ -191,7 +197,7 @@ async fn node_process(home: &Path, listen: SocketAddr) {
         }
     }
     println!(
-        "cpu {} rss {}",
+        "cpu {} rss {} before {before}",
         (process_cpu_time() - cpu).as_secs_f64(),
         peak_rss_mib()
     );
@@ -428,13 +434,17 @@ async fn run(n: usize) {
     for i in 0..devices {
         fleet.tell(i, "stop");
     }
-    // `cpu <seconds> rss <MiB>` from each.
-    let usage: Vec<(f64, f64)> = fleet
+    // `cpu <seconds> rss <MiB> before <MiB>` from each.
+    let usage: Vec<(f64, f64, f64)> = fleet
         .each_says("cpu")
         .iter()
         .map(|(rest, _)| {
-            let (cpu, rss) = rest.split_once(" rss ").expect("cpu and rss");
-            (cpu.parse().expect("cpu"), rss.parse().expect("rss"))
+            let n: Vec<f64> = rest
+                .split(' ')
+                .step_by(2)
+                .map(|v| v.parse().expect("a figure"))
+                .collect();
+            (n[0], n[1], n[2])
         })
         .collect();
     fleet.stop();
@@ -462,10 +472,11 @@ async fn run(n: usize) {
         each.join(", ")
     );
     println!(
-        "peak RSS of each node's process (the facts were signed and stored by another): {} MiB",
+        "peak RSS of each node's process during the ceremony (before it: from its start, \
+         the application state folded and a sync round): {} MiB",
         usage
             .iter()
-            .map(|u| format!("{:.0}", u.1))
+            .map(|u| format!("{:.0} ({:.0})", u.1, u.2))
             .collect::<Vec<_>>()
             .join(", ")
     );

@@ -326,13 +326,12 @@ fn receive_ceremony(h: &MaintHandle, peer: DeviceId, bytes: ByteBuf) -> MaintRep
 }
 
 /// Admits the facts a coordinator wrote on completing a ceremony
-/// ([`MaintMessage::Completion`]; its `Closed` is handled after, by the caller) as a
-/// session would, once they prove to be exactly that:
-/// a member's, of this journal, a completion newer than this device's latest snapshot
-/// whose threshold signature verifies, and at most the tombstone of the blob it
-/// supersedes. Anything else comes by sync, under its rate limits, so a member cannot use
-/// this to write unlimited facts. A completion whose blob this device lacks is held back
-/// as in a session, and `Closed` then fetches it.
+/// ([`MaintMessage::Completion`]; the caller then handles its `Closed`) as a session
+/// would, once they prove to be exactly that: a member's, of this journal, a completion
+/// newer than this device's latest snapshot whose threshold signature verifies, and at
+/// most the tombstone of the blob it supersedes. Anything else comes by sync, under its
+/// rate limits, so a member cannot use this to write unlimited facts. A completion whose
+/// blob this device lacks is held back as in a session, and `Closed` then fetches it.
 fn receive_completion(h: &MaintHandle, peer: DeviceId, facts: Vec<ByteBuf>) -> MaintReply {
     if !current_members(h).contains(&peer) {
         return MaintReply::refused("not a member of this authority");

@@ -2503,14 +2503,13 @@ async fn round_loop(node: Node) {
             _ = tokio::time::sleep_until(next_timed) => false,
             _ = node.inner.push.notified() => true,
         };
-        if !pushed {
-            next_timed = tokio::time::Instant::now() + jittered(interval);
-        }
         if pushed {
             let soonest = tokio::time::Instant::now() + PUSH_DEBOUNCE;
             let start = last_push.map_or(soonest, |last| (last + gap).max(soonest));
             tokio::time::sleep_until(start).await;
             last_push = Some(tokio::time::Instant::now());
+        } else {
+            next_timed = tokio::time::Instant::now() + jittered(interval);
         }
         if node.inner.closing.load(Ordering::SeqCst) {
             return;

@@ -32,6 +32,10 @@ enum Op {
     Prune {
         target: u64,
     },
+    /// A maintenance fact (a blob tombstone) at `epoch`, stored at once.
+    Maintenance {
+        epoch: u64,
+    },
     Reopen,
 }
 
@@ -42,6 +46,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => Just(Op::Flush),
         1 => (0..64usize).prop_map(Op::Retract),
         1 => (2..7u64).prop_map(|target| Op::Prune { target }),
+        1 => (1..8u64).prop_map(|epoch| Op::Maintenance { epoch }),
         1 => Just(Op::Reopen),
     ]
 }
@@ -86,6 +91,25 @@ fn check(s: &Store, ns: JournalNamespace) -> Result<(), TestCaseError> {
     }
     prop_assert_eq!(s.app_state(ns).unwrap().log_len(), want.log_len());
     prop_assert_eq!(s.app_digest(ns, &floors).unwrap(), want.digest(&floors));
+    // What a snapshot below each epoch carries: the live set of the fold of the facts
+    // below it, whether or not facts (data or maintenance) lie at or above it.
+    for below in 1..9 {
+        let prefix: Vec<_> = facts
+            .iter()
+            .filter(|f| f.epoch() < Epoch(below))
+            .cloned()
+            .collect();
+        let floors = s
+            .prefix_maintenance_state(ns, Epoch(below))
+            .unwrap()
+            .cache_floors;
+        prop_assert_eq!(
+            s.live_below(ns, Epoch(below)).unwrap(),
+            AppState::of(&prefix).live_facts(&floors),
+            "live below {}",
+            below
+        );
+    }
     Ok(())
 }
 
@@ -149,6 +173,10 @@ proptest! {
                             .unwrap();
                         s.prune(ns).unwrap();
                     }
+                }
+                Op::Maintenance { epoch } => {
+                    let cid = tend_core::ContentId::of_raw(&n.to_be_bytes());
+                    s.insert_batch(&[tombstone(ns, epoch, &k, cid)]).unwrap();
                 }
                 Op::Reopen => {
                     drop(s);

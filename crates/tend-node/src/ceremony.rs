@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_bytes::ByteBuf;
 use tend_core::maintenance::SnapshotCompleted;
-use tend_core::{DeviceId, Epoch, MaintenanceFact, MaintenanceState, Payload, VerifiedFact};
+use tend_core::{DeviceId, Epoch, MaintenanceFact, MaintenanceState, Payload};
 use tend_crypto::KeyShare;
 use tend_snapshot::{
     AbortReason, CeremonyAction, CeremonyEvent, CeremonyInput, LocalJournal, MessageBody,
@@ -30,7 +30,9 @@ use tokio::sync::oneshot;
 
 use crate::device::DeviceError;
 pub use crate::endpoint::MAINT_ALPN;
-use crate::maint::{blocking, current_members, lock, send, Maint, MaintHandle, Waiter};
+use crate::maint::{
+    blocking, current_members, decode_facts, lock, send, Maint, MaintHandle, Waiter,
+};
 pub use crate::maint::{
     CeremonyError, MaintMessage, MaintReply, MaintStats, SendError, SnapshotTrigger,
     MAX_MAINT_FRAME,
@@ -341,14 +343,10 @@ fn receive_completion(h: &MaintHandle, peer: DeviceId, facts: Vec<ByteBuf>) -> M
         Ok(s) => s,
         Err(e) => return MaintReply::refused(format!("cannot read the journal: {e}")),
     };
-    let mut verified = Vec::with_capacity(facts.len());
-    for f in &facts {
-        match VerifiedFact::decode(f) {
-            Ok(v) if v.namespace() == ns => verified.push(v),
-            Ok(_) => return MaintReply::refused("a fact of another journal"),
-            Err(e) => return MaintReply::refused(format!("bad fact: {e}")),
-        }
-    }
+    let verified = match decode_facts(&facts, ns) {
+        Ok(v) => v,
+        Err(refused) => return refused,
+    };
     let latest = state.latest_snapshot.as_ref();
     let Some((first, rest)) = verified.split_first() else {
         return MaintReply::refused("no completion");

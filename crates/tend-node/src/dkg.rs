@@ -34,9 +34,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_bytes::ByteBuf;
-use tend_core::{
-    AuthorityId, DeviceId, Hash32, JournalNamespace, MaintenanceEpoch, UnsignedFact, VerifiedFact,
-};
+use tend_core::{AuthorityId, DeviceId, Hash32, JournalNamespace, MaintenanceEpoch, UnsignedFact};
 use tend_crypto::dkg::{DkgAction, DkgMessage, DkgParticipant, DkgSession};
 use tend_replica::keygen::{self, Invitation, KeyGenError, KeyGenPlan, Refusal};
 use tend_store::StoreError;
@@ -44,7 +42,7 @@ use tend_store::StoreError;
 use crate::discovery::{is_configured_peer, PeerAddr};
 use crate::fleet::AuthorityCreated;
 use crate::maint::{
-    blocking, lock, send, DkgRun, MaintHandle, MaintMessage, MaintReply, SendError,
+    blocking, decode_facts, lock, send, DkgRun, MaintHandle, MaintMessage, MaintReply, SendError,
 };
 
 /// How long a member keeps an accepted key generation that has not finished.
@@ -384,14 +382,10 @@ fn join(h: &MaintHandle, peer: DeviceId, session: Hash32, facts: Vec<ByteBuf>) -
         }
     };
     let ns = JournalNamespace::Authority(AuthorityId(s.context));
-    let mut verified = Vec::with_capacity(facts.len());
-    for f in &facts {
-        match VerifiedFact::decode(f) {
-            Ok(v) if v.namespace() == ns => verified.push(v),
-            Ok(_) => return MaintReply::refused("a fact of another journal"),
-            Err(e) => return MaintReply::refused(format!("bad fact: {e}")),
-        }
-    }
+    let verified = match decode_facts(&facts, ns) {
+        Ok(v) => v,
+        Err(refused) => return refused,
+    };
     let device = &h.device;
     if let Err(e) = device.store().insert_batch(&verified) {
         return MaintReply::refused(format!("cannot store the authority's facts: {e}"));

@@ -404,6 +404,22 @@ pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Decodes and verifies facts a maintenance message carries, every one of journal `ns`;
+/// the refusal to answer with otherwise.
+pub(crate) fn decode_facts(
+    facts: &[ByteBuf],
+    ns: JournalNamespace,
+) -> Result<Vec<VerifiedFact>, MaintReply> {
+    facts
+        .iter()
+        .map(|f| match VerifiedFact::decode(f) {
+            Ok(v) if v.namespace() == ns => Ok(v),
+            Ok(_) => Err(MaintReply::refused("a fact of another journal")),
+            Err(e) => Err(MaintReply::refused(format!("bad fact: {e}"))),
+        })
+        .collect()
+}
+
 /// Members of the device's current journal.
 pub(crate) fn current_members(h: &MaintHandle) -> Vec<DeviceId> {
     let d = &h.device;

@@ -45,6 +45,17 @@ async fn three_nodes_with(config: tend_node::NodeConfig) -> (TempDir, Vec<PathBu
     (dir, homes, nodes)
 }
 
+/// No rounds but those a test or a proposal starts (timed rounds ten minutes apart, one
+/// peer each, no pushes).
+fn rounds_by_hand() -> tend_node::NodeConfig {
+    tend_node::NodeConfig {
+        sync_interval: Duration::from_secs(600),
+        fanout: 1,
+        push_on_write: false,
+        ..config(vec![])
+    }
+}
+
 fn state(node: &Node) -> MaintenanceState {
     let d = node.device();
     d.store().maintenance_state(d.namespace()).expect("state")
@@ -127,13 +138,7 @@ async fn dkg_over_the_network_then_a_snapshot_ceremony_completes_everywhere() {
 /// the ceremony is the proposer's round before proposing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_get_the_completion_from_the_coordinator_without_a_session() {
-    let (_dir, _homes, nodes) = three_nodes_with(tend_node::NodeConfig {
-        sync_interval: Duration::from_secs(600),
-        fanout: 1,
-        push_on_write: false,
-        ..config(vec![])
-    })
-    .await;
+    let (_dir, _homes, nodes) = three_nodes_with(rounds_by_hand()).await;
     authority(&nodes).await;
     // No timed rounds here: each node syncs by hand until they agree.
     for _ in 0..20 {
@@ -251,14 +256,8 @@ async fn an_identity_epoch_advance_mid_ceremony_aborts_and_the_retry_completes()
 /// the sync rate limits. Everything else is refused and nothing is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sent_completion_is_taken_only_as_a_members_valid_completion() {
-    // No rounds but the ones the test starts, so c learns nothing but what it is sent.
-    let (dir, _homes, nodes) = three_nodes_with(tend_node::NodeConfig {
-        sync_interval: Duration::from_secs(600),
-        fanout: 1,
-        push_on_write: false,
-        ..config(vec![])
-    })
-    .await;
+    // c learns nothing but what it is sent.
+    let (dir, _homes, nodes) = three_nodes_with(rounds_by_hand()).await;
     authority(&nodes).await;
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
     for n in &nodes {

@@ -335,14 +335,17 @@ fn receive_ceremony(h: &MaintHandle, peer: DeviceId, bytes: ByteBuf) -> MaintRep
 /// rate limits, so a member cannot use this to write unlimited facts. A completion whose
 /// blob this device lacks is held back as in a session, and `Closed` then fetches it.
 fn receive_completion(h: &MaintHandle, peer: DeviceId, facts: Vec<ByteBuf>) -> MaintReply {
-    if !current_members(h).contains(&peer) {
-        return MaintReply::refused("not a member of this authority");
-    }
     let ns = h.device.namespace();
     let state = match blocking(|| h.device.store().maintenance_state(ns)) {
         Ok(s) => s,
         Err(e) => return MaintReply::refused(format!("cannot read the journal: {e}")),
     };
+    if !state
+        .membership()
+        .is_some_and(|m| m.members.contains(&peer))
+    {
+        return MaintReply::refused("not a member of this authority");
+    }
     let verified = match decode_facts(&facts, ns) {
         Ok(v) => v,
         Err(refused) => return refused,

@@ -1515,25 +1515,40 @@ impl Inner {
         }
         let now = self.now();
         let started = Instant::now();
-        let actions = {
-            let mut m = self.lock_sessions();
-            let locked = started.elapsed();
-            let mut replica = self.replica();
-            let mut host = Admission::new(&mut replica);
-            let mut actions = m.handle(now, sid, bytes, &mut host);
-            let handled = started.elapsed();
-            actions.extend(self.flush(host, &mut m));
-            if started.elapsed() > SLOW_FRAME {
-                tracing::debug!(
-                    "a frame of session {sid:?} took {:?}: {locked:?} waiting for the session lock, {:?} checking and admitting, {:?} writing",
-                    started.elapsed(),
-                    handled - locked,
-                    started.elapsed() - handled
-                );
-            }
+        let (mut locked, mut handled) = (Duration::ZERO, Duration::ZERO);
+        let actions = self.admitting(|m, host| {
+            locked = started.elapsed();
+            let actions = m.handle(now, sid, bytes, host);
+            handled = started.elapsed();
             actions
-        };
+        });
+        if started.elapsed() > SLOW_FRAME {
+            tracing::debug!(
+                "a frame of session {sid:?} took {:?}: {locked:?} waiting for the session lock, {:?} checking and admitting, {:?} writing",
+                started.elapsed(),
+                handled - locked,
+                started.elapsed() - handled
+            );
+        }
         self.dispatch(actions);
+    }
+
+    /// Runs `admit` with the session manager, locked, and an admission into the store,
+    /// then writes what was admitted ([`Inner::flush`]). Returns the manager's actions, to
+    /// dispatch once the lock is released.
+    fn admitting(
+        &self,
+        admit: impl FnOnce(
+            &mut SessionManager,
+            &mut Admission<'_, DeviceReplica<'_>>,
+        ) -> Vec<ManagerAction>,
+    ) -> Vec<ManagerAction> {
+        let mut m = self.lock_sessions();
+        let mut replica = self.replica();
+        let mut host = Admission::new(&mut replica);
+        let mut actions = admit(&mut m, &mut host);
+        actions.extend(self.flush(host, &mut m));
+        actions
     }
 
     /// Admits facts a peer sent outside a session (a ceremony's completion) as a frame's
@@ -1541,17 +1556,14 @@ impl Inner {
     /// first refusal is returned once the rest are written.
     fn admit_pushed(&self, facts: Vec<VerifiedFact>) -> Result<(), String> {
         let mut refused = None;
-        let actions = {
-            let mut m = self.lock_sessions();
-            let mut replica = self.replica();
-            let mut host = Admission::new(&mut replica);
+        let actions = self.admitting(|_, host| {
             for f in facts {
                 if let Err(e) = host.admit(f) {
                     refused.get_or_insert(e.to_string());
                 }
             }
-            self.flush(host, &mut m)
-        };
+            Vec::new()
+        });
         self.dispatch(actions);
         refused.map_or(Ok(()), Err)
     }
@@ -1559,14 +1571,7 @@ impl Inner {
     /// Timers of every session.
     fn poll(&self) {
         let now = self.now();
-        let actions = {
-            let mut m = self.lock_sessions();
-            let mut replica = self.replica();
-            let mut host = Admission::new(&mut replica);
-            let mut actions = m.poll(now, &mut host);
-            actions.extend(self.flush(host, &mut m));
-            actions
-        };
+        let actions = self.admitting(|m, host| m.poll(now, host));
         self.dispatch(actions);
     }
 

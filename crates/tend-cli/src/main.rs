@@ -3,7 +3,6 @@
 //! Errors print as one line on stderr (`error: ...`) with a non-zero exit code.
 
 mod admin;
-mod allocator;
 mod authority;
 mod backup;
 mod cache;
@@ -37,7 +36,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    allocator::bound_arenas();
+    tend_node::allocator::bound_arenas();
     let args = match cli::Args::try_parse() {
         Ok(args) => args,
         Err(e) if !e.use_stderr() => {

@@ -94,7 +94,8 @@ fn main() {
     };
     if let Ok(spec) = std::env::var("TEND_BENCH_NODE") {
         let (home, listen) = spec.split_once('\n').expect("home and address");
-        bound_arenas();
+        // As many malloc arenas as the `tend` binary gives one device's process.
+        tend_node::allocator::bound_arenas();
         init_tracing();
         let listen = listen.parse().expect("listen address");
         return runtime().block_on(node_process(Path::new(home), listen));
@@ -107,18 +108,6 @@ fn init_tracing() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
-}
-
-/// As many malloc arenas as the `tend` binary gives one device's process (one per core,
-/// at least two), unless `MALLOC_ARENA_MAX` says otherwise.
-fn bound_arenas() {
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        // SAFETY: sets a tuning parameter of glibc's allocator before any thread starts.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, cores.max(2) as libc::c_int);
-        }
-    }
 }
 
 /// One node in a process of its own, driven by lines on stdin and reporting on stdout:

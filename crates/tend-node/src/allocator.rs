@@ -10,7 +10,8 @@
 
 /// Limits glibc to one malloc arena per core (at least two), unless `MALLOC_ARENA_MAX`
 /// says otherwise: threads on different cores still rarely wait for each other's arena.
-/// Call it first in `main`, before any thread starts.
+/// Call it first in `main`, before any thread starts: the `tend` binary does, and so does
+/// each node process of the ceremony bench.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn bound_arenas() {
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {

@@ -2,6 +2,7 @@
 //! the control socket run against it.
 
 pub mod admin;
+pub mod allocator;
 pub mod api;
 pub mod blobs;
 pub mod cache;
